@@ -1,0 +1,609 @@
+"""Plain-PyTorch code the stage scripts share.
+
+distributed setup · model + processor loading · FSDP2 sharding · rows -> chat messages -> model
+inputs · data loading · metric logging · atomic checkpoints · the config-dataclass CLI.
+Nothing here runs at import time. Generation engines live in rollout.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+IMAGE_MARKER = "<image>"
+IGNORE_INDEX = -100  # label of tokens that carry no loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Config dataclass -> argparse
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_config(cls: type, presets: dict[str, dict[str, Any]] | None = None, argv: list[str] | None = None):
+    """Builds an argparse CLI from a config dataclass and returns a filled instance.
+
+    Every field becomes `--field-name`; its `help` metadata is the --help text. `--preset NAME`
+    (when presets are given) sets defaults from presets[NAME]; flags given explicitly still win.
+    """
+    parser = argparse.ArgumentParser(description=cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type).replace(" | None", ""), str)
+        choices = f.metadata.get("choices")
+        parser.add_argument(flag, type=kind, default=default, choices=choices, help=help_text)
+    args = parser.parse_args(argv)
+    config = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    preset = getattr(config, "preset", None)
+    if presets and preset:
+        if preset not in presets:
+            parser.error(f"unknown --preset {preset!r}; choose from {sorted(presets)}")
+        explicit = {a.split("=")[0] for a in (argv if argv is not None else __import__("sys").argv[1:])}
+        for name, value in presets[preset].items():
+            if "--" + name.replace("_", "-") not in explicit:
+                setattr(config, name, value)
+    return config
+
+
+def field(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field whose help text becomes the --help line of its flag."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed setup: RANK in the environment means torchrun
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(seed: int = 0) -> Dist:
+    """Initialises torch.distributed when launched by torchrun (nccl on GPU, gloo on CPU).
+
+    Without RANK in the environment it is a single process on cuda:0 or the CPU. Seeds python,
+    numpy and torch with `seed` on every rank (per-rank streams are derived where needed).
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return Dist(rank, world, local_rank, device)
+
+
+def cleanup_distributed() -> None:
+    """Tears down the process group if one was created."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum of a scalar or tensor over all ranks (identity on one process); returns a new tensor."""
+    t = torch.as_tensor(value, dtype=torch.float64 if not torch.is_tensor(value) else value.dtype, device=device)
+    t = t.clone()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_list(items: list, d: Dist) -> list:
+    """Concatenation over ranks (rank order) of each rank's Python list."""
+    if not d.enabled:
+        return list(items)
+    gathered: list[list] = [None] * d.world_size  # type: ignore[list-item]
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model + processor
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_implementation(device: torch.device) -> str:
+    """'flash_attention_2' on a GPU where flash-attn imports, else 'sdpa'."""
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_model(name_or_path: str, device: torch.device, gradient_checkpointing: bool = False):
+    """Qwen2.5-VL from a hub id or a local folder: bf16 on GPU, fp32 on CPU, never remote code."""
+    from transformers import AutoModelForImageTextToText
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(
+        name_or_path,
+        dtype=dtype,
+        attn_implementation=attention_implementation(device),
+        trust_remote_code=False,
+    ).to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_processor(name_or_path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The model's processor, left padding (generation), pixel range overridden when given."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False)
+    processor.tokenizer.padding_side = "left"
+    if min_pixels or max_pixels:
+        size = dict(processor.image_processor.size)
+        size["shortest_edge"] = min_pixels or size["shortest_edge"]
+        size["longest_edge"] = max_pixels or size["longest_edge"]
+        processor.image_processor.size = type(processor.image_processor.size)(**size)
+    return processor
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The transformer blocks FSDP2 shards one by one: vision blocks, then text decoder layers."""
+    inner = model.model if hasattr(model, "model") else model
+    return list(inner.visual.blocks) + list(inner.language_model.layers)
+
+
+def shard_model(model, d: Dist):
+    """FSDP2 (`fully_shard`) per decoder layer and at the root; a no-op on one process."""
+    if not d.enabled:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model, reshard_after_forward=False)  # root: lm_head stays gathered for the chunked log-probs
+    return model
+
+
+def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict; a collective under FSDP2, so every rank must call it."""
+    if not d.enabled:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token log-probs without the full-vocabulary log-softmax
+# ---------------------------------------------------------------------------------------------
+
+
+def hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T, H) final (post-norm) hidden states of the decoder for the given model inputs.
+
+    Runs the whole model (so FSDP2's root hooks and Qwen2.5-VL's own rope-index computation over
+    pixel_values / image_grid_thw / mm_token_type_ids run as usual) but asks for one logit only;
+    the hidden states are caught on their way out of the inner model.
+    """
+    caught = {}
+    hook = model.model.register_forward_hook(lambda m, a, out: caught.__setitem__("h", out.last_hidden_state))
+    try:
+        model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return caught["h"]
+
+
+def _chunk_logprobs(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, entropy: bool):
+    logits = torch.nn.functional.linear(hidden, weight).float()  # (B, C, V), only C positions at a time
+    lse = logits.logsumexp(-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return logp, torch.zeros_like(logp)
+    ent = lse - (logits.softmax(-1) * logits).sum(-1)  # H = logsumexp - E_p[logit]
+    return logp, ent
+
+
+def token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 1024, entropy: bool = False):
+    """Log-probs (B, T-1) in fp32 of input_ids[:, 1:] given the prefix, and entropies (B, T-1).
+
+    lm_head + logsumexp run over chunks of `chunk_size` positions, each under activation
+    checkpointing, so peak memory grows with chunk_size x vocab instead of T x vocab, forward and
+    backward. Entropies are zeros unless entropy=True (they carry no gradient).
+    """
+    hidden = hidden_states(model, inputs)[:, :-1]
+    targets = inputs["input_ids"][:, 1:]
+    weight = model.lm_head.weight
+    logps, ents = [], []
+    for s in range(0, hidden.shape[1], chunk_size):
+        h, t = hidden[:, s : s + chunk_size], targets[:, s : s + chunk_size]
+        if torch.is_grad_enabled():
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, weight, h, t, entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(weight, h, t, entropy)
+        logps.append(lp)
+        ents.append(ent.detach())
+    return torch.cat(logps, 1), torch.cat(ents, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows -> chat messages -> processor inputs
+# ---------------------------------------------------------------------------------------------
+
+
+class BadRowError(ValueError):
+    """A data row that cannot be used; the message names the source, the row and the problem."""
+
+
+def load_image(image: Any):
+    """PIL RGB image from a PIL image, a path, raw bytes or a `{"bytes": ..., "path": ...}` dict."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        return Image.open(io.BytesIO(image)).convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        return Image.open(image).convert("RGB")
+    raise TypeError(f"cannot read an image from {type(image).__name__}")
+
+
+def resize_image(image, min_pixels: int, max_pixels: int, factor: int = 28):
+    """Resizes so that H*W lies in [min_pixels, max_pixels] and H, W are multiples of `factor`.
+
+    Keeps the aspect ratio (as Qwen2.5-VL's smart resize does), so HF and vLLM see the same pixels.
+    """
+    w, h = image.size
+    h_bar, w_bar = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        h_bar = max(factor, math.floor(h / beta / factor) * factor)
+        w_bar = max(factor, math.floor(w / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        h_bar, w_bar = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    return image if (w_bar, h_bar) == (w, h) else image.resize((w_bar, h_bar))
+
+
+def user_content(text: str, n_images: int) -> list[dict]:
+    """Typed chat content: text split at `<image>` markers, images placed there.
+
+    With images and no marker at all, the images go before the text. Raises ValueError when the
+    markers and images disagree in number.
+    """
+    n_markers = text.count(IMAGE_MARKER)
+    if n_markers == 0:
+        parts: list[dict] = [{"type": "image"} for _ in range(n_images)]
+        return parts + ([{"type": "text", "text": text}] if text else [])
+    if n_markers != n_images:
+        raise ValueError(f"{n_markers} <image> markers but {n_images} images")
+    parts = []
+    for i, chunk in enumerate(text.split(IMAGE_MARKER)):
+        if i > 0:
+            parts.append({"type": "image"})
+        if chunk:
+            parts.append({"type": "text", "text": chunk})
+    return parts
+
+
+def prompt_messages(row: dict, instruction: str = "") -> list[dict]:
+    """Chat messages of an RL/eval row: one user turn, `instruction` appended to the problem."""
+    text = row["problem"] + (("\n" + instruction) if instruction else "")
+    return [{"role": "user", "content": user_content(text, len(row.get("images") or []))}]
+
+
+def sft_messages(row: dict) -> list[dict]:
+    """Chat messages of an SFT row with `<image>` markers of the user turns turned into parts.
+
+    Images are handed out in order to the markers of successive user turns; a turn without
+    markers takes no image, except that with no marker anywhere all images go to the first turn.
+    """
+    images = list(row.get("images") or [])
+    any_marker = any(IMAGE_MARKER in m["content"] for m in row["messages"] if isinstance(m["content"], str))
+    used, out = 0, []
+    for i, m in enumerate(row["messages"]):
+        content = m["content"]
+        if m["role"] == "user" and isinstance(content, str):
+            k = content.count(IMAGE_MARKER) if any_marker else (len(images) if i == first_user(row) else 0)
+            content = user_content(content, k) if k or IMAGE_MARKER in content else content
+            used += k
+        out.append({"role": m["role"], "content": content})
+    if used != len(images):
+        raise ValueError(f"{used} <image> markers but {len(images)} images")
+    return out
+
+
+def first_user(row: dict) -> int:
+    return next(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
+
+
+def row_images(row: dict, min_pixels: int, max_pixels: int) -> list:
+    """The row's images as resized PIL images (see resize_image)."""
+    return [resize_image(load_image(im), min_pixels, max_pixels) for im in (row.get("images") or [])]
+
+
+def check_row(row: dict, kind: str, min_pixels: int = 3136, max_pixels: int = 1048576) -> None:
+    """Raises ValueError saying what is wrong with an 'rl' or 'sft' row; returns None when fine."""
+    if kind == "rl":
+        for key in ("problem", "answer"):
+            if row.get(key) is None or (isinstance(row[key], str) and not row[key].strip()):
+                raise ValueError(f"missing {key!r}")
+        prompt_messages(row)
+    else:
+        messages = row.get("messages")
+        if not messages or not any(m.get("role") == "assistant" for m in messages):
+            raise ValueError("'messages' has no assistant turn")
+        sft_messages(row)
+    for j, image in enumerate(row.get("images") or []):
+        try:
+            load_image(image).load()
+        except Exception as e:  # noqa: BLE001 - any decoder failure means an unreadable image
+            raise ValueError(f"image {j} is unreadable ({type(e).__name__}: {e})") from e
+
+
+def prompt_texts(processor, rows: list[dict], instruction: str = "") -> list[str]:
+    """Chat-templated prompt strings (ending in the assistant header) for RL/eval rows."""
+    return [
+        processor.apply_chat_template(prompt_messages(r, instruction), tokenize=False, add_generation_prompt=True)
+        for r in rows
+    ]
+
+
+def processor_inputs(processor, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
+    """Batched model inputs (left-padded) for chat strings and their per-row image lists."""
+    flat = [im for ims in images for im in ims]
+    inputs = processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
+    return dict(inputs)
+
+
+def assistant_mask(input_ids: torch.Tensor, header: list[int], end_id: int) -> torch.Tensor:
+    """(B, T) bool: True on the tokens of each assistant turn, its closing <|im_end|> included.
+
+    `header` is the token ids of "<|im_start|>assistant\\n"; the span runs from just after it to
+    the next `end_id`.
+    """
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    h = len(header)
+    for b, seq in enumerate(input_ids.tolist()):
+        i = 0
+        while i <= len(seq) - h:
+            if seq[i : i + h] == header:
+                j = i + h
+                while j < len(seq) and seq[j] != end_id:
+                    j += 1
+                mask[b, i + h : min(j + 1, len(seq))] = True
+                i = j
+            i += 1
+    return mask
+
+
+def sft_batch(processor, rows: list[dict], min_pixels: int, max_pixels: int, max_length: int = 0) -> dict:
+    """Model inputs + `labels` for SFT rows; labels are IGNORE_INDEX outside assistant turns.
+
+    Right-padded (B, T) tensors; sequences longer than max_length (if > 0) are cut on the right.
+    """
+    texts = [processor.apply_chat_template(sft_messages(r), tokenize=False) for r in rows]
+    images = [row_images(r, min_pixels, max_pixels) for r in rows]
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    try:
+        inputs = processor_inputs(processor, texts, images)
+    finally:
+        tokenizer.padding_side = side
+    header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    mask = assistant_mask(inputs["input_ids"], header, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    labels = inputs["input_ids"].masked_fill(~mask | (inputs["attention_mask"] == 0), IGNORE_INDEX)
+    inputs["labels"] = labels
+    if max_length and inputs["input_ids"].shape[1] > max_length:
+        for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
+            if key in inputs:
+                inputs[key] = inputs[key][:, :max_length]
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Data loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_rows(spec: str, kind: str, split: str = "train", skip_bad_rows: bool = False, limit: int = 0) -> list[dict]:
+    """Rows of a data set, checked; `kind` is 'rl' or 'sft'.
+
+    `spec`: a local .parquet/.jsonl/.json file, a local folder (its `<split>.*` file, or all data
+    files in it), or a hub id; `name@split` picks the split. A bad row raises BadRowError naming
+    the source and row, or is skipped and counted when skip_bad_rows is set.
+    """
+    import datasets
+
+    name, _, at_split = spec.partition("@")
+    split = at_split or split
+    path = Path(name)
+    if path.is_file():
+        files, source = [str(path)], str(path)
+    elif path.is_dir():
+        candidates = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".jsonl", ".json"))
+        chosen = [p for p in candidates if p.stem == split] or ([] if at_split else candidates)
+        if not chosen:
+            raise FileNotFoundError(f"{path} has no {split}.parquet/.jsonl (found {[p.name for p in candidates]})")
+        files, source = [str(p) for p in chosen], str(path / chosen[0].name) if len(chosen) == 1 else str(path)
+    else:
+        files, source = [], f"{name}@{split}"
+    if files:
+        fmt = "parquet" if files[0].endswith(".parquet") else "json"
+        ds = datasets.load_dataset(fmt, data_files=files, split="train")
+    else:
+        ds = datasets.load_dataset(name, split=split)
+    rows, bad = [], 0
+    for i, row in enumerate(ds):
+        if limit and len(rows) >= limit:
+            break
+        try:
+            check_row(row, kind)
+        except (ValueError, TypeError, KeyError) as e:
+            if not skip_bad_rows:
+                raise BadRowError(f"{source} row {i} (id={row.get('id')}): {e}") from e
+            bad += 1
+            continue
+        rows.append(row)
+    if bad:
+        print(f"[data] skipped {bad} bad rows of {len(ds)} in {source}")
+    if not rows:
+        raise BadRowError(f"{source}: no usable rows")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------
+
+
+class MetricLogger:
+    """One JSON line per step in <out>/metrics.jsonl; wandb / tensorboard mirrors when asked."""
+
+    def __init__(self, out_dir: str | Path, config: Any, enabled: bool, report_to: str = "", project: str = "mmr1"):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.wandb = self.tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        targets = {t for t in report_to.split(",") if t}
+        if "wandb" in targets:
+            self.wandb = _optional_import("wandb", "pip install wandb")
+            self.wandb.init(project=project, config=dataclasses.asdict(config), dir=str(out_dir))
+        if "tensorboard" in targets:
+            tb = _optional_import("torch.utils.tensorboard", "pip install tensorboard")
+            self.tb = tb.SummaryWriter(str(Path(out_dir) / "tb"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _optional_import(module: str, how: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise SystemExit(f"{module} is not installed; {how}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: HF-format model folder + trainer_state.pt, written atomically
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(model, processor, out_dir: str | Path, d: Dist, trainer_state: dict | None = None) -> None:
+    """Writes out_dir as an HF model folder (+ processor, + trainer_state.pt) atomically.
+
+    Every rank must call it (the full state dict is gathered collectively); rank 0 writes into
+    a temporary folder and renames it over out_dir, so a kill mid-save leaves the old one intact.
+    """
+    state = full_state_dict(model, d)
+    if d.master:
+        out_dir = Path(out_dir)
+        tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = getattr(model, "module", model)
+        unwrapped.save_pretrained(tmp, state_dict=state)
+        processor.save_pretrained(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    if d.enabled:
+        dist.barrier()
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The `step-N` folder with the highest N that holds a trainer_state.pt, or None."""
+    steps = [p for p in Path(out_dir).glob("step-*") if (p / "trainer_state.pt").exists()]
+    return max(steps, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states (for trainer_state.pt)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restores what rng_state() captured."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def optimizer_state(model, optimizer, d: Dist) -> dict:
+    """Full optimizer state dict (gathered from all ranks under FSDP2; a collective there)."""
+    if not d.enabled:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict, d: Dist) -> None:
+    """Loads what optimizer_state() returned (re-sharded under FSDP2)."""
+    if not d.enabled:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,337 @@
+"""The toy task and the toy model: the project's lab bench.
+
+Every stage runs on this with no --model/--data flags, on CPU, in minutes.
+
+Task. Each image is a 2x2 grid of solid 56-px squares, each red, green, blue or yellow. A tiny
+vision tower learns to see such large solid regions in a few hundred steps; the difficulty spread
+lives in what the question asks of what is seen:
+
+    family   question (example)                                      answer       difficulty
+    count    How many red squares are there?                         0..4         easy
+    color    What colour is the top-left square?  (choices A-D)     letter       easy
+    either   How many squares are red or blue?                       0..4         medium
+    arith    Count the green squares, multiply by 3, then add 7.     0..19        hard
+
+Counts are drawn uniformly before the grid is painted, and multiple-choice options are shuffled,
+so the question text alone predicts the answer no better than chance (tests check this).
+
+Model. A randomly initialised Qwen2_5_VLForConditionalGeneration of about a million parameters,
+with a Qwen2_5_VLProcessor whose byte-level BPE tokenizer is trained on the toy corpus and carries
+Qwen's special tokens and chat template. Saved with save_pretrained and loaded back through the
+same from_pretrained / AutoProcessor calls as a real checkpoint.
+
+    python -m data.toy                  # writes data/toy/{sft,rl}/*.parquet and runs/toy-init
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY_DATA_DIR = ROOT / "data" / "toy"
+TOY_MODEL_DIR = ROOT / "runs" / "toy-init"
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20)}
+POSITIONS = ["top-left", "top-right", "bottom-left", "bottom-right"]
+CELL = 56  # px per grid cell: the image is 2*CELL square = 16 merged Qwen2.5-VL image tokens
+FAMILIES = ("count", "color", "either", "arith")
+SPLIT_SIZES = {"train": 4000, "val": 200, "test": 300}
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}  # added to the user seed: splits never overlap in RNG
+
+
+@dataclass
+class ToyExample:
+    """The drawing parameters of one example; everything else is derived from them."""
+
+    grid: list[str]  # 4 colour names, row-major (top-left, top-right, bottom-left, bottom-right)
+    family: str
+    target: str  # the colour the question is about (count / arith / either's first)
+    other: str = ""  # either's second colour
+    mul: int = 1  # arith: multiply
+    add: int = 0  # arith: add
+    position: int = 0  # color: which cell
+    choices: tuple[str, ...] = ()  # color: shuffled colour names
+
+
+def draw_grid(grid: list[str]) -> Image.Image:
+    """(2*CELL, 2*CELL) RGB image of the 2x2 colour grid, thin black borders between cells."""
+    image = Image.new("RGB", (2 * CELL, 2 * CELL), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    for i, name in enumerate(grid):
+        x, y = (i % 2) * CELL, (i // 2) * CELL
+        draw.rectangle([x + 2, y + 2, x + CELL - 3, y + CELL - 3], fill=COLORS[name])
+    return image
+
+
+def sample_example(rng: random.Random) -> ToyExample:
+    """Draw one example: the family, the question's parameters, then a grid that fits them."""
+    family = rng.choice(FAMILIES)
+    names = list(COLORS)
+    target = rng.choice(names)
+    if family == "either":
+        other = rng.choice([c for c in names if c != target])
+        k = rng.randint(0, 4)  # uniform answer: the number of cells painted target or other
+        grid = [rng.choice([target, other]) for _ in range(k)]
+        grid += [rng.choice([c for c in names if c not in (target, other)]) for _ in range(4 - k)]
+        rng.shuffle(grid)
+        return ToyExample(grid, family, target, other=other)
+    if family == "color":
+        grid = [rng.choice(names) for _ in range(4)]
+        choices = tuple(rng.sample(names, len(names)))
+        return ToyExample(grid, family, target="", position=rng.randrange(4), choices=choices)
+    k = rng.randint(0, 4)  # uniform count of the target colour
+    grid = [target] * k + [rng.choice([c for c in names if c != target]) for _ in range(4 - k)]
+    rng.shuffle(grid)
+    if family == "arith":
+        return ToyExample(grid, family, target, mul=rng.randint(1, 3), add=rng.randint(0, 9))
+    return ToyExample(grid, family, target)
+
+
+def question(ex: ToyExample) -> str:
+    """The question text (without the <image> marker)."""
+    if ex.family == "count":
+        return f"How many {ex.target} squares are there?"
+    if ex.family == "either":
+        return f"How many squares are {ex.target} or {ex.other}?"
+    if ex.family == "arith":
+        return f"Count the {ex.target} squares, multiply by {ex.mul}, then add {ex.add}. What is the result?"
+    options = " ".join(f"({'ABCD'[i]}) {c}" for i, c in enumerate(ex.choices))
+    return f"What colour is the {POSITIONS[ex.position]} square? Choices: {options}"
+
+
+def solve(ex: ToyExample) -> tuple[str, str]:
+    """(reasoning, answer) computed from the drawing parameters: the ground truth."""
+    if ex.family == "color":
+        seen = ex.grid[ex.position]
+        letter = "ABCD"[ex.choices.index(seen)]
+        return f"The {POSITIONS[ex.position]} square is {seen}, which is option {letter}.", letter
+    k = sum(c == ex.target for c in ex.grid)
+    if ex.family == "count":
+        return f"I see {k} {ex.target} squares.", str(k)
+    if ex.family == "either":
+        j = sum(c == ex.other for c in ex.grid)
+        return f"I see {k} {ex.target} and {j} {ex.other} squares. {k} + {j} = {k + j}.", str(k + j)
+    m = k * ex.mul
+    return f"I see {k} {ex.target} squares. {k} x {ex.mul} = {m}. {m} + {ex.add} = {m + ex.add}.", str(m + ex.add)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """PNG encoding of a PIL image (how images are stored in the parquet rows)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_rows(n: int, seed: int, split: str) -> tuple[list[dict], list[dict]]:
+    """n examples as (RL/eval rows, SFT rows); deterministic in (seed, split)."""
+    rng = random.Random(seed * 1000 + SPLIT_SEEDS[split])
+    rl_rows, sft_rows = [], []
+    for i in range(n):
+        ex = sample_example(rng)
+        reasoning, answer = solve(ex)
+        image = {"bytes": png_bytes(draw_grid(ex.grid)), "path": None}
+        problem = "<image>" + question(ex)
+        row = {"id": f"toy-{split}-{i}", "problem": problem, "answer": answer, "images": [image]}
+        row["choices"] = list(ex.choices) if ex.family == "color" else None
+        row["family"] = ex.family
+        rl_rows.append(row)
+        solution = f"<think>{reasoning}</think><answer>\\boxed{{{answer}}}</answer>"
+        messages = [{"role": "user", "content": problem}, {"role": "assistant", "content": solution}]
+        sft_rows.append({"id": row["id"], "messages": messages, "images": [image]})
+    return rl_rows, sft_rows
+
+
+def write_toy_data(out_dir: Path = TOY_DATA_DIR, seed: int = 0) -> Path:
+    """Writes out_dir/rl/{train,val,test}.parquet and out_dir/sft/{train,val}.parquet."""
+    import datasets
+
+    for split, n in SPLIT_SIZES.items():
+        rl_rows, sft_rows = make_rows(n, seed, split)
+        (out_dir / "rl").mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_list(rl_rows).to_parquet(str(out_dir / "rl" / f"{split}.parquet"))
+        if split != "test":
+            (out_dir / "sft").mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_list(sft_rows).to_parquet(str(out_dir / "sft" / f"{split}.parquet"))
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy model
+# ---------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2.5-VL's chat template in spirit: string or typed-list content, one
+# <|vision_start|><|image_pad|><|vision_end|> per image, default system prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Pixels per image the toy processor accepts: exactly the 112x112 toy images (64 patches, 16 tokens)
+# up to 4x that; the paper's real range is [7056, 1048576].
+TOY_MIN_PIXELS = 56 * 56
+TOY_MAX_PIXELS = 224 * 224
+
+
+def corpus(n: int = 2000, seed: int = 123) -> list[str]:
+    """Text the toy tokenizer is trained on: toy questions, solutions, chat scaffolding, digits."""
+    rl_rows, sft_rows = make_rows(n, seed, "train")
+    texts = [r["problem"] for r in rl_rows] + [r["messages"][1]["content"] for r in sft_rows]
+    texts += ["system\nYou are a helpful assistant.\nuser\nassistant\n", "0 1 2 3 4 5 6 7 8 9 10 11 12 + x ="]
+    texts += ["Solve the problem step by step. Put the final answer in \\boxed{}. (A) (B) (C) (D) (E)"]
+    return texts
+
+
+def build_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE Qwen2Tokenizer trained on the toy corpus, with Qwen's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+        padding_side="left",
+    )
+
+
+def build_toy_model(out_dir: Path = TOY_MODEL_DIR, seed: int = 0) -> Path:
+    """Builds, randomly initialises and saves a tiny Qwen2.5-VL + processor; returns out_dir.
+
+    Text: hidden 128, 4 layers, 4 heads (2 KV heads), vocab = the toy tokenizer's.
+    Vision: hidden 64, 2 blocks, patch 14, merge 2, output projected to 128.
+    """
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=False,
+    )
+    vision_config = dict(
+        depth=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        out_hidden_size=128,
+        fullatt_block_indexes=[1],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    model.generation_config.bos_token_id = pad
+    size = {"shortest_edge": TOY_MIN_PIXELS, "longest_edge": TOY_MAX_PIXELS}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(size=size),
+        chat_template=CHAT_TEMPLATE,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def ensure_toy(data_dir: Path = TOY_DATA_DIR, model_dir: Path = TOY_MODEL_DIR, seed: int = 0) -> None:
+    """Builds the toy data and the toy initial model if they are not on disk yet."""
+    if not (data_dir / "rl" / "test.parquet").exists():
+        print(f"[toy] writing toy data to {data_dir}")
+        write_toy_data(data_dir, seed)
+    if not (model_dir / "config.json").exists():
+        print(f"[toy] building toy model in {model_dir}")
+        build_toy_model(model_dir, seed)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write the toy data set and the toy initial model.")
+    parser.add_argument("--data-dir", type=Path, default=TOY_DATA_DIR, help="where the parquet splits go")
+    parser.add_argument("--model-dir", type=Path, default=TOY_MODEL_DIR, help="where the toy model goes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the model init")
+    args = parser.parse_args()
+    write_toy_data(args.data_dir, args.seed)
+    build_toy_model(args.model_dir, args.seed)
+    print(f"toy data in {args.data_dir}, toy model in {args.model_dir}")

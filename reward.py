@@ -1,0 +1,415 @@
+"""Rule-based rewards: answer extraction, format reward, accuracy reward, answer equivalence.
+
+Used by grpo.py (training reward), eval.py (benchmark scoring) and vas.py (pass rates), so a
+response is judged the same way everywhere. Pure functions; nothing runs at import time; model
+output is never eval'd or exec'd.
+
+    python reward.py preds.jsonl                  # rows with "response", "answer", optional "choices"
+    python reward.py preds.jsonl --out scores.jsonl --workers 2 --timeout-s 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import re
+import sys
+import threading
+import time
+from multiprocessing.connection import wait
+from pathlib import Path
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+REL_TOL = 1e-6  # numeric answers match when |pred - gold| <= REL_TOL * max(1, |gold|)
+MAX_MATH_VERIFY_CHARS = 500  # longer answers skip symbolic checking (cost, not correctness)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction and format
+# ---------------------------------------------------------------------------------------------
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """{index of '{': index of its matching '}'} for every balanced pair, one linear pass."""
+    stack, pairs = [], {}
+    for i, ch in enumerate(text):
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            pairs[stack.pop()] = i
+    return pairs
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last closed `\\boxed{...}` in text (nested braces allowed), else None."""
+    starts = [m.end() - 1 for m in re.finditer(r"\\boxed\s*\{", text)]
+    if not starts:
+        return None
+    pairs = _matching_braces(text)
+    for s in reversed(starts):
+        if s in pairs:
+            return text[s + 1 : pairs[s]].strip()
+    return None
+
+
+def _answer_block(text: str) -> str | None:
+    end = text.rfind("</answer>")
+    if end < 0:
+        return None
+    start = text.rfind("<answer>", 0, end)
+    return None if start < 0 else text[start + len("<answer>") : end]
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The final answer of a response, as a string, or None when there is none.
+
+    Order: the last `\\boxed{}` inside the last `<answer>...</answer>`; else the last `\\boxed{}`
+    anywhere; else the stripped `<answer>` content (if non-empty); else None.
+    """
+    if not isinstance(text, str):
+        return None
+    block = _answer_block(text)
+    if block is not None and (boxed := last_boxed(block)) is not None:
+        return boxed
+    if (boxed := last_boxed(text)) is not None:
+        return boxed
+    if block is not None and block.strip():
+        return block.strip()
+    return None
+
+
+def format_reward(text: str | None) -> float:
+    """1.0 when text is exactly `<think>...</think><answer>...\\boxed{...}...</answer>`, else 0.0.
+
+    Whitespace around and between the two blocks is allowed; nothing else may stand outside
+    them, each tag appears once, and the answer block holds a closed `\\boxed{}`.
+    """
+    if not isinstance(text, str):
+        return 0.0
+    for tag in ("<think>", "</think>", "<answer>", "</answer>"):
+        if text.count(tag) != 1:
+            return 0.0
+    body = text.strip()
+    if not (body.startswith("<think>") and body.endswith("</answer>")):
+        return 0.0
+    between = body[body.index("</think>") + len("</think>") : body.index("<answer>")]
+    if between.strip():
+        return 0.0
+    return 1.0 if last_boxed(_answer_block(body) or "") is not None else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence
+# ---------------------------------------------------------------------------------------------
+
+_UNITS = r"(?:cm|mm|km|m|kg|g|mg|s|sec|seconds|minutes|min|hours|h|units?|degrees?|dollars?|cents?|inch(?:es)?|ft|feet|meters?|°)"
+_NUMBER = re.compile(r"^[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?$")
+
+
+def _clean(s: str) -> str:
+    """Strips `$`, `\\text{}`/`\\mathrm{}` wrappers, `\\left/\\right`, `\\!`, trailing period."""
+    s = s.strip().strip("$").strip()
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "")
+    s = s.replace("^\\circ", "°").replace("^{\\circ}", "°").replace("\\%", "%")
+    return s.strip().rstrip(".").strip()
+
+
+def parse_number(s: str) -> tuple[float, bool] | None:
+    """(value, had_percent_sign) of a plain number like '1,000', '-3.5', '12.5%', '3/4', '145°',
+    '\\frac{3}{4}', '5 cm'; None when s is not a single number."""
+    s = _clean(s)
+    s = re.sub(r"\s*" + _UNITS + r"$", "", s).strip()
+    percent = s.endswith("%")
+    s = s.rstrip("%").strip()
+    frac = re.fullmatch(r"([-+]?)\\[dt]?frac\{(\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}", s) or re.fullmatch(
+        r"([-+]?)(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)", s
+    )
+    if frac:
+        den = float(frac.group(3))
+        if den == 0:
+            return None
+        value = float(frac.group(2)) / den
+        return (-value if frac.group(1) == "-" else value), percent
+    if len(s) > 64 or not _NUMBER.match(s):
+        return None
+    if "," in s and not re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?", s):
+        return None
+    try:
+        value = float(s.replace(",", ""))
+    except ValueError:
+        return None
+    return (value, percent) if math.isfinite(value) else None
+
+
+def _numbers_equal(pred: tuple[float, bool], gold: tuple[float, bool]) -> bool:
+    """Numeric match within REL_TOL; a '%' on one side also allows the /100 reading of it."""
+
+    def close(a: float, b: float) -> bool:
+        return abs(a - b) <= REL_TOL * max(1.0, abs(b))
+
+    (p, p_pct), (g, g_pct) = pred, gold
+    if close(p, g):
+        return True
+    return (p_pct and not g_pct and close(p / 100, g)) or (g_pct and not p_pct and close(p, g / 100))
+
+
+def choice_letter(s: str, n_choices: int = 26) -> str | None:
+    """The option letter a multiple-choice answer names: 'C', '(C)', 'C.', 'C: 40°', 'C) text'."""
+    s = _clean(s)
+    m = re.fullmatch(r"\(?([A-Za-z])\)?(?:\s*[.:)]\s*.*|\s+.*)?", s, flags=re.DOTALL)
+    if not m or (len(s) > 1 and s[0].islower() and not s.startswith("(")):
+        return None
+    letter = m.group(1).upper()
+    return letter if LETTERS.index(letter) < n_choices else None
+
+
+def _normalise_text(s: str) -> str:
+    return re.sub(r"\s+", " ", _clean(s)).lower()
+
+
+def _as_list(s: str) -> list[str] | None:
+    s = _clean(s)
+    if len(s) > 2 and s[0] in "[(" and s[-1] in "])":
+        s = s[1:-1]
+    parts = [p.strip() for p in s.split(",")]
+    return parts if len(parts) > 1 and all(parts) else None
+
+
+def _math_verify(pred: str, gold: str) -> bool:
+    """Math-Verify with both sides wrapped in \\boxed{} (bare strings parse badly), gold first."""
+    if len(pred) > MAX_MATH_VERIFY_CHARS or len(gold) > MAX_MATH_VERIFY_CHARS:
+        return False
+    from math_verify import parse, verify
+
+    # Math-Verify's timeouts use SIGALRM, which only works in the main thread.
+    timeout = 3 if threading.current_thread() is threading.main_thread() else None
+    try:
+        gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=timeout)
+        pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=timeout)
+        return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+    except Exception:  # noqa: BLE001 - a parser failure means "not shown equal"
+        return False
+
+
+def is_equivalent(pred: str | None, gold: str | None, choices: list[str] | None = None) -> bool:
+    """Whether a predicted answer matches the gold answer.
+
+    Checked in order, the first family that applies decides:
+    1. multiple choice (gold is a letter, or `choices` given): the letter the prediction names
+       ('C', '(C)', 'C.', 'C: 40°') against the gold letter; with `choices`, option text works
+       on either side (a letter maps to its option, text compares case-insensitively);
+    2. plain numbers on both sides (integers, decimals, fractions, '%', thousands separators,
+       units and degree signs stripped): equal within REL_TOL = 1e-6 relative (absolute below 1),
+       and '12.5%' matches 0.125 as well as 12.5;
+    3. comma-separated lists / tuples: element by element with these same rules;
+    4. case-insensitive string equality after whitespace and LaTeX-wrapper cleanup;
+    5. Math-Verify on `\\boxed{gold}` and `\\boxed{pred}` (expressions, intervals, sets).
+    None or empty on either side is never equivalent.
+    """
+    if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
+        return False
+    if choices:
+        return _choice_equal(pred, gold, choices)
+    gold_letter = choice_letter(gold)
+    if gold_letter is not None and len(_clean(gold)) <= 3:
+        return choice_letter(pred) == gold_letter
+    p_num, g_num = parse_number(pred), parse_number(gold)
+    if p_num is not None and g_num is not None:
+        return _numbers_equal(p_num, g_num)
+    p_list, g_list = _as_list(pred), _as_list(gold)
+    if p_list is not None and g_list is not None and len(p_list) == len(g_list):
+        if all(is_equivalent(p, g) for p, g in zip(p_list, g_list)):
+            return True
+    if _normalise_text(pred) == _normalise_text(gold):
+        return True
+    return _math_verify(_clean(pred), _clean(gold))
+
+
+def _choice_equal(pred: str, gold: str, choices: list[str]) -> bool:
+    texts = [_normalise_text(c) for c in choices]
+
+    def as_index(s: str) -> int | None:
+        t = _normalise_text(s)
+        if t in texts:
+            return texts.index(t)
+        letter = choice_letter(s, len(choices))
+        return LETTERS.index(letter) if letter is not None else None
+
+    g, p = as_index(gold), as_index(pred)
+    if g is None:  # gold names no option: compare as free-form
+        return is_equivalent(pred, gold)
+    return p == g
+
+
+def accuracy_reward(text: str | None, gold: str | None, choices: list[str] | None = None) -> float:
+    """1.0 when the answer extracted from the response is equivalent to gold, else 0.0."""
+    return 1.0 if is_equivalent(extract_answer(text), gold, choices) else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched scoring with a hard per-response timeout
+# ---------------------------------------------------------------------------------------------
+
+
+def score_one(response: str | None, gold: str | None, choices: list[str] | None = None,
+              format_weight: float = 1.0, accuracy_weight: float = 1.0) -> dict:  # fmt: skip
+    """{"overall", "format", "accuracy", "timed_out"} of one response; overall = wf*format + wa*accuracy."""
+    fmt = format_reward(response)
+    acc = accuracy_reward(response, gold, choices)
+    return {"overall": format_weight * fmt + accuracy_weight * acc, "format": fmt, "accuracy": acc, "timed_out": False}
+
+
+def _worker(conn) -> None:
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        index, args = job
+        conn.send((index, score_one(*args)))
+
+
+class RewardPool:
+    """Worker processes that score responses, each killed and replaced if it runs past timeout_s.
+
+    Reuse one pool across calls (a context manager) to pay the process start-up once.
+    """
+
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0):
+        self.workers, self.timeout_s = workers, timeout_s
+        self.ctx = mp.get_context("spawn")  # no fork of a threaded (torch) parent
+        self.procs: list = [self._start() for _ in range(workers)]
+
+    def _start(self):
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker, args=(child,), daemon=True)
+        proc.start()
+        child.close()
+        return [proc, parent]
+
+    def map(self, jobs: list[tuple]) -> list[dict]:
+        """Scores each args tuple of score_one; results in input order; timeouts score 0."""
+        results: list[dict | None] = [None] * len(jobs)
+        pending = list(range(len(jobs)))[::-1]
+        busy: dict[int, tuple[int, float]] = {}  # worker slot -> (job index, start time)
+        while pending or busy:
+            for slot in range(self.workers):
+                if slot not in busy and pending:
+                    index = pending.pop()
+                    self.procs[slot][1].send((index, jobs[index]))
+                    busy[slot] = (index, time.monotonic())
+            conns = {self.procs[slot][1]: slot for slot in busy}
+            for conn in wait(list(conns), timeout=0.05):
+                slot = conns[conn]
+                try:
+                    index, result = conn.recv()
+                except (EOFError, OSError):  # the worker died: count it as a timeout
+                    index, result = busy[slot][0], None
+                results[index] = result or _timed_out(jobs[busy[slot][0]])
+                if result is None:
+                    self._restart(slot)
+                del busy[slot]
+            now = time.monotonic()
+            for slot, (index, started) in list(busy.items()):
+                if now - started > self.timeout_s:
+                    results[index] = _timed_out(jobs[index])
+                    self._restart(slot)
+                    del busy[slot]
+        return results  # type: ignore[return-value]
+
+    def _restart(self, slot: int) -> None:
+        proc, conn = self.procs[slot]
+        proc.kill()
+        proc.join()
+        conn.close()
+        self.procs[slot] = self._start()
+
+    def close(self) -> None:
+        for proc, conn in self.procs:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            proc.join(timeout=1)
+            if proc.is_alive():
+                proc.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _timed_out(job: tuple) -> dict:
+    """A response whose scoring ran out of time: format still counts, accuracy is 0."""
+    fmt_w = job[3] if len(job) > 3 else 1.0
+    fmt = format_reward(job[0])
+    return {"overall": fmt_w * fmt, "format": fmt, "accuracy": 0.0, "timed_out": True}
+
+
+def compute_rewards(responses: list[str], golds: list[str], choices: list | None = None, *, workers: int = 2,
+                    timeout_s: float = 5.0, format_weight: float = 1.0, accuracy_weight: float = 1.0,
+                    pool: RewardPool | None = None) -> list[dict]:  # fmt: skip
+    """Per response {"overall", "format", "accuracy", "timed_out"}, in input order.
+
+    overall = format_weight * format + accuracy_weight * accuracy (the paper: 1 and 1). With
+    workers > 0 (or a pool) scoring runs in worker processes with a hard timeout of timeout_s
+    seconds per response; a response that runs out of time gets accuracy 0 and timed_out True.
+    workers = 0 scores in this process (Math-Verify's own timeouts only).
+    """
+    if len(responses) != len(golds):
+        raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
+    choices = choices if choices is not None else [None] * len(responses)
+    jobs = [(r, g, c, format_weight, accuracy_weight) for r, g, c in zip(responses, golds, choices)]
+    if pool is not None:
+        return pool.map(jobs)
+    if workers <= 0:
+        return [score_one(*job) for job in jobs]
+    with RewardPool(workers, timeout_s) as own_pool:
+        return own_pool.map(jobs)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Score a predictions file with the format + accuracy rewards.")
+    parser.add_argument("preds", type=Path, help="jsonl with 'response' and 'answer' (optional 'choices') per row")
+    parser.add_argument("--out", type=Path, default=None, help="per-row scores jsonl (default: <preds>.scores.jsonl)")
+    parser.add_argument("--workers", type=int, default=2, help="scoring processes (0 = in this process)")
+    parser.add_argument("--timeout-s", type=float, default=5.0, help="hard time limit per response, seconds")
+    args = parser.parse_args(argv)
+    rows = []
+    for i, line in enumerate(args.preds.read_text().splitlines()):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "response" not in row or "answer" not in row:
+            sys.exit(f"{args.preds} row {i}: needs 'response' and 'answer'")
+        rows.append(row)
+    scores = compute_rewards(
+        [r["response"] for r in rows],
+        [str(r["answer"]) for r in rows],
+        [r.get("choices") for r in rows],
+        workers=args.workers,
+        timeout_s=args.timeout_s,
+    )
+    out = args.out or args.preds.with_suffix(".scores.jsonl")
+    with out.open("w") as f:
+        for row, score in zip(rows, scores):
+            f.write(json.dumps({"id": row.get("id"), "extracted": extract_answer(row["response"]), **score}) + "\n")
+    n = max(1, len(scores))
+    print(f"rows       {len(scores)}")
+    print(f"accuracy   {sum(s['accuracy'] for s in scores) / n:.4f}")
+    print(f"format     {sum(s['format'] for s in scores) / n:.4f}")
+    print(f"timeouts   {sum(s['timed_out'] for s in scores)}")
+    print(f"scores  -> {out}")
+
+
+if __name__ == "__main__":
+    main()

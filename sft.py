@@ -1,0 +1,258 @@
+"""Cold-start SFT of Qwen2.5-VL on chain-of-thought data (loss on assistant tokens only).
+
+    python sft.py                                                  # toy: builds toy model + data, ~3 min on CPU
+    python sft.py --preset paper --model Qwen/Qwen2.5-VL-7B-Instruct --data MMR1/MMR1-SFT
+    torchrun --nproc_per_node 8 sft.py --preset paper --model Qwen/Qwen2.5-VL-7B-Instruct --data MMR1/MMR1-SFT
+    python sft.py --resume                                         # continue from the latest step-N
+
+Writes <output-dir>/step-N/ every --save-every steps and <output-dir>/final/ (HF format, loadable
+with from_pretrained; grpo.py and eval.py read runs/toy-sft/final by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import common
+import reward
+import rollout
+from common import field
+from data import toy
+
+
+@dataclass
+class SFTConfig:
+    """Cold-start supervised fine-tuning of Qwen2.5-VL (toy task when --model/--data are not given)."""
+
+    model: str = field("", "hub id or local folder of the initial model (default: the toy model)")
+    data: str = field("", "SFT rows: hub id, parquet/jsonl file or folder, name@split (default: toy)")
+    val_data: str = field("", "SFT rows for the validation loss (default: toy val split)")
+    acc_data: str = field("", "RL-format rows for the final validation accuracy (default: toy val split)")
+    output_dir: str = field("runs/toy-sft", "where checkpoints, metrics.jsonl and final/ go")
+    preset: str = field("", "'paper' = Table 5 hyper-parameters of the paper", choices=["", "paper", "toy"])
+    epochs: float = field(1.0, "passes over the training rows (ignored when --max-steps > 0)")
+    max_steps: int = field(600, "optimizer steps; 0 = derived from --epochs")
+    batch_size: int = field(32, "effective global batch (rows per optimizer step, all ranks)")
+    micro_batch_size: int = field(16, "rows per forward/backward on one rank")
+    lr: float = field(2e-3, "peak AdamW learning rate")
+    warmup_ratio: float = field(0.1, "share of steps with linear warm-up, then cosine decay to 0")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    max_grad_norm: float = field(1.0, "gradient clipping norm")
+    max_length: int = field(0, "cut sequences to this many tokens (0 = no cut)")
+    gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
+    freeze_vision: bool = field(False, "keep the vision tower frozen")
+    min_pixels: int = field(3136, "images are resized to at least this many pixels")
+    max_pixels: int = field(50176, "images are resized to at most this many pixels")
+    logprob_chunk: int = field(1024, "positions per lm_head chunk in the loss (memory vs speed)")
+    eval_every: int = field(100, "validation loss every N steps (0 = only at the end)")
+    val_limit: int = field(200, "rows used for the validation loss (0 = all)")
+    acc_limit: int = field(200, "rows used for the final validation accuracy (0 = all, -1 = skip)")
+    acc_max_new_tokens: int = field(64, "generation budget of the validation accuracy")
+    save_every: int = field(200, "checkpoint every N steps (0 = only final)")
+    seed: int = field(0, "seed of the data order and the init")
+    resume: bool = field(False, "continue from the latest <output-dir>/step-N")
+    skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
+    report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
+
+
+PRESETS = {
+    # Table 5 of the paper: 3 epochs, lr 1e-5 cosine, warm-up 0.1, wd 0, clip 1.0, batch 32, cutoff 16384
+    "paper": dict(
+        epochs=3.0, max_steps=0, lr=1e-5, warmup_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0,
+        batch_size=32, micro_batch_size=1, max_length=16384, gradient_checkpointing=True,
+        min_pixels=7056, max_pixels=1048576, eval_every=500, save_every=1000, acc_limit=-1,
+    ),  # fmt: skip
+    "toy": {},
+}
+
+
+def lr_lambda(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the peak lr: linear warm-up over `warmup` steps, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def global_batch(step: int, n_rows: int, batch_size: int, seed: int) -> list[int]:
+    """Row indices of optimizer step `step`: a seeded permutation per epoch, walked in order.
+
+    A pure function of (step, seed), so a resumed run sees exactly the batches it would have.
+    """
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, n_rows)
+        perm = list(range(n_rows))
+        random.Random(seed * 100_003 + epoch).shuffle(perm)
+        out.append(perm[offset])
+    return out
+
+
+def sft_loss(model, batches: list[dict], d: common.Dist, chunk: int) -> float:
+    """Forward + backward over this rank's micro-batches; loss = token mean over the global batch.
+
+    Returns the global mean loss (a float). Gradients are scaled so that FSDP2's mean over ranks
+    yields the gradient of the global token mean.
+    """
+    n_tokens = sum(int((b["labels"][:, 1:] != common.IGNORE_INDEX).sum()) for b in batches)
+    total_tokens = common.all_reduce_sum(n_tokens, d.device).item()
+    loss_sum = 0.0
+    for b in batches:
+        b = {k: v.to(d.device) for k, v in b.items()}
+        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
+            logp, _ = common.token_logprobs(model, b, chunk)
+        mask = b["labels"][:, 1:] != common.IGNORE_INDEX
+        nll = -(logp * mask).sum()  # summed over this micro-batch's assistant tokens
+        (nll * d.world_size / max(total_tokens, 1)).backward()
+        loss_sum += nll.item()
+    return common.all_reduce_sum(loss_sum, d.device).item() / max(total_tokens, 1)
+
+
+@torch.no_grad()
+def val_loss(model, processor, rows: list[dict], cfg: SFTConfig, d: common.Dist) -> float:
+    """Token-mean NLL of the assistant tokens of `rows` (sharded over ranks)."""
+    model.eval()
+    nll, count = 0.0, 0
+    per_rank = math.ceil(len(rows) / d.world_size)
+    mine = rows[d.rank * per_rank : (d.rank + 1) * per_rank] or rows[:1]  # every rank must forward
+    for s in range(0, per_rank, cfg.micro_batch_size):
+        chunk = mine[s : s + cfg.micro_batch_size] or mine[:1]
+        b = common.sft_batch(processor, chunk, cfg.min_pixels, cfg.max_pixels, cfg.max_length)
+        b = {k: v.to(d.device) for k, v in b.items()}
+        logp, _ = common.token_logprobs(model, b, cfg.logprob_chunk)
+        mask = b["labels"][:, 1:] != common.IGNORE_INDEX
+        if s < len(mine):
+            nll += -(logp * mask).sum().item()
+            count += int(mask.sum())
+    model.train()
+    return common.all_reduce_sum(nll, d.device).item() / max(1, common.all_reduce_sum(count, d.device).item())
+
+
+def val_accuracy(engine, rows: list[dict], d: common.Dist, max_new_tokens: int) -> float:
+    """Greedy-decoding accuracy on RL-format rows, scored with reward.accuracy_reward."""
+    per_rank = math.ceil(len(rows) / d.world_size)
+    mine = rows[d.rank * per_rank : (d.rank + 1) * per_rank]
+    padded = mine + rows[: per_rank - len(mine)]  # equal work per rank for synced generation
+    outs = engine.generate(padded, 1, rollout.Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
+    hits = [reward.accuracy_reward(o.text, padded[o.row]["answer"], padded[o.row].get("choices")) for o in outs]
+    correct = common.all_reduce_sum(sum(hits[: len(mine)]), d.device).item()
+    return correct / len(rows)
+
+
+def main() -> None:
+    cfg = common.parse_config(SFTConfig, PRESETS)
+    toy_mode = not cfg.model and not cfg.data
+    if toy_mode:
+        toy.ensure_toy()
+        cfg.model = str(toy.TOY_MODEL_DIR)
+        cfg.data = str(toy.TOY_DATA_DIR / "sft") + "@train"
+        cfg.val_data = cfg.val_data or str(toy.TOY_DATA_DIR / "sft") + "@val"
+        cfg.acc_data = cfg.acc_data or str(toy.TOY_DATA_DIR / "rl") + "@val"
+    elif not cfg.model or not cfg.data:
+        raise SystemExit("give both --model and --data (or neither, for the toy task)")
+    d = common.setup_distributed(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+
+    # --- data ---
+    train_rows = common.load_rows(cfg.data, "sft", "train", cfg.skip_bad_rows)
+    val_rows = common.load_rows(cfg.val_data, "sft", "val", cfg.skip_bad_rows, cfg.val_limit) if cfg.val_data else []
+    acc_rows = []
+    if cfg.acc_data and cfg.acc_limit >= 0:
+        acc_rows = common.load_rows(cfg.acc_data, "rl", "val", cfg.skip_bad_rows, cfg.acc_limit)
+    per_step = cfg.micro_batch_size * d.world_size
+    if cfg.batch_size % per_step:
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of micro-batch x ranks = {per_step}")
+    accum = cfg.batch_size // per_step
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_rows) / cfg.batch_size)
+
+    # --- model, optimizer, schedule ---
+    start_step, state = 0, None
+    ckpt = common.latest_checkpoint(out_dir) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        print(f"[sft] --resume: no checkpoint in {out_dir}, starting from scratch")
+    processor = common.load_processor(str(ckpt or cfg.model), cfg.min_pixels, cfg.max_pixels)
+    model = common.load_model(str(ckpt or cfg.model), d.device, cfg.gradient_checkpointing)
+    if cfg.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    model = common.shard_model(model, d)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, warmup))
+    if ckpt is not None:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        common.load_optimizer_state(model, optimizer, state["optimizer"], d)
+        scheduler.load_state_dict(state["scheduler"])
+        common.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
+        start_step = state["step"]
+        print(f"[sft] resumed from {ckpt} at step {start_step}") if d.master else None
+    logger = common.MetricLogger(out_dir, cfg, d.master, cfg.report_to)
+    if d.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        print(f"[sft] {len(train_rows)} rows, {total_steps} steps, batch {cfg.batch_size} = "
+              f"{cfg.micro_batch_size} x {accum} accum x {d.world_size} ranks")  # fmt: skip
+
+    def save(folder: Path, step: int) -> None:
+        rngs = common.all_gather_list([common.rng_state()], d)
+        trainer_state = {
+            "step": step,
+            "optimizer": common.optimizer_state(model, optimizer, d),
+            "scheduler": scheduler.state_dict(),
+            "rng": rngs,
+            "config": dataclasses.asdict(cfg),
+        }
+        common.save_checkpoint(model, processor, folder, d, trainer_state)
+
+    # --- training loop ---
+    model.train()
+    bar = tqdm(range(start_step, total_steps), disable=not d.master, desc="sft", initial=start_step, total=total_steps)
+    for step in bar:
+        t0 = time.time()
+        batch = global_batch(step, len(train_rows), cfg.batch_size, cfg.seed)[d.rank :: d.world_size]
+        micro = [
+            common.sft_batch(processor, [train_rows[i] for i in batch[s : s + cfg.micro_batch_size]],
+                             cfg.min_pixels, cfg.max_pixels, cfg.max_length)
+            for s in range(0, len(batch), cfg.micro_batch_size)
+        ]  # fmt: skip
+        loss = sft_loss(model, micro, d, cfg.logprob_chunk)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {"train/loss": loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}
+        scheduler.step()
+        metrics["time/step_s"] = time.time() - t0
+        done = step + 1
+        if val_rows and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
+            metrics["val/loss"] = val_loss(model, processor, val_rows, cfg, d)
+        logger.log(done, metrics)
+        bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{metrics['val/loss']:.3f}"} if "val/loss" in metrics else {}))
+        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+            save(out_dir / f"step-{done}", done)
+
+    # --- final: accuracy, save ---
+    final = {}
+    if acc_rows:
+        engine = rollout.HFEngine(model, processor, d, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        final["val/accuracy"] = val_accuracy(engine, acc_rows, d, cfg.acc_max_new_tokens)
+        logger.log(total_steps, final)
+    save(out_dir / "final", total_steps)
+    if d.master:
+        summary = " ".join(f"{k}={v:.4f}" for k, v in final.items())
+        print(f"[sft] done: {total_steps} steps, model in {out_dir / 'final'} {summary}")
+    logger.close()
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
