@@ -197,6 +197,7 @@ def shard_model(model, d: Dist):
 
     for layer in decoder_layers(model):
         fully_shard(layer)
+    fully_shard(model.model.visual)  # patch embed + merger: a unit of its own, callable by itself
     fully_shard(model, reshard_after_forward=False)  # root: lm_head stays gathered for the chunked log-probs
     return model
 
@@ -206,6 +207,8 @@ def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
     if not d.enabled:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model.reshard()  # the root keeps gathered tensors after a forward; state dicts want the shards
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
@@ -595,6 +598,8 @@ def optimizer_state(model, optimizer, d: Dist) -> dict:
     if not d.enabled:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model.reshard()
 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

@@ -60,6 +60,7 @@ class SFTConfig:
     save_every: int = field(200, "checkpoint every N steps (0 = only final)")
     seed: int = field(0, "seed of the data order and the init")
     resume: bool = field(False, "continue from the latest <output-dir>/step-N")
+    stop_after: int = field(0, "exit after this many steps without the final save, as a preemption would (testing)")
     skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
     report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
 
@@ -67,9 +68,21 @@ class SFTConfig:
 PRESETS = {
     # Table 5 of the paper: 3 epochs, lr 1e-5 cosine, warm-up 0.1, wd 0, clip 1.0, batch 32, cutoff 16384
     "paper": dict(
-        epochs=3.0, max_steps=0, lr=1e-5, warmup_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0,
-        batch_size=32, micro_batch_size=1, max_length=16384, gradient_checkpointing=True,
-        min_pixels=7056, max_pixels=1048576, eval_every=500, save_every=1000, acc_limit=-1,
+        epochs=3.0,
+        max_steps=0,
+        lr=1e-5,
+        warmup_ratio=0.1,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        batch_size=32,
+        micro_batch_size=1,
+        max_length=16384,
+        gradient_checkpointing=True,
+        min_pixels=7056,
+        max_pixels=1048576,
+        eval_every=500,
+        save_every=1000,
+        acc_limit=-1,
     ),  # fmt: skip
     "toy": {},
 }
@@ -239,6 +252,10 @@ def main() -> None:
         bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{metrics['val/loss']:.3f}"} if "val/loss" in metrics else {}))
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             save(out_dir / f"step-{done}", done)
+        if cfg.stop_after and done >= cfg.stop_after:
+            print(f"[sft] --stop-after {cfg.stop_after}: stopping without the final save") if d.master else None
+            common.cleanup_distributed()
+            return
 
     # --- final: accuracy, save ---
     final = {}

@@ -147,11 +147,14 @@ def make_rows(n: int, seed: int, split: str) -> tuple[list[dict], list[dict]]:
     return rl_rows, sft_rows
 
 
-def write_toy_data(out_dir: Path = TOY_DATA_DIR, seed: int = 0) -> Path:
-    """Writes out_dir/rl/{train,val,test}.parquet and out_dir/sft/{train,val}.parquet."""
+def write_toy_data(out_dir: Path = TOY_DATA_DIR, seed: int = 0, sizes: dict[str, int] | None = None) -> Path:
+    """Writes out_dir/rl/{train,val,test}.parquet and out_dir/sft/{train,val}.parquet.
+
+    `sizes` overrides the rows per split (default SPLIT_SIZES: 4000 / 200 / 300).
+    """
     import datasets
 
-    for split, n in SPLIT_SIZES.items():
+    for split, n in (sizes or SPLIT_SIZES).items():
         rl_rows, sft_rows = make_rows(n, seed, split)
         (out_dir / "rl").mkdir(parents=True, exist_ok=True)
         datasets.Dataset.from_list(rl_rows).to_parquet(str(out_dir / "rl" / f"{split}.parquet"))

@@ -1,0 +1,48 @@
+"""Shared fixtures: a toy model and small toy data sets built once per test session."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data import toy  # noqa: E402
+
+torch.set_num_threads(2)
+SMALL = {"train": 96, "val": 24, "test": 24}
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory) -> Path:
+    """A folder with model/ (the toy Qwen2.5-VL) and data/{rl,sft}/*.parquet (small splits)."""
+    root = tmp_path_factory.mktemp("toy")
+    toy.build_toy_model(root / "model", seed=0)
+    toy.write_toy_data(root / "data", seed=0, sizes=SMALL)
+    return root
+
+
+@pytest.fixture(scope="session")
+def toy_model(toy_dir):
+    from common import load_model, load_processor
+
+    model = load_model(str(toy_dir / "model"), torch.device("cpu"))
+    processor = load_processor(str(toy_dir / "model"))
+    return model, processor
+
+
+def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, torchrun: int = 0) -> subprocess.CompletedProcess:
+    """Runs a stage script (optionally under torchrun with N CPU processes); fails with its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
+               "--master_port", str(29500 + os.getpid() % 1000)] + args  # fmt: skip
+    else:
+        cmd = [sys.executable] + args
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
