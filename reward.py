@@ -170,12 +170,14 @@ def _normalise_text(s: str) -> str:
     return re.sub(r"\s+", " ", _clean(s)).lower()
 
 
-def _as_list(s: str) -> list[str] | None:
+def _as_list(s: str) -> tuple[str, list[str]] | None:
+    """(brackets, items) of '[a, b]', '(a, b]', 'a, b'; None for a single item."""
     s = _clean(s)
+    brackets = ""
     if len(s) > 2 and s[0] in "[(" and s[-1] in "])":
-        s = s[1:-1]
+        brackets, s = s[0] + s[-1], s[1:-1]
     parts = [p.strip() for p in s.split(",")]
-    return parts if len(parts) > 1 and all(parts) else None
+    return (brackets, parts) if len(parts) > 1 and all(parts) else None
 
 
 def _math_verify(pred: str, gold: str) -> bool:
@@ -220,8 +222,10 @@ def is_equivalent(pred: str | None, gold: str | None, choices: list[str] | None 
     if p_num is not None and g_num is not None:
         return _numbers_equal(p_num, g_num)
     p_list, g_list = _as_list(pred), _as_list(gold)
-    if p_list is not None and g_list is not None and len(p_list) == len(g_list):
-        if all(is_equivalent(p, g) for p, g in zip(p_list, g_list)):
+    if p_list is not None and g_list is not None:
+        (p_brackets, p_items), (g_brackets, g_items) = p_list, g_list
+        same_shape = len(p_items) == len(g_items) and (p_brackets == g_brackets or not (p_brackets and g_brackets))
+        if same_shape and all(is_equivalent(p, g) for p, g in zip(p_items, g_items)):
             return True
     if _normalise_text(pred) == _normalise_text(gold):
         return True
@@ -262,29 +266,30 @@ def score_one(response: str | None, gold: str | None, choices: list[str] | None 
     return {"overall": format_weight * fmt + accuracy_weight * acc, "format": fmt, "accuracy": acc, "timed_out": False}
 
 
-def _worker(conn) -> None:
+def _worker(conn, score_fn) -> None:
     while True:
         job = conn.recv()
         if job is None:
             return
         index, args = job
-        conn.send((index, score_one(*args)))
+        conn.send((index, score_fn(*args)))
 
 
 class RewardPool:
     """Worker processes that score responses, each killed and replaced if it runs past timeout_s.
 
     Reuse one pool across calls (a context manager) to pay the process start-up once.
+    `score_fn` (a module-level function with score_one's signature) is what the workers run.
     """
 
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0):
-        self.workers, self.timeout_s = workers, timeout_s
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0, score_fn=score_one):
+        self.workers, self.timeout_s, self.score_fn = workers, timeout_s, score_fn
         self.ctx = mp.get_context("spawn")  # no fork of a threaded (torch) parent
         self.procs: list = [self._start() for _ in range(workers)]
 
     def _start(self):
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker, args=(child,), daemon=True)
+        proc = self.ctx.Process(target=_worker, args=(child, self.score_fn), daemon=True)
         proc.start()
         child.close()
         return [proc, parent]

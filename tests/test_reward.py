@@ -1,0 +1,290 @@
+"""reward.py: extraction, format, an equivalence table, hostile inputs, fuzzing, the pool, the CLI."""
+
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reward
+from reward import compute_rewards, extract_answer, format_reward, is_equivalent
+
+# (pred, gold, choices, expected)
+EQUIVALENCE = [
+    # multiple-choice letters
+    ("C", "C", None, True),
+    ("(C)", "C", None, True),
+    ("C.", "C", None, True),
+    ("C: 40°", "C", None, True),
+    ("C) 40", "C", None, True),
+    ("\\text{C}", "C", None, True),
+    ("c", "C", None, True),
+    ("D", "C", None, False),
+    ("(B)", "C", None, False),
+    ("C", "(C)", None, True),
+    ("A", "A", ["3", "4", "5"], True),
+    ("B", "A", ["3", "4", "5"], False),
+    ("4", "B", ["3", "4", "5"], True),
+    ("five", "C", ["three", "four", "five"], True),
+    ("Five", "C", ["three", "four", "five"], True),
+    ("four", "C", ["three", "four", "five"], False),
+    ("C", "five", ["three", "four", "five"], True),
+    ("B", "five", ["three", "four", "five"], False),
+    ("(C) five", "C", ["three", "four", "five"], True),
+    ("E", "A", ["1", "2"], False),
+    ("yellow", "A", ["yellow", "blue", "green", "red"], True),
+    ("red", "A", ["yellow", "blue", "green", "red"], False),
+    ("D", "D", ["yellow", "blue", "green", "red"], True),
+    # integers, decimals, separators, signs
+    ("5", "5", None, True),
+    ("05", "5", None, True),
+    ("5.0", "5", None, True),
+    ("-3", "-3", None, True),
+    ("+3", "3", None, True),
+    ("-3", "3", None, False),
+    ("1,000", "1000", None, True),
+    ("1000", "1,000", None, True),
+    ("12,345.5", "12345.5", None, True),
+    ("1.25", "1.2", None, False),
+    ("1.2", "1.25", None, False),
+    ("0.3333333", "0.3333333", None, True),
+    ("3.14159", "3.14", None, False),
+    ("6", "7", None, False),
+    (".5", "0.5", None, True),
+    ("1e3", "1000", None, True),
+    # fractions
+    ("0.5", "\\frac{1}{2}", None, True),
+    ("\\frac{1}{2}", "0.5", None, True),
+    ("1/2", "0.5", None, True),
+    ("\\dfrac{3}{4}", "0.75", None, True),
+    ("-\\frac{1}{4}", "-0.25", None, True),
+    ("\\frac{1}{3}", "0.5", None, False),
+    ("2/4", "\\frac{1}{2}", None, True),
+    # percentages
+    ("12.5%", "0.125", None, True),
+    ("12.5%", "12.5", None, True),
+    ("12.5\\%", "12.5", None, True),
+    ("0.125", "12.5%", None, True),
+    ("13%", "0.125", None, False),
+    ("50%", "50%", None, True),
+    # units and degrees
+    ("145°", "145", None, True),
+    ("145^\\circ", "145", None, True),
+    ("145^{\\circ}", "145", None, True),
+    ("145 degrees", "145", None, True),
+    ("146°", "145", None, False),
+    ("5 cm", "5", None, True),
+    ("\\text{5 cm}", "5", None, True),
+    ("12 m", "12", None, True),
+    ("$5$", "5", None, True),
+    ("5.", "5", None, True),
+    # LaTeX expressions via Math-Verify
+    ("2\\sqrt{3}", "2\\sqrt{3}", None, True),
+    ("\\sqrt{12}", "2\\sqrt{3}", None, True),
+    ("2\\sqrt{3}", "2", None, False),
+    ("\\sqrt{3}", "2\\sqrt{3}", None, False),
+    ("\\frac{\\pi}{2}", "\\pi/2", None, True),
+    ("x^2+1", "1+x^2", None, True),
+    ("x^2+2", "1+x^2", None, False),
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", None, True),
+    ("3\\pi", "3\\pi", None, True),
+    ("2\\pi", "3\\pi", None, False),
+    # intervals, sets, lists
+    ("[0, 2, 0]", "[0, 2, 0]", None, True),
+    ("[0,2,0]", "[0, 2, 0]", None, True),
+    ("[0, 2, 1]", "[0, 2, 0]", None, False),
+    ("(1, 2]", "(1,2]", None, True),
+    ("[1, 2]", "(1,2]", None, False),
+    ("\\{1,2\\}", "\\{2,1\\}", None, True),
+    ("1, 2, 3", "1,2,3", None, True),
+    ("1, 2, 4", "1,2,3", None, False),
+    ("(3, 4)", "(3,4)", None, True),
+    # plain strings
+    ("Yes", "yes", None, True),
+    ("yes", "No", None, False),
+    ("Blue", "blue", None, True),
+    ("  dark   blue ", "Dark Blue", None, True),
+    ("square", "circle", None, False),
+    # empty / None
+    ("", "5", None, False),
+    (None, "5", None, False),
+    ("5", None, None, False),
+    ("5", "", None, False),
+]
+
+
+@pytest.mark.parametrize("pred, gold, choices, expected", EQUIVALENCE)
+def test_equivalence_table(pred, gold, choices, expected):
+    assert is_equivalent(pred, gold, choices) is expected
+
+
+def test_table_is_large():
+    assert len(EQUIVALENCE) >= 80
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>x</think><answer>\\boxed{5}</answer>", "5"),
+        ("<think>\\boxed{1}</think><answer>so \\boxed{2} then \\boxed{3}</answer>", "3"),
+        ("<think>\\boxed{1}</think><answer>no box</answer> \\boxed{7}", "7"),
+        ("<answer>\\boxed{\\frac{1}{2}}</answer>", "\\frac{1}{2}"),
+        ("<answer>\\boxed{\\{1,\\{2\\}\\}}</answer>", "\\{1,\\{2\\}\\}"),
+        ("the answer is \\boxed{42}.", "42"),
+        ("\\boxed{1} and \\boxed{2", "1"),
+        ("<answer> 17 </answer>", "17"),
+        ("<answer>  </answer>", None),
+        ("\\boxed{", None),
+        ("no answer here", None),
+        ("", None),
+        (None, None),
+        (12, None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>r</think><answer>\\boxed{5}</answer>", 1.0),
+        ("  <think>r</think>\n\n<answer>it is \\boxed{5}.</answer>\n", 1.0),
+        ("<think>r</think><answer>5</answer>", 0.0),
+        ("<answer>\\boxed{5}</answer>", 0.0),
+        ("<think>r</think>", 0.0),
+        ("hello <think>r</think><answer>\\boxed{5}</answer>", 0.0),
+        ("<think>r</think> extra <answer>\\boxed{5}</answer>", 0.0),
+        ("<think>r</think><answer>\\boxed{5}</answer> trailing", 0.0),
+        ("<think>r</think><answer>\\boxed{5}</answer><answer>\\boxed{5}</answer>", 0.0),
+        ("<think>a<think>b</think><answer>\\boxed{5}</answer>", 0.0),
+        ("<think>r</think><answer>\\boxed{5</answer>", 0.0),
+        ("<answer>\\boxed{5}</answer><think>r</think>", 0.0),
+        ("", 0.0),
+        (None, 0.0),
+    ],
+)
+def test_format_reward(text, expected):
+    assert format_reward(text) == expected
+
+
+def test_accuracy_reward_and_weights():
+    good = "<think>3 + 4</think><answer>\\boxed{7}</answer>"
+    assert reward.accuracy_reward(good, "7") == 1.0
+    assert reward.accuracy_reward("<think>x</think><answer>\\boxed{8}</answer>", "7") == 0.0
+    assert reward.accuracy_reward("The answer is (B).", "B", None) == 0.0  # no box, no answer tag
+    scores = compute_rewards([good, "7", "<think>x</think><answer>\\boxed{8}</answer>"], ["7"] * 3, workers=0)
+    assert [(s["format"], s["accuracy"], s["overall"]) for s in scores] == [(1, 1, 2), (0, 0, 0), (1, 0, 1)]
+    weighted = compute_rewards([good], ["7"], workers=0, format_weight=0.5, accuracy_weight=2.0)
+    assert weighted[0]["overall"] == 2.5
+    with pytest.raises(ValueError, match="2 responses but 1 gold"):
+        compute_rewards(["a", "b"], ["a"], workers=0)
+
+
+HOSTILE = [
+    "x" * 1_000_000,
+    "{" * 10_000 + "}" * 10_000,
+    "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",
+    "\\boxed{" * 50_000,
+    "<answer>\\boxed{",
+    "<think>" + "\\boxed{10^{10^{10^{10}}}}" + "</think><answer>\\boxed{10^{10^{10^{10}}}}</answer>",
+    "<answer>\\boxed{" + "(" * 5000 + "</answer>",
+    bytes(range(256)).decode("latin-1") * 100,
+    "\x00\xff\ud7ff",
+    "",
+    None,
+]
+
+
+def test_hostile_inputs_never_raise_and_respect_the_timeout():
+    timeout = 3.0
+    golds = ["10^{10^{10^{10}}}" if i == 5 else "1" for i in range(len(HOSTILE))]
+    start = time.monotonic()
+    scores = compute_rewards(HOSTILE, golds, workers=2, timeout_s=timeout)
+    elapsed = time.monotonic() - start
+    assert len(scores) == len(HOSTILE)
+    for s in scores:
+        assert set(s) == {"overall", "format", "accuracy", "timed_out"}
+        assert s["format"] in (0.0, 1.0) and s["accuracy"] in (0.0, 1.0)
+    # every response is scored or cut within its own time limit (plus pool start-up)
+    assert elapsed < len(HOSTILE) * timeout / 2 + 10
+    assert scores[2]["accuracy"] == 0.0 and extract_answer(HOSTILE[2]) is not None
+    for text in HOSTILE:  # the extraction and format functions alone are linear and total
+        t0 = time.monotonic()
+        extract_answer(text)
+        format_reward(text)
+        assert time.monotonic() - t0 < 2.0
+
+
+def sleepy_score(response, gold, choices=None, fw=1.0, aw=1.0):
+    """score_one, except that a response 'HANG' never returns (a stand-in for a pathological parse)."""
+    if response == "HANG":
+        time.sleep(3600)
+    return reward.score_one(response, gold, choices, fw, aw)
+
+
+def test_pool_cuts_a_hanging_worker_keeps_order_and_survives():
+    responses = ["<think>t</think><answer>\\boxed{1}</answer>", "HANG", "<answer>\\boxed{3}</answer>", "x"] * 2
+    golds = ["1", "2", "3", "4"] * 2
+    start = time.monotonic()
+    with reward.RewardPool(workers=2, timeout_s=1.0, score_fn=sleepy_score) as pool:
+        scores = compute_rewards(responses, golds, pool=pool)
+        again = compute_rewards(responses[:1], golds[:1], pool=pool)
+    assert time.monotonic() - start < 15
+    assert [s["accuracy"] for s in scores] == [1.0, 0.0, 1.0, 0.0] * 2
+    assert [s["timed_out"] for s in scores] == [False, True, False, False] * 2
+    assert [s["format"] for s in scores] == [1.0, 0.0, 0.0, 0.0] * 2
+    assert again[0]["accuracy"] == 1.0
+
+
+def test_pool_on_a_pathological_expression_keeps_order():
+    # 10^{10^{10^{10}}} vs a huge integer makes sympy work for a long time: the pool must cut it
+    responses = [f"<think>t</think><answer>\\boxed{{{i}}}</answer>" for i in range(6)]
+    responses[3] = "<think>t</think><answer>\\boxed{9^{9^{9^{9}}}}</answer>"
+    golds = [str(i) for i in range(6)]
+    golds[3] = "9^{9^{9^{9}}} + 1"
+    with reward.RewardPool(workers=2, timeout_s=1.0) as pool:
+        scores = compute_rewards(responses, golds, pool=pool)
+        again = compute_rewards(responses[:2], golds[:2], pool=pool)  # the pool survives
+    assert [s["accuracy"] for i, s in enumerate(scores) if i != 3] == [1.0] * 5
+    assert scores[3]["accuracy"] == 0.0 and scores[3]["format"] == 1.0
+    assert [s["accuracy"] for s in again] == [1.0, 1.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(max_size=300), min_size=1, max_size=6), st.text(max_size=20))
+def test_fuzz_compute_rewards_returns_valid_scores(responses, gold):
+    scores = compute_rewards(responses, [gold] * len(responses), workers=0)
+    assert len(scores) == len(responses)
+    for s in scores:
+        assert s["format"] in (0.0, 1.0) and s["accuracy"] in (0.0, 1.0)
+        assert s["overall"] == s["format"] + s["accuracy"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(alphabet="\\boxed{}<>/answerthink 0123", max_size=200))
+def test_fuzz_extraction_on_tag_soup(text):
+    answer = extract_answer(text)
+    assert answer is None or isinstance(answer, str)
+    assert format_reward(text) in (0.0, 1.0)
+
+
+def test_no_eval_or_exec_in_reward_code():
+    source = open(reward.__file__).read()
+    assert "eval(" not in source.replace("_eval(", "") and "exec(" not in source
+
+
+def test_cli_scores_a_predictions_file(tmp_path, capsys):
+    rows = [
+        {"id": "a", "response": "<think>t</think><answer>\\boxed{4}</answer>", "answer": "4"},
+        {"id": "b", "response": "<think>t</think><answer>\\boxed{B}</answer>", "answer": "A", "choices": ["x", "y"]},
+        {"id": "c", "response": "just 5", "answer": "5"},
+    ]
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reward.main([str(preds), "--workers", "0"])
+    out = capsys.readouterr().out
+    assert "accuracy   0.3333" in out and "format     0.6667" in out and "timeouts   0" in out
+    scores = [json.loads(x) for x in (tmp_path / "preds.scores.jsonl").read_text().splitlines()]
+    assert [s["accuracy"] for s in scores] == [1.0, 0.0, 0.0] and scores[0]["extracted"] == "4"
