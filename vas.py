@@ -15,6 +15,7 @@ normalised VPS and the rest walk a shuffled permutation of the data set (Algorit
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -39,40 +40,49 @@ def outcome_variance(pass_rates) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _clipped_matches(flat: np.ndarray, owner: np.ndarray, n: int, token_bits: int, owner_bits: int) -> np.ndarray:
-    """(N,) per response: sum over its distinct n-grams of min(own count, max count in any other).
+def _clipped_matches(flat: np.ndarray, owner: np.ndarray, n_resp: int, max_n: int, token_bits: int,
+                     owner_bits: int) -> np.ndarray:  # fmt: skip
+    """(max_n, N): per n and response, the sum over its distinct n-grams of
+    min(own count, max count in any OTHER response), i.e. NLTK's clipped match count.
 
     flat: (T,) all responses' token ids concatenated (each < 2**token_bits); owner: (T,) response
-    index (< 2**owner_bits). Each n-gram becomes one exact int64 (its token ids as bit fields, no
-    hashing) with its owner in the low bits; one sort groups equal (n-gram, owner) pairs and, within
-    an n-gram, its owners. The max over the OTHER responses is the n-gram's top-1 count, or its
-    top-2 for the one response credited with top-1.
+    index (< 2**owner_bits). Each n-gram becomes one exact int64 key (n | token ids as bit fields |
+    owner; no hashing), so ONE sort groups equal (n-gram, owner) pairs and, within an n-gram, its
+    owners. The max over the other responses is the n-gram's top-1 count, or its top-2 for the one
+    response credited with top-1.
     """
-    n_resp = int(owner[-1]) + 1 if len(owner) else 0
-    span = len(flat) - n + 1
-    if span <= 0:
-        return np.zeros(n_resp)
-    code = flat[:span].copy()
-    for k in range(1, n):
-        code = (code << token_bits) | flat[k : span + k]
-    valid = owner[:span] == owner[n - 1 :]  # n-grams must not straddle two responses
-    keys = np.sort((code[valid] << owner_bits) | owner[:span][valid])  # by n-gram, then owner
+    keys, valid = [], []
+    for n in range(1, max_n + 1):
+        span = len(flat) - n + 1
+        if span <= 0:
+            continue
+        code = flat[:span] | (n << (token_bits * max_n))  # n in the top bits keeps orders apart
+        for k in range(1, n):
+            code |= flat[k : span + k] << (token_bits * k)
+        code <<= owner_bits
+        code |= owner[:span]
+        keys.append(code)
+        valid.append(owner[:span] == owner[n - 1 :])  # n-grams must not straddle two responses
+    out = np.zeros((max_n, n_resp))
+    if not keys:
+        return out
+    keys = np.concatenate(keys).take(np.flatnonzero(np.concatenate(valid)))
     if len(keys) == 0:
-        return np.zeros(n_resp)
-    first = np.ones(len(keys), dtype=bool)
-    np.not_equal(keys[1:], keys[:-1], out=first[1:])
-    pair_start = np.flatnonzero(first)
-    counts = np.diff(pair_start, append=len(keys))  # occurrences of each (n-gram, owner)
+        return out
+    keys.sort()  # by (n, n-gram), then owner
+    boundary = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+    pair_start = np.concatenate(([0], boundary))
+    counts = np.empty(len(pair_start), dtype=np.int64)  # occurrences of each (n-gram, owner)
+    np.subtract(pair_start[1:], pair_start[:-1], out=counts[:-1])
+    counts[-1] = len(keys) - pair_start[-1]
     keys = keys[pair_start]
     gram = keys >> owner_bits
-    shared = np.zeros(len(gram) + 1, dtype=bool)  # n-grams held by one response clip to 0: drop them
-    np.equal(gram[1:], gram[:-1], out=shared[1:-1])
-    keep = shared[1:] | shared[:-1]
-    gram, counts, who = gram[keep], counts[keep], keys[keep] & ((1 << owner_bits) - 1)
-    if len(gram) == 0:
-        return np.zeros(n_resp)
-    new_gram = np.ones(len(gram), dtype=bool)
-    np.not_equal(gram[1:], gram[:-1], out=new_gram[1:])
+    same_as_next = gram[1:] == gram[:-1]
+    keep = np.flatnonzero(np.concatenate((same_as_next, [False])) | np.concatenate(([False], same_as_next)))
+    if len(keep) == 0:  # n-grams held by one response clip to 0: only shared ones matter
+        return out
+    gram, counts, who = gram.take(keep), counts.take(keep), keys.take(keep) & ((1 << owner_bits) - 1)
+    new_gram = np.concatenate(([True], gram[1:] != gram[:-1]))
     g_start = np.flatnonzero(new_gram)
     g_id = np.cumsum(new_gram) - 1
     top1 = np.maximum.reduceat(counts, g_start)[g_id]
@@ -80,7 +90,9 @@ def _clipped_matches(flat: np.ndarray, owner: np.ndarray, n: int, token_bits: in
     sole_top = is_top & (np.add.reduceat(is_top, g_start)[g_id] == 1)
     top2 = np.maximum.reduceat(np.where(is_top, 0, counts), g_start)[g_id]  # used only where sole_top
     max_other = np.where(sole_top, top2, top1)
-    return np.bincount(who, weights=np.minimum(counts, max_other), minlength=n_resp)
+    order = (gram >> (token_bits * max_n)) - 1  # n - 1
+    clipped = np.bincount(order * n_resp + who, weights=np.minimum(counts, max_other), minlength=max_n * n_resp)
+    return clipped.reshape(max_n, n_resp)
 
 
 def sentence_bleus(group: list[list[int]], max_n: int = 3) -> np.ndarray:
@@ -95,27 +107,22 @@ def sentence_bleus(group: list[list[int]], max_n: int = 3) -> np.ndarray:
     n_resp = len(group)
     if n_resp < 2:
         return np.zeros(n_resp)
-    arrays = [np.asarray(g, dtype=np.int64) for g in group]
-    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
-    flat = np.concatenate(arrays)
+    lengths = np.array([len(g) for g in group], dtype=np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(group), dtype=np.int64, count=int(lengths.sum()))
     owner = np.repeat(np.arange(n_resp, dtype=np.int64), lengths)
     owner_bits = max(1, (n_resp - 1).bit_length())
     token_bits = max(1, int(flat.max()).bit_length()) if len(flat) else 1
-    if token_bits * max_n + owner_bits > 62:  # codes would overflow: renumber the tokens densely
+    fits = lambda bits: bits * max_n + max_n.bit_length() + owner_bits <= 62  # noqa: E731
+    if not fits(token_bits):  # codes would overflow int64: renumber the tokens densely
         _, flat = np.unique(flat, return_inverse=True)
         token_bits = max(1, int(flat.max()).bit_length())
-        if token_bits * max_n + owner_bits > 62:
+        if not fits(token_bits):
             raise ValueError(f"{flat.max() + 1} distinct tokens do not fit exact {max_n}-gram codes in int64")
 
-    log_p = np.zeros((max_n, n_resp))
-    unigram_hits = np.zeros(n_resp)
-    for n in range(1, max_n + 1):
-        numerator = _clipped_matches(flat, owner, n, token_bits, owner_bits)
-        numerator = np.pad(numerator, (0, n_resp - len(numerator)))  # trailing empty responses
-        denominator = np.maximum(1, lengths - n + 1)
-        if n == 1:
-            unigram_hits = numerator
-        log_p[n - 1] = np.log(np.where(numerator == 0, EPSILON, numerator) / denominator)
+    numerator = _clipped_matches(flat, owner, n_resp, max_n, token_bits, owner_bits)  # (max_n, N)
+    denominator = np.maximum(1, lengths[None, :] - np.arange(max_n)[:, None])  # (max_n, N) n-gram counts
+    log_p = np.log(np.where(numerator == 0, EPSILON, numerator) / denominator)
+    unigram_hits = numerator[0]
 
     # brevity penalty: reference length closest to the hypothesis length, ties to the shorter
     others = np.broadcast_to(lengths, (n_resp, n_resp)).astype(np.float64).copy()
@@ -126,7 +133,7 @@ def sentence_bleus(group: list[list[int]], max_n: int = 3) -> np.ndarray:
         bp = np.where(lengths > closest, 1.0, np.exp(1.0 - closest / np.maximum(lengths, 1)))
     bp = np.where(lengths == 0, 0.0, bp)
 
-    scores = np.array([math.exp(math.fsum(log_p[:, i] / max_n)) for i in range(n_resp)]) * bp
+    scores = np.exp((log_p / max_n).sum(0)) * bp  # geometric mean of the n-gram precisions
     return np.where(unigram_hits == 0, 0.0, scores)
 
 
