@@ -444,6 +444,34 @@ def sft_batch(processor, rows: list[dict], min_pixels: int, max_pixels: int, max
     return inputs
 
 
+def rl_batch(processor, rows: list[dict], responses: list[list[int]], min_pixels: int, max_pixels: int,
+             instruction: str = "") -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+    """Model inputs for prompt + sampled response sequences, and the response-token mask.
+
+    rows[i] is the prompt of responses[i] (token ids). Returns right-padded (B, T) inputs with
+    the rows' pixel_values / image_grid_thw / mm_token_type_ids, and a (B, T-1) float mask that
+    is 1 where the TARGET token input_ids[:, 1:] is a response token (aligned with token_logprobs).
+    """
+    encoded = processor_inputs(processor, prompt_texts(processor, rows, instruction),
+                               [row_images(r, min_pixels, max_pixels) for r in rows])  # fmt: skip
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
+    length = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    pad = processor.tokenizer.pad_token_id
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), length), dtype=torch.float32)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[b, : len(p) + len(r)] = torch.tensor(p + list(r), dtype=torch.long)
+        attention_mask[b, : len(p) + len(r)] = 1
+        response_mask[b, len(p) : len(p) + len(r)] = 1
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    inputs["mm_token_type_ids"] = (input_ids == processor.image_token_id).long()  # 1 = image token
+    for key in ("pixel_values", "image_grid_thw"):
+        if key in encoded:
+            inputs[key] = encoded[key]
+    return inputs, response_mask[:, 1:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Data loading
 # ---------------------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ normalised VPS and the rest walk a shuffled permutation of the data set (Algorit
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -315,3 +317,179 @@ def rank_slice(batch: list[int], rank: int, world_size: int) -> list[int]:
         raise ValueError(f"global batch of {len(batch)} does not split over {world_size} ranks")
     per = len(batch) // world_size
     return batch[rank * per : (rank + 1) * per]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring prompts with fresh rollouts (grpo.py's refresh and the offline CLI share this)
+# ---------------------------------------------------------------------------------------------
+
+
+def rollout_scores(engine, rows: list[dict], indices: list[int], d, *, n: int, sampling, pool, alpha: float = 0.8,
+                   beta: float = 0.2, tds_kind: str = "self_bleu", prompts_per_call: int = 64,
+                   desc: str = "vas scoring") -> dict[str, np.ndarray]:  # fmt: skip
+    """Pass rate, OVS, TDS, VPS (each (len(indices),), in `indices` order) from n fresh rollouts.
+
+    Prompts are sharded over ranks (rank r takes indices[r::world]), generated in calls of
+    `prompts_per_call` prompts, scored with reward.compute_rewards (accuracy only), then
+    all-gathered, so every rank returns the full arrays. `sampling.seed` plus the call number
+    seeds each call, so a refresh is reproducible.
+    """
+    from tqdm import tqdm
+
+    import common
+    import reward
+
+    mine = list(indices[d.rank :: d.world_size])
+    per_rank = math.ceil(len(indices) / d.world_size)
+    padded = mine + [indices[0]] * (per_rank - len(mine))  # equal work on every rank (synced generation)
+    results = []
+    bar = tqdm(total=len(indices), disable=not d.master, desc=desc, leave=False)
+    for call, start in enumerate(range(0, per_rank, prompts_per_call)):
+        chunk = padded[start : start + prompts_per_call]
+        chunk_rows = [rows[i] for i in chunk]
+        call_sampling = type(sampling)(**{**sampling.__dict__, "seed": sampling.seed * 10_007 + call})
+        outs = engine.generate(chunk_rows, n, call_sampling)
+        scores = reward.compute_rewards(
+            [o.text for o in outs],
+            [chunk_rows[o.row]["answer"] for o in outs],
+            [chunk_rows[o.row].get("choices") for o in outs],
+            pool=pool,
+        )
+        groups: list[list[list[int]]] = [[] for _ in chunk]
+        accuracies: list[list[float]] = [[] for _ in chunk]
+        for o, s in zip(outs, scores):
+            groups[o.row].append(o.token_ids)
+            accuracies[o.row].append(s["accuracy"])
+        stats = score_prompts(groups, accuracies, alpha, beta, tds_kind)
+        for j, index in enumerate(chunk):
+            if start + j < len(mine):
+                results.append((index, *(float(stats[k][j]) for k in ("pass_rate", "ovs", "tds", "vps"))))
+        bar.update(len(chunk) * d.world_size)
+    bar.close()
+    gathered = {r[0]: r[1:] for r in common.all_gather_list(results, d)}
+    table = np.array([gathered[i] for i in indices]).reshape(len(indices), 4)
+    return {k: table[:, j] for j, k in enumerate(("pass_rate", "ovs", "tds", "vps"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 3: VPS histograms per refresh and bin-to-bin transition matrices
+# ---------------------------------------------------------------------------------------------
+
+
+def load_refreshes(run_dir: str | Path) -> list[dict]:
+    """The VPS refreshes a grpo.py --vas run wrote to <run>/vas/refresh-<step>.npz, by step."""
+    files = sorted(Path(run_dir, "vas").glob("refresh-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
+    return [{"step": int(p.stem.split("-")[1]), **dict(np.load(p))} for p in files]
+
+
+def transition_matrix(before: np.ndarray, after: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """(K, K) row-normalised share of prompts moving from VPS bin i (before) to bin j (after)."""
+    k = len(bins) - 1
+    a = np.clip(np.digitize(before, bins) - 1, 0, k - 1)
+    b = np.clip(np.digitize(after, bins) - 1, 0, k - 1)
+    counts = np.zeros((k, k))
+    np.add.at(counts, (a, b), 1)
+    return counts / np.maximum(counts.sum(1, keepdims=True), 1)
+
+
+def plot_refreshes(run_dir: str | Path, out: str | Path | None = None, n_bins: int = 5) -> Path:
+    """Draws the VPS histogram of each refresh and the transition matrices between consecutive
+    refreshes into one PNG (default <run>/vas/vps_dynamics.png); returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    refreshes = load_refreshes(run_dir)
+    if not refreshes:
+        raise SystemExit(f"no VPS refreshes in {Path(run_dir) / 'vas'} (run grpo.py --vas first)")
+    all_vps = np.concatenate([r["vps"] for r in refreshes])
+    bins = np.linspace(all_vps.min(), all_vps.max() + 1e-9, n_bins + 1)
+    cols = len(refreshes)
+    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 6.4), squeeze=False)
+    for i, r in enumerate(refreshes):
+        axes[0, i].hist(r["vps"], bins=20, color="tab:blue")
+        axes[0, i].set_title(f"VPS at step {r['step']}")
+        if i + 1 < cols:
+            m = transition_matrix(r["vps"], refreshes[i + 1]["vps"], bins)
+            axes[1, i].imshow(m, vmin=0, vmax=1, cmap="viridis")
+            axes[1, i].set_title(f"bins {r['step']} -> {refreshes[i + 1]['step']}")
+            for (a, b), v in np.ndenumerate(m):
+                axes[1, i].text(b, a, f"{v:.2f}", ha="center", va="center", color="w", fontsize=7)
+            axes[1, i].set_xlabel("bin after")
+            axes[1, i].set_ylabel("bin before")
+        else:
+            axes[1, i].axis("off")
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "vas" / "vps_dynamics.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Variance-Aware Sampling: offline scoring and plots.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    score = sub.add_parser("score", help="score every prompt of a data set (pass rate, OVS, TDS, VPS)")
+    score.add_argument("--model", default="runs/toy-sft/final", help="hub id or local folder of the policy")
+    score.add_argument("--data", default="data/toy/rl@train", help="RL rows: hub id, file, folder, name@split")
+    score.add_argument("--out", default="vps.parquet", help="output parquet: id, index, pass_rate, ovs, tds, vps")
+    score.add_argument("--rollouts", type=int, default=16, help="responses sampled per prompt (N)")
+    score.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
+    score.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    score.add_argument("--max-new-tokens", type=int, default=64, help="response length limit (paper: 4096)")
+    score.add_argument("--alpha", type=float, default=0.8, help="weight of OVS in VPS")
+    score.add_argument("--beta", type=float, default=0.2, help="weight of TDS in VPS")
+    score.add_argument(
+        "--tds", default="self_bleu", choices=["self_bleu", "distinct", "edit"], help="diversity measure"
+    )
+    score.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"], help="generation engine")
+    score.add_argument("--limit", type=int, default=0, help="score only the first N prompts (0 = all)")
+    score.add_argument("--prompts-per-call", type=int, default=64, help="prompts per generation call")
+    score.add_argument("--min-pixels", type=int, default=3136, help="images resized to at least this many pixels")
+    score.add_argument("--max-pixels", type=int, default=50176, help="images resized to at most this many pixels")
+    score.add_argument("--reward-workers", type=int, default=2, help="reward scoring processes per rank")
+    score.add_argument("--seed", type=int, default=0, help="sampling seed")
+    score.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows")
+    plot = sub.add_parser("plot", help="draw VPS histograms and transition matrices of a grpo.py --vas run")
+    plot.add_argument("run_dir", help="the run's --output-dir")
+    plot.add_argument("--out", default=None, help="PNG path (default <run>/vas/vps_dynamics.png)")
+    plot.add_argument("--bins", type=int, default=5, help="VPS bins of the transition matrices")
+    args = parser.parse_args(argv)
+    if args.command == "plot":
+        print(f"wrote {plot_refreshes(args.run_dir, args.out, args.bins)}")
+        return
+    import common
+    import reward
+    import rollout
+
+    d = common.setup_distributed(args.seed)
+    rows = common.load_rows(args.data, "rl", "train", args.skip_bad_rows, args.limit)
+    processor = common.load_processor(args.model, args.min_pixels, args.max_pixels)
+    model = None if args.engine == "vllm" else common.shard_model(common.load_model(args.model, d.device), d)
+    engine = rollout.make_engine(args.engine, model, processor, d, model_path=args.model,
+                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels)  # fmt: skip
+    sampling = rollout.Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    with reward.RewardPool(args.reward_workers) as pool:
+        scores = rollout_scores(engine, rows, list(range(len(rows))), d, n=args.rollouts, sampling=sampling,
+                                pool=pool, alpha=args.alpha, beta=args.beta, tds_kind=args.tds,
+                                prompts_per_call=args.prompts_per_call)  # fmt: skip
+    if d.master:
+        import datasets
+
+        table = {"id": [str(r.get("id", i)) for i, r in enumerate(rows)], "index": list(range(len(rows)))}
+        table.update({k: v.tolist() for k, v in scores.items()})
+        datasets.Dataset.from_dict(table).to_parquet(args.out)
+        zero = float(np.mean(scores["ovs"] == 0))
+        print(f"{len(rows)} prompts: mean pass rate {scores['pass_rate'].mean():.3f}, "
+              f"zero-variance share {zero:.3f}, mean VPS {scores['vps'].mean():.4f} -> {args.out}")  # fmt: skip
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
