@@ -199,6 +199,11 @@ def shard_model(model, d: Dist):
         fully_shard(layer)
     fully_shard(model.model.visual)  # patch embed + merger: a unit of its own, callable by itself
     fully_shard(model, reshard_after_forward=False)  # root: lm_head stays gathered for the chunked log-probs
+    # FSDP2 initialises lazily on the first forward through the ROOT; generation can reach the
+    # vision tower by itself first, so run one tiny text-only forward now.
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=d.device), use_cache=False, logits_to_keep=1)
+    model.reshard()
     return model
 
 

@@ -120,8 +120,8 @@ class HFEngine:
     def sleep(self) -> None:
         """Nothing to free: the HF engine holds no memory of its own."""
 
-    def wake(self) -> None:
-        """Nothing to retake."""
+    def wake(self, model=None) -> None:
+        """Nothing to retake or load: the HF engine is the training model."""
 
 
 class VLLMEngine:
