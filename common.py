@@ -57,6 +57,9 @@ def parse_config(cls: type, presets: dict[str, dict[str, Any]] | None = None, ar
         if preset not in presets:
             parser.error(f"unknown --preset {preset!r}; choose from {sorted(presets)}")
         explicit = {a.split("=")[0] for a in (argv if argv is not None else __import__("sys").argv[1:])}
+        unknown = set(presets[preset]) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"preset {preset!r} sets unknown fields {sorted(unknown)}")
         for name, value in presets[preset].items():
             if "--" + name.replace("_", "-") not in explicit:
                 setattr(config, name, value)

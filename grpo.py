@@ -45,7 +45,7 @@ class GRPOConfig:
     episodes: float = field(1.0, "passes over the prompts when --max-steps is 0")
     train_limit: int = field(0, "use only the first N training prompts (0 = all; the toy uses 512)")
     rollout_batch_size: int = field(16, "prompts per step, all ranks together (paper: 512)")
-    n: int = field(8, "responses sampled per prompt (the GRPO group size)")
+    group_size: int = field(8, "n: responses sampled per prompt (the GRPO group)")
     temperature: float = field(0.6, "rollout sampling temperature")
     top_p: float = field(1.0, "rollout nucleus sampling")
     max_prompt_length: int = field(2048, "prompt token limit (vLLM context = prompt + response)")
@@ -97,7 +97,7 @@ PRESETS = {
         max_steps=0,
         episodes=10.0,
         rollout_batch_size=512,
-        n=8,
+        group_size=8,
         temperature=0.6,
         top_p=1.0,
         max_prompt_length=2048,
@@ -308,7 +308,7 @@ def main() -> None:
     if d.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        print(f"[grpo] {len(rows)} prompts, {total_steps} steps x {cfg.rollout_batch_size} prompts x {cfg.n} "
+        print(f"[grpo] {len(rows)} prompts, {total_steps} steps x {cfg.rollout_batch_size} prompts x {cfg.group_size} "
               f"responses, {d.world_size} rank(s), engine {type(engine).__name__}, vas={cfg.vas}")  # fmt: skip
     pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
 
@@ -365,7 +365,7 @@ def main() -> None:
         sampling = rollout.Sampling(
             cfg.temperature, cfg.top_p, cfg.max_response_length, seed=cfg.seed * 1_000_003 + step + 1
         )
-        outs = engine.generate(local_rows, cfg.n, sampling)
+        outs = engine.generate(local_rows, cfg.group_size, sampling)
         engine.sleep()
         metrics["time/rollout_s"] = time.time() - t0
 
@@ -379,7 +379,7 @@ def main() -> None:
         rewards = torch.tensor([s["overall"] for s in scores])
 
         # --- advantages: group-normalised, zero-variance groups give 0 ---
-        advantages, zero_var = group_advantages(rewards, cfg.n, cfg.adv_eps)
+        advantages, zero_var = group_advantages(rewards, cfg.group_size, cfg.adv_eps)
 
         # --- sequences, old and reference log-probs ---
         t0 = time.time()
@@ -430,9 +430,9 @@ def main() -> None:
         sums = common.all_reduce_sum(
             torch.tensor([
                 rewards.sum(), sum(s["accuracy"] for s in scores), sum(s["format"] for s in scores),
-                rewards.view(-1, cfg.n).std(1).nan_to_num(0).sum() if cfg.n > 1 else 0.0,
+                rewards.view(-1, cfg.group_size).std(1).nan_to_num(0).sum() if cfg.group_size > 1 else 0.0,
                 sum(len(o.token_ids) for o in outs), sum(o.finish_reason == "length" for o in outs),
-                zero_var.float().sum(), n_local, n_local / cfg.n,
+                zero_var.float().sum(), n_local, n_local / cfg.group_size,
             ], dtype=torch.float64),
             d.device,
         ).tolist()  # fmt: skip

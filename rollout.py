@@ -46,6 +46,16 @@ def make_engine(kind: str, model, processor, d: common.Dist, **kwargs):
     return HFEngine(model, processor, d, **kwargs)
 
 
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def forbidden_token_ids(tokenizer) -> list[int]:
+    """Vision placeholder ids a response must never contain: a sampled <|image_pad|> would make
+    the training forward expect an image that is not there."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
 def _vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
@@ -65,6 +75,7 @@ class HFEngine:
         self.batch_size, self.instruction = batch_size, instruction
         self.end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = processor.tokenizer.pad_token_id
+        self.forbidden = forbidden_token_ids(processor.tokenizer)
 
     @torch.no_grad()
     def generate(self, rows: list[dict], n: int, sampling: Sampling) -> list[Rollout]:
@@ -102,6 +113,7 @@ class HFEngine:
             pad_token_id=self.pad_id,
             use_cache=True,
             synced_gpus=self.d.enabled,
+            suppress_tokens=self.forbidden,
         )
         responses = generated[:, inputs["input_ids"].shape[1] :].tolist()
         out = []
@@ -152,6 +164,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
         )
         self.end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.forbidden = forbidden_token_ids(processor.tokenizer)
 
     def generate(self, rows: list[dict], n: int, sampling: Sampling) -> list[Rollout]:
         from vllm import SamplingParams
@@ -170,6 +183,7 @@ class VLLMEngine:
             max_tokens=sampling.max_new_tokens,
             seed=sampling.seed * 1_000_003 + self.d.rank,
             stop_token_ids=[self.end_id],
+            logit_bias={i: -100.0 for i in self.forbidden},
         )
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         rollouts = []

@@ -1,0 +1,176 @@
+"""grpo.py: the GRPO math on hand-made tensors, gradient aggregation, and end-to-end toy runs."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import grpo
+from conftest import run_script
+
+
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([2.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # two groups of 4
+    adv, zero_var = grpo.group_advantages(rewards, n=4, eps=0.0)
+    std = math.sqrt(((1.0) ** 2 + 0 + 1.0 + 0) / 3)  # unbiased std of [2, 1, 0, 1], mean 1
+    assert torch.allclose(adv[:4], torch.tensor([1 / std, 0.0, -1 / std, 0.0]))
+    assert torch.equal(adv[4:], torch.zeros(4))  # zero-variance group: no signal
+    assert zero_var.tolist() == [False, True]
+    adv, zero_var = grpo.group_advantages(torch.tensor([0.0, 0.0, 2.0, 2.0]), n=2)
+    assert torch.equal(adv, torch.zeros(4)) and zero_var.all()
+    adv, _ = grpo.group_advantages(torch.tensor([1.0, 0.0]), n=2, eps=1e-6)
+    assert torch.allclose(adv, torch.tensor([0.5, -0.5]) / (math.sqrt(0.5) + 1e-6))  # mean 0.5, std sqrt(0.5)
+
+
+def test_k3_kl_value_and_sign():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    ref = torch.tensor([-1.0, -1.0, -3.0])
+    d = ref - logp
+    assert torch.allclose(grpo.k3_kl(logp, ref), torch.exp(d) - d - 1)
+    assert grpo.k3_kl(logp, ref)[0] == 0 and (grpo.k3_kl(logp, ref) >= 0).all()
+    assert torch.isclose(grpo.k3_kl(torch.tensor(0.0), torch.tensor(math.log(2.0))), torch.tensor(1 - math.log(2.0)))
+    # mean of k3 under samples from pi estimates KL(pi || ref)
+    torch.manual_seed(0)
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    x = torch.multinomial(p, 200_000, replacement=True)
+    estimate = grpo.k3_kl(p.log()[x], q.log()[x]).mean()
+    assert abs(estimate - (p * (p / q).log()).sum()) < 0.01
+
+
+def test_clipped_surrogate_and_clip_fraction():
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[0.5, 1.1, 1.5, 0.9]]))  # ratios 0.5, 1.1, 1.5, 0.9
+    loss, clipped = grpo.clipped_surrogate(logp, old, torch.tensor([[1.0]]), 0.2, 0.2)
+    # A > 0: min(r, clip(r)) objective -> loss -min(...); clipped above 1.2 only
+    assert torch.allclose(loss, torch.tensor([[-0.5, -1.1, -1.2, -0.9]]))
+    assert clipped.tolist() == [[False, False, True, False]]
+    loss, clipped = grpo.clipped_surrogate(logp, old, torch.tensor([[-2.0]]), 0.1, 0.3)
+    # A < 0: loss = max(2r, 2 clip(r, 0.9, 1.3)); clipped below 0.9 only
+    assert torch.allclose(loss, torch.tensor([[1.8, 2.2, 3.0, 1.8]]))
+    assert clipped.tolist() == [[True, False, False, False]]
+
+
+def test_token_mean_over_ranks_equals_single_process(toy_model):
+    """Two 'ranks' with unequal token counts, each scaling its loss by world / global tokens and
+    FSDP averaging their gradients, give exactly the single-process full-batch gradient."""
+    model, processor = toy_model
+    rows = [{"problem": "<image>How many red squares are there?", "images": [__import__("data.toy").toy.draw_grid(["red"] * 4)],
+             "answer": "4"}] * 4  # fmt: skip
+    responses = [[5, 6, 7], [8, 9], [5, 6, 7, 8, 9, 10], [11]]
+    cfg = grpo.GRPOConfig(kl_coef=0.0)
+    adv = torch.tensor([1.0, -0.5, 0.3, -2.0])
+
+    def micro(idx):
+        inputs, mask = common.rl_batch(processor, [rows[i] for i in idx], [responses[i] for i in idx], 3136, 50176)
+        return {"inputs": inputs, "response_mask": mask, "advantages": adv[idx]}
+
+    def grads_of(parts, world):
+        model.zero_grad()
+        total = sum(float(p["response_mask"].sum()) for ps in parts for p in ps)
+        for ps in parts:  # each rank: its own micro-batches, loss scaled by world / global tokens
+            for p in ps:
+                logp, _ = common.token_logprobs(model, p["inputs"])
+                pg, _ = grpo.clipped_surrogate(logp, logp.detach(), p["advantages"][:, None], 0.2, 0.2)
+                ((pg * p["response_mask"]).sum() * world / total).backward()
+        g = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None]) / world  # FSDP mean
+        model.zero_grad()
+        return g
+
+    single = grads_of([[micro([0, 1, 2, 3])]], world=1)
+    two_ranks = grads_of([[micro([0]), micro([1])], [micro([2, 3])]], world=2)
+    assert torch.allclose(single, two_ranks, atol=1e-6)
+    # and the loss helper itself (one process) matches the hand-written aggregation
+    model.zero_grad()
+    d = common.Dist(0, 1, 0, torch.device("cpu"))
+    grpo.grpo_loss(model, [micro([0, 1]), micro([2, 3])], cfg, d)
+    helper = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None])
+    model.zero_grad()
+    assert torch.allclose(helper, single, atol=1e-6)
+
+
+def test_rl_batch_masks_exactly_the_response(toy_model):
+    _, processor = toy_model
+    from data import toy
+
+    rows = [
+        {"problem": "<image>Q?", "images": [toy.draw_grid(["red"] * 4)]},
+        {"problem": "Longer question here?", "images": []},
+    ]
+    inputs, mask = common.rl_batch(processor, rows, [[3, 4, 5], [6]], 3136, 50176)
+    for b, resp in enumerate([[3, 4, 5], [6]]):
+        targets = inputs["input_ids"][b, 1:]
+        assert targets[mask[b].bool()].tolist() == resp
+        assert inputs["attention_mask"][b].sum() == mask[b].sum() + (inputs["attention_mask"][b].sum() - len(resp))
+    assert int(inputs["mm_token_type_ids"].sum()) == 16 and inputs["image_grid_thw"].shape == (1, 3)
+
+
+def test_paper_preset_is_table_6():
+    cfg = common.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--preset", "paper", "--model", "m", "--data", "d"])
+    expected = dict(lr=1e-6, kl_coef=0.01, clip_low=0.2, clip_high=0.2, max_grad_norm=1.0, group_size=8, temperature=0.6,
+                    top_p=1.0, max_prompt_length=2048, max_response_length=4096, rollout_batch_size=512,
+                    micro_batch_size=8, episodes=10.0, weight_decay=0.01, vas_mix_ratio=0.5, vas_alpha=0.8,
+                    vas_beta=0.2, vas_update_every=56, vas_rollouts=16, min_pixels=7056, max_pixels=1048576,
+                    gpu_memory_utilization=0.75, val_temperature=0.5)  # fmt: skip
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    explicit = common.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--preset", "paper", "--lr", "3e-6"])
+    assert explicit.lr == 3e-6 and explicit.kl_coef == 0.01
+    fields = {f.name for f in dataclasses.fields(grpo.GRPOConfig)}
+    assert {"vas", "vas_online", "vas_mix_ratio", "vas_alpha", "vas_beta", "vas_update_every", "vas_rollouts",
+            "vas_tds", "engine", "resume", "seed", "val_data", "output_dir", "max_steps"} <= fields  # fmt: skip
+
+
+def grpo_args(toy_dir, out, steps, *extra):
+    data = toy_dir / "data" / "rl"
+    return ["grpo.py", "--model", str(toy_dir / "model"), "--data", f"{data}@train", "--val-data", f"{data}@val",
+            "--output-dir", str(out), "--max-steps", str(steps), "--train-limit", "16", "--rollout-batch-size", "4",
+            "--group-size", "4", "--max-response-length", "12", "--val-limit", "8", "--val-every", "2", "--vas-rollouts", "2",
+            "--vas-update-every", "2", "--reward-workers", "1", "--lr", "1e-3", *extra]  # fmt: skip
+
+
+def metrics(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("vas_flags", [[], ["--vas", "--vas-online"]])
+def test_grpo_script_logs_every_metric(toy_dir, tmp_path, vas_flags):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    run_script(grpo_args(toy_dir, tmp_path / "run", 2, *vas_flags))
+    lines = metrics(tmp_path / "run")
+    assert [r["step"] for r in lines] == [1, 2]
+    seen = set().union(*lines)
+    assert set(grpo.METRICS) <= seen
+    assert all(math.isfinite(v) for r in lines for v in r.values())
+    assert lines[0]["vas/weighted_frac"] == (0.5 if vas_flags else 0.0)
+    if vas_flags:
+        assert (tmp_path / "run" / "vas" / "refresh-0.npz").exists()
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "run" / "final")
+
+
+def test_grpo_torchrun_two_ranks_with_vas(toy_dir, tmp_path):
+    run_script(grpo_args(toy_dir, tmp_path / "run", 2, "--vas"), torchrun=2)
+    lines = metrics(tmp_path / "run")
+    assert [r["step"] for r in lines] == [1, 2] and set(grpo.METRICS) <= set().union(*lines)
+
+
+def test_grpo_stop_and_resume_equals_uninterrupted(toy_dir, tmp_path):
+    run_script(grpo_args(toy_dir, tmp_path / "full", 4, "--vas", "--save-every", "2"))
+    run_script(grpo_args(toy_dir, tmp_path / "cut", 4, "--vas", "--save-every", "2", "--stop-after", "2"))
+    assert not (tmp_path / "cut" / "final").exists()
+    run_script(grpo_args(toy_dir, tmp_path / "cut", 4, "--vas", "--save-every", "2", "--resume"))
+    full, cut = (
+        load_file(str(tmp_path / "full" / "final" / "model.safetensors")),
+        load_file(str(tmp_path / "cut" / "final" / "model.safetensors")),
+    )
+    for name in full:
+        assert torch.allclose(full[name], cut[name], atol=1e-6), name
+    s_full = torch.load(tmp_path / "full" / "final" / "trainer_state.pt", weights_only=False)["sampler"]
+    s_cut = torch.load(tmp_path / "cut" / "final" / "trainer_state.pt", weights_only=False)["sampler"]
+    assert s_full["perm"] == s_cut["perm"] and s_full["pos"] == s_cut["pos"] and s_full["weights"] == s_cut["weights"]
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
+    for key in ("reward/overall", "rollout/response_len", "train/loss"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], abs=1e-6), key
