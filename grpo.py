@@ -51,8 +51,8 @@ class GRPOConfig:
     max_prompt_length: int = field(2048, "prompt token limit (vLLM context = prompt + response)")
     max_response_length: int = field(64, "response token limit (paper: 4096)")
     micro_batch_size: int = field(32, "sequences per forward/backward on one rank")
-    updates_per_batch: int = field(1, "optimizer steps per rollout batch (> 1 recomputes old log-probs)")
-    lr: float = field(2e-5, "AdamW learning rate, constant (paper: 1e-6)")
+    updates_per_batch: int = field(2, "optimizer steps per rollout batch (> 1 recomputes old log-probs; paper: 1)")
+    lr: float = field(1e-4, "AdamW learning rate, constant (paper: 1e-6)")
     weight_decay: float = field(0.01, "AdamW weight decay")
     max_grad_norm: float = field(1.0, "gradient clipping norm")
     clip_low: float = field(0.2, "PPO clip: ratio >= 1 - clip_low")
@@ -349,6 +349,9 @@ def main() -> None:
         if d.master:
             print(f"[grpo] initial VPS of {len(rows)} prompts in {initial_vas_s:.0f}s: mean pass rate "
                   f"{scores['pass_rate'].mean():.3f}, zero-variance share {np.mean(scores['ovs'] == 0):.3f}")  # fmt: skip
+
+    if val_rows and cfg.val_every and start_step == 0:  # the starting point of the val curve
+        logger.log(0, {"val/accuracy": validate(engine, val_rows, cfg, d, pool, 0)})
 
     # --- training loop ---
     model.train()

@@ -1,0 +1,170 @@
+"""eval.py: each benchmark's rule on hand-made rows, and an end-to-end run on local files."""
+
+import io
+import json
+
+import pytest
+
+import eval as evaluation
+from conftest import run_script
+from data import toy
+
+
+def boxed(answer: str) -> str:
+    return f"<think>working</think><answer>\\boxed{{{answer}}}</answer>"
+
+
+MATHVERSE = [
+    ("B", {"answer": "B", "question_type": "multi-choice"}, True),
+    ("(B)", {"answer": "B", "question_type": "multi-choice"}, True),
+    ("B: 40°", {"answer": "B", "question_type": "multi-choice"}, True),
+    ("C", {"answer": "B", "question_type": "multi-choice"}, False),
+    ("40", {"answer": "B", "question_type": "multi-choice"}, False),
+    ("2\\sqrt{3}", {"answer": "2\\sqrt{3}", "question_type": "free-form"}, True),
+    ("\\sqrt{12}", {"answer": "2\\sqrt{3}", "question_type": "free-form"}, True),
+    ("145°", {"answer": "145", "question_type": "free-form"}, True),
+    ("0.5", {"answer": "\\frac{1}{2}", "question_type": "free-form"}, True),
+    ("1.25", {"answer": "1.2", "question_type": "free-form"}, False),
+    ("12", {"answer": "13", "question_type": "free-form"}, False),
+]
+
+MATHVISTA = [
+    ("B", {"answer": "4", "question_type": "multi_choice", "choices": ["3", "4", "5"], "answer_type": "text"}, True),
+    ("4", {"answer": "4", "question_type": "multi_choice", "choices": ["3", "4", "5"], "answer_type": "text"}, True),
+    ("A", {"answer": "4", "question_type": "multi_choice", "choices": ["3", "4", "5"], "answer_type": "text"}, False),
+    (
+        "(C) yes",
+        {"answer": "yes", "question_type": "multi_choice", "choices": ["no", "maybe", "yes"], "answer_type": "text"},
+        True,
+    ),
+    (
+        "the square is larger",
+        {"answer": "larger", "question_type": "multi_choice", "choices": ["smaller", "larger"], "answer_type": "text"},
+        True,
+    ),
+    ("7", {"answer": "7", "question_type": "free_form", "answer_type": "integer"}, True),
+    ("7.0", {"answer": "7", "question_type": "free_form", "answer_type": "integer"}, True),
+    ("8", {"answer": "7", "question_type": "free_form", "answer_type": "integer"}, False),
+    ("1.46", {"answer": "1.5", "question_type": "free_form", "answer_type": "float", "precision": 1.0}, True),
+    ("1.44", {"answer": "1.5", "question_type": "free_form", "answer_type": "float", "precision": 1.0}, False),
+    ("3.142", {"answer": "3.14", "question_type": "free_form", "answer_type": "float", "precision": 2.0}, True),
+    ("[1, 2, 3]", {"answer": "[1,2,3]", "question_type": "free_form", "answer_type": "list"}, True),
+    ("[1, 2]", {"answer": "[1,2,3]", "question_type": "free_form", "answer_type": "list"}, False),
+]
+
+MATHVISION = [
+    ("A", {"answer": "A", "options": ["1", "2", "3", "4", "5"]}, True),
+    ("(A)", {"answer": "A", "options": ["1", "2", "3", "4", "5"]}, True),
+    ("1", {"answer": "A", "options": ["1", "2", "3", "4", "5"]}, True),  # option text for the gold letter
+    ("2", {"answer": "A", "options": ["1", "2", "3", "4", "5"]}, False),
+    ("E", {"answer": "A", "options": ["1", "2", "3", "4", "5"]}, False),
+    ("\\frac{1}{2}", {"answer": "C", "options": ["1", "2", "\\frac{1}{2}", "4", "5"]}, True),
+    ("0.5", {"answer": "C", "options": ["1", "2", "\\frac{1}{2}", "4", "5"]}, True),
+    ("7", {"answer": "7", "options": []}, True),
+    ("\\frac{3}{4}", {"answer": "0.75", "options": []}, True),
+    ("2\\pi", {"answer": "2\\pi", "options": []}, True),
+    ("3\\pi", {"answer": "2\\pi", "options": []}, False),
+]
+
+LOGICVISTA = [
+    ("A", {"answer": "A"}, True),
+    ("(A)", {"answer": "A"}, True),
+    ("B", {"answer": "A"}, False),
+    ("A, C", {"answer": "A, C"}, True),
+    ("C, A", {"answer": "A, C"}, True),
+    ("AC", {"answer": "A, C"}, True),
+    ("(A) and (C)", {"answer": "A, C"}, True),
+    ("A", {"answer": "A, C"}, False),
+    ("A, B, C", {"answer": "A, C"}, False),
+    ("D", {"answer": "D"}, True),
+    ("", {"answer": "D"}, False),
+]
+
+CHARTQA = [
+    ("23", {"answer": "23"}, True),
+    ("24", {"answer": "23"}, True),  # within 5%
+    ("25", {"answer": "23"}, False),
+    ("0", {"answer": "0"}, True),  # target 0: exact match
+    ("0.01", {"answer": "0"}, False),
+    ("45%", {"answer": "0.45"}, True),
+    ("45%", {"answer": "45%"}, True),
+    ("1,000", {"answer": "1000"}, True),
+    ("Yes", {"answer": "yes"}, True),
+    ("United States", {"answer": "united states"}, True),
+    ("Canada", {"answer": "united states"}, False),
+]
+
+TABLE = [("mathverse", MATHVERSE), ("mathvista", MATHVISTA), ("mathvision", MATHVISION), ("logicvista", LOGICVISTA),
+         ("chartqa", CHARTQA)]  # fmt: skip
+
+
+@pytest.mark.parametrize("benchmark, cases", TABLE)
+def test_benchmark_rules(benchmark, cases):
+    assert len(cases) >= 10
+    for pred, row, expected in cases:
+        assert evaluation.score_answer(benchmark, boxed(pred), row) is expected, (pred, row)
+
+
+def test_rules_without_an_answer_and_the_toy_rule():
+    assert evaluation.score_answer("chartqa", "no box here", {"answer": "3"}) is False
+    assert evaluation.score_answer("toy", boxed("B"), {"answer": "B", "choices": ["a", "b"]})
+    assert evaluation.score_answer("toy", boxed("b"), {"answer": "B", "choices": ["a", "b"]})
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        evaluation.score_answer("mmmu", boxed("A"), {"answer": "A"})
+
+
+def test_most_similar_option():
+    assert evaluation.most_similar_option("larger one", ["smaller", "larger"]) == 1
+    assert evaluation.chosen_option("B", ["x", "y"]) == 1 and evaluation.chosen_option("y", ["x", "y"]) == 1
+    assert evaluation.most_similar_option("", ["x"]) is None
+
+
+def png(colours=("red", "blue", "green", "yellow")) -> dict:
+    buffer = io.BytesIO()
+    toy.draw_grid(list(colours)).save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def local_benchmarks(tmp_path) -> str:
+    """Tiny files in each benchmark's real column layout (one malformed MathVista row)."""
+    import datasets
+
+    files = {
+        "mathverse": [{"sample_index": str(i), "question": "How many red squares?", "image": png(), "answer": "1",
+                       "question_type": "free-form", "problem_version": v} for i, v in enumerate(["Text Lite", "Vision Only"])],
+        "mathvista": [{"pid": "1", "question": "Which colour is top-left?", "decoded_image": png(), "choices": ["red", "blue"],
+                       "answer": "red", "question_type": "multi_choice", "answer_type": "text", "precision": None},
+                      {"pid": "2", "question": "Count?", "decoded_image": png(), "choices": None, "answer": "3",
+                       "question_type": "free_form", "answer_type": "integer", "precision": None},
+                      {"pid": "3", "question": "Broken", "decoded_image": None, "choices": None, "answer": "3",
+                       "question_type": "free_form", "answer_type": "integer", "precision": None}],
+        "mathvision": [{"id": "1", "question": "Pick", "options": ["1", "2", "3", "4", "5"], "decoded_image": png(),
+                        "answer": "A"}],
+        "logicvista": [{"question": "Which?", "image": png(), "answer": "A, C"}],
+        "chartqa": [{"question": "Value?", "image": png(), "answer": "12", "type": "human_test"},
+                    {"question": "Value?", "image": png(), "answer": "0", "type": "augmented_test"}],
+    }  # fmt: skip
+    specs = []
+    for name, rows in files.items():
+        path = tmp_path / f"{name}.parquet"
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+        specs.append(f"{name}={path}")
+    return ",".join(specs)
+
+
+def test_eval_end_to_end_on_local_files(toy_dir, tmp_path):
+    overrides = local_benchmarks(tmp_path)
+    out = run_script(["eval.py", "--model", str(toy_dir / "model"), "--bench-data", overrides, "--engine", "hf",
+                      "--max-new-tokens", "8", "--min-pixels", "3136", "--max-pixels", "50176",
+                      "--output-dir", str(tmp_path / "eval")])  # fmt: skip
+    assert "skipped malformed mathvista row 2 (id=3): no image" in out.stdout
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    (model_results,) = results.values()
+    assert set(model_results) == {"mathverse", "mathvista", "mathvision", "logicvista", "chartqa"}
+    assert model_results["mathvista"]["n"] == 2 and model_results["mathvista"]["skipped"] == 1
+    assert set(model_results["mathverse"]["groups"]) == {"Text Lite", "Vision Only"}
+    assert set(model_results["chartqa"]["groups"]) == {"human_test", "augmented_test"}
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "MMR1-7B (paper) | 55.4 | 72.0 | 31.8 | 48.9 | 83.7 | 58.4" in table
+    lines = [json.loads(x) for x in (tmp_path / "eval" / "model" / "chartqa.jsonl").read_text().splitlines()]
+    assert [set(r) >= {"id", "response", "extracted", "gold", "correct"} for r in lines] == [True, True]
