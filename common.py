@@ -253,16 +253,14 @@ def _chunk_logprobs(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.T
     return logp, ent
 
 
-def token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 1024, entropy: bool = False):
-    """Log-probs (B, T-1) in fp32 of input_ids[:, 1:] given the prefix, and entropies (B, T-1).
+def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
+                         entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Log-probs (B, T) in fp32 of `targets` (B, T) under logits = hidden (B, T, H) @ weight.T (V, H).
 
     lm_head + logsumexp run over chunks of `chunk_size` positions, each under activation
-    checkpointing, so peak memory grows with chunk_size x vocab instead of T x vocab, forward and
-    backward. Entropies are zeros unless entropy=True (they carry no gradient).
+    checkpointing, so peak memory grows with chunk_size x V instead of T x V, forward and
+    backward. Entropies (B, T) are zeros unless entropy=True (they carry no gradient).
     """
-    hidden = hidden_states(model, inputs)[:, :-1]
-    targets = inputs["input_ids"][:, 1:]
-    weight = model.lm_head.weight
     logps, ents = [], []
     for s in range(0, hidden.shape[1], chunk_size):
         h, t = hidden[:, s : s + chunk_size], targets[:, s : s + chunk_size]
@@ -273,6 +271,16 @@ def token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 102
         logps.append(lp)
         ents.append(ent.detach())
     return torch.cat(logps, 1), torch.cat(ents, 1)
+
+
+def token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 1024, entropy: bool = False):
+    """Log-probs (B, T-1) in fp32 of input_ids[:, 1:] given the prefix, and entropies (B, T-1).
+
+    The decoder runs once to hidden states; the vocabulary projection is chunked (see
+    logprobs_from_hidden), so the full (T, V) log-softmax never exists.
+    """
+    hidden = hidden_states(model, inputs)[:, :-1]
+    return logprobs_from_hidden(hidden, model.lm_head.weight, inputs["input_ids"][:, 1:], chunk_size, entropy)
 
 
 # ---------------------------------------------------------------------------------------------
