@@ -53,25 +53,30 @@ def _clipped_matches(flat: np.ndarray, owner: np.ndarray, n_resp: int, max_n: in
     owners. The max over the other responses is the n-gram's top-1 count, or its top-2 for the one
     response credited with top-1.
     """
-    keys, valid = [], []
+    order_shift = token_bits * max_n  # the n-gram order n sits above the token fields
+    keys, n_straddling = [], 0
     for n in range(1, max_n + 1):
         span = len(flat) - n + 1
         if span <= 0:
             continue
-        code = flat[:span] | (n << (token_bits * max_n))  # n in the top bits keeps orders apart
+        code = flat[:span] | (n << order_shift)
         for k in range(1, n):
             code |= flat[k : span + k] << (token_bits * k)
+        # n-grams straddling two responses get order 0: they sort first and are cut off below
+        straddling = np.flatnonzero(owner[:span] != owner[n - 1 :])
+        code[straddling] &= (1 << order_shift) - 1
+        n_straddling += len(straddling)
         code <<= owner_bits
         code |= owner[:span]
         keys.append(code)
-        valid.append(owner[:span] == owner[n - 1 :])  # n-grams must not straddle two responses
     out = np.zeros((max_n, n_resp))
     if not keys:
         return out
-    keys = np.concatenate(keys).take(np.flatnonzero(np.concatenate(valid)))
+    keys = np.concatenate(keys)
+    keys.sort()  # by (n, n-gram), then owner
+    keys = keys[n_straddling:]
     if len(keys) == 0:
         return out
-    keys.sort()  # by (n, n-gram), then owner
     boundary = np.flatnonzero(keys[1:] != keys[:-1]) + 1
     pair_start = np.concatenate(([0], boundary))
     counts = np.empty(len(pair_start), dtype=np.int64)  # occurrences of each (n-gram, owner)
