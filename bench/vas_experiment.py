@@ -73,7 +73,7 @@ def summarise(args, walls: dict[str, list[float]]) -> tuple[str, dict]:
             "vas_s": (np.mean([r["time/vas_s"][1].sum() for r in runs]), 0.0),
         }
         summary[arm] = {k: [float(v[0]), float(v[1])] for k, v in entry.items()}
-        pm = lambda k, f="{:.3f}": f"{f.format(entry[k][0])} ± {f.format(entry[k][1])}"  # noqa: E731
+        pm = lambda k, f="{:.3f}", e=entry: f"{f.format(e[k][0])} ± {f.format(e[k][1])}"  # noqa: E731
         rows.append(f"| {arm} | {pm('final_val')} | {pm('gain')} | {pm('auc_val')} | {entry['zero_var'][0]:.3f} | "
                     f"{entry['grad_norm'][0]:.3f} | {entry['clip_frac'][0]:.4f} | {pm('wall_s', '{:.0f}')} | "
                     f"{entry['vas_s'][0]:.0f} |")  # fmt: skip
