@@ -129,6 +129,19 @@ def all_reduce_sum(value: float | torch.Tensor, device: torch.device) -> torch.T
     return t
 
 
+def shard(items: list, d: Dist) -> tuple[list, int]:
+    """This rank's contiguous share of `items`, padded to the same length on every rank.
+
+    Returns (padded share, number of real items in it). Padding repeats items from the start, so
+    every rank does equal work, which FSDP2 forwards and synced generation need; drop the padding
+    (everything past the real count) before counting results.
+    """
+    per_rank = math.ceil(len(items) / d.world_size)
+    mine = items[d.rank * per_rank : (d.rank + 1) * per_rank]
+    padding = [items[i % len(items)] for i in range(per_rank - len(mine))] if items else []
+    return list(mine) + padding, len(mine)
+
+
 def all_gather_list(items: list, d: Dist) -> list:
     """Concatenation over ranks (rank order) of each rank's Python list."""
     if not d.enabled:
@@ -617,6 +630,29 @@ def save_checkpoint(model, processor, out_dir: str | Path, d: Dist, trainer_stat
         shutil.rmtree(old, ignore_errors=True)
     if d.enabled:
         dist.barrier()
+
+
+def save_training_checkpoint(model, processor, optimizer, folder: str | Path, d: Dist, step: int, config: Any,
+                             **extra: Any) -> None:  # fmt: skip
+    """save_checkpoint with a trainer_state.pt holding the step, the full optimizer state, every
+    rank's RNG states, the config and any script-specific `extra` (scheduler, sampler, VPS)."""
+    state = {
+        "step": step,
+        "optimizer": optimizer_state(model, optimizer, d),
+        "rng": all_gather_list([rng_state()], d),
+        "config": dataclasses.asdict(config),
+        **extra,
+    }
+    save_checkpoint(model, processor, folder, d, state)
+
+
+def load_training_checkpoint(folder: str | Path, model, optimizer, d: Dist) -> dict:
+    """Restores the optimizer and this rank's RNG states from folder/trainer_state.pt; returns the
+    whole trainer state (its "step" and the script-specific entries)."""
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    load_optimizer_state(model, optimizer, state["optimizer"], d)
+    set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
+    return state
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,9 +250,7 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: c
             usable.append((row_id, row, prompt))
         except (ValueError, TypeError, KeyError) as e:
             bad.append(f"{name} row {i} (id={row_id}): {e}")
-    per_rank = math.ceil(len(usable) / d.world_size) if usable else 0
-    mine = usable[d.rank * per_rank : (d.rank + 1) * per_rank]
-    padded = mine + usable[: per_rank - len(mine)]
+    padded, n_real = common.shard(usable, d)
     engine.instruction = instruction
     records = []
     sampling = rollout.Sampling(cfg.temperature, 1.0, cfg.max_new_tokens, cfg.seed)
@@ -268,7 +265,7 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: c
                             "correct": bool(correct), "group": breakdown_key(name, row)})  # fmt: skip
         bar.update(len(part) * d.world_size)
     bar.close()
-    records = common.all_gather_list(records[: len(mine)], d)
+    records = common.all_gather_list(records[:n_real], d)
     return records, bad
 
 

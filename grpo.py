@@ -226,18 +226,16 @@ def sequence_logprobs(model, batches: list[dict], cfg: GRPOConfig, d: common.Dis
 
 def validate(engine, rows: list[dict], cfg: GRPOConfig, d: common.Dist, pool, step: int) -> float:
     """Accuracy on the val rows, one sample each at val_temperature (sharded over ranks)."""
-    per_rank = math.ceil(len(rows) / d.world_size)
-    mine = rows[d.rank * per_rank : (d.rank + 1) * per_rank]
-    padded = mine + rows[: per_rank - len(mine)]
+    mine, n_real = common.shard(rows, d)
     sampling = rollout.Sampling(cfg.val_temperature, 1.0, cfg.max_response_length, seed=cfg.seed * 7919 + step)
-    outs = engine.generate(padded, 1, sampling)
+    outs = engine.generate(mine, 1, sampling)
     scores = reward.compute_rewards(
         [o.text for o in outs],
-        [padded[o.row]["answer"] for o in outs],
-        [padded[o.row].get("choices") for o in outs],
+        [mine[o.row]["answer"] for o in outs],
+        [mine[o.row].get("choices") for o in outs],
         pool=pool,
     )
-    correct = sum(s["accuracy"] for s in scores[: len(mine)])
+    correct = sum(s["accuracy"] for s in scores[:n_real])
     return common.all_reduce_sum(correct, d.device).item() / len(rows)
 
 
@@ -296,11 +294,9 @@ def main() -> None:
     vps = np.zeros(len(rows))  # raw VPS per prompt (VAS)
     start_step = 0
     if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        common.load_optimizer_state(model, optimizer, state["optimizer"], d)
+        state = common.load_training_checkpoint(ckpt, model, optimizer, d)
         sampler.load_state_dict(state["sampler"])
         vps = np.asarray(state["vps"])
-        common.set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
         start_step = state["step"]
         if d.master:
             print(f"[grpo] resumed from {ckpt} at step {start_step}")
@@ -313,15 +309,8 @@ def main() -> None:
     pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
 
     def save(folder: Path, step: int) -> None:
-        trainer_state = {
-            "step": step,
-            "optimizer": common.optimizer_state(model, optimizer, d),
-            "sampler": sampler.state_dict(),
-            "vps": vps.tolist(),
-            "rng": common.all_gather_list([common.rng_state()], d),
-            "config": dataclasses.asdict(cfg),
-        }
-        common.save_checkpoint(model, processor, folder, d, trainer_state)
+        common.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg,
+                                        sampler=sampler.state_dict(), vps=vps.tolist())  # fmt: skip
 
     def refresh_vps(step: int) -> dict[str, np.ndarray]:
         """Re-scores every prompt with fresh rollouts (sharded over ranks) and re-weights the sampler."""

@@ -135,29 +135,27 @@ def val_loss(model, processor, rows: list[dict], cfg: SFTConfig, d: common.Dist)
     """Token-mean NLL of the assistant tokens of `rows` (sharded over ranks)."""
     model.eval()
     nll, count = 0.0, 0
-    per_rank = math.ceil(len(rows) / d.world_size)
-    mine = rows[d.rank * per_rank : (d.rank + 1) * per_rank] or rows[:1]  # every rank must forward
-    for s in range(0, per_rank, cfg.micro_batch_size):
-        chunk = mine[s : s + cfg.micro_batch_size] or mine[:1]
-        b = common.sft_batch(processor, chunk, cfg.min_pixels, cfg.max_pixels, cfg.max_length)
+    mine, n_real = common.shard(rows, d)
+    for s in range(0, len(mine), cfg.micro_batch_size):
+        b = common.sft_batch(
+            processor, mine[s : s + cfg.micro_batch_size], cfg.min_pixels, cfg.max_pixels, cfg.max_length
+        )
         b = {k: v.to(d.device) for k, v in b.items()}
         logp, _ = common.token_logprobs(model, b, cfg.logprob_chunk)
-        mask = b["labels"][:, 1:] != common.IGNORE_INDEX
-        if s < len(mine):
-            nll += -(logp * mask).sum().item()
-            count += int(mask.sum())
+        mask = (b["labels"][:, 1:] != common.IGNORE_INDEX).float()
+        mask[max(0, n_real - s) :] = 0  # padding rows do not count
+        nll += -(logp * mask).sum().item()
+        count += int(mask.sum())
     model.train()
     return common.all_reduce_sum(nll, d.device).item() / max(1, common.all_reduce_sum(count, d.device).item())
 
 
 def val_accuracy(engine, rows: list[dict], d: common.Dist, max_new_tokens: int) -> float:
     """Greedy-decoding accuracy on RL-format rows, scored with reward.accuracy_reward."""
-    per_rank = math.ceil(len(rows) / d.world_size)
-    mine = rows[d.rank * per_rank : (d.rank + 1) * per_rank]
-    padded = mine + rows[: per_rank - len(mine)]  # equal work per rank for synced generation
-    outs = engine.generate(padded, 1, rollout.Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
-    hits = [reward.accuracy_reward(o.text, padded[o.row]["answer"], padded[o.row].get("choices")) for o in outs]
-    correct = common.all_reduce_sum(sum(hits[: len(mine)]), d.device).item()
+    mine, n_real = common.shard(rows, d)
+    outs = engine.generate(mine, 1, rollout.Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
+    hits = [reward.accuracy_reward(o.text, mine[o.row]["answer"], mine[o.row].get("choices")) for o in outs]
+    correct = common.all_reduce_sum(sum(hits[:n_real]), d.device).item()
     return correct / len(rows)
 
 
@@ -188,7 +186,7 @@ def main() -> None:
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_rows) / cfg.batch_size)
 
     # --- model, optimizer, schedule ---
-    start_step, state = 0, None
+    start_step = 0
     ckpt = common.latest_checkpoint(out_dir) if cfg.resume else None
     if cfg.resume and ckpt is None:
         print(f"[sft] --resume: no checkpoint in {out_dir}, starting from scratch")
@@ -202,12 +200,11 @@ def main() -> None:
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, warmup))
     if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        common.load_optimizer_state(model, optimizer, state["optimizer"], d)
+        state = common.load_training_checkpoint(ckpt, model, optimizer, d)
         scheduler.load_state_dict(state["scheduler"])
-        common.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
         start_step = state["step"]
-        print(f"[sft] resumed from {ckpt} at step {start_step}") if d.master else None
+        if d.master:
+            print(f"[sft] resumed from {ckpt} at step {start_step}")
     logger = common.MetricLogger(out_dir, cfg, d.master, cfg.report_to)
     if d.master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -216,15 +213,9 @@ def main() -> None:
               f"{cfg.micro_batch_size} x {accum} accum x {d.world_size} ranks")  # fmt: skip
 
     def save(folder: Path, step: int) -> None:
-        rngs = common.all_gather_list([common.rng_state()], d)
-        trainer_state = {
-            "step": step,
-            "optimizer": common.optimizer_state(model, optimizer, d),
-            "scheduler": scheduler.state_dict(),
-            "rng": rngs,
-            "config": dataclasses.asdict(cfg),
-        }
-        common.save_checkpoint(model, processor, folder, d, trainer_state)
+        common.save_training_checkpoint(
+            model, processor, optimizer, folder, d, step, cfg, scheduler=scheduler.state_dict()
+        )
 
     # --- training loop ---
     model.train()

@@ -334,7 +334,7 @@ def rollout_scores(engine, rows: list[dict], indices: list[int], d, *, n: int, s
                    desc: str = "vas scoring") -> dict[str, np.ndarray]:  # fmt: skip
     """Pass rate, OVS, TDS, VPS (each (len(indices),), in `indices` order) from n fresh rollouts.
 
-    Prompts are sharded over ranks (rank r takes indices[r::world]), generated in calls of
+    Prompts are sharded over ranks (common.shard), generated in calls of
     `prompts_per_call` prompts, scored with reward.compute_rewards (accuracy only), then
     all-gathered, so every rank returns the full arrays. `sampling.seed` plus the call number
     seeds each call, so a refresh is reproducible.
@@ -344,12 +344,10 @@ def rollout_scores(engine, rows: list[dict], indices: list[int], d, *, n: int, s
     import common
     import reward
 
-    mine = list(indices[d.rank :: d.world_size])
-    per_rank = math.ceil(len(indices) / d.world_size)
-    padded = mine + [indices[0]] * (per_rank - len(mine))  # equal work on every rank (synced generation)
+    padded, n_real = common.shard(list(indices), d)  # equal work on every rank (synced generation)
     results = []
     bar = tqdm(total=len(indices), disable=not d.master, desc=desc, leave=False)
-    for call, start in enumerate(range(0, per_rank, prompts_per_call)):
+    for call, start in enumerate(range(0, len(padded), prompts_per_call)):
         chunk = padded[start : start + prompts_per_call]
         chunk_rows = [rows[i] for i in chunk]
         call_sampling = type(sampling)(**{**sampling.__dict__, "seed": sampling.seed * 10_007 + call})
@@ -367,7 +365,7 @@ def rollout_scores(engine, rows: list[dict], indices: list[int], d, *, n: int, s
             accuracies[o.row].append(s["accuracy"])
         stats = score_prompts(groups, accuracies, alpha, beta, tds_kind)
         for j, index in enumerate(chunk):
-            if start + j < len(mine):
+            if start + j < n_real:
                 results.append((index, *(float(stats[k][j]) for k in ("pass_rate", "ovs", "tds", "vps"))))
         bar.update(len(chunk) * d.world_size)
     bar.close()
@@ -400,8 +398,10 @@ def transition_matrix(before: np.ndarray, after: np.ndarray, bins: np.ndarray) -
 def plot_refreshes(run_dir: str | Path, out: str | Path | None = None, n_bins: int = 5) -> Path:
     """Draws the VPS histogram of each refresh and the transition matrices between consecutive
     refreshes into one PNG (default <run>/vas/vps_dynamics.png); returns its path."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit("vas.py plot needs matplotlib: pip install matplotlib (or -r requirements-dev.txt)") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
