@@ -8,7 +8,7 @@ For a prompt x with N sampled responses and 0/1 accuracies:
 Per step, floor(lambda * B) prompts are drawn with replacement proportionally to the min-max
 normalised VPS and the rest walk a shuffled permutation of the data set (Algorithm 1).
 
-    python vas.py score --model runs/toy-sft/final --data data/toy/rl@train --rollouts 16 --out vps.parquet
+    python vas.py --model runs/toy-sft/final --data data/toy/rl@train --rollouts 16 --out vps.parquet
     torchrun --nproc_per_node 8 vas.py score --model M --data MMR1/MMR1-RL --rollouts 16 --out vps.parquet
     python vas.py plot runs/toy-grpo-vas          # Figure 3: VPS histograms + transition matrices
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -465,6 +466,9 @@ def main(argv: list[str] | None = None) -> None:
     plot.add_argument("run_dir", help="the run's --output-dir")
     plot.add_argument("--out", default=None, help="PNG path (default <run>/vas/vps_dynamics.png)")
     plot.add_argument("--bins", type=int, default=5, help="VPS bins of the transition matrices")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
+        argv.insert(0, "score")  # `python vas.py --model M --data D ...` means score
     args = parser.parse_args(argv)
     if args.command == "plot":
         print(f"wrote {plot_refreshes(args.run_dir, args.out, args.bins)}")

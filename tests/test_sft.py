@@ -72,3 +72,12 @@ def test_stopped_then_resumed_equals_uninterrupted(toy_dir, tmp_path):
         assert torch.allclose(full[name], resumed[name], atol=1e-6), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps] == [1, 2, 3, 4]
+
+
+def test_paper_preset_is_table_5():
+    import common
+
+    cfg = common.parse_config(sft.SFTConfig, sft.PRESETS, ["--preset", "paper", "--model", "m", "--data", "d"])
+    expected = dict(epochs=3.0, max_steps=0, lr=1e-5, warmup_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0,
+                    batch_size=32, max_length=16384, min_pixels=7056, max_pixels=1048576)  # fmt: skip
+    assert {k: getattr(cfg, k) for k in expected} == expected

@@ -187,3 +187,27 @@ def test_rank_slices_are_disjoint_and_cover_the_batch():
     assert sum(parts, []) == batch and all(len(p) == 3 for p in parts)
     with pytest.raises(ValueError, match="does not split"):
         vas.rank_slice(batch, 0, 5)
+
+
+def test_transition_matrix_rows_are_shares():
+    bins = np.array([0.0, 0.5, 1.0])
+    m = vas.transition_matrix(np.array([0.1, 0.2, 0.7, 0.9]), np.array([0.6, 0.1, 0.8, 0.2]), bins)
+    assert np.allclose(m, [[0.5, 0.5], [0.5, 0.5]])
+    m = vas.transition_matrix(np.array([0.1, 0.2]), np.array([0.1, 0.3]), bins)
+    assert np.allclose(m, [[1.0, 0.0], [0.0, 0.0]])  # an empty row stays zero
+
+
+def test_score_cli_on_the_toy(toy_dir, tmp_path):
+    import datasets
+
+    from conftest import run_script
+
+    out = tmp_path / "vps.parquet"
+    run_script(["vas.py", "--model", str(toy_dir / "model"), "--data", f"{toy_dir / 'data' / 'rl'}@val", "--limit", "6",
+                "--rollouts", "3", "--max-new-tokens", "6", "--engine", "hf", "--reward-workers", "1", "--out", str(out)])  # fmt: skip
+    table = datasets.load_dataset("parquet", data_files=str(out), split="train")
+    assert table.column_names == ["id", "index", "pass_rate", "ovs", "tds", "vps"] and len(table) == 6
+    rows = table.to_list()
+    assert all(abs(r["ovs"] - r["pass_rate"] * (1 - r["pass_rate"])) < 1e-12 for r in rows)
+    assert all(abs(r["vps"] - (0.8 * r["ovs"] + 0.2 * r["tds"])) < 1e-12 for r in rows)
+    assert all(r["pass_rate"] * 3 == round(r["pass_rate"] * 3) for r in rows)  # k of 3 right
