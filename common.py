@@ -168,11 +168,16 @@ def attention_implementation(device: torch.device) -> str:
     return "sdpa"
 
 
-def load_model(name_or_path: str, device: torch.device, gradient_checkpointing: bool = False):
-    """Qwen2.5-VL from a hub id or a local folder: bf16 on GPU, fp32 on CPU, never remote code."""
+def load_model(name_or_path: str, device: torch.device, gradient_checkpointing: bool = False, trainable: bool = False):
+    """Qwen2.5-VL from a hub id or a local folder, never with remote code.
+
+    Frozen models (reference, evaluation) are bf16 on GPU. Trainable ones keep fp32 master
+    weights everywhere (an AdamW step of lr 1e-6 vanishes in bf16) and compute in bf16 on GPU
+    through FSDP2's mixed precision (shard_model) or autocast. CPU: fp32 throughout.
+    """
     from transformers import AutoModelForImageTextToText
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" and not trainable else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(
         name_or_path,
         dtype=dtype,
@@ -209,12 +214,15 @@ def shard_model(model, d: Dist):
     """FSDP2 (`fully_shard`) per decoder layer and at the root; a no-op on one process."""
     if not d.enabled:
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kwargs = {}
+    if d.device.type == "cuda" and next(model.parameters()).dtype == torch.float32:  # fp32 master weights
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(model.model.visual)  # patch embed + merger: a unit of its own, callable by itself
-    fully_shard(model, reshard_after_forward=False)  # root: lm_head stays gathered for the chunked log-probs
+        fully_shard(layer, **kwargs)
+    fully_shard(model.model.visual, **kwargs)  # patch embed + merger: a unit of its own, callable by itself
+    fully_shard(model, reshard_after_forward=False, **kwargs)  # root: lm_head stays gathered for chunked log-probs
     # FSDP2 initialises lazily on the first forward through the ROOT; generation can reach the
     # vision tower by itself first, so run one tiny text-only forward now.
     with torch.no_grad():

@@ -279,7 +279,7 @@ def main() -> None:
         print(f"[grpo] --resume: no checkpoint in {out_dir}, starting from {cfg.model}")
     policy_path = str(ckpt or cfg.model)
     processor = common.load_processor(policy_path, cfg.min_pixels, cfg.max_pixels)
-    model = common.shard_model(common.load_model(policy_path, d.device, cfg.gradient_checkpointing), d)
+    model = common.shard_model(common.load_model(policy_path, d.device, cfg.gradient_checkpointing, trainable=True), d)
     ref_model = None
     if cfg.kl_coef > 0:  # frozen reference = the starting model, sharded the same way
         ref_model = common.shard_model(common.load_model(cfg.model, d.device).eval().requires_grad_(False), d)

@@ -102,19 +102,20 @@ class HFEngine:
         inputs = common.processor_inputs(self.processor, texts, images)
         inputs = {k: v.to(self.d.device) for k, v in inputs.items()}
         greedy = sampling.temperature <= 0
-        generated = self.model.generate(
-            **inputs,
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None,
-            max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=self.end_id,
-            pad_token_id=self.pad_id,
-            use_cache=True,
-            synced_gpus=self.d.enabled,
-            suppress_tokens=self.forbidden,
-        )
+        with torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.d.device.type == "cuda"):
+            generated = self.model.generate(
+                **inputs,
+                do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature,
+                top_p=None if greedy else sampling.top_p,
+                top_k=None,
+                max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=self.end_id,
+                pad_token_id=self.pad_id,
+                use_cache=True,
+                synced_gpus=self.d.enabled,  # keep stepping until every rank is done (FSDP2 needs all in each forward)
+                suppress_tokens=self.forbidden,
+            )
         responses = generated[:, inputs["input_ids"].shape[1] :].tolist()
         out = []
         for i, ids in zip(batch, responses):
@@ -202,7 +203,7 @@ class VLLMEngine:
         def weights():
             for name, tensor in model.state_dict().items():
                 full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-                yield name, full.detach()
+                yield name, full.detach().to(torch.bfloat16)  # fp32 master weights -> vLLM's bf16
 
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()

@@ -191,7 +191,7 @@ def main() -> None:
     if cfg.resume and ckpt is None:
         print(f"[sft] --resume: no checkpoint in {out_dir}, starting from scratch")
     processor = common.load_processor(str(ckpt or cfg.model), cfg.min_pixels, cfg.max_pixels)
-    model = common.load_model(str(ckpt or cfg.model), d.device, cfg.gradient_checkpointing)
+    model = common.load_model(str(ckpt or cfg.model), d.device, cfg.gradient_checkpointing, trainable=True)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
     model = common.shard_model(model, d)
