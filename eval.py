@@ -320,7 +320,8 @@ def main() -> None:
             model = common.shard_model(common.load_model(path, d.device), d).eval()
         engine = rollout.make_engine(cfg.engine, model, processor, d, model_path=path, min_pixels=cfg.min_pixels,
                                      max_pixels=cfg.max_pixels, batch_size=cfg.batch_size,
-                                     gpu_memory_utilization=cfg.gpu_memory_utilization)  # fmt: skip
+                                     gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                     max_model_len=cfg.max_new_tokens + 4096)  # fmt: skip
         out_dir = Path(cfg.output_dir) / Path(label).name.replace("/", "_")
         results[label] = {}
         for name in names:

@@ -166,6 +166,7 @@ class VLLMEngine:
         )
         self.end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.forbidden = forbidden_token_ids(processor.tokenizer)
+        self.asleep = False
 
     def generate(self, rows: list[dict], n: int, sampling: Sampling) -> list[Rollout]:
         from vllm import SamplingParams
@@ -209,11 +210,17 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        self.llm.sleep(level=1)
+        """Frees the KV cache and offloads the weights (level 1) while the trainer runs."""
+        if not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
 
     def wake(self, model=None) -> None:
-        """Wakes weights, syncs them from `model` if given, then wakes the KV cache."""
-        self.llm.wake_up(tags=["weights"])
+        """Wakes the weights, loads the current ones from `model` if given, then the KV cache."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
         if model is not None:
             self.sync_weights(model)
-        self.llm.wake_up(tags=["kv_cache"])
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
