@@ -1,0 +1,116 @@
+"""rollout.py: the HF engine on the toy model, and the vLLM adapter against a recording stand-in
+for the vllm package (vLLM itself has no CPU kernels, so its calls are checked, not run)."""
+
+import sys
+import types
+from dataclasses import dataclass
+
+import torch
+
+import common
+import rollout
+from data import toy
+
+
+def toy_rows(n=3):
+    return [
+        {"problem": "<image>How many red squares are there?", "images": [toy.draw_grid(["red"] * 4)], "answer": "4"}
+    ] * n
+
+
+def test_hf_engine_shapes_order_seeds_and_stops(toy_model):
+    model, processor = toy_model
+    d = common.Dist(0, 1, 0, torch.device("cpu"))
+    engine = rollout.HFEngine(model, processor, d, min_pixels=3136, max_pixels=50176, batch_size=4)
+    sampling = rollout.Sampling(temperature=1.0, max_new_tokens=6, seed=3)
+    outs = engine.generate(toy_rows(3), 2, sampling)
+    assert [o.row for o in outs] == [0, 0, 1, 1, 2, 2]  # row-major, n per row
+    again = engine.generate(toy_rows(3), 2, sampling)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in again]  # seeded
+    other = engine.generate(toy_rows(3), 2, rollout.Sampling(temperature=1.0, max_new_tokens=6, seed=4))
+    assert [o.token_ids for o in outs] != [o.token_ids for o in other]
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    forbidden = set(rollout.forbidden_token_ids(processor.tokenizer))
+    assert len(forbidden) == 5
+    for o in outs:
+        assert not forbidden & set(o.token_ids)
+        assert (o.finish_reason == "stop") == (o.token_ids[-1:] == [end])
+        assert o.finish_reason == "stop" or len(o.token_ids) == 6
+    greedy = engine.generate(toy_rows(2), 1, rollout.Sampling(temperature=0.0, max_new_tokens=6))
+    assert greedy[0].token_ids == greedy[1].token_ids
+
+
+@dataclass
+class FakeCompletion:
+    token_ids: list
+    text: str
+    finish_reason: str
+
+
+def install_fake_vllm(monkeypatch, log):
+    fake = types.ModuleType("vllm")
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LLM:
+        def __init__(self, **kwargs):
+            log.append(("LLM", kwargs))
+
+        def generate(self, prompts, params, use_tqdm=False):
+            log.append(("generate", prompts, params.kwargs))
+            return [types.SimpleNamespace(outputs=[FakeCompletion([5, 6], "a", "stop"), FakeCompletion([7] * 3, "b", "length")][: params.kwargs["n"]])
+                    for _ in prompts]  # fmt: skip
+
+        def collective_rpc(self, method, kwargs):
+            log.append(
+                ("rpc", method, [(n, t.dtype) for n, t in kwargs["weights_iterator"]], kwargs["is_checkpoint_format"])
+            )
+
+        def reset_prefix_cache(self):
+            log.append(("reset_prefix_cache",))
+
+        def sleep(self, level):
+            log.append(("sleep", level))
+
+        def wake_up(self, tags):
+            log.append(("wake_up", tuple(tags)))
+
+    fake.LLM, fake.SamplingParams = LLM, SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+
+
+def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
+    model, processor = toy_model
+    log = []
+    install_fake_vllm(monkeypatch, log)
+    d = common.Dist(1, 2, 1, torch.device("cpu"))
+    engine = rollout.make_engine("vllm", model, processor, d, model_path=str(toy_dir / "model"), min_pixels=3136,
+                                 max_pixels=50176, gpu_memory_utilization=0.5, max_model_len=512)  # fmt: skip
+    name, kwargs = log[0]
+    assert name == "LLM" and kwargs["distributed_executor_backend"] == "external_launcher"
+    assert kwargs["enable_sleep_mode"] and kwargs["tensor_parallel_size"] == 1 and kwargs["seed"] == 1
+    assert kwargs["gpu_memory_utilization"] == 0.5 and kwargs["max_model_len"] == 512
+    rows = toy_rows(2) + [{"problem": "text only", "answer": "1"}]
+    outs = engine.generate(rows, 2, rollout.Sampling(temperature=0.6, max_new_tokens=9, seed=2))
+    _, prompts, params = log[1]
+    assert prompts[0]["prompt"].count("<|vision_start|><|image_pad|><|vision_end|>") == 1
+    assert len(prompts[0]["multi_modal_data"]["image"]) == 1 and "multi_modal_data" not in prompts[2]
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert params["n"] == 2 and params["max_tokens"] == 9 and params["stop_token_ids"] == [end]
+    assert params["seed"] == 2 * 1_000_003 + 1 and all(v < -50 for v in params["logit_bias"].values())
+    assert [(o.row, o.token_ids, o.finish_reason) for o in outs[:2]] == [
+        (0, [5, 6, end], "stop"),
+        (0, [7, 7, 7], "length"),
+    ]
+    log.clear()
+    engine.sleep()
+    engine.sleep()  # idempotent
+    engine.wake(model)
+    names = [entry[0] for entry in log]
+    assert names == ["sleep", "wake_up", "rpc", "reset_prefix_cache", "wake_up"]
+    assert log[1][1] == ("weights",) and log[4][1] == ("kv_cache",)
+    rpc = log[2]
+    assert rpc[1] == "reload_weights" and rpc[3] is True
+    assert [n for n, _ in rpc[2]] == list(model.state_dict()) and {t for _, t in rpc[2]} == {torch.bfloat16}
