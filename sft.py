@@ -188,8 +188,8 @@ def main() -> None:
     # --- model, optimizer, schedule ---
     start_step = 0
     ckpt = common.latest_checkpoint(out_dir) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        print(f"[sft] --resume: no checkpoint in {out_dir}, starting from scratch")
+    if cfg.resume and ckpt is None and d.master:
+        print(f"[sft] --resume: no checkpoint in {out_dir}, starting from {cfg.model}")
     processor = common.load_processor(str(ckpt or cfg.model), cfg.min_pixels, cfg.max_pixels)
     model = common.load_model(str(ckpt or cfg.model), d.device, cfg.gradient_checkpointing, trainable=True)
     if cfg.freeze_vision:
@@ -244,7 +244,8 @@ def main() -> None:
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             save(out_dir / f"step-{done}", done)
         if cfg.stop_after and done >= cfg.stop_after:
-            print(f"[sft] --stop-after {cfg.stop_after}: stopping without the final save") if d.master else None
+            if d.master:
+                print(f"[sft] --stop-after {cfg.stop_after}: stopping without the final save")
             common.cleanup_distributed()
             return
 
