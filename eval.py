@@ -46,7 +46,6 @@ class EvalConfig:
     max_pixels: int = field(1048576, "images are resized to at most this many pixels")
     gpu_memory_utilization: float = field(0.75, "vLLM's share of GPU memory")
     seed: int = field(0, "sampling seed")
-    preset: str = field("", "unused; accepted for symmetry with the other scripts", choices=["", "paper", "toy"])
 
 
 EVAL_PROMPT = (
