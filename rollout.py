@@ -56,6 +56,16 @@ def forbidden_token_ids(tokenizer) -> list[int]:
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
+def checkpoint_name(name: str) -> str:
+    """The on-disk Qwen2.5-VL checkpoint name of an in-memory transformers-5 parameter name
+    ('model.visual.x' -> 'visual.x', 'model.language_model.x' -> 'model.x'), the layout that
+    `save_pretrained` writes and vLLM's loader reads with is_checkpoint_format=True."""
+    for prefix, on_disk in (("model.visual.", "visual."), ("model.language_model.", "model.")):
+        if name.startswith(prefix):
+            return on_disk + name[len(prefix) :]
+    return name
+
+
 def _vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
@@ -204,7 +214,7 @@ class VLLMEngine:
         def weights():
             for name, tensor in model.state_dict().items():
                 full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-                yield name, full.detach().to(torch.bfloat16)  # fp32 master weights -> vLLM's bf16
+                yield checkpoint_name(name), full.detach().to(torch.bfloat16)  # fp32 master weights -> bf16
 
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()

@@ -156,7 +156,7 @@ def test_grpo_script_logs_every_metric(toy_dir, tmp_path, vas_flags):
 
 
 def test_grpo_torchrun_two_ranks_with_vas(toy_dir, tmp_path):
-    run_script(grpo_args(toy_dir, tmp_path / "run", 2, "--vas"), torchrun=2)
+    run_script(grpo_args(toy_dir, tmp_path / "run", 2, "--vas", "--gradient-checkpointing"), torchrun=2)
     lines = metrics(tmp_path / "run")
     assert [r["step"] for r in lines] == [0, 1, 2] and set(grpo.METRICS) <= set().union(*lines)
 

@@ -113,4 +113,7 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
     assert log[1][1] == ("weights",) and log[4][1] == ("kv_cache",)
     rpc = log[2]
     assert rpc[1] == "reload_weights" and rpc[3] is True
-    assert [n for n, _ in rpc[2]] == list(model.state_dict()) and {t for _, t in rpc[2]} == {torch.bfloat16}
+    from safetensors.torch import load_file
+
+    on_disk = load_file(str(toy_dir / "model" / "model.safetensors"))  # what save_pretrained wrote
+    assert sorted(n for n, _ in rpc[2]) == sorted(on_disk) and {t for _, t in rpc[2]} == {torch.bfloat16}

@@ -48,6 +48,16 @@ def test_sft_script_trains_and_saves(toy_dir, tmp_path):
     assert model.config.model_type == "qwen2_5_vl"
 
 
+def test_freeze_vision_keeps_the_vision_tower(toy_dir, tmp_path):
+    run_script(
+        toy_args(toy_dir, tmp_path / "run", 2, "--acc-limit", "-1", "--freeze-vision", "--gradient-checkpointing")
+    )
+    init, final = weights(toy_dir / "model"), weights(tmp_path / "run" / "final")
+    vision = [n for n in init if ".visual." in n or n.startswith("visual.")]
+    assert vision and all(torch.equal(init[n], final[n]) for n in vision)
+    assert any(not torch.equal(init[n], final[n]) for n in init if n not in vision)
+
+
 def test_torchrun_two_ranks_matches_one_process(toy_dir, tmp_path):
     run_script(toy_args(toy_dir, tmp_path / "one", 2, "--acc-limit", "-1"))
     run_script(toy_args(toy_dir, tmp_path / "two", 2, "--acc-limit", "-1"), torchrun=2)
