@@ -98,9 +98,12 @@ def _clipped_matches(flat: np.ndarray, owner: np.ndarray, n_resp: int, max_n: in
     sole_top = is_top & (np.add.reduceat(is_top, g_start)[g_id] == 1)
     top2 = np.maximum.reduceat(np.where(is_top, 0, counts), g_start)[g_id]  # used only where sole_top
     max_other = np.where(sole_top, top2, top1)
-    order = (gram >> (token_bits * max_n)) - 1  # n - 1
-    clipped = np.bincount(order * n_resp + who, weights=np.minimum(counts, max_other), minlength=max_n * n_resp)
-    return clipped.reshape(max_n, n_resp)
+    clipped = np.minimum(counts, max_other)
+    # keys are sorted by n first: each order is one contiguous slice
+    edges = np.searchsorted(gram, np.arange(1, max_n + 2) << order_shift)
+    for n in range(max_n):
+        out[n] = np.bincount(who[edges[n] : edges[n + 1]], weights=clipped[edges[n] : edges[n + 1]], minlength=n_resp)
+    return out
 
 
 def sentence_bleus(group: list[list[int]], max_n: int = 3) -> np.ndarray:
