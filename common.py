@@ -78,6 +78,8 @@ def field(default: Any, help: str, **meta: Any) -> Any:
 
 @dataclass
 class Dist:
+    """Where this process stands: its rank, the world size, its local rank and its device."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -85,10 +87,12 @@ class Dist:
 
     @property
     def master(self) -> bool:
+        """Rank 0: the process that prints, logs and writes files."""
         return self.rank == 0
 
     @property
     def enabled(self) -> bool:
+        """More than one process (torchrun): collectives and FSDP2 are in play."""
         return self.world_size > 1
 
 
@@ -394,6 +398,7 @@ def sft_messages(row: dict) -> list[dict]:
 
 
 def first_user(row: dict) -> int:
+    """Index of the first user turn in an SFT row's messages."""
     return next(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
 
 
@@ -584,6 +589,7 @@ class MetricLogger:
             self.tb = tb.SummaryWriter(str(Path(out_dir) / "tb"))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Appends {"step", "time", **metrics} (floats) to metrics.jsonl and mirrors it; rank 0 only."""
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
@@ -596,6 +602,7 @@ class MetricLogger:
                 self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
+        """Flushes and closes the tensorboard / wandb mirrors."""
         if self.tb:
             self.tb.close()
         if self.wandb:

@@ -236,6 +236,7 @@ def _choice_equal(pred: str, gold: str, choices: list[str]) -> bool:
     texts = [_normalise_text(c) for c in choices]
 
     def as_index(s: str) -> int | None:
+        """The option s names: by its text, else by its letter; None if neither."""
         t = _normalise_text(s)
         if t in texts:
             return texts.index(t)
@@ -332,6 +333,7 @@ class RewardPool:
         self.procs[slot] = self._start()
 
     def close(self) -> None:
+        """Asks every worker to exit, then kills any that has not within a second."""
         for proc, conn in self.procs:
             try:
                 conn.send(None)
@@ -383,6 +385,7 @@ def compute_rewards(responses: list[str], golds: list[str], choices: list | None
 
 
 def main(argv: list[str] | None = None) -> None:
+    """CLI: scores a jsonl of predictions, prints accuracy / format rate / timeouts, writes per-row scores."""
     parser = argparse.ArgumentParser(description="Score a predictions file with the format + accuracy rewards.")
     parser.add_argument("preds", type=Path, help="jsonl with 'response' and 'answer' (optional 'choices') per row")
     parser.add_argument("--out", type=Path, default=None, help="per-row scores jsonl (default: <preds>.scores.jsonl)")

@@ -20,6 +20,8 @@ import common
 
 @dataclass
 class Sampling:
+    """How to sample: the same fields for every engine."""
+
     temperature: float = 0.6  # 0 means greedy
     top_p: float = 1.0
     max_new_tokens: int = 64
@@ -28,6 +30,8 @@ class Sampling:
 
 @dataclass
 class Rollout:
+    """One sampled response."""
+
     row: int  # index of the prompt in the rows passed to generate()
     token_ids: list[int]  # response tokens, the closing <|im_end|> included when generated
     text: str  # decoded response, special tokens removed
@@ -179,6 +183,7 @@ class VLLMEngine:
         self.asleep = False
 
     def generate(self, rows: list[dict], n: int, sampling: Sampling) -> list[Rollout]:
+        """n sampled responses for each row, row-major, as HFEngine.generate."""
         from vllm import SamplingParams
 
         texts = common.prompt_texts(self.processor, rows, self.instruction)
@@ -211,7 +216,7 @@ class VLLMEngine:
     def sync_weights(self, model) -> None:
         """Pushes the training weights into vLLM, one full tensor at a time, then drops stale KV."""
 
-        def weights():
+        def weights():  # (name, full bf16 tensor), one at a time: never the whole model gathered at once
             for name, tensor in model.state_dict().items():
                 full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
                 yield checkpoint_name(name), full.detach().to(torch.bfloat16)  # fp32 master weights -> bf16

@@ -303,6 +303,7 @@ class MixedSampler:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
+        """Weights, permutation, position, pass count and both RNG streams (picklable)."""
         return {
             "weights": self.weights.tolist(),
             "perm": self.perm.tolist(),
@@ -313,6 +314,7 @@ class MixedSampler:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict() captured; the next batch is the one the saved sampler would draw."""
         self.weights = np.asarray(state["weights"], dtype=np.float64)
         self.perm = np.asarray(state["perm"], dtype=np.int64)
         self.pos, self.epoch = state["pos"], state["epoch"]
@@ -442,6 +444,7 @@ def plot_refreshes(run_dir: str | Path, out: str | Path | None = None, n_bins: i
 
 
 def main(argv: list[str] | None = None) -> None:
+    """CLI: `score` a data set's prompts (pass rate, OVS, TDS, VPS) or `plot` a run's VPS refreshes."""
     parser = argparse.ArgumentParser(description="Variance-Aware Sampling: offline scoring and plots.")
     sub = parser.add_subparsers(dest="command", required=True)
     score = sub.add_parser("score", help="score every prompt of a data set (pass rate, OVS, TDS, VPS)")
