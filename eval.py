@@ -122,8 +122,8 @@ def most_similar_option(pred: str, choices: list[str]) -> int | None:
     whitespace-normalised text); None if pred is empty or nothing is similar at all."""
     if not pred or not choices:
         return None
-    norm = [reward._normalise_text(c) for c in choices]
-    p = reward._normalise_text(pred)
+    norm = [reward.normalise_text(c) for c in choices]
+    p = reward.normalise_text(pred)
     ratios = [difflib.SequenceMatcher(None, p, c).ratio() for c in norm]
     best = max(range(len(choices)), key=lambda i: ratios[i])
     return best if ratios[best] > 0 else None
@@ -137,9 +137,9 @@ def chosen_option(pred: str | None, choices: list[str]) -> int | None:
     letter = reward.choice_letter(pred, len(choices))
     if letter is not None:
         return reward.LETTERS.index(letter)
-    texts = [reward._normalise_text(c) for c in choices]
-    if reward._normalise_text(pred) in texts:
-        return texts.index(reward._normalise_text(pred))
+    texts = [reward.normalise_text(c) for c in choices]
+    if reward.normalise_text(pred) in texts:
+        return texts.index(reward.normalise_text(pred))
     return most_similar_option(pred, choices)
 
 
@@ -147,7 +147,7 @@ def letters_in(text: str | None) -> set[str]:
     """The set of option letters named in an answer: 'A, C', 'AC', '(A) and (C)' -> {'A', 'C'}."""
     if not text:
         return set()
-    cleaned = reward._clean(text)
+    cleaned = reward.clean_answer(text)
     if re.fullmatch(r"[A-Ea-e]{1,5}", cleaned.replace(" ", "")):
         return set(cleaned.replace(" ", "").upper())
     return set(re.findall(r"(?<![A-Za-z])([A-E])(?![A-Za-z])", cleaned))
@@ -155,7 +155,7 @@ def letters_in(text: str | None) -> set[str]:
 
 def parse_float(text: str) -> float | None:
     """A number from text ('1,234', '12.5', '45%' -> 0.45 as ChartQA reads it), else None."""
-    s = reward._clean(text).replace(",", "")
+    s = reward.clean_answer(text).replace(",", "")
     try:
         return float(s.rstrip("%")) / 100 if s.endswith("%") else float(s)
     except ValueError:
@@ -168,7 +168,7 @@ def chartqa_relaxed(pred: str, gold: str) -> bool:
     p, g = parse_float(pred), parse_float(gold)
     if p is not None and g is not None and g != 0:
         return abs(p - g) / abs(g) <= 0.05
-    return reward._normalise_text(pred) == reward._normalise_text(gold)
+    return reward.normalise_text(pred) == reward.normalise_text(gold)
 
 
 def score_answer(benchmark: str, response: str, row: dict) -> bool:
@@ -190,7 +190,7 @@ def score_answer(benchmark: str, response: str, row: dict) -> bool:
         if row.get("question_type") == "multi_choice":  # compare option TEXT
             choices = list(row["choices"])
             picked = chosen_option(pred, choices)
-            return picked is not None and reward._normalise_text(choices[picked]) == reward._normalise_text(gold)
+            return picked is not None and reward.normalise_text(choices[picked]) == reward.normalise_text(gold)
         kind = row.get("answer_type")
         value = parse_float(pred.rstrip("%")) if kind in ("integer", "float") else None
         if kind == "integer":
@@ -200,7 +200,7 @@ def score_answer(benchmark: str, response: str, row: dict) -> bool:
             return value is not None and round(value, digits) == round(float(gold), digits)
         if kind == "list":
             return re.sub(r"\s", "", pred) == re.sub(r"\s", "", gold)
-        return reward._normalise_text(pred) == reward._normalise_text(gold)
+        return reward.normalise_text(pred) == reward.normalise_text(gold)
     if benchmark == "mathvision":
         options = list(row.get("options") or [])
         if options:  # correct if the letter or the option text matches the gold letter / its text

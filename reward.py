@@ -108,7 +108,7 @@ _UNITS = r"(?:cm|mm|km|m|kg|g|mg|s|sec|seconds|minutes|min|hours|h|units?|degree
 _NUMBER = re.compile(r"^[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?$")
 
 
-def _clean(s: str) -> str:
+def clean_answer(s: str) -> str:
     """Strips `$`, `\\text{}`/`\\mathrm{}` wrappers, `\\left/\\right`, `\\!`, trailing period."""
     s = s.strip().strip("$").strip()
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
@@ -120,7 +120,7 @@ def _clean(s: str) -> str:
 def parse_number(s: str) -> tuple[float, bool] | None:
     """(value, had_percent_sign) of a plain number like '1,000', '-3.5', '12.5%', '3/4', '145°',
     '\\frac{3}{4}', '5 cm'; None when s is not a single number."""
-    s = _clean(s)
+    s = clean_answer(s)
     s = re.sub(r"\s*" + _UNITS + r"$", "", s).strip()
     percent = s.endswith("%")
     s = s.rstrip("%").strip()
@@ -158,7 +158,7 @@ def _numbers_equal(pred: tuple[float, bool], gold: tuple[float, bool]) -> bool:
 
 def choice_letter(s: str, n_choices: int = 26) -> str | None:
     """The option letter a multiple-choice answer names: 'C', '(C)', 'C.', 'C: 40°', 'C) text'."""
-    s = _clean(s)
+    s = clean_answer(s)
     m = re.fullmatch(r"\(?([A-Za-z])\)?(?:\s*[.:)]\s*.*|\s+.*)?", s, flags=re.DOTALL)
     if not m or (len(s) > 1 and s[0].islower() and not s.startswith("(")):
         return None
@@ -166,13 +166,14 @@ def choice_letter(s: str, n_choices: int = 26) -> str | None:
     return letter if LETTERS.index(letter) < n_choices else None
 
 
-def _normalise_text(s: str) -> str:
-    return re.sub(r"\s+", " ", _clean(s)).lower()
+def normalise_text(s: str) -> str:
+    """clean_answer(s), lower-cased, runs of whitespace folded to one space."""
+    return re.sub(r"\s+", " ", clean_answer(s)).lower()
 
 
 def _as_list(s: str) -> tuple[str, list[str]] | None:
     """(brackets, items) of '[a, b]', '(a, b]', 'a, b'; None for a single item."""
-    s = _clean(s)
+    s = clean_answer(s)
     brackets = ""
     if len(s) > 2 and s[0] in "[(" and s[-1] in "])":
         brackets, s = s[0] + s[-1], s[1:-1]
@@ -216,7 +217,7 @@ def is_equivalent(pred: str | None, gold: str | None, choices: list[str] | None 
     if choices:
         return _choice_equal(pred, gold, choices)
     gold_letter = choice_letter(gold)
-    if gold_letter is not None and len(_clean(gold)) <= 3:
+    if gold_letter is not None and len(clean_answer(gold)) <= 3:
         return choice_letter(pred) == gold_letter
     p_num, g_num = parse_number(pred), parse_number(gold)
     if p_num is not None and g_num is not None:
@@ -227,17 +228,17 @@ def is_equivalent(pred: str | None, gold: str | None, choices: list[str] | None 
         same_shape = len(p_items) == len(g_items) and (p_brackets == g_brackets or not (p_brackets and g_brackets))
         if same_shape and all(is_equivalent(p, g) for p, g in zip(p_items, g_items)):
             return True
-    if _normalise_text(pred) == _normalise_text(gold):
+    if normalise_text(pred) == normalise_text(gold):
         return True
-    return _math_verify(_clean(pred), _clean(gold))
+    return _math_verify(clean_answer(pred), clean_answer(gold))
 
 
 def _choice_equal(pred: str, gold: str, choices: list[str]) -> bool:
-    texts = [_normalise_text(c) for c in choices]
+    texts = [normalise_text(c) for c in choices]
 
     def as_index(s: str) -> int | None:
         """The option s names: by its text, else by its letter; None if neither."""
-        t = _normalise_text(s)
+        t = normalise_text(s)
         if t in texts:
             return texts.index(t)
         letter = choice_letter(s, len(choices))
