@@ -571,15 +571,24 @@ def load_rows(spec: str, kind: str, split: str = "train", skip_bad_rows: bool = 
 
 
 class MetricLogger:
-    """One JSON line per step in <out>/metrics.jsonl; wandb / tensorboard mirrors when asked."""
+    """One JSON line per step in <out>/metrics.jsonl; wandb / tensorboard mirrors when asked.
 
-    def __init__(self, out_dir: str | Path, config: Any, enabled: bool, report_to: str = "", project: str = "mmr1"):
+    A fresh run starts a new file; a run resumed from step N keeps the lines up to N and drops
+    those a killed run wrote after its last checkpoint, so every step appears once.
+    """
+
+    def __init__(self, out_dir: str | Path, config: Any, enabled: bool, report_to: str = "", project: str = "mmr1",
+                 resume_from: int | None = None):  # fmt: skip
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.wandb = self.tb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_from is not None and self.path.exists():
+            kept = [x for x in self.path.read_text().splitlines() if x and json.loads(x)["step"] <= resume_from]
+        self.path.write_text("".join(x + "\n" for x in kept))
         targets = {t for t in report_to.split(",") if t}
         if "wandb" in targets:
             self.wandb = _optional_import("wandb", "pip install wandb")
@@ -671,7 +680,10 @@ def load_training_checkpoint(folder: str | Path, model, optimizer, d: Dist) -> d
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The `step-N` folder with the highest N that holds a trainer_state.pt, or None."""
+    """The checkpoint to resume from: `final` if the run finished, else the `step-N` with the
+    highest N (each must hold a trainer_state.pt); None if there is none."""
+    if (Path(out_dir) / "final" / "trainer_state.pt").exists():
+        return Path(out_dir) / "final"
     steps = [p for p in Path(out_dir).glob("step-*") if (p / "trainer_state.pt").exists()]
     return max(steps, key=lambda p: int(p.name.split("-")[1]), default=None)
 

@@ -300,7 +300,7 @@ def main() -> None:
         start_step = state["step"]
         if d.master:
             print(f"[grpo] resumed from {ckpt} at step {start_step}")
-    logger = common.MetricLogger(out_dir, cfg, d.master, cfg.report_to)
+    logger = common.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
     if d.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -163,7 +163,7 @@ def test_grpo_torchrun_two_ranks_with_vas(toy_dir, tmp_path):
 
 def test_grpo_stop_and_resume_equals_uninterrupted(toy_dir, tmp_path):
     run_script(grpo_args(toy_dir, tmp_path / "full", 4, "--vas", "--save-every", "2"))
-    run_script(grpo_args(toy_dir, tmp_path / "cut", 4, "--vas", "--save-every", "2", "--stop-after", "2"))
+    run_script(grpo_args(toy_dir, tmp_path / "cut", 4, "--vas", "--save-every", "2", "--stop-after", "3"))
     assert not (tmp_path / "cut" / "final").exists()
     run_script(grpo_args(toy_dir, tmp_path / "cut", 4, "--vas", "--save-every", "2", "--resume"))
     full, cut = (
