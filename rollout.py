@@ -11,6 +11,8 @@ runs on CPU and in the tests. VLLMEngine is a thin colocated vLLM adapter (one e
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +70,12 @@ def checkpoint_name(name: str) -> str:
         if name.startswith(prefix):
             return on_disk + name[len(prefix) :]
     return name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _vllm_available() -> bool:
@@ -165,6 +173,10 @@ class VLLMEngine:
             from vllm import LLM
         except ImportError as e:
             raise SystemExit("--engine vllm needs vLLM: pip install -r requirements-gpu.txt") from e
+        # external_launcher reads the torchrun variables; a plain one-GPU `python grpo.py` has none
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         self.processor, self.d, self.instruction = processor, d, instruction
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.llm = LLM(
