@@ -85,9 +85,14 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
     model, processor = toy_model
     log = []
     install_fake_vllm(monkeypatch, log)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # restored to absent afterwards, whatever the engine sets
     d = common.Dist(1, 2, 1, torch.device("cpu"))
     engine = rollout.make_engine("vllm", model, processor, d, model_path=str(toy_dir / "model"), min_pixels=3136,
                                  max_pixels=50176, gpu_memory_utilization=0.5, max_model_len=512)  # fmt: skip
+    import os
+
+    assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1" and int(os.environ["MASTER_PORT"]) > 0
     name, kwargs = log[0]
     assert name == "LLM" and kwargs["distributed_executor_backend"] == "external_launcher"
     assert kwargs["enable_sleep_mode"] and kwargs["tensor_parallel_size"] == 1 and kwargs["seed"] == 1
