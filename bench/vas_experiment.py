@@ -57,7 +57,7 @@ def curves(run: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def summarise(args, walls: dict[str, list[float]]) -> tuple[str, dict]:
     """The results table (markdown) and the raw numbers per arm."""
     rows, summary = [], {}
-    for arm in ARMS:
+    for arm in args.arms:
         runs = [curves(Path(args.out) / f"{arm}-seed{s}") for s in args.seeds]
         val = np.stack([r["val/accuracy"][1] for r in runs])  # (seeds, val points incl. step 0)
         steps = runs[0]["val/accuracy"][0]
@@ -97,7 +97,7 @@ def plot(args) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.6))
-    for arm in ARMS:
+    for arm in args.arms:
         runs = [curves(Path(args.out) / f"{arm}-seed{s}") for s in args.seeds]
         for ax, name in zip(axes, CURVES):
             steps = runs[0][name][0]
@@ -129,14 +129,19 @@ def main() -> None:
     parser.add_argument("--val-limit", type=int, default=200, help="validation prompts")
     parser.add_argument("--vas-rollouts", type=int, default=4, help="N for VPS scoring")
     parser.add_argument("--vas-update-every", type=int, default=10, help="T_update")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     parser.add_argument("--skip-train", action="store_true", help="only aggregate finished runs")
     args = parser.parse_args()
+    args.arms = [a for a in args.arms.split(",") if a]
+    unknown = set(args.arms) - set(ARMS)
+    if unknown:
+        raise SystemExit(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
     if not Path(args.sft_model, "config.json").exists():
         raise SystemExit(f"no SFT checkpoint at {args.sft_model}: run `python sft.py` first")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    walls: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    walls: dict[str, list[float]] = {arm: [] for arm in args.arms}
     for seed in args.seeds:  # seed-major, so a partial run still covers every arm
-        for arm in ARMS:
+        for arm in args.arms:
             if args.skip_train:
                 walls[arm].append(
                     json.loads((Path(args.out) / f"{arm}-seed{seed}" / "wall.json").read_text())["seconds"]
@@ -151,7 +156,9 @@ def main() -> None:
     print(f"plot: {plot(args)}")
     import vas
 
-    print(f"VPS dynamics: {vas.plot_refreshes(Path(args.out) / f'vas-0.5-seed{args.seeds[0]}')}")
+    vas_arm = next((a for a in args.arms if a.startswith("vas")), None)
+    if vas_arm:
+        print(f"VPS dynamics: {vas.plot_refreshes(Path(args.out) / f'{vas_arm}-seed{args.seeds[0]}')}")
 
 
 if __name__ == "__main__":
