@@ -61,7 +61,7 @@ class GRPOConfig:
     adv_eps: float = field(1e-6, "added to the group std when normalising advantages")
     format_weight: float = field(1.0, "weight of the format reward in the overall reward")
     accuracy_weight: float = field(1.0, "weight of the accuracy reward in the overall reward")
-    reward_workers: int = field(2, "reward scoring processes per rank")
+    reward_workers: int = field(2, "reward scoring processes per rank (0 = score in this process, no hard timeout)")
     reward_timeout_s: float = field(5.0, "hard time limit per response in reward scoring, seconds")
     vas: bool = field(False, "Variance-Aware Sampling instead of uniform shuffling")
     vas_online: bool = field(False, "also refresh the VPS of each batch's prompts from its training rollouts")
@@ -224,21 +224,6 @@ def sequence_logprobs(model, batches: list[dict], cfg: GRPOConfig, d: common.Dis
     return out
 
 
-def validate(engine, rows: list[dict], cfg: GRPOConfig, d: common.Dist, pool, step: int) -> float:
-    """Accuracy on the val rows, one sample each at val_temperature (sharded over ranks)."""
-    mine, n_real = common.shard(rows, d)
-    sampling = rollout.Sampling(cfg.val_temperature, 1.0, cfg.max_response_length, seed=cfg.seed * 7919 + step)
-    outs = engine.generate(mine, 1, sampling)
-    scores = reward.compute_rewards(
-        [o.text for o in outs],
-        [mine[o.row]["answer"] for o in outs],
-        [mine[o.row].get("choices") for o in outs],
-        pool=pool,
-    )
-    correct = sum(s["accuracy"] for s in scores[:n_real])
-    return common.all_reduce_sum(correct, d.device).item() / len(rows)
-
-
 def save_refresh(out_dir: Path, step: int, scores: dict[str, np.ndarray]) -> None:
     """Keeps one VPS refresh (pass rate, OVS, TDS, VPS per prompt) for `vas.py plot`."""
     (out_dir / "vas").mkdir(parents=True, exist_ok=True)
@@ -308,6 +293,9 @@ def main() -> None:
               f"responses, {d.world_size} rank(s), engine {type(engine).__name__}, vas={cfg.vas}")  # fmt: skip
     pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
 
+    def val_sampling(step: int) -> rollout.Sampling:  # one sample per val prompt at val_temperature
+        return rollout.Sampling(cfg.val_temperature, 1.0, cfg.max_response_length, seed=cfg.seed * 7919 + step)
+
     def save(folder: Path, step: int) -> None:
         common.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg,
                                         sampler=sampler.state_dict(), vps=vps.tolist())  # fmt: skip
@@ -340,7 +328,7 @@ def main() -> None:
                   f"{scores['pass_rate'].mean():.3f}, zero-variance share {np.mean(scores['ovs'] == 0):.3f}")  # fmt: skip
 
     if val_rows and cfg.val_every and start_step == 0:  # the starting point of the val curve
-        logger.log(0, {"val/accuracy": validate(engine, val_rows, cfg, d, pool, 0)})
+        logger.log(0, {"val/accuracy": rollout.accuracy(engine, val_rows, d, val_sampling(0), pool)})
 
     # --- training loop ---
     model.train()
@@ -362,12 +350,8 @@ def main() -> None:
         metrics["time/rollout_s"] = time.time() - t0
 
         # --- rewards ---
-        scores = reward.compute_rewards(
-            [o.text for o in outs], [local_rows[o.row]["answer"] for o in outs],
-            [local_rows[o.row].get("choices") for o in outs], workers=0 if pool is None else cfg.reward_workers,
-            timeout_s=cfg.reward_timeout_s, format_weight=cfg.format_weight, accuracy_weight=cfg.accuracy_weight,
-            pool=pool,
-        )  # fmt: skip
+        scores = rollout.score_rollouts(outs, local_rows, pool, format_weight=cfg.format_weight,
+                                        accuracy_weight=cfg.accuracy_weight)  # fmt: skip
         rewards = torch.tensor([s["overall"] for s in scores])
 
         # --- advantages: group-normalised, zero-variance groups give 0 ---
@@ -441,7 +425,7 @@ def main() -> None:
         })  # fmt: skip
         if val_rows and ((cfg.val_every and done % cfg.val_every == 0) or done == total_steps):
             engine.wake(model)
-            metrics["val/accuracy"] = validate(engine, val_rows, cfg, d, pool, done)
+            metrics["val/accuracy"] = rollout.accuracy(engine, val_rows, d, val_sampling(done), pool)
             engine.sleep()
         logger.log(done, metrics)
         bar.set_postfix(acc=f"{metrics['reward/accuracy']:.2f}", zero_var=f"{metrics['vas/zero_var_frac']:.2f}",

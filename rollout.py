@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 import common
+import reward
 
 
 @dataclass
@@ -85,6 +86,30 @@ def _vllm_available() -> bool:
         return True
     except ImportError:
         return False
+
+
+def score_rollouts(outs: list[Rollout], rows: list[dict], pool=None, **weights) -> list[dict]:
+    """reward.compute_rewards of each rollout against the answer (and choices) of its row.
+
+    With a RewardPool the workers score with a hard timeout; without one, scoring runs in this
+    process. `weights`: format_weight / accuracy_weight.
+    """
+    return reward.compute_rewards(
+        [o.text for o in outs],
+        [rows[o.row]["answer"] for o in outs],
+        [rows[o.row].get("choices") for o in outs],
+        workers=0,
+        pool=pool,
+        **weights,
+    )
+
+
+def accuracy(engine, rows: list[dict], d: common.Dist, sampling: Sampling, pool=None) -> float:
+    """Share of `rows` answered right with one sample each, sharded over ranks (every rank gets it)."""
+    mine, n_real = common.shard(rows, d)
+    scores = score_rollouts(engine.generate(mine, 1, sampling), mine, pool)
+    correct = sum(s["accuracy"] for s in scores[:n_real])
+    return common.all_reduce_sum(correct, d.device).item() / len(rows)
 
 
 class HFEngine:

@@ -23,7 +23,6 @@ import torch
 from tqdm import tqdm
 
 import common
-import reward
 import rollout
 from common import field
 from data import toy
@@ -150,15 +149,6 @@ def val_loss(model, processor, rows: list[dict], cfg: SFTConfig, d: common.Dist)
     return common.all_reduce_sum(nll, d.device).item() / max(1, common.all_reduce_sum(count, d.device).item())
 
 
-def val_accuracy(engine, rows: list[dict], d: common.Dist, max_new_tokens: int) -> float:
-    """Greedy-decoding accuracy on RL-format rows, scored with reward.accuracy_reward."""
-    mine, n_real = common.shard(rows, d)
-    outs = engine.generate(mine, 1, rollout.Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
-    hits = [reward.accuracy_reward(o.text, mine[o.row]["answer"], mine[o.row].get("choices")) for o in outs]
-    correct = common.all_reduce_sum(sum(hits[:n_real]), d.device).item()
-    return correct / len(rows)
-
-
 def main() -> None:
     cfg = common.parse_config(SFTConfig, PRESETS)
     toy_mode = not cfg.model and not cfg.data
@@ -253,7 +243,8 @@ def main() -> None:
     final = {}
     if acc_rows:
         engine = rollout.HFEngine(model, processor, d, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-        final["val/accuracy"] = val_accuracy(engine, acc_rows, d, cfg.acc_max_new_tokens)
+        greedy = rollout.Sampling(temperature=0.0, max_new_tokens=cfg.acc_max_new_tokens)
+        final["val/accuracy"] = rollout.accuracy(engine, acc_rows, d, greedy)
         logger.log(total_steps, final)
     save(out_dir / "final", total_steps)
     if d.master:

@@ -341,14 +341,14 @@ def rollout_scores(engine, rows: list[dict], indices: list[int], d, *, n: int, s
     """Pass rate, OVS, TDS, VPS (each (len(indices),), in `indices` order) from n fresh rollouts.
 
     Prompts are sharded over ranks (common.shard), generated in calls of
-    `prompts_per_call` prompts, scored with reward.compute_rewards (accuracy only), then
+    `prompts_per_call` prompts, scored with rollout.score_rollouts (accuracy only), then
     all-gathered, so every rank returns the full arrays. `sampling.seed` plus the call number
     seeds each call, so a refresh is reproducible.
     """
     from tqdm import tqdm
 
     import common
-    import reward
+    import rollout
 
     padded, n_real = common.shard(list(indices), d)  # equal work on every rank (synced generation)
     results = []
@@ -358,12 +358,7 @@ def rollout_scores(engine, rows: list[dict], indices: list[int], d, *, n: int, s
         chunk_rows = [rows[i] for i in chunk]
         call_sampling = type(sampling)(**{**sampling.__dict__, "seed": sampling.seed * 10_007 + call})
         outs = engine.generate(chunk_rows, n, call_sampling)
-        scores = reward.compute_rewards(
-            [o.text for o in outs],
-            [chunk_rows[o.row]["answer"] for o in outs],
-            [chunk_rows[o.row].get("choices") for o in outs],
-            pool=pool,
-        )
+        scores = rollout.score_rollouts(outs, chunk_rows, pool)
         groups: list[list[list[int]]] = [[] for _ in chunk]
         accuracies: list[list[float]] = [[] for _ in chunk]
         for o, s in zip(outs, scores):

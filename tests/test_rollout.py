@@ -122,3 +122,18 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
 
     on_disk = load_file(str(toy_dir / "model" / "model.safetensors"))  # what save_pretrained wrote
     assert sorted(n for n, _ in rpc[2]) == sorted(on_disk) and {t for _, t in rpc[2]} == {torch.bfloat16}
+
+
+def test_score_rollouts_without_a_pool_stays_in_process(monkeypatch):
+    import reward
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("no worker pool may be started when none is given (--reward-workers 0)")
+
+    monkeypatch.setattr(reward, "RewardPool", no_pool)
+    rows = [{"answer": "4"}, {"answer": "B", "choices": ["x", "y"]}]
+    outs = [rollout.Rollout(0, [], "<think>t</think><answer>\\boxed{4}</answer>", "stop"),
+            rollout.Rollout(1, [], "<think>t</think><answer>\\boxed{y}</answer>", "stop"),
+            rollout.Rollout(1, [], "\\boxed{A}", "length")]  # fmt: skip
+    scores = rollout.score_rollouts(outs, rows, None, format_weight=0.5)
+    assert [(s["format"], s["accuracy"], s["overall"]) for s in scores] == [(1, 1, 1.5), (1, 1, 1.5), (0, 0, 0)]
