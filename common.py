@@ -27,6 +27,50 @@ import torch.distributed as dist
 IMAGE_MARKER = "<image>"
 IGNORE_INDEX = -100  # label of tokens that carry no loss
 
+# The recipe's two prompts, verbatim (paper Tables 7 and 8; they are data, not prose to edit).
+# RL: prepended to every problem inside the user turn, joined by one space (released training code).
+RL_INSTRUCTION = (
+    "A conversation between User and Assistant. The User provides an image and asks a question. The Assistant "
+    "first analyzes both the image and the question, then carefully thinks about the reasoning process step by "
+    "step, and finally provides the User with an accurate answer. The Assistant must carefully checkout the "
+    "correctness and validity of each reasoning step. If any errors or inconsistencies are found during the "
+    "reasoning process, the Assistant reflects and corrects them logically. The reasoning process and answer are "
+    "enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
+    "here, with potential reflections and corrections </think><answer> final answer here, with the key result "
+    "enclosed in \\boxed{} </answer>."
+)
+# Evaluation: the system prompt of every benchmark question.
+EVAL_SYSTEM_PROMPT = (
+    "Please solve the problem step by step and put your answer in one \\boxed{}. "
+    "If it is a multiple-choice question, only one letter should appear inside the \\boxed{}."
+)
+
+INSTRUCTIONS = {"recipe": RL_INSTRUCTION}  # names a --instruction flag may use instead of the text
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a row's problem becomes a chat prompt.
+
+    instruction: text put before the problem in the user turn, joined by one space (RL_INSTRUCTION
+    for the recipe's RL runs; empty for the toy). system: the system message (EVAL_SYSTEM_PROMPT
+    for evaluation); empty keeps the chat template's default system message.
+    """
+
+    instruction: str = ""
+    system: str = ""
+
+
+def derive_seed(seed: int, stream: str, *counters: int) -> int:
+    """A 31-bit seed for one random stream, distinct for every (seed, stream, counters).
+
+    stream names the consumer ("rollout", "val", "vas", "sft-order", ...); counters are the step,
+    the rank, a call number. Seeds of different streams never coincide by arithmetic accident
+    (as `seed * K + step` schemes do at seed 0): the inputs go through numpy's SeedSequence hash.
+    """
+    words = [seed & 0xFFFFFFFF, *stream.encode(), *(c & 0xFFFFFFFF for c in counters)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)
+
 
 # ---------------------------------------------------------------------------------------------
 # Config dataclass -> argparse
@@ -268,8 +312,9 @@ def hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return caught["h"]
 
 
-def _chunk_logprobs(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, entropy: bool):
-    logits = torch.nn.functional.linear(hidden, weight).float()  # (B, C, V), only C positions at a time
+def _chunk_logprobs(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, entropy: bool,
+                    temperature: float):  # fmt: skip
+    logits = torch.nn.functional.linear(hidden, weight).float() / temperature  # (B, C, V), C positions at a time
     lse = logits.logsumexp(-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     if not entropy:
@@ -279,33 +324,42 @@ def _chunk_logprobs(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.T
 
 
 def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
-                         entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Log-probs (B, T) in fp32 of `targets` (B, T) under logits = hidden (B, T, H) @ weight.T (V, H).
+                         entropy: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Log-probs (B, T) in fp32 of `targets` (B, T) under softmax(hidden (B, T, H) @ weight.T (V, H) / temperature).
 
-    lm_head + logsumexp run over chunks of `chunk_size` positions, each under activation
-    checkpointing, so peak memory grows with chunk_size x V instead of T x V, forward and
-    backward. Entropies (B, T) are zeros unless entropy=True (they carry no gradient).
+    temperature: that of the sampler (GRPO's rollouts sample from softmax(logits / T), so the ratio,
+    the KL and the entropy must be those of that distribution). lm_head + logsumexp run over chunks
+    of `chunk_size` positions, each under activation checkpointing, so peak memory grows with
+    chunk_size x V instead of T x V, forward and backward. Entropies (B, T), in nats, are zeros
+    unless entropy=True (they carry no gradient).
     """
+    if temperature <= 0:
+        raise ValueError(f"log-probs need a positive temperature, got {temperature}")
     logps, ents = [], []
     for s in range(0, hidden.shape[1], chunk_size):
         h, t = hidden[:, s : s + chunk_size], targets[:, s : s + chunk_size]
         if torch.is_grad_enabled():
-            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, weight, h, t, entropy, use_reentrant=False)
+            lp, ent = torch.utils.checkpoint.checkpoint(
+                _chunk_logprobs, weight, h, t, entropy, temperature, use_reentrant=False
+            )
         else:
-            lp, ent = _chunk_logprobs(weight, h, t, entropy)
+            lp, ent = _chunk_logprobs(weight, h, t, entropy, temperature)
         logps.append(lp)
         ents.append(ent.detach())
     return torch.cat(logps, 1), torch.cat(ents, 1)
 
 
-def token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 1024, entropy: bool = False):
-    """Log-probs (B, T-1) in fp32 of input_ids[:, 1:] given the prefix, and entropies (B, T-1).
+def token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 1024, entropy: bool = False,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Log-probs (B, T-1) in fp32 of input_ids[:, 1:] given the prefix under softmax(logits /
+    temperature), and entropies (B, T-1) of that distribution.
 
     The decoder runs once to hidden states; the vocabulary projection is chunked (see
     logprobs_from_hidden), so the full (T, V) log-softmax never exists.
     """
     hidden = hidden_states(model, inputs)[:, :-1]
-    return logprobs_from_hidden(hidden, model.lm_head.weight, inputs["input_ids"][:, 1:], chunk_size, entropy)
+    targets = inputs["input_ids"][:, 1:]
+    return logprobs_from_hidden(hidden, model.lm_head.weight, targets, chunk_size, entropy, temperature)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,10 +424,12 @@ def user_content(text: str, n_images: int) -> list[dict]:
     return parts
 
 
-def prompt_messages(row: dict, instruction: str = "") -> list[dict]:
-    """Chat messages of an RL/eval row: one user turn, `instruction` appended to the problem."""
-    text = row["problem"] + (("\n" + instruction) if instruction else "")
-    return [{"role": "user", "content": user_content(text, len(row.get("images") or []))}]
+def prompt_messages(row: dict, fmt: PromptFormat = PromptFormat()) -> list[dict]:
+    """Chat messages of an RL/eval row: an optional system turn, then one user turn holding
+    `fmt.instruction + " " + problem` with the row's images at its `<image>` markers."""
+    text = f"{fmt.instruction} {row['problem']}" if fmt.instruction else row["problem"]
+    system = [{"role": "system", "content": fmt.system}] if fmt.system else []
+    return system + [{"role": "user", "content": user_content(text, len(row.get("images") or []))}]
 
 
 def sft_messages(row: dict) -> list[dict]:
@@ -426,11 +482,10 @@ def check_row(row: dict, kind: str, min_pixels: int = 3136, max_pixels: int = 10
             raise ValueError(f"image {j} is unreadable ({type(e).__name__}: {e})") from e
 
 
-def prompt_texts(processor, rows: list[dict], instruction: str = "") -> list[str]:
+def prompt_texts(processor, rows: list[dict], fmt: PromptFormat = PromptFormat()) -> list[str]:
     """Chat-templated prompt strings (ending in the assistant header) for RL/eval rows."""
     return [
-        processor.apply_chat_template(prompt_messages(r, instruction), tokenize=False, add_generation_prompt=True)
-        for r in rows
+        processor.apply_chat_template(prompt_messages(r, fmt), tokenize=False, add_generation_prompt=True) for r in rows
     ]
 
 
@@ -487,30 +542,48 @@ def sft_batch(processor, rows: list[dict], min_pixels: int, max_pixels: int, max
 
 
 def rl_batch(processor, rows: list[dict], responses: list[list[int]], min_pixels: int, max_pixels: int,
-             instruction: str = "") -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+             fmt: PromptFormat = PromptFormat()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
     """Model inputs for prompt + sampled response sequences, and the response-token mask.
 
-    rows[i] is the prompt of responses[i] (token ids). Returns right-padded (B, T) inputs with
-    the rows' pixel_values / image_grid_thw / mm_token_type_ids, and a (B, T-1) float mask that
-    is 1 where the TARGET token input_ids[:, 1:] is a response token (aligned with token_logprobs).
+    rows[i] is the prompt of responses[i] (token ids); the n responses of one prompt share the row
+    object, and each distinct prompt goes through the processor (chat template, image resize and
+    patching) once. Returns right-padded (B, T) inputs with the rows' pixel_values /
+    image_grid_thw / mm_token_type_ids, and a (B, T-1) float mask that is 1 where the TARGET token
+    input_ids[:, 1:] is a response token (aligned with token_logprobs).
     """
-    encoded = processor_inputs(processor, prompt_texts(processor, rows, instruction),
-                               [row_images(r, min_pixels, max_pixels) for r in rows])  # fmt: skip
+    unique: dict[int, int] = {}  # id(row) -> index among the distinct prompts
+    for r in rows:
+        unique.setdefault(id(r), len(unique))
+    distinct = list({id(r): r for r in rows}.values())
+    encoded = processor_inputs(processor, prompt_texts(processor, distinct, fmt),
+                               [row_images(r, min_pixels, max_pixels) for r in distinct])  # fmt: skip
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
-    length = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    pad = processor.tokenizer.pad_token_id
-    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    # the image patches of each distinct prompt: pixel_values holds all images' patches back to back
+    grids = encoded.get("image_grid_thw", torch.zeros((0, 3), dtype=torch.long))
+    patch_ends = grids.prod(-1).cumsum(0).tolist()
+    image_ends = torch.tensor([len(r.get("images") or []) for r in distinct]).cumsum(0).tolist()
+    image_slices = [(0 if p == 0 else image_ends[p - 1], image_ends[p]) for p in range(len(distinct))]
+
+    which = [unique[id(r)] for r in rows]
+    length = max(len(prompts[p]) + len(resp) for p, resp in zip(which, responses))
+    input_ids = torch.full((len(rows), length), processor.tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     response_mask = torch.zeros((len(rows), length), dtype=torch.float32)
-    for b, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[b, : len(p) + len(r)] = torch.tensor(p + list(r), dtype=torch.long)
-        attention_mask[b, : len(p) + len(r)] = 1
-        response_mask[b, len(p) : len(p) + len(r)] = 1
+    pixel_parts, grid_parts = [], []
+    for b, (p, resp) in enumerate(zip(which, responses)):
+        prompt = prompts[p]
+        input_ids[b, : len(prompt) + len(resp)] = torch.tensor(prompt + list(resp), dtype=torch.long)
+        attention_mask[b, : len(prompt) + len(resp)] = 1
+        response_mask[b, len(prompt) : len(prompt) + len(resp)] = 1
+        first, last = image_slices[p]
+        if last > first:
+            start = 0 if first == 0 else patch_ends[first - 1]
+            pixel_parts.append(encoded["pixel_values"][start : patch_ends[last - 1]])
+            grid_parts.append(grids[first:last])
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     inputs["mm_token_type_ids"] = (input_ids == processor.image_token_id).long()  # 1 = image token
-    for key in ("pixel_values", "image_grid_thw"):
-        if key in encoded:
-            inputs[key] = encoded[key]
+    if pixel_parts:
+        inputs["pixel_values"], inputs["image_grid_thw"] = torch.cat(pixel_parts), torch.cat(grid_parts)
     return inputs, response_mask[:, 1:]
 
 

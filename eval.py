@@ -39,7 +39,10 @@ class EvalConfig:
     output_dir: str = field("runs/eval", "where per-sample jsonl files and the results table go")
     engine: str = field("auto", "generation engine: vllm (GPU), hf, or auto", choices=["auto", "hf", "vllm"])
     temperature: float = field(0.0, "sampling temperature (0 = greedy)")
-    max_new_tokens: int = field(2048, "response token limit (the toy uses 64)")
+    max_new_tokens: int = field(
+        4096, "response token limit (the RL stage trains 4096-token responses; the toy uses 64)"
+    )
+    max_prompt_length: int = field(4096, "prompt token limit (vLLM context = prompt + response)")
     limit: int = field(0, "evaluate only the first N rows of each benchmark (0 = all)")
     batch_size: int = field(32, "prompts per generation call")
     min_pixels: int = field(7056, "images are resized to at least this many pixels")
@@ -47,11 +50,6 @@ class EvalConfig:
     gpu_memory_utilization: float = field(0.75, "vLLM's share of GPU memory")
     seed: int = field(0, "sampling seed")
 
-
-EVAL_PROMPT = (
-    "Solve the problem step by step. Put the final answer in a single \\boxed{}. "
-    "For a multiple-choice question, put only the letter of the correct option in \\boxed{}."
-)
 
 # Hub id, config, split of each benchmark (PAPER.md, "Benchmark data")
 HUB = {
@@ -102,6 +100,17 @@ def to_prompt_row(benchmark: str, row: dict) -> dict:
     if benchmark == "mathvision" and row.get("options"):
         question += options_text(list(row["options"]))
     return {"problem": "<image>" + question.replace("<image>", "").strip(), "images": [image]}
+
+
+def mathverse_options(question: str) -> list[str]:
+    """Option texts of a MathVerse question, whose choices live in its text after "Choices:" as
+    lines like "A:30°" / "(B) 40" / "C. 50"; [] when the question lists none."""
+    _, found, tail = question.partition("Choices:")
+    if not found:
+        return []
+    options = re.findall(r"^\s*\(?([A-E])\s*[:.)]\s*(.*?)\s*$", tail, flags=re.MULTILINE)
+    letters = [letter for letter, _ in options]
+    return [text for _, text in options] if letters == list(reward.LETTERS[: len(letters)]) else []
 
 
 def breakdown_key(benchmark: str, row: dict) -> str:
@@ -184,6 +193,10 @@ def score_answer(benchmark: str, response: str, row: dict) -> bool:
         return reward.is_equivalent(pred, gold, row.get("choices"))
     if benchmark == "mathverse":
         if row.get("question_type") == "multi-choice":  # gold is a letter; options live in the text
+            options = mathverse_options(row.get("question", ""))
+            if options:  # the letter, or the option text mapped to its letter (as for the other benchmarks)
+                picked = chosen_option(pred, options)
+                return picked is not None and reward.LETTERS[picked] == reward.choice_letter(gold)
             return reward.choice_letter(pred) == reward.choice_letter(gold)
         return reward.is_equivalent(pred, gold)
     if benchmark == "mathvista":
@@ -238,8 +251,12 @@ def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: common.Dist, instruction: str):
-    """Generates for every usable row (sharded over ranks), scores it; returns (records, bad)."""
+def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: common.Dist):
+    """Generates for every usable row (sharded over ranks), scores it; returns (records, bad).
+
+    Benchmarks are asked as the paper does: the Table 8 prompt as the system message, the question
+    (with its options) in the user turn. The toy is asked in its own format (no system prompt).
+    """
     usable, bad = [], []
     for i, row in enumerate(raw):
         row_id = str(row.get("id", row.get("pid", row.get("sample_index", i))))
@@ -250,9 +267,9 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: c
         except (ValueError, TypeError, KeyError) as e:
             bad.append(f"{name} row {i} (id={row_id}): {e}")
     padded, n_real = common.shard(usable, d)
-    engine.instruction = instruction
+    engine.prompt_format = common.PromptFormat(system="" if name == "toy" else common.EVAL_SYSTEM_PROMPT)
     records = []
-    sampling = rollout.Sampling(cfg.temperature, 1.0, cfg.max_new_tokens, cfg.seed)
+    sampling = rollout.Sampling(cfg.temperature, 1.0, cfg.max_new_tokens, common.derive_seed(cfg.seed, "eval"))
     bar = tqdm(total=len(usable), disable=not d.master, desc=name, leave=False)
     for s in range(0, len(padded), cfg.batch_size):
         part = padded[s : s + cfg.batch_size]
@@ -320,12 +337,11 @@ def main() -> None:
         engine = rollout.make_engine(cfg.engine, model, processor, d, model_path=path, min_pixels=cfg.min_pixels,
                                      max_pixels=cfg.max_pixels, batch_size=cfg.batch_size,
                                      gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                     max_model_len=cfg.max_new_tokens + 4096)  # fmt: skip
+                                     max_model_len=cfg.max_new_tokens + cfg.max_prompt_length)  # fmt: skip
         out_dir = Path(cfg.output_dir) / Path(label).name.replace("/", "_")
         results[label] = {}
         for name in names:
-            instruction = "" if name == "toy" else EVAL_PROMPT
-            records, bad = evaluate_benchmark(engine, name, raw[name], cfg, d, instruction)
+            records, bad = evaluate_benchmark(engine, name, raw[name], cfg, d)
             if d.master:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 with (out_dir / f"{name}.jsonl").open("w") as f:
@@ -336,6 +352,7 @@ def main() -> None:
                 s = results[label][name]
                 groups = ", ".join(f"{g} {v:.1f}" for g, v in s["groups"].items())
                 print(f"[eval] {label} {name}: {s['accuracy']:.1f}% of {s['n']} ({groups}); {len(bad)} skipped")
+        engine.close()  # frees vLLM before the next model's engine starts
         del model, engine
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

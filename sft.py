@@ -104,7 +104,7 @@ def global_batch(step: int, n_rows: int, batch_size: int, seed: int) -> list[int
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(pos, n_rows)
         perm = list(range(n_rows))
-        random.Random(seed * 100_003 + epoch).shuffle(perm)
+        random.Random(common.derive_seed(seed, "sft-order", epoch)).shuffle(perm)
         out.append(perm[offset])
     return out
 

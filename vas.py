@@ -342,8 +342,8 @@ def rollout_scores(engine, rows: list[dict], indices: list[int], d, *, n: int, s
 
     Prompts are sharded over ranks (common.shard), generated in calls of
     `prompts_per_call` prompts, scored with rollout.score_rollouts (accuracy only), then
-    all-gathered, so every rank returns the full arrays. `sampling.seed` plus the call number
-    seeds each call, so a refresh is reproducible.
+    all-gathered, so every rank returns the full arrays. Each call's seed is derived from
+    `sampling.seed` and the call number, so a refresh is reproducible.
     """
     from tqdm import tqdm
 
@@ -356,7 +356,7 @@ def rollout_scores(engine, rows: list[dict], indices: list[int], d, *, n: int, s
     for call, start in enumerate(range(0, len(padded), prompts_per_call)):
         chunk = padded[start : start + prompts_per_call]
         chunk_rows = [rows[i] for i in chunk]
-        call_sampling = type(sampling)(**{**sampling.__dict__, "seed": sampling.seed * 10_007 + call})
+        call_sampling = type(sampling)(**{**sampling.__dict__, "seed": common.derive_seed(sampling.seed, "call", call)})
         outs = engine.generate(chunk_rows, n, call_sampling)
         scores = rollout.score_rollouts(outs, chunk_rows, pool)
         groups: list[list[list[int]]] = [[] for _ in chunk]
@@ -461,7 +461,11 @@ def main(argv: list[str] | None = None) -> None:
     score.add_argument("--min-pixels", type=int, default=3136, help="images resized to at least this many pixels")
     score.add_argument("--max-pixels", type=int, default=50176, help="images resized to at most this many pixels")
     score.add_argument("--reward-workers", type=int, default=2, help="reward scoring processes per rank")
-    score.add_argument("--seed", type=int, default=0, help="sampling seed")
+    score.add_argument(
+        "--instruction", default="", help="text put before every problem (as grpo.py --instruction; 'recipe' = Table 7)"
+    )
+    score.add_argument("--max-prompt-length", type=int, default=2048, help="prompt token limit (vLLM context)")
+    score.add_argument("--seed", type=int, default=0, help="sampling seed (the stream grpo.py's initial scoring uses)")
     score.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows")
     plot = sub.add_parser("plot", help="draw VPS histograms and transition matrices of a grpo.py --vas run")
     plot.add_argument("run_dir", help="the run's --output-dir")
@@ -482,13 +486,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = common.load_rows(args.data, "rl", "train", args.skip_bad_rows, args.limit)
     processor = common.load_processor(args.model, args.min_pixels, args.max_pixels)
     model = None if args.engine == "vllm" else common.shard_model(common.load_model(args.model, d.device), d)
-    engine = rollout.make_engine(args.engine, model, processor, d, model_path=args.model,
-                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels)  # fmt: skip
-    sampling = rollout.Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    prompt_format = common.PromptFormat(instruction=common.INSTRUCTIONS.get(args.instruction, args.instruction))
+    engine = rollout.make_engine(args.engine, model, processor, d, model_path=args.model, min_pixels=args.min_pixels,
+                                 max_pixels=args.max_pixels, prompt_format=prompt_format,
+                                 max_model_len=args.max_prompt_length + args.max_new_tokens)  # fmt: skip
+    seed = common.derive_seed(args.seed, "vas", 0)  # the seed stream of grpo.py's initial scoring
+    sampling = rollout.Sampling(args.temperature, args.top_p, args.max_new_tokens, seed)
     with reward.RewardPool(args.reward_workers) as pool:
         scores = rollout_scores(engine, rows, list(range(len(rows))), d, n=args.rollouts, sampling=sampling,
                                 pool=pool, alpha=args.alpha, beta=args.beta, tds_kind=args.tds,
                                 prompts_per_call=args.prompts_per_call)  # fmt: skip
+    engine.close()
     if d.master:
         import datasets
 

@@ -73,7 +73,7 @@ def test_token_mean_over_ranks_equals_single_process(toy_model):
         total = sum(float(p["response_mask"].sum()) for ps in parts for p in ps)
         for ps in parts:  # each rank: its own micro-batches, loss scaled by world / global tokens
             for p in ps:
-                logp, _ = common.token_logprobs(model, p["inputs"])
+                logp, _ = common.token_logprobs(model, p["inputs"], temperature=cfg.temperature)
                 pg, _ = grpo.clipped_surrogate(logp, logp.detach(), p["advantages"][:, None], 0.2, 0.2)
                 ((pg * p["response_mask"]).sum() * world / total).backward()
         g = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None]) / world  # FSDP mean

@@ -1,5 +1,6 @@
-"""rollout.py: the HF engine on the toy model, and the vLLM adapter against a recording stand-in
-for the vllm package (vLLM itself has no CPU kernels, so its calls are checked, not run)."""
+"""rollout.py: the HF engine on the toy model, and the GPU-only side of the vLLM adapter (sleep mode,
+the wake / push / wake sequence) against a recording stand-in for the vllm package. The vLLM engine
+itself runs for real, on its CPU build, in tests/test_vllm.py."""
 
 import sys
 import types
@@ -57,6 +58,10 @@ def install_fake_vllm(monkeypatch, log):
     class LLM:
         def __init__(self, **kwargs):
             log.append(("LLM", kwargs))
+            self.llm_engine = types.SimpleNamespace(
+                reset_encoder_cache=lambda: log.append(("reset_encoder_cache",)),
+                engine_core=types.SimpleNamespace(shutdown=lambda: log.append(("shutdown",))),
+            )
 
         def generate(self, prompts, params, use_tqdm=False):
             log.append(("generate", prompts, params.kwargs))
@@ -87,7 +92,7 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
     install_fake_vllm(monkeypatch, log)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)  # restored to absent afterwards, whatever the engine sets
-    d = common.Dist(1, 2, 1, torch.device("cpu"))
+    d = common.Dist(1, 2, 1, torch.device("cuda", 1))  # the GPU arguments; nothing here touches a device
     engine = rollout.make_engine("vllm", model, processor, d, model_path=str(toy_dir / "model"), min_pixels=3136,
                                  max_pixels=50176, gpu_memory_utilization=0.5, max_model_len=512)  # fmt: skip
     import os
@@ -104,7 +109,8 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
     assert len(prompts[0]["multi_modal_data"]["image"]) == 1 and "multi_modal_data" not in prompts[2]
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert params["n"] == 2 and params["max_tokens"] == 9 and params["stop_token_ids"] == [end]
-    assert params["seed"] == 2 * 1_000_003 + 1 and all(v < -50 for v in params["logit_bias"].values())
+    assert params["seed"] == common.derive_seed(2, "rank", 1) and all(v < -50 for v in params["logit_bias"].values())
+    assert params["top_k"] == 0 and params["repetition_penalty"] == 1.0 and kwargs["generation_config"] == "vllm"
     assert [(o.row, o.token_ids, o.finish_reason) for o in outs[:2]] == [
         (0, [5, 6, end], "stop"),
         (0, [7, 7, 7], "length"),
@@ -112,16 +118,22 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
     log.clear()
     engine.sleep()
     engine.sleep()  # idempotent
-    engine.wake(model)
+    engine.wake(model, version=1)
     names = [entry[0] for entry in log]
-    assert names == ["sleep", "wake_up", "rpc", "reset_prefix_cache", "wake_up"]
-    assert log[1][1] == ("weights",) and log[4][1] == ("kv_cache",)
+    assert names == ["sleep", "wake_up", "rpc", "reset_prefix_cache", "reset_encoder_cache", "wake_up"]
+    assert log[1][1] == ("weights",) and log[5][1] == ("kv_cache",)
     rpc = log[2]
     assert rpc[1] == "reload_weights" and rpc[3] is True
     from safetensors.torch import load_file
 
     on_disk = load_file(str(toy_dir / "model" / "model.safetensors"))  # what save_pretrained wrote
     assert sorted(n for n, _ in rpc[2]) == sorted(on_disk) and {t for _, t in rpc[2]} == {torch.bfloat16}
+    log.clear()
+    engine.sleep()
+    engine.wake(model, version=1)  # the same weights again (a validation after the step): no push
+    assert [entry[0] for entry in log] == ["sleep", "wake_up", "wake_up"] and engine.pushes == 1
+    engine.close()
+    assert log[-1] == ("shutdown",) and engine.llm is None
 
 
 def test_score_rollouts_without_a_pool_stays_in_process(monkeypatch):
