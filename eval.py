@@ -33,7 +33,9 @@ from data import toy
 class EvalConfig:
     """Scores a model on the five benchmarks of the paper (or the toy test split by default)."""
 
-    model: str = field("", "hub id or local folder to evaluate (default: the toy SFT and GRPO checkpoints)")
+    model: str = field(
+        "", "hub ids or local folders to evaluate, comma-separated (default: the toy SFT and GRPO checkpoints)"
+    )
     benchmarks: str = field("mathverse,mathvista,mathvision,logicvista,chartqa", "comma-separated benchmark names")
     bench_data: str = field("", "local overrides, name=path[,name=path]: parquet/jsonl in the benchmark's columns")
     output_dir: str = field("runs/eval", "where per-sample jsonl files and the results table go")
@@ -309,11 +311,20 @@ def results_table(results: dict[str, dict[str, dict]], names: list[str], with_pa
     return "\n".join(lines)
 
 
+def run_name(model: str) -> str:
+    """The folder a model's per-sample files go to: its folder name, or its run's for a checkpoint
+    folder (runs/x/final -> x, runs/x/step-100 -> x-step-100)."""
+    path = Path(model)
+    if path.name == "final":
+        return path.parent.name
+    return f"{path.parent.name}-{path.name}" if path.name.startswith("step-") else path.name
+
+
 def main() -> None:
     cfg = common.parse_config(EvalConfig)
     d = common.setup_distributed(cfg.seed)
     if cfg.model:
-        models = {cfg.model: cfg.model}
+        models = {m: m for m in cfg.model.split(",") if m}
         names = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
     else:  # toy: compare the SFT and GRPO toy checkpoints on the toy test split
         toy.ensure_toy()
@@ -338,7 +349,7 @@ def main() -> None:
                                      max_pixels=cfg.max_pixels, batch_size=cfg.batch_size,
                                      gpu_memory_utilization=cfg.gpu_memory_utilization,
                                      max_model_len=cfg.max_new_tokens + cfg.max_prompt_length)  # fmt: skip
-        out_dir = Path(cfg.output_dir) / Path(label).name.replace("/", "_")
+        out_dir = Path(cfg.output_dir) / run_name(label)
         results[label] = {}
         for name in names:
             records, bad = evaluate_benchmark(engine, name, raw[name], cfg, d)

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 
 from data import toy  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # CI runs with 1 and 2
 SMALL = {"train": 96, "val": 24, "test": 24}
 
 

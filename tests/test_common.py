@@ -170,7 +170,10 @@ def test_sft_label_mask_covers_exactly_the_assistant_turns(toy_model):
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("with_images", [True, False])
-def test_chunked_logprobs_match_naive(toy_model, padding_side, with_images):
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_chunked_logprobs_match_naive(toy_model, padding_side, with_images, temperature):
+    """The log-prob of each token is log softmax(logits / T) at that token: the distribution the
+    rollouts sampled from (T = 0.6 in the recipe), and so is the entropy."""
     model, processor = toy_model
     torch.manual_seed(0)
     rows = [{"problem": ("<image>" if with_images else "") + q, "images": [grid_image()] if with_images else []}
@@ -181,11 +184,11 @@ def test_chunked_logprobs_match_naive(toy_model, padding_side, with_images):
     finally:
         processor.tokenizer.padding_side = "left"
     with torch.no_grad():
-        logits = model(**inputs).logits[:, :-1].float()
+        logits = model(**inputs).logits[:, :-1].float() / temperature
         naive = logits.log_softmax(-1).gather(-1, inputs["input_ids"][:, 1:, None]).squeeze(-1)
         naive_entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
         for chunk in (3, 7, 1024):
-            logp, ent = common.token_logprobs(model, inputs, chunk_size=chunk, entropy=True)
+            logp, ent = common.token_logprobs(model, inputs, chunk_size=chunk, entropy=True, temperature=temperature)
             mask = inputs["attention_mask"][:, 1:].bool()
             assert torch.allclose(logp[mask], naive[mask], atol=1e-5)
             assert torch.allclose(ent[mask], naive_entropy[mask], atol=1e-4)
@@ -233,3 +236,60 @@ def test_atomic_checkpoint_round_trip(tmp_path, toy_dir):
     assert torch.load(out / "trainer_state.pt")["step"] == 8
     loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(out)
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_recipe_prompts_are_placed_as_the_recipe_does(toy_model):
+    """RL: Table 7 instruction + one space + problem in the user turn, the template's default system
+    message kept; evaluation: Table 8 prompt as the system message, the problem alone in the user turn."""
+    _, processor = toy_model
+    row = {"problem": "<image>How many red squares are there?", "images": [grid_image()]}
+    rl = common.PromptFormat(instruction=common.INSTRUCTIONS["recipe"])
+    user = common.prompt_messages(row, rl)[-1]["content"]
+    assert user[0] == {"type": "text", "text": common.RL_INSTRUCTION + " "} and user[1] == {"type": "image"}
+    assert common.RL_INSTRUCTION.startswith("A conversation between User and Assistant.")
+    assert "the key result enclosed in \\boxed{} </answer>." in common.RL_INSTRUCTION  # one backslash
+    (text,) = common.prompt_texts(processor, [row], rl)
+    default_system = common.prompt_texts(processor, [row])[0].split("<|im_start|>user")[0]
+    assert text.startswith(default_system) and "You are a helpful assistant." in default_system
+    assert text.index(common.RL_INSTRUCTION) < text.index("<|vision_start|>") < text.index("How many red")
+    (evaluation,) = common.prompt_texts(processor, [row], common.PromptFormat(system=common.EVAL_SYSTEM_PROMPT))
+    assert evaluation.startswith("<|im_start|>system\n" + common.EVAL_SYSTEM_PROMPT + "<|im_end|>")
+    assert "You are a helpful assistant." not in evaluation
+    assert evaluation.split("<|im_start|>user\n")[1].startswith("<|vision_start|><|image_pad|><|vision_end|>How many")
+
+
+def test_derive_seed_streams_never_collide():
+    """Distinct (seed, stream, counters) give distinct seeds, including the seed-0 collisions the
+    old `seed * K + step` arithmetic had (validation after step k vs rollouts of step k + 1)."""
+    streams = ["rollout", "val", "vas", "rank", "call", "eval", "sft-order"]
+    seen = {}
+    for seed in (0, 1, 2):
+        for stream in streams:
+            for k in range(200):
+                value = common.derive_seed(seed, stream, k)
+                assert 0 <= value < 2**31 and value == common.derive_seed(seed, stream, k)
+                seen.setdefault(value, (seed, stream, k))
+    assert len(seen) == 3 * len(streams) * 200  # no two inputs share a seed
+    assert common.derive_seed(0, "val", 5) != common.derive_seed(0, "rollout", 6)
+
+
+def test_rl_batch_runs_the_processor_once_per_prompt(toy_model, monkeypatch):
+    """The n responses of a prompt share one processor call, and the batch equals the one built by
+    processing every response's prompt separately (pixel values, grids, ids, masks)."""
+    _, processor = toy_model
+    prompts = [{"problem": "<image>How many red squares are there?", "images": [grid_image()]},
+               {"problem": "text only"},
+               {"problem": "<image>and <image>", "images": [grid_image(), grid_image().rotate(90)]}]  # fmt: skip
+    order = [0, 0, 1, 2, 2, 0]
+    responses = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15], [16, 17]]
+    calls = []
+    real = common.processor_inputs
+    monkeypatch.setattr(common, "processor_inputs", lambda p, t, i: calls.append(len(t)) or real(p, t, i))
+    shared, mask = common.rl_batch(processor, [prompts[i] for i in order], responses, 3136, 50176)
+    assert calls == [3]  # one call, three distinct prompts
+    separate, mask2 = common.rl_batch(processor, [dict(prompts[i]) for i in order], responses, 3136, 50176)
+    assert calls == [3, 6]  # copies are distinct objects: processed one by one
+    assert set(shared) == set(separate) and torch.equal(mask, mask2)
+    for key in shared:
+        assert torch.equal(shared[key], separate[key]), key
+    assert shared["image_grid_thw"].shape[0] == 1 + 1 + 2 + 2 + 1  # images of rows 0, 0, 2, 2, 0

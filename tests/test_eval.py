@@ -14,6 +14,7 @@ def boxed(answer: str) -> str:
     return f"<think>working</think><answer>\\boxed{{{answer}}}</answer>"
 
 
+MV_QUESTION = "As shown in the figure, find the angle ABC.\nChoices:\nA:30°\nB:40°\nC:50°\nD:60°"
 MATHVERSE = [
     ("B", {"answer": "B", "question_type": "multi-choice"}, True),
     ("(B)", {"answer": "B", "question_type": "multi-choice"}, True),
@@ -26,6 +27,12 @@ MATHVERSE = [
     ("0.5", {"answer": "\\frac{1}{2}", "question_type": "free-form"}, True),
     ("1.25", {"answer": "1.2", "question_type": "free-form"}, False),
     ("12", {"answer": "13", "question_type": "free-form"}, False),
+    # option TEXT mapped to its letter, the options read from the question (MathVerse keeps them there)
+    ("40°", {"answer": "B", "question_type": "multi-choice", "question": MV_QUESTION}, True),
+    ("\\text{40}^\\circ", {"answer": "B", "question_type": "multi-choice", "question": MV_QUESTION}, True),
+    ("50°", {"answer": "B", "question_type": "multi-choice", "question": MV_QUESTION}, False),
+    ("B", {"answer": "B", "question_type": "multi-choice", "question": MV_QUESTION}, True),
+    ("A", {"answer": "B", "question_type": "multi-choice", "question": MV_QUESTION}, False),
 ]
 
 MATHVISTA = [
@@ -168,3 +175,15 @@ def test_eval_end_to_end_on_local_files(toy_dir, tmp_path):
     assert "MMR1-7B (paper) | 55.4 | 72.0 | 31.8 | 48.9 | 83.7 | 58.4" in table
     lines = [json.loads(x) for x in (tmp_path / "eval" / "model" / "chartqa.jsonl").read_text().splitlines()]
     assert [set(r) >= {"id", "response", "extracted", "gold", "correct"} for r in lines] == [True, True]
+
+
+def test_mathverse_options_and_the_paper_settings():
+    assert evaluation.mathverse_options(MV_QUESTION) == ["30°", "40°", "50°", "60°"]
+    assert evaluation.mathverse_options("Choices:\n(A) 1\n(B) 2") == ["1", "2"]
+    assert evaluation.mathverse_options("no options here") == [] and evaluation.mathverse_options("Choices:\nB:1") == []
+    cfg = evaluation.EvalConfig()
+    assert cfg.max_new_tokens >= 4096  # the RL stage's response length: a long answer keeps its \\boxed{}
+    assert (
+        evaluation.run_name("runs/mmr1-7b-grpo/final") == "mmr1-7b-grpo"
+        and evaluation.run_name("a/b/step-5") == "b-step-5"
+    )

@@ -41,6 +41,34 @@ def test_k3_kl_value_and_sign():
     assert abs(estimate - (p * (p / q).log()).sum()) < 0.01
 
 
+def test_k3_kl_is_clamped_as_the_recipe():
+    """One token whose reference log-prob is 20 nats above the policy's would give exp(20) ~ 5e8;
+    the recipe clamps each token's k3 to [-10, 10]."""
+    logp = torch.tensor([-30.0, -5.0, -1.0])
+    ref = torch.tensor([-10.0, -4.0, -1.0])
+    kl = grpo.k3_kl(logp, ref)
+    assert kl[0] == grpo.KL_CLAMP == 10.0
+    assert torch.isclose(kl[1], torch.tensor(math.exp(1.0) - 2.0)) and kl[2] == 0
+
+
+def test_reference_and_old_logprobs_use_the_rollout_temperature(toy_model):
+    """The log-prob the loss uses for a sampled token is log softmax(logits / T) at that token."""
+    model, processor = toy_model
+    row = {
+        "problem": "<image>How many red squares are there?",
+        "images": [__import__("data.toy").toy.draw_grid(["red"] * 4)],
+    }
+    inputs, mask = common.rl_batch(processor, [row, row], [[5, 6, 7], [8]], 3136, 50176)
+    cfg = grpo.GRPOConfig(temperature=0.6)
+    (logp,) = grpo.sequence_logprobs(model, [{"inputs": inputs}], cfg, common.Dist(0, 1, 0, torch.device("cpu")))
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, :-1].float()
+    naive = (logits / 0.6).log_softmax(-1).gather(-1, inputs["input_ids"][:, 1:, None]).squeeze(-1)
+    at_t1 = logits.log_softmax(-1).gather(-1, inputs["input_ids"][:, 1:, None]).squeeze(-1)
+    m = mask.bool()
+    assert torch.allclose(logp[m], naive[m], atol=1e-5) and not torch.allclose(logp[m], at_t1[m], atol=1e-2)
+
+
 def test_clipped_surrogate_and_clip_fraction():
     old = torch.zeros(1, 4)
     logp = torch.log(torch.tensor([[0.5, 1.1, 1.5, 0.9]]))  # ratios 0.5, 1.1, 1.5, 0.9
@@ -114,8 +142,10 @@ def test_paper_preset_is_table_6():
                     top_p=1.0, max_prompt_length=2048, max_response_length=4096, rollout_batch_size=512,
                     micro_batch_size=8, updates_per_batch=1, episodes=10.0, weight_decay=0.01, vas_mix_ratio=0.5, vas_alpha=0.8,
                     vas_beta=0.2, vas_update_every=56, vas_rollouts=16, min_pixels=7056, max_pixels=1048576,
-                    gpu_memory_utilization=0.75, val_temperature=0.5)  # fmt: skip
+                    gpu_memory_utilization=0.75, val_temperature=0.5, instruction="recipe")  # fmt: skip
     assert {k: getattr(cfg, k) for k in expected} == expected
+    assert common.INSTRUCTIONS[cfg.instruction] == common.RL_INSTRUCTION  # Table 7, before every problem
+    assert grpo.GRPOConfig().instruction == ""  # the toy keeps its own format
     explicit = common.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--preset", "paper", "--lr", "3e-6"])
     assert explicit.lr == 3e-6 and explicit.kl_coef == 0.01
     fields = {f.name for f in dataclasses.fields(grpo.GRPOConfig)}

@@ -149,3 +149,31 @@ def test_score_rollouts_without_a_pool_stays_in_process(monkeypatch):
             rollout.Rollout(1, [], "\\boxed{A}", "length")]  # fmt: skip
     scores = rollout.score_rollouts(outs, rows, None, format_weight=0.5)
     assert [(s["format"], s["accuracy"], s["overall"]) for s in scores] == [(1, 1, 1.5), (1, 1, 1.5), (0, 0, 0)]
+
+
+def test_hf_engine_ignores_the_checkpoints_sampling_defaults(toy_dir, tmp_path, toy_model):
+    """A checkpoint whose generation_config.json carries Qwen2.5-VL's shipped knobs (repetition_penalty
+    1.05, top_k 1, top_p 0.001, temperature 0.01) samples exactly as one without it: every knob
+    comes from Sampling."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    ckpt = tmp_path / "shipped"
+    shutil.copytree(toy_dir / "model", ckpt)
+    GenerationConfig(do_sample=True, repetition_penalty=1.05, top_k=1, top_p=0.001, temperature=0.01).save_pretrained(
+        ckpt
+    )
+    _, processor = toy_model
+    d = common.Dist(0, 1, 0, torch.device("cpu"))
+    plain, shipped = (common.load_model(str(p), d.device) for p in (toy_dir / "model", ckpt))
+    assert shipped.generation_config.top_k == 1 and shipped.generation_config.repetition_penalty == 1.05
+    sampling = rollout.Sampling(temperature=1.0, max_new_tokens=10, seed=3)
+
+    def tokens(model):
+        engine = rollout.HFEngine(model, processor, d, min_pixels=3136, max_pixels=50176)
+        return [o.token_ids for o in engine.generate(toy_rows(2), 4, sampling)]
+
+    assert tokens(shipped) == tokens(plain)
+    assert len({tuple(t) for t in tokens(plain)}) > 1  # really sampled: top_k 1 would give one answer
+    assert shipped.generation_config.top_k == 1  # restored after the call

