@@ -458,6 +458,8 @@ def main() -> None:
             print(f"[grpo] done: {total_steps} steps, model in {out_dir / 'final'}")
     if pool is not None:
         pool.close()
+    if d.master and isinstance(engine, rollout.VLLMEngine):
+        print(f"[grpo] vLLM weight pushes: {engine.pushes} (one per new set of weights; repeats skipped)")
     engine.close()  # before the process group goes: vLLM's teardown uses it
     logger.close()
     common.cleanup_distributed()

@@ -107,6 +107,9 @@ def test_grpo_with_vllm_one_process(toy_dir, tmp_path):
     lines = metrics(tmp_path / "run")
     assert [r["step"] for r in lines] == [0, 1, 2, 3]
     assert all(r["train/grad_norm"] > 0 for r in lines[1:])  # the updates happen and reach vLLM
+    # 8 wakes with a model (initial VPS, validation at 0, 2, 3, rollouts at 0, 1, 2, refresh at 2),
+    # 3 new sets of weights (after steps 1, 2, 3): the version check pushes each once
+    assert "[grpo] vLLM weight pushes: 3 " in out.stdout
     assert "Invalid process group" not in out.stderr
 
 
