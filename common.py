@@ -177,6 +177,14 @@ def all_reduce_sum(value: float | torch.Tensor, device: torch.device) -> torch.T
     return t
 
 
+def all_reduce_dict(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """{name: sum over ranks of values[name]}, one collective for the whole dict (same keys, same
+    order on every rank); identity on one process."""
+    names = list(values)
+    summed = all_reduce_sum(torch.tensor([float(values[k]) for k in names], dtype=torch.float64), device)
+    return dict(zip(names, summed.tolist()))
+
+
 def shard(items: list, d: Dist) -> tuple[list, int]:
     """This rank's contiguous share of `items`, padded to the same length on every rank.
 
@@ -262,7 +270,7 @@ def shard_model(model, d: Dist):
     """FSDP2 (`fully_shard`) per decoder layer and at the root; a no-op on one process."""
     if not d.enabled:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     kwargs = {}
     if d.device.type == "cuda" and next(model.parameters()).dtype == torch.float32:  # fp32 master weights
@@ -271,6 +279,13 @@ def shard_model(model, d: Dist):
         fully_shard(layer, **kwargs)
     fully_shard(model.model.visual, **kwargs)  # patch embed + merger: a unit of its own, callable by itself
     fully_shard(model, reshard_after_forward=False, **kwargs)  # root: lm_head stays gathered for chunked log-probs
+    # Sum the ranks' gradients instead of averaging them: each rank's loss is already its share of the
+    # GLOBAL token mean (token sum / global token count), so the sum is the full-batch gradient.
+    # (A plain SUM collective: gloo has no pre-multiplied sum, and a factor of 1 needs none.)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     # FSDP2 initialises lazily on the first forward through the ROOT; generation can reach the
     # vision tower by itself first, so run one tiny text-only forward now.
     with torch.no_grad():
@@ -289,6 +304,32 @@ def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision, device moves, the optimizer step: one definition each
+# ---------------------------------------------------------------------------------------------
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """The one precision context of every forward: bf16 autocast on GPU (over fp32 master weights
+    or bf16 frozen ones), plain fp32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The same dict with every tensor moved to `device`."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def clip_and_step(params, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clips the gradient to `max_norm` (global L2 norm over all ranks under FSDP2), takes the
+    optimizer step, clears the gradients; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +401,14 @@ def token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 102
     hidden = hidden_states(model, inputs)[:, :-1]
     targets = inputs["input_ids"][:, 1:]
     return logprobs_from_hidden(hidden, model.lm_head.weight, targets, chunk_size, entropy, temperature)
+
+
+def batch_logprobs(model, inputs: dict[str, torch.Tensor], device: torch.device, chunk_size: int = 1024,
+                   entropy: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """token_logprobs of a CPU batch: moved to `device`, run under the precision context. Every
+    training and scoring forward of the stages goes through here."""
+    with autocast(device):
+        return token_logprobs(model, to_device(inputs, device), chunk_size, entropy, temperature)
 
 
 # ---------------------------------------------------------------------------------------------

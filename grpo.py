@@ -8,6 +8,21 @@
 One step: sample the global prompt batch (uniform, or VAS-mixed) -> n rollouts per prompt ->
 format + accuracy rewards -> group-normalised advantages -> clipped surrogate + k3 KL to a frozen
 reference, token mean over the global batch -> AdamW -> (VAS) refresh VPS -> log / validate / save.
+
+Where this GRPO departs from the textbook, and why:
+- The loss is the token mean over the GLOBAL batch (every response token of every rank and
+  micro-batch weighs the same), not a per-sequence or per-micro-batch mean; FSDP2 sums the ranks'
+  gradients, so the result is the one-process full-batch gradient.
+- Advantages use the unbiased group std, and a group whose rewards are all equal gets advantage 0
+  (no signal; counted in vas/zero_var_frac) rather than 0 / eps.
+- The KL is a loss term, k3 = exp(ref - logp) - (ref - logp) - 1 to a FROZEN reference (the
+  starting model), clamped to [-10, 10] per token as the recipe does; it is not in the reward.
+- Log-probs (policy, old, reference) and the entropy are those of softmax(logits / T), T the
+  rollout temperature: the ratio and the KL are those of the distribution that was sampled.
+- With one update per rollout batch (the recipe), pi_old IS the current policy, so its log-probs
+  are the detached current ones: ratio = 1 in value and grad(ratio) = grad(logp), exactly what a
+  separate forward would give, without the forward. With --updates-per-batch > 1 they are
+  recomputed once, before the first update.
 """
 
 from __future__ import annotations
@@ -35,34 +50,51 @@ from data import toy
 class GRPOConfig:
     """GRPO training of Qwen2.5-VL with optional Variance-Aware Sampling (toy task by default)."""
 
+    # --- data ---
     model: str = field("", "hub id or local folder of the SFT model (default: runs/toy-sft/final)")
     data: str = field("", "RL rows: hub id, parquet/jsonl file or folder, name@split (default: toy train)")
     val_data: str = field("", "RL rows for validation accuracy (default: toy val split)")
-    output_dir: str = field("runs/toy-grpo", "where checkpoints, metrics.jsonl and final/ go")
-    preset: str = field("", "'paper' = Table 6 hyper-parameters of the paper", choices=["", "paper", "toy"])
-    engine: str = field("auto", "rollout engine: vllm (GPU), hf, or auto", choices=["auto", "hf", "vllm"])
+    train_limit: int = field(0, "use only the first N training prompts (0 = all; the toy uses 512)")
+    skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
+    min_pixels: int = field(3136, "images are resized to at least this many pixels")
+    max_pixels: int = field(50176, "images are resized to at most this many pixels")
+    instruction: str = field(
+        "",
+        "text put before every problem in the user turn, joined by a space; 'recipe' = the paper's Table 7 RL "
+        "prompt (what --preset paper sets; the toy needs none)",
+    )
+    preset: str = field("", "'paper' = Table 6 hyper-parameters of the paper", choices=["", "paper"])
+    # --- rollouts ---
+    engine: str = field(
+        "auto", "rollout engine: vllm, hf, or auto (vLLM on a GPU when installed)", choices=["auto", "hf", "vllm"]
+    )
     max_steps: int = field(30, "optimizer steps (0 = --episodes passes over the data)")
     episodes: float = field(1.0, "passes over the prompts when --max-steps is 0")
-    train_limit: int = field(0, "use only the first N training prompts (0 = all; the toy uses 512)")
     rollout_batch_size: int = field(16, "prompts per step, all ranks together (paper: 512)")
     group_size: int = field(8, "n: responses sampled per prompt (the GRPO group)")
-    temperature: float = field(0.6, "rollout sampling temperature")
+    temperature: float = field(0.6, "rollout sampling temperature (the log-probs use it too)")
     top_p: float = field(1.0, "rollout nucleus sampling")
     max_prompt_length: int = field(2048, "prompt token limit (vLLM context = prompt + response)")
     max_response_length: int = field(64, "response token limit (paper: 4096)")
-    micro_batch_size: int = field(32, "sequences per forward/backward on one rank")
-    updates_per_batch: int = field(2, "optimizer steps per rollout batch (> 1 recomputes old log-probs; paper: 1)")
-    lr: float = field(1e-4, "AdamW learning rate, constant (paper: 1e-6)")
-    weight_decay: float = field(0.01, "AdamW weight decay")
-    max_grad_norm: float = field(1.0, "gradient clipping norm")
+    # --- loss ---
     clip_low: float = field(0.2, "PPO clip: ratio >= 1 - clip_low")
     clip_high: float = field(0.2, "PPO clip: ratio <= 1 + clip_high")
     kl_coef: float = field(0.01, "weight of the k3 KL to the frozen reference (0 = no reference model)")
     adv_eps: float = field(1e-6, "added to the group std when normalising advantages")
+    # --- optimiser ---
+    lr: float = field(1e-4, "AdamW learning rate, constant (paper: 1e-6)")
+    weight_decay: float = field(0.01, "AdamW weight decay")
+    max_grad_norm: float = field(1.0, "gradient clipping norm")
+    updates_per_batch: int = field(2, "optimizer steps per rollout batch (> 1 recomputes old log-probs; paper: 1)")
+    micro_batch_size: int = field(32, "sequences per forward/backward on one rank")
+    logprob_chunk: int = field(1024, "positions per lm_head chunk in the log-prob pass")
+    gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
+    # --- reward ---
     format_weight: float = field(1.0, "weight of the format reward in the overall reward")
     accuracy_weight: float = field(1.0, "weight of the accuracy reward in the overall reward")
     reward_workers: int = field(2, "reward scoring processes per rank (0 = score in this process, no hard timeout)")
     reward_timeout_s: float = field(5.0, "hard time limit per response in reward scoring, seconds")
+    # --- Variance-Aware Sampling ---
     vas: bool = field(False, "Variance-Aware Sampling instead of uniform shuffling")
     vas_online: bool = field(False, "also refresh the VPS of each batch's prompts from its training rollouts")
     vas_mix_ratio: float = field(0.5, "lambda: share of each batch drawn by VPS weight")
@@ -72,31 +104,25 @@ class GRPOConfig:
     vas_rollouts: int = field(8, "N: responses per prompt when scoring VPS (paper: 16)")
     vas_tds: str = field("self_bleu", "trajectory diversity measure", choices=["self_bleu", "distinct", "edit"])
     vas_momentum: float = field(0.0, "weights <- m * old + (1 - m) * new at each refresh (paper: 0)")
+    # --- validation and saving ---
     val_every: int = field(10, "validation accuracy every N steps (0 = only at the end)")
     val_limit: int = field(200, "validation prompts (0 = all)")
     val_temperature: float = field(0.5, "validation sampling temperature (n = 1)")
+    output_dir: str = field("runs/toy-grpo", "where checkpoints, metrics.jsonl and final/ go")
     save_every: int = field(10, "checkpoint every N steps (0 = only final)")
-    gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
-    logprob_chunk: int = field(1024, "positions per lm_head chunk in the log-prob pass")
-    min_pixels: int = field(3136, "images are resized to at least this many pixels")
-    max_pixels: int = field(50176, "images are resized to at most this many pixels")
-    gpu_memory_utilization: float = field(0.75, "vLLM's share of GPU memory")
-    instruction: str = field(
-        "",
-        "text put before every problem in the user turn, joined by a space; 'recipe' = the paper's Table 7 RL "
-        "prompt (what --preset paper sets; the toy needs none)",
-    )
-    seed: int = field(0, "seed of the sampler, the rollouts and the init")
     resume: bool = field(False, "continue from the latest <output-dir>/step-N")
     stop_after: int = field(0, "exit after this many steps without the final save, as a preemption would (testing)")
-    skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
     report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
+    # --- system ---
+    seed: int = field(0, "seed of the sampler, the rollouts and the init")
+    gpu_memory_utilization: float = field(0.75, "vLLM's share of GPU memory")
 
 
 PRESETS = {
     # Table 6 of the paper (and its VAS settings): lr 1e-6 constant, KL k3 0.01, clip 0.2/0.2,
     # n 8 at temperature 0.6, 2048/4096 tokens, rollout and actor batch 512, micro-batch 8,
-    # images in [7056, 1048576] pixels, 10 episodes, VAS N = 16, lambda 0.5, alpha/beta 0.8/0.2, T 56.
+    # images in [7056, 1048576] pixels, 10 episodes, VAS N = 16, lambda 0.5, alpha/beta 0.8/0.2,
+    # T 56; the Table 7 RL prompt before every problem.
     "paper": dict(
         max_steps=0,
         episodes=10.0,
@@ -128,16 +154,31 @@ PRESETS = {
         gpu_memory_utilization=0.75,
         reward_workers=8,
         instruction="recipe",
-    ),  # fmt: skip
-    "toy": {},
+    ),
 }
 
 METRICS = [
-    "train/loss", "train/pg_loss", "train/kl", "train/grad_norm", "train/clip_frac", "train/entropy", "train/lr",
-    "reward/overall", "reward/accuracy", "reward/format", "reward/std_in_group", "rollout/response_len",
-    "rollout/truncated_frac", "vas/zero_var_frac", "vas/vps_mean", "vas/weighted_frac", "time/rollout_s",
-    "time/update_s", "time/vas_s", "val/accuracy",
-]  # fmt: skip
+    "train/loss",
+    "train/pg_loss",
+    "train/kl",
+    "train/grad_norm",
+    "train/clip_frac",
+    "train/entropy",
+    "train/lr",
+    "reward/overall",
+    "reward/accuracy",
+    "reward/format",
+    "reward/std_in_group",
+    "rollout/response_len",
+    "rollout/truncated_frac",
+    "vas/zero_var_frac",
+    "vas/vps_mean",
+    "vas/weighted_frac",
+    "time/rollout_s",
+    "time/update_s",
+    "time/vas_s",
+    "val/accuracy",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,79 +228,271 @@ def clipped_surrogate(logp, old_logp, adv, clip_low: float, clip_high: float):
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
-def grpo_loss(model, batches: list[dict], cfg: GRPOConfig, d: common.Dist) -> dict[str, float]:
-    """Forward + backward over this rank's micro-batches of one update; returns summed stats.
+def policy_loss_backward(model, batches: list[dict], cfg: GRPOConfig, d: common.Dist) -> dict[str, float]:
+    """Forward + backward of the GRPO loss over this rank's micro-batches (one update); returns
+    the token means over the global batch of loss, pg, kl, clipped and entropy.
 
-    Loss = sum over response tokens of (surrogate + kl_coef * k3) / (response tokens in the
-    GLOBAL batch), the token mean over all ranks and micro-batches; gradients are scaled by
-    world size because FSDP2 averages them over ranks.
+    Loss = sum over response tokens of (surrogate + kl_coef * k3) / (response tokens of the GLOBAL
+    batch): each micro-batch adds its share, and FSDP2 sums the ranks' gradients.
     """
     local_tokens = sum(float(b["response_mask"].sum()) for b in batches)
     total_tokens = max(1.0, common.all_reduce_sum(local_tokens, d.device).item())
-    stats = {"loss": 0.0, "pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
+    sums = {"loss": 0.0, "pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
     for b in batches:
-        inputs = {k: v.to(d.device) for k, v in b["inputs"].items()}
-        mask = b["response_mask"].to(d.device)
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
-            logp, entropy = common.token_logprobs(model, inputs, cfg.logprob_chunk, True, cfg.temperature)
-        old_logp = b["old_logp"].to(d.device) if b.get("old_logp") is not None else logp.detach()
-        pg, clipped = clipped_surrogate(
-            logp, old_logp, b["advantages"].to(d.device)[:, None], cfg.clip_low, cfg.clip_high
-        )
-        kl = k3_kl(logp, b["ref_logp"].to(d.device)) if b.get("ref_logp") is not None else torch.zeros_like(logp)
-        per_token = pg + cfg.kl_coef * kl
-        loss = (per_token * mask).sum()
-        (loss * d.world_size / total_tokens).backward()
-        stats["loss"] += loss.item()
-        stats["pg"] += (pg * mask).sum().item()
-        stats["kl"] += (kl * mask).sum().item()
-        stats["clipped"] += (clipped.float() * mask).sum().item()
-        stats["entropy"] += (entropy * mask).sum().item()
-    return {k: common.all_reduce_sum(v, d.device).item() / total_tokens for k, v in stats.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------------
+        mask = b["response_mask"].to(d.device)  # (B, T-1), 1 on response tokens
+        logp, entropy = common.batch_logprobs(model, b["inputs"], d.device, cfg.logprob_chunk, True, cfg.temperature)
+        old_logp = b["old_logp"].to(d.device) if "old_logp" in b else logp.detach()  # (B, T-1); see the docstring
+        adv = b["advantages"].to(d.device)[:, None]  # (B, 1): one advantage per response, every token
+        pg, clipped = clipped_surrogate(logp, old_logp, adv, cfg.clip_low, cfg.clip_high)  # (B, T-1) each
+        kl = k3_kl(logp, b["ref_logp"].to(d.device)) if "ref_logp" in b else torch.zeros_like(logp)  # (B, T-1)
+        loss = ((pg + cfg.kl_coef * kl) * mask).sum()  # this micro-batch's token sum
+        (loss / total_tokens).backward()
+        for name, value in (("loss", loss), ("pg", pg), ("kl", kl), ("clipped", clipped.float()), ("entropy", entropy)):
+            sums[name] += float(value if name == "loss" else (value * mask).sum())
+    return {k: v / total_tokens for k, v in common.all_reduce_dict(sums, d.device).items()}
 
 
 @torch.no_grad()
-def sequence_logprobs(model, batches: list[dict], cfg: GRPOConfig, d: common.Dist) -> list[torch.Tensor]:
-    """(B, T-1) log-probs per micro-batch under `model` at the rollout temperature, no gradient
-    (old policy or reference)."""
-    out = []
-    for b in batches:
-        inputs = {k: v.to(d.device) for k, v in b["inputs"].items()}
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
-            logp, _ = common.token_logprobs(model, inputs, cfg.logprob_chunk, temperature=cfg.temperature)
-        out.append(logp.float().cpu())
-    return out
-
-
-def save_refresh(out_dir: Path, step: int, scores: dict[str, np.ndarray]) -> None:
-    """Keeps one VPS refresh (pass rate, OVS, TDS, VPS per prompt) for `vas.py plot`."""
-    (out_dir / "vas").mkdir(parents=True, exist_ok=True)
-    np.savez(out_dir / "vas" / f"refresh-{step}.npz", **scores)
+def frozen_token_logprobs(model, batches: list[dict], cfg: GRPOConfig, d: common.Dist) -> list[torch.Tensor]:
+    """Per-token log-probs (B, T-1) of each micro-batch at the rollout temperature, without
+    gradient, on the CPU: those of the reference model, or of the old policy."""
+    return [
+        common.batch_logprobs(model, b["inputs"], d.device, cfg.logprob_chunk, temperature=cfg.temperature)[0]
+        .float()
+        .cpu()
+        for b in batches
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
-# Main
+# The phases of one step
 # ---------------------------------------------------------------------------------------------
+
+
+def generate_rollouts(engine, model, rows: list[dict], cfg: GRPOConfig, step: int) -> list[rollout.Rollout]:
+    """n responses per prompt from the policy after `step` updates (vLLM: loaded if changed)."""
+    engine.wake(model, version=step)
+    seed = common.derive_seed(cfg.seed, "rollout", step)
+    outs = engine.generate(
+        rows, cfg.group_size, rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed)
+    )
+    engine.sleep()
+    return outs
+
+
+def score(outs: list[rollout.Rollout], rows: list[dict], pool, cfg: GRPOConfig) -> list[dict]:
+    """reward.py's format, accuracy and overall reward of each rollout against its prompt's row."""
+    texts, prompt_rows = [o.text for o in outs], [rows[o.row] for o in outs]
+    return reward.score_responses(
+        texts, prompt_rows, pool=pool, format_weight=cfg.format_weight, accuracy_weight=cfg.accuracy_weight
+    )
+
+
+def micro_batches(
+    processor,
+    outs: list[rollout.Rollout],
+    rows: list[dict],
+    advantages: torch.Tensor,
+    cfg: GRPOConfig,
+    fmt: common.PromptFormat,
+) -> list[dict]:
+    """Prompt + response sequences of `micro_batch_size` rollouts each: model inputs, the (B, T-1)
+    response-token mask and the (B,) advantages."""
+    batches = []
+    for s in range(0, len(outs), cfg.micro_batch_size):
+        part = outs[s : s + cfg.micro_batch_size]
+        inputs, mask = common.rl_batch(
+            processor, [rows[o.row] for o in part], [o.token_ids for o in part], cfg.min_pixels, cfg.max_pixels, fmt
+        )
+        batches.append({"inputs": inputs, "response_mask": mask, "advantages": advantages[s : s + len(part)]})
+    return batches
+
+
+def update_policy(model, ref_model, optimizer, batches: list[dict], cfg: GRPOConfig, d: common.Dist):
+    """Reference (and, with several updates, old-policy) log-probs, then `updates_per_batch`
+    optimizer steps on the batch. Returns (stats of the last update, its gradient norm)."""
+    if ref_model is not None:
+        for b, ref in zip(batches, frozen_token_logprobs(ref_model, batches, cfg, d)):
+            b["ref_logp"] = ref
+    if cfg.updates_per_batch > 1:  # pi_old = the policy that generated, before this batch's updates
+        for b, old in zip(batches, frozen_token_logprobs(model, batches, cfg, d)):
+            b["old_logp"] = old
+    for _ in range(cfg.updates_per_batch):
+        stats = policy_loss_backward(model, batches, cfg, d)
+        grad_norm = common.clip_and_step(model.parameters(), optimizer, cfg.max_grad_norm)
+    return stats, grad_norm
+
+
+def refresh_vps(
+    engine,
+    model,
+    rows: list[dict],
+    sampler: vas.MixedSampler,
+    cfg: GRPOConfig,
+    d: common.Dist,
+    pool,
+    step: int,
+    out_dir: Path,
+) -> dict[str, np.ndarray]:
+    """Re-scores every prompt with N fresh rollouts (sharded over ranks), re-weights the sampler
+    with the min-max normalised VPS, keeps the refresh for `vas.py plot`; returns the scores."""
+    engine.wake(model, version=step)
+    sampling = rollout.Sampling(
+        cfg.temperature, cfg.top_p, cfg.max_response_length, common.derive_seed(cfg.seed, "vas", step)
+    )
+    scores = vas.rollout_scores(
+        engine,
+        rows,
+        list(range(len(rows))),
+        d,
+        n=cfg.vas_rollouts,
+        sampling=sampling,
+        pool=pool,
+        alpha=cfg.vas_alpha,
+        beta=cfg.vas_beta,
+        tds_kind=cfg.vas_tds,
+        prompts_per_call=cfg.micro_batch_size,
+        desc=f"vas refresh @{step}",
+    )
+    engine.sleep()
+    sampler.update_weights(vas.normalise_weights(scores["vps"], sampler.weights, cfg.vas_momentum))
+    if d.master:
+        (out_dir / "vas").mkdir(parents=True, exist_ok=True)
+        np.savez(out_dir / "vas" / f"refresh-{step}.npz", **scores)
+    return scores
+
+
+def refresh_vps_online(
+    vps: np.ndarray,
+    sampler: vas.MixedSampler,
+    outs: list[rollout.Rollout],
+    rewards: list[dict],
+    prompt_ids: list[int],
+    cfg: GRPOConfig,
+    d: common.Dist,
+) -> None:
+    """--vas-online: the VPS of this batch's prompts from their training rollouts (no extra
+    generation), gathered over ranks into `vps` (P,), then the sampler re-weighted."""
+    groups: dict[int, tuple[list, list]] = {}
+    for o, r in zip(outs, rewards):
+        tokens, accuracies = groups.setdefault(prompt_ids[o.row], ([], []))
+        tokens.append(o.token_ids)
+        accuracies.append(r["accuracy"])
+    keys = list(groups)
+    fresh = vas.score_prompts(
+        [groups[k][0] for k in keys], [groups[k][1] for k in keys], cfg.vas_alpha, cfg.vas_beta, cfg.vas_tds
+    )
+    for index, value in common.all_gather_list(list(zip(keys, fresh["vps"].tolist())), d):
+        vps[index] = value
+    sampler.update_weights(vas.normalise_weights(vps, sampler.weights, cfg.vas_momentum))
+
+
+def step_metrics(
+    outs: list[rollout.Rollout],
+    rewards: list[dict],
+    zero_var: torch.Tensor,
+    stats: dict[str, float],
+    grad_norm: float,
+    cfg: GRPOConfig,
+    d: common.Dist,
+) -> dict[str, float]:
+    """The train/ (but lr), reward/, rollout/ and vas/zero_var_frac metrics of one step, the
+    per-rollout ones averaged over all ranks."""
+    overall = torch.tensor([r["overall"] for r in rewards], dtype=torch.float64)
+    per_sequence = {
+        "reward/overall": overall.sum(),
+        "reward/accuracy": sum(r["accuracy"] for r in rewards),
+        "reward/format": sum(r["format"] for r in rewards),
+        "rollout/response_len": sum(len(o.token_ids) for o in outs),
+        "rollout/truncated_frac": sum(o.finish_reason == "length" for o in outs),
+    }
+    per_group = {
+        "reward/std_in_group": overall.view(-1, cfg.group_size).std(1).sum(),
+        "vas/zero_var_frac": zero_var.sum(),
+    }
+    sums = common.all_reduce_dict({**per_sequence, **per_group, "sequences": len(outs)}, d.device)
+    sequences, groups = sums["sequences"], sums["sequences"] / cfg.group_size
+    train = {
+        "train/loss": stats["loss"],
+        "train/pg_loss": stats["pg"],
+        "train/kl": stats["kl"],
+        "train/grad_norm": grad_norm,
+        "train/clip_frac": stats["clipped"],
+        "train/entropy": stats["entropy"],
+    }
+    return train | {k: sums[k] / (sequences if k in per_sequence else groups) for k in per_sequence | per_group}
+
+
+def validate(engine, model, val_rows: list[dict], cfg: GRPOConfig, d: common.Dist, pool, step: int) -> float:
+    """Validation accuracy after `step` updates: one sample per prompt at val_temperature."""
+    engine.wake(model, version=step)
+    sampling = rollout.Sampling(
+        cfg.val_temperature, 1.0, cfg.max_response_length, common.derive_seed(cfg.seed, "val", step)
+    )
+    accuracy = rollout.validation_accuracy(engine, val_rows, d, sampling, pool)
+    engine.sleep()
+    return accuracy
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------
+
+
+def load_models(policy_path: str, cfg: GRPOConfig, d: common.Dist):
+    """(processor, policy, frozen reference or None, AdamW) for a run starting from policy_path.
+
+    The policy keeps fp32 master weights (FSDP2-sharded under torchrun); the reference is the
+    STARTING model (cfg.model, also on resume), sharded the same way, only when kl_coef > 0."""
+    processor = common.load_processor(policy_path, cfg.min_pixels, cfg.max_pixels)
+    model = common.shard_model(common.load_model(policy_path, d.device, cfg.gradient_checkpointing, trainable=True), d)
+    ref_model = None
+    if cfg.kl_coef > 0:
+        ref_model = common.shard_model(common.load_model(cfg.model, d.device).eval().requires_grad_(False), d)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    return processor, model, ref_model, optimizer
+
+
+def make_engine(
+    model, processor, policy_path: str, version: int, fmt: common.PromptFormat, cfg: GRPOConfig, d: common.Dist
+):
+    """The rollout engine: HF generate on the policy, or vLLM started from policy_path, whose
+    weights are those after `version` steps."""
+    return rollout.make_engine(
+        cfg.engine,
+        model,
+        processor,
+        d,
+        model_path=policy_path,
+        min_pixels=cfg.min_pixels,
+        max_pixels=cfg.max_pixels,
+        prompt_format=fmt,
+        batch_size=cfg.micro_batch_size * 2,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_model_len=cfg.max_prompt_length + cfg.max_response_length,
+        weights_version=version,
+    )
+
+
+def use_toy_defaults(cfg: GRPOConfig) -> None:
+    """With neither --model nor --data: the toy SFT checkpoint on the toy RL splits."""
+    if cfg.model or cfg.data:
+        if not (cfg.model and cfg.data):
+            raise SystemExit("give both --model and --data (or neither, for the toy task)")
+        return
+    sft_model = toy.ROOT / "runs" / "toy-sft" / "final"
+    if not (sft_model / "config.json").exists():
+        raise SystemExit(f"no toy SFT checkpoint at {sft_model}: run `python sft.py` first")
+    toy.ensure_toy()
+    cfg.model = str(sft_model)
+    cfg.data = str(toy.TOY_DATA_DIR / "rl") + "@train"
+    cfg.val_data = cfg.val_data or str(toy.TOY_DATA_DIR / "rl") + "@val"
+    cfg.train_limit = cfg.train_limit or 512
 
 
 def main() -> None:
     cfg = common.parse_config(GRPOConfig, PRESETS)
-    if not cfg.model and not cfg.data:  # the toy defaults
-        sft_model = toy.ROOT / "runs" / "toy-sft" / "final"
-        if not (sft_model / "config.json").exists():
-            raise SystemExit(f"no toy SFT checkpoint at {sft_model}: run `python sft.py` first")
-        toy.ensure_toy()
-        cfg.model = str(sft_model)
-        cfg.data = str(toy.TOY_DATA_DIR / "rl") + "@train"
-        cfg.val_data = cfg.val_data or str(toy.TOY_DATA_DIR / "rl") + "@val"
-        cfg.train_limit = cfg.train_limit or 512
-    elif not cfg.model or not cfg.data:
-        raise SystemExit("give both --model and --data (or neither, for the toy task)")
+    use_toy_defaults(cfg)
     d = common.setup_distributed(cfg.seed)
     out_dir = Path(cfg.output_dir)
 
@@ -270,196 +503,110 @@ def main() -> None:
         raise SystemExit(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by {d.world_size} ranks")
     total_steps = cfg.max_steps or math.ceil(cfg.episodes * len(rows) / cfg.rollout_batch_size)
 
-    # --- models, engine, optimizer, sampler ---
+    # --- models, optimizer, sampler, engine (a resumed run takes all but the reference from its checkpoint) ---
     ckpt = common.latest_checkpoint(out_dir) if cfg.resume else None
     if cfg.resume and ckpt is None and d.master:
         print(f"[grpo] --resume: no checkpoint in {out_dir}, starting from {cfg.model}")
     policy_path = str(ckpt or cfg.model)
-    processor = common.load_processor(policy_path, cfg.min_pixels, cfg.max_pixels)
-    model = common.shard_model(common.load_model(policy_path, d.device, cfg.gradient_checkpointing, trainable=True), d)
-    ref_model = None
-    if cfg.kl_coef > 0:  # frozen reference = the starting model, sharded the same way
-        ref_model = common.shard_model(common.load_model(cfg.model, d.device).eval().requires_grad_(False), d)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    processor, model, ref_model, optimizer = load_models(policy_path, cfg, d)
     sampler = vas.MixedSampler(len(rows), cfg.rollout_batch_size, cfg.vas_mix_ratio if cfg.vas else 0.0, cfg.seed)
     vps = np.zeros(len(rows))  # raw VPS per prompt (VAS)
     start_step = 0
     if ckpt is not None:
         state = common.load_training_checkpoint(ckpt, model, optimizer, d)
         sampler.load_state_dict(state["sampler"])
-        vps = np.asarray(state["vps"])
-        start_step = state["step"]
+        vps, start_step = np.asarray(state["vps"]), state["step"]
         if d.master:
             print(f"[grpo] resumed from {ckpt} at step {start_step}")
-    prompt_format = common.PromptFormat(instruction=common.INSTRUCTIONS.get(cfg.instruction, cfg.instruction))
-    engine = rollout.make_engine(
-        cfg.engine, model, processor, d, model_path=policy_path, min_pixels=cfg.min_pixels,
-        max_pixels=cfg.max_pixels, prompt_format=prompt_format, batch_size=cfg.micro_batch_size * 2,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        max_model_len=cfg.max_prompt_length + cfg.max_response_length,
-        weights_version=start_step,  # vLLM starts from policy_path: the weights after start_step steps
-    )  # fmt: skip
+    fmt = common.PromptFormat(instruction=common.INSTRUCTIONS.get(cfg.instruction, cfg.instruction))
+    engine = make_engine(model, processor, policy_path, start_step, fmt, cfg, d)
+    pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
     logger = common.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
     if d.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        print(f"[grpo] {len(rows)} prompts, {total_steps} steps x {cfg.rollout_batch_size} prompts x {cfg.group_size} "
-              f"responses, {d.world_size} rank(s), engine {type(engine).__name__}, vas={cfg.vas}")  # fmt: skip
-    pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
-
-    def val_sampling(step: int) -> rollout.Sampling:  # one sample per val prompt at val_temperature
-        return rollout.Sampling(
-            cfg.val_temperature, 1.0, cfg.max_response_length, seed=common.derive_seed(cfg.seed, "val", step)
+        print(
+            f"[grpo] {len(rows)} prompts, {total_steps} steps x {cfg.rollout_batch_size} prompts x {cfg.group_size} "
+            f"responses, {d.world_size} rank(s), engine {type(engine).__name__}, vas={cfg.vas}"
         )
 
     def save(folder: Path, step: int) -> None:
-        common.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg,
-                                        sampler=sampler.state_dict(), vps=vps.tolist())  # fmt: skip
-
-    def refresh_vps(step: int) -> dict[str, np.ndarray]:
-        """Re-scores every prompt with fresh rollouts (sharded over ranks) and re-weights the sampler."""
-        nonlocal vps
-        engine.wake(model, version=step)
-        seed = common.derive_seed(cfg.seed, "vas", step)
-        sampling = rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed=seed)
-        scores = vas.rollout_scores(
-            engine, rows, list(range(len(rows))), d, n=cfg.vas_rollouts, sampling=sampling, pool=pool,
-            alpha=cfg.vas_alpha, beta=cfg.vas_beta, tds_kind=cfg.vas_tds, prompts_per_call=cfg.micro_batch_size,
-            desc=f"vas refresh @{step}",
-        )  # fmt: skip
-        engine.sleep()
-        vps = scores["vps"]
-        # VPS -> sampling weights: min-max normalised, optional momentum
-        sampler.update_weights(vas.normalise_weights(vps, sampler.weights, cfg.vas_momentum))
-        if d.master:
-            save_refresh(out_dir, step, scores)
-        return scores
+        common.save_training_checkpoint(
+            model, processor, optimizer, folder, d, step, cfg, sampler=sampler.state_dict(), vps=vps.tolist()
+        )
 
     initial_vas_s = 0.0
     if cfg.vas and start_step == 0:  # initial scoring of every prompt before step 1
         t0 = time.time()
-        scores = refresh_vps(0)
-        initial_vas_s = time.time() - t0
+        scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, 0, out_dir)
+        vps, initial_vas_s = scores["vps"], time.time() - t0
         if d.master:
-            print(f"[grpo] initial VPS of {len(rows)} prompts in {initial_vas_s:.0f}s: mean pass rate "
-                  f"{scores['pass_rate'].mean():.3f}, zero-variance share {np.mean(scores['ovs'] == 0):.3f}")  # fmt: skip
-
+            print(
+                f"[grpo] initial VPS of {len(rows)} prompts in {initial_vas_s:.0f}s: mean pass rate "
+                f"{scores['pass_rate'].mean():.3f}, zero-variance share {np.mean(scores['ovs'] == 0):.3f}"
+            )
     if val_rows and cfg.val_every and start_step == 0:  # the starting point of the val curve
-        logger.log(0, {"val/accuracy": rollout.accuracy(engine, val_rows, d, val_sampling(0), pool)})
+        logger.log(0, {"val/accuracy": validate(engine, model, val_rows, cfg, d, pool, 0)})
 
     # --- training loop ---
     model.train()
+    done = start_step
     bar = tqdm(range(start_step, total_steps), disable=not d.master, desc="grpo", initial=start_step, total=total_steps)
     for step in bar:
-        metrics: dict[str, float] = {}
-        global_batch = sampler.next_batch()
-        local = vas.rank_slice(global_batch, d.rank, d.world_size)
-        local_rows = [rows[i] for i in local]
-
-        # --- rollouts ---
         t0 = time.time()
-        engine.wake(model, version=step)  # vLLM: wake, load the weights if changed; HF: nothing to do
-        seed = common.derive_seed(cfg.seed, "rollout", step)
-        sampling = rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed=seed)
-        outs = engine.generate(local_rows, cfg.group_size, sampling)
-        engine.sleep()
-        metrics["time/rollout_s"] = time.time() - t0
-
-        # --- rewards ---
-        scores = rollout.score_rollouts(outs, local_rows, pool, format_weight=cfg.format_weight,
-                                        accuracy_weight=cfg.accuracy_weight)  # fmt: skip
-        rewards = torch.tensor([s["overall"] for s in scores])
-
-        # --- advantages: group-normalised, zero-variance groups give 0 ---
-        advantages, zero_var = group_advantages(rewards, cfg.group_size, cfg.adv_eps)
-
-        # --- sequences, old and reference log-probs ---
-        t0 = time.time()
-        batches = []
-        for s in range(0, len(outs), cfg.micro_batch_size):
-            part = outs[s : s + cfg.micro_batch_size]
-            inputs, mask = common.rl_batch(processor, [local_rows[o.row] for o in part], [o.token_ids for o in part],
-                                           cfg.min_pixels, cfg.max_pixels, prompt_format)  # fmt: skip
-            batches.append({"inputs": inputs, "response_mask": mask, "advantages": advantages[s : s + len(part)]})
-        if ref_model is not None:
-            for b, ref in zip(batches, sequence_logprobs(ref_model, batches, cfg, d)):
-                b["ref_logp"] = ref
-
-        # --- policy update(s) ---
-        for update in range(cfg.updates_per_batch):
-            if cfg.updates_per_batch > 1:  # pi_old = the policy that generated, before this batch's updates
-                if update == 0:
-                    for b, old in zip(batches, sequence_logprobs(model, batches, cfg, d)):
-                        b["old_logp"] = old
-            stats = grpo_loss(model, batches, cfg, d)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        metrics["time/update_s"] = time.time() - t0
+        prompt_ids, _ = common.shard(sampler.next_batch(), d)  # this rank's slice of the global batch
+        batch_rows = [rows[i] for i in prompt_ids]
+        outs = generate_rollouts(engine, model, batch_rows, cfg, step)  # n per prompt, row-major
+        t_rollout, t0 = time.time() - t0, time.time()
+        rewards = score(outs, batch_rows, pool, cfg)  # format + accuracy of each response, reward.py
+        # A_i = (r_i - mean_group) / (std_group + eps); zero-variance groups give 0
+        advantages, zero_var = group_advantages(
+            torch.tensor([r["overall"] for r in rewards]), cfg.group_size, cfg.adv_eps
+        )
+        batches = micro_batches(processor, outs, batch_rows, advantages, cfg, fmt)
+        stats, grad_norm = update_policy(model, ref_model, optimizer, batches, cfg, d)
+        t_update, t0, done = time.time() - t0, time.time(), step + 1
 
         # --- VAS bookkeeping ---
-        t0 = time.time()
-        done = step + 1
-        if cfg.vas and cfg.vas_online:  # free refresh of this batch's prompts from the training rollouts
-            groups: dict[int, tuple[list, list]] = {}
-            for o, sc in zip(outs, scores):
-                groups.setdefault(local[o.row], ([], []))
-                groups[local[o.row]][0].append(o.token_ids)
-                groups[local[o.row]][1].append(sc["accuracy"])
-            keys = list(groups)
-            fresh = vas.score_prompts([groups[k][0] for k in keys], [groups[k][1] for k in keys],
-                                      cfg.vas_alpha, cfg.vas_beta, cfg.vas_tds)  # fmt: skip
-            for index, value in common.all_gather_list(list(zip(keys, fresh["vps"].tolist())), d):
-                vps[index] = value
-            sampler.update_weights(vas.normalise_weights(vps, sampler.weights, cfg.vas_momentum))
+        if cfg.vas and cfg.vas_online:
+            refresh_vps_online(vps, sampler, outs, rewards, prompt_ids, cfg, d)
         if cfg.vas and cfg.vas_update_every and done % cfg.vas_update_every == 0 and done < total_steps:
-            refresh_vps(done)
-        metrics["time/vas_s"] = time.time() - t0 + (initial_vas_s if step == start_step else 0.0)
+            vps = refresh_vps(engine, model, rows, sampler, cfg, d, pool, done, out_dir)["vps"]
+        t_vas = time.time() - t0 + (initial_vas_s if step == start_step else 0.0)
 
-        # --- metrics ---
-        n_local = float(len(outs))
-        sums = common.all_reduce_sum(
-            torch.tensor([
-                rewards.sum(), sum(s["accuracy"] for s in scores), sum(s["format"] for s in scores),
-                rewards.view(-1, cfg.group_size).std(1).nan_to_num(0).sum() if cfg.group_size > 1 else 0.0,
-                sum(len(o.token_ids) for o in outs), sum(o.finish_reason == "length" for o in outs),
-                zero_var.float().sum(), n_local, n_local / cfg.group_size,
-            ], dtype=torch.float64),
-            d.device,
-        ).tolist()  # fmt: skip
-        (r_sum, acc_sum, fmt_sum, std_sum, len_sum, trunc_sum, zero_sum, n_seq, n_groups) = sums
-        metrics.update({
-            "train/loss": stats["loss"], "train/pg_loss": stats["pg"], "train/kl": stats["kl"],
-            "train/grad_norm": float(grad_norm), "train/clip_frac": stats["clipped"], "train/entropy": stats["entropy"],
-            "train/lr": optimizer.param_groups[0]["lr"],
-            "reward/overall": r_sum / n_seq, "reward/accuracy": acc_sum / n_seq, "reward/format": fmt_sum / n_seq,
-            "reward/std_in_group": std_sum / n_groups, "rollout/response_len": len_sum / n_seq,
-            "rollout/truncated_frac": trunc_sum / n_seq, "vas/zero_var_frac": zero_sum / n_groups,
-            "vas/vps_mean": float(np.mean(vps)) if cfg.vas else 0.0,
-            "vas/weighted_frac": sampler.n_weighted / cfg.rollout_batch_size,
-        })  # fmt: skip
+        # --- metrics, validation, checkpoint ---
+        metrics = step_metrics(outs, rewards, zero_var, stats, grad_norm, cfg, d)
+        metrics.update(
+            {
+                "train/lr": optimizer.param_groups[0]["lr"],
+                "vas/vps_mean": float(np.mean(vps)) if cfg.vas else 0.0,
+                "vas/weighted_frac": sampler.n_weighted / cfg.rollout_batch_size,
+                "time/rollout_s": t_rollout,
+                "time/update_s": t_update,
+                "time/vas_s": t_vas,
+            }
+        )
         if val_rows and ((cfg.val_every and done % cfg.val_every == 0) or done == total_steps):
-            engine.wake(model, version=done)
-            metrics["val/accuracy"] = rollout.accuracy(engine, val_rows, d, val_sampling(done), pool)
-            engine.sleep()
+            metrics["val/accuracy"] = validate(engine, model, val_rows, cfg, d, pool, done)
         logger.log(done, metrics)
-        bar.set_postfix(acc=f"{metrics['reward/accuracy']:.2f}", zero_var=f"{metrics['vas/zero_var_frac']:.2f}",
-                        **({"val": f"{metrics['val/accuracy']:.2f}"} if "val/accuracy" in metrics else {}))  # fmt: skip
+        bar.set_postfix(acc=f"{metrics['reward/accuracy']:.2f}", zero_var=f"{metrics['vas/zero_var_frac']:.2f}")
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             save(out_dir / f"step-{done}", done)
         if cfg.stop_after and done >= cfg.stop_after:
-            if d.master:
-                print(f"[grpo] --stop-after {cfg.stop_after}: stopping without the final save")
             break
-    else:  # the loop ran to the end (no --stop-after break)
+
+    if done == total_steps:
         save(out_dir / "final", total_steps)
-        if d.master:
-            print(f"[grpo] done: {total_steps} steps, model in {out_dir / 'final'}")
+    if d.master:
+        print(
+            f"[grpo] done: {total_steps} steps, model in {out_dir / 'final'}"
+            if done == total_steps
+            else f"[grpo] --stop-after {cfg.stop_after}: stopped at step {done} without the final save"
+        )
+        if isinstance(engine, rollout.VLLMEngine):
+            print(f"[grpo] vLLM weight pushes: {engine.pushes} (one per new set of weights; repeats skipped)")
     if pool is not None:
         pool.close()
-    if d.master and isinstance(engine, rollout.VLLMEngine):
-        print(f"[grpo] vLLM weight pushes: {engine.pushes} (one per new set of weights; repeats skipped)")
     engine.close()  # before the process group goes: vLLM's teardown uses it
     logger.close()
     common.cleanup_distributed()

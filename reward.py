@@ -380,6 +380,15 @@ def compute_rewards(responses: list[str], golds: list[str], choices: list | None
         return own_pool.map(jobs)
 
 
+def score_responses(responses: list[str], rows: list[dict], *, pool: RewardPool | None = None,
+                    format_weight: float = 1.0, accuracy_weight: float = 1.0) -> list[dict]:  # fmt: skip
+    """compute_rewards of responses[i] against rows[i]["answer"] (and rows[i]["choices"]): the rewards
+    of rollouts, each against the data row of its prompt. With a pool the workers score with a hard
+    timeout; without one, scoring runs in this process."""
+    return compute_rewards(responses, [r["answer"] for r in rows], [r.get("choices") for r in rows], workers=0,
+                           pool=pool, format_weight=format_weight, accuracy_weight=accuracy_weight)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------

@@ -98,26 +98,12 @@ def _vllm_available() -> bool:
         return False
 
 
-def score_rollouts(outs: list[Rollout], rows: list[dict], pool=None, **weights) -> list[dict]:
-    """reward.compute_rewards of each rollout against the answer (and choices) of its row.
-
-    With a RewardPool the workers score with a hard timeout; without one, scoring runs in this
-    process. `weights`: format_weight / accuracy_weight.
-    """
-    return reward.compute_rewards(
-        [o.text for o in outs],
-        [rows[o.row]["answer"] for o in outs],
-        [rows[o.row].get("choices") for o in outs],
-        workers=0,
-        pool=pool,
-        **weights,
-    )
-
-
-def accuracy(engine, rows: list[dict], d: common.Dist, sampling: Sampling, pool=None) -> float:
-    """Share of `rows` answered right with one sample each, sharded over ranks (every rank gets it)."""
+def validation_accuracy(engine, rows: list[dict], d: common.Dist, sampling: Sampling, pool=None) -> float:
+    """Share of `rows` answered right with one sample each (reward.py's accuracy), the rows
+    sharded over ranks; every rank gets the same value. pool: a reward.RewardPool or None."""
     mine, n_real = common.shard(rows, d)
-    scores = score_rollouts(engine.generate(mine, 1, sampling), mine, pool)
+    outs = engine.generate(mine, 1, sampling)
+    scores = reward.score_responses([o.text for o in outs], [mine[o.row] for o in outs], pool=pool)
     correct = sum(s["accuracy"] for s in scores[:n_real])
     return common.all_reduce_sum(correct, d.device).item() / len(rows)
 

@@ -37,7 +37,7 @@ class SFTConfig:
     val_data: str = field("", "SFT rows for the validation loss (default: toy val split)")
     acc_data: str = field("", "RL-format rows for the final validation accuracy (default: toy val split)")
     output_dir: str = field("runs/toy-sft", "where checkpoints, metrics.jsonl and final/ go")
-    preset: str = field("", "'paper' = Table 5 hyper-parameters of the paper", choices=["", "paper", "toy"])
+    preset: str = field("", "'paper' = Table 5 hyper-parameters of the paper", choices=["", "paper"])
     epochs: float = field(1.0, "passes over the training rows (ignored when --max-steps > 0)")
     max_steps: int = field(300, "optimizer steps; 0 = derived from --epochs")
     batch_size: int = field(32, "effective global batch (rows per optimizer step, all ranks)")
@@ -82,8 +82,7 @@ PRESETS = {
         eval_every=500,
         save_every=1000,
         acc_limit=-1,
-    ),  # fmt: skip
-    "toy": {},
+    ),
 }
 
 
@@ -112,21 +111,20 @@ def global_batch(step: int, n_rows: int, batch_size: int, seed: int) -> list[int
 def sft_loss(model, batches: list[dict], d: common.Dist, chunk: int) -> float:
     """Forward + backward over this rank's micro-batches; loss = token mean over the global batch.
 
-    Returns the global mean loss (a float). Gradients are scaled so that FSDP2's mean over ranks
-    yields the gradient of the global token mean.
+    Each micro-batch's summed NLL is divided by the assistant-token count of the whole global batch
+    (all ranks), and FSDP2 sums the ranks' gradients (shard_model), so the gradient is that of
+    the global token mean. Returns the global mean loss (a float).
     """
     n_tokens = sum(int((b["labels"][:, 1:] != common.IGNORE_INDEX).sum()) for b in batches)
-    total_tokens = common.all_reduce_sum(n_tokens, d.device).item()
+    total_tokens = max(1.0, common.all_reduce_sum(n_tokens, d.device).item())
     loss_sum = 0.0
     for b in batches:
-        b = {k: v.to(d.device) for k, v in b.items()}
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
-            logp, _ = common.token_logprobs(model, b, chunk)
-        mask = b["labels"][:, 1:] != common.IGNORE_INDEX
+        logp, _ = common.batch_logprobs(model, b, d.device, chunk)  # (B, T-1)
+        mask = b["labels"][:, 1:].to(d.device) != common.IGNORE_INDEX
         nll = -(logp * mask).sum()  # summed over this micro-batch's assistant tokens
-        (nll * d.world_size / max(total_tokens, 1)).backward()
+        (nll / total_tokens).backward()
         loss_sum += nll.item()
-    return common.all_reduce_sum(loss_sum, d.device).item() / max(total_tokens, 1)
+    return common.all_reduce_sum(loss_sum, d.device).item() / total_tokens
 
 
 @torch.no_grad()
@@ -139,9 +137,8 @@ def val_loss(model, processor, rows: list[dict], cfg: SFTConfig, d: common.Dist)
         b = common.sft_batch(
             processor, mine[s : s + cfg.micro_batch_size], cfg.min_pixels, cfg.max_pixels, cfg.max_length
         )
-        b = {k: v.to(d.device) for k, v in b.items()}
-        logp, _ = common.token_logprobs(model, b, cfg.logprob_chunk)
-        mask = (b["labels"][:, 1:] != common.IGNORE_INDEX).float()
+        logp, _ = common.batch_logprobs(model, b, d.device, cfg.logprob_chunk)
+        mask = (b["labels"][:, 1:].to(d.device) != common.IGNORE_INDEX).float()
         mask[max(0, n_real - s) :] = 0  # padding rows do not count
         nll += -(logp * mask).sum().item()
         count += int(mask.sum())
@@ -212,18 +209,16 @@ def main() -> None:
     bar = tqdm(range(start_step, total_steps), disable=not d.master, desc="sft", initial=start_step, total=total_steps)
     for step in bar:
         t0 = time.time()
-        batch = global_batch(step, len(train_rows), cfg.batch_size, cfg.seed)[d.rank :: d.world_size]
+        batch, _ = common.shard(global_batch(step, len(train_rows), cfg.batch_size, cfg.seed), d)  # this rank's part
         micro = [
             common.sft_batch(processor, [train_rows[i] for i in batch[s : s + cfg.micro_batch_size]],
                              cfg.min_pixels, cfg.max_pixels, cfg.max_length)
             for s in range(0, len(batch), cfg.micro_batch_size)
         ]  # fmt: skip
         loss = sft_loss(model, micro, d, cfg.logprob_chunk)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {"train/loss": loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]}
+        lr = scheduler.get_last_lr()[0]
+        grad_norm = common.clip_and_step(params, optimizer, cfg.max_grad_norm)
+        metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}
         scheduler.step()
         metrics["time/step_s"] = time.time() - t0
         done = step + 1
@@ -244,7 +239,7 @@ def main() -> None:
     if acc_rows:
         engine = rollout.HFEngine(model, processor, d, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
         greedy = rollout.Sampling(temperature=0.0, max_new_tokens=cfg.acc_max_new_tokens)
-        final["val/accuracy"] = rollout.accuracy(engine, acc_rows, d, greedy)
+        final["val/accuracy"] = rollout.validation_accuracy(engine, acc_rows, d, greedy)
         logger.log(total_steps, final)
     save(out_dir / "final", total_steps)
     if d.master:

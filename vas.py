@@ -39,8 +39,48 @@ def outcome_variance(pass_rates) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# TDS: self-BLEU-123 (exact NLTK sentence_bleu semantics), distinct-n, edit distance
+# TDS: self-BLEU-123 (NLTK sentence_bleu semantics), distinct-n, edit distance
 # ---------------------------------------------------------------------------------------------
+
+
+def reference_sentence_bleu(hypothesis: list[int], references: list[list[int]], max_n: int = 3) -> float:
+    """BLEU of one token sequence against several references, exactly as NLTK's `sentence_bleu`
+    with uniform weights (1/max_n each) and smoothing method 1. The readable definition; the fast
+    path below (`sentence_bleus`) is tested equal to it.
+
+    p_n = sum over the hypothesis's n-grams of min(its count, its max count in any one reference)
+          / number of hypothesis n-grams (at least 1); a zero numerator becomes EPSILON
+    BP  = 1 if the hypothesis is longer than the closest reference length (ties: the shorter), else
+          exp(1 - r / c); 0 for an empty hypothesis.  BLEU = BP * exp(mean_n log p_n), and 0 when
+          no unigram matches at all.
+    """
+    from collections import Counter
+
+    log_p = []
+    for n in range(1, max_n + 1):
+        grams = Counter(tuple(hypothesis[i : i + n]) for i in range(len(hypothesis) - n + 1))
+        best: Counter = Counter()
+        for ref in references:
+            best |= Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))  # max count per n-gram
+        matches = sum(min(count, best[g]) for g, count in grams.items())
+        if n == 1 and matches == 0:
+            return 0.0
+        log_p.append(math.log((matches or EPSILON) / max(1, sum(grams.values()))))
+    c = len(hypothesis)
+    r = min((len(ref) for ref in references), key=lambda length: (abs(length - c), length))
+    bp = 1.0 if c > r else (math.exp(1 - r / c) if c else 0.0)
+    return bp * math.exp(sum(log_p) / max_n)
+
+
+def reference_self_bleu(group: list[list[int]], max_n: int = 3) -> float:
+    """Mean over responses of BLEU(response | the other N-1); 0 for fewer than 2 responses."""
+    if len(group) < 2:
+        return 0.0
+    scores = [reference_sentence_bleu(y, group[:i] + group[i + 1 :], max_n) for i, y in enumerate(group)]
+    return float(np.mean(scores))
+
+
+# --- fast path, tested equal to the reference: every response against the others in O(T log T) ---
 
 
 def _clipped_matches(flat: np.ndarray, owner: np.ndarray, n_resp: int, max_n: int, token_bits: int,
@@ -193,7 +233,8 @@ def edit_diversity(group: list[list[int]]) -> float:
 def trajectory_diversity(group: list[list[int]], kind: str = "self_bleu") -> float:
     """TDS of one prompt's responses, in [0, 1], higher = more diverse.
 
-    kind: 'self_bleu' (1 - self-BLEU-123, the recipe's default), 'distinct' (distinct-2),
+    kind: 'self_bleu' (1 - self-BLEU-123: the paper's definition and the recipe's measure; the
+    released code weights raw self-BLEU instead, see the README's deviation table), 'distinct' (distinct-2),
     'edit' (mean normalised pairwise edit distance).
     """
     if kind == "self_bleu":
@@ -255,7 +296,7 @@ class MixedSampler:
     replacement proportionally to the weights, the rest taken in order from a seeded shuffled
     permutation (reshuffled each pass, so the uniform part covers every prompt once per pass).
 
-    Every rank builds the same global batch from the same seed; `rank_slice` picks a rank's part.
+    Every rank builds the same global batch from the same seed; `common.shard` picks a rank's part.
     `state_dict()` / `load_state_dict()` capture everything, so a resumed run yields exactly the
     batches the uninterrupted run would have.
     """
@@ -322,14 +363,6 @@ class MixedSampler:
         self.rng_uniform.bit_generator.state = state["rng_uniform"]
 
 
-def rank_slice(batch: list[int], rank: int, world_size: int) -> list[int]:
-    """The contiguous part of a global batch that `rank` trains on (batch divisible by world)."""
-    if len(batch) % world_size:
-        raise ValueError(f"global batch of {len(batch)} does not split over {world_size} ranks")
-    per = len(batch) // world_size
-    return batch[rank * per : (rank + 1) * per]
-
-
 # ---------------------------------------------------------------------------------------------
 # Scoring prompts with fresh rollouts (grpo.py's refresh and the offline CLI share this)
 # ---------------------------------------------------------------------------------------------
@@ -341,14 +374,14 @@ def rollout_scores(engine, rows: list[dict], indices: list[int], d, *, n: int, s
     """Pass rate, OVS, TDS, VPS (each (len(indices),), in `indices` order) from n fresh rollouts.
 
     Prompts are sharded over ranks (common.shard), generated in calls of
-    `prompts_per_call` prompts, scored with rollout.score_rollouts (accuracy only), then
+    `prompts_per_call` prompts, scored with reward.score_responses (accuracy only), then
     all-gathered, so every rank returns the full arrays. Each call's seed is derived from
     `sampling.seed` and the call number, so a refresh is reproducible.
     """
     from tqdm import tqdm
 
     import common
-    import rollout
+    import reward
 
     padded, n_real = common.shard(list(indices), d)  # equal work on every rank (synced generation)
     results = []
@@ -358,7 +391,7 @@ def rollout_scores(engine, rows: list[dict], indices: list[int], d, *, n: int, s
         chunk_rows = [rows[i] for i in chunk]
         call_sampling = type(sampling)(**{**sampling.__dict__, "seed": common.derive_seed(sampling.seed, "call", call)})
         outs = engine.generate(chunk_rows, n, call_sampling)
-        scores = rollout.score_rollouts(outs, chunk_rows, pool)
+        scores = reward.score_responses([o.text for o in outs], [chunk_rows[o.row] for o in outs], pool=pool)
         groups: list[list[list[int]]] = [[] for _ in chunk]
         accuracies: list[list[float]] = [[] for _ in chunk]
         for o, s in zip(outs, scores):

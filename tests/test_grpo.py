@@ -60,7 +60,7 @@ def test_reference_and_old_logprobs_use_the_rollout_temperature(toy_model):
     }
     inputs, mask = common.rl_batch(processor, [row, row], [[5, 6, 7], [8]], 3136, 50176)
     cfg = grpo.GRPOConfig(temperature=0.6)
-    (logp,) = grpo.sequence_logprobs(model, [{"inputs": inputs}], cfg, common.Dist(0, 1, 0, torch.device("cpu")))
+    (logp,) = grpo.frozen_token_logprobs(model, [{"inputs": inputs}], cfg, common.Dist(0, 1, 0, torch.device("cpu")))
     with torch.no_grad():
         logits = model(**inputs).logits[:, :-1].float()
     naive = (logits / 0.6).log_softmax(-1).gather(-1, inputs["input_ids"][:, 1:, None]).squeeze(-1)
@@ -83,8 +83,9 @@ def test_clipped_surrogate_and_clip_fraction():
 
 
 def test_token_mean_over_ranks_equals_single_process(toy_model):
-    """Two 'ranks' with unequal token counts, each scaling its loss by world / global tokens and
-    FSDP averaging their gradients, give exactly the single-process full-batch gradient."""
+    """Two 'ranks' with unequal token counts, each dividing its token sum by the GLOBAL token count
+    and FSDP2 summing their gradients (divide factor 1, see common.shard_model), give the
+    single-process full-batch gradient."""
     model, processor = toy_model
     rows = [{"problem": "<image>How many red squares are there?", "images": [__import__("data.toy").toy.draw_grid(["red"] * 4)],
              "answer": "4"}] * 4  # fmt: skip
@@ -96,25 +97,25 @@ def test_token_mean_over_ranks_equals_single_process(toy_model):
         inputs, mask = common.rl_batch(processor, [rows[i] for i in idx], [responses[i] for i in idx], 3136, 50176)
         return {"inputs": inputs, "response_mask": mask, "advantages": adv[idx]}
 
-    def grads_of(parts, world):
+    def grads_of(parts):
         model.zero_grad()
         total = sum(float(p["response_mask"].sum()) for ps in parts for p in ps)
-        for ps in parts:  # each rank: its own micro-batches, loss scaled by world / global tokens
+        for ps in parts:  # each rank: its own micro-batches, loss = token sum / global tokens
             for p in ps:
                 logp, _ = common.token_logprobs(model, p["inputs"], temperature=cfg.temperature)
                 pg, _ = grpo.clipped_surrogate(logp, logp.detach(), p["advantages"][:, None], 0.2, 0.2)
-                ((pg * p["response_mask"]).sum() * world / total).backward()
-        g = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None]) / world  # FSDP mean
+                ((pg * p["response_mask"]).sum() / total).backward()
+        g = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None])  # FSDP2: sum over ranks
         model.zero_grad()
         return g
 
-    single = grads_of([[micro([0, 1, 2, 3])]], world=1)
-    two_ranks = grads_of([[micro([0]), micro([1])], [micro([2, 3])]], world=2)
+    single = grads_of([[micro([0, 1, 2, 3])]])
+    two_ranks = grads_of([[micro([0]), micro([1])], [micro([2, 3])]])
     assert torch.allclose(single, two_ranks, atol=1e-6)
     # and the loss helper itself (one process) matches the hand-written aggregation
     model.zero_grad()
     d = common.Dist(0, 1, 0, torch.device("cpu"))
-    grpo.grpo_loss(model, [micro([0, 1]), micro([2, 3])], cfg, d)
+    grpo.policy_loss_backward(model, [micro([0, 1]), micro([2, 3])], cfg, d)
     helper = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None])
     model.zero_grad()
     assert torch.allclose(helper, single, atol=1e-6)

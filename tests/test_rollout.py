@@ -136,7 +136,7 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
     assert log[-1] == ("shutdown",) and engine.llm is None
 
 
-def test_score_rollouts_without_a_pool_stays_in_process(monkeypatch):
+def test_score_responses_without_a_pool_stays_in_process(monkeypatch):
     import reward
 
     def no_pool(*args, **kwargs):
@@ -144,10 +144,8 @@ def test_score_rollouts_without_a_pool_stays_in_process(monkeypatch):
 
     monkeypatch.setattr(reward, "RewardPool", no_pool)
     rows = [{"answer": "4"}, {"answer": "B", "choices": ["x", "y"]}]
-    outs = [rollout.Rollout(0, [], "<think>t</think><answer>\\boxed{4}</answer>", "stop"),
-            rollout.Rollout(1, [], "<think>t</think><answer>\\boxed{y}</answer>", "stop"),
-            rollout.Rollout(1, [], "\\boxed{A}", "length")]  # fmt: skip
-    scores = rollout.score_rollouts(outs, rows, None, format_weight=0.5)
+    texts = ["<think>t</think><answer>\\boxed{4}</answer>", "<think>t</think><answer>\\boxed{y}</answer>", "\\boxed{A}"]
+    scores = reward.score_responses(texts, [rows[0], rows[1], rows[1]], format_weight=0.5)
     assert [(s["format"], s["accuracy"], s["overall"]) for s in scores] == [(1, 1, 1.5), (1, 1, 1.5), (0, 0, 0)]
 
 

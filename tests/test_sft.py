@@ -59,13 +59,32 @@ def test_freeze_vision_keeps_the_vision_tower(toy_dir, tmp_path):
 
 
 def test_torchrun_two_ranks_matches_one_process(toy_dir, tmp_path):
-    run_script(toy_args(toy_dir, tmp_path / "one", 2, "--acc-limit", "-1"))
-    run_script(toy_args(toy_dir, tmp_path / "two", 2, "--acc-limit", "-1"), torchrun=2)
-    one, two = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
-    init = weights(toy_dir / "model")
+    """Two ranks compute the one-process step: same loss, same gradient (norm), and weights within
+    what AdamW's first step allows.
+
+    What is exactly comparable is the first step's loss and gradient: both runs start from the same
+    weights, and only the summation order differs (fp32, a few thousand terms: relative error
+    ~1e-6). The weights after the step are not: AdamW's first update is lr * g / (|g| + eps), about
+    lr * sign(g), so a gradient element within reduction noise of 0 may move by +lr in one run and
+    -lr in the other. Every element moves by at most lr (weight decay 0), so they differ by <= 2 lr.
+    """
+    lr = 2e-3
+    run_script(toy_args(toy_dir, tmp_path / "one", 1, "--acc-limit", "-1", "--lr", str(lr), "--warmup-ratio", "0"))
+    run_script(toy_args(toy_dir, tmp_path / "two", 1, "--acc-limit", "-1", "--lr", str(lr), "--warmup-ratio", "0"),
+               torchrun=2)  # fmt: skip
+    (a,), (b,) = ([json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                   if "train/loss" in x] for run in ("one", "two"))  # fmt: skip
+    assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5 * a["train/loss"]
+    assert abs(a["train/grad_norm"] - b["train/grad_norm"]) <= 1e-4 * a["train/grad_norm"]
+    one, two, init = (
+        weights(tmp_path / "one" / "final"),
+        weights(tmp_path / "two" / "final"),
+        weights(toy_dir / "model"),
+    )
     assert one.keys() == two.keys()
     for name in one:
-        assert torch.allclose(one[name], two[name], atol=2e-5), name
+        assert (one[name] - two[name]).abs().max() <= 2 * lr * (1 + 1e-3), name
+        assert (one[name] - init[name]).abs().max() <= lr * (1 + 1e-3), name  # the bound the argument uses
     assert any(not torch.equal(one[n], init[n]) for n in one)
 
 

@@ -42,6 +42,16 @@ def test_outcome_variance():
     assert np.allclose(vas.outcome_variance([0, 0.25, 0.5, 0.75, 1]), [0, 0.1875, 0.25, 0.1875, 0])
 
 
+def test_reference_self_bleu_equals_nltk_and_the_fast_path():
+    """The readable definition equals NLTK; the fast kernel equals the readable definition."""
+    rng = random.Random(7)
+    for _ in range(150):
+        group = random_group(rng)
+        reference = vas.reference_self_bleu(group)
+        assert abs(reference - nltk_self_bleu(group)) < 1e-12
+        assert abs(vas.self_bleu(group) - reference) < 1e-12
+
+
 def test_self_bleu_equals_nltk_on_random_groups():
     rng = random.Random(0)
     for _ in range(400):
@@ -181,12 +191,18 @@ def test_degenerate_weights_fall_back_to_uniform():
         sampler.update_weights(np.ones(3))
 
 
-def test_rank_slices_are_disjoint_and_cover_the_batch():
+def test_rank_shares_are_disjoint_and_cover_the_batch():
+    """common.shard is the one way work is split over ranks (training batches, scoring, validation)."""
+    import torch
+
+    import common
+
     batch = list(range(100, 112))
-    parts = [vas.rank_slice(batch, r, 4) for r in range(4)]
-    assert sum(parts, []) == batch and all(len(p) == 3 for p in parts)
-    with pytest.raises(ValueError, match="does not split"):
-        vas.rank_slice(batch, 0, 5)
+    parts = [common.shard(batch, common.Dist(r, 4, r, torch.device("cpu"))) for r in range(4)]
+    assert sum((p for p, _ in parts), []) == batch and all(len(p) == n == 3 for p, n in parts)
+    uneven = [common.shard(batch, common.Dist(r, 5, r, torch.device("cpu"))) for r in range(5)]
+    assert all(len(p) == 3 for p, _ in uneven)  # equal work on every rank: padded
+    assert sum((p[:n] for p, n in uneven), []) == batch  # the real items, once each
 
 
 def test_transition_matrix_rows_are_shares():
