@@ -235,8 +235,39 @@ def save_refresh(out_dir: Path, step: int, scores: dict[str, np.ndarray]) -> Non
 # ---------------------------------------------------------------------------------------------
 
 
+# Settings a --resume may change without breaking the exact continuation (recorded in
+# config_changes.jsonl); any other change is refused. Validation seeds its own sampling.
+RESUME_MAY_CHANGE = {
+    "max_steps", "episodes", "output_dir", "preset", "resume", "stop_after", "report_to", "save_every",
+    "val_every", "val_limit", "val_data", "val_temperature", "reward_workers", "reward_timeout_s",
+    "gpu_memory_utilization", "gradient_checkpointing", "logprob_chunk", "skip_bad_rows",
+}  # fmt: skip
+
+
+def validate_config(cfg: GRPOConfig) -> None:
+    """Stops with one line per setting that would run but train nothing useful, saying what to use."""
+    problems = []
+    if cfg.group_size < 2:
+        problems.append(f"--group-size {cfg.group_size}: advantages compare the responses of a group, so a group "
+                        "of fewer than 2 has no signal; use at least 2 (paper: 8)")  # fmt: skip
+    if cfg.vas and cfg.vas_rollouts < 2:
+        problems.append(f"--vas-rollouts {cfg.vas_rollouts}: the pass-rate variance of fewer than 2 rollouts is 0, "
+                        "so VAS would sample uniformly; use at least 2 (paper: 16)")  # fmt: skip
+    if cfg.max_steps < 0 or (cfg.max_steps == 0 and cfg.episodes <= 0):
+        problems.append(f"--max-steps {cfg.max_steps} --episodes {cfg.episodes}: no step would run and final/ "
+                        "would be the untrained model; give --max-steps > 0, or 0 with --episodes > 0")  # fmt: skip
+    for name in ("rollout_batch_size", "micro_batch_size", "updates_per_batch"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: use at least 1")
+    if not 0.0 <= cfg.vas_mix_ratio <= 1.0:
+        problems.append(f"--vas-mix-ratio {cfg.vas_mix_ratio}: a share of the batch, use a value in [0, 1]")
+    if problems:
+        raise SystemExit("grpo.py: " + "\n".join(problems))
+
+
 def main() -> None:
     cfg = common.parse_config(GRPOConfig, PRESETS)
+    validate_config(cfg)
     if not cfg.model and not cfg.data:  # the toy defaults
         sft_model = toy.ROOT / "runs" / "toy-sft" / "final"
         if not (sft_model / "config.json").exists():
@@ -252,16 +283,21 @@ def main() -> None:
     out_dir = Path(cfg.output_dir)
 
     # --- data ---
-    rows = common.load_rows(cfg.data, "rl", "train", cfg.skip_bad_rows, cfg.train_limit)
-    val_rows = common.load_rows(cfg.val_data, "rl", "val", cfg.skip_bad_rows, cfg.val_limit) if cfg.val_data else []
+    pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)  # the rows' images must suit this range
+    rows = common.load_rows(cfg.data, "rl", "train", cfg.skip_bad_rows, cfg.train_limit, **pixels)
+    val_rows = (
+        common.load_rows(cfg.val_data, "rl", "val", cfg.skip_bad_rows, cfg.val_limit, **pixels) if cfg.val_data else []
+    )
     if cfg.rollout_batch_size % d.world_size:
         raise SystemExit(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by {d.world_size} ranks")
     total_steps = cfg.max_steps or math.ceil(cfg.episodes * len(rows) / cfg.rollout_batch_size)
 
     # --- models, engine, optimizer, sampler ---
-    ckpt = common.latest_checkpoint(out_dir) if cfg.resume else None
+    ckpt = common.latest_checkpoint(out_dir, d.master) if cfg.resume else None  # damaged ones passed over
     if cfg.resume and ckpt is None and d.master:
         print(f"[grpo] --resume: no checkpoint in {out_dir}, starting from {cfg.model}")
+    if ckpt is not None:  # exact resume: same data, batch shape and seeds as the checkpoint's run
+        common.check_resume(ckpt, cfg, RESUME_MAY_CHANGE, len(rows), total_steps, out_dir, d.master)
     policy_path = str(ckpt or cfg.model)
     processor = common.load_processor(policy_path, cfg.min_pixels, cfg.max_pixels)
     model = common.shard_model(common.load_model(policy_path, d.device, cfg.gradient_checkpointing, trainable=True), d)
@@ -298,7 +334,7 @@ def main() -> None:
 
     def save(folder: Path, step: int) -> None:
         common.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg,
-                                        sampler=sampler.state_dict(), vps=vps.tolist())  # fmt: skip
+                                        sampler=sampler.state_dict(), vps=vps.tolist(), rows=len(rows))  # fmt: skip
 
     def refresh_vps(step: int) -> dict[str, np.ndarray]:
         """Re-scores every prompt with fresh rollouts (sharded over ranks) and re-weights the sampler."""
@@ -447,4 +483,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.exit_on_input_error(main)
