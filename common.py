@@ -666,11 +666,11 @@ def _raw_rows(files: list[Path], name: str, split: str):
                 raise BadRowError(f"{file}: not a readable parquet file ({_first_line(e)})") from e
             if count:
                 for i, row in enumerate(datasets.load_dataset("parquet", data_files=[str(file)], split="train")):
-                    yield f"{file} row {i}", _absolute_image_paths(row, file.parent)
+                    yield f"{file} row {i}", _absolute_image_paths(row, file.resolve().parent)
         else:
             for where, row in _json_rows(file):
                 count += 1
-                yield where, _absolute_image_paths(row, file.parent) if isinstance(row, dict) else row
+                yield where, _absolute_image_paths(row, file.resolve().parent) if isinstance(row, dict) else row
         if not count:
             raise BadRowError(f"{file}: empty (no rows)")
 

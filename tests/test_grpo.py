@@ -172,8 +172,8 @@ def test_grpo_stop_and_resume_equals_uninterrupted(toy_dir, tmp_path):
     )
     for name in full:
         assert torch.allclose(full[name], cut[name], atol=1e-6), name
-    s_full = torch.load(tmp_path / "full" / "final" / "trainer_state.pt", weights_only=False)["sampler"]
-    s_cut = torch.load(tmp_path / "cut" / "final" / "trainer_state.pt", weights_only=False)["sampler"]
+    s_full = torch.load(tmp_path / "full" / "final" / "trainer_state.pt", weights_only=True)["sampler"]
+    s_cut = torch.load(tmp_path / "cut" / "final" / "trainer_state.pt", weights_only=True)["sampler"]
     assert s_full["perm"] == s_cut["perm"] and s_full["pos"] == s_cut["pos"] and s_full["weights"] == s_cut["weights"]
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
