@@ -652,7 +652,13 @@ def _raw_rows(files: list[Path], name: str, split: str):
     import datasets
 
     if not files:
-        for i, row in enumerate(datasets.load_dataset(name, split=split)):
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as e:  # noqa: BLE001 - not on the hub, no such split, offline: name it in one line
+            raise BadRowError(
+                f"{name}@{split}: not a local file or folder, and not loadable from the hub ({_first_line(e)})"
+            ) from e
+        for i, row in enumerate(ds):
             yield f"{name}@{split} row {i}", row
         return
     for file in files:
