@@ -668,11 +668,11 @@ def _raw_rows(files: list[Path], name: str, split: str):
 
             try:
                 count = pq.ParquetFile(file).metadata.num_rows
-            except Exception as e:  # noqa: BLE001 - whatever pyarrow says, the file is unreadable
+                ds = datasets.load_dataset("parquet", data_files=[str(file)], split="train") if count else []
+            except Exception as e:  # noqa: BLE001 - whatever pyarrow or datasets says, the file is unreadable
                 raise BadRowError(f"{file}: not a readable parquet file ({_first_line(e)})") from e
-            if count:
-                for i, row in enumerate(datasets.load_dataset("parquet", data_files=[str(file)], split="train")):
-                    yield f"{file} row {i}", _absolute_image_paths(row, file.resolve().parent)
+            for i, row in enumerate(ds):
+                yield f"{file} row {i}", _absolute_image_paths(row, file.resolve().parent)
         else:
             for where, row in _json_rows(file):
                 count += 1

@@ -135,6 +135,21 @@ def test_empty_and_unreadable_files_are_one_line_errors(tmp_path):
             assert str(error.value).startswith(f"{path}: {message}") and "\n" not in str(error.value)
 
 
+def test_a_hub_id_that_does_not_load_is_one_line(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'no/such' on the Hub (OfflineModeIsEnabled)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(common.BadRowError) as error:
+        common.load_rows("no/such@val", "rl")
+    assert str(error.value) == (
+        "no/such@val: not a local file or folder, and not loadable from the hub "
+        "(ConnectionError: Couldn't reach 'no/such' on the Hub (OfflineModeIsEnabled))"
+    )
+
+
 def test_a_bad_data_file_stops_grpo_with_one_line(toy_dir, tmp_path):
     """End to end: the stage script prints `error: <file> line <n>: ...`, no traceback, exit 1."""
     path = tmp_path / "rows.jsonl"
@@ -402,18 +417,3 @@ def test_unclosed_boxed_in_the_answer_block_earns_nothing():
     assert reward.extract_answer("<answer>3</answer>") == "3"  # a bare answer still counts
     assert reward.extract_answer("<think>\\boxed{2}</think><answer>\\boxed{3</answer>") == "2"  # the last closed box
     assert math.isclose(reward.accuracy_reward("<answer>\\boxed{3}</answer>", reward.answer_text(3.0)), 1.0)
-
-
-def test_a_hub_id_that_does_not_load_is_one_line(monkeypatch):
-    import datasets
-
-    def offline(*args, **kwargs):
-        raise ConnectionError("Couldn't reach 'no/such' on the Hub (OfflineModeIsEnabled)\nmore detail")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(common.BadRowError) as error:
-        common.load_rows("no/such@val", "rl")
-    assert str(error.value) == (
-        "no/such@val: not a local file or folder, and not loadable from the hub "
-        "(ConnectionError: Couldn't reach 'no/such' on the Hub (OfflineModeIsEnabled))"
-    )
