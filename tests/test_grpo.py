@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from safetensors.torch import load_file
 
 import common
 import grpo
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 def test_group_advantages_hand_computed():
@@ -165,6 +167,11 @@ def test_grpo_stop_and_resume_equals_uninterrupted(toy_dir, tmp_path):
     run_script(grpo_args(toy_dir, tmp_path / "full", 4, "--vas", "--save-every", "2"))
     run_script(grpo_args(toy_dir, tmp_path / "cut", 4, "--vas", "--save-every", "2", "--stop-after", "3"))
     assert not (tmp_path / "cut" / "final").exists()
+    # another --train-limit would not continue the run: refused in one line, before any model loads
+    refused = subprocess.run([sys.executable] + grpo_args(toy_dir, tmp_path / "cut", 4, "--vas", "--save-every", "2",
+                             "--resume", "--train-limit", "12"), cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "--train-limit 16 -> 12" in refused.stderr.strip().splitlines()[-1]
     run_script(grpo_args(toy_dir, tmp_path / "cut", 4, "--vas", "--save-every", "2", "--resume"))
     full, cut = (
         load_file(str(tmp_path / "full" / "final" / "model.safetensors")),
