@@ -416,8 +416,27 @@ def batch_logprobs(model, inputs: dict[str, torch.Tensor], device: torch.device,
 # ---------------------------------------------------------------------------------------------
 
 
-class BadRowError(ValueError):
-    """A data row that cannot be used; the message names the source, the row and the problem."""
+class InputError(ValueError):
+    """Bad input the user must fix (data, checkpoint, settings); its message names what and where.
+
+    Stage scripts print it as one line and exit 1 (see exit_on_input_error), never as a traceback.
+    """
+
+
+class BadRowError(InputError):
+    """A data row or data file that cannot be used; the message names the file, the row or line and the problem."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be resumed from; the message names the file and what to do."""
+
+
+def exit_on_input_error(main) -> None:
+    """Runs a stage script's main(), turning an InputError into a one-line message and exit status 1."""
+    try:
+        main()
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def load_image(image: Any):
@@ -441,6 +460,12 @@ def resize_image(image, min_pixels: int, max_pixels: int, factor: int = 28):
     Keeps the aspect ratio (as Qwen2.5-VL's smart resize does), so HF and vLLM see the same pixels.
     """
     w, h = image.size
+    w_bar, h_bar = resized_size(w, h, min_pixels, max_pixels, factor)
+    return image if (w_bar, h_bar) == (w, h) else image.resize((w_bar, h_bar))
+
+
+def resized_size(w: int, h: int, min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
+    """(width, height) in pixels that resize_image gives a w x h image: the size the processor sees."""
     h_bar, w_bar = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt(h * w / max_pixels)
@@ -449,7 +474,26 @@ def resize_image(image, min_pixels: int, max_pixels: int, factor: int = 28):
     elif h_bar * w_bar < min_pixels:
         beta = math.sqrt(min_pixels / (h * w))
         h_bar, w_bar = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
-    return image if (w_bar, h_bar) == (w, h) else image.resize((w_bar, h_bar))
+    return w_bar, h_bar
+
+
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize raises "absolute aspect ratio must be smaller than 200"
+
+
+def check_image_shape(w: int, h: int, min_pixels: int, max_pixels: int) -> None:
+    """Raises ValueError for a w x h image the Qwen2-VL image processor would refuse.
+
+    The processor (transformers' smart_resize) gets the image after resize_image and refuses it
+    when max(H, W) / min(H, W) > 200; an empty image would divide by zero there.
+    """
+    if min(w, h) < 1:
+        raise ValueError(f"is {w}x{h} pixels (empty)")
+    w_bar, h_bar = resized_size(w, h, min_pixels, max_pixels)
+    if max(w_bar, h_bar) / min(w_bar, h_bar) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"is {w}x{h} pixels, resized to {w_bar}x{h_bar}: aspect ratio above the processor's limit of "
+            f"{MAX_ASPECT_RATIO} (crop or pad it)"
+        )
 
 
 def user_content(text: str, n_images: int) -> list[dict]:
@@ -512,23 +556,58 @@ def row_images(row: dict, min_pixels: int, max_pixels: int) -> list:
     return [resize_image(load_image(im), min_pixels, max_pixels) for im in (row.get("images") or [])]
 
 
-def check_row(row: dict, kind: str, min_pixels: int = 3136, max_pixels: int = 1048576) -> None:
-    """Raises ValueError saying what is wrong with an 'rl' or 'sft' row; returns None when fine."""
+def check_row(row: dict, kind: str, min_pixels: int = 3136, max_pixels: int = 1048576) -> dict:
+    """Raises ValueError saying what is wrong with an 'rl' or 'sft' row; returns the row, normalised.
+
+    RL rows: `problem` a non-empty str, `answer` given (numbers and lists become text through
+    reward.answer_text), `choices` absent or a list (its items through answer_text). SFT rows:
+    `messages` a list of {"role": str, "content": str} with an assistant turn. Both: `images` a
+    list whose every image decodes and passes the processor's shape rules after resizing to
+    [min_pixels, max_pixels] (check_image_shape), and as many `<image>` markers as images.
+    """
+    from reward import answer_text  # the gold-answer rule lives beside the equivalence rules
+
+    images = row.get("images")
+    if images is not None and not isinstance(images, (list, tuple)):
+        raise ValueError(f"'images' is a {type(images).__name__}; give a list of images")
+    row = dict(row)
     if kind == "rl":
         for key in ("problem", "answer"):
             if row.get(key) is None or (isinstance(row[key], str) and not row[key].strip()):
                 raise ValueError(f"missing {key!r}")
+        if not isinstance(row["problem"], str):
+            raise ValueError(f"'problem' is a {type(row['problem']).__name__}, not a string")
+        row["answer"] = answer_text(row["answer"])
+        choices = row.get("choices")
+        if choices is not None and not isinstance(choices, (list, tuple)):
+            raise ValueError(f"'choices' is a {type(choices).__name__}; give a list of option texts")
+        if choices:
+            row["choices"] = [answer_text(c) for c in choices]
         prompt_messages(row)
     else:
         messages = row.get("messages")
-        if not messages or not any(m.get("role") == "assistant" for m in messages):
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("'messages' is missing or not a list")
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ValueError(f"message {j} is not a {{'role', 'content'}} object")
+            if not isinstance(m.get("content"), str):
+                content = "null" if m.get("content") is None else f"a {type(m['content']).__name__}"
+                raise ValueError(f"message {j} ({m['role']}) has content {content}, not a string")
+        if not any(m["role"] == "assistant" for m in messages):
             raise ValueError("'messages' has no assistant turn")
         sft_messages(row)
-    for j, image in enumerate(row.get("images") or []):
+    for j, image in enumerate(images or []):
         try:
-            load_image(image).load()
+            loaded = load_image(image)
+            loaded.load()
         except Exception as e:  # noqa: BLE001 - any decoder failure means an unreadable image
             raise ValueError(f"image {j} is unreadable ({type(e).__name__}: {e})") from e
+        try:
+            check_image_shape(*loaded.size, min_pixels, max_pixels)
+        except ValueError as e:
+            raise ValueError(f"image {j} {e}") from e
+    return row
 
 
 def prompt_texts(processor, rows: list[dict], fmt: PromptFormat = PromptFormat()) -> list[str]:
@@ -641,50 +720,136 @@ def rl_batch(processor, rows: list[dict], responses: list[list[int]], min_pixels
 # ---------------------------------------------------------------------------------------------
 
 
-def load_rows(spec: str, kind: str, split: str = "train", skip_bad_rows: bool = False, limit: int = 0) -> list[dict]:
-    """Rows of a data set, checked; `kind` is 'rl' or 'sft'.
+def load_rows(spec: str, kind: str, split: str = "train", skip_bad_rows: bool = False, limit: int = 0,
+              min_pixels: int = 3136, max_pixels: int = 1048576) -> list[dict]:  # fmt: skip
+    """Rows of a data set, checked and normalised by check_row; `kind` is 'rl' or 'sft'.
 
     `spec`: a local .parquet/.jsonl/.json file, a local folder (its `<split>.*` file, or all data
-    files in it), or a hub id; `name@split` picks the split. A bad row raises BadRowError naming
-    the source and row, or is skipped and counted when skip_bad_rows is set.
+    files in it), or a hub id; `name@split` picks the split. Relative image paths in a local file
+    are relative to that file's folder. A bad row (or a jsonl line that is not a JSON object)
+    raises BadRowError naming the file and the row (parquet, 0-based) or line (jsonl, 1-based), or
+    is skipped and counted when skip_bad_rows is set; an empty or unreadable file is an error.
+    `min_pixels` / `max_pixels`: the image range of the run, for the processor's shape rules.
     """
-    import datasets
-
     name, _, at_split = spec.partition("@")
     split = at_split or split
     path = Path(name)
     if path.is_file():
-        files, source = [str(path)], str(path)
+        files = [path]
     elif path.is_dir():
         candidates = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".jsonl", ".json"))
-        chosen = [p for p in candidates if p.stem == split] or ([] if at_split else candidates)
-        if not chosen:
+        files = [p for p in candidates if p.stem == split] or ([] if at_split else candidates)
+        if not files:
             raise FileNotFoundError(f"{path} has no {split}.parquet/.jsonl (found {[p.name for p in candidates]})")
-        files, source = [str(p) for p in chosen], str(path / chosen[0].name) if len(chosen) == 1 else str(path)
     else:
-        files, source = [], f"{name}@{split}"
-    if files:
-        fmt = "parquet" if files[0].endswith(".parquet") else "json"
-        ds = datasets.load_dataset(fmt, data_files=files, split="train")
-    else:
-        ds = datasets.load_dataset(name, split=split)
-    rows, bad = [], 0
-    for i, row in enumerate(ds):
+        files = []
+    rows, bad, seen = [], [], 0
+    for where, row in _raw_rows(files, name, split):
         if limit and len(rows) >= limit:
             break
+        seen += 1
         try:
-            check_row(row, kind)
+            if isinstance(row, str):  # a line that is not a row: its problem
+                raise ValueError(row)
+            rows.append(check_row(row, kind, min_pixels, max_pixels))
         except (ValueError, TypeError, KeyError) as e:
+            message = f"{where}" + (f" (id={row.get('id')})" if isinstance(row, dict) else "") + f": {e}"
             if not skip_bad_rows:
-                raise BadRowError(f"{source} row {i} (id={row.get('id')}): {e}") from e
-            bad += 1
-            continue
-        rows.append(row)
+                raise BadRowError(message) from e
+            bad.append(message)
     if bad:
-        print(f"[data] skipped {bad} bad rows of {len(ds)} in {source}")
+        print(f"[data] skipped {len(bad)} bad rows of {seen} in {spec}; first: {bad[0]}")
     if not rows:
-        raise BadRowError(f"{source}: no usable rows")
+        raise BadRowError(f"{spec}: no usable rows")
     return rows
+
+
+def _raw_rows(files: list[Path], name: str, split: str):
+    """(where, row) for every row of local files (or of a hub data set when `files` is empty).
+
+    `where` names the file and the parquet row (0-based) or jsonl line (1-based); `row` is a dict,
+    or a string saying why that line is no row. Relative image paths are made absolute against
+    the file's folder. Raises BadRowError for an unreadable or empty file.
+    """
+    import datasets
+
+    if not files:
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as e:  # noqa: BLE001 - not on the hub, no such split, offline: name it in one line
+            raise BadRowError(
+                f"{name}@{split}: not a local file or folder, and not loadable from the hub ({_first_line(e)})"
+            ) from e
+        for i, row in enumerate(ds):
+            yield f"{name}@{split} row {i}", row
+        return
+    for file in files:
+        count = 0
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                count = pq.ParquetFile(file).metadata.num_rows
+                ds = datasets.load_dataset("parquet", data_files=[str(file)], split="train") if count else []
+            except Exception as e:  # noqa: BLE001 - whatever pyarrow or datasets says, the file is unreadable
+                raise BadRowError(f"{file}: not a readable parquet file ({_first_line(e)})") from e
+            for i, row in enumerate(ds):
+                yield f"{file} row {i}", _absolute_image_paths(row, file.resolve().parent)
+        else:
+            for where, row in _json_rows(file):
+                count += 1
+                yield where, _absolute_image_paths(row, file.resolve().parent) if isinstance(row, dict) else row
+        if not count:
+            raise BadRowError(f"{file}: empty (no rows)")
+
+
+def _json_rows(file: Path):
+    """(where, row or problem) per row of a JSON array file, or per non-blank line of a jsonl file."""
+    data = file.read_bytes()
+    if file.suffix == ".json" and data.lstrip().startswith(b"["):
+        try:
+            items = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRowError(f"{file}: not valid JSON ({_first_line(e)})") from e
+        for i, item in enumerate(items):
+            yield f"{file} row {i}", item if isinstance(item, dict) else f"a JSON {type(item).__name__}, not an object"
+        return
+    for n, raw in enumerate(data.splitlines(), 1):
+        where = f"{file} line {n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield where, f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, f"not valid JSON ({e.msg} at column {e.colno})"
+            continue
+        yield where, row if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+
+
+def _absolute_image_paths(row: dict, folder: Path) -> dict:
+    """The row with relative image paths (str, or {"path"} without bytes) made relative to `folder`."""
+    images = row.get("images")
+    if not isinstance(images, (list, tuple)):
+        return row
+    out = []
+    for image in images:
+        if isinstance(image, str) and not os.path.isabs(image):
+            image = str(folder / image)
+        elif isinstance(image, dict) and not image.get("bytes") and isinstance(image.get("path"), str):
+            image = {**image, "path": image["path"] if os.path.isabs(image["path"]) else str(folder / image["path"])}
+        out.append(image)
+    return {**row, "images": out}
+
+
+def _first_line(e: BaseException) -> str:
+    """`Type: first line of the message`, short enough for a one-line error."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:300]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -795,24 +960,124 @@ def save_training_checkpoint(model, processor, optimizer, folder: str | Path, d:
 def load_training_checkpoint(folder: str | Path, model, optimizer, d: Dist) -> dict:
     """Restores the optimizer and this rank's RNG states from folder/trainer_state.pt; returns the
     whole trainer state (its "step" and the script-specific entries)."""
-    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    state = load_trainer_state(folder)
     load_optimizer_state(model, optimizer, state["optimizer"], d)
     set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
     return state
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
+TRAINER_STATE_KEYS = ("step", "optimizer", "rng", "config")
+
+
+def load_trainer_state(folder: str | Path, mmap: bool = False) -> dict:
+    """folder/trainer_state.pt, unpickling plain types and tensors only (weights_only=True).
+
+    CheckpointError naming the file when it is missing, damaged or lacks an entry; mmap=True maps
+    the tensors instead of reading them (a cheap completeness check).
+    """
+    path = Path(folder) / "trainer_state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        state = torch.load(path, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - empty, truncated, or holding objects weights_only refuses
+        raise CheckpointError(f"{path} is unreadable ({_first_line(e)})") from e
+    missing = [k for k in TRAINER_STATE_KEYS if k not in state] if isinstance(state, dict) else TRAINER_STATE_KEYS
+    if missing:
+        raise CheckpointError(f"{path} lacks {list(missing)}")
+    return state
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why `folder` cannot be resumed from (the damaged or missing file, named), or None if it is complete.
+
+    Checks config.json, every safetensors weight file (header and size: a truncated file fails) and
+    trainer_state.pt (loads with weights_only=True, memory-mapped, and holds every entry).
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return f"{folder / 'config.json'} is missing"
+    index = folder / "model.safetensors.index.json"
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else None
+    except (ValueError, KeyError, AttributeError) as e:
+        return f"{index} is unreadable ({_first_line(e)})"
+    from safetensors import safe_open
+
+    for name in names or ["model.safetensors"]:
+        try:
+            with safe_open(str(folder / name), "pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - missing, truncated or corrupt header
+            return f"{folder / name} is unreadable ({_first_line(e)})"
+    try:
+        load_trainer_state(folder, mmap=True)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def latest_checkpoint(out_dir: str | Path, master: bool = True) -> Path | None:
     """The checkpoint to resume from: `final` if the run finished, else the `step-N` with the
-    highest N (each must hold a trainer_state.pt); None if there is none."""
-    if (Path(out_dir) / "final" / "trainer_state.pt").exists():
-        return Path(out_dir) / "final"
-    steps = [p for p in Path(out_dir).glob("step-*") if (p / "trainer_state.pt").exists()]
-    return max(steps, key=lambda p: int(p.name.split("-")[1]), default=None)
+    highest N; None if there is none.
+
+    A damaged candidate (checkpoint_problem) is passed over for the previous complete one, and
+    the master says so; CheckpointError names the damage when no candidate is complete.
+    """
+    out_dir = Path(out_dir)
+    steps = [p for p in out_dir.glob("step-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    steps.sort(key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+    candidates = ([out_dir / "final"] if (out_dir / "final").is_dir() else []) + steps
+    damaged = []
+    for folder in candidates:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            if damaged and master:
+                print(f"[ckpt] passing over damaged checkpoint(s): {'; '.join(damaged)}; resuming from {folder}")
+            return folder
+        damaged.append(problem)
+    if damaged:
+        raise CheckpointError(f"no complete checkpoint in {out_dir} to resume from: {'; '.join(damaged)}")
+    return None
+
+
+def check_resume(folder: Path, cfg: Any, may_change: set[str], n_rows: int, total_steps: int, out_dir: Path,
+                 master: bool) -> None:  # fmt: skip
+    """Refuses a resume that could not continue the checkpoint's run exactly; records harmless changes.
+
+    Compares the checkpoint's config with this run's: a change to a field outside `may_change`
+    (data, batch shape, seeds, optimisation: what the trajectory depends on) is a CheckpointError
+    listing every difference; changes inside `may_change` (run length, logging, validation, memory
+    knobs) are printed by the master and appended to out_dir/config_changes.jsonl. Also refuses
+    data that now gives another number of rows, and a run that would end before the checkpoint's step.
+    """
+    state = load_trainer_state(folder, mmap=True)
+    saved, new = state["config"], dataclasses.asdict(cfg)
+    changed = {k: (saved[k], v) for k, v in new.items() if k in saved and saved[k] != v}  # new fields: unchanged
+    refused = [f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in may_change]
+    if state.get("rows") is not None and state["rows"] != n_rows:
+        refused.append(f"the data now gives {n_rows} rows, the checkpoint was trained on {state['rows']}")
+    if total_steps < state["step"]:
+        refused.append(f"this run would end at step {total_steps}, before the checkpoint's step {state['step']}")
+    if refused:
+        raise CheckpointError(
+            f"--resume from {folder} would not continue that run exactly: {'; '.join(refused)}. Use the "
+            f"checkpoint's settings ({out_dir / 'config.json'}) or a new --output-dir"
+        )
+    recorded = {k: list(ab) for k, ab in changed.items() if k not in ("resume", "stop_after")}  # launch-only flags
+    if recorded and master:
+        print(f"[ckpt] resuming {folder} at step {state['step']} with changed settings: {recorded}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with (out_dir / "config_changes.jsonl").open("a") as f:
+            f.write(json.dumps({"step": state["step"], "time": time.time(), "changes": recorded}) + "\n")
 
 
 def rng_state() -> dict:
-    """Python, numpy and torch RNG states (for trainer_state.pt)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch RNG states as tuples, dicts, lists, numbers and a tensor, so that
+    trainer_state.pt loads with torch.load(weights_only=True)."""
+    numpy_state = np.random.get_state(legacy=False)  # {"bit_generator", "state": {"key": (624,) uint32, "pos"}, ...}
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:

@@ -439,6 +439,30 @@ def validate(engine, model, val_rows: list[dict], cfg: GRPOConfig, d: common.Dis
 # ---------------------------------------------------------------------------------------------
 
 
+def load_data(cfg: GRPOConfig, d: common.Dist) -> tuple[list[dict], list[dict], int]:
+    """Training and validation rows, checked (images against the run's pixel range), and the
+    number of steps of the run."""
+    pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    rows = common.load_rows(cfg.data, "rl", "train", cfg.skip_bad_rows, cfg.train_limit, **pixels)
+    val_rows = []
+    if cfg.val_data:
+        val_rows = common.load_rows(cfg.val_data, "rl", "val", cfg.skip_bad_rows, cfg.val_limit, **pixels)
+    if cfg.rollout_batch_size % d.world_size:
+        raise SystemExit(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by {d.world_size} ranks")
+    return rows, val_rows, cfg.max_steps or math.ceil(cfg.episodes * len(rows) / cfg.rollout_batch_size)
+
+
+def resume_checkpoint(cfg: GRPOConfig, out_dir: Path, n_rows: int, total_steps: int, d: common.Dist) -> Path | None:
+    """With --resume: the latest complete checkpoint (damaged ones passed over), its settings
+    checked against this run's (exact resume); None for a fresh start."""
+    ckpt = common.latest_checkpoint(out_dir, d.master) if cfg.resume else None
+    if cfg.resume and ckpt is None and d.master:
+        print(f"[grpo] --resume: no checkpoint in {out_dir}, starting from {cfg.model}")
+    if ckpt is not None:
+        common.check_resume(ckpt, cfg, RESUME_MAY_CHANGE, n_rows, total_steps, out_dir, d.master)
+    return ckpt
+
+
 def load_models(policy_path: str, cfg: GRPOConfig, d: common.Dist):
     """(processor, policy, frozen reference or None, AdamW) for a run starting from policy_path.
 
@@ -474,6 +498,57 @@ def make_engine(
     )
 
 
+# Settings a --resume may change without breaking the exact continuation (recorded in
+# config_changes.jsonl); any other change is refused. Validation seeds its own sampling.
+RESUME_MAY_CHANGE = {
+    "max_steps",
+    "episodes",
+    "output_dir",
+    "preset",
+    "resume",
+    "stop_after",
+    "report_to",
+    "save_every",
+    "val_every",
+    "val_limit",
+    "val_data",
+    "val_temperature",
+    "reward_workers",
+    "reward_timeout_s",
+    "gpu_memory_utilization",
+    "gradient_checkpointing",
+    "logprob_chunk",
+    "skip_bad_rows",
+}
+
+
+def validate_config(cfg: GRPOConfig) -> None:
+    """Stops with one line per setting that would run but train nothing useful, saying what to use."""
+    problems = []
+    if cfg.group_size < 2:
+        problems.append(
+            f"--group-size {cfg.group_size}: advantages compare the responses of a group, so a group "
+            "of fewer than 2 has no signal; use at least 2 (paper: 8)"
+        )
+    if cfg.vas and cfg.vas_rollouts < 2:
+        problems.append(
+            f"--vas-rollouts {cfg.vas_rollouts}: the pass-rate variance of fewer than 2 rollouts is 0, "
+            "so VAS would sample uniformly; use at least 2 (paper: 16)"
+        )
+    if cfg.max_steps < 0 or (cfg.max_steps == 0 and cfg.episodes <= 0):
+        problems.append(
+            f"--max-steps {cfg.max_steps} --episodes {cfg.episodes}: no step would run and final/ "
+            "would be the untrained model; give --max-steps > 0, or 0 with --episodes > 0"
+        )
+    for name in ("rollout_batch_size", "micro_batch_size", "updates_per_batch"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: use at least 1")
+    if not 0.0 <= cfg.vas_mix_ratio <= 1.0:
+        problems.append(f"--vas-mix-ratio {cfg.vas_mix_ratio}: a share of the batch, use a value in [0, 1]")
+    if problems:
+        raise SystemExit("grpo.py: " + "\n".join(problems))
+
+
 def use_toy_defaults(cfg: GRPOConfig) -> None:
     """With neither --model nor --data: the toy SFT checkpoint on the toy RL splits."""
     if cfg.model or cfg.data:
@@ -492,21 +567,14 @@ def use_toy_defaults(cfg: GRPOConfig) -> None:
 
 def main() -> None:
     cfg = common.parse_config(GRPOConfig, PRESETS)
+    validate_config(cfg)
     use_toy_defaults(cfg)
     d = common.setup_distributed(cfg.seed)
     out_dir = Path(cfg.output_dir)
-
-    # --- data ---
-    rows = common.load_rows(cfg.data, "rl", "train", cfg.skip_bad_rows, cfg.train_limit)
-    val_rows = common.load_rows(cfg.val_data, "rl", "val", cfg.skip_bad_rows, cfg.val_limit) if cfg.val_data else []
-    if cfg.rollout_batch_size % d.world_size:
-        raise SystemExit(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by {d.world_size} ranks")
-    total_steps = cfg.max_steps or math.ceil(cfg.episodes * len(rows) / cfg.rollout_batch_size)
+    rows, val_rows, total_steps = load_data(cfg, d)
 
     # --- models, optimizer, sampler, engine (a resumed run takes all but the reference from its checkpoint) ---
-    ckpt = common.latest_checkpoint(out_dir) if cfg.resume else None
-    if cfg.resume and ckpt is None and d.master:
-        print(f"[grpo] --resume: no checkpoint in {out_dir}, starting from {cfg.model}")
+    ckpt = resume_checkpoint(cfg, out_dir, len(rows), total_steps, d)
     policy_path = str(ckpt or cfg.model)
     processor, model, ref_model, optimizer = load_models(policy_path, cfg, d)
     sampler = vas.MixedSampler(len(rows), cfg.rollout_batch_size, cfg.vas_mix_ratio if cfg.vas else 0.0, cfg.seed)
@@ -530,10 +598,9 @@ def main() -> None:
             f"responses, {d.world_size} rank(s), engine {type(engine).__name__}, vas={cfg.vas}"
         )
 
-    def save(folder: Path, step: int) -> None:
-        common.save_training_checkpoint(
-            model, processor, optimizer, folder, d, step, cfg, sampler=sampler.state_dict(), vps=vps.tolist()
-        )
+    def save(folder: Path, step: int) -> None:  # reads the current sampler and vps
+        extra = {"sampler": sampler.state_dict(), "vps": vps.tolist(), "rows": len(rows)}
+        common.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg, **extra)
 
     initial_vas_s = 0.0
     if cfg.vas and start_step == 0:  # initial scoring of every prompt before step 1
@@ -613,4 +680,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.exit_on_input_error(main)

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import numbers
 import re
 import sys
 import threading
@@ -66,7 +67,9 @@ def extract_answer(text: str | None) -> str | None:
     """The final answer of a response, as a string, or None when there is none.
 
     Order: the last `\\boxed{}` inside the last `<answer>...</answer>`; else the last `\\boxed{}`
-    anywhere; else the stripped `<answer>` content (if non-empty); else None.
+    anywhere; else the stripped `<answer>` content (if non-empty and with no `\\boxed` in it); else
+    None. An answer block whose `\\boxed{` is never closed is malformed, not a bare answer:
+    `<answer>\\boxed{3</answer>` extracts nothing (and earns accuracy 0, like format 0).
     """
     if not isinstance(text, str):
         return None
@@ -75,7 +78,7 @@ def extract_answer(text: str | None) -> str | None:
         return boxed
     if (boxed := last_boxed(text)) is not None:
         return boxed
-    if block is not None and block.strip():
+    if block is not None and block.strip() and not re.search(r"\\boxed\s*\{", block):
         return block.strip()
     return None
 
@@ -195,6 +198,40 @@ def _math_verify(pred: str, gold: str) -> bool:
         return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
     except Exception:  # noqa: BLE001 - a parser failure means "not shown equal"
         return False
+
+
+def answer_text(value) -> str:
+    """The gold answer as the string is_equivalent compares; ValueError when there is no usable one.
+
+    Data sets store answers as JSON / parquet values, and is_equivalent takes strings only:
+    - str: itself; int: its digits (`1` -> '1'); float: shortest round-trip text, integral values
+      without '.0' (`2.5` -> '2.5', `3.0` -> '3');
+    - a list of these: ONE answer with several ordered parts, joined by ', ' (`[3, 4]` -> '3, 4'),
+      which is_equivalent compares element by element (a list is not "any of these answers");
+      a one-item list is that item;
+    - bool (ambiguous: 'True' or 'Yes'?), NaN / infinity, empty or nested lists, dicts, None: rejected.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"answer is a bool ({value}); write it as text, e.g. 'Yes' or 'True'")
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        x = float(value)
+        if not math.isfinite(x):
+            raise ValueError(f"answer is {x}, not a usable number")
+        return str(int(x)) if x.is_integer() and abs(x) < 2**53 else repr(x)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("answer is an empty list")
+        if any(isinstance(v, (list, tuple, dict)) for v in value):
+            raise ValueError("answer is a nested list; give a list of numbers or strings")
+        parts = [answer_text(v).strip() for v in value]
+        if any(not p or "," in p for p in parts):
+            raise ValueError(f"answer list {value!r} has an empty part or a part with ',' (parts are joined by ', ')")
+        return ", ".join(parts)
+    raise ValueError(f"answer is a {type(value).__name__}; give a string, a number or a list of them")
 
 
 def is_equivalent(pred: str | None, gold: str | None, choices: list[str] | None = None) -> bool:
@@ -394,39 +431,82 @@ def score_responses(responses: list[str], rows: list[dict], *, pool: RewardPool 
 # ---------------------------------------------------------------------------------------------
 
 
+def read_predictions(path: Path) -> tuple[list[dict], list[str]]:
+    """The scorable rows of a predictions jsonl, each with its 1-based `line`, and one message per
+    line that could not be used (not UTF-8, not JSON, no 'response' / 'answer', unusable answer)."""
+    rows, problems = [], []
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        where = f"{path} line {n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})")
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(row, dict) or "response" not in row or "answer" not in row:
+            problems.append(f"{where}: needs an object with 'response' and 'answer'")
+            continue
+        choices = row.get("choices")
+        try:
+            if choices is not None and not isinstance(choices, list):
+                raise ValueError(f"'choices' is a {type(choices).__name__}; give a list of option texts")
+            row = {**row, "answer": answer_text(row["answer"]), "line": n}
+            if choices:
+                row["choices"] = [answer_text(c) for c in choices]
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        rows.append(row)
+    return rows, problems
+
+
 def main(argv: list[str] | None = None) -> None:
-    """CLI: scores a jsonl of predictions, prints accuracy / format rate / timeouts, writes per-row scores."""
+    """CLI: scores a jsonl of predictions, prints accuracy / format rate / timeouts, writes per-row scores.
+
+    Unreadable lines are listed (file and line) on stderr and counted; every other row is scored.
+    """
     parser = argparse.ArgumentParser(description="Score a predictions file with the format + accuracy rewards.")
     parser.add_argument("preds", type=Path, help="jsonl with 'response' and 'answer' (optional 'choices') per row")
     parser.add_argument("--out", type=Path, default=None, help="per-row scores jsonl (default: <preds>.scores.jsonl)")
     parser.add_argument("--workers", type=int, default=2, help="scoring processes (0 = in this process)")
     parser.add_argument("--timeout-s", type=float, default=5.0, help="hard time limit per response, seconds")
     args = parser.parse_args(argv)
-    rows = []
-    for i, line in enumerate(args.preds.read_text().splitlines()):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if "response" not in row or "answer" not in row:
-            sys.exit(f"{args.preds} row {i}: needs 'response' and 'answer'")
-        rows.append(row)
+    rows, problems = read_predictions(args.preds)
+    for message in problems[:20]:
+        print(message, file=sys.stderr)
+    if len(problems) > 20:
+        print(f"... and {len(problems) - 20} more unreadable lines", file=sys.stderr)
+    if not rows:
+        sys.exit(
+            f"{args.preds}: no scorable rows"
+            + (f" ({len(problems)} unreadable lines, listed above)" if problems else "")
+        )
     scores = compute_rewards(
         [r["response"] for r in rows],
-        [str(r["answer"]) for r in rows],
+        [r["answer"] for r in rows],
         [r.get("choices") for r in rows],
         workers=args.workers,
         timeout_s=args.timeout_s,
     )
     out = args.out or args.preds.with_suffix(".scores.jsonl")
+    replaced = out.exists()
     with out.open("w") as f:
         for row, score in zip(rows, scores):
-            f.write(json.dumps({"id": row.get("id"), "extracted": extract_answer(row["response"]), **score}) + "\n")
+            record = {"id": row.get("id"), "line": row["line"], "extracted": extract_answer(row["response"]), **score}
+            f.write(json.dumps(record) + "\n")
     n = max(1, len(scores))
     print(f"rows       {len(scores)}")
     print(f"accuracy   {sum(s['accuracy'] for s in scores) / n:.4f}")
     print(f"format     {sum(s['format'] for s in scores) / n:.4f}")
     print(f"timeouts   {sum(s['timed_out'] for s in scores)}")
-    print(f"scores  -> {out}")
+    print(f"skipped    {len(problems)}" + (" unreadable lines (listed on stderr)" if problems else ""))
+    print(f"scores  -> {out}" + (" (replaced the previous file)" if replaced else ""))
 
 
 if __name__ == "__main__":

@@ -146,8 +146,31 @@ def val_loss(model, processor, rows: list[dict], cfg: SFTConfig, d: common.Dist)
     return common.all_reduce_sum(nll, d.device).item() / max(1, common.all_reduce_sum(count, d.device).item())
 
 
+# Settings a --resume may change without breaking the exact continuation (recorded in
+# config_changes.jsonl; a new run length also re-shapes the cosine schedule); others are refused.
+RESUME_MAY_CHANGE = {
+    "max_steps", "epochs", "output_dir", "preset", "resume", "stop_after", "report_to", "save_every", "eval_every",
+    "val_limit", "val_data", "acc_data", "acc_limit", "acc_max_new_tokens", "gradient_checkpointing",
+    "logprob_chunk", "skip_bad_rows",
+}  # fmt: skip
+
+
+def validate_config(cfg: SFTConfig) -> None:
+    """Stops with one line per setting that would run but train nothing useful, saying what to use."""
+    problems = []
+    if cfg.max_steps < 0 or (cfg.max_steps == 0 and cfg.epochs <= 0):
+        problems.append(f"--max-steps {cfg.max_steps} --epochs {cfg.epochs}: no step would run and final/ "
+                        "would be the untrained model; give --max-steps > 0, or 0 with --epochs > 0")  # fmt: skip
+    for name in ("batch_size", "micro_batch_size"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: use at least 1")
+    if problems:
+        raise SystemExit("sft.py: " + "\n".join(problems))
+
+
 def main() -> None:
     cfg = common.parse_config(SFTConfig, PRESETS)
+    validate_config(cfg)
     toy_mode = not cfg.model and not cfg.data
     if toy_mode:
         toy.ensure_toy()
@@ -161,11 +184,14 @@ def main() -> None:
     out_dir = Path(cfg.output_dir)
 
     # --- data ---
-    train_rows = common.load_rows(cfg.data, "sft", "train", cfg.skip_bad_rows)
-    val_rows = common.load_rows(cfg.val_data, "sft", "val", cfg.skip_bad_rows, cfg.val_limit) if cfg.val_data else []
+    pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)  # the rows' images must suit this range
+    train_rows = common.load_rows(cfg.data, "sft", "train", cfg.skip_bad_rows, **pixels)
+    val_rows = []
+    if cfg.val_data:
+        val_rows = common.load_rows(cfg.val_data, "sft", "val", cfg.skip_bad_rows, cfg.val_limit, **pixels)
     acc_rows = []
     if cfg.acc_data and cfg.acc_limit >= 0:
-        acc_rows = common.load_rows(cfg.acc_data, "rl", "val", cfg.skip_bad_rows, cfg.acc_limit)
+        acc_rows = common.load_rows(cfg.acc_data, "rl", "val", cfg.skip_bad_rows, cfg.acc_limit, **pixels)
     per_step = cfg.micro_batch_size * d.world_size
     if cfg.batch_size % per_step:
         raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of micro-batch x ranks = {per_step}")
@@ -174,9 +200,11 @@ def main() -> None:
 
     # --- model, optimizer, schedule ---
     start_step = 0
-    ckpt = common.latest_checkpoint(out_dir) if cfg.resume else None
+    ckpt = common.latest_checkpoint(out_dir, d.master) if cfg.resume else None  # damaged ones passed over
     if cfg.resume and ckpt is None and d.master:
         print(f"[sft] --resume: no checkpoint in {out_dir}, starting from {cfg.model}")
+    if ckpt is not None:  # exact resume: same data, batch shape and seeds as the checkpoint's run
+        common.check_resume(ckpt, cfg, RESUME_MAY_CHANGE, len(train_rows), total_steps, out_dir, d.master)
     processor = common.load_processor(str(ckpt or cfg.model), cfg.min_pixels, cfg.max_pixels)
     model = common.load_model(str(ckpt or cfg.model), d.device, cfg.gradient_checkpointing, trainable=True)
     if cfg.freeze_vision:
@@ -201,7 +229,7 @@ def main() -> None:
 
     def save(folder: Path, step: int) -> None:
         common.save_training_checkpoint(
-            model, processor, optimizer, folder, d, step, cfg, scheduler=scheduler.state_dict()
+            model, processor, optimizer, folder, d, step, cfg, scheduler=scheduler.state_dict(), rows=len(train_rows)
         )
 
     # --- training loop ---
@@ -250,4 +278,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.exit_on_input_error(main)

@@ -516,7 +516,8 @@ def main(argv: list[str] | None = None) -> None:
     import rollout
 
     d = common.setup_distributed(args.seed)
-    rows = common.load_rows(args.data, "rl", "train", args.skip_bad_rows, args.limit)
+    rows = common.load_rows(args.data, "rl", "train", args.skip_bad_rows, args.limit,
+                            min_pixels=args.min_pixels, max_pixels=args.max_pixels)  # fmt: skip
     processor = common.load_processor(args.model, args.min_pixels, args.max_pixels)
     model = None if args.engine == "vllm" else common.shard_model(common.load_model(args.model, d.device), d)
     prompt_format = common.PromptFormat(instruction=common.INSTRUCTIONS.get(args.instruction, args.instruction))

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from safetensors.torch import load_file
 
 import common
 import grpo
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 def test_group_advantages_hand_computed():
@@ -196,6 +198,11 @@ def test_grpo_stop_and_resume_equals_uninterrupted(toy_dir, tmp_path):
     run_script(grpo_args(toy_dir, tmp_path / "full", 4, "--vas", "--save-every", "2"))
     run_script(grpo_args(toy_dir, tmp_path / "cut", 4, "--vas", "--save-every", "2", "--stop-after", "3"))
     assert not (tmp_path / "cut" / "final").exists()
+    # another --train-limit would not continue the run: refused in one line, before any model loads
+    refused = subprocess.run([sys.executable] + grpo_args(toy_dir, tmp_path / "cut", 4, "--vas", "--save-every", "2",
+                             "--resume", "--train-limit", "12"), cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "--train-limit 16 -> 12" in refused.stderr.strip().splitlines()[-1]
     run_script(grpo_args(toy_dir, tmp_path / "cut", 4, "--vas", "--save-every", "2", "--resume"))
     full, cut = (
         load_file(str(tmp_path / "full" / "final" / "model.safetensors")),
@@ -203,8 +210,8 @@ def test_grpo_stop_and_resume_equals_uninterrupted(toy_dir, tmp_path):
     )
     for name in full:
         assert torch.allclose(full[name], cut[name], atol=1e-6), name
-    s_full = torch.load(tmp_path / "full" / "final" / "trainer_state.pt", weights_only=False)["sampler"]
-    s_cut = torch.load(tmp_path / "cut" / "final" / "trainer_state.pt", weights_only=False)["sampler"]
+    s_full = torch.load(tmp_path / "full" / "final" / "trainer_state.pt", weights_only=True)["sampler"]
+    s_cut = torch.load(tmp_path / "cut" / "final" / "trainer_state.pt", weights_only=True)["sampler"]
     assert s_full["perm"] == s_cut["perm"] and s_full["pos"] == s_cut["pos"] and s_full["weights"] == s_cut["weights"]
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
