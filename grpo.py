@@ -157,28 +157,12 @@ PRESETS = {
     ),
 }
 
-METRICS = [
-    "train/loss",
-    "train/pg_loss",
-    "train/kl",
-    "train/grad_norm",
-    "train/clip_frac",
-    "train/entropy",
-    "train/lr",
-    "reward/overall",
-    "reward/accuracy",
-    "reward/format",
-    "reward/std_in_group",
-    "rollout/response_len",
-    "rollout/truncated_frac",
-    "vas/zero_var_frac",
-    "vas/vps_mean",
-    "vas/weighted_frac",
-    "time/rollout_s",
-    "time/update_s",
-    "time/vas_s",
-    "val/accuracy",
-]
+METRICS = """
+    train/loss train/pg_loss train/kl train/grad_norm train/clip_frac train/entropy train/lr reward/overall
+    reward/accuracy reward/format reward/std_in_group rollout/response_len rollout/truncated_frac
+    vas/zero_var_frac vas/vps_mean vas/weighted_frac time/rollout_s time/update_s time/vas_s val/accuracy
+    rollout/generated_responses rollout/generated_tokens
+""".split()  # every name logged to metrics.jsonl (README: "Metrics")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,6 +533,17 @@ def validate_config(cfg: GRPOConfig) -> None:
         raise SystemExit("grpo.py: " + "\n".join(problems))
 
 
+def announce(cfg: GRPOConfig, d: common.Dist, out_dir: Path, n_rows: int, total_steps: int, engine: str) -> None:
+    """Rank 0: writes <out>/config.json (the whole config) and prints what the run will do."""
+    if d.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        print(
+            f"[grpo] {n_rows} prompts, {total_steps} steps x {cfg.rollout_batch_size} prompts x {cfg.group_size} "
+            f"responses, {d.world_size} rank(s), engine {engine}, vas={cfg.vas}"
+        )
+
+
 def use_toy_defaults(cfg: GRPOConfig) -> None:
     """With neither --model nor --data: the toy SFT checkpoint on the toy RL splits."""
     if cfg.model or cfg.data:
@@ -579,27 +574,27 @@ def main() -> None:
     processor, model, ref_model, optimizer = load_models(policy_path, cfg, d)
     sampler = vas.MixedSampler(len(rows), cfg.rollout_batch_size, cfg.vas_mix_ratio if cfg.vas else 0.0, cfg.seed)
     vps = np.zeros(len(rows))  # raw VPS per prompt (VAS)
+    generated = np.zeros(2)  # responses, tokens generated so far for training and VAS scoring (not validation)
     start_step = 0
     if ckpt is not None:
         state = common.load_training_checkpoint(ckpt, model, optimizer, d)
         sampler.load_state_dict(state["sampler"])
-        vps, start_step = np.asarray(state["vps"]), state["step"]
+        vps, start_step, generated = np.asarray(state["vps"]), state["step"], np.asarray(state["generated"])
         if d.master:
             print(f"[grpo] resumed from {ckpt} at step {start_step}")
     fmt = common.PromptFormat(instruction=common.INSTRUCTIONS.get(cfg.instruction, cfg.instruction))
     engine = make_engine(model, processor, policy_path, start_step, fmt, cfg, d)
     pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
     logger = common.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
-    if d.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        print(
-            f"[grpo] {len(rows)} prompts, {total_steps} steps x {cfg.rollout_batch_size} prompts x {cfg.group_size} "
-            f"responses, {d.world_size} rank(s), engine {type(engine).__name__}, vas={cfg.vas}"
-        )
+    announce(cfg, d, out_dir, len(rows), total_steps, type(engine).__name__)
 
     def save(folder: Path, step: int) -> None:  # reads the current sampler and vps
-        extra = {"sampler": sampler.state_dict(), "vps": vps.tolist(), "rows": len(rows)}
+        extra = {
+            "sampler": sampler.state_dict(),
+            "vps": vps.tolist(),
+            "rows": len(rows),
+            "generated": generated.tolist(),
+        }
         common.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg, **extra)
 
     initial_vas_s = 0.0
@@ -607,6 +602,7 @@ def main() -> None:
         t0 = time.time()
         scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, 0, out_dir)
         vps, initial_vas_s = scores["vps"], time.time() - t0
+        generated += [len(rows) * cfg.vas_rollouts, scores["tokens"].sum()]
         if d.master:
             print(
                 f"[grpo] initial VPS of {len(rows)} prompts in {initial_vas_s:.0f}s: mean pass rate "
@@ -638,21 +634,26 @@ def main() -> None:
         if cfg.vas and cfg.vas_online:
             refresh_vps_online(vps, sampler, outs, rewards, prompt_ids, cfg, d)
         if cfg.vas and cfg.vas_update_every and done % cfg.vas_update_every == 0 and done < total_steps:
-            vps = refresh_vps(engine, model, rows, sampler, cfg, d, pool, done, out_dir)["vps"]
+            scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, done, out_dir)
+            vps, generated = scores["vps"], generated + [len(rows) * cfg.vas_rollouts, scores["tokens"].sum()]
         t_vas = time.time() - t0 + (initial_vas_s if step == start_step else 0.0)
 
         # --- metrics, validation, checkpoint ---
         metrics = step_metrics(outs, rewards, zero_var, stats, grad_norm, cfg, d)
-        metrics.update(
-            {
-                "train/lr": optimizer.param_groups[0]["lr"],
-                "vas/vps_mean": float(np.mean(vps)) if cfg.vas else 0.0,
-                "vas/weighted_frac": sampler.n_weighted / cfg.rollout_batch_size,
-                "time/rollout_s": t_rollout,
-                "time/update_s": t_update,
-                "time/vas_s": t_vas,
-            }
-        )
+        generated += [
+            cfg.rollout_batch_size * cfg.group_size,
+            metrics["rollout/response_len"] * len(outs) * d.world_size,
+        ]
+        metrics |= {
+            "train/lr": optimizer.param_groups[0]["lr"],
+            "vas/vps_mean": float(np.mean(vps)) if cfg.vas else 0.0,
+            "vas/weighted_frac": sampler.n_weighted / cfg.rollout_batch_size,
+            "time/rollout_s": t_rollout,
+            "time/update_s": t_update,
+            "time/vas_s": t_vas,
+            "rollout/generated_responses": generated[0],
+            "rollout/generated_tokens": generated[1],
+        }
         if val_rows and ((cfg.val_every and done % cfg.val_every == 0) or done == total_steps):
             metrics["val/accuracy"] = validate(engine, model, val_rows, cfg, d, pool, done)
         logger.log(done, metrics)

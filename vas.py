@@ -371,7 +371,8 @@ class MixedSampler:
 def rollout_scores(engine, rows: list[dict], indices: list[int], d, *, n: int, sampling, pool, alpha: float = 0.8,
                    beta: float = 0.2, tds_kind: str = "self_bleu", prompts_per_call: int = 64,
                    desc: str = "vas scoring") -> dict[str, np.ndarray]:  # fmt: skip
-    """Pass rate, OVS, TDS, VPS (each (len(indices),), in `indices` order) from n fresh rollouts.
+    """Pass rate, OVS, TDS, VPS (each (len(indices),), in `indices` order) from n fresh rollouts,
+    and `tokens`: the response tokens generated for each prompt (the cost of the scoring).
 
     Prompts are sharded over ranks (common.shard), generated in calls of
     `prompts_per_call` prompts, scored with reward.score_responses (accuracy only), then
@@ -400,12 +401,13 @@ def rollout_scores(engine, rows: list[dict], indices: list[int], d, *, n: int, s
         stats = score_prompts(groups, accuracies, alpha, beta, tds_kind)
         for j, index in enumerate(chunk):
             if start + j < n_real:
-                results.append((index, *(float(stats[k][j]) for k in ("pass_rate", "ovs", "tds", "vps"))))
+                scored = (float(stats[k][j]) for k in ("pass_rate", "ovs", "tds", "vps"))
+                results.append((index, *scored, float(sum(len(t) for t in groups[j]))))
         bar.update(len(chunk) * d.world_size)
     bar.close()
     gathered = {r[0]: r[1:] for r in common.all_gather_list(results, d)}
-    table = np.array([gathered[i] for i in indices]).reshape(len(indices), 4)
-    return {k: table[:, j] for j, k in enumerate(("pass_rate", "ovs", "tds", "vps"))}
+    table = np.array([gathered[i] for i in indices]).reshape(len(indices), 5)
+    return {k: table[:, j] for j, k in enumerate(("pass_rate", "ovs", "tds", "vps", "tokens"))}
 
 
 # ---------------------------------------------------------------------------------------------

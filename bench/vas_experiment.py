@@ -1,13 +1,41 @@
-"""The VAS experiment on the toy bench: uniform sampling vs VAS (lambda 0.5, 1.0) vs VAS + online
-refresh, from one toy SFT checkpoint, several seeds each, same steps; a Figure-2-style plot.
+"""The VAS study on the toy bench: does Variance-Aware Sampling pay for its extra rollouts?
 
-    python sft.py                                   # once: the shared starting checkpoint
-    python bench/vas_experiment.py                  # ~30 min on 2 CPU cores; table + plots in runs/vas-experiment
-    python bench/vas_experiment.py --skip-train     # re-aggregate finished runs
+    python sft.py                                                # once: the shared starting checkpoint
+    OMP_NUM_THREADS=1 .venv-vllm/bin/python bench/vas_experiment.py --condition standard
+    OMP_NUM_THREADS=1 .venv-vllm/bin/python bench/vas_experiment.py --condition hard
+    python bench/vas_experiment.py --condition standard --skip-train  # re-aggregate finished runs
+
+The protocol (fixed before the runs; the README's "The VAS study" holds the same text):
+- start: the toy SFT checkpoint (runs/toy-sft/final); every arm and seed starts from it.
+- arms (everything not listed is identical: batch 16 prompts x 8 responses, T = 0.6, lr 1e-4):
+    uniform         no VAS: a shuffled walk over the pool
+    vas             VAS, lambda 0.5, N = 16 scoring rollouts, alpha / beta 0.8 / 0.2, a full
+                    re-scoring of the pool every --vas-update-every steps (and before step 1)
+    vas-online      as vas, but after the initial scoring the VPS of a prompt is refreshed only
+                    from its own training rollouts (--vas-online; no extra generation after the start)
+    uniform-budget  uniform, given the same number of generated responses as `vas` by running
+                    MORE STEPS of the same size: the extra responses `vas` spends on scoring become
+                    training steps. More steps rather than bigger batches, because that is the
+                    alternative a practitioner has for the same generation budget without retuning
+                    the learning rate or the batch.
+- seeds: 0-4 (five per arm); steps: --steps (the uniform curve flattens by then; see the plot).
+- primary metric: mean validation accuracy over the run (area under the accuracy-vs-step curve /
+  steps, validation every --val-every steps on --val-limit val prompts, one sample at T = 0.5).
+  Secondary: final validation accuracy, zero-variance share of the training batches, prompts with
+  a reward signal per step (batch x (1 - zero-variance share)), gradient norm, clip fraction.
+  Every number is a mean over seeds with a 95% t-interval.
+- conditions: `standard` = the first --train-limit prompts of the toy train split; `hard` = a pool
+  of the same size in which most prompts start all-right or all-wrong for the SFT model (built by
+  scoring the first --hard-candidates train prompts with N = 16 and keeping --hard-mixed-share of
+  mixed ones, the rest all-0 or all-1 half and half; its measured zero-variance share is printed
+  and saved with the results).
+Writes <out>/<condition>/{results.md,results.json,steps.png,tokens.png} and one folder per run.
 """
 
 import argparse
 import json
+import math
+import os
 import subprocess
 import sys
 import time
@@ -18,79 +46,187 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ARMS = {  # name -> grpo.py flags; everything else is identical across arms
+ARMS = {  # name -> grpo.py flags on top of the shared ones
     "uniform": [],
-    "vas-0.5": ["--vas", "--vas-mix-ratio", "0.5"],
-    "vas-1.0": ["--vas", "--vas-mix-ratio", "1.0"],
-    "vas-0.5-online": ["--vas", "--vas-mix-ratio", "0.5", "--vas-online"],
+    "vas": ["--vas"],
+    "vas-online": ["--vas", "--vas-online", "--vas-update-every", "0"],
+    "uniform-budget": [],  # and more steps: budget_steps()
 }
-CURVES = ["train/grad_norm", "train/clip_frac", "vas/zero_var_frac", "val/accuracy"]
+CURVES = ["val/accuracy", "vas/zero_var_frac", "train/grad_norm", "train/clip_frac"]
+BATCH, GROUP = 16, 8  # prompts per step, responses per prompt (grpo.py's toy defaults)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
 
 
-def run_arm(arm: str, seed: int, args) -> float:
-    """Trains one arm with one seed (skipped if its final/ exists); returns wall seconds."""
-    out = Path(args.out) / f"{arm}-seed{seed}"
+def budget_steps(args) -> int:
+    """Steps of the uniform-budget arm: the steps of `vas` plus its scoring responses in steps.
+
+    `vas` scores the whole pool (P prompts x N) before step 1 and after every T steps short of the
+    end, so it generates steps x B x n + refreshes x P x N responses."""
+    refreshes = len(range(0, args.steps, args.vas_update_every)) if args.vas_update_every else 1
+    return args.steps + math.ceil(refreshes * args.train_limit * args.vas_rollouts / (BATCH * GROUP))
+
+
+def run_arm(arm: str, seed: int, data: str, args) -> subprocess.Popen | None:
+    """Starts one training run (None if it already finished); stdout/stderr go to its log."""
+    out = Path(args.out) / args.condition / f"{arm}-seed{seed}"
     if (out / "final").exists():
-        return json.loads((out / "wall.json").read_text())["seconds"]
-    cmd = [sys.executable, str(ROOT / "grpo.py"), "--model", args.sft_model, "--data", args.data,
-           "--val-data", args.val_data, "--output-dir", str(out), "--seed", str(seed),
-           "--max-steps", str(args.steps), "--train-limit", str(args.train_limit), "--val-every", str(args.val_every),
-           "--val-limit", str(args.val_limit), "--vas-rollouts", str(args.vas_rollouts),
-           "--vas-update-every", str(args.vas_update_every), "--save-every", "0", *ARMS[arm]]  # fmt: skip
-    start = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    seconds = time.time() - start
-    (out / "wall.json").write_text(json.dumps({"seconds": seconds}))
-    return seconds
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    steps = budget_steps(args) if arm == "uniform-budget" else args.steps
+    cmd = [
+        sys.executable,
+        str(ROOT / "grpo.py"),
+        "--model",
+        args.sft_model,
+        "--data",
+        data,
+        "--val-data",
+        args.val_data,
+        "--output-dir",
+        str(out),
+        "--seed",
+        str(seed),
+        "--max-steps",
+        str(steps),
+        "--train-limit",
+        str(args.train_limit),
+        "--val-every",
+        str(args.val_every),
+        "--val-limit",
+        str(args.val_limit),
+        "--vas-rollouts",
+        str(args.vas_rollouts),
+        "--vas-update-every",
+        str(args.vas_update_every),
+        "--vas-mix-ratio",
+        "0.5",
+        "--save-every",
+        "0",
+        "--reward-workers",
+        "1",
+        "--engine",
+        args.engine,
+        *ARMS[arm],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = (out / "log.txt").open("w")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def curves(run: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """metric -> (steps, values) from a run's metrics.jsonl."""
+def train_all(args, data: str) -> None:
+    """Every (seed, arm) run, --parallel at a time, seed-major so a partial study covers every arm."""
+    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    running: list[tuple[str, int, subprocess.Popen, float]] = []
+    while jobs or running:
+        while jobs and len(running) < args.parallel:
+            arm, seed = jobs.pop(0)
+            proc = run_arm(arm, seed, data, args)
+            if proc is not None:
+                running.append((arm, seed, proc, time.time()))
+        time.sleep(2)
+        for job in list(running):
+            arm, seed, proc, start = job
+            if proc.poll() is not None:
+                running.remove(job)
+                if proc.returncode:
+                    raise SystemExit(
+                        f"{arm} seed {seed} failed: see {Path(args.out) / args.condition}/{arm}-seed{seed}/log.txt"
+                    )
+                print(f"[vas study] {args.condition} {arm} seed {seed}: {time.time() - start:.0f}s", flush=True)
+
+
+def hard_pool(args) -> str:
+    """Builds (once) the `hard` pool: --train-limit prompts, mostly all-right or all-wrong for the
+    SFT model. Returns its path; prints and saves its measured zero-variance share."""
+    import datasets
+
+    folder = Path(args.out) / "hard"
+    pool = folder / "pool.parquet"
+    if pool.exists():
+        return str(pool)
+    folder.mkdir(parents=True, exist_ok=True)
+    scores = folder / "candidates.parquet"
+    subprocess.run([sys.executable, str(ROOT / "vas.py"), "score", "--model", args.sft_model, "--data", args.data,
+                    "--limit", str(args.hard_candidates), "--rollouts", "16", "--engine", args.engine, "--out", str(scores),
+                    "--reward-workers", "1", "--seed", "1234"], check=True, cwd=ROOT,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    table = datasets.load_dataset("parquet", data_files=str(scores), split="train").to_list()
+    rng = np.random.default_rng(0)
+    mixed = [r["index"] for r in table if 0 < r["pass_rate"] < 1]
+    zeros = [r["index"] for r in table if r["pass_rate"] == 0]
+    ones = [r["index"] for r in table if r["pass_rate"] == 1]
+    n_mixed = round(args.hard_mixed_share * args.train_limit)
+    n_zero = min(len(zeros), (args.train_limit - n_mixed) // 2)
+    n_one = min(len(ones), args.train_limit - n_mixed - n_zero)
+    n_mixed = args.train_limit - n_zero - n_one  # whatever all-0 / all-1 prompts are missing
+    chosen = [
+        int(i) for part, k in ((mixed, n_mixed), (zeros, n_zero), (ones, n_one)) for i in rng.permutation(part)[:k]
+    ]
+    rows = datasets.load_dataset(
+        "parquet", data_files=str(ROOT / "data" / "toy" / "rl" / "train.parquet"), split="train"
+    )
+    rows.select(sorted(rng.permutation(chosen).tolist())).to_parquet(str(pool))
+    info = {"candidates": len(table), "mixed": n_mixed, "all_wrong": n_zero, "all_right": n_one,
+            "zero_variance_share": (n_zero + n_one) / args.train_limit,
+            "candidates_zero_variance_share": float(np.mean([not 0 < r["pass_rate"] < 1 for r in table]))}  # fmt: skip
+    (folder / "pool.json").write_text(json.dumps(info, indent=2))
+    print(f"[vas study] hard pool: {info}")
+    return str(pool)
+
+
+def load_run(run: Path) -> dict:
+    """Curves (steps, values) per metric and the cumulative generated responses / tokens per step."""
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     out = {}
-    for name in CURVES + ["time/vas_s"]:
+    for name in CURVES + ["rollout/generated_tokens", "rollout/generated_responses"]:
         points = [(r["step"], r[name]) for r in lines if name in r]
-        out[name] = (np.array([p[0] for p in points]), np.array([p[1] for p in points]))
+        out[name] = (np.array([p[0] for p in points]), np.array([p[1] for p in points], dtype=float))
     return out
 
 
-def summarise(args, walls: dict[str, list[float]]) -> tuple[str, dict]:
-    """The results table (markdown) and the raw numbers per arm."""
+def interval(values) -> tuple[float, float]:
+    """(mean, half-width of the 95% t-interval) over seeds."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(T_975[len(v) - 1] * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def summarise(args) -> tuple[str, dict]:
+    """The results table (markdown) and the numbers behind it."""
     rows, summary = [], {}
     for arm in args.arms:
-        runs = [curves(Path(args.out) / f"{arm}-seed{s}") for s in args.seeds]
+        runs = [load_run(Path(args.out) / args.condition / f"{arm}-seed{s}") for s in args.seeds]
+        steps, _ = runs[0]["val/accuracy"]
         val = np.stack([r["val/accuracy"][1] for r in runs])  # (seeds, val points incl. step 0)
-        steps = runs[0]["val/accuracy"][0]
-        auc = np.trapezoid(val, steps, axis=1) / (steps[-1] - steps[0])  # mean val accuracy over the run
+        zero = np.array([r["vas/zero_var_frac"][1].mean() for r in runs])
         entry = {
-            "final_val": (val[:, -1].mean(), val[:, -1].std()),
-            "auc_val": (auc.mean(), auc.std()),
-            "gain": ((val[:, -1] - val[:, 0]).mean(), (val[:, -1] - val[:, 0]).std()),
-            "zero_var": (np.mean([r["vas/zero_var_frac"][1].mean() for r in runs]), 0.0),
-            "grad_norm": (np.mean([r["train/grad_norm"][1].mean() for r in runs]), 0.0),
-            "clip_frac": (np.mean([r["train/clip_frac"][1].mean() for r in runs]), 0.0),
-            "wall_s": (np.mean(walls[arm]), np.std(walls[arm])),
-            "vas_s": (np.mean([r["time/vas_s"][1].sum() for r in runs]), 0.0),
+            "auc_val": interval(np.trapezoid(val, steps, axis=1) / (steps[-1] - steps[0])),
+            "final_val": interval(val[:, -1]),
+            "zero_var": interval(zero),
+            "signal_prompts": interval(BATCH * (1 - zero)),
+            "grad_norm": interval([r["train/grad_norm"][1].mean() for r in runs]),
+            "clip_frac": interval([r["train/clip_frac"][1].mean() for r in runs]),
+            "responses": interval([r["rollout/generated_responses"][1][-1] for r in runs]),
+            "tokens": interval([r["rollout/generated_tokens"][1][-1] for r in runs]),
+            "steps": (float(steps[-1]), 0.0),
         }
-        summary[arm] = {k: [float(v[0]), float(v[1])] for k, v in entry.items()}
-        pm = lambda k, f="{:.3f}", e=entry: f"{f.format(e[k][0])} ± {f.format(e[k][1])}"  # noqa: E731
-        rows.append(f"| {arm} | {pm('final_val')} | {pm('gain')} | {pm('auc_val')} | {entry['zero_var'][0]:.3f} | "
-                    f"{entry['grad_norm'][0]:.3f} | {entry['clip_frac'][0]:.4f} | {pm('wall_s', '{:.0f}')} | "
-                    f"{entry['vas_s'][0]:.0f} |")  # fmt: skip
-    header = ("| arm | final val acc | gain over step 0 | mean val acc (AUC) | zero-variance share | grad norm | "
-              "clip frac | wall s / run | VAS scoring s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
+        summary[arm] = entry
+        f = lambda k, p=3, e=entry: f"{e[k][0]:.{p}f} ± {e[k][1]:.{p}f}"  # noqa: E731
+        rows.append(
+            f"| {arm} | {int(entry['steps'][0])} | {f('auc_val')} | {f('final_val')} | {f('zero_var')} | "
+            f"{f('signal_prompts', 1)} | {f('grad_norm')} | {f('clip_frac', 4)} | {entry['responses'][0]:.0f} |"
+        )
+    header = (
+        "| arm | steps | mean val acc (primary) | final val acc | zero-variance share | prompts with signal / step "
+        "| grad norm | clip frac | generated responses |\n" + "| --- " * 9 + "|"
+    )
     return header + "\n" + "\n".join(rows), summary
 
 
-def smooth(values: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average of the same length (edges padded with the end values)."""
-    k = max(1, min(window, len(values)))
-    padded = np.pad(values, (k // 2, k - 1 - k // 2), mode="edge")
-    return np.convolve(padded, np.ones(k) / k, mode="valid")
-
-
-def plot(args) -> Path:
-    """Figure 2 style: one panel per metric, mean over seeds with a min-max band, per arm."""
+def plot(args, x_axis: str) -> Path:
+    """Figure 2 style: one panel per metric, mean over seeds and a min-max band, per arm; against
+    training steps or against generated tokens (training rollouts + VAS scoring)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,67 +234,67 @@ def plot(args) -> Path:
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.6))
     for arm in args.arms:
-        runs = [curves(Path(args.out) / f"{arm}-seed{s}") for s in args.seeds]
+        runs = [load_run(Path(args.out) / args.condition / f"{arm}-seed{s}") for s in args.seeds]
         for ax, name in zip(axes, CURVES):
-            steps = runs[0][name][0]
+            steps, _ = runs[0][name]
             values = np.stack([r[name][1] for r in runs])
-            if name != "val/accuracy":  # smooth the noisy per-step curves (moving average of 5)
-                values = np.stack([smooth(v, 5) for v in values])
-            ax.plot(steps, values.mean(0), label=arm)
-            ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
+            if name != "val/accuracy":  # per-step curves are noisy: moving average of 5
+                values = np.stack(
+                    [np.convolve(np.pad(v, (2, 2), mode="edge"), np.ones(5) / 5, "valid") for v in values]
+                )
+            if x_axis == "tokens":
+                t_steps, tokens = runs[0]["rollout/generated_tokens"]
+                x = np.interp(steps, t_steps, np.mean([r["rollout/generated_tokens"][1] for r in runs], 0)) / 1e6
+            else:
+                x = steps
+            ax.plot(x, values.mean(0), label=arm)
+            ax.fill_between(x, values.min(0), values.max(0), alpha=0.15)
             ax.set_title(name)
-            ax.set_xlabel("step")
+            ax.set_xlabel("generated tokens (millions)" if x_axis == "tokens" else "training step")
     axes[0].legend(fontsize=8)
+    fig.suptitle(f"VAS study, {args.condition} pool, {len(args.seeds)} seeds (mean, min-max band)")
     fig.tight_layout()
-    path = Path(args.out) / "vas_experiment.png"
-    fig.savefig(path, dpi=100)
+    path = Path(args.out) / args.condition / f"{x_axis}.png"
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--condition", choices=["standard", "hard"], default="standard", help="the training pool")
     parser.add_argument("--sft-model", default=str(ROOT / "runs" / "toy-sft" / "final"), help="shared start")
-    parser.add_argument("--data", default=str(ROOT / "data" / "toy" / "rl") + "@train", help="RL training rows")
+    parser.add_argument("--data", default=str(ROOT / "data" / "toy" / "rl") + "@train", help="toy train rows")
     parser.add_argument("--val-data", default=str(ROOT / "data" / "toy" / "rl") + "@val", help="validation rows")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "vas-experiment"), help="runs, table and plots")
-    parser.add_argument("--steps", type=int, default=40, help="GRPO steps per run")
-    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2], help="seeds")
-    parser.add_argument("--train-limit", type=int, default=256, help="training prompts")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "vas-study"), help="runs, tables and plots")
+    parser.add_argument("--engine", default="vllm", choices=["hf", "vllm"], help="rollout engine (vllm: its CPU venv)")
+    parser.add_argument("--steps", type=int, default=60, help="GRPO steps of every arm but uniform-budget")
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3, 4], help="seeds")
+    parser.add_argument("--train-limit", type=int, default=128, help="prompts in the training pool (P)")
     parser.add_argument("--val-every", type=int, default=5, help="validation every N steps")
     parser.add_argument("--val-limit", type=int, default=200, help="validation prompts")
-    parser.add_argument("--vas-rollouts", type=int, default=4, help="N for VPS scoring")
-    parser.add_argument("--vas-update-every", type=int, default=10, help="T_update")
+    parser.add_argument("--vas-rollouts", type=int, default=16, help="N for VPS scoring (paper: 16)")
+    parser.add_argument("--vas-update-every", type=int, default=20, help="T_update of the vas arm")
+    parser.add_argument("--hard-candidates", type=int, default=1024, help="train prompts scored to build the hard pool")
+    parser.add_argument("--hard-mixed-share", type=float, default=0.2, help="share of mixed prompts in the hard pool")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (one thread each)")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     parser.add_argument("--skip-train", action="store_true", help="only aggregate finished runs")
     args = parser.parse_args()
     args.arms = [a for a in args.arms.split(",") if a]
-    unknown = set(args.arms) - set(ARMS)
-    if unknown:
-        raise SystemExit(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
+    if set(args.arms) - set(ARMS):
+        raise SystemExit(f"unknown arms {sorted(set(args.arms) - set(ARMS))}; choose from {list(ARMS)}")
     if not Path(args.sft_model, "config.json").exists():
         raise SystemExit(f"no SFT checkpoint at {args.sft_model}: run `python sft.py` first")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    walls: dict[str, list[float]] = {arm: [] for arm in args.arms}
-    for seed in args.seeds:  # seed-major, so a partial run still covers every arm
-        for arm in args.arms:
-            if args.skip_train:
-                walls[arm].append(
-                    json.loads((Path(args.out) / f"{arm}-seed{seed}" / "wall.json").read_text())["seconds"]
-                )
-                continue
-            walls[arm].append(run_arm(arm, seed, args))
-            print(f"{arm} seed {seed}: {walls[arm][-1]:.0f}s", flush=True)
-    table, summary = summarise(args, walls)
-    (Path(args.out) / "results.md").write_text(table + "\n")
-    (Path(args.out) / "results.json").write_text(json.dumps({"args": vars(args), "arms": summary}, indent=2))
+    data = hard_pool(args) if args.condition == "hard" else args.data
+    if not args.skip_train:
+        train_all(args, data)
+    table, summary = summarise(args)
+    folder = Path(args.out) / args.condition
+    (folder / "results.md").write_text(table + "\n")
+    (folder / "results.json").write_text(json.dumps({"args": vars(args), "arms": summary}, indent=2))
     print(table)
-    print(f"plot: {plot(args)}")
-    import vas
-
-    vas_arm = next((a for a in args.arms if a.startswith("vas")), None)
-    if vas_arm:
-        print(f"VPS dynamics: {vas.plot_refreshes(Path(args.out) / f'{vas_arm}-seed{args.seeds[0]}')}")
+    print(f"plots: {plot(args, 'steps')} {plot(args, 'tokens')}")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,10 @@ def test_grpo_script_logs_every_metric(toy_dir, tmp_path, vas_flags):
     assert set(grpo.METRICS) <= seen
     assert all(math.isfinite(v) for r in lines for v in r.values())
     assert lines[1]["vas/weighted_frac"] == (0.5 if vas_flags else 0.0)
+    # generated responses: 4 prompts x 4 per step, plus (VAS) 16 prompts x 2 before step 1 and after step 1
+    scoring = 16 * 2 if vas_flags else 0
+    assert [r["rollout/generated_responses"] for r in lines[1:]] == [scoring + 16, 2 * scoring + 32]
+    assert lines[1]["rollout/generated_tokens"] >= 16 * lines[1]["rollout/response_len"] - 1e-6
     if vas_flags:
         import vas
 

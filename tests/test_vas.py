@@ -222,7 +222,7 @@ def test_score_cli_on_the_toy(toy_dir, tmp_path):
     run_script(["vas.py", "--model", str(toy_dir / "model"), "--data", f"{toy_dir / 'data' / 'rl'}@val", "--limit", "6",
                 "--rollouts", "3", "--max-new-tokens", "6", "--engine", "hf", "--reward-workers", "1", "--out", str(out)])  # fmt: skip
     table = datasets.load_dataset("parquet", data_files=str(out), split="train")
-    assert table.column_names == ["id", "index", "pass_rate", "ovs", "tds", "vps"] and len(table) == 6
+    assert table.column_names == ["id", "index", "pass_rate", "ovs", "tds", "vps", "tokens"] and len(table) == 6
     rows = table.to_list()
     assert all(abs(r["ovs"] - r["pass_rate"] * (1 - r["pass_rate"])) < 1e-12 for r in rows)
     assert all(abs(r["vps"] - (0.8 * r["ovs"] + 0.2 * r["tds"])) < 1e-12 for r in rows)
