@@ -159,7 +159,7 @@ class HFEngine:
                 do_sample=not greedy,
                 temperature=1.0 if greedy else sampling.temperature,
                 top_p=1.0 if greedy else sampling.top_p,
-                top_k=0,  # off
+                top_k=None if greedy else 0,  # 0 = off when sampling; greedy takes no top-k
                 repetition_penalty=1.0,  # off
                 max_new_tokens=sampling.max_new_tokens,
                 eos_token_id=self.end_id,

@@ -83,9 +83,9 @@ def main() -> None:
     # --- 3. weight pushes ---
     push_s, _ = timed(lambda: vllm.sync_weights(model))
     steps, every = 30, 10
-    # without versions: a push at every wake (step 0: initial scoring, validation, rollouts; then
-    # each step's rollouts, and a validation + refresh every `every` steps)
-    without = 3 + (steps - 1) + 2 * (steps // every)
+    # without versions: a push at every wake: initial scoring, validation and rollouts at step 0, the
+    # rollouts of steps 1..29, validation after steps 10, 20, 30, refresh after 10 and 20 (not the last)
+    without = 3 + (steps - 1) + steps // every + (steps - 1) // every
     # with versions: one push per new set of weights (versions 1..steps)
     with_versions = steps
     print("\n| grpo.py --vas, 30 steps, val + refresh every 10 | weight pushes | push time (s) |")
