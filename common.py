@@ -814,21 +814,10 @@ def _json_rows(file: Path):
         for i, item in enumerate(items):
             yield f"{file} row {i}", item if isinstance(item, dict) else f"a JSON {type(item).__name__}, not an object"
         return
-    for n, raw in enumerate(data.splitlines(), 1):
-        where = f"{file} line {n}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield where, f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
-            continue
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield where, f"not valid JSON ({e.msg} at column {e.colno})"
-            continue
-        yield where, row if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+    import reward  # the one jsonl reader (reward.py's CLI reads predictions with it too)
+
+    for _, where, row in reward.jsonl_objects(file):
+        yield where, row
 
 
 def _absolute_image_paths(row: dict, folder: Path) -> dict:

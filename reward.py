@@ -431,25 +431,36 @@ def score_responses(responses: list[str], rows: list[dict], *, pool: RewardPool 
 # ---------------------------------------------------------------------------------------------
 
 
-def read_predictions(path: Path) -> tuple[list[dict], list[str]]:
-    """The scorable rows of a predictions jsonl, each with its 1-based `line`, and one message per
-    line that could not be used (not UTF-8, not JSON, no 'response' / 'answer', unusable answer)."""
-    rows, problems = [], []
+def jsonl_objects(path: Path):
+    """Yields (line number from 1, "<path> line <n>", the line's JSON object) for every non-blank
+    line of a jsonl file; where a line is not UTF-8, not JSON, or not an object, the third item is
+    a string saying so instead, and reading goes on. Shared with common.load_rows."""
     for n, raw in enumerate(path.read_bytes().splitlines(), 1):
         where = f"{path} line {n}"
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            problems.append(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})")
+            yield n, where, f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
             continue
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            problems.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+            yield n, where, f"not valid JSON ({e.msg} at column {e.colno})"
             continue
-        if not isinstance(row, dict) or "response" not in row or "answer" not in row:
+        yield n, where, row if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+
+
+def read_predictions(path: Path) -> tuple[list[dict], list[str]]:
+    """The scorable rows of a predictions jsonl, each with its 1-based `line`, and one message per
+    line that could not be used (not UTF-8, not JSON, no 'response' / 'answer', unusable answer)."""
+    rows, problems = [], []
+    for n, where, row in jsonl_objects(path):
+        if isinstance(row, str):
+            problems.append(f"{where}: {row}")
+            continue
+        if "response" not in row or "answer" not in row:
             problems.append(f"{where}: needs an object with 'response' and 'answer'")
             continue
         choices = row.get("choices")
