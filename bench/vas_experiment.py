@@ -1,8 +1,8 @@
 """The VAS study on the toy bench: does Variance-Aware Sampling pay for its extra rollouts?
 
     python sft.py                                                # once: the shared starting checkpoint
-    OMP_NUM_THREADS=1 .venv-vllm/bin/python bench/vas_experiment.py --condition standard
-    OMP_NUM_THREADS=1 .venv-vllm/bin/python bench/vas_experiment.py --condition hard
+    OMP_NUM_THREADS=1 python bench/vas_experiment.py --condition standard   # 20 runs, 2 at a time
+    OMP_NUM_THREADS=1 python bench/vas_experiment.py --condition hard
     python bench/vas_experiment.py --condition standard --skip-train  # re-aggregate finished runs
 
 The protocol (fixed before the runs; the README's "The VAS study" holds the same text):
@@ -267,14 +267,16 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT / "data" / "toy" / "rl") + "@train", help="toy train rows")
     parser.add_argument("--val-data", default=str(ROOT / "data" / "toy" / "rl") + "@val", help="validation rows")
     parser.add_argument("--out", default=str(ROOT / "runs" / "vas-study"), help="runs, tables and plots")
-    parser.add_argument("--engine", default="vllm", choices=["hf", "vllm"], help="rollout engine (vllm: its CPU venv)")
-    parser.add_argument("--steps", type=int, default=60, help="GRPO steps of every arm but uniform-budget")
+    parser.add_argument(
+        "--engine", default="hf", choices=["hf", "vllm"], help="rollout engine (on the toy HF is faster)"
+    )
+    parser.add_argument("--steps", type=int, default=30, help="GRPO steps of every arm but uniform-budget")
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3, 4], help="seeds")
-    parser.add_argument("--train-limit", type=int, default=128, help="prompts in the training pool (P)")
+    parser.add_argument("--train-limit", type=int, default=64, help="prompts in the training pool (P)")
     parser.add_argument("--val-every", type=int, default=5, help="validation every N steps")
-    parser.add_argument("--val-limit", type=int, default=200, help="validation prompts")
+    parser.add_argument("--val-limit", type=int, default=100, help="validation prompts")
     parser.add_argument("--vas-rollouts", type=int, default=16, help="N for VPS scoring (paper: 16)")
-    parser.add_argument("--vas-update-every", type=int, default=20, help="T_update of the vas arm")
+    parser.add_argument("--vas-update-every", type=int, default=10, help="T_update of the vas arm")
     parser.add_argument("--hard-candidates", type=int, default=1024, help="train prompts scored to build the hard pool")
     parser.add_argument("--hard-mixed-share", type=float, default=0.2, help="share of mixed prompts in the hard pool")
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (one thread each)")
