@@ -205,7 +205,8 @@ def all_gather_list(items: list, d: Dist) -> list:
 
 
 def attention_implementation(device: torch.device) -> str:
-    """'flash_attention_2' on a GPU where flash-attn imports, else 'sdpa'."""
+    """'flash_attention_2' on a GPU where flash-attn imports, else VARLEN_SDPA (PyTorch SDPA that
+    runs each sequence of a packed row on its own; see sdpa_varlen)."""
     if device.type == "cuda":
         try:
             import flash_attn  # noqa: F401
@@ -213,7 +214,47 @@ def attention_implementation(device: torch.device) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    register_sdpa_varlen()
+    return VARLEN_SDPA
+
+
+VARLEN_SDPA = "sdpa_varlen"  # the name models are loaded with where flash-attn is missing (CPU)
+
+
+def sdpa_varlen(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
+    """transformers attention function: SDPA, but on a packed row (batch 1, no mask, text
+    position_ids restarting at 0 per sequence) causal attention runs over each sequence on its
+    own, as flash-attention's varlen kernel does on GPU.
+
+    query (1, heads, N, D), key / value (1, kv_heads, N, D); returns ((1, N, heads, D), None).
+    Exact: the same as SDPA under the block-diagonal causal mask transformers builds for packed
+    rows, at sum(L_i^2) rather than N^2 cost (that mask makes a packed toy step ~2x slower than
+    the padded one on CPU). Everything else (padded batches, generation, the vision tower) goes
+    to transformers' SDPA unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    positions = kwargs.get("position_ids")
+    n = query.shape[2]
+    if attention_mask is not None or positions is None or query.shape[0] != 1 or key.shape[2] != n:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    starts = (positions.reshape(-1) == 0).nonzero().flatten().tolist() + [n]  # (start of each sequence, N)
+    if len(starts) <= 2:  # one sequence: plain causal attention
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    parts = [
+        sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **kwargs)[0]
+        for s, e in zip(starts[:-1], starts[1:])
+    ]
+    return torch.cat(parts, dim=1), None
+
+
+def register_sdpa_varlen() -> None:
+    """Makes VARLEN_SDPA a transformers attention implementation (its masks are SDPA's)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN_SDPA, sdpa_varlen)
+    AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
 
 
 def load_model(name_or_path: str, device: torch.device, gradient_checkpointing: bool = False, trainable: bool = False):
@@ -378,11 +419,13 @@ def token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 102
 #     1-D "text position" row put in front of the three rope rows (position_ids (4, 1, N), no
 #     attention_mask). From its restarts it builds a block-diagonal causal mask for SDPA / eager
 #     (masking_utils.find_packed_sequence_indices) and the cu_seqlens of flash-attention's varlen
-#     kernel (modeling_flash_attention_utils.prepare_fa_kwargs_from_position_ids).
+#     kernel (modeling_flash_attention_utils.prepare_fa_kwargs_from_position_ids). That mask is
+#     the readable reference; on CPU the models run VARLEN_SDPA, which reads the same restarts and
+#     attends within each sequence, never forming the (N, N) mask (see sdpa_varlen).
 # The vision tower is untouched: pixel_values / image_grid_thw pass through in the same order,
 # and the image tokens keep their order in the packed row, so image embeddings land where they did.
 
-PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")  # implementations with a packed path
+PACKED_ATTENTION = (VARLEN_SDPA, "sdpa", "eager", "flash_attention_2", "flash_attention_3")  # those with a packed path
 
 
 @dataclass
@@ -419,6 +462,8 @@ def pack(model, inputs: dict[str, torch.Tensor]) -> Packed:
     positions = torch.cat([text[None].to(rope.device), rope])[:, real]  # (4, N), sequences back to back
     packed = {"input_ids": ids[real][None], "position_ids": positions[:, None], "mm_token_type_ids": mm[real][None]}
     packed.update({k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs})
+    if implementation == VARLEN_SDPA:  # it finds the sequences itself: spare transformers the (N, N) mask
+        packed["attention_mask"] = {"full_attention": None, "sliding_attention": None}  # a prepared mask per layer type
     valid = real[:, :-1] & real[:, 1:]  # (B, T-1): token t and its target t + 1 both real
     index = real.flatten().long().cumsum(0).view_as(ids) - 1  # (B, T): packed position of each real token
     return Packed(packed, valid, index[:, :-1][valid])

@@ -50,7 +50,17 @@ class GRPOConfig:
     top_p: float = field(1.0, "rollout nucleus sampling")
     max_prompt_length: int = field(2048, "prompt token limit (vLLM context = prompt + response)")
     max_response_length: int = field(64, "response token limit (paper: 4096)")
-    micro_batch_size: int = field(32, "sequences per forward/backward on one rank")
+    micro_batch_size: int = field(
+        32, "sequences per forward/backward on one rank: the count with --max-tokens-per-micro-batch 0, else a cap"
+    )
+    max_tokens_per_micro_batch: int = field(
+        4096, "tokens per forward/backward on one rank (0 = fixed --micro-batch-size sequences)"
+    )
+    pack: bool = field(
+        True,
+        "padding-free log-prob passes: each micro-batch's sequences packed into one row "
+        "(--no-pack: right-padded, for comparison)",
+    )
     updates_per_batch: int = field(2, "optimizer steps per rollout batch (> 1 recomputes old log-probs; paper: 1)")
     lr: float = field(1e-4, "AdamW learning rate, constant (paper: 1e-6)")
     weight_decay: float = field(0.01, "AdamW weight decay")
@@ -107,6 +117,7 @@ PRESETS = {
         max_prompt_length=2048,
         max_response_length=4096,
         micro_batch_size=8,
+        max_tokens_per_micro_batch=16384,
         updates_per_batch=1,
         lr=1e-6,
         weight_decay=0.01,
@@ -201,7 +212,7 @@ def grpo_loss(model, batches: list[dict], cfg: GRPOConfig, d: common.Dist) -> di
         inputs = {k: v.to(d.device) for k, v in b["inputs"].items()}
         mask = b["response_mask"].to(d.device)
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
-            logp, entropy = common.token_logprobs(model, inputs, cfg.logprob_chunk, True, cfg.temperature)
+            logp, entropy = common.token_logprobs(model, inputs, cfg.logprob_chunk, True, cfg.temperature, cfg.pack)
         old_logp = b["old_logp"].to(d.device) if b.get("old_logp") is not None else logp.detach()
         pg, clipped = clipped_surrogate(
             logp, old_logp, b["advantages"].to(d.device)[:, None], cfg.clip_low, cfg.clip_high
@@ -231,7 +242,9 @@ def sequence_logprobs(model, batches: list[dict], cfg: GRPOConfig, d: common.Dis
     for b in batches:
         inputs = {k: v.to(d.device) for k, v in b["inputs"].items()}
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
-            logp, _ = common.token_logprobs(model, inputs, cfg.logprob_chunk, temperature=cfg.temperature)
+            logp, _ = common.token_logprobs(
+                model, inputs, cfg.logprob_chunk, temperature=cfg.temperature, packed=cfg.pack
+            )
         out.append(logp.float().cpu())
     return out
 
@@ -375,12 +388,12 @@ def main() -> None:
 
         # --- sequences, old and reference log-probs ---
         t0 = time.time()
-        batches = []
-        for s in range(0, len(outs), cfg.micro_batch_size):
-            part = outs[s : s + cfg.micro_batch_size]
-            inputs, mask = common.rl_batch(processor, [local_rows[o.row] for o in part], [o.token_ids for o in part],
-                                           cfg.min_pixels, cfg.max_pixels, prompt_format)  # fmt: skip
-            batches.append({"inputs": inputs, "response_mask": mask, "advantages": advantages[s : s + len(part)]})
+        batches = []  # micro-batches by token budget, as many on every rank (FSDP2's forwards are collectives)
+        for idx, inputs, mask in common.rl_micro_batches(
+            processor, [local_rows[o.row] for o in outs], [o.token_ids for o in outs], cfg.min_pixels,
+            cfg.max_pixels, prompt_format, cfg.max_tokens_per_micro_batch, cfg.micro_batch_size, d,
+        ):  # fmt: skip
+            batches.append({"inputs": inputs, "response_mask": mask, "advantages": advantages[idx]})
         if ref_model is not None:
             for b, ref in zip(batches, sequence_logprobs(ref_model, batches, cfg, d)):
                 b["ref_logp"] = ref
