@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -62,9 +63,13 @@ def test_freeze_vision_keeps_the_vision_tower(toy_dir, tmp_path):
     assert any(not torch.equal(init[n], final[n]) for n in init if n not in vision)
 
 
-def test_torchrun_two_ranks_matches_one_process(toy_dir, tmp_path):
-    run_script(toy_args(toy_dir, tmp_path / "one", 2, "--acc-limit", "-1"))
-    run_script(toy_args(toy_dir, tmp_path / "two", 2, "--acc-limit", "-1"), torchrun=2)
+@pytest.mark.parametrize("budget", [[], ["--max-tokens-per-micro-batch", "160"]])
+def test_torchrun_two_ranks_matches_one_process(toy_dir, tmp_path, budget):
+    """Packed by default. With a 160-token budget (rows of 65-92 tokens), at step 2 one rank's 4
+    rows fit in 2 micro-batches and the other's need 3 (one process: 4 for all 8): the ranks
+    agree on 3, and the token mean over the global batch gives the weights of one process."""
+    run_script(toy_args(toy_dir, tmp_path / "one", 2, "--acc-limit", "-1", *budget))
+    run_script(toy_args(toy_dir, tmp_path / "two", 2, "--acc-limit", "-1", *budget), torchrun=2)
     one, two = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
     init = weights(toy_dir / "model")
     assert one.keys() == two.keys()
