@@ -528,33 +528,35 @@ def plan_micro_batches(lengths: list[int], max_tokens: int, max_seqs: int, d: Di
     least that many sequences (grpo and sft give every rank the same number).
     """
     n = len(lengths)
-    if max_tokens <= 0:
+
+    def tokens(b: list[int]) -> int:
+        return sum(lengths[i] for i in b)
+
+    longest_first = sorted(range(n), key=lambda i: -lengths[i])
+    if max_tokens <= 0:  # fixed count, in order
         step = max_seqs or n or 1
         bins = [list(range(s, min(s + step, n))) for s in range(0, n, step)]
     else:  # first-fit decreasing: the fewest micro-batches this rank's sequences fit in
-        bins, loads = [], []
-        for i in sorted(range(n), key=lambda i: -lengths[i]):
-            j = next((j for j in range(len(bins)) if loads[j] + lengths[i] <= max_tokens
-                      and (not max_seqs or len(bins[j]) < max_seqs)), None)  # fmt: skip
-            if j is None:
-                bins.append([]), loads.append(0)
-                j = len(bins) - 1
-            bins[j].append(i)
-            loads[j] += lengths[i]
+        bins = []
+        for i in longest_first:
+            room = [b for b in bins if tokens(b) + lengths[i] <= max_tokens and (not max_seqs or len(b) < max_seqs)]
+            if room:
+                room[0].append(i)
+            else:
+                bins.append([i])
     k = all_reduce_max(len(bins), d.device) if d is not None and d.enabled else len(bins)
     if k > n:
         raise ValueError(f"{n} sequences on this rank cannot fill the {k} micro-batches another rank needs")
-    if max_tokens > 0:
-        balanced = _longest_first(lengths, sorted(range(n), key=lambda i: -lengths[i]), k, max_seqs)
-        fits = all(len(b) == 1 or sum(lengths[i] for i in b) <= max_tokens for b in balanced)
-        if fits and all(balanced):
+    if max_tokens > 0:  # the same k micro-batches with balanced loads, if that keeps the budget
+        balanced = _longest_first(lengths, longest_first, k, max_seqs)
+        if all(len(b) == 1 or tokens(b) <= max_tokens for b in balanced):
             bins = balanced
     while len(bins) < k:  # split the micro-batch with the most tokens among those holding 2 or more
-        j = max((j for j in range(len(bins)) if len(bins[j]) > 1), key=lambda j: sum(lengths[i] for i in bins[j]))
-        part = bins.pop(j)
+        part = bins.pop(max((j for j, b in enumerate(bins) if len(b) > 1), key=lambda j: tokens(bins[j])))
         bins += _longest_first(lengths, sorted(part, key=lambda i: -lengths[i]), 2, 0)
     bins = [sorted(b) for b in bins]
-    return sorted(bins, key=lambda b: -sum(lengths[i] for i in b)) if max_tokens > 0 else bins
+    # budgeted: heaviest first on every rank, so the i-th micro-batches of the ranks are alike in cost
+    return sorted(bins, key=lambda b: -tokens(b)) if max_tokens > 0 else bins
 
 
 # ---------------------------------------------------------------------------------------------

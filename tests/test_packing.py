@@ -128,6 +128,11 @@ def test_pack_positions_restart_per_sequence(toy_model):
         assert torch.equal(positions[1:], rope[:, 0])
         assert torch.equal(packed.inputs["input_ids"][0, start : start + n], alone[0])
         start += n
+    # flash-attention (GPU) gets its varlen boundaries from the same first row: the sequence starts
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    (cu_seqlens, _), (max_length, _) = prepare_fa_kwargs_from_position_ids(packed.inputs["position_ids"][0])
+    assert cu_seqlens.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()] and max_length == max(lengths)
     # targets never cross a boundary: no source position is a sequence's last token
     ends = torch.tensor(lengths).cumsum(0) - 1
     assert not torch.isin(packed.source, ends).any() and len(packed.source) == sum(lengths) - len(lengths)
@@ -180,3 +185,19 @@ def test_sft_micro_batches_equal_sft_batch(toy_model):
     assert set(micro) == set(whole)
     for key in whole:
         assert torch.equal(micro[key], whole[key]), key
+
+
+def test_packed_equals_padded_with_left_padding(toy_model):
+    """Generation-style left-padded prompts (0, 1 and 2 images) pack to the same log-probs."""
+    model, processor = toy_model
+    rows = [{"problem": "<image><image>Which one has more red?", "images": [grid(), grid(("red",) * 4)]},
+            {"problem": "Hi"}, {"problem": "<image>Count.", "images": [grid()]}]  # fmt: skip
+    inputs = common.processor_inputs(
+        processor, common.prompt_texts(processor, rows), [r.get("images", []) for r in rows]
+    )
+    assert (inputs["attention_mask"][:, 0] == 0).any()  # left padding
+    with torch.no_grad():
+        padded, _ = common.token_logprobs(model, inputs)
+        packed, _ = common.token_logprobs(model, inputs, packed=True)
+    valid = inputs["attention_mask"][:, :-1].bool() & inputs["attention_mask"][:, 1:].bool()
+    assert torch.allclose(packed[valid], padded[valid], atol=ATOL, rtol=0) and (packed[~valid] == 0).all()
