@@ -228,8 +228,8 @@ def sdpa_varlen(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
     query (1, heads, N, D), key / value (1, kv_heads, N, D); returns ((1, N, heads, D), None).
     Exact: the same as SDPA under the block-diagonal causal mask transformers builds for packed
-    rows, at sum(L_i^2) rather than N^2 cost (that mask makes a packed toy step ~2x slower than
-    the padded one on CPU). Everything else (padded batches, generation, the vision tower) goes
+    rows, at sum(L_i^2) rather than N^2 cost (with that mask a packed toy micro-batch took up to
+    2x the padded time on CPU). Everything else (padded batches, generation, the vision tower) goes
     to transformers' SDPA unchanged.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
