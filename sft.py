@@ -83,8 +83,8 @@ PRESETS = {
         weight_decay=0.0,
         max_grad_norm=1.0,
         batch_size=32,
-        micro_batch_size=1,
-        max_tokens_per_micro_batch=16384,
+        micro_batch_size=4,  # a cap: each of 8 ranks holds 4 rows of a step, packed up to 16384 tokens a pass
+        max_tokens_per_micro_batch=16384,  # = the cut-off: the longest row still fits a pass by itself
         max_length=16384,
         gradient_checkpointing=True,
         min_pixels=7056,
