@@ -213,7 +213,8 @@ def all_gather_list(items: list, d: Dist) -> list:
 
 
 def attention_implementation(device: torch.device) -> str:
-    """'flash_attention_2' on a GPU where flash-attn imports, else 'sdpa'."""
+    """'flash_attention_2' on a GPU where flash-attn imports, else VARLEN_SDPA (PyTorch SDPA that
+    runs each sequence of a packed row on its own; see sdpa_varlen)."""
     if device.type == "cuda":
         try:
             import flash_attn  # noqa: F401
@@ -221,7 +222,47 @@ def attention_implementation(device: torch.device) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    register_sdpa_varlen()
+    return VARLEN_SDPA
+
+
+VARLEN_SDPA = "sdpa_varlen"  # the name models are loaded with where flash-attn is missing (CPU)
+
+
+def sdpa_varlen(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
+    """transformers attention function: SDPA, but on a packed row (batch 1, no mask, text
+    position_ids restarting at 0 per sequence) causal attention runs over each sequence on its
+    own, as flash-attention's varlen kernel does on GPU.
+
+    query (1, heads, N, D), key / value (1, kv_heads, N, D); returns ((1, N, heads, D), None).
+    Exact: the same as SDPA under the block-diagonal causal mask transformers builds for packed
+    rows, at sum(L_i^2) rather than N^2 cost (with that mask a packed toy micro-batch took up to
+    2x the padded time on CPU). Everything else (padded batches, generation, the vision tower) goes
+    to transformers' SDPA unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    positions = kwargs.get("position_ids")
+    n = query.shape[2]
+    if attention_mask is not None or positions is None or query.shape[0] != 1 or key.shape[2] != n:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    starts = (positions.reshape(-1) == 0).nonzero().flatten().tolist() + [n]  # (start of each sequence, N)
+    if len(starts) <= 2:  # one sequence: plain causal attention
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    parts = [
+        sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **kwargs)[0]
+        for s, e in zip(starts[:-1], starts[1:])
+    ]
+    return torch.cat(parts, dim=1), None
+
+
+def register_sdpa_varlen() -> None:
+    """Makes VARLEN_SDPA a transformers attention implementation (its masks are SDPA's)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN_SDPA, sdpa_varlen)
+    AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
 
 
 def load_model(name_or_path: str, device: torch.device, gradient_checkpointing: bool = False, trainable: bool = False):
@@ -391,24 +432,180 @@ def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 def token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 1024, entropy: bool = False,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                   temperature: float = 1.0, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Log-probs (B, T-1) in fp32 of input_ids[:, 1:] given the prefix under softmax(logits /
     temperature), and entropies (B, T-1) of that distribution.
 
     The decoder runs once to hidden states; the vocabulary projection is chunked (see
-    logprobs_from_hidden), so the full (T, V) log-softmax never exists.
+    logprobs_from_hidden), so the full (T, V) log-softmax never exists. packed=True runs the same
+    computation on the micro-batch's sequences packed into one row (packed_token_logprobs): equal
+    values on every real target, zeros on padding, no compute spent on pad tokens.
     """
+    if packed:
+        return packed_token_logprobs(model, inputs, chunk_size, entropy, temperature)
     hidden = hidden_states(model, inputs)[:, :-1]
     targets = inputs["input_ids"][:, 1:]
     return logprobs_from_hidden(hidden, model.lm_head.weight, targets, chunk_size, entropy, temperature)
 
 
 def batch_logprobs(model, inputs: dict[str, torch.Tensor], device: torch.device, chunk_size: int = 1024,
-                   entropy: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """token_logprobs of a CPU batch: moved to `device`, run under the precision context. Every
-    training and scoring forward of the stages goes through here."""
+                   entropy: bool = False, temperature: float = 1.0, packed: bool = False):  # fmt: skip
+    """token_logprobs of a CPU batch: moved to `device`, run under the precision context, packed
+    (padding-free) or padded. Every training and scoring forward of the stages goes through here."""
     with autocast(device):
-        return token_logprobs(model, to_device(inputs, device), chunk_size, entropy, temperature)
+        return token_logprobs(model, to_device(inputs, device), chunk_size, entropy, temperature, packed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed (padding-free) sequences
+# ---------------------------------------------------------------------------------------------
+# A right-padded micro-batch (B, T) spends compute on B*T - sum(L_b) pad tokens. Packing puts the
+# B sequences back to back in ONE row of N = sum(L_b) tokens; two things keep each sequence blind
+# to its neighbours, so every real token sees exactly what it saw in the padded batch:
+#   positions restart per sequence: Qwen2.5-VL's 3-D rope positions are computed per sequence by
+#     the model's own get_rope_index (on the padded batch), gathered over the real tokens;
+#   attention stays inside each sequence: transformers reads sequence starts from a fourth,
+#     1-D "text position" row put in front of the three rope rows (position_ids (4, 1, N), no
+#     attention_mask). From its restarts it builds a block-diagonal causal mask for SDPA / eager
+#     (masking_utils.find_packed_sequence_indices) and the cu_seqlens of flash-attention's varlen
+#     kernel (modeling_flash_attention_utils.prepare_fa_kwargs_from_position_ids). That mask is
+#     the readable reference; on CPU the models run VARLEN_SDPA, which reads the same restarts and
+#     attends within each sequence, never forming the (N, N) mask (see sdpa_varlen).
+# The vision tower is untouched: pixel_values / image_grid_thw pass through in the same order,
+# and the image tokens keep their order in the packed row, so image embeddings land where they did.
+
+PACKED_ATTENTION = (VARLEN_SDPA, "sdpa", "eager", "flash_attention_2", "flash_attention_3")  # those with a packed path
+
+
+@dataclass
+class Packed:
+    """A padded micro-batch put into one row, and the way back.
+
+    inputs: model inputs of the packed row: input_ids (1, N), position_ids (4, 1, N) (text
+    positions, then Qwen2.5-VL's temporal / height / width rope positions), mm_token_type_ids
+    (1, N), and pixel_values / image_grid_thw unchanged. valid: (B, T-1) bool, the positions of the
+    padded layout whose target input_ids[:, t+1] is a real token of the same sequence. source: (M,)
+    with M = valid.sum(), the packed position whose hidden state predicts each valid target, in
+    the row-major order of valid; no source is a sequence's last token, so no target crosses into
+    the next sequence.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    valid: torch.Tensor
+    source: torch.Tensor
+
+
+def pack(model, inputs: dict[str, torch.Tensor]) -> Packed:
+    """Packs padded model inputs (B, T) (input_ids, attention_mask, optional mm_token_type_ids,
+    pixel_values, image_grid_thw; each row's real tokens contiguous: right or left padding) into
+    one row of N = attention_mask.sum() tokens; see Packed."""
+    implementation = model.config._attn_implementation
+    if implementation not in PACKED_ATTENTION:
+        raise ValueError(f"packed sequences need one of {PACKED_ATTENTION} attention, the model uses {implementation}")
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()  # (B, T)
+    mm = inputs.get("mm_token_type_ids")
+    mm = torch.zeros_like(ids) if mm is None else mm
+    # (3, B, T) rope positions of each sequence on its own, from the model's own function
+    rope, _ = model.model.get_rope_index(ids, mm, image_grid_thw=inputs.get("image_grid_thw"), attention_mask=real)
+    text = real.long().cumsum(1) - 1  # (B, T): 0, 1, ..., L_b - 1 over each row's real tokens
+    positions = torch.cat([text[None].to(rope.device), rope])[:, real]  # (4, N), sequences back to back
+    packed = {"input_ids": ids[real][None], "position_ids": positions[:, None], "mm_token_type_ids": mm[real][None]}
+    packed.update({k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs})
+    if implementation == VARLEN_SDPA:  # it finds the sequences itself: spare transformers the (N, N) mask
+        packed["attention_mask"] = {"full_attention": None, "sliding_attention": None}  # a prepared mask per layer type
+    valid = real[:, :-1] & real[:, 1:]  # (B, T-1): token t and its target t + 1 both real
+    index = real.flatten().long().cumsum(0).view_as(ids) - 1  # (B, T): packed position of each real token
+    return Packed(packed, valid, index[:, :-1][valid])
+
+
+def unpack(values: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """(B, T-1) padded layout of per-target values (M,) given in the order of packed.valid; zeros
+    where there is no target (padding). Differentiable."""
+    out = values.new_zeros(packed.valid.shape)
+    return out.masked_scatter(packed.valid, values)
+
+
+def packed_token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 1024, entropy: bool = False,
+                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """token_logprobs computed on the packed row: the same (B, T-1) log-probs and entropies (zero
+    on padding), without running the decoder or lm_head on a single pad token."""
+    packed = pack(model, inputs)
+    hidden = hidden_states(model, packed.inputs)[0, packed.source]  # (M, H): positions that predict a real target
+    targets = inputs["input_ids"][:, 1:][packed.valid]  # (M,) in the same order
+    logp, ent = logprobs_from_hidden(
+        hidden[None], model.lm_head.weight, targets[None], chunk_size, entropy, temperature
+    )
+    return unpack(logp[0], packed), unpack(ent[0], packed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batches by token budget, the same count on every rank
+# ---------------------------------------------------------------------------------------------
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """Largest value of an integer over all ranks (the value itself on one process)."""
+    t = torch.tensor(value, dtype=torch.long, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _longest_first(lengths: list[int], order: list[int], k: int, max_seqs: int) -> list[list[int]]:
+    """LPT: each sequence, longest first, into the micro-batch with the fewest tokens (and room)."""
+    bins: list[list[int]] = [[] for _ in range(k)]
+    loads = [0] * k
+    for i in order:
+        open_bins = [j for j in range(k) if not max_seqs or len(bins[j]) < max_seqs]
+        j = min(open_bins, key=lambda j: (loads[j], j))
+        bins[j].append(i)
+        loads[j] += lengths[i]
+    return bins
+
+
+def plan_micro_batches(lengths: list[int], max_tokens: int, max_seqs: int, d: Dist | None = None) -> list[list[int]]:
+    """Groups this rank's sequences (token counts `lengths`) into micro-batches; returns lists of
+    indices, each in increasing order.
+
+    max_tokens > 0: at most max_tokens tokens per micro-batch (a longer sequence goes alone) and at
+    most max_seqs sequences (0 = no cap); max_tokens = 0: max_seqs sequences per micro-batch in
+    order (the fixed-count recipe). Every rank returns the SAME number of micro-batches, because
+    under FSDP2 each forward/backward is a collective: the count is the largest any rank needs
+    (first-fit decreasing on each rank, then an all-reduce max), and each rank spreads its
+    sequences over that many, longest first into the lightest (balanced loads; when that would
+    break the budget, the first-fit micro-batches are split instead). Every rank must hold at
+    least that many sequences (grpo and sft give every rank the same number).
+    """
+    n = len(lengths)
+
+    def tokens(b: list[int]) -> int:
+        return sum(lengths[i] for i in b)
+
+    longest_first = sorted(range(n), key=lambda i: -lengths[i])
+    if max_tokens <= 0:  # fixed count, in order
+        step = max_seqs or n or 1
+        bins = [list(range(s, min(s + step, n))) for s in range(0, n, step)]
+    else:  # first-fit decreasing: the fewest micro-batches this rank's sequences fit in
+        bins = []
+        for i in longest_first:
+            room = [b for b in bins if tokens(b) + lengths[i] <= max_tokens and (not max_seqs or len(b) < max_seqs)]
+            if room:
+                room[0].append(i)
+            else:
+                bins.append([i])
+    k = all_reduce_max(len(bins), d.device) if d is not None and d.enabled else len(bins)
+    if k > n:
+        raise ValueError(f"{n} sequences on this rank cannot fill the {k} micro-batches another rank needs")
+    if max_tokens > 0:  # the same k micro-batches with balanced loads, if that keeps the budget
+        balanced = _longest_first(lengths, longest_first, k, max_seqs)
+        if all(len(b) == 1 or tokens(b) <= max_tokens for b in balanced):
+            bins = balanced
+    while len(bins) < k:  # split the micro-batch with the most tokens among those holding 2 or more
+        part = bins.pop(max((j for j, b in enumerate(bins) if len(b) > 1), key=lambda j: tokens(bins[j])))
+        bins += _longest_first(lengths, sorted(part, key=lambda i: -lengths[i]), 2, 0)
+    bins = [sorted(b) for b in bins]
+    # budgeted: heaviest first on every rank, so the i-th micro-batches of the ranks are alike in cost
+    return sorted(bins, key=lambda b: -tokens(b)) if max_tokens > 0 else bins
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,50 +866,102 @@ def sft_batch(processor, rows: list[dict], min_pixels: int, max_pixels: int, max
     return inputs
 
 
+def collate(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded (B, T) batch from right-padded batches (b_i, T_i) of model inputs (+ labels):
+    rows stacked in order, T = max T_i, images (pixel_values, image_grid_thw) concatenated in order."""
+    width = max(p["input_ids"].shape[1] for p in parts)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "mm_token_type_ids": 0, "labels": IGNORE_INDEX}
+    out = {}
+    for key, value in fill.items():
+        if any(key in p for p in parts):
+            rows = [p.get(key, torch.full_like(p["input_ids"], value)) for p in parts]
+            out[key] = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=value) for r in rows])
+    for key in ("pixel_values", "image_grid_thw"):
+        if any(key in p for p in parts):
+            out[key] = torch.cat([p[key] for p in parts if key in p])
+    return out
+
+
+def sft_micro_batches(processor, rows: list[dict], min_pixels: int, max_pixels: int, max_length: int, max_tokens: int,
+                      max_seqs: int, d: Dist | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    """This rank's SFT rows as micro-batches (sft_batch inputs + labels) planned by token budget
+    (plan_micro_batches; the same count on every rank). Each row is processed once, on its own."""
+    single = [sft_batch(processor, [r], min_pixels, max_pixels, max_length) for r in rows]
+    lengths = [int(s["attention_mask"].sum()) for s in single]
+    pad_id = processor.tokenizer.pad_token_id
+    return [collate([single[i] for i in idx], pad_id) for idx in plan_micro_batches(lengths, max_tokens, max_seqs, d)]
+
+
+def encode_prompts(processor, rows: list[dict], min_pixels: int, max_pixels: int,
+                   fmt: PromptFormat = PromptFormat()) -> dict[int, dict]:  # fmt: skip
+    """Each distinct prompt (row object) through the processor once (chat template, image resize
+    and patching): id(row) -> {"ids": prompt token ids, "pixel_values": (P, D) patches of its
+    images or None, "image_grid_thw": (k, 3) or None}."""
+    distinct = list({id(r): r for r in rows}.values())
+    encoded = processor_inputs(processor, prompt_texts(processor, distinct, fmt),
+                               [row_images(r, min_pixels, max_pixels) for r in distinct])  # fmt: skip
+    # pixel_values holds all images' patches back to back, image_grid_thw one row per image
+    grids = encoded.get("image_grid_thw", torch.zeros((0, 3), dtype=torch.long))
+    patch_ends = [0] + grids.prod(-1).cumsum(0).tolist()
+    image_ends = [0] + torch.tensor([len(r.get("images") or []) for r in distinct]).cumsum(0).tolist()
+    out = {}
+    for p, r in enumerate(distinct):
+        first, last = image_ends[p], image_ends[p + 1]
+        ids = encoded["input_ids"][p][encoded["attention_mask"][p].bool()].tolist()
+        has = last > first
+        out[id(r)] = {"ids": ids, "pixel_values": encoded["pixel_values"][patch_ends[first] : patch_ends[last]]
+                      if has else None, "image_grid_thw": grids[first:last] if has else None}  # fmt: skip
+    return out
+
+
 def rl_batch(processor, rows: list[dict], responses: list[list[int]], min_pixels: int, max_pixels: int,
-             fmt: PromptFormat = PromptFormat()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+             fmt: PromptFormat = PromptFormat(), prompts: dict[int, dict] | None = None,
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
     """Model inputs for prompt + sampled response sequences, and the response-token mask.
 
     rows[i] is the prompt of responses[i] (token ids); the n responses of one prompt share the row
     object, and each distinct prompt goes through the processor (chat template, image resize and
-    patching) once. Returns right-padded (B, T) inputs with the rows' pixel_values /
-    image_grid_thw / mm_token_type_ids, and a (B, T-1) float mask that is 1 where the TARGET token
-    input_ids[:, 1:] is a response token (aligned with token_logprobs).
+    patching) once (or not at all when `prompts`, from encode_prompts, already holds it). Returns
+    right-padded (B, T) inputs with the rows' pixel_values / image_grid_thw / mm_token_type_ids,
+    and a (B, T-1) float mask that is 1 where the TARGET token input_ids[:, 1:] is a response
+    token (aligned with token_logprobs).
     """
-    unique: dict[int, int] = {}  # id(row) -> index among the distinct prompts
-    for r in rows:
-        unique.setdefault(id(r), len(unique))
-    distinct = list({id(r): r for r in rows}.values())
-    encoded = processor_inputs(processor, prompt_texts(processor, distinct, fmt),
-                               [row_images(r, min_pixels, max_pixels) for r in distinct])  # fmt: skip
-    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
-    # the image patches of each distinct prompt: pixel_values holds all images' patches back to back
-    grids = encoded.get("image_grid_thw", torch.zeros((0, 3), dtype=torch.long))
-    patch_ends = grids.prod(-1).cumsum(0).tolist()
-    image_ends = torch.tensor([len(r.get("images") or []) for r in distinct]).cumsum(0).tolist()
-    image_slices = [(0 if p == 0 else image_ends[p - 1], image_ends[p]) for p in range(len(distinct))]
-
-    which = [unique[id(r)] for r in rows]
-    length = max(len(prompts[p]) + len(resp) for p, resp in zip(which, responses))
+    prompts = prompts if prompts is not None else encode_prompts(processor, rows, min_pixels, max_pixels, fmt)
+    length = max(len(prompts[id(r)]["ids"]) + len(resp) for r, resp in zip(rows, responses))
     input_ids = torch.full((len(rows), length), processor.tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     response_mask = torch.zeros((len(rows), length), dtype=torch.float32)
     pixel_parts, grid_parts = [], []
-    for b, (p, resp) in enumerate(zip(which, responses)):
-        prompt = prompts[p]
-        input_ids[b, : len(prompt) + len(resp)] = torch.tensor(prompt + list(resp), dtype=torch.long)
-        attention_mask[b, : len(prompt) + len(resp)] = 1
-        response_mask[b, len(prompt) : len(prompt) + len(resp)] = 1
-        first, last = image_slices[p]
-        if last > first:
-            start = 0 if first == 0 else patch_ends[first - 1]
-            pixel_parts.append(encoded["pixel_values"][start : patch_ends[last - 1]])
-            grid_parts.append(grids[first:last])
+    for b, (r, resp) in enumerate(zip(rows, responses)):
+        prompt = prompts[id(r)]
+        n = len(prompt["ids"])
+        input_ids[b, : n + len(resp)] = torch.tensor(prompt["ids"] + list(resp), dtype=torch.long)
+        attention_mask[b, : n + len(resp)] = 1
+        response_mask[b, n : n + len(resp)] = 1
+        if prompt["pixel_values"] is not None:
+            pixel_parts.append(prompt["pixel_values"])
+            grid_parts.append(prompt["image_grid_thw"])
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     inputs["mm_token_type_ids"] = (input_ids == processor.image_token_id).long()  # 1 = image token
     if pixel_parts:
         inputs["pixel_values"], inputs["image_grid_thw"] = torch.cat(pixel_parts), torch.cat(grid_parts)
     return inputs, response_mask[:, 1:]
+
+
+def rl_micro_batches(processor, rows: list[dict], responses: list[list[int]], min_pixels: int, max_pixels: int,
+                     fmt: PromptFormat, max_tokens: int, max_seqs: int, d: Dist | None = None,
+                     ) -> list[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:  # fmt: skip
+    """This rank's sequences (rows[i] + responses[i]) as micro-batches planned by token budget
+    (plan_micro_batches; the same count on every rank): a list of (indices into rows, right-padded
+    inputs, (B, T-1) response mask) as rl_batch builds them. Each prompt is processed once."""
+    prompts = encode_prompts(processor, rows, min_pixels, max_pixels, fmt)
+    lengths = [len(prompts[id(r)]["ids"]) + len(resp) for r, resp in zip(rows, responses)]
+    out = []
+    for idx in plan_micro_batches(lengths, max_tokens, max_seqs, d):
+        inputs, mask = rl_batch(processor, [rows[i] for i in idx], [responses[i] for i in idx], min_pixels,
+                                max_pixels, fmt, prompts)  # fmt: skip
+        out.append((idx, inputs, mask))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,7 +86,17 @@ class GRPOConfig:
     weight_decay: float = field(0.01, "AdamW weight decay")
     max_grad_norm: float = field(1.0, "gradient clipping norm")
     updates_per_batch: int = field(2, "optimizer steps per rollout batch (> 1 recomputes old log-probs; paper: 1)")
-    micro_batch_size: int = field(32, "sequences per forward/backward on one rank")
+    micro_batch_size: int = field(
+        32, "sequences per forward/backward on one rank: the count with --max-tokens-per-micro-batch 0, else a cap"
+    )
+    max_tokens_per_micro_batch: int = field(
+        4096, "tokens per forward/backward on one rank (0 = fixed --micro-batch-size sequences)"
+    )
+    pack: bool = field(
+        True,
+        "padding-free log-prob passes: each micro-batch's sequences packed into one row "
+        "(--no-pack: right-padded, for comparison)",
+    )
     logprob_chunk: int = field(1024, "positions per lm_head chunk in the log-prob pass")
     gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
     # --- reward ---
@@ -133,6 +143,7 @@ PRESETS = {
         max_prompt_length=2048,
         max_response_length=4096,
         micro_batch_size=8,
+        max_tokens_per_micro_batch=16384,
         updates_per_batch=1,
         lr=1e-6,
         weight_decay=0.01,
@@ -224,7 +235,9 @@ def policy_loss_backward(model, batches: list[dict], cfg: GRPOConfig, d: common.
     sums = {"loss": 0.0, "pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
     for b in batches:
         mask = b["response_mask"].to(d.device)  # (B, T-1), 1 on response tokens
-        logp, entropy = common.batch_logprobs(model, b["inputs"], d.device, cfg.logprob_chunk, True, cfg.temperature)
+        logp, entropy = common.batch_logprobs(
+            model, b["inputs"], d.device, cfg.logprob_chunk, True, cfg.temperature, cfg.pack
+        )
         old_logp = b["old_logp"].to(d.device) if "old_logp" in b else logp.detach()  # (B, T-1); see the docstring
         adv = b["advantages"].to(d.device)[:, None]  # (B, 1): one advantage per response, every token
         pg, clipped = clipped_surrogate(logp, old_logp, adv, cfg.clip_low, cfg.clip_high)  # (B, T-1) each
@@ -240,12 +253,13 @@ def policy_loss_backward(model, batches: list[dict], cfg: GRPOConfig, d: common.
 def frozen_token_logprobs(model, batches: list[dict], cfg: GRPOConfig, d: common.Dist) -> list[torch.Tensor]:
     """Per-token log-probs (B, T-1) of each micro-batch at the rollout temperature, without
     gradient, on the CPU: those of the reference model, or of the old policy."""
-    return [
-        common.batch_logprobs(model, b["inputs"], d.device, cfg.logprob_chunk, temperature=cfg.temperature)[0]
-        .float()
-        .cpu()
-        for b in batches
-    ]
+    out = []
+    for b in batches:
+        logp, _ = common.batch_logprobs(
+            model, b["inputs"], d.device, cfg.logprob_chunk, False, cfg.temperature, cfg.pack
+        )
+        out.append(logp.float().cpu())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,17 +293,24 @@ def micro_batches(
     advantages: torch.Tensor,
     cfg: GRPOConfig,
     fmt: common.PromptFormat,
+    d: common.Dist,
 ) -> list[dict]:
-    """Prompt + response sequences of `micro_batch_size` rollouts each: model inputs, the (B, T-1)
-    response-token mask and the (B,) advantages."""
-    batches = []
-    for s in range(0, len(outs), cfg.micro_batch_size):
-        part = outs[s : s + cfg.micro_batch_size]
-        inputs, mask = common.rl_batch(
-            processor, [rows[o.row] for o in part], [o.token_ids for o in part], cfg.min_pixels, cfg.max_pixels, fmt
-        )
-        batches.append({"inputs": inputs, "response_mask": mask, "advantages": advantages[s : s + len(part)]})
-    return batches
+    """Prompt + response sequences grouped by token budget, as many micro-batches on every rank
+    (FSDP2's forwards are collectives): model inputs, the (B, T-1) response-token mask and the
+    (B,) advantages of each."""
+    prompt_rows, responses = [rows[o.row] for o in outs], [o.token_ids for o in outs]
+    planned = common.rl_micro_batches(
+        processor,
+        prompt_rows,
+        responses,
+        cfg.min_pixels,
+        cfg.max_pixels,
+        fmt,
+        cfg.max_tokens_per_micro_batch,
+        cfg.micro_batch_size,
+        d,
+    )
+    return [{"inputs": inputs, "response_mask": mask, "advantages": advantages[idx]} for idx, inputs, mask in planned]
 
 
 def update_policy(model, ref_model, optimizer, batches: list[dict], cfg: GRPOConfig, d: common.Dist):
@@ -626,7 +647,7 @@ def main() -> None:
         advantages, zero_var = group_advantages(
             torch.tensor([r["overall"] for r in rewards]), cfg.group_size, cfg.adv_eps
         )
-        batches = micro_batches(processor, outs, batch_rows, advantages, cfg, fmt)
+        batches = micro_batches(processor, outs, batch_rows, advantages, cfg, fmt, d)
         stats, grad_norm = update_policy(model, ref_model, optimizer, batches, cfg, d)
         t_update, t0, done = time.time() - t0, time.time(), step + 1
 

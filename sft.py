@@ -41,7 +41,16 @@ class SFTConfig:
     epochs: float = field(1.0, "passes over the training rows (ignored when --max-steps > 0)")
     max_steps: int = field(300, "optimizer steps; 0 = derived from --epochs")
     batch_size: int = field(32, "effective global batch (rows per optimizer step, all ranks)")
-    micro_batch_size: int = field(16, "rows per forward/backward on one rank")
+    micro_batch_size: int = field(
+        16, "rows per forward/backward on one rank: the count with --max-tokens-per-micro-batch 0, else a cap"
+    )
+    max_tokens_per_micro_batch: int = field(
+        4096, "tokens per forward/backward on one rank (0 = fixed --micro-batch-size rows)"
+    )
+    pack: bool = field(
+        True,
+        "padding-free forward: each micro-batch's rows packed into one row (--no-pack: right-padded, for comparison)",
+    )
     lr: float = field(2e-3, "peak AdamW learning rate")
     warmup_ratio: float = field(0.1, "share of steps with linear warm-up, then cosine decay to 0")
     weight_decay: float = field(0.0, "AdamW weight decay")
@@ -74,7 +83,8 @@ PRESETS = {
         weight_decay=0.0,
         max_grad_norm=1.0,
         batch_size=32,
-        micro_batch_size=1,
+        micro_batch_size=4,  # a cap: each of 8 ranks holds 4 rows of a step, packed up to 16384 tokens a pass
+        max_tokens_per_micro_batch=16384,  # = the cut-off: the longest row still fits a pass by itself
         max_length=16384,
         gradient_checkpointing=True,
         min_pixels=7056,
@@ -108,7 +118,7 @@ def global_batch(step: int, n_rows: int, batch_size: int, seed: int) -> list[int
     return out
 
 
-def sft_loss(model, batches: list[dict], d: common.Dist, chunk: int) -> float:
+def sft_loss(model, batches: list[dict], d: common.Dist, chunk: int, packed: bool = False) -> float:
     """Forward + backward over this rank's micro-batches; loss = token mean over the global batch.
 
     Each micro-batch's summed NLL is divided by the assistant-token count of the whole global batch
@@ -119,7 +129,7 @@ def sft_loss(model, batches: list[dict], d: common.Dist, chunk: int) -> float:
     total_tokens = max(1.0, common.all_reduce_sum(n_tokens, d.device).item())
     loss_sum = 0.0
     for b in batches:
-        logp, _ = common.batch_logprobs(model, b, d.device, chunk)  # (B, T-1)
+        logp, _ = common.batch_logprobs(model, b, d.device, chunk, packed=packed)  # (B, T-1)
         mask = b["labels"][:, 1:].to(d.device) != common.IGNORE_INDEX
         nll = -(logp * mask).sum()  # summed over this micro-batch's assistant tokens
         (nll / total_tokens).backward()
@@ -137,7 +147,7 @@ def val_loss(model, processor, rows: list[dict], cfg: SFTConfig, d: common.Dist)
         b = common.sft_batch(
             processor, mine[s : s + cfg.micro_batch_size], cfg.min_pixels, cfg.max_pixels, cfg.max_length
         )
-        logp, _ = common.batch_logprobs(model, b, d.device, cfg.logprob_chunk)
+        logp, _ = common.batch_logprobs(model, b, d.device, cfg.logprob_chunk, packed=cfg.pack)
         mask = (b["labels"][:, 1:].to(d.device) != common.IGNORE_INDEX).float()
         mask[max(0, n_real - s) :] = 0  # padding rows do not count
         nll += -(logp * mask).sum().item()
@@ -192,10 +202,9 @@ def main() -> None:
     acc_rows = []
     if cfg.acc_data and cfg.acc_limit >= 0:
         acc_rows = common.load_rows(cfg.acc_data, "rl", "val", cfg.skip_bad_rows, cfg.acc_limit, **pixels)
-    per_step = cfg.micro_batch_size * d.world_size
+    per_step = (1 if cfg.max_tokens_per_micro_batch else cfg.micro_batch_size) * d.world_size
     if cfg.batch_size % per_step:
-        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of micro-batch x ranks = {per_step}")
-    accum = cfg.batch_size // per_step
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of {per_step} (micro-batch x ranks)")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_rows) / cfg.batch_size)
 
     # --- model, optimizer, schedule ---
@@ -224,8 +233,11 @@ def main() -> None:
     if d.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        print(f"[sft] {len(train_rows)} rows, {total_steps} steps, batch {cfg.batch_size} = "
-              f"{cfg.micro_batch_size} x {accum} accum x {d.world_size} ranks")  # fmt: skip
+        budget = f"{cfg.max_tokens_per_micro_batch} tokens" if cfg.max_tokens_per_micro_batch else "fixed count"
+        print(
+            f"[sft] {len(train_rows)} rows, {total_steps} steps, batch {cfg.batch_size} over {d.world_size} "
+            f"ranks, micro-batches of <= {cfg.micro_batch_size} rows ({budget}), packed={cfg.pack}"
+        )
 
     def save(folder: Path, step: int) -> None:
         common.save_training_checkpoint(
@@ -238,12 +250,17 @@ def main() -> None:
     for step in bar:
         t0 = time.time()
         batch, _ = common.shard(global_batch(step, len(train_rows), cfg.batch_size, cfg.seed), d)  # this rank's part
-        micro = [
-            common.sft_batch(processor, [train_rows[i] for i in batch[s : s + cfg.micro_batch_size]],
-                             cfg.min_pixels, cfg.max_pixels, cfg.max_length)
-            for s in range(0, len(batch), cfg.micro_batch_size)
-        ]  # fmt: skip
-        loss = sft_loss(model, micro, d, cfg.logprob_chunk)
+        micro = common.sft_micro_batches(
+            processor,
+            [train_rows[i] for i in batch],
+            cfg.min_pixels,
+            cfg.max_pixels,
+            cfg.max_length,
+            cfg.max_tokens_per_micro_batch,
+            cfg.micro_batch_size,
+            d,
+        )
+        loss = sft_loss(model, micro, d, cfg.logprob_chunk, cfg.pack)
         lr = scheduler.get_last_lr()[0]
         grad_norm = common.clip_and_step(params, optimizer, cfg.max_grad_norm)
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}

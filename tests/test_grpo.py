@@ -222,3 +222,43 @@ def test_grpo_stop_and_resume_equals_uninterrupted(toy_dir, tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
     for key in ("reward/overall", "rollout/response_len", "train/loss"):
         assert [r[key] for r in a[1:]] == pytest.approx([r[key] for r in b[1:]], abs=1e-6), key
+
+
+def test_policy_loss_packed_by_token_budget_equals_padded(toy_model):
+    """policy_loss_backward over packed micro-batches planned by token budget (rl_micro_batches) gives the
+    statistics and gradient of right-padded fixed-count micro-batches: the loss is the token mean
+    over the whole batch however its sequences are grouped (fp32; tolerance as in test_packing)."""
+    model, processor = toy_model
+    from data import toy
+
+    rows = [{"problem": "<image>How many red squares are there?", "images": [toy.draw_grid(["red"] * 4)]},
+            {"problem": "Text only."},
+            {"problem": "<image><image>Same?", "images": [toy.draw_grid(["red"] * 4), toy.draw_grid(["blue"] * 4)]}]  # fmt: skip
+    words = processor.tokenizer.encode("four red squares so the answer is", add_special_tokens=False)
+    which = [0, 0, 1, 1, 2, 2]
+    responses = [(words * 20)[:n] for n in (90, 3, 40, 1, 120, 7)]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    ref_shift = torch.linspace(-0.3, 0.3, 200)  # a reference log-prob that differs from the policy's
+    d = common.Dist(0, 1, 0, torch.device("cpu"))
+    results = {}
+    for pack in (False, True):
+        cfg = grpo.GRPOConfig(pack=pack, kl_coef=0.1, max_tokens_per_micro_batch=150 if pack else 0, micro_batch_size=4)
+        batches = []
+        for idx, inputs, mask in common.rl_micro_batches(processor, [rows[i] for i in which], responses, 3136, 50176,
+                                                         common.PromptFormat(), cfg.max_tokens_per_micro_batch,
+                                                         cfg.micro_batch_size, d):  # fmt: skip
+            batches.append({"inputs": inputs, "response_mask": mask, "advantages": adv[idx]})
+        if not pack:
+            assert [len(b["advantages"]) for b in batches] == [4, 2]  # fixed count, in order
+        for b, ref in zip(batches, grpo.frozen_token_logprobs(model, batches, cfg, d)):
+            b["ref_logp"] = ref + ref_shift[: ref.shape[1]]
+        model.zero_grad()
+        stats = grpo.policy_loss_backward(model, batches, cfg, d)
+        grad = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None])
+        model.zero_grad()
+        results[pack] = (stats, grad, len(batches))
+    assert results[True][2] != results[False][2]  # grouped differently
+    for key in ("loss", "pg", "kl", "entropy"):
+        assert results[True][0][key] == pytest.approx(results[False][0][key], abs=1e-5), key
+    scale = results[False][1].abs().max()
+    assert torch.allclose(results[True][1], results[False][1], atol=1e-5 * scale, rtol=0)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -15,6 +16,10 @@ def toy_args(toy_dir, out, steps, *extra):
             "--val-data", f"{data / 'sft'}@val", "--acc-data", f"{data / 'rl'}@val", "--output-dir", str(out),
             "--max-steps", str(steps), "--batch-size", "8", "--micro-batch-size", "4", "--acc-limit", "8",
             "--acc-max-new-tokens", "8", "--val-limit", "8", "--eval-every", "2", *extra]  # fmt: skip
+
+
+LR, STEPS = 2e-3, 3  # the toy SFT learning rate
+SFT_ATOL = STEPS * LR * 1e-2  # see test_packed_sft_equals_padded
 
 
 def weights(folder):
@@ -58,9 +63,11 @@ def test_freeze_vision_keeps_the_vision_tower(toy_dir, tmp_path):
     assert any(not torch.equal(init[n], final[n]) for n in init if n not in vision)
 
 
-def test_torchrun_two_ranks_matches_one_process(toy_dir, tmp_path):
+@pytest.mark.parametrize("budget", [[], ["--max-tokens-per-micro-batch", "160"]])
+def test_torchrun_two_ranks_matches_one_process(toy_dir, tmp_path, budget):
     """Two ranks compute the one-process step: same loss, same gradient (norm), and weights within
-    what AdamW's first step allows.
+    what AdamW's first step allows; packed by default, and with a 160-token budget (rows of 65-92
+    tokens) under which each rank plans its own micro-batches and all agree on the largest count.
 
     What is exactly comparable is the first step's loss and gradient: both runs start from the same
     weights, and only the summation order differs (fp32, a few thousand terms: relative error
@@ -69,9 +76,9 @@ def test_torchrun_two_ranks_matches_one_process(toy_dir, tmp_path):
     -lr in the other. Every element moves by at most lr (weight decay 0), so they differ by <= 2 lr.
     """
     lr = 2e-3
-    run_script(toy_args(toy_dir, tmp_path / "one", 1, "--acc-limit", "-1", "--lr", str(lr), "--warmup-ratio", "0"))
-    run_script(toy_args(toy_dir, tmp_path / "two", 1, "--acc-limit", "-1", "--lr", str(lr), "--warmup-ratio", "0"),
-               torchrun=2)  # fmt: skip
+    args = ["--acc-limit", "-1", "--lr", str(lr), "--warmup-ratio", "0", *budget]
+    run_script(toy_args(toy_dir, tmp_path / "one", 1, *args))
+    run_script(toy_args(toy_dir, tmp_path / "two", 1, *args), torchrun=2)
     (a,), (b,) = ([json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
                    if "train/loss" in x] for run in ("one", "two"))  # fmt: skip
     assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5 * a["train/loss"]
@@ -111,3 +118,57 @@ def test_paper_preset_is_table_5():
     expected = dict(epochs=3.0, max_steps=0, lr=1e-5, warmup_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0,
                     batch_size=32, max_length=16384, min_pixels=7056, max_pixels=1048576)  # fmt: skip
     assert {k: getattr(cfg, k) for k in expected} == expected
+
+
+def train_toy_steps(toy_dir, packed: bool) -> tuple[dict, dict]:
+    """(initial, final) state dicts of STEPS AdamW steps of sft_loss on 8 toy rows each: packed
+    micro-batches by a 200-token budget, or right-padded ones of 4 rows (grouped differently)."""
+    import common
+
+    d = common.Dist(0, 1, 0, torch.device("cpu"))
+    rows = common.load_rows(f"{toy_dir / 'data' / 'sft'}@train", "sft")[: 8 * STEPS]
+    processor = common.load_processor(str(toy_dir / "model"))
+    model = common.load_model(str(toy_dir / "model"), d.device, trainable=True)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    for step in range(STEPS):
+        batch = rows[step * 8 : (step + 1) * 8]
+        micro = common.sft_micro_batches(processor, batch, 3136, 50176, 0, 200 if packed else 0, 4, d)
+        sft.sft_loss(model, micro, d, chunk=64, packed=packed)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return init, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_packed_sft_equals_padded(toy_dir, monkeypatch):
+    """SFT on the toy, packed vs padded: the same weights after a few steps, within fp32 noise.
+
+    Tolerance: AdamW moves a weight by lr * m_hat / (sqrt(v_hat) + eps) per step, a function of the
+    RATIOS of its gradients over steps, so a relative gradient error r moves it by about lr * r
+    per step. Packed and padded gradients agree to 1e-5 of the largest entry (test_packing), but
+    Adam's normalisation divides each entry by its own size, so entries whose gradient is within
+    a few hundred ulps of zero get r up to ~1e-2. Hence SFT_ATOL = STEPS * lr * 1e-2 = 6e-5.
+    A real leak (attention across packed sequences) is checked to land well above it.
+    """
+    import common
+
+    init, padded = train_toy_steps(toy_dir, packed=False)
+    _, packed = train_toy_steps(toy_dir, packed=True)
+    assert max_diff(padded, init) > 0.5 * LR  # the steps did move the weights
+    assert max_diff(packed, padded) <= SFT_ATOL
+    # the same run with the sequences of each packed row attending to each other (positions not restarting)
+    real_pack = common.pack
+
+    def leaky_pack(model, inputs):
+        out = real_pack(model, inputs)
+        out.inputs["position_ids"][0] = torch.arange(out.inputs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(common, "pack", leaky_pack)
+    _, leaky = train_toy_steps(toy_dir, packed=True)
+    assert max_diff(leaky, padded) > 10 * SFT_ATOL
