@@ -394,8 +394,9 @@ def hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return caught["h"]
 
 
-def _chunk_logprobs(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, entropy: bool,
-                    temperature: float):  # fmt: skip
+def _chunk_logprobs(
+    weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, entropy: bool, temperature: float
+):
     logits = torch.nn.functional.linear(hidden, weight).float() / temperature  # (B, C, V), C positions at a time
     lse = logits.logsumexp(-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
@@ -405,8 +406,14 @@ def _chunk_logprobs(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.T
     return logp, ent
 
 
-def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
-                         entropy: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def logprobs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    entropy: bool = False,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (B, T) in fp32 of `targets` (B, T) under softmax(hidden (B, T, H) @ weight.T (V, H) / temperature).
 
     temperature: that of the sampler (GRPO's rollouts sample from softmax(logits / T), so the ratio,
@@ -431,8 +438,14 @@ def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return torch.cat(logps, 1), torch.cat(ents, 1)
 
 
-def token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 1024, entropy: bool = False,
-                   temperature: float = 1.0, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def token_logprobs(
+    model,
+    inputs: dict[str, torch.Tensor],
+    chunk_size: int = 1024,
+    entropy: bool = False,
+    temperature: float = 1.0,
+    packed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (B, T-1) in fp32 of input_ids[:, 1:] given the prefix under softmax(logits /
     temperature), and entropies (B, T-1) of that distribution.
 
@@ -448,8 +461,15 @@ def token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 102
     return logprobs_from_hidden(hidden, model.lm_head.weight, targets, chunk_size, entropy, temperature)
 
 
-def batch_logprobs(model, inputs: dict[str, torch.Tensor], device: torch.device, chunk_size: int = 1024,
-                   entropy: bool = False, temperature: float = 1.0, packed: bool = False):  # fmt: skip
+def batch_logprobs(
+    model,
+    inputs: dict[str, torch.Tensor],
+    device: torch.device,
+    chunk_size: int = 1024,
+    entropy: bool = False,
+    temperature: float = 1.0,
+    packed: bool = False,
+):
     """token_logprobs of a CPU batch: moved to `device`, run under the precision context, packed
     (padding-free) or padded. Every training and scoring forward of the stages goes through here."""
     with autocast(device):
@@ -525,8 +545,9 @@ def unpack(values: torch.Tensor, packed: Packed) -> torch.Tensor:
     return out.masked_scatter(packed.valid, values)
 
 
-def packed_token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 1024, entropy: bool = False,
-                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def packed_token_logprobs(
+    model, inputs: dict[str, torch.Tensor], chunk_size: int = 1024, entropy: bool = False, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """token_logprobs computed on the packed row: the same (B, T-1) log-probs and entropies (zero
     on padding), without running the decoder or lm_head on a single pad token."""
     packed = pack(model, inputs)
@@ -882,8 +903,16 @@ def collate(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
     return out
 
 
-def sft_micro_batches(processor, rows: list[dict], min_pixels: int, max_pixels: int, max_length: int, max_tokens: int,
-                      max_seqs: int, d: Dist | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+def sft_micro_batches(
+    processor,
+    rows: list[dict],
+    min_pixels: int,
+    max_pixels: int,
+    max_length: int,
+    max_tokens: int,
+    max_seqs: int,
+    d: Dist | None = None,
+) -> list[dict[str, torch.Tensor]]:
     """This rank's SFT rows as micro-batches (sft_batch inputs + labels) planned by token budget
     (plan_micro_batches; the same count on every rank). Each row is processed once, on its own."""
     single = [sft_batch(processor, [r], min_pixels, max_pixels, max_length) for r in rows]
@@ -892,14 +921,16 @@ def sft_micro_batches(processor, rows: list[dict], min_pixels: int, max_pixels: 
     return [collate([single[i] for i in idx], pad_id) for idx in plan_micro_batches(lengths, max_tokens, max_seqs, d)]
 
 
-def encode_prompts(processor, rows: list[dict], min_pixels: int, max_pixels: int,
-                   fmt: PromptFormat = PromptFormat()) -> dict[int, dict]:  # fmt: skip
+def encode_prompts(
+    processor, rows: list[dict], min_pixels: int, max_pixels: int, fmt: PromptFormat = PromptFormat()
+) -> dict[int, dict]:
     """Each distinct prompt (row object) through the processor once (chat template, image resize
     and patching): id(row) -> {"ids": prompt token ids, "pixel_values": (P, D) patches of its
     images or None, "image_grid_thw": (k, 3) or None}."""
     distinct = list({id(r): r for r in rows}.values())
-    encoded = processor_inputs(processor, prompt_texts(processor, distinct, fmt),
-                               [row_images(r, min_pixels, max_pixels) for r in distinct])  # fmt: skip
+    encoded = processor_inputs(
+        processor, prompt_texts(processor, distinct, fmt), [row_images(r, min_pixels, max_pixels) for r in distinct]
+    )
     # pixel_values holds all images' patches back to back, image_grid_thw one row per image
     grids = encoded.get("image_grid_thw", torch.zeros((0, 3), dtype=torch.long))
     patch_ends = [0] + grids.prod(-1).cumsum(0).tolist()
@@ -909,14 +940,23 @@ def encode_prompts(processor, rows: list[dict], min_pixels: int, max_pixels: int
         first, last = image_ends[p], image_ends[p + 1]
         ids = encoded["input_ids"][p][encoded["attention_mask"][p].bool()].tolist()
         has = last > first
-        out[id(r)] = {"ids": ids, "pixel_values": encoded["pixel_values"][patch_ends[first] : patch_ends[last]]
-                      if has else None, "image_grid_thw": grids[first:last] if has else None}  # fmt: skip
+        out[id(r)] = {
+            "ids": ids,
+            "pixel_values": encoded["pixel_values"][patch_ends[first] : patch_ends[last]] if has else None,
+            "image_grid_thw": grids[first:last] if has else None,
+        }
     return out
 
 
-def rl_batch(processor, rows: list[dict], responses: list[list[int]], min_pixels: int, max_pixels: int,
-             fmt: PromptFormat = PromptFormat(), prompts: dict[int, dict] | None = None,
-             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+def rl_batch(
+    processor,
+    rows: list[dict],
+    responses: list[list[int]],
+    min_pixels: int,
+    max_pixels: int,
+    fmt: PromptFormat = PromptFormat(),
+    prompts: dict[int, dict] | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Model inputs for prompt + sampled response sequences, and the response-token mask.
 
     rows[i] is the prompt of responses[i] (token ids); the n responses of one prompt share the row
@@ -948,9 +988,17 @@ def rl_batch(processor, rows: list[dict], responses: list[list[int]], min_pixels
     return inputs, response_mask[:, 1:]
 
 
-def rl_micro_batches(processor, rows: list[dict], responses: list[list[int]], min_pixels: int, max_pixels: int,
-                     fmt: PromptFormat, max_tokens: int, max_seqs: int, d: Dist | None = None,
-                     ) -> list[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:  # fmt: skip
+def rl_micro_batches(
+    processor,
+    rows: list[dict],
+    responses: list[list[int]],
+    min_pixels: int,
+    max_pixels: int,
+    fmt: PromptFormat,
+    max_tokens: int,
+    max_seqs: int,
+    d: Dist | None = None,
+) -> list[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:
     """This rank's sequences (rows[i] + responses[i]) as micro-batches planned by token budget
     (plan_micro_batches; the same count on every rank): a list of (indices into rows, right-padded
     inputs, (B, T-1) response mask) as rl_batch builds them. Each prompt is processed once."""
@@ -958,8 +1006,9 @@ def rl_micro_batches(processor, rows: list[dict], responses: list[list[int]], mi
     lengths = [len(prompts[id(r)]["ids"]) + len(resp) for r, resp in zip(rows, responses)]
     out = []
     for idx in plan_micro_batches(lengths, max_tokens, max_seqs, d):
-        inputs, mask = rl_batch(processor, [rows[i] for i in idx], [responses[i] for i in idx], min_pixels,
-                                max_pixels, fmt, prompts)  # fmt: skip
+        inputs, mask = rl_batch(
+            processor, [rows[i] for i in idx], [responses[i] for i in idx], min_pixels, max_pixels, fmt, prompts
+        )
         out.append((idx, inputs, mask))
     return out
 
@@ -969,8 +1018,15 @@ def rl_micro_batches(processor, rows: list[dict], responses: list[list[int]], mi
 # ---------------------------------------------------------------------------------------------
 
 
-def load_rows(spec: str, kind: str, split: str = "train", skip_bad_rows: bool = False, limit: int = 0,
-              min_pixels: int = 3136, max_pixels: int = 1048576) -> list[dict]:  # fmt: skip
+def load_rows(
+    spec: str,
+    kind: str,
+    split: str = "train",
+    skip_bad_rows: bool = False,
+    limit: int = 0,
+    min_pixels: int = 3136,
+    max_pixels: int = 1048576,
+) -> list[dict]:
     """Rows of a data set, checked and normalised by check_row; `kind` is 'rl' or 'sft'.
 
     `spec`: a local .parquet/.jsonl/.json file, a local folder (its `<split>.*` file, or all data
@@ -1102,8 +1158,15 @@ class MetricLogger:
     those a killed run wrote after its last checkpoint, so every step appears once.
     """
 
-    def __init__(self, out_dir: str | Path, config: Any, enabled: bool, report_to: str = "", project: str = "mmr1",
-                 resume_from: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        out_dir: str | Path,
+        config: Any,
+        enabled: bool,
+        report_to: str = "",
+        project: str = "mmr1",
+        resume_from: int | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.wandb = self.tb = None
@@ -1181,8 +1244,9 @@ def save_checkpoint(model, processor, out_dir: str | Path, d: Dist, trainer_stat
         dist.barrier()
 
 
-def save_training_checkpoint(model, processor, optimizer, folder: str | Path, d: Dist, step: int, config: Any,
-                             **extra: Any) -> None:  # fmt: skip
+def save_training_checkpoint(
+    model, processor, optimizer, folder: str | Path, d: Dist, step: int, config: Any, **extra: Any
+) -> None:
     """save_checkpoint with a trainer_state.pt holding the step, the full optimizer state, every
     rank's RNG states, the config and any script-specific `extra` (scheduler, sampler, VPS)."""
     state = {
@@ -1279,8 +1343,9 @@ def latest_checkpoint(out_dir: str | Path, master: bool = True) -> Path | None:
     return None
 
 
-def check_resume(folder: Path, cfg: Any, may_change: set[str], n_rows: int, total_steps: int, out_dir: Path,
-                 master: bool) -> None:  # fmt: skip
+def check_resume(
+    folder: Path, cfg: Any, may_change: set[str], n_rows: int, total_steps: int, out_dir: Path, master: bool
+) -> None:
     """Refuses a resume that could not continue the checkpoint's run exactly; records harmless changes.
 
     Compares the checkpoint's config with this run's: a change to a field outside `may_change`

@@ -278,9 +278,17 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: c
         outs = engine.generate([p for _, _, p in part], 1, sampling)
         for (row_id, row, _), out in zip(part, outs):
             correct = score_answer(name, out.text, row)
-            records.append({"benchmark": name, "id": row_id, "response": out.text,
-                            "extracted": reward.extract_answer(out.text), "gold": str(row["answer"]),
-                            "correct": bool(correct), "group": breakdown_key(name, row)})  # fmt: skip
+            records.append(
+                {
+                    "benchmark": name,
+                    "id": row_id,
+                    "response": out.text,
+                    "extracted": reward.extract_answer(out.text),
+                    "gold": str(row["answer"]),
+                    "correct": bool(correct),
+                    "group": breakdown_key(name, row),
+                }
+            )
         bar.update(len(part) * d.world_size)
     bar.close()
     records = common.all_gather_list(records[:n_real], d)
@@ -293,8 +301,11 @@ def summarise(records: list[dict]) -> dict:
     for r in records:
         groups.setdefault(r["group"], []).append(r["correct"])
     pct = lambda xs: 100.0 * sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-    return {"accuracy": pct([r["correct"] for r in records]), "n": len(records),
-            "groups": {g: pct(v) for g, v in sorted(groups.items())}}  # fmt: skip
+    return {
+        "accuracy": pct([r["correct"] for r in records]),
+        "n": len(records),
+        "groups": {g: pct(v) for g, v in sorted(groups.items())},
+    }
 
 
 def results_table(results: dict[str, dict[str, dict]], names: list[str], with_paper: bool) -> str:
@@ -345,10 +356,18 @@ def main() -> None:
         model = None
         if cfg.engine != "vllm":
             model = common.shard_model(common.load_model(path, d.device), d).eval()
-        engine = rollout.make_engine(cfg.engine, model, processor, d, model_path=path, min_pixels=cfg.min_pixels,
-                                     max_pixels=cfg.max_pixels, batch_size=cfg.batch_size,
-                                     gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                     max_model_len=cfg.max_new_tokens + cfg.max_prompt_length)  # fmt: skip
+        engine = rollout.make_engine(
+            cfg.engine,
+            model,
+            processor,
+            d,
+            model_path=path,
+            min_pixels=cfg.min_pixels,
+            max_pixels=cfg.max_pixels,
+            batch_size=cfg.batch_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.max_new_tokens + cfg.max_prompt_length,
+        )
         out_dir = Path(cfg.output_dir) / run_name(label)
         results[label] = {}
         for name in names:
@@ -371,8 +390,9 @@ def main() -> None:
         table = results_table(results, names, with_paper="toy" not in names)
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "results.md").write_text(table + "\n")
-        (Path(cfg.output_dir) / "results.json").write_text(json.dumps(
-            {"config": dataclasses.asdict(cfg), "results": results}, indent=2))  # fmt: skip
+        (Path(cfg.output_dir) / "results.json").write_text(
+            json.dumps({"config": dataclasses.asdict(cfg), "results": results}, indent=2)
+        )
         print(table)
     common.cleanup_distributed()
 

@@ -297,8 +297,13 @@ def accuracy_reward(text: str | None, gold: str | None, choices: list[str] | Non
 # ---------------------------------------------------------------------------------------------
 
 
-def score_one(response: str | None, gold: str | None, choices: list[str] | None = None,
-              format_weight: float = 1.0, accuracy_weight: float = 1.0) -> dict:  # fmt: skip
+def score_one(
+    response: str | None,
+    gold: str | None,
+    choices: list[str] | None = None,
+    format_weight: float = 1.0,
+    accuracy_weight: float = 1.0,
+) -> dict:
     """{"overall", "format", "accuracy", "timed_out"} of one response; overall = wf*format + wa*accuracy."""
     fmt = format_reward(response)
     acc = accuracy_reward(response, gold, choices)
@@ -395,9 +400,17 @@ def _timed_out(job: tuple) -> dict:
     return {"overall": fmt_w * fmt, "format": fmt, "accuracy": 0.0, "timed_out": True}
 
 
-def compute_rewards(responses: list[str], golds: list[str], choices: list | None = None, *, workers: int = 2,
-                    timeout_s: float = 5.0, format_weight: float = 1.0, accuracy_weight: float = 1.0,
-                    pool: RewardPool | None = None) -> list[dict]:  # fmt: skip
+def compute_rewards(
+    responses: list[str],
+    golds: list[str],
+    choices: list | None = None,
+    *,
+    workers: int = 2,
+    timeout_s: float = 5.0,
+    format_weight: float = 1.0,
+    accuracy_weight: float = 1.0,
+    pool: RewardPool | None = None,
+) -> list[dict]:
     """Per response {"overall", "format", "accuracy", "timed_out"}, in input order.
 
     overall = format_weight * format + accuracy_weight * accuracy (the paper: 1 and 1). With
@@ -417,13 +430,26 @@ def compute_rewards(responses: list[str], golds: list[str], choices: list | None
         return own_pool.map(jobs)
 
 
-def score_responses(responses: list[str], rows: list[dict], *, pool: RewardPool | None = None,
-                    format_weight: float = 1.0, accuracy_weight: float = 1.0) -> list[dict]:  # fmt: skip
+def score_responses(
+    responses: list[str],
+    rows: list[dict],
+    *,
+    pool: RewardPool | None = None,
+    format_weight: float = 1.0,
+    accuracy_weight: float = 1.0,
+) -> list[dict]:
     """compute_rewards of responses[i] against rows[i]["answer"] (and rows[i]["choices"]): the rewards
     of rollouts, each against the data row of its prompt. With a pool the workers score with a hard
     timeout; without one, scoring runs in this process."""
-    return compute_rewards(responses, [r["answer"] for r in rows], [r.get("choices") for r in rows], workers=0,
-                           pool=pool, format_weight=format_weight, accuracy_weight=accuracy_weight)  # fmt: skip
+    return compute_rewards(
+        responses,
+        [r["answer"] for r in rows],
+        [r.get("choices") for r in rows],
+        workers=0,
+        pool=pool,
+        format_weight=format_weight,
+        accuracy_weight=accuracy_weight,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

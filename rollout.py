@@ -45,9 +45,21 @@ class Rollout:
     finish_reason: str  # "stop" (end token) or "length" (hit max_new_tokens)
 
 
-def make_engine(kind: str, model, processor, d: common.Dist, *, model_path: str, min_pixels: int, max_pixels: int,
-                prompt_format: common.PromptFormat = common.PromptFormat(), batch_size: int = 32,
-                gpu_memory_utilization: float = 0.75, max_model_len: int = 8192, weights_version: int | None = 0):  # fmt: skip
+def make_engine(
+    kind: str,
+    model,
+    processor,
+    d: common.Dist,
+    *,
+    model_path: str,
+    min_pixels: int,
+    max_pixels: int,
+    prompt_format: common.PromptFormat = common.PromptFormat(),
+    batch_size: int = 32,
+    gpu_memory_utilization: float = 0.75,
+    max_model_len: int = 8192,
+    weights_version: int | None = 0,
+):
     """'hf', 'vllm', or 'auto' (vLLM when it imports and a GPU is there, else HF).
 
     model: the live model (HF engine; may be None for vLLM); model_path: the checkpoint vLLM loads,
@@ -56,11 +68,26 @@ def make_engine(kind: str, model, processor, d: common.Dist, *, model_path: str,
     if kind == "auto":
         kind = "vllm" if d.device.type == "cuda" and _vllm_available() else "hf"
     if kind == "vllm":
-        return VLLMEngine(model_path, processor, d, min_pixels=min_pixels, max_pixels=max_pixels,
-                          prompt_format=prompt_format, gpu_memory_utilization=gpu_memory_utilization,
-                          max_model_len=max_model_len, weights_version=weights_version)  # fmt: skip
-    return HFEngine(model, processor, d, min_pixels=min_pixels, max_pixels=max_pixels, batch_size=batch_size,
-                    prompt_format=prompt_format)  # fmt: skip
+        return VLLMEngine(
+            model_path,
+            processor,
+            d,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            prompt_format=prompt_format,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            weights_version=weights_version,
+        )
+    return HFEngine(
+        model,
+        processor,
+        d,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        batch_size=batch_size,
+        prompt_format=prompt_format,
+    )
 
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -111,8 +138,17 @@ def validation_accuracy(engine, rows: list[dict], d: common.Dist, sampling: Samp
 class HFEngine:
     """Batched `model.generate` with left padding on the training model itself."""
 
-    def __init__(self, model, processor, d: common.Dist, *, min_pixels: int, max_pixels: int, batch_size: int = 32,
-                 prompt_format: common.PromptFormat = common.PromptFormat()):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        processor,
+        d: common.Dist,
+        *,
+        min_pixels: int,
+        max_pixels: int,
+        batch_size: int = 32,
+        prompt_format: common.PromptFormat = common.PromptFormat(),
+    ):
         self.model, self.processor, self.d = model, processor, d
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.batch_size, self.prompt_format = batch_size, prompt_format
@@ -198,10 +234,21 @@ class VLLMEngine:
     they changed since the last push (`version`).
     """
 
-    def __init__(self, model_path: str, processor, d: common.Dist, *, min_pixels: int, max_pixels: int,
-                 prompt_format: common.PromptFormat = common.PromptFormat(), gpu_memory_utilization: float = 0.75,
-                 max_model_len: int = 8192, max_images: int = 4, cpu_kv_cache_gib: float = 1.0,
-                 weights_version: int | None = 0):  # fmt: skip
+    def __init__(
+        self,
+        model_path: str,
+        processor,
+        d: common.Dist,
+        *,
+        min_pixels: int,
+        max_pixels: int,
+        prompt_format: common.PromptFormat = common.PromptFormat(),
+        gpu_memory_utilization: float = 0.75,
+        max_model_len: int = 8192,
+        max_images: int = 4,
+        cpu_kv_cache_gib: float = 1.0,
+        weights_version: int | None = 0,
+    ):
         try:
             from vllm import LLM
         except ImportError as e:

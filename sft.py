@@ -159,18 +159,34 @@ def val_loss(model, processor, rows: list[dict], cfg: SFTConfig, d: common.Dist)
 # Settings a --resume may change without breaking the exact continuation (recorded in
 # config_changes.jsonl; a new run length also re-shapes the cosine schedule); others are refused.
 RESUME_MAY_CHANGE = {
-    "max_steps", "epochs", "output_dir", "preset", "resume", "stop_after", "report_to", "save_every", "eval_every",
-    "val_limit", "val_data", "acc_data", "acc_limit", "acc_max_new_tokens", "gradient_checkpointing",
-    "logprob_chunk", "skip_bad_rows",
-}  # fmt: skip
+    "max_steps",
+    "epochs",
+    "output_dir",
+    "preset",
+    "resume",
+    "stop_after",
+    "report_to",
+    "save_every",
+    "eval_every",
+    "val_limit",
+    "val_data",
+    "acc_data",
+    "acc_limit",
+    "acc_max_new_tokens",
+    "gradient_checkpointing",
+    "logprob_chunk",
+    "skip_bad_rows",
+}
 
 
 def validate_config(cfg: SFTConfig) -> None:
     """Stops with one line per setting that would run but train nothing useful, saying what to use."""
     problems = []
     if cfg.max_steps < 0 or (cfg.max_steps == 0 and cfg.epochs <= 0):
-        problems.append(f"--max-steps {cfg.max_steps} --epochs {cfg.epochs}: no step would run and final/ "
-                        "would be the untrained model; give --max-steps > 0, or 0 with --epochs > 0")  # fmt: skip
+        problems.append(
+            f"--max-steps {cfg.max_steps} --epochs {cfg.epochs}: no step would run and final/ "
+            "would be the untrained model; give --max-steps > 0, or 0 with --epochs > 0"
+        )
     for name in ("batch_size", "micro_batch_size"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: use at least 1")

@@ -83,8 +83,9 @@ def reference_self_bleu(group: list[list[int]], max_n: int = 3) -> float:
 # --- fast path, tested equal to the reference: every response against the others in O(T log T) ---
 
 
-def _clipped_matches(flat: np.ndarray, owner: np.ndarray, n_resp: int, max_n: int, token_bits: int,
-                     owner_bits: int) -> np.ndarray:  # fmt: skip
+def _clipped_matches(
+    flat: np.ndarray, owner: np.ndarray, n_resp: int, max_n: int, token_bits: int, owner_bits: int
+) -> np.ndarray:
     """(max_n, N): per n and response, the sum over its distinct n-grams of
     min(own count, max count in any OTHER response), i.e. NLTK's clipped match count.
 
@@ -271,8 +272,13 @@ def normalise_weights(vps, old: np.ndarray | None = None, momentum: float = 0.0)
     return new
 
 
-def score_prompts(responses: list[list[list[int]]], accuracies: list[list[float]], alpha: float = 0.8,
-                  beta: float = 0.2, tds_kind: str = "self_bleu") -> dict[str, np.ndarray]:  # fmt: skip
+def score_prompts(
+    responses: list[list[list[int]]],
+    accuracies: list[list[float]],
+    alpha: float = 0.8,
+    beta: float = 0.2,
+    tds_kind: str = "self_bleu",
+) -> dict[str, np.ndarray]:
     """Per prompt: pass rate, OVS, TDS, VPS, each (P,).
 
     responses[p] is the list of N token-id responses of prompt p; accuracies[p] their 0/1
@@ -368,9 +374,21 @@ class MixedSampler:
 # ---------------------------------------------------------------------------------------------
 
 
-def rollout_scores(engine, rows: list[dict], indices: list[int], d, *, n: int, sampling, pool, alpha: float = 0.8,
-                   beta: float = 0.2, tds_kind: str = "self_bleu", prompts_per_call: int = 64,
-                   desc: str = "vas scoring") -> dict[str, np.ndarray]:  # fmt: skip
+def rollout_scores(
+    engine,
+    rows: list[dict],
+    indices: list[int],
+    d,
+    *,
+    n: int,
+    sampling,
+    pool,
+    alpha: float = 0.8,
+    beta: float = 0.2,
+    tds_kind: str = "self_bleu",
+    prompts_per_call: int = 64,
+    desc: str = "vas scoring",
+) -> dict[str, np.ndarray]:
     """Pass rate, OVS, TDS, VPS (each (len(indices),), in `indices` order) from n fresh rollouts,
     and `tokens`: the response tokens generated for each prompt (the cost of the scoring).
 
@@ -518,20 +536,39 @@ def main(argv: list[str] | None = None) -> None:
     import rollout
 
     d = common.setup_distributed(args.seed)
-    rows = common.load_rows(args.data, "rl", "train", args.skip_bad_rows, args.limit,
-                            min_pixels=args.min_pixels, max_pixels=args.max_pixels)  # fmt: skip
+    rows = common.load_rows(
+        args.data, "rl", "train", args.skip_bad_rows, args.limit, min_pixels=args.min_pixels, max_pixels=args.max_pixels
+    )
     processor = common.load_processor(args.model, args.min_pixels, args.max_pixels)
     model = None if args.engine == "vllm" else common.shard_model(common.load_model(args.model, d.device), d)
     prompt_format = common.PromptFormat(instruction=common.INSTRUCTIONS.get(args.instruction, args.instruction))
-    engine = rollout.make_engine(args.engine, model, processor, d, model_path=args.model, min_pixels=args.min_pixels,
-                                 max_pixels=args.max_pixels, prompt_format=prompt_format,
-                                 max_model_len=args.max_prompt_length + args.max_new_tokens)  # fmt: skip
+    engine = rollout.make_engine(
+        args.engine,
+        model,
+        processor,
+        d,
+        model_path=args.model,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        prompt_format=prompt_format,
+        max_model_len=args.max_prompt_length + args.max_new_tokens,
+    )
     seed = common.derive_seed(args.seed, "vas", 0)  # the seed stream of grpo.py's initial scoring
     sampling = rollout.Sampling(args.temperature, args.top_p, args.max_new_tokens, seed)
     with reward.RewardPool(args.reward_workers) as pool:
-        scores = rollout_scores(engine, rows, list(range(len(rows))), d, n=args.rollouts, sampling=sampling,
-                                pool=pool, alpha=args.alpha, beta=args.beta, tds_kind=args.tds,
-                                prompts_per_call=args.prompts_per_call)  # fmt: skip
+        scores = rollout_scores(
+            engine,
+            rows,
+            list(range(len(rows))),
+            d,
+            n=args.rollouts,
+            sampling=sampling,
+            pool=pool,
+            alpha=args.alpha,
+            beta=args.beta,
+            tds_kind=args.tds,
+            prompts_per_call=args.prompts_per_call,
+        )
     engine.close()
     if d.master:
         import datasets
@@ -540,8 +577,10 @@ def main(argv: list[str] | None = None) -> None:
         table.update({k: v.tolist() for k, v in scores.items()})
         datasets.Dataset.from_dict(table).to_parquet(args.out)
         zero = float(np.mean(scores["ovs"] == 0))
-        print(f"{len(rows)} prompts: mean pass rate {scores['pass_rate'].mean():.3f}, "
-              f"zero-variance share {zero:.3f}, mean VPS {scores['vps'].mean():.4f} -> {args.out}")  # fmt: skip
+        print(
+            f"{len(rows)} prompts: mean pass rate {scores['pass_rate'].mean():.3f}, "
+            f"zero-variance share {zero:.3f}, mean VPS {scores['vps'].mean():.4f} -> {args.out}"
+        )
     common.cleanup_distributed()
 
 

@@ -207,14 +207,16 @@ def test_hostile_inputs_never_raise_and_respect_the_timeout():
     for s in scores:
         assert set(s) == {"overall", "format", "accuracy", "timed_out"}
         assert s["format"] in (0.0, 1.0) and s["accuracy"] in (0.0, 1.0)
-    # every response is scored or cut within its own time limit (plus pool start-up)
-    assert elapsed < len(HOSTILE) * timeout / 2 + 10
+    # every response is scored or cut within its own time limit: at most N / 2 rounds of 2 workers of
+    # `timeout` s each, plus a worker restart (a fresh Python, seconds on a loaded machine) per cut
+    # and the pool's start-up. A hang would be hours; the margins only absorb a busy machine.
+    assert elapsed < len(HOSTILE) * (timeout + 10) / 2 + 30
     assert scores[2]["accuracy"] == 0.0 and extract_answer(HOSTILE[2]) is not None
-    for text in HOSTILE:  # the extraction and format functions alone are linear and total
-        t0 = time.monotonic()
+    for text in HOSTILE:  # the extraction and format functions alone are linear and total: tens of
+        t0 = time.monotonic()  # ms on a 1 MB string; catastrophic backtracking would take minutes
         extract_answer(text)
         format_reward(text)
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 20.0
 
 
 def sleepy_score(response, gold, choices=None, fw=1.0, aw=1.0):
