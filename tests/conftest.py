@@ -15,6 +15,7 @@ from data import toy  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # CI runs with 1 and 2
 SMALL = {"train": 96, "val": 24, "test": 24}
+TORCHRUN_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +38,10 @@ def toy_model(toy_dir):
 
 def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, torchrun: int = 0) -> subprocess.CompletedProcess:
     """Runs a stage script (optionally under torchrun with N CPU processes); fails with its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    # a fresh launch: no torchrun variables inherited (an in-process vLLM engine of the test process
+    # sets them for its own external launcher, and its port is taken)
+    inherited = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    env = {**inherited, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
                "--master_port", str(29500 + os.getpid() % 1000)] + args  # fmt: skip
