@@ -641,6 +641,10 @@ class InputError(ValueError):
     """
 
 
+class MissingDataError(InputError, FileNotFoundError):
+    """A data file or split that is not there (also a FileNotFoundError)."""
+
+
 class BadRowError(InputError):
     """A data row or data file that cannot be used; the message names the file, the row or line and the problem."""
 
@@ -1045,7 +1049,7 @@ def load_rows(
         candidates = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".jsonl", ".json"))
         files = [p for p in candidates if p.stem == split] or ([] if at_split else candidates)
         if not files:
-            raise FileNotFoundError(f"{path} has no {split}.parquet/.jsonl (found {[p.name for p in candidates]})")
+            raise MissingDataError(f"{path} has no {split}.parquet/.jsonl (found {[p.name for p in candidates]})")
     else:
         files = []
     rows, bad, seen = [], [], 0

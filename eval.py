@@ -264,7 +264,7 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: c
         row_id = str(row.get("id", row.get("pid", row.get("sample_index", i))))
         try:
             prompt = to_prompt_row(name, row)
-            common.check_row({**prompt, "answer": str(row.get("answer"))}, "rl")
+            common.check_row({**prompt, "answer": str(row.get("answer"))}, "rl", cfg.min_pixels, cfg.max_pixels)
             usable.append((row_id, row, prompt))
         except (ValueError, TypeError, KeyError) as e:
             bad.append(f"{name} row {i} (id={row_id}): {e}")

@@ -532,6 +532,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {plot_refreshes(args.run_dir, args.out, args.bins)}")
         return
     import common
+
+    common.exit_on_input_error(lambda: score_data_set(args))  # bad data: one line, exit 1
+
+
+def score_data_set(args: argparse.Namespace) -> None:
+    """`vas.py score`: pass rate, OVS, TDS, VPS of every prompt of --data, to a parquet file."""
+    import common
     import reward
     import rollout
 

@@ -52,10 +52,25 @@ def rl_row(i, img, **extra):
 
 def test_answer_text_rules():
     assert [reward.answer_text(a) for a in ("7", 1, -3, 2.5, 3.0, 1e-7, [3, 4], ["x"], ("1/2", 0.25))] == [
-        "7", "1", "-3", "2.5", "3", "1e-07", "3, 4", "x", "1/2, 0.25"
-    ]  # fmt: skip
-    for bad, message in [(True, "bool"), (float("nan"), "nan"), ([], "empty list"), ([[1]], "nested"),
-                         ({"a": 1}, "dict"), (["1,000", "2"], "','"), (None, "NoneType")]:  # fmt: skip
+        "7",
+        "1",
+        "-3",
+        "2.5",
+        "3",
+        "1e-07",
+        "3, 4",
+        "x",
+        "1/2, 0.25",
+    ]
+    for bad, message in [
+        (True, "bool"),
+        (float("nan"), "nan"),
+        ([], "empty list"),
+        ([[1]], "nested"),
+        ({"a": 1}, "dict"),
+        (["1,000", "2"], "','"),
+        (None, "NoneType"),
+    ]:
         with pytest.raises(ValueError, match=message):
             reward.answer_text(bad)
 
@@ -76,8 +91,12 @@ def test_number_and_list_answers_load_as_text_and_score(tmp_path, suffix):
 
 def test_unusable_answer_and_plain_string_choices_name_the_line(tmp_path):
     img = image_file(tmp_path)
-    rows = [rl_row(0, img), dict(rl_row(1, img), answer=True), dict(rl_row(2, img), answer={"x": 1}),
-            dict(rl_row(3, img), choices="A B C")]  # fmt: skip
+    rows = [
+        rl_row(0, img),
+        dict(rl_row(1, img), answer=True),
+        dict(rl_row(2, img), answer={"x": 1}),
+        dict(rl_row(3, img), choices="A B C"),
+    ]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     with pytest.raises(common.BadRowError, match=r"rows\.jsonl line 2 \(id=1\): answer is a bool"):
         common.load_rows(str(path), "rl")
@@ -97,8 +116,14 @@ def test_unusable_answer_and_plain_string_choices_name_the_line(tmp_path):
 
 def test_malformed_jsonl_lines_are_named_or_skipped_and_counted(tmp_path, capsys):
     img = image_file(tmp_path)
-    lines = [json.dumps(rl_row(0, img)).encode(), b'{"id": "1", "problem": "Q", "answer": }', b"\xff\xfe junk",
-             b"", b"[1, 2]", json.dumps(rl_row(5, img)).encode()]  # fmt: skip
+    lines = [
+        json.dumps(rl_row(0, img)).encode(),
+        b'{"id": "1", "problem": "Q", "answer": }',
+        b"\xff\xfe junk",
+        b"",
+        b"[1, 2]",
+        json.dumps(rl_row(5, img)).encode(),
+    ]
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(common.BadRowError) as error:
@@ -127,8 +152,12 @@ def test_empty_and_unreadable_files_are_one_line_errors(tmp_path):
     pq.write_table(pq.read_table(no_rows).slice(0, 0), no_rows)
     garbage = tmp_path / "garbage.parquet"
     garbage.write_bytes(b"PAR1 this is not parquet")
-    for path, message in [(empty_jsonl, "empty (no rows)"), (no_rows, "empty (no rows)"),
-                          (zero_byte, "not a readable parquet file"), (garbage, "not a readable parquet file")]:  # fmt: skip
+    for path, message in [
+        (empty_jsonl, "empty (no rows)"),
+        (no_rows, "empty (no rows)"),
+        (zero_byte, "not a readable parquet file"),
+        (garbage, "not a readable parquet file"),
+    ]:
         for skip in (False, True):
             with pytest.raises(common.BadRowError) as error:
                 common.load_rows(str(path), "rl", skip_bad_rows=skip)
@@ -155,11 +184,55 @@ def test_a_bad_data_file_stops_grpo_with_one_line(toy_dir, tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(rl_row(0, image_file(tmp_path))) + "\n{oops\n")
     proc = subprocess.run(
-        [sys.executable, "grpo.py", "--model", str(toy_dir / "model"), "--data", str(path), "--output-dir",
-         str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "grpo.py",
+            "--model",
+            str(toy_dir / "model"),
+            "--data",
+            str(path),
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {path} line 2: not valid JSON")
+
+
+def test_vas_score_with_bad_data_or_a_missing_split_is_one_line(toy_dir, tmp_path):
+    """vas.py score stops like the stage scripts: `error: ...`, no traceback, exit 1."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(rl_row(0, image_file(tmp_path))) + "\n{oops\n")
+    folder = toy_dir / "data" / "rl"
+    for data, message in (
+        (str(path), f"error: {path} line 2: not valid JSON"),
+        (f"{folder}@nosuchsplit", f"error: {folder} has no nosuchsplit.parquet/.jsonl"),
+    ):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "vas.py",
+                "score",
+                "--model",
+                str(toy_dir / "model"),
+                "--data",
+                data,
+                "--engine",
+                "hf",
+                "--out",
+                str(tmp_path / "v.parquet"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,10 +277,16 @@ def test_row_check_accepts_exactly_what_the_image_processor_accepts(toy_dir):
 
 def test_sft_null_content_is_a_bad_row(tmp_path, capsys):
     img = image_file(tmp_path)
-    good = {"id": "g", "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
-            "images": [img]}  # fmt: skip
-    null = {"id": "n", "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": None}],
-            "images": [img]}  # fmt: skip
+    good = {
+        "id": "g",
+        "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+        "images": [img],
+    }
+    null = {
+        "id": "n",
+        "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": None}],
+        "images": [img],
+    }
     for suffix, where in [(".jsonl", "line 2"), (".parquet", "row 1")]:
         path = (write_parquet if suffix == ".parquet" else write_jsonl)(tmp_path / f"sft{suffix}", [good, null])
         with pytest.raises(common.BadRowError, match=rf"{where} \(id=n\): message 1 \(assistant\) has content null"):
@@ -311,8 +390,10 @@ def test_checkpoint_with_pickled_objects_is_refused(two_checkpoints):
     out = two_checkpoints[0]
     import numpy as np
 
-    torch.save({"step": 4, "optimizer": {}, "config": {}, "rng": [{"numpy": np.random.get_state()}]},
-               out / "step-4" / "trainer_state.pt")  # fmt: skip
+    torch.save(
+        {"step": 4, "optimizer": {}, "config": {}, "rng": [{"numpy": np.random.get_state()}]},
+        out / "step-4" / "trainer_state.pt",
+    )
     with pytest.raises(common.CheckpointError, match=r"step-4/trainer_state\.pt is unreadable"):
         common.load_trainer_state(out / "step-4")
     assert common.latest_checkpoint(out, master=False) == out / "step-2"
@@ -325,8 +406,10 @@ def test_checkpoint_with_pickled_objects_is_refused(two_checkpoints):
 
 def fake_checkpoint(folder, cfg, step=2, rows=16):
     folder.mkdir(parents=True)
-    torch.save({"step": step, "optimizer": {}, "rng": [], "config": dataclasses.asdict(cfg), "rows": rows},
-               folder / "trainer_state.pt")  # fmt: skip
+    torch.save(
+        {"step": step, "optimizer": {}, "rng": [], "config": dataclasses.asdict(cfg), "rows": rows},
+        folder / "trainer_state.pt",
+    )
     return folder
 
 
@@ -337,8 +420,13 @@ def test_resume_refuses_changes_that_break_exactness(tmp_path):
     with pytest.raises(common.CheckpointError) as error:
         common.check_resume(ckpt, changed, grpo.RESUME_MAY_CHANGE, 12, 30, tmp_path, True)
     message = str(error.value)
-    for part in ("--train-limit 16 -> 12", "--rollout-batch-size 4 -> 8", "--seed 0 -> 1",
-                 "the data now gives 12 rows, the checkpoint was trained on 16", "or a new --output-dir"):  # fmt: skip
+    for part in (
+        "--train-limit 16 -> 12",
+        "--rollout-batch-size 4 -> 8",
+        "--seed 0 -> 1",
+        "the data now gives 12 rows, the checkpoint was trained on 16",
+        "or a new --output-dir",
+    ):
         assert part in message
     assert "--resume False -> True" not in message  # resume itself is no change of the run
     with pytest.raises(common.CheckpointError, match="end at step 1, before the checkpoint's step 2"):
@@ -360,12 +448,33 @@ def test_resume_records_harmless_changes(tmp_path, capsys):
 
 def test_sft_resume_with_another_batch_size_is_refused_and_a_longer_run_allowed(toy_dir, tmp_path):
     data = toy_dir / "data"
-    args = ["sft.py", "--model", str(toy_dir / "model"), "--data", f"{data / 'sft'}@train", "--val-data", "",
-            "--acc-limit", "-1", "--output-dir", str(tmp_path / "run"), "--batch-size", "4",
-            "--micro-batch-size", "4", "--save-every", "1"]  # fmt: skip
+    args = [
+        "sft.py",
+        "--model",
+        str(toy_dir / "model"),
+        "--data",
+        f"{data / 'sft'}@train",
+        "--val-data",
+        "",
+        "--acc-limit",
+        "-1",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "4",
+        "--save-every",
+        "1",
+    ]
     run_script(args + ["--max-steps", "2"])
-    proc = subprocess.run([sys.executable] + args + ["--max-steps", "2", "--resume", "--batch-size", "8"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable] + args + ["--max-steps", "2", "--resume", "--batch-size", "8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert (
@@ -387,8 +496,13 @@ def test_sft_resume_with_another_batch_size_is_refused_and_a_longer_run_allowed(
 def test_reward_cli_scores_every_readable_line_and_names_the_rest(tmp_path, capsys):
     good = {"id": "a", "response": "<think>t</think><answer>\\boxed{4}</answer>", "answer": "4"}
     number = {"id": "b", "response": "<think>t</think><answer>\\boxed{2.5}</answer>", "answer": 2.5}
-    lines = [json.dumps(good).encode(), b'{"id": "x", "response": "\xff\xfe", "answer": "1"}',
-             b'{"id": "y", "response": "r", "answer": }', json.dumps(number).encode(), b'{"id": "z", "response": "r"}']  # fmt: skip
+    lines = [
+        json.dumps(good).encode(),
+        b'{"id": "x", "response": "\xff\xfe", "answer": "1"}',
+        b'{"id": "y", "response": "r", "answer": }',
+        json.dumps(number).encode(),
+        b'{"id": "z", "response": "r"}',
+    ]
     preds = tmp_path / "preds.jsonl"
     preds.write_bytes(b"\n".join(lines) + b"\n")
     reward.main([str(preds), "--workers", "0"])
