@@ -192,36 +192,59 @@ def interval(values) -> tuple[float, float]:
     return float(v.mean()), float(T_975[len(v) - 1] * v.std(ddof=1) / math.sqrt(len(v)))
 
 
+def per_seed(args, arm: str) -> dict[str, np.ndarray]:
+    """One value per seed (in args.seeds order) for every reported metric of one arm."""
+    runs = [load_run(Path(args.out) / args.condition / f"{arm}-seed{s}") for s in args.seeds]
+    steps, _ = runs[0]["val/accuracy"]
+    val = np.stack([r["val/accuracy"][1] for r in runs])  # (seeds, val points incl. step 0)
+    zero = np.array([r["vas/zero_var_frac"][1].mean() for r in runs])
+    return {
+        "auc_val": np.trapezoid(val, steps, axis=1) / (steps[-1] - steps[0]),
+        "final_val": val[:, -1],
+        "zero_var": zero,
+        "signal_prompts": BATCH * (1 - zero),
+        "grad_norm": np.array([r["train/grad_norm"][1].mean() for r in runs]),
+        "clip_frac": np.array([r["train/clip_frac"][1].mean() for r in runs]),
+        "responses": np.array([r["rollout/generated_responses"][1][-1] for r in runs]),
+        "tokens": np.array([r["rollout/generated_tokens"][1][-1] for r in runs]),
+        "steps": np.full(len(runs), float(steps[-1])),
+    }
+
+
 def summarise(args) -> tuple[str, dict]:
-    """The results table (markdown) and the numbers behind it."""
-    rows, summary = [], {}
-    for arm in args.arms:
-        runs = [load_run(Path(args.out) / args.condition / f"{arm}-seed{s}") for s in args.seeds]
-        steps, _ = runs[0]["val/accuracy"]
-        val = np.stack([r["val/accuracy"][1] for r in runs])  # (seeds, val points incl. step 0)
-        zero = np.array([r["vas/zero_var_frac"][1].mean() for r in runs])
-        entry = {
-            "auc_val": interval(np.trapezoid(val, steps, axis=1) / (steps[-1] - steps[0])),
-            "final_val": interval(val[:, -1]),
-            "zero_var": interval(zero),
-            "signal_prompts": interval(BATCH * (1 - zero)),
-            "grad_norm": interval([r["train/grad_norm"][1].mean() for r in runs]),
-            "clip_frac": interval([r["train/clip_frac"][1].mean() for r in runs]),
-            "responses": interval([r["rollout/generated_responses"][1][-1] for r in runs]),
-            "tokens": interval([r["rollout/generated_tokens"][1][-1] for r in runs]),
-            "steps": (float(steps[-1]), 0.0),
-        }
-        summary[arm] = entry
-        f = lambda k, p=3, e=entry: f"{e[k][0]:.{p}f} ± {e[k][1]:.{p}f}"  # noqa: E731
+    """The results table (markdown) and the numbers behind it, then (added after the first runs, so
+    not part of the protocol) each arm's per-seed difference from `uniform`: the arms share seeds, so
+    they share the step-0 validation sample and the seed-to-seed spread cancels in a paired difference."""
+    values = {arm: per_seed(args, arm) for arm in args.arms}
+    summary = {arm: {k: interval(v) for k, v in values[arm].items()} for arm in args.arms}
+    rows = []
+    for arm, e in summary.items():
+        f = lambda k, p=3, e=e: f"{e[k][0]:.{p}f} ± {e[k][1]:.{p}f}"  # noqa: E731
         rows.append(
-            f"| {arm} | {int(entry['steps'][0])} | {f('auc_val')} | {f('final_val')} | {f('zero_var')} | "
-            f"{f('signal_prompts', 1)} | {f('grad_norm')} | {f('clip_frac', 4)} | {entry['responses'][0]:.0f} |"
+            f"| {arm} | {int(e['steps'][0])} | {f('auc_val')} | {f('final_val')} | {f('zero_var')} | "
+            f"{f('signal_prompts', 1)} | {f('grad_norm')} | {f('clip_frac', 4)} | {e['responses'][0]:.0f} |"
         )
-    header = (
+    table = (
         "| arm | steps | mean val acc (primary) | final val acc | zero-variance share | prompts with signal / step "
-        "| grad norm | clip frac | generated responses |\n" + "| --- " * 9 + "|"
+        "| grad norm | clip frac | generated responses |\n" + "| --- " * 9 + "|\n" + "\n".join(rows)
     )
-    return header + "\n" + "\n".join(rows), summary
+    if "uniform" in values:
+        paired = ["auc_val", "final_val", "zero_var", "grad_norm", "clip_frac"]
+        rows = []
+        for arm in [a for a in args.arms if a != "uniform"]:
+            diff = {k: interval(values[arm][k] - values["uniform"][k]) for k in paired}
+            summary[arm]["minus_uniform"] = diff
+            digits = {k: 4 if k == "clip_frac" else 3 for k in paired}
+            cells = [f"{diff[k][0]:+.{digits[k]}f} ± {diff[k][1]:.{digits[k]}f}" for k in paired]
+            rows.append(f"| {arm} - uniform | " + " | ".join(cells) + " |")
+        table += (
+            "\n\nPaired by seed, difference from `uniform` (mean ± half-width of the 95% t-interval):\n\n"
+            "| arms | mean val acc | final val acc | zero-variance share | grad norm | clip frac |\n"
+            + "| --- " * 6
+            + "|\n"
+            + "\n".join(rows)
+        )
+    return table, summary
 
 
 def plot(args, x_axis: str) -> Path:
@@ -247,7 +270,8 @@ def plot(args, x_axis: str) -> Path:
                 x = np.interp(steps, t_steps, np.mean([r["rollout/generated_tokens"][1] for r in runs], 0)) / 1e6
             else:
                 x = steps
-            ax.plot(x, values.mean(0), label=arm)
+            # uniform-budget repeats uniform's seeds, so its first steps are uniform's: dashed, on top
+            ax.plot(x, values.mean(0), label=arm, linestyle="--" if arm == "uniform-budget" else "-")
             ax.fill_between(x, values.min(0), values.max(0), alpha=0.15)
             ax.set_title(name)
             ax.set_xlabel("generated tokens (millions)" if x_axis == "tokens" else "training step")
