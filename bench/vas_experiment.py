@@ -230,11 +230,11 @@ def summarise(args) -> tuple[str, dict]:
     )
     if "uniform" in values:
         paired = ["auc_val", "final_val", "zero_var", "grad_norm", "clip_frac"]
+        digits = {k: 4 if k == "clip_frac" else 3 for k in paired}
         rows = []
         for arm in [a for a in args.arms if a != "uniform"]:
             diff = {k: interval(values[arm][k] - values["uniform"][k]) for k in paired}
             summary[arm]["minus_uniform"] = diff
-            digits = {k: 4 if k == "clip_frac" else 3 for k in paired}
             cells = [f"{diff[k][0]:+.{digits[k]}f} ± {diff[k][1]:.{digits[k]}f}" for k in paired]
             rows.append(f"| {arm} - uniform | " + " | ".join(cells) + " |")
         table += (
