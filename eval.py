@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import common
 import reward
-import rollout
-from common import field
 from data import toy
+from mmr1 import chat, config, data, dist, modeling, rollout
+from mmr1.config import field
 
 
 @dataclass
@@ -247,13 +246,13 @@ def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
     elif name == "toy":
         ds = datasets.load_dataset("parquet", data_files=str(toy.TOY_DATA_DIR / "rl" / "test.parquet"), split="train")
     else:
-        hub_id, config, split = HUB[name]
-        ds = datasets.load_dataset(hub_id, config, split=split)
+        hub_id, subset, split = HUB[name]
+        ds = datasets.load_dataset(hub_id, subset, split=split)
     rows = [dict(r) for r in ds]
     return rows[:limit] if limit else rows
 
 
-def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: common.Dist):
+def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: dist.Dist):
     """Generates for every usable row (sharded over ranks), scores it; returns (records, bad).
 
     Benchmarks are asked as the paper does: the Table 8 prompt as the system message, the question
@@ -264,14 +263,14 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: c
         row_id = str(row.get("id", row.get("pid", row.get("sample_index", i))))
         try:
             prompt = to_prompt_row(name, row)
-            common.check_row({**prompt, "answer": str(row.get("answer"))}, "rl", cfg.min_pixels, cfg.max_pixels)
+            data.check_row({**prompt, "answer": str(row.get("answer"))}, "rl", cfg.min_pixels, cfg.max_pixels)
             usable.append((row_id, row, prompt))
         except (ValueError, TypeError, KeyError) as e:
             bad.append(f"{name} row {i} (id={row_id}): {e}")
-    padded, n_real = common.shard(usable, d)
-    engine.prompt_format = common.PromptFormat(system="" if name == "toy" else common.EVAL_SYSTEM_PROMPT)
+    padded, n_real = dist.shard(usable, d)
+    engine.prompt_format = chat.PromptFormat(system="" if name == "toy" else chat.EVAL_SYSTEM_PROMPT)
     records = []
-    sampling = rollout.Sampling(cfg.temperature, 1.0, cfg.max_new_tokens, common.derive_seed(cfg.seed, "eval"))
+    sampling = rollout.Sampling(cfg.temperature, 1.0, cfg.max_new_tokens, dist.derive_seed(cfg.seed, "eval"))
     bar = tqdm(total=len(usable), disable=not d.master, desc=name, leave=False)
     for s in range(0, len(padded), cfg.batch_size):
         part = padded[s : s + cfg.batch_size]
@@ -291,7 +290,7 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: c
             )
         bar.update(len(part) * d.world_size)
     bar.close()
-    records = common.all_gather_list(records[:n_real], d)
+    records = dist.all_gather_list(records[:n_real], d)
     return records, bad
 
 
@@ -332,8 +331,8 @@ def run_name(model: str) -> str:
 
 
 def main() -> None:
-    cfg = common.parse_config(EvalConfig)
-    d = common.setup_distributed(cfg.seed)
+    cfg = config.parse_config(EvalConfig)
+    d = dist.setup_distributed(cfg.seed)
     if cfg.model:
         models = {m: m for m in cfg.model.split(",") if m}
         names = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
@@ -352,10 +351,10 @@ def main() -> None:
 
     results: dict[str, dict[str, dict]] = {}
     for label, path in models.items():
-        processor = common.load_processor(path, cfg.min_pixels, cfg.max_pixels)
+        processor = modeling.load_processor(path, cfg.min_pixels, cfg.max_pixels)
         model = None
         if cfg.engine != "vllm":
-            model = common.shard_model(common.load_model(path, d.device), d).eval()
+            model = modeling.shard_model(modeling.load_model(path, d.device), d).eval()
         engine = rollout.make_engine(
             cfg.engine,
             model,
@@ -394,7 +393,7 @@ def main() -> None:
             json.dumps({"config": dataclasses.asdict(cfg), "results": results}, indent=2)
         )
         print(table)
-    common.cleanup_distributed()
+    dist.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -38,12 +38,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import common
 import reward
-import rollout
 import vas
-from common import field
 from data import toy
+from mmr1 import batches, chat, checkpoint, config, data, dist, logprobs, modeling, rollout
+from mmr1.config import field
 
 
 @dataclass
@@ -223,19 +222,19 @@ def clipped_surrogate(logp, old_logp, adv, clip_low: float, clip_high: float):
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
-def policy_loss_backward(model, batches: list[dict], cfg: GRPOConfig, d: common.Dist) -> dict[str, float]:
+def policy_loss_backward(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist) -> dict[str, float]:
     """Forward + backward of the GRPO loss over this rank's micro-batches (one update); returns
     the token means over the global batch of loss, pg, kl, clipped and entropy.
 
     Loss = sum over response tokens of (surrogate + kl_coef * k3) / (response tokens of the GLOBAL
     batch): each micro-batch adds its share, and FSDP2 sums the ranks' gradients.
     """
-    local_tokens = sum(float(b["response_mask"].sum()) for b in batches)
-    total_tokens = max(1.0, common.all_reduce_sum(local_tokens, d.device).item())
+    local_tokens = sum(float(b["response_mask"].sum()) for b in micro)
+    total_tokens = max(1.0, dist.all_reduce_sum(local_tokens, d.device).item())
     sums = {"loss": 0.0, "pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
-    for b in batches:
+    for b in micro:
         mask = b["response_mask"].to(d.device)  # (B, T-1), 1 on response tokens
-        logp, entropy = common.batch_logprobs(
+        logp, entropy = logprobs.batch_logprobs(
             model, b["inputs"], d.device, cfg.logprob_chunk, True, cfg.temperature, cfg.pack
         )
         old_logp = b["old_logp"].to(d.device) if "old_logp" in b else logp.detach()  # (B, T-1); see the docstring
@@ -243,19 +242,19 @@ def policy_loss_backward(model, batches: list[dict], cfg: GRPOConfig, d: common.
         pg, clipped = clipped_surrogate(logp, old_logp, adv, cfg.clip_low, cfg.clip_high)  # (B, T-1) each
         kl = k3_kl(logp, b["ref_logp"].to(d.device)) if "ref_logp" in b else torch.zeros_like(logp)  # (B, T-1)
         loss = ((pg + cfg.kl_coef * kl) * mask).sum()  # this micro-batch's token sum
-        (loss / total_tokens).backward()
+        (loss / total_tokens).backward()  # global token mean: ranks' grads SUM (modeling.shard_model), not average
         for name, value in (("loss", loss), ("pg", pg), ("kl", kl), ("clipped", clipped.float()), ("entropy", entropy)):
             sums[name] += float(value if name == "loss" else (value * mask).sum())
-    return {k: v / total_tokens for k, v in common.all_reduce_dict(sums, d.device).items()}
+    return {k: v / total_tokens for k, v in dist.all_reduce_dict(sums, d.device).items()}
 
 
 @torch.no_grad()
-def frozen_token_logprobs(model, batches: list[dict], cfg: GRPOConfig, d: common.Dist) -> list[torch.Tensor]:
+def frozen_token_logprobs(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist) -> list[torch.Tensor]:
     """Per-token log-probs (B, T-1) of each micro-batch at the rollout temperature, without
     gradient, on the CPU: those of the reference model, or of the old policy."""
     out = []
-    for b in batches:
-        logp, _ = common.batch_logprobs(
+    for b in micro:
+        logp, _ = logprobs.batch_logprobs(
             model, b["inputs"], d.device, cfg.logprob_chunk, False, cfg.temperature, cfg.pack
         )
         out.append(logp.float().cpu())
@@ -268,9 +267,9 @@ def frozen_token_logprobs(model, batches: list[dict], cfg: GRPOConfig, d: common
 
 
 def generate_rollouts(engine, model, rows: list[dict], cfg: GRPOConfig, step: int) -> list[rollout.Rollout]:
-    """n responses per prompt from the policy after `step` updates (vLLM: loaded if changed)."""
-    engine.wake(model, version=step)
-    seed = common.derive_seed(cfg.seed, "rollout", step)
+    """n responses per prompt from the policy after `step` updates."""
+    engine.push_weights(model, version=step)  # the new policy -> the inference engine (vLLM: skipped if unchanged)
+    seed = dist.derive_seed(cfg.seed, "rollout", step)
     outs = engine.generate(
         rows, cfg.group_size, rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed)
     )
@@ -292,14 +291,14 @@ def micro_batches(
     rows: list[dict],
     advantages: torch.Tensor,
     cfg: GRPOConfig,
-    fmt: common.PromptFormat,
-    d: common.Dist,
+    fmt: chat.PromptFormat,
+    d: dist.Dist,
 ) -> list[dict]:
     """Prompt + response sequences grouped by token budget, as many micro-batches on every rank
     (FSDP2's forwards are collectives): model inputs, the (B, T-1) response-token mask and the
     (B,) advantages of each."""
     prompt_rows, responses = [rows[o.row] for o in outs], [o.token_ids for o in outs]
-    planned = common.rl_micro_batches(
+    planned = batches.rl_micro_batches(
         processor,
         prompt_rows,
         responses,
@@ -313,18 +312,18 @@ def micro_batches(
     return [{"inputs": inputs, "response_mask": mask, "advantages": advantages[idx]} for idx, inputs, mask in planned]
 
 
-def update_policy(model, ref_model, optimizer, batches: list[dict], cfg: GRPOConfig, d: common.Dist):
+def update_policy(model, ref_model, optimizer, micro: list[dict], cfg: GRPOConfig, d: dist.Dist):
     """Reference (and, with several updates, old-policy) log-probs, then `updates_per_batch`
     optimizer steps on the batch. Returns (stats of the last update, its gradient norm)."""
     if ref_model is not None:
-        for b, ref in zip(batches, frozen_token_logprobs(ref_model, batches, cfg, d)):
+        for b, ref in zip(micro, frozen_token_logprobs(ref_model, micro, cfg, d)):
             b["ref_logp"] = ref
     if cfg.updates_per_batch > 1:  # pi_old = the policy that generated, before this batch's updates
-        for b, old in zip(batches, frozen_token_logprobs(model, batches, cfg, d)):
+        for b, old in zip(micro, frozen_token_logprobs(model, micro, cfg, d)):
             b["old_logp"] = old
     for _ in range(cfg.updates_per_batch):
-        stats = policy_loss_backward(model, batches, cfg, d)
-        grad_norm = common.clip_and_step(model.parameters(), optimizer, cfg.max_grad_norm)
+        stats = policy_loss_backward(model, micro, cfg, d)
+        grad_norm = modeling.clip_and_step(model.parameters(), optimizer, cfg.max_grad_norm)
     return stats, grad_norm
 
 
@@ -334,16 +333,16 @@ def refresh_vps(
     rows: list[dict],
     sampler: vas.MixedSampler,
     cfg: GRPOConfig,
-    d: common.Dist,
+    d: dist.Dist,
     pool,
     step: int,
     out_dir: Path,
 ) -> dict[str, np.ndarray]:
     """Re-scores every prompt with N fresh rollouts (sharded over ranks), re-weights the sampler
     with the min-max normalised VPS, keeps the refresh for `vas.py plot`; returns the scores."""
-    engine.wake(model, version=step)
+    engine.push_weights(model, version=step)
     sampling = rollout.Sampling(
-        cfg.temperature, cfg.top_p, cfg.max_response_length, common.derive_seed(cfg.seed, "vas", step)
+        cfg.temperature, cfg.top_p, cfg.max_response_length, dist.derive_seed(cfg.seed, "vas", step)
     )
     scores = vas.rollout_scores(
         engine,
@@ -374,7 +373,7 @@ def refresh_vps_online(
     rewards: list[dict],
     prompt_ids: list[int],
     cfg: GRPOConfig,
-    d: common.Dist,
+    d: dist.Dist,
 ) -> None:
     """--vas-online: the VPS of this batch's prompts from their training rollouts (no extra
     generation), gathered over ranks into `vps` (P,), then the sampler re-weighted."""
@@ -387,7 +386,7 @@ def refresh_vps_online(
     fresh = vas.score_prompts(
         [groups[k][0] for k in keys], [groups[k][1] for k in keys], cfg.vas_alpha, cfg.vas_beta, cfg.vas_tds
     )
-    for index, value in common.all_gather_list(list(zip(keys, fresh["vps"].tolist())), d):
+    for index, value in dist.all_gather_list(list(zip(keys, fresh["vps"].tolist())), d):
         vps[index] = value
     sampler.update_weights(vas.normalise_weights(vps, sampler.weights, cfg.vas_momentum))
 
@@ -399,7 +398,7 @@ def step_metrics(
     stats: dict[str, float],
     grad_norm: float,
     cfg: GRPOConfig,
-    d: common.Dist,
+    d: dist.Dist,
 ) -> dict[str, float]:
     """The train/ (but lr), reward/, rollout/ and vas/zero_var_frac metrics of one step, the
     per-rollout ones averaged over all ranks."""
@@ -415,7 +414,7 @@ def step_metrics(
         "reward/std_in_group": overall.view(-1, cfg.group_size).std(1).sum(),
         "vas/zero_var_frac": zero_var.sum(),
     }
-    sums = common.all_reduce_dict({**per_sequence, **per_group, "sequences": len(outs)}, d.device)
+    sums = dist.all_reduce_dict({**per_sequence, **per_group, "sequences": len(outs)}, d.device)
     sequences, groups = sums["sequences"], sums["sequences"] / cfg.group_size
     train = {
         "train/loss": stats["loss"],
@@ -428,11 +427,11 @@ def step_metrics(
     return train | {k: sums[k] / (sequences if k in per_sequence else groups) for k in per_sequence | per_group}
 
 
-def validate(engine, model, val_rows: list[dict], cfg: GRPOConfig, d: common.Dist, pool, step: int) -> float:
+def validate(engine, model, val_rows: list[dict], cfg: GRPOConfig, d: dist.Dist, pool, step: int) -> float:
     """Validation accuracy after `step` updates: one sample per prompt at val_temperature."""
-    engine.wake(model, version=step)
+    engine.push_weights(model, version=step)
     sampling = rollout.Sampling(
-        cfg.val_temperature, 1.0, cfg.max_response_length, common.derive_seed(cfg.seed, "val", step)
+        cfg.val_temperature, 1.0, cfg.max_response_length, dist.derive_seed(cfg.seed, "val", step)
     )
     accuracy = rollout.validation_accuracy(engine, val_rows, d, sampling, pool)
     engine.sleep()
@@ -444,46 +443,48 @@ def validate(engine, model, val_rows: list[dict], cfg: GRPOConfig, d: common.Dis
 # ---------------------------------------------------------------------------------------------
 
 
-def load_data(cfg: GRPOConfig, d: common.Dist) -> tuple[list[dict], list[dict], int]:
+def load_data(cfg: GRPOConfig, d: dist.Dist) -> tuple[list[dict], list[dict], int]:
     """Training and validation rows, checked (images against the run's pixel range), and the
     number of steps of the run."""
     pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    rows = common.load_rows(cfg.data, "rl", "train", cfg.skip_bad_rows, cfg.train_limit, **pixels)
+    rows = data.load_rows(cfg.data, "rl", "train", cfg.skip_bad_rows, cfg.train_limit, **pixels)
     val_rows = []
     if cfg.val_data:
-        val_rows = common.load_rows(cfg.val_data, "rl", "val", cfg.skip_bad_rows, cfg.val_limit, **pixels)
+        val_rows = data.load_rows(cfg.val_data, "rl", "val", cfg.skip_bad_rows, cfg.val_limit, **pixels)
     if cfg.rollout_batch_size % d.world_size:
         raise SystemExit(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by {d.world_size} ranks")
     return rows, val_rows, cfg.max_steps or math.ceil(cfg.episodes * len(rows) / cfg.rollout_batch_size)
 
 
-def resume_checkpoint(cfg: GRPOConfig, out_dir: Path, n_rows: int, total_steps: int, d: common.Dist) -> Path | None:
+def resume_checkpoint(cfg: GRPOConfig, out_dir: Path, n_rows: int, total_steps: int, d: dist.Dist) -> Path | None:
     """With --resume: the latest complete checkpoint (damaged ones passed over), its settings
     checked against this run's (exact resume); None for a fresh start."""
-    ckpt = common.latest_checkpoint(out_dir, d.master) if cfg.resume else None
+    ckpt = checkpoint.latest_checkpoint(out_dir, d.master) if cfg.resume else None
     if cfg.resume and ckpt is None and d.master:
         print(f"[grpo] --resume: no checkpoint in {out_dir}, starting from {cfg.model}")
     if ckpt is not None:
-        common.check_resume(ckpt, cfg, RESUME_MAY_CHANGE, n_rows, total_steps, out_dir, d.master)
+        checkpoint.check_resume(ckpt, cfg, RESUME_MAY_CHANGE, n_rows, total_steps, out_dir, d.master)
     return ckpt
 
 
-def load_models(policy_path: str, cfg: GRPOConfig, d: common.Dist):
+def load_models(policy_path: str, cfg: GRPOConfig, d: dist.Dist):
     """(processor, policy, frozen reference or None, AdamW) for a run starting from policy_path.
 
     The policy keeps fp32 master weights (FSDP2-sharded under torchrun); the reference is the
     STARTING model (cfg.model, also on resume), sharded the same way, only when kl_coef > 0."""
-    processor = common.load_processor(policy_path, cfg.min_pixels, cfg.max_pixels)
-    model = common.shard_model(common.load_model(policy_path, d.device, cfg.gradient_checkpointing, trainable=True), d)
+    processor = modeling.load_processor(policy_path, cfg.min_pixels, cfg.max_pixels)
+    model = modeling.shard_model(
+        modeling.load_model(policy_path, d.device, cfg.gradient_checkpointing, trainable=True), d
+    )
     ref_model = None
     if cfg.kl_coef > 0:
-        ref_model = common.shard_model(common.load_model(cfg.model, d.device).eval().requires_grad_(False), d)
+        ref_model = modeling.shard_model(modeling.load_model(cfg.model, d.device).eval().requires_grad_(False), d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     return processor, model, ref_model, optimizer
 
 
 def make_engine(
-    model, processor, policy_path: str, version: int, fmt: common.PromptFormat, cfg: GRPOConfig, d: common.Dist
+    model, processor, policy_path: str, version: int, fmt: chat.PromptFormat, cfg: GRPOConfig, d: dist.Dist
 ):
     """The rollout engine: HF generate on the policy, or vLLM started from policy_path, whose
     weights are those after `version` steps."""
@@ -554,7 +555,7 @@ def validate_config(cfg: GRPOConfig) -> None:
         raise SystemExit("grpo.py: " + "\n".join(problems))
 
 
-def announce(cfg: GRPOConfig, d: common.Dist, out_dir: Path, n_rows: int, total_steps: int, engine: str) -> None:
+def announce(cfg: GRPOConfig, d: dist.Dist, out_dir: Path, n_rows: int, total_steps: int, engine: str) -> None:
     """Rank 0: writes <out>/config.json (the whole config) and prints what the run will do."""
     if d.master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -582,10 +583,10 @@ def use_toy_defaults(cfg: GRPOConfig) -> None:
 
 
 def main() -> None:
-    cfg = common.parse_config(GRPOConfig, PRESETS)
+    cfg = config.parse_config(GRPOConfig, PRESETS)
     validate_config(cfg)
     use_toy_defaults(cfg)
-    d = common.setup_distributed(cfg.seed)
+    d = dist.setup_distributed(cfg.seed)
     out_dir = Path(cfg.output_dir)
     rows, val_rows, total_steps = load_data(cfg, d)
 
@@ -598,15 +599,15 @@ def main() -> None:
     generated = np.zeros(2)  # responses, tokens generated so far for training and VAS scoring (not validation)
     start_step = 0
     if ckpt is not None:
-        state = common.load_training_checkpoint(ckpt, model, optimizer, d)
+        state = checkpoint.load_training_checkpoint(ckpt, model, optimizer, d)
         sampler.load_state_dict(state["sampler"])
         vps, start_step, generated = np.asarray(state["vps"]), state["step"], np.asarray(state["generated"])
         if d.master:
             print(f"[grpo] resumed from {ckpt} at step {start_step}")
-    fmt = common.PromptFormat(instruction=common.INSTRUCTIONS.get(cfg.instruction, cfg.instruction))
+    fmt = chat.PromptFormat(instruction=chat.INSTRUCTIONS.get(cfg.instruction, cfg.instruction))
     engine = make_engine(model, processor, policy_path, start_step, fmt, cfg, d)
     pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
-    logger = common.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
+    logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
     announce(cfg, d, out_dir, len(rows), total_steps, type(engine).__name__)
 
     def save(folder: Path, step: int) -> None:  # reads the current sampler and vps
@@ -616,7 +617,7 @@ def main() -> None:
             "rows": len(rows),
             "generated": generated.tolist(),
         }
-        common.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg, **extra)
+        checkpoint.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg, **extra)
 
     initial_vas_s = 0.0
     if cfg.vas and start_step == 0:  # initial scoring of every prompt before step 1
@@ -638,7 +639,7 @@ def main() -> None:
     bar = tqdm(range(start_step, total_steps), disable=not d.master, desc="grpo", initial=start_step, total=total_steps)
     for step in bar:
         t0 = time.time()
-        prompt_ids, _ = common.shard(sampler.next_batch(), d)  # this rank's slice of the global batch
+        prompt_ids, _ = dist.shard(sampler.next_batch(), d)  # this rank's slice of the global batch
         batch_rows = [rows[i] for i in prompt_ids]
         outs = generate_rollouts(engine, model, batch_rows, cfg, step)  # n per prompt, row-major
         t_rollout, t0 = time.time() - t0, time.time()
@@ -647,8 +648,8 @@ def main() -> None:
         advantages, zero_var = group_advantages(
             torch.tensor([r["overall"] for r in rewards]), cfg.group_size, cfg.adv_eps
         )
-        batches = micro_batches(processor, outs, batch_rows, advantages, cfg, fmt, d)
-        stats, grad_norm = update_policy(model, ref_model, optimizer, batches, cfg, d)
+        micro = micro_batches(processor, outs, batch_rows, advantages, cfg, fmt, d)
+        stats, grad_norm = update_policy(model, ref_model, optimizer, micro, cfg, d)
         t_update, t0, done = time.time() - t0, time.time(), step + 1
 
         # --- VAS bookkeeping ---
@@ -698,8 +699,8 @@ def main() -> None:
         pool.close()
     engine.close()  # before the process group goes: vLLM's teardown uses it
     logger.close()
-    common.cleanup_distributed()
+    dist.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    common.exit_on_input_error(main)
+    config.exit_on_input_error(main)

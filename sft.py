@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import common
-import rollout
-from common import field
 from data import toy
+from mmr1 import batches, checkpoint, config, data, dist, logprobs, modeling, rollout
+from mmr1.config import field
 
 
 @dataclass
@@ -113,47 +112,47 @@ def global_batch(step: int, n_rows: int, batch_size: int, seed: int) -> list[int
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(pos, n_rows)
         perm = list(range(n_rows))
-        random.Random(common.derive_seed(seed, "sft-order", epoch)).shuffle(perm)
+        random.Random(dist.derive_seed(seed, "sft-order", epoch)).shuffle(perm)
         out.append(perm[offset])
     return out
 
 
-def sft_loss(model, batches: list[dict], d: common.Dist, chunk: int, packed: bool = False) -> float:
+def sft_loss(model, micro: list[dict], d: dist.Dist, chunk: int, packed: bool = False) -> float:
     """Forward + backward over this rank's micro-batches; loss = token mean over the global batch.
 
     Each micro-batch's summed NLL is divided by the assistant-token count of the whole global batch
     (all ranks), and FSDP2 sums the ranks' gradients (shard_model), so the gradient is that of
     the global token mean. Returns the global mean loss (a float).
     """
-    n_tokens = sum(int((b["labels"][:, 1:] != common.IGNORE_INDEX).sum()) for b in batches)
-    total_tokens = max(1.0, common.all_reduce_sum(n_tokens, d.device).item())
+    n_tokens = sum(int((b["labels"][:, 1:] != batches.IGNORE_INDEX).sum()) for b in micro)
+    total_tokens = max(1.0, dist.all_reduce_sum(n_tokens, d.device).item())
     loss_sum = 0.0
-    for b in batches:
-        logp, _ = common.batch_logprobs(model, b, d.device, chunk, packed=packed)  # (B, T-1)
-        mask = b["labels"][:, 1:].to(d.device) != common.IGNORE_INDEX
+    for b in micro:
+        logp, _ = logprobs.batch_logprobs(model, b, d.device, chunk, packed=packed)  # (B, T-1)
+        mask = b["labels"][:, 1:].to(d.device) != batches.IGNORE_INDEX
         nll = -(logp * mask).sum()  # summed over this micro-batch's assistant tokens
-        (nll / total_tokens).backward()
+        (nll / total_tokens).backward()  # global token mean: ranks' grads SUM (modeling.shard_model)
         loss_sum += nll.item()
-    return common.all_reduce_sum(loss_sum, d.device).item() / total_tokens
+    return dist.all_reduce_sum(loss_sum, d.device).item() / total_tokens
 
 
 @torch.no_grad()
-def val_loss(model, processor, rows: list[dict], cfg: SFTConfig, d: common.Dist) -> float:
+def val_loss(model, processor, rows: list[dict], cfg: SFTConfig, d: dist.Dist) -> float:
     """Token-mean NLL of the assistant tokens of `rows` (sharded over ranks)."""
     model.eval()
     nll, count = 0.0, 0
-    mine, n_real = common.shard(rows, d)
+    mine, n_real = dist.shard(rows, d)
     for s in range(0, len(mine), cfg.micro_batch_size):
-        b = common.sft_batch(
+        b = batches.sft_batch(
             processor, mine[s : s + cfg.micro_batch_size], cfg.min_pixels, cfg.max_pixels, cfg.max_length
         )
-        logp, _ = common.batch_logprobs(model, b, d.device, cfg.logprob_chunk, packed=cfg.pack)
-        mask = (b["labels"][:, 1:].to(d.device) != common.IGNORE_INDEX).float()
+        logp, _ = logprobs.batch_logprobs(model, b, d.device, cfg.logprob_chunk, packed=cfg.pack)
+        mask = (b["labels"][:, 1:].to(d.device) != batches.IGNORE_INDEX).float()
         mask[max(0, n_real - s) :] = 0  # padding rows do not count
         nll += -(logp * mask).sum().item()
         count += int(mask.sum())
     model.train()
-    return common.all_reduce_sum(nll, d.device).item() / max(1, common.all_reduce_sum(count, d.device).item())
+    return dist.all_reduce_sum(nll, d.device).item() / max(1, dist.all_reduce_sum(count, d.device).item())
 
 
 # Settings a --resume may change without breaking the exact continuation (recorded in
@@ -195,7 +194,7 @@ def validate_config(cfg: SFTConfig) -> None:
 
 
 def main() -> None:
-    cfg = common.parse_config(SFTConfig, PRESETS)
+    cfg = config.parse_config(SFTConfig, PRESETS)
     validate_config(cfg)
     toy_mode = not cfg.model and not cfg.data
     if toy_mode:
@@ -206,18 +205,18 @@ def main() -> None:
         cfg.acc_data = cfg.acc_data or str(toy.TOY_DATA_DIR / "rl") + "@val"
     elif not cfg.model or not cfg.data:
         raise SystemExit("give both --model and --data (or neither, for the toy task)")
-    d = common.setup_distributed(cfg.seed)
+    d = dist.setup_distributed(cfg.seed)
     out_dir = Path(cfg.output_dir)
 
     # --- data ---
     pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)  # the rows' images must suit this range
-    train_rows = common.load_rows(cfg.data, "sft", "train", cfg.skip_bad_rows, **pixels)
+    train_rows = data.load_rows(cfg.data, "sft", "train", cfg.skip_bad_rows, **pixels)
     val_rows = []
     if cfg.val_data:
-        val_rows = common.load_rows(cfg.val_data, "sft", "val", cfg.skip_bad_rows, cfg.val_limit, **pixels)
+        val_rows = data.load_rows(cfg.val_data, "sft", "val", cfg.skip_bad_rows, cfg.val_limit, **pixels)
     acc_rows = []
     if cfg.acc_data and cfg.acc_limit >= 0:
-        acc_rows = common.load_rows(cfg.acc_data, "rl", "val", cfg.skip_bad_rows, cfg.acc_limit, **pixels)
+        acc_rows = data.load_rows(cfg.acc_data, "rl", "val", cfg.skip_bad_rows, cfg.acc_limit, **pixels)
     per_step = (1 if cfg.max_tokens_per_micro_batch else cfg.micro_batch_size) * d.world_size
     if cfg.batch_size % per_step:
         raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of {per_step} (micro-batch x ranks)")
@@ -225,27 +224,27 @@ def main() -> None:
 
     # --- model, optimizer, schedule ---
     start_step = 0
-    ckpt = common.latest_checkpoint(out_dir, d.master) if cfg.resume else None  # damaged ones passed over
+    ckpt = checkpoint.latest_checkpoint(out_dir, d.master) if cfg.resume else None  # damaged ones passed over
     if cfg.resume and ckpt is None and d.master:
         print(f"[sft] --resume: no checkpoint in {out_dir}, starting from {cfg.model}")
     if ckpt is not None:  # exact resume: same data, batch shape and seeds as the checkpoint's run
-        common.check_resume(ckpt, cfg, RESUME_MAY_CHANGE, len(train_rows), total_steps, out_dir, d.master)
-    processor = common.load_processor(str(ckpt or cfg.model), cfg.min_pixels, cfg.max_pixels)
-    model = common.load_model(str(ckpt or cfg.model), d.device, cfg.gradient_checkpointing, trainable=True)
+        checkpoint.check_resume(ckpt, cfg, RESUME_MAY_CHANGE, len(train_rows), total_steps, out_dir, d.master)
+    processor = modeling.load_processor(str(ckpt or cfg.model), cfg.min_pixels, cfg.max_pixels)
+    model = modeling.load_model(str(ckpt or cfg.model), d.device, cfg.gradient_checkpointing, trainable=True)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
-    model = common.shard_model(model, d)
+    model = modeling.shard_model(model, d)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, warmup))
     if ckpt is not None:
-        state = common.load_training_checkpoint(ckpt, model, optimizer, d)
+        state = checkpoint.load_training_checkpoint(ckpt, model, optimizer, d)
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
         if d.master:
             print(f"[sft] resumed from {ckpt} at step {start_step}")
-    logger = common.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
+    logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
     if d.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -256,7 +255,7 @@ def main() -> None:
         )
 
     def save(folder: Path, step: int) -> None:
-        common.save_training_checkpoint(
+        checkpoint.save_training_checkpoint(
             model, processor, optimizer, folder, d, step, cfg, scheduler=scheduler.state_dict(), rows=len(train_rows)
         )
 
@@ -265,8 +264,8 @@ def main() -> None:
     bar = tqdm(range(start_step, total_steps), disable=not d.master, desc="sft", initial=start_step, total=total_steps)
     for step in bar:
         t0 = time.time()
-        batch, _ = common.shard(global_batch(step, len(train_rows), cfg.batch_size, cfg.seed), d)  # this rank's part
-        micro = common.sft_micro_batches(
+        batch, _ = dist.shard(global_batch(step, len(train_rows), cfg.batch_size, cfg.seed), d)  # this rank's part
+        micro = batches.sft_micro_batches(
             processor,
             [train_rows[i] for i in batch],
             cfg.min_pixels,
@@ -278,7 +277,7 @@ def main() -> None:
         )
         loss = sft_loss(model, micro, d, cfg.logprob_chunk, cfg.pack)
         lr = scheduler.get_last_lr()[0]
-        grad_norm = common.clip_and_step(params, optimizer, cfg.max_grad_norm)
+        grad_norm = modeling.clip_and_step(params, optimizer, cfg.max_grad_norm)
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}
         scheduler.step()
         metrics["time/step_s"] = time.time() - t0
@@ -292,7 +291,7 @@ def main() -> None:
         if cfg.stop_after and done >= cfg.stop_after:
             if d.master:
                 print(f"[sft] --stop-after {cfg.stop_after}: stopping without the final save")
-            common.cleanup_distributed()
+            dist.cleanup_distributed()
             return
 
     # --- final: accuracy, save ---
@@ -307,8 +306,8 @@ def main() -> None:
         summary = " ".join(f"{k}={v:.4f}" for k, v in final.items())
         print(f"[sft] done: {total_steps} steps, model in {out_dir / 'final'} {summary}")
     logger.close()
-    common.cleanup_distributed()
+    dist.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    common.exit_on_input_error(main)
+    config.exit_on_input_error(main)

@@ -302,7 +302,7 @@ class MixedSampler:
     replacement proportionally to the weights, the rest taken in order from a seeded shuffled
     permutation (reshuffled each pass, so the uniform part covers every prompt once per pass).
 
-    Every rank builds the same global batch from the same seed; `common.shard` picks a rank's part.
+    Every rank builds the same global batch from the same seed; `dist.shard` picks a rank's part.
     `state_dict()` / `load_state_dict()` capture everything, so a resumed run yields exactly the
     batches the uninterrupted run would have.
     """
@@ -392,23 +392,23 @@ def rollout_scores(
     """Pass rate, OVS, TDS, VPS (each (len(indices),), in `indices` order) from n fresh rollouts,
     and `tokens`: the response tokens generated for each prompt (the cost of the scoring).
 
-    Prompts are sharded over ranks (common.shard), generated in calls of
+    Prompts are sharded over ranks (dist.shard), generated in calls of
     `prompts_per_call` prompts, scored with reward.score_responses (accuracy only), then
     all-gathered, so every rank returns the full arrays. Each call's seed is derived from
     `sampling.seed` and the call number, so a refresh is reproducible.
     """
     from tqdm import tqdm
 
-    import common
     import reward
+    from mmr1 import dist
 
-    padded, n_real = common.shard(list(indices), d)  # equal work on every rank (synced generation)
+    padded, n_real = dist.shard(list(indices), d)  # equal work on every rank (synced generation)
     results = []
     bar = tqdm(total=len(indices), disable=not d.master, desc=desc, leave=False)
     for call, start in enumerate(range(0, len(padded), prompts_per_call)):
         chunk = padded[start : start + prompts_per_call]
         chunk_rows = [rows[i] for i in chunk]
-        call_sampling = type(sampling)(**{**sampling.__dict__, "seed": common.derive_seed(sampling.seed, "call", call)})
+        call_sampling = type(sampling)(**{**sampling.__dict__, "seed": dist.derive_seed(sampling.seed, "call", call)})
         outs = engine.generate(chunk_rows, n, call_sampling)
         scores = reward.score_responses([o.text for o in outs], [chunk_rows[o.row] for o in outs], pool=pool)
         groups: list[list[list[int]]] = [[] for _ in chunk]
@@ -423,7 +423,7 @@ def rollout_scores(
                 results.append((index, *scored, float(sum(len(t) for t in groups[j]))))
         bar.update(len(chunk) * d.world_size)
     bar.close()
-    gathered = {r[0]: r[1:] for r in common.all_gather_list(results, d)}
+    gathered = {r[0]: r[1:] for r in dist.all_gather_list(results, d)}
     table = np.array([gathered[i] for i in indices]).reshape(len(indices), 5)
     return {k: table[:, j] for j, k in enumerate(("pass_rate", "ovs", "tds", "vps", "tokens"))}
 
@@ -531,24 +531,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "plot":
         print(f"wrote {plot_refreshes(args.run_dir, args.out, args.bins)}")
         return
-    import common
+    from mmr1 import config
 
-    common.exit_on_input_error(lambda: score_data_set(args))  # bad data: one line, exit 1
+    config.exit_on_input_error(lambda: score_data_set(args))  # bad data: one line, exit 1
 
 
 def score_data_set(args: argparse.Namespace) -> None:
     """`vas.py score`: pass rate, OVS, TDS, VPS of every prompt of --data, to a parquet file."""
-    import common
     import reward
-    import rollout
+    from mmr1 import chat, data, dist, modeling, rollout
 
-    d = common.setup_distributed(args.seed)
-    rows = common.load_rows(
+    d = dist.setup_distributed(args.seed)
+    rows = data.load_rows(
         args.data, "rl", "train", args.skip_bad_rows, args.limit, min_pixels=args.min_pixels, max_pixels=args.max_pixels
     )
-    processor = common.load_processor(args.model, args.min_pixels, args.max_pixels)
-    model = None if args.engine == "vllm" else common.shard_model(common.load_model(args.model, d.device), d)
-    prompt_format = common.PromptFormat(instruction=common.INSTRUCTIONS.get(args.instruction, args.instruction))
+    processor = modeling.load_processor(args.model, args.min_pixels, args.max_pixels)
+    model = None if args.engine == "vllm" else modeling.shard_model(modeling.load_model(args.model, d.device), d)
+    prompt_format = chat.PromptFormat(instruction=chat.INSTRUCTIONS.get(args.instruction, args.instruction))
     engine = rollout.make_engine(
         args.engine,
         model,
@@ -560,7 +559,7 @@ def score_data_set(args: argparse.Namespace) -> None:
         prompt_format=prompt_format,
         max_model_len=args.max_prompt_length + args.max_new_tokens,
     )
-    seed = common.derive_seed(args.seed, "vas", 0)  # the seed stream of grpo.py's initial scoring
+    seed = dist.derive_seed(args.seed, "vas", 0)  # the seed stream of grpo.py's initial scoring
     sampling = rollout.Sampling(args.temperature, args.top_p, args.max_new_tokens, seed)
     with reward.RewardPool(args.reward_workers) as pool:
         scores = rollout_scores(
@@ -588,7 +587,7 @@ def score_data_set(args: argparse.Namespace) -> None:
             f"{len(rows)} prompts: mean pass rate {scores['pass_rate'].mean():.3f}, "
             f"zero-variance share {zero:.3f}, mean VPS {scores['vps'].mean():.4f} -> {args.out}"
         )
-    common.cleanup_distributed()
+    dist.cleanup_distributed()
 
 
 if __name__ == "__main__":

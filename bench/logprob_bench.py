@@ -21,7 +21,7 @@ def one_case(method: str, length: int, chunk: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    import common
+    from mmr1 import logprobs
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -34,7 +34,7 @@ def one_case(method: str, length: int, chunk: int) -> dict:
         logits = hidden @ weight.T  # (1, T, V) fp32
         logp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     else:
-        logp, _ = common.logprobs_from_hidden(hidden, weight, targets, chunk_size=chunk)
+        logp, _ = logprobs.logprobs_from_hidden(hidden, weight, targets, chunk_size=chunk)
     logp.sum().backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -38,8 +38,8 @@ def build_model() -> None:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from common import load_processor
     from data import toy
+    from mmr1.modeling import load_processor
 
     toy_dir = ROOT / "runs" / "toy-init"
     if not (toy_dir / "config.json").exists():
@@ -59,11 +59,11 @@ def build(seed: int = 0):
     import numpy as np
     import torch
 
-    import common
     from data import toy
+    from mmr1 import modeling
 
-    model = common.load_model(str(MODEL_DIR), torch.device("cpu"), trainable=True)
-    processor = common.load_processor(str(MODEL_DIR))
+    model = modeling.load_model(str(MODEL_DIR), torch.device("cpu"), trainable=True)
+    processor = modeling.load_processor(str(MODEL_DIR))
     rng = np.random.default_rng(seed)
     prompts = [{"problem": f"<image>How many {c} squares are there?", "images": [toy.draw_grid([c] * 4)]}
                for c in ("red", "blue", "green", "yellow")]  # fmt: skip
@@ -75,45 +75,45 @@ def build(seed: int = 0):
 
 
 def micro_batches(processor, rows, responses, packed: bool):
-    import common
+    from mmr1 import batches, chat
 
     budget = BUDGET if packed else 0
-    return common.rl_micro_batches(processor, rows, responses, 3136, 50176, common.PromptFormat(), budget, MICRO)
+    return batches.rl_micro_batches(processor, rows, responses, 3136, 50176, chat.PromptFormat(), budget, MICRO)
 
 
 def one_case(packed: bool) -> dict:
     """One update's forward + backward in this process: seconds, peak RSS growth (MiB), token counts."""
     import torch
 
-    import common
+    from mmr1 import logprobs
 
     torch.set_num_threads(1)  # the machine is shared; one thread keeps the two cases comparable
     model, processor, rows, responses = build()
-    batches = micro_batches(processor, rows, responses, packed)
-    real = sum(int(inputs["attention_mask"].sum()) for _, inputs, _ in batches)
-    computed = real if packed else sum(inputs["input_ids"].numel() for _, inputs, _ in batches)
+    plan = micro_batches(processor, rows, responses, packed)
+    real = sum(int(inputs["attention_mask"].sum()) for _, inputs, _ in plan)
+    computed = real if packed else sum(inputs["input_ids"].numel() for _, inputs, _ in plan)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
-    for _, inputs, mask in batches:
-        logp, _ = common.token_logprobs(model, inputs, 1024, True, 0.6, packed=packed)
+    for _, inputs, mask in plan:
+        logp, _ = logprobs.token_logprobs(model, inputs, 1024, True, 0.6, packed=packed)
         (logp * mask).sum().backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    return {"seconds": seconds, "peak_mib": peak, "real": real, "computed": computed, "micro": len(batches)}
+    return {"seconds": seconds, "peak_mib": peak, "real": real, "computed": computed, "micro": len(plan)}
 
 
 def max_logp_difference() -> float:
     """max |packed - padded| log-prob over every response token of the update (no gradient)."""
     import torch
 
-    import common
+    from mmr1 import logprobs
 
     model, processor, rows, responses = build()
     worst = 0.0
     with torch.no_grad():
         for _, inputs, mask in micro_batches(processor, rows, responses, packed=False):
-            padded, _ = common.token_logprobs(model, inputs, temperature=0.6)
-            packed, _ = common.token_logprobs(model, inputs, temperature=0.6, packed=True)
+            padded, _ = logprobs.token_logprobs(model, inputs, temperature=0.6)
+            packed, _ = logprobs.token_logprobs(model, inputs, temperature=0.6, packed=True)
             worst = max(worst, float(((packed - padded) * mask).abs().max()))
     return worst
 

@@ -4,7 +4,7 @@
 
 1. responses per second, HF generate vs vLLM, same model, same prompts, same machine, same run:
    16 prompts x 8 responses x up to 64 tokens at temperature 0.6 (grpo.py's toy defaults);
-2. common.rl_batch with each prompt processed once vs once per response (copies of the rows);
+2. batches.rl_batch with each prompt processed once vs once per response (copies of the rows);
 3. the weight pushes of a toy grpo.py --vas run (30 steps, validation and VPS refresh every 10) with
    and without the version check, and the time of one push.
 Prints a markdown table per part. Model: runs/toy-sft/final when it exists (python sft.py), else the
@@ -21,9 +21,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
-import rollout  # noqa: E402
 from data import toy  # noqa: E402
+from mmr1 import (  # noqa: E402
+    batches,
+    data,
+    dist,
+    modeling,
+    rollout,  # noqa: E402
+)
 
 PROMPTS, N, TOKENS, REPEATS = 16, 8, 64, 3
 
@@ -42,11 +47,11 @@ def main() -> None:
     toy.ensure_toy()
     sft = ROOT / "runs" / "toy-sft" / "final"
     path = str(sft if (sft / "config.json").exists() else toy.TOY_MODEL_DIR)
-    d = common.Dist(0, 1, 0, torch.device("cpu"))
+    d = dist.Dist(0, 1, 0, torch.device("cpu"))
     pixels = {"min_pixels": 3136, "max_pixels": 50176}
-    processor = common.load_processor(path, **pixels)
-    rows = common.load_rows(str(toy.TOY_DATA_DIR / "rl") + "@train", "rl", limit=PROMPTS)
-    model = common.load_model(path, d.device)
+    processor = modeling.load_processor(path, **pixels)
+    rows = data.load_rows(str(toy.TOY_DATA_DIR / "rl") + "@train", "rl", limit=PROMPTS)
+    model = modeling.load_model(path, d.device)
     sampling = rollout.Sampling(temperature=0.6, max_new_tokens=TOKENS, seed=0)
 
     # --- 1. throughput ---
@@ -74,14 +79,14 @@ def main() -> None:
     for name, batch_rows in (("once per response (before)", copies), ("once per prompt (now)", shared)):
         seconds, _ = timed(
             lambda rs=batch_rows: [
-                common.rl_batch(processor, rs[s : s + micro], responses[s : s + micro], **pixels)
+                batches.rl_batch(processor, rs[s : s + micro], responses[s : s + micro], **pixels)
                 for s in range(0, len(rs), micro)
             ]
         )
         print(f"| {name} | {seconds:.3f} |")
 
     # --- 3. weight pushes ---
-    push_s, _ = timed(lambda: vllm.sync_weights(model))
+    push_s, _ = timed(lambda: vllm.push_weights(model))
     steps, every = 30, 10
     # without versions: a push at every wake: initial scoring, validation and rollouts at step 0, the
     # rollouts of steps 1..29, validation after steps 10, 20, 30, refresh after 10 and 20 (not the last)

@@ -35,15 +35,15 @@ def trl_run(steps: int, out: str) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     sys.path.insert(0, str(ROOT))
-    import common
     import reward
+    from mmr1 import data, images
 
     torch.set_num_threads(1)
-    rows = common.load_rows(str(ROOT / "data" / "toy" / "rl") + "@train", "rl", limit=64)
-    data = Dataset.from_list([
+    rows = data.load_rows(str(ROOT / "data" / "toy" / "rl") + "@train", "rl", limit=64)
+    dataset = Dataset.from_list([
         {"prompt": [{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": r["problem"].replace("<image>", "")}]}],
-         "image": common.load_image(r["images"][0]), "answer": r["answer"]}
+         "image": images.load_image(r["images"][0]), "answer": r["answer"]}
         for r in rows
     ])  # fmt: skip
 
@@ -69,7 +69,7 @@ def trl_run(steps: int, out: str) -> None:
     )  # fmt: skip
     model = AutoModelForImageTextToText.from_pretrained(ROOT / "runs" / "toy-init", dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(ROOT / "runs" / "toy-init", padding_side="left")
-    trainer = GRPOTrainer(model=model, reward_funcs=accuracy, args=args, train_dataset=data,
+    trainer = GRPOTrainer(model=model, reward_funcs=accuracy, args=args, train_dataset=dataset,
                           processing_class=processor, callbacks=[StepTimes()])  # fmt: skip
     trainer.train()
     Path(out).write_text(json.dumps(times))

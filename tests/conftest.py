@@ -29,7 +29,7 @@ def toy_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def toy_model(toy_dir):
-    from common import load_model, load_processor
+    from mmr1.modeling import load_model, load_processor
 
     model = load_model(str(toy_dir / "model"), torch.device("cpu"))
     processor = load_processor(str(toy_dir / "model"))

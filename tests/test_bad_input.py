@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-import common
 import grpo
 import reward
 from conftest import ROOT, run_script
 from data import toy
+from mmr1 import checkpoint, config, data, dist, images, modeling
 
 
 def write_jsonl(path, rows):
@@ -81,7 +81,7 @@ def test_number_and_list_answers_load_as_text_and_score(tmp_path, suffix):
     answers = [1, 12, 40] if suffix == ".parquet" else [1, 2.5, [3, 4]]  # a parquet column has one type
     rows = [dict(rl_row(i, img), answer=a) for i, a in enumerate(answers)]
     path = (write_parquet if suffix == ".parquet" else write_jsonl)(tmp_path / f"rows{suffix}", rows)
-    loaded = common.load_rows(str(path), "rl")
+    loaded = data.load_rows(str(path), "rl")
     golds = [r["answer"] for r in loaded]
     assert golds == (["1", "12", "40"] if suffix == ".parquet" else ["1", "2.5", "3, 4"])
     for gold in golds:  # a right response now earns accuracy 1 (before: 0 for every non-string gold)
@@ -98,14 +98,14 @@ def test_unusable_answer_and_plain_string_choices_name_the_line(tmp_path):
         dict(rl_row(3, img), choices="A B C"),
     ]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
-    with pytest.raises(common.BadRowError, match=r"rows\.jsonl line 2 \(id=1\): answer is a bool"):
-        common.load_rows(str(path), "rl")
-    kept = common.load_rows(str(path), "rl", skip_bad_rows=True)
+    with pytest.raises(config.BadRowError, match=r"rows\.jsonl line 2 \(id=1\): answer is a bool"):
+        data.load_rows(str(path), "rl")
+    kept = data.load_rows(str(path), "rl", skip_bad_rows=True)
     assert [r["id"] for r in kept] == ["0"]
     for i, message in [(2, "answer is a dict"), (3, "'choices' is a str; give a list")]:
-        with pytest.raises(common.BadRowError, match=rf"line 1 \(id={i}\): {message}"):
-            common.load_rows(str(write_jsonl(tmp_path / "one.jsonl", [rows[i]])), "rl")
-    choices = common.load_rows(str(write_jsonl(tmp_path / "c.jsonl", [rl_row(0, img, choices=[3, 4.5])])), "rl")
+        with pytest.raises(config.BadRowError, match=rf"line 1 \(id={i}\): {message}"):
+            data.load_rows(str(write_jsonl(tmp_path / "one.jsonl", [rows[i]])), "rl")
+    choices = data.load_rows(str(write_jsonl(tmp_path / "c.jsonl", [rl_row(0, img, choices=[3, 4.5])])), "rl")
     assert choices[0]["choices"] == ["3", "4.5"]
 
 
@@ -126,18 +126,18 @@ def test_malformed_jsonl_lines_are_named_or_skipped_and_counted(tmp_path, capsys
     ]
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    with pytest.raises(common.BadRowError) as error:
-        common.load_rows(str(path), "rl")
+    with pytest.raises(config.BadRowError) as error:
+        data.load_rows(str(path), "rl")
     assert str(error.value) == f"{path} line 2: not valid JSON (Expecting value at column 39)"
-    kept = common.load_rows(str(path), "rl", skip_bad_rows=True)
+    kept = data.load_rows(str(path), "rl", skip_bad_rows=True)
     assert [r["id"] for r in kept] == ["0", "5"]
     out = capsys.readouterr().out
     assert "skipped 3 bad rows of 5" in out and "line 2: not valid JSON" in out
     for line, message in [(3, "not UTF-8 (byte 0xff at column 1)"), (5, "a JSON list, not an object")]:
         bad = tmp_path / f"bad{line}.jsonl"
         bad.write_bytes(b"\n".join([lines[0]] * (line - 1) + [lines[line - 1]]) + b"\n")
-        with pytest.raises(common.BadRowError, match=rf"bad{line}\.jsonl line {line}: {re.escape(message)}"):
-            common.load_rows(str(bad), "rl", skip_bad_rows=False)
+        with pytest.raises(config.BadRowError, match=rf"bad{line}\.jsonl line {line}: {re.escape(message)}"):
+            data.load_rows(str(bad), "rl", skip_bad_rows=False)
 
 
 def test_empty_and_unreadable_files_are_one_line_errors(tmp_path):
@@ -159,8 +159,8 @@ def test_empty_and_unreadable_files_are_one_line_errors(tmp_path):
         (garbage, "not a readable parquet file"),
     ]:
         for skip in (False, True):
-            with pytest.raises(common.BadRowError) as error:
-                common.load_rows(str(path), "rl", skip_bad_rows=skip)
+            with pytest.raises(config.BadRowError) as error:
+                data.load_rows(str(path), "rl", skip_bad_rows=skip)
             assert str(error.value).startswith(f"{path}: {message}") and "\n" not in str(error.value)
 
 
@@ -171,8 +171,8 @@ def test_a_hub_id_that_does_not_load_is_one_line(monkeypatch):
         raise ConnectionError("Couldn't reach 'no/such' on the Hub (OfflineModeIsEnabled)\nmore detail")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(common.BadRowError) as error:
-        common.load_rows("no/such@val", "rl")
+    with pytest.raises(config.BadRowError) as error:
+        data.load_rows("no/such@val", "rl")
     assert str(error.value) == (
         "no/such@val: not a local file or folder, and not loadable from the hub "
         "(ConnectionError: Couldn't reach 'no/such' on the Hub (OfflineModeIsEnabled))"
@@ -208,7 +208,7 @@ def test_vas_score_with_bad_data_or_a_missing_split_is_one_line(toy_dir, tmp_pat
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(rl_row(0, image_file(tmp_path))) + "\n{oops\n")
     folder = toy_dir / "data" / "rl"
-    for data, message in (
+    for spec, message in (
         (str(path), f"error: {path} line 2: not valid JSON"),
         (f"{folder}@nosuchsplit", f"error: {folder} has no nosuchsplit.parquet/.jsonl"),
     ):
@@ -220,7 +220,7 @@ def test_vas_score_with_bad_data_or_a_missing_split_is_one_line(toy_dir, tmp_pat
                 "--model",
                 str(toy_dir / "model"),
                 "--data",
-                data,
+                spec,
                 "--engine",
                 "hf",
                 "--out",
@@ -243,25 +243,25 @@ def test_vas_score_with_bad_data_or_a_missing_split_is_one_line(toy_dir, tmp_pat
 def test_extreme_aspect_ratio_is_a_bad_row(tmp_path):
     good, thin = image_file(tmp_path), image_file(tmp_path, "thin.png", (20000, 1))
     path = write_jsonl(tmp_path / "rows.jsonl", [rl_row(0, good), rl_row(1, thin)])
-    with pytest.raises(common.BadRowError, match=r"line 2 \(id=1\): image 0 is 20000x1 pixels.*aspect ratio"):
-        common.load_rows(str(path), "rl", min_pixels=3136, max_pixels=50176)
-    assert [r["id"] for r in common.load_rows(str(path), "rl", skip_bad_rows=True)] == ["0"]
+    with pytest.raises(config.BadRowError, match=r"line 2 \(id=1\): image 0 is 20000x1 pixels.*aspect ratio"):
+        data.load_rows(str(path), "rl", min_pixels=3136, max_pixels=50176)
+    assert [r["id"] for r in data.load_rows(str(path), "rl", skip_bad_rows=True)] == ["0"]
 
 
 def test_row_check_accepts_exactly_what_the_image_processor_accepts(toy_dir):
-    processor = common.load_processor(str(toy_dir / "model"), 3136, 50176)
+    processor = modeling.load_processor(str(toy_dir / "model"), 3136, 50176)
     # not the raw aspect ratio: 1700x1 becomes 1708x28 and passes, 1900x1 becomes 9744x28 and fails
     sizes = [(20000, 1), (1900, 1), (1, 1900), (1700, 1), (1, 250), (6000, 20), (112, 112), (1, 1), (4000, 3000)]
     outcomes = []
     for w, h in sizes:
-        image = common.resize_image(Image.new("RGB", (w, h)), 3136, 50176)
+        image = images.resize_image(Image.new("RGB", (w, h)), 3136, 50176)
         try:
             processor.image_processor(images=[image], return_tensors="pt")
             processor_ok = True
         except ValueError:
             processor_ok = False
         try:
-            common.check_image_shape(w, h, 3136, 50176)
+            images.check_image_shape(w, h, 3136, 50176)
             check_ok = True
         except ValueError:
             check_ok = False
@@ -289,9 +289,9 @@ def test_sft_null_content_is_a_bad_row(tmp_path, capsys):
     }
     for suffix, where in [(".jsonl", "line 2"), (".parquet", "row 1")]:
         path = (write_parquet if suffix == ".parquet" else write_jsonl)(tmp_path / f"sft{suffix}", [good, null])
-        with pytest.raises(common.BadRowError, match=rf"{where} \(id=n\): message 1 \(assistant\) has content null"):
-            common.load_rows(str(path), "sft")
-        assert [r["id"] for r in common.load_rows(str(path), "sft", skip_bad_rows=True)] == ["g"]
+        with pytest.raises(config.BadRowError, match=rf"{where} \(id=n\): message 1 \(assistant\) has content null"):
+            data.load_rows(str(path), "sft")
+        assert [r["id"] for r in data.load_rows(str(path), "sft", skip_bad_rows=True)] == ["g"]
     assert "skipped 1 bad rows of 2" in capsys.readouterr().out
 
 
@@ -301,7 +301,7 @@ def test_relative_image_paths_resolve_against_the_data_file(tmp_path, monkeypatc
     image_file(folder, "a.png")
     write_jsonl(folder / "train.jsonl", [rl_row(0, "a.png"), rl_row(1, {"path": "a.png"})])
     monkeypatch.chdir(tmp_path)  # a.png is not in the working directory
-    rows = common.load_rows("set/train.jsonl", "rl")
+    rows = data.load_rows("set/train.jsonl", "rl")
     assert rows[0]["images"] == [str(folder / "a.png")] and rows[1]["images"] == [{"path": str(folder / "a.png")}]
 
 
@@ -321,17 +321,17 @@ def test_relative_image_paths_resolve_against_the_data_file(tmp_path, monkeypatc
     ],
 )
 def test_useless_grpo_settings_are_refused(flags, message):
-    cfg = common.parse_config(grpo.GRPOConfig, grpo.PRESETS, flags)
+    cfg = config.parse_config(grpo.GRPOConfig, grpo.PRESETS, flags)
     with pytest.raises(SystemExit, match=message):
         grpo.validate_config(cfg)
-    grpo.validate_config(common.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--vas"]))  # the defaults are fine
+    grpo.validate_config(config.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--vas"]))  # the defaults are fine
 
 
 def test_useless_sft_settings_are_refused():
     import sft
 
     with pytest.raises(SystemExit, match="--max-steps 0 --epochs 0.0: no step would run"):
-        sft.validate_config(common.parse_config(sft.SFTConfig, sft.PRESETS, ["--max-steps", "0", "--epochs", "0"]))
+        sft.validate_config(config.parse_config(sft.SFTConfig, sft.PRESETS, ["--max-steps", "0", "--epochs", "0"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,13 +342,15 @@ def test_useless_sft_settings_are_refused():
 @pytest.fixture
 def two_checkpoints(tmp_path, toy_dir):
     """out/step-2 and out/step-4, complete training checkpoints of the toy model."""
-    d = common.Dist(0, 1, 0, torch.device("cpu"))
-    model = common.load_model(str(toy_dir / "model"), d.device, trainable=True)
-    processor = common.load_processor(str(toy_dir / "model"))
+    d = dist.Dist(0, 1, 0, torch.device("cpu"))
+    model = modeling.load_model(str(toy_dir / "model"), d.device, trainable=True)
+    processor = modeling.load_processor(str(toy_dir / "model"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cfg = grpo.GRPOConfig()
     for step in (2, 4):
-        common.save_training_checkpoint(model, processor, optimizer, tmp_path / "out" / f"step-{step}", d, step, cfg)
+        checkpoint.save_training_checkpoint(
+            model, processor, optimizer, tmp_path / "out" / f"step-{step}", d, step, cfg
+        )
     return tmp_path / "out", model, processor, optimizer, d
 
 
@@ -359,27 +361,27 @@ def test_trainer_state_loads_with_weights_only_and_restores_rng(two_checkpoints)
 
     out, model, processor, optimizer, d = two_checkpoints
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    common.save_training_checkpoint(model, processor, optimizer, out / "step-6", d, 6, grpo.GRPOConfig())
+    checkpoint.save_training_checkpoint(model, processor, optimizer, out / "step-6", d, 6, grpo.GRPOConfig())
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     state = torch.load(out / "step-6" / "trainer_state.pt", weights_only=True)  # plain types and tensors only
     assert state["step"] == 6 and state["config"] == dataclasses.asdict(grpo.GRPOConfig())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    common.load_training_checkpoint(out / "step-6", model, optimizer, d)
+    checkpoint.load_training_checkpoint(out / "step-6", model, optimizer, d)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(two_checkpoints, capsys):
     out = two_checkpoints[0]
-    assert common.latest_checkpoint(out) == out / "step-4"
+    assert checkpoint.latest_checkpoint(out) == out / "step-4"
     (out / "step-4" / "trainer_state.pt").write_bytes(b"")  # an empty trainer state (was: EOFError)
-    assert common.latest_checkpoint(out) == out / "step-2"
+    assert checkpoint.latest_checkpoint(out) == out / "step-2"
     assert f"passing over damaged checkpoint(s): {out / 'step-4' / 'trainer_state.pt'} is unreadable" in (
         capsys.readouterr().out
     )
     weights = out / "step-2" / "model.safetensors"  # a truncated weight file (was: SafetensorError)
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(common.CheckpointError) as error:
-        common.latest_checkpoint(out)
+    with pytest.raises(config.CheckpointError) as error:
+        checkpoint.latest_checkpoint(out)
     message = str(error.value)
     assert message.startswith(f"no complete checkpoint in {out} to resume from: ")
     assert f"{out / 'step-4' / 'trainer_state.pt'} is unreadable" in message
@@ -394,9 +396,9 @@ def test_checkpoint_with_pickled_objects_is_refused(two_checkpoints):
         {"step": 4, "optimizer": {}, "config": {}, "rng": [{"numpy": np.random.get_state()}]},
         out / "step-4" / "trainer_state.pt",
     )
-    with pytest.raises(common.CheckpointError, match=r"step-4/trainer_state\.pt is unreadable"):
-        common.load_trainer_state(out / "step-4")
-    assert common.latest_checkpoint(out, master=False) == out / "step-2"
+    with pytest.raises(config.CheckpointError, match=r"step-4/trainer_state\.pt is unreadable"):
+        checkpoint.load_trainer_state(out / "step-4")
+    assert checkpoint.latest_checkpoint(out, master=False) == out / "step-2"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,8 +419,8 @@ def test_resume_refuses_changes_that_break_exactness(tmp_path):
     saved = grpo.GRPOConfig(train_limit=16, rollout_batch_size=4)
     ckpt = fake_checkpoint(tmp_path / "step-2", saved)
     changed = dataclasses.replace(saved, rollout_batch_size=8, train_limit=12, seed=1, resume=True)
-    with pytest.raises(common.CheckpointError) as error:
-        common.check_resume(ckpt, changed, grpo.RESUME_MAY_CHANGE, 12, 30, tmp_path, True)
+    with pytest.raises(config.CheckpointError) as error:
+        checkpoint.check_resume(ckpt, changed, grpo.RESUME_MAY_CHANGE, 12, 30, tmp_path, True)
     message = str(error.value)
     for part in (
         "--train-limit 16 -> 12",
@@ -429,8 +431,8 @@ def test_resume_refuses_changes_that_break_exactness(tmp_path):
     ):
         assert part in message
     assert "--resume False -> True" not in message  # resume itself is no change of the run
-    with pytest.raises(common.CheckpointError, match="end at step 1, before the checkpoint's step 2"):
-        common.check_resume(
+    with pytest.raises(config.CheckpointError, match="end at step 1, before the checkpoint's step 2"):
+        checkpoint.check_resume(
             ckpt, dataclasses.replace(saved, max_steps=1), grpo.RESUME_MAY_CHANGE, 16, 1, tmp_path, True
         )
     assert not (tmp_path / "config_changes.jsonl").exists()
@@ -440,20 +442,20 @@ def test_resume_records_harmless_changes(tmp_path, capsys):
     saved = grpo.GRPOConfig(train_limit=16, rollout_batch_size=4)
     ckpt = fake_checkpoint(tmp_path / "step-2", saved)
     longer = dataclasses.replace(saved, max_steps=60, report_to="tensorboard", resume=True, stop_after=3)
-    common.check_resume(ckpt, longer, grpo.RESUME_MAY_CHANGE, 16, 60, tmp_path, True)
+    checkpoint.check_resume(ckpt, longer, grpo.RESUME_MAY_CHANGE, 16, 60, tmp_path, True)
     record = json.loads((tmp_path / "config_changes.jsonl").read_text())
     assert record["step"] == 2 and record["changes"] == {"max_steps": [30, 60], "report_to": ["", "tensorboard"]}
     assert "with changed settings" in capsys.readouterr().out
 
 
 def test_sft_resume_with_another_batch_size_is_refused_and_a_longer_run_allowed(toy_dir, tmp_path):
-    data = toy_dir / "data"
+    data_dir = toy_dir / "data"
     args = [
         "sft.py",
         "--model",
         str(toy_dir / "model"),
         "--data",
-        f"{data / 'sft'}@train",
+        f"{data_dir / 'sft'}@train",
         "--val-data",
         "",
         "--acc-limit",

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
 import grpo
 from conftest import ROOT, run_script
+from mmr1 import batches, chat, config, dist, logprobs
 
 
 def test_group_advantages_hand_computed():
@@ -60,9 +60,9 @@ def test_reference_and_old_logprobs_use_the_rollout_temperature(toy_model):
         "problem": "<image>How many red squares are there?",
         "images": [__import__("data.toy").toy.draw_grid(["red"] * 4)],
     }
-    inputs, mask = common.rl_batch(processor, [row, row], [[5, 6, 7], [8]], 3136, 50176)
+    inputs, mask = batches.rl_batch(processor, [row, row], [[5, 6, 7], [8]], 3136, 50176)
     cfg = grpo.GRPOConfig(temperature=0.6)
-    (logp,) = grpo.frozen_token_logprobs(model, [{"inputs": inputs}], cfg, common.Dist(0, 1, 0, torch.device("cpu")))
+    (logp,) = grpo.frozen_token_logprobs(model, [{"inputs": inputs}], cfg, dist.Dist(0, 1, 0, torch.device("cpu")))
     with torch.no_grad():
         logits = model(**inputs).logits[:, :-1].float()
     naive = (logits / 0.6).log_softmax(-1).gather(-1, inputs["input_ids"][:, 1:, None]).squeeze(-1)
@@ -86,7 +86,7 @@ def test_clipped_surrogate_and_clip_fraction():
 
 def test_token_mean_over_ranks_equals_single_process(toy_model):
     """Two 'ranks' with unequal token counts, each dividing its token sum by the GLOBAL token count
-    and FSDP2 summing their gradients (divide factor 1, see common.shard_model), give the
+    and FSDP2 summing their gradients (divide factor 1, see modeling.shard_model), give the
     single-process full-batch gradient."""
     model, processor = toy_model
     rows = [{"problem": "<image>How many red squares are there?", "images": [__import__("data.toy").toy.draw_grid(["red"] * 4)],
@@ -96,7 +96,7 @@ def test_token_mean_over_ranks_equals_single_process(toy_model):
     adv = torch.tensor([1.0, -0.5, 0.3, -2.0])
 
     def micro(idx):
-        inputs, mask = common.rl_batch(processor, [rows[i] for i in idx], [responses[i] for i in idx], 3136, 50176)
+        inputs, mask = batches.rl_batch(processor, [rows[i] for i in idx], [responses[i] for i in idx], 3136, 50176)
         return {"inputs": inputs, "response_mask": mask, "advantages": adv[idx]}
 
     def grads_of(parts):
@@ -104,7 +104,7 @@ def test_token_mean_over_ranks_equals_single_process(toy_model):
         total = sum(float(p["response_mask"].sum()) for ps in parts for p in ps)
         for ps in parts:  # each rank: its own micro-batches, loss = token sum / global tokens
             for p in ps:
-                logp, _ = common.token_logprobs(model, p["inputs"], temperature=cfg.temperature)
+                logp, _ = logprobs.token_logprobs(model, p["inputs"], temperature=cfg.temperature)
                 pg, _ = grpo.clipped_surrogate(logp, logp.detach(), p["advantages"][:, None], 0.2, 0.2)
                 ((pg * p["response_mask"]).sum() / total).backward()
         g = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None])  # FSDP2: sum over ranks
@@ -116,7 +116,7 @@ def test_token_mean_over_ranks_equals_single_process(toy_model):
     assert torch.allclose(single, two_ranks, atol=1e-6)
     # and the loss helper itself (one process) matches the hand-written aggregation
     model.zero_grad()
-    d = common.Dist(0, 1, 0, torch.device("cpu"))
+    d = dist.Dist(0, 1, 0, torch.device("cpu"))
     grpo.policy_loss_backward(model, [micro([0, 1]), micro([2, 3])], cfg, d)
     helper = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None])
     model.zero_grad()
@@ -131,7 +131,7 @@ def test_rl_batch_masks_exactly_the_response(toy_model):
         {"problem": "<image>Q?", "images": [toy.draw_grid(["red"] * 4)]},
         {"problem": "Longer question here?", "images": []},
     ]
-    inputs, mask = common.rl_batch(processor, rows, [[3, 4, 5], [6]], 3136, 50176)
+    inputs, mask = batches.rl_batch(processor, rows, [[3, 4, 5], [6]], 3136, 50176)
     for b, resp in enumerate([[3, 4, 5], [6]]):
         targets = inputs["input_ids"][b, 1:]
         assert targets[mask[b].bool()].tolist() == resp
@@ -140,16 +140,16 @@ def test_rl_batch_masks_exactly_the_response(toy_model):
 
 
 def test_paper_preset_is_table_6():
-    cfg = common.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--preset", "paper", "--model", "m", "--data", "d"])
+    cfg = config.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--preset", "paper", "--model", "m", "--data", "d"])
     expected = dict(lr=1e-6, kl_coef=0.01, clip_low=0.2, clip_high=0.2, max_grad_norm=1.0, group_size=8, temperature=0.6,
                     top_p=1.0, max_prompt_length=2048, max_response_length=4096, rollout_batch_size=512,
                     micro_batch_size=8, updates_per_batch=1, episodes=10.0, weight_decay=0.01, vas_mix_ratio=0.5, vas_alpha=0.8,
                     vas_beta=0.2, vas_update_every=56, vas_rollouts=16, min_pixels=7056, max_pixels=1048576,
                     gpu_memory_utilization=0.75, val_temperature=0.5, instruction="recipe")  # fmt: skip
     assert {k: getattr(cfg, k) for k in expected} == expected
-    assert common.INSTRUCTIONS[cfg.instruction] == common.RL_INSTRUCTION  # Table 7, before every problem
+    assert chat.INSTRUCTIONS[cfg.instruction] == chat.RL_INSTRUCTION  # Table 7, before every problem
     assert grpo.GRPOConfig().instruction == ""  # the toy keeps its own format
-    explicit = common.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--preset", "paper", "--lr", "3e-6"])
+    explicit = config.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--preset", "paper", "--lr", "3e-6"])
     assert explicit.lr == 3e-6 and explicit.kl_coef == 0.01
     fields = {f.name for f in dataclasses.fields(grpo.GRPOConfig)}
     assert {"vas", "vas_online", "vas_mix_ratio", "vas_alpha", "vas_beta", "vas_update_every", "vas_rollouts",
@@ -239,24 +239,24 @@ def test_policy_loss_packed_by_token_budget_equals_padded(toy_model):
     responses = [(words * 20)[:n] for n in (90, 3, 40, 1, 120, 7)]
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
     ref_shift = torch.linspace(-0.3, 0.3, 200)  # a reference log-prob that differs from the policy's
-    d = common.Dist(0, 1, 0, torch.device("cpu"))
+    d = dist.Dist(0, 1, 0, torch.device("cpu"))
     results = {}
     for pack in (False, True):
         cfg = grpo.GRPOConfig(pack=pack, kl_coef=0.1, max_tokens_per_micro_batch=150 if pack else 0, micro_batch_size=4)
-        batches = []
-        for idx, inputs, mask in common.rl_micro_batches(processor, [rows[i] for i in which], responses, 3136, 50176,
-                                                         common.PromptFormat(), cfg.max_tokens_per_micro_batch,
+        micro = []
+        for idx, inputs, mask in batches.rl_micro_batches(processor, [rows[i] for i in which], responses, 3136, 50176,
+                                                         chat.PromptFormat(), cfg.max_tokens_per_micro_batch,
                                                          cfg.micro_batch_size, d):  # fmt: skip
             batches.append({"inputs": inputs, "response_mask": mask, "advantages": adv[idx]})
         if not pack:
-            assert [len(b["advantages"]) for b in batches] == [4, 2]  # fixed count, in order
-        for b, ref in zip(batches, grpo.frozen_token_logprobs(model, batches, cfg, d)):
+            assert [len(b["advantages"]) for b in micro] == [4, 2]  # fixed count, in order
+        for b, ref in zip(micro, grpo.frozen_token_logprobs(model, micro, cfg, d)):
             b["ref_logp"] = ref + ref_shift[: ref.shape[1]]
         model.zero_grad()
-        stats = grpo.policy_loss_backward(model, batches, cfg, d)
+        stats = grpo.policy_loss_backward(model, micro, cfg, d)
         grad = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None])
         model.zero_grad()
-        results[pack] = (stats, grad, len(batches))
+        results[pack] = (stats, grad, len(micro))
     assert results[True][2] != results[False][2]  # grouped differently
     for key in ("loss", "pg", "kl", "entropy"):
         assert results[True][0][key] == pytest.approx(results[False][0][key], abs=1e-5), key

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-import common
 from data import toy
+from mmr1 import batches, dist, logprobs
 
 # fp32 on CPU. Packed and padded runs do the same arithmetic on every real token, only through
 # matmuls of other shapes (N x H instead of B*T x H), so results differ by summation order alone:
@@ -39,13 +39,13 @@ def rl_micro_batch(processor, pattern: list[int]):
         for k, q in zip(pattern, ["Compare the squares.", "Hi", "How many red squares are there?"])
     ]
     responses = [text_ids(processor, 320), text_ids(processor, 1), text_ids(processor, 50)]
-    return common.rl_batch(processor, rows, responses, 3136, 50176)
+    return batches.rl_batch(processor, rows, responses, 3136, 50176)
 
 
 def logprobs_and_grads(model, inputs, mask, packed: bool):
     """(log-probs, entropies, loss, flat gradient) of a GRPO-like loss: sum of A_b * logp over response tokens."""
     model.zero_grad()
-    logp, ent = common.token_logprobs(model, inputs, chunk_size=64, entropy=True, temperature=0.6, packed=packed)
+    logp, ent = logprobs.token_logprobs(model, inputs, chunk_size=64, entropy=True, temperature=0.6, packed=packed)
     advantages = torch.tensor([1.0, -0.5, 2.0])[:, None]
     loss = -(advantages * logp * mask).sum() / mask.sum()
     loss.backward()
@@ -90,20 +90,20 @@ def test_packed_attention_stays_inside_each_sequence(toy_model):
     model, processor = toy_model
     inputs, _ = rl_micro_batch(processor, [1, 0, 1])
     with torch.no_grad():
-        before, _ = common.token_logprobs(model, inputs, packed=True)
+        before, _ = logprobs.token_logprobs(model, inputs, packed=True)
         changed = {k: v.clone() for k, v in inputs.items()}
         end = int(inputs["attention_mask"][0].sum())
         changed["input_ids"][0, end - 30 : end - 5] = torch.tensor(
             text_ids(processor, 40)[15:]
         )  # sequence 0's response
-        after, _ = common.token_logprobs(model, changed, packed=True)
+        after, _ = logprobs.token_logprobs(model, changed, packed=True)
         assert torch.equal(before[1:], after[1:]) and not torch.equal(before[0], after[0])
-        packed = common.pack(model, inputs)
+        packed = logprobs.pack(model, inputs)
         glued = dict(packed.inputs, position_ids=packed.inputs["position_ids"].clone())
         glued["position_ids"][0] = torch.arange(glued["input_ids"].shape[1])  # one long sequence
         glued.pop("attention_mask", None)
-        hidden_glued = common.hidden_states(model, glued)[0, packed.source]
-        hidden = common.hidden_states(model, packed.inputs)[0, packed.source]
+        hidden_glued = logprobs.hidden_states(model, glued)[0, packed.source]
+        hidden = logprobs.hidden_states(model, packed.inputs)[0, packed.source]
         assert (hidden_glued - hidden).abs().max() > 1e-2
 
 
@@ -112,7 +112,7 @@ def test_pack_positions_restart_per_sequence(toy_model):
     that sequence alone: text positions 0..L-1, then Qwen2.5-VL's 3-D rope positions."""
     model, processor = toy_model
     inputs, _ = rl_micro_batch(processor, [2, 1, 0])
-    packed = common.pack(model, inputs)
+    packed = logprobs.pack(model, inputs)
     lengths = inputs["attention_mask"].sum(1).tolist()
     assert packed.inputs["input_ids"].shape == (1, sum(lengths))
     assert packed.inputs["position_ids"].shape == (4, 1, sum(lengths))
@@ -141,7 +141,7 @@ def test_pack_positions_restart_per_sequence(toy_model):
 @pytest.mark.parametrize("max_tokens, max_seqs", [(100, 0), (100, 3), (250, 4), (0, 4)])
 def test_plan_micro_batches_budget_and_cover(max_tokens, max_seqs):
     lengths = [int(x) for x in torch.randint(5, 90, (23,), generator=torch.Generator().manual_seed(1))] + [130]
-    plan = common.plan_micro_batches(lengths, max_tokens, max_seqs)
+    plan = batches.plan_micro_batches(lengths, max_tokens, max_seqs)
     assert sorted(i for b in plan for i in b) == list(range(len(lengths)))  # every sequence exactly once
     assert all(b == sorted(b) for b in plan)
     if max_tokens:
@@ -159,15 +159,15 @@ def test_plan_micro_batches_budget_and_cover(max_tokens, max_seqs):
 def test_plan_micro_batches_same_count_on_every_rank(monkeypatch):
     """A rank whose sequences fit in fewer micro-batches than another rank needs splits its own
     (FSDP2: every rank must run as many forward/backward passes); budget still respected."""
-    d = common.Dist(0, 2, 0, torch.device("cpu"))
+    d = dist.Dist(0, 2, 0, torch.device("cpu"))
     short = [30] * 8  # fits in 2 micro-batches of 120 tokens
-    assert len(common.plan_micro_batches(short, 120, 0)) == 2
-    monkeypatch.setattr(common, "all_reduce_max", lambda value, device: max(value, 5))  # the other rank needs 5
-    plan = common.plan_micro_batches(short, 120, 0, d)
+    assert len(batches.plan_micro_batches(short, 120, 0)) == 2
+    monkeypatch.setattr(batches, "all_reduce_max", lambda value, device: max(value, 5))  # the other rank needs 5
+    plan = batches.plan_micro_batches(short, 120, 0, d)
     assert len(plan) == 5 and sorted(i for b in plan for i in b) == list(range(8))
     assert sorted(len(b) for b in plan) == [1, 1, 2, 2, 2]  # balanced: 30 or 60 tokens each
     with pytest.raises(ValueError, match="cannot fill"):
-        common.plan_micro_batches([30] * 4, 120, 0, d)
+        batches.plan_micro_batches([30] * 4, 120, 0, d)
 
 
 def test_sft_micro_batches_equal_sft_batch(toy_model):
@@ -180,8 +180,8 @@ def test_sft_micro_batches_equal_sft_batch(toy_model):
         {"messages": [{"role": "user", "content": "<image>Count."}, {"role": "assistant", "content": "4"}],
          "images": [grid()]},
     ]  # fmt: skip
-    (micro,) = common.sft_micro_batches(processor, rows, 3136, 50176, 0, max_tokens=10_000, max_seqs=0)
-    whole = common.sft_batch(processor, rows, 3136, 50176)
+    (micro,) = batches.sft_micro_batches(processor, rows, 3136, 50176, 0, max_tokens=10_000, max_seqs=0)
+    whole = batches.sft_batch(processor, rows, 3136, 50176)
     assert set(micro) == set(whole)
     for key in whole:
         assert torch.equal(micro[key], whole[key]), key
@@ -192,12 +192,12 @@ def test_packed_equals_padded_with_left_padding(toy_model):
     model, processor = toy_model
     rows = [{"problem": "<image><image>Which one has more red?", "images": [grid(), grid(("red",) * 4)]},
             {"problem": "Hi"}, {"problem": "<image>Count.", "images": [grid()]}]  # fmt: skip
-    inputs = common.processor_inputs(
-        processor, common.prompt_texts(processor, rows), [r.get("images", []) for r in rows]
+    inputs = batches.processor_inputs(
+        processor, batches.prompt_texts(processor, rows), [r.get("images", []) for r in rows]
     )
     assert (inputs["attention_mask"][:, 0] == 0).any()  # left padding
     with torch.no_grad():
-        padded, _ = common.token_logprobs(model, inputs)
-        packed, _ = common.token_logprobs(model, inputs, packed=True)
+        padded, _ = logprobs.token_logprobs(model, inputs)
+        packed, _ = logprobs.token_logprobs(model, inputs, packed=True)
     valid = inputs["attention_mask"][:, :-1].bool() & inputs["attention_mask"][:, 1:].bool()
     assert torch.allclose(packed[valid], padded[valid], atol=ATOL, rtol=0) and (packed[~valid] == 0).all()

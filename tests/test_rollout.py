@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-import common
-import rollout
 from data import toy
+from mmr1 import dist, modeling, rollout
 
 
 def toy_rows(n=3):
@@ -21,7 +20,7 @@ def toy_rows(n=3):
 
 def test_hf_engine_shapes_order_seeds_and_stops(toy_model):
     model, processor = toy_model
-    d = common.Dist(0, 1, 0, torch.device("cpu"))
+    d = dist.Dist(0, 1, 0, torch.device("cpu"))
     engine = rollout.HFEngine(model, processor, d, min_pixels=3136, max_pixels=50176, batch_size=4)
     sampling = rollout.Sampling(temperature=1.0, max_new_tokens=6, seed=3)
     outs = engine.generate(toy_rows(3), 2, sampling)
@@ -92,7 +91,7 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
     install_fake_vllm(monkeypatch, log)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)  # restored to absent afterwards, whatever the engine sets
-    d = common.Dist(1, 2, 1, torch.device("cuda", 1))  # the GPU arguments; nothing here touches a device
+    d = dist.Dist(1, 2, 1, torch.device("cuda", 1))  # the GPU arguments; nothing here touches a device
     engine = rollout.make_engine("vllm", model, processor, d, model_path=str(toy_dir / "model"), min_pixels=3136,
                                  max_pixels=50176, gpu_memory_utilization=0.5, max_model_len=512)  # fmt: skip
     import os
@@ -109,7 +108,7 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
     assert len(prompts[0]["multi_modal_data"]["image"]) == 1 and "multi_modal_data" not in prompts[2]
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert params["n"] == 2 and params["max_tokens"] == 9 and params["stop_token_ids"] == [end]
-    assert params["seed"] == common.derive_seed(2, "rank", 1) and all(v < -50 for v in params["logit_bias"].values())
+    assert params["seed"] == dist.derive_seed(2, "rank", 1) and all(v < -50 for v in params["logit_bias"].values())
     assert params["top_k"] == 0 and params["repetition_penalty"] == 1.0 and kwargs["generation_config"] == "vllm"
     assert [(o.row, o.token_ids, o.finish_reason) for o in outs[:2]] == [
         (0, [5, 6, end], "stop"),
@@ -118,7 +117,7 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
     log.clear()
     engine.sleep()
     engine.sleep()  # idempotent
-    engine.wake(model, version=1)
+    engine.push_weights(model, version=1)
     names = [entry[0] for entry in log]
     assert names == ["sleep", "wake_up", "rpc", "reset_prefix_cache", "reset_encoder_cache", "wake_up"]
     assert log[1][1] == ("weights",) and log[5][1] == ("kv_cache",)
@@ -130,7 +129,7 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
     assert sorted(n for n, _ in rpc[2]) == sorted(on_disk) and {t for _, t in rpc[2]} == {torch.bfloat16}
     log.clear()
     engine.sleep()
-    engine.wake(model, version=1)  # the same weights again (a validation after the step): no push
+    engine.push_weights(model, version=1)  # the same weights again (a validation after the step): no push
     assert [entry[0] for entry in log] == ["sleep", "wake_up", "wake_up"] and engine.pushes == 1
     engine.close()
     assert log[-1] == ("shutdown",) and engine.llm is None
@@ -163,8 +162,8 @@ def test_hf_engine_ignores_the_checkpoints_sampling_defaults(toy_dir, tmp_path, 
         ckpt
     )
     _, processor = toy_model
-    d = common.Dist(0, 1, 0, torch.device("cpu"))
-    plain, shipped = (common.load_model(str(p), d.device) for p in (toy_dir / "model", ckpt))
+    d = dist.Dist(0, 1, 0, torch.device("cpu"))
+    plain, shipped = (modeling.load_model(str(p), d.device) for p in (toy_dir / "model", ckpt))
     assert shipped.generation_config.top_k == 1 and shipped.generation_config.repetition_penalty == 1.05
     sampling = rollout.Sampling(temperature=1.0, max_new_tokens=10, seed=3)
 

@@ -11,9 +11,9 @@ from conftest import run_script
 
 
 def toy_args(toy_dir, out, steps, *extra):
-    data = toy_dir / "data"
-    return ["sft.py", "--model", str(toy_dir / "model"), "--data", f"{data / 'sft'}@train",
-            "--val-data", f"{data / 'sft'}@val", "--acc-data", f"{data / 'rl'}@val", "--output-dir", str(out),
+    data_dir = toy_dir / "data"
+    return ["sft.py", "--model", str(toy_dir / "model"), "--data", f"{data_dir / 'sft'}@train",
+            "--val-data", f"{data_dir / 'sft'}@val", "--acc-data", f"{data_dir / 'rl'}@val", "--output-dir", str(out),
             "--max-steps", str(steps), "--batch-size", "8", "--micro-batch-size", "4", "--acc-limit", "8",
             "--acc-max-new-tokens", "8", "--val-limit", "8", "--eval-every", "2", *extra]  # fmt: skip
 
@@ -34,11 +34,11 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_global_batches_walk_a_permutation_per_epoch():
-    batches = [sft.global_batch(s, 10, 4, seed=1) for s in range(5)]  # 20 rows = 2 epochs
-    flat = [i for b in batches for i in b]
+    seen = [sft.global_batch(s, 10, 4, seed=1) for s in range(5)]  # 20 rows = 2 epochs
+    flat = [i for b in seen for i in b]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
     assert flat[:10] != flat[10:]
-    assert batches == [sft.global_batch(s, 10, 4, seed=1) for s in range(5)]
+    assert seen == [sft.global_batch(s, 10, 4, seed=1) for s in range(5)]
 
 
 def test_sft_script_trains_and_saves(toy_dir, tmp_path):
@@ -112,9 +112,9 @@ def test_stopped_then_resumed_equals_uninterrupted(toy_dir, tmp_path):
 
 
 def test_paper_preset_is_table_5():
-    import common
+    from mmr1 import config
 
-    cfg = common.parse_config(sft.SFTConfig, sft.PRESETS, ["--preset", "paper", "--model", "m", "--data", "d"])
+    cfg = config.parse_config(sft.SFTConfig, sft.PRESETS, ["--preset", "paper", "--model", "m", "--data", "d"])
     expected = dict(epochs=3.0, max_steps=0, lr=1e-5, warmup_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0,
                     batch_size=32, max_length=16384, min_pixels=7056, max_pixels=1048576)  # fmt: skip
     assert {k: getattr(cfg, k) for k in expected} == expected
@@ -123,17 +123,17 @@ def test_paper_preset_is_table_5():
 def train_toy_steps(toy_dir, packed: bool) -> tuple[dict, dict]:
     """(initial, final) state dicts of STEPS AdamW steps of sft_loss on 8 toy rows each: packed
     micro-batches by a 200-token budget, or right-padded ones of 4 rows (grouped differently)."""
-    import common
+    from mmr1 import batches, data, dist, modeling
 
-    d = common.Dist(0, 1, 0, torch.device("cpu"))
-    rows = common.load_rows(f"{toy_dir / 'data' / 'sft'}@train", "sft")[: 8 * STEPS]
-    processor = common.load_processor(str(toy_dir / "model"))
-    model = common.load_model(str(toy_dir / "model"), d.device, trainable=True)
+    d = dist.Dist(0, 1, 0, torch.device("cpu"))
+    rows = data.load_rows(f"{toy_dir / 'data' / 'sft'}@train", "sft")[: 8 * STEPS]
+    processor = modeling.load_processor(str(toy_dir / "model"))
+    model = modeling.load_model(str(toy_dir / "model"), d.device, trainable=True)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     for step in range(STEPS):
         batch = rows[step * 8 : (step + 1) * 8]
-        micro = common.sft_micro_batches(processor, batch, 3136, 50176, 0, 200 if packed else 0, 4, d)
+        micro = batches.sft_micro_batches(processor, batch, 3136, 50176, 0, 200 if packed else 0, 4, d)
         sft.sft_loss(model, micro, d, chunk=64, packed=packed)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -155,20 +155,20 @@ def test_packed_sft_equals_padded(toy_dir, monkeypatch):
     a few hundred ulps of zero get r up to ~1e-2. Hence SFT_ATOL = STEPS * lr * 1e-2 = 6e-5.
     A real leak (attention across packed sequences) is checked to land well above it.
     """
-    import common
+    from mmr1 import logprobs
 
     init, padded = train_toy_steps(toy_dir, packed=False)
     _, packed = train_toy_steps(toy_dir, packed=True)
     assert max_diff(padded, init) > 0.5 * LR  # the steps did move the weights
     assert max_diff(packed, padded) <= SFT_ATOL
     # the same run with the sequences of each packed row attending to each other (positions not restarting)
-    real_pack = common.pack
+    real_pack = logprobs.pack
 
     def leaky_pack(model, inputs):
         out = real_pack(model, inputs)
         out.inputs["position_ids"][0] = torch.arange(out.inputs["input_ids"].shape[1])
         return out
 
-    monkeypatch.setattr(common, "pack", leaky_pack)
+    monkeypatch.setattr(logprobs, "pack", leaky_pack)
     _, leaky = train_toy_steps(toy_dir, packed=True)
     assert max_diff(leaky, padded) > 10 * SFT_ATOL

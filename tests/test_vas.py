@@ -192,15 +192,15 @@ def test_degenerate_weights_fall_back_to_uniform():
 
 
 def test_rank_shares_are_disjoint_and_cover_the_batch():
-    """common.shard is the one way work is split over ranks (training batches, scoring, validation)."""
+    """dist.shard is the one way work is split over ranks (training batches, scoring, validation)."""
     import torch
 
-    import common
+    from mmr1 import dist
 
     batch = list(range(100, 112))
-    parts = [common.shard(batch, common.Dist(r, 4, r, torch.device("cpu"))) for r in range(4)]
+    parts = [dist.shard(batch, dist.Dist(r, 4, r, torch.device("cpu"))) for r in range(4)]
     assert sum((p for p, _ in parts), []) == batch and all(len(p) == n == 3 for p, n in parts)
-    uneven = [common.shard(batch, common.Dist(r, 5, r, torch.device("cpu"))) for r in range(5)]
+    uneven = [dist.shard(batch, dist.Dist(r, 5, r, torch.device("cpu"))) for r in range(5)]
     assert all(len(p) == 3 for p, _ in uneven)  # equal work on every rank: padded
     assert sum((p[:n] for p, n in uneven), []) == batch  # the real items, once each
 

@@ -16,25 +16,29 @@ import torch
 if os.environ.get("MMR1_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="the real-vLLM tests run in .venv-vllm (scripts/setup_vllm_cpu.sh)")
 
-import common  # noqa: E402
-import rollout  # noqa: E402
 from conftest import run_script  # noqa: E402
+from mmr1 import (  # noqa: E402
+    data,
+    dist,
+    modeling,
+    rollout,  # noqa: E402
+)
 
-CPU = common.Dist(0, 1, 0, torch.device("cpu"))
+CPU = dist.Dist(0, 1, 0, torch.device("cpu"))
 PIXELS = {"min_pixels": 3136, "max_pixels": 50176}
 
 
 @pytest.fixture(scope="module")
 def engine(toy_dir):
     """One in-process vLLM engine on the toy model for the whole module (starting one takes seconds)."""
-    processor = common.load_processor(str(toy_dir / "model"), **PIXELS)
+    processor = modeling.load_processor(str(toy_dir / "model"), **PIXELS)
     eng = rollout.VLLMEngine(str(toy_dir / "model"), processor, CPU, max_model_len=1024, **PIXELS)
     yield eng
     eng.close()
 
 
 def image_rows(toy_dir, n=4):
-    return common.load_rows(f"{toy_dir / 'data' / 'rl'}@val", "rl", limit=n)
+    return data.load_rows(f"{toy_dir / 'data' / 'rl'}@val", "rl", limit=n)
 
 
 def greedy(eng, rows, tokens=16):
@@ -65,7 +69,7 @@ def test_greedy_vllm_equals_greedy_hf(engine, toy_dir, toy_model):
 
 def test_weight_push_changes_outputs_and_pushing_back_restores_them(engine, toy_dir, toy_model):
     """Also the encoder-cache bug: the same images are generated again right after each push, which
-    died with "Encoder cache miss" before sync_weights reset the scheduler's encoder cache."""
+    died with "Encoder cache miss" before push_weights reset the scheduler's encoder cache."""
     model, _ = toy_model
     rows = image_rows(toy_dir, 4)
     before = greedy(engine, rows)
@@ -75,22 +79,22 @@ def test_weight_push_changes_outputs_and_pushing_back_restores_them(engine, toy_
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     try:
-        engine.sync_weights(model, version=101)
+        engine.push_weights(model, version=101)
         changed = greedy(engine, rows)  # the same images as before the push
         assert changed != before
-        engine.sync_weights(model, version=101)  # same version: skipped
+        engine.push_weights(model, version=101)  # same version: skipped
         assert engine.pushes == 1 or engine.version == 101
     finally:
         model.load_state_dict(original)
     pushes = engine.pushes
-    engine.sync_weights(model, version=102)
+    engine.push_weights(model, version=102)
     assert engine.pushes == pushes + 1
     assert greedy(engine, rows) == before  # bf16 of the same fp32 weights: exactly the same tokens
 
 
 def grpo_args(toy_dir, out, steps, *extra):
-    data = toy_dir / "data" / "rl"
-    return ["grpo.py", "--model", str(toy_dir / "model"), "--data", f"{data}@train", "--val-data", f"{data}@val",
+    data_dir = toy_dir / "data" / "rl"
+    return ["grpo.py", "--model", str(toy_dir / "model"), "--data", f"{data_dir}@train", "--val-data", f"{data_dir}@val",
             "--output-dir", str(out), "--max-steps", str(steps), "--train-limit", "16", "--rollout-batch-size", "4",
             "--group-size", "4", "--max-response-length", "12", "--max-prompt-length", "500", "--val-limit", "8",
             "--val-every", "2", "--vas-rollouts", "2", "--vas-update-every", "2", "--reward-workers", "1", "--lr", "1e-3",

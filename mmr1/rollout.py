@@ -1,7 +1,8 @@
 """Generation engines behind one interface, shared by sft.py (val accuracy), grpo.py, vas.py, eval.py.
 
     engine.generate(rows, n, sampling) -> list[Rollout]   # n per row, row-major
-    engine.wake(model, version) / engine.sleep()         # retake memory + load changed weights / free it
+    engine.push_weights(model, version)                  # the policy's current weights -> the engine (wakes it)
+    engine.sleep()                                       # free the engine's memory while the trainer runs
     engine.close()                                       # before the process group goes
 
 HFEngine runs `model.generate` on the live (possibly FSDP2-sharded) training model. VLLMEngine is
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-import common
 import reward
+
+from . import batches, chat, dist, images
 
 
 @dataclass
@@ -49,12 +51,12 @@ def make_engine(
     kind: str,
     model,
     processor,
-    d: common.Dist,
+    d: dist.Dist,
     *,
     model_path: str,
     min_pixels: int,
     max_pixels: int,
-    prompt_format: common.PromptFormat = common.PromptFormat(),
+    prompt_format: chat.PromptFormat = chat.PromptFormat(),
     batch_size: int = 32,
     gpu_memory_utilization: float = 0.75,
     max_model_len: int = 8192,
@@ -63,7 +65,7 @@ def make_engine(
     """'hf', 'vllm', or 'auto' (vLLM when it imports and a GPU is there, else HF).
 
     model: the live model (HF engine; may be None for vLLM); model_path: the checkpoint vLLM loads,
-    holding weights of `weights_version` (see VLLMEngine.sync_weights).
+    holding weights of `weights_version` (see VLLMEngine.push_weights).
     """
     if kind == "auto":
         kind = "vllm" if d.device.type == "cuda" and _vllm_available() else "hf"
@@ -125,14 +127,14 @@ def _vllm_available() -> bool:
         return False
 
 
-def validation_accuracy(engine, rows: list[dict], d: common.Dist, sampling: Sampling, pool=None) -> float:
+def validation_accuracy(engine, rows: list[dict], d: dist.Dist, sampling: Sampling, pool=None) -> float:
     """Share of `rows` answered right with one sample each (reward.py's accuracy), the rows
     sharded over ranks; every rank gets the same value. pool: a reward.RewardPool or None."""
-    mine, n_real = common.shard(rows, d)
+    mine, n_real = dist.shard(rows, d)
     outs = engine.generate(mine, 1, sampling)
     scores = reward.score_responses([o.text for o in outs], [mine[o.row] for o in outs], pool=pool)
     correct = sum(s["accuracy"] for s in scores[:n_real])
-    return common.all_reduce_sum(correct, d.device).item() / len(rows)
+    return dist.all_reduce_sum(correct, d.device).item() / len(rows)
 
 
 class HFEngine:
@@ -142,12 +144,12 @@ class HFEngine:
         self,
         model,
         processor,
-        d: common.Dist,
+        d: dist.Dist,
         *,
         min_pixels: int,
         max_pixels: int,
         batch_size: int = 32,
-        prompt_format: common.PromptFormat = common.PromptFormat(),
+        prompt_format: chat.PromptFormat = chat.PromptFormat(),
     ):
         self.model, self.processor, self.d = model, processor, d
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
@@ -174,7 +176,7 @@ class HFEngine:
         out: list[Rollout] = []
         try:
             with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
-                torch.manual_seed(common.derive_seed(sampling.seed, "rank", self.d.rank))
+                torch.manual_seed(dist.derive_seed(sampling.seed, "rank", self.d.rank))
                 for start in range(0, len(jobs), self.batch_size):
                     batch = jobs[start : start + self.batch_size]
                     out += self._generate_batch(rows, batch, sampling)
@@ -184,9 +186,9 @@ class HFEngine:
         return out
 
     def _generate_batch(self, rows: list[dict], batch: list[int], sampling: Sampling) -> list[Rollout]:
-        texts = common.prompt_texts(self.processor, [rows[i] for i in batch], self.prompt_format)
-        images = [common.row_images(rows[i], self.min_pixels, self.max_pixels) for i in batch]
-        inputs = common.processor_inputs(self.processor, texts, images)
+        texts = batches.prompt_texts(self.processor, [rows[i] for i in batch], self.prompt_format)
+        pictures = [images.row_images(rows[i], self.min_pixels, self.max_pixels) for i in batch]
+        inputs = batches.processor_inputs(self.processor, texts, pictures)
         inputs = {k: v.to(self.d.device) for k, v in inputs.items()}
         greedy = sampling.temperature <= 0
         with torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.d.device.type == "cuda"):
@@ -218,8 +220,8 @@ class HFEngine:
     def sleep(self) -> None:
         """Nothing to free: the HF engine holds no memory of its own."""
 
-    def wake(self, model=None, version: int | None = None) -> None:
-        """Nothing to retake or load: the HF engine is the training model."""
+    def push_weights(self, model, version: int | None = None) -> None:
+        """Nothing to load: the HF engine generates with the training model itself."""
 
     def close(self) -> None:
         """Nothing to shut down."""
@@ -238,11 +240,11 @@ class VLLMEngine:
         self,
         model_path: str,
         processor,
-        d: common.Dist,
+        d: dist.Dist,
         *,
         min_pixels: int,
         max_pixels: int,
-        prompt_format: common.PromptFormat = common.PromptFormat(),
+        prompt_format: chat.PromptFormat = chat.PromptFormat(),
         gpu_memory_utilization: float = 0.75,
         max_model_len: int = 8192,
         max_images: int = 4,
@@ -284,9 +286,9 @@ class VLLMEngine:
         """n sampled responses for each row, row-major, as HFEngine.generate."""
         from vllm import SamplingParams
 
-        texts = common.prompt_texts(self.processor, rows, self.prompt_format)
+        texts = batches.prompt_texts(self.processor, rows, self.prompt_format)
         prompts = [
-            {"prompt": t, "multi_modal_data": {"image": common.row_images(r, self.min_pixels, self.max_pixels)}}
+            {"prompt": t, "multi_modal_data": {"image": images.row_images(r, self.min_pixels, self.max_pixels)}}
             if r.get("images")
             else {"prompt": t}
             for t, r in zip(texts, rows)
@@ -299,7 +301,7 @@ class VLLMEngine:
             top_k=0,
             repetition_penalty=1.0,
             max_tokens=sampling.max_new_tokens,
-            seed=common.derive_seed(sampling.seed, "rank", self.d.rank),
+            seed=dist.derive_seed(sampling.seed, "rank", self.d.rank),
             stop_token_ids=[self.end_id],
             logit_bias={i: -100.0 for i in self.forbidden},
         )
@@ -314,11 +316,24 @@ class VLLMEngine:
                 rollouts.append(Rollout(i, ids, completion.text, reason))
         return rollouts
 
-    def sync_weights(self, model, version: int | None = None) -> None:
-        """Pushes the training weights into vLLM, one full tensor at a time, then drops every cache
-        computed with the old ones. Skipped when `version` equals that of the weights vLLM holds."""
-        if version is not None and version == self.version:
-            return
+    def push_weights(self, model, version: int | None = None) -> None:
+        """Loads the training model's current weights into vLLM and wakes it for generation.
+
+        Sleep mode (GPU): the weights wake first, the new ones are pushed into them, and only then
+        the KV cache, in the memory left. The push sends one full bf16 tensor at a time through
+        `collective_rpc("reload_weights")` and drops every cache computed with the old weights; it is
+        skipped when `version` (the optimizer step) equals that of the weights vLLM holds.
+        """
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        if version is None or version != self.version:
+            self._reload_weights(model, version)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+
+    def _reload_weights(self, model, version: int | None) -> None:
+        """The push itself: (name, full tensor) pairs into vLLM's loader, then the stale caches dropped."""
 
         def weights():  # (name, full bf16 tensor), one at a time: never the whole model gathered at once
             for name, tensor in model.state_dict().items():
@@ -339,17 +354,6 @@ class VLLMEngine:
         if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=1)
             self.asleep = True
-
-    def wake(self, model=None, version: int | None = None) -> None:
-        """Wakes the weights, loads the current ones from `model` if given (and changed since the
-        last push, see sync_weights), then wakes the KV cache."""
-        if self.asleep:
-            self.llm.wake_up(tags=["weights"])
-        if model is not None:
-            self.sync_weights(model, version)
-        if self.asleep:
-            self.llm.wake_up(tags=["kv_cache"])
-            self.asleep = False
 
     def close(self) -> None:
         """Shuts the engine down; call it before the process group is destroyed (its teardown

@@ -1,0 +1,146 @@
+"""The command line and the run's records: a config dataclass becomes the CLI, metrics go to
+metrics.jsonl, and bad input ends a stage in one `error: ...` line instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def parse_config(cls: type, presets: dict[str, dict[str, Any]] | None = None, argv: list[str] | None = None):
+    """Builds an argparse CLI from a config dataclass and returns a filled instance.
+
+    Every field becomes `--field-name`; its `help` metadata is the --help text. `--preset NAME`
+    (when presets are given) sets defaults from presets[NAME]; flags given explicitly still win.
+    """
+    parser = argparse.ArgumentParser(description=cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type).replace(" | None", ""), str)
+        choices = f.metadata.get("choices")
+        parser.add_argument(flag, type=kind, default=default, choices=choices, help=help_text)
+    args = parser.parse_args(argv)
+    config = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    preset = getattr(config, "preset", None)
+    if presets and preset:
+        if preset not in presets:
+            parser.error(f"unknown --preset {preset!r}; choose from {sorted(presets)}")
+        explicit = {a.split("=")[0] for a in (argv if argv is not None else __import__("sys").argv[1:])}
+        unknown = set(presets[preset]) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"preset {preset!r} sets unknown fields {sorted(unknown)}")
+        for name, value in presets[preset].items():
+            if "--" + name.replace("_", "-") not in explicit:
+                setattr(config, name, value)
+    return config
+
+
+def field(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field whose help text becomes the --help line of its flag."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+class InputError(ValueError):
+    """Bad input the user must fix (data, checkpoint, settings); its message names what and where.
+
+    Stage scripts print it as one line and exit 1 (see exit_on_input_error), never as a traceback.
+    """
+
+
+class MissingDataError(InputError, FileNotFoundError):
+    """A data file or split that is not there (also a FileNotFoundError)."""
+
+
+class BadRowError(InputError):
+    """A data row or data file that cannot be used; the message names the file, the row or line and the problem."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be resumed from; the message names the file and what to do."""
+
+
+def exit_on_input_error(main) -> None:
+    """Runs a stage script's main(), turning an InputError into a one-line message and exit status 1."""
+    try:
+        main()
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def first_line(e: BaseException) -> str:
+    """`Type: first line of the message`, short enough for a one-line error."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:300]
+
+
+class MetricLogger:
+    """One JSON line per step in <out>/metrics.jsonl; wandb / tensorboard mirrors when asked.
+
+    A fresh run starts a new file; a run resumed from step N keeps the lines up to N and drops
+    those a killed run wrote after its last checkpoint, so every step appears once.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        config: Any,
+        enabled: bool,
+        report_to: str = "",
+        project: str = "mmr1",
+        resume_from: int | None = None,
+    ):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.wandb = self.tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_from is not None and self.path.exists():
+            kept = [x for x in self.path.read_text().splitlines() if x and json.loads(x)["step"] <= resume_from]
+        self.path.write_text("".join(x + "\n" for x in kept))
+        targets = {t for t in report_to.split(",") if t}
+        if "wandb" in targets:
+            self.wandb = _optional_import("wandb", "pip install wandb")
+            self.wandb.init(project=project, config=dataclasses.asdict(config), dir=str(out_dir))
+        if "tensorboard" in targets:
+            tb = _optional_import("torch.utils.tensorboard", "pip install tensorboard")
+            self.tb = tb.SummaryWriter(str(Path(out_dir) / "tb"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Appends {"step", "time", **metrics} (floats) to metrics.jsonl and mirrors it; rank 0 only."""
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        """Flushes and closes the tensorboard / wandb mirrors."""
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _optional_import(module: str, how: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise SystemExit(f"{module} is not installed; {how}") from e

@@ -1,0 +1,119 @@
+"""Where this process stands and how ranks talk: the process group (torchrun means RANK is set),
+reductions over ranks, this rank's share of a global batch, and named seed streams."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def derive_seed(seed: int, stream: str, *counters: int) -> int:
+    """A 31-bit seed for one random stream, distinct for every (seed, stream, counters).
+
+    stream names the consumer ("rollout", "val", "vas", "sft-order", ...); counters are the step,
+    the rank, a call number. Seeds of different streams never coincide by arithmetic accident
+    (as `seed * K + step` schemes do at seed 0): the inputs go through numpy's SeedSequence hash.
+    """
+    words = [seed & 0xFFFFFFFF, *stream.encode(), *(c & 0xFFFFFFFF for c in counters)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)
+
+
+@dataclass
+class Dist:
+    """Where this process stands: its rank, the world size, its local rank and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        """Rank 0: the process that prints, logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """More than one process (torchrun): collectives and FSDP2 are in play."""
+        return self.world_size > 1
+
+
+def setup_distributed(seed: int = 0) -> Dist:
+    """Initialises torch.distributed when launched by torchrun (nccl on GPU, gloo on CPU).
+
+    Without RANK in the environment it is a single process on cuda:0 or the CPU. Seeds python,
+    numpy and torch with `seed` on every rank (per-rank streams are derived where needed).
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return Dist(rank, world, local_rank, device)
+
+
+def cleanup_distributed() -> None:
+    """Tears down the process group if one was created."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum of a scalar or tensor over all ranks (identity on one process); returns a new tensor."""
+    t = torch.as_tensor(value, dtype=torch.float64 if not torch.is_tensor(value) else value.dtype, device=device)
+    t = t.clone()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def all_reduce_dict(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """{name: sum over ranks of values[name]}, one collective for the whole dict (same keys, same
+    order on every rank); identity on one process."""
+    names = list(values)
+    summed = all_reduce_sum(torch.tensor([float(values[k]) for k in names], dtype=torch.float64), device)
+    return dict(zip(names, summed.tolist()))
+
+
+def shard(items: list, d: Dist) -> tuple[list, int]:
+    """This rank's contiguous share of `items`, padded to the same length on every rank.
+
+    Returns (padded share, number of real items in it). Padding repeats items from the start, so
+    every rank does equal work, which FSDP2 forwards and synced generation need; drop the padding
+    (everything past the real count) before counting results.
+    """
+    per_rank = math.ceil(len(items) / d.world_size)
+    mine = items[d.rank * per_rank : (d.rank + 1) * per_rank]
+    padding = [items[i % len(items)] for i in range(per_rank - len(mine))] if items else []
+    return list(mine) + padding, len(mine)
+
+
+def all_gather_list(items: list, d: Dist) -> list:
+    """Concatenation over ranks (rank order) of each rank's Python list."""
+    if not d.enabled:
+        return list(items)
+    gathered: list[list] = [None] * d.world_size  # type: ignore[list-item]
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """Largest value of an integer over all ranks (the value itself on one process)."""
+    t = torch.tensor(value, dtype=torch.long, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

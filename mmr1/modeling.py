@@ -1,0 +1,165 @@
+"""The model and its processor: loading Qwen2.5-VL, choosing the attention kernel (flash-attn on
+GPU, `sdpa_varlen` on CPU), FSDP2 sharding, the one precision context and the optimizer step."""
+
+from __future__ import annotations
+
+import torch
+
+from .dist import Dist
+
+
+def attention_implementation(device: torch.device) -> str:
+    """'flash_attention_2' on a GPU where flash-attn imports, else VARLEN_SDPA (PyTorch SDPA that
+    runs each sequence of a packed row on its own; see sdpa_varlen)."""
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    register_sdpa_varlen()
+    return VARLEN_SDPA
+
+
+VARLEN_SDPA = "sdpa_varlen"  # the name models are loaded with where flash-attn is missing (CPU)
+
+
+def sdpa_varlen(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
+    """transformers attention function: SDPA, but on a packed row (batch 1, no mask, text
+    position_ids restarting at 0 per sequence) causal attention runs over each sequence on its
+    own, as flash-attention's varlen kernel does on GPU.
+
+    query (1, heads, N, D), key / value (1, kv_heads, N, D); returns ((1, N, heads, D), None).
+    Exact: the same as SDPA under the block-diagonal causal mask transformers builds for packed
+    rows, at sum(L_i^2) rather than N^2 cost (with that mask a packed toy micro-batch took up to
+    2x the padded time on CPU). Everything else (padded batches, generation, the vision tower) goes
+    to transformers' SDPA unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    positions = kwargs.get("position_ids")
+    n = query.shape[2]
+    if attention_mask is not None or positions is None or query.shape[0] != 1 or key.shape[2] != n:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    starts = (positions.reshape(-1) == 0).nonzero().flatten().tolist() + [n]  # (start of each sequence, N)
+    if len(starts) <= 2:  # one sequence: plain causal attention
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    parts = [
+        sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **kwargs)[0]
+        for s, e in zip(starts[:-1], starts[1:])
+    ]
+    return torch.cat(parts, dim=1), None
+
+
+def register_sdpa_varlen() -> None:
+    """Makes VARLEN_SDPA a transformers attention implementation (its masks are SDPA's)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN_SDPA, sdpa_varlen)
+    AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
+
+
+def load_model(name_or_path: str, device: torch.device, gradient_checkpointing: bool = False, trainable: bool = False):
+    """Qwen2.5-VL from a hub id or a local folder, never with remote code.
+
+    Frozen models (reference, evaluation) are bf16 on GPU. Trainable ones keep fp32 master
+    weights everywhere (an AdamW step of lr 1e-6 vanishes in bf16) and compute in bf16 on GPU
+    through FSDP2's mixed precision (shard_model) or autocast. CPU: fp32 throughout.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    dtype = torch.bfloat16 if device.type == "cuda" and not trainable else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(
+        name_or_path,
+        dtype=dtype,
+        attn_implementation=attention_implementation(device),
+        trust_remote_code=False,
+    ).to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_processor(name_or_path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The model's processor, left padding (generation), pixel range overridden when given."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False)
+    processor.tokenizer.padding_side = "left"
+    if min_pixels or max_pixels:
+        size = dict(processor.image_processor.size)
+        size["shortest_edge"] = min_pixels or size["shortest_edge"]
+        size["longest_edge"] = max_pixels or size["longest_edge"]
+        processor.image_processor.size = type(processor.image_processor.size)(**size)
+    return processor
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The transformer blocks FSDP2 shards one by one: vision blocks, then text decoder layers."""
+    inner = model.model if hasattr(model, "model") else model
+    return list(inner.visual.blocks) + list(inner.language_model.layers)
+
+
+def shard_model(model, d: Dist):
+    """FSDP2 (`fully_shard`) per decoder layer and at the root; a no-op on one process."""
+    if not d.enabled:
+        return model
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if d.device.type == "cuda" and next(model.parameters()).dtype == torch.float32:  # fp32 master weights
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model.model.visual, **kwargs)  # patch embed + merger: a unit of its own, callable by itself
+    fully_shard(model, reshard_after_forward=False, **kwargs)  # root: lm_head stays gathered for chunked log-probs
+    # Sum the ranks' gradients instead of averaging them: each rank's loss is already its share of the
+    # GLOBAL token mean (token sum / global token count; grpo.policy_loss_backward, sft.sft_loss), so the
+    # sum is the full-batch gradient.
+    # (A plain SUM collective: gloo has no pre-multiplied sum, and a factor of 1 needs none.)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    # FSDP2 initialises lazily on the first forward through the ROOT; generation can reach the
+    # vision tower by itself first, so run one tiny text-only forward now.
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=d.device), use_cache=False, logits_to_keep=1)
+    model.reshard()
+    return model
+
+
+def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict; a collective under FSDP2, so every rank must call it."""
+    if not d.enabled:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model.reshard()  # the root keeps gathered tensors after a forward; state dicts want the shards
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """The one precision context of every forward: bf16 autocast on GPU (over fp32 master weights
+    or bf16 frozen ones), plain fp32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The same dict with every tensor moved to `device`."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def clip_and_step(params, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clips the gradient to `max_norm` (global L2 norm over all ranks under FSDP2), takes the
+    optimizer step, clears the gradients; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
