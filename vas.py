@@ -15,14 +15,17 @@ normalised VPS and the rest walk a shuffled permutation of the data set (Algorit
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from mmr1 import config  # the dataclass CLI: standard library only, so the math here needs numpy alone
+from mmr1.config import field
 
 EPSILON = 0.1  # Chen & Cherry smoothing method 1: a zero n-gram match count becomes 0.1
 
@@ -491,52 +494,68 @@ def plot_refreshes(run_dir: str | Path, out: str | Path | None = None, n_bins: i
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class ScoreConfig:
+    """vas.py score: pass rate, OVS, TDS and VPS of every prompt of a data set, to a parquet file."""
+
+    model: str = field("runs/toy-sft/final", "hub id or local folder of the policy")
+    data: str = field("data/toy/rl@train", "RL rows: hub id, parquet/jsonl file or folder, name@split")
+    out: str = field("vps.parquet", "output parquet: id, index, pass_rate, ovs, tds, vps")
+    rollouts: int = field(16, "responses sampled per prompt (N)")
+    temperature: float = field(0.6, "sampling temperature")
+    top_p: float = field(1.0, "nucleus sampling")
+    max_new_tokens: int = field(64, "response length limit (paper: 4096)")
+    alpha: float = field(0.8, "weight of OVS in VPS")
+    beta: float = field(0.2, "weight of TDS in VPS")
+    tds: str = field(
+        "self_bleu",
+        "TDS measure: self_bleu (the paper's), distinct (distinct-n) or edit",
+        choices=["self_bleu", "distinct", "edit"],
+    )
+    engine: str = field(
+        "auto", "generation engine: vllm, hf, or auto (vLLM on a GPU when installed)", choices=["auto", "hf", "vllm"]
+    )
+    limit: int = field(0, "score only the first N prompts (0 = all)")
+    prompts_per_call: int = field(64, "prompts per generation call")
+    min_pixels: int = field(3136, "images resized to at least this many pixels")
+    max_pixels: int = field(50176, "images resized to at most this many pixels")
+    reward_workers: int = field(2, "reward scoring processes per rank")
+    instruction: str = field("", "text put before every problem (as grpo.py --instruction; 'recipe' = Table 7)")
+    max_prompt_length: int = field(2048, "prompt token limit (vLLM context)")
+    seed: int = field(0, "sampling seed (the stream grpo.py's initial scoring uses)")
+    skip_bad_rows: bool = field(False, "skip and count malformed rows")
+
+
+@dataclass
+class PlotConfig:
+    """vas.py plot: VPS histograms and transition matrices of a grpo.py --vas run (Figure 3)."""
+
+    run_dir: str = field("", "the run's --output-dir", positional=True)
+    out: str = field("", "PNG path (default <run>/vas/vps_dynamics.png)")
+    bins: int = field(5, "VPS bins of the transition matrices")
+
+
+USAGE = """usage: vas.py {score,plot} [flags]   (no command: score)
+
+  score   pass rate, OVS, TDS, VPS of every prompt of a data set   (vas.py score --help)
+  plot    VPS histograms + transition matrices of a --vas run      (vas.py plot --help)"""
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: `score` a data set's prompts (pass rate, OVS, TDS, VPS) or `plot` a run's VPS refreshes."""
-    parser = argparse.ArgumentParser(description="Variance-Aware Sampling: offline scoring and plots.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    score = sub.add_parser("score", help="score every prompt of a data set (pass rate, OVS, TDS, VPS)")
-    score.add_argument("--model", default="runs/toy-sft/final", help="hub id or local folder of the policy")
-    score.add_argument("--data", default="data/toy/rl@train", help="RL rows: hub id, file, folder, name@split")
-    score.add_argument("--out", default="vps.parquet", help="output parquet: id, index, pass_rate, ovs, tds, vps")
-    score.add_argument("--rollouts", type=int, default=16, help="responses sampled per prompt (N)")
-    score.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
-    score.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
-    score.add_argument("--max-new-tokens", type=int, default=64, help="response length limit (paper: 4096)")
-    score.add_argument("--alpha", type=float, default=0.8, help="weight of OVS in VPS")
-    score.add_argument("--beta", type=float, default=0.2, help="weight of TDS in VPS")
-    score.add_argument(
-        "--tds", default="self_bleu", choices=["self_bleu", "distinct", "edit"], help="diversity measure"
-    )
-    score.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"], help="generation engine")
-    score.add_argument("--limit", type=int, default=0, help="score only the first N prompts (0 = all)")
-    score.add_argument("--prompts-per-call", type=int, default=64, help="prompts per generation call")
-    score.add_argument("--min-pixels", type=int, default=3136, help="images resized to at least this many pixels")
-    score.add_argument("--max-pixels", type=int, default=50176, help="images resized to at most this many pixels")
-    score.add_argument("--reward-workers", type=int, default=2, help="reward scoring processes per rank")
-    score.add_argument(
-        "--instruction", default="", help="text put before every problem (as grpo.py --instruction; 'recipe' = Table 7)"
-    )
-    score.add_argument("--max-prompt-length", type=int, default=2048, help="prompt token limit (vLLM context)")
-    score.add_argument("--seed", type=int, default=0, help="sampling seed (the stream grpo.py's initial scoring uses)")
-    score.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows")
-    plot = sub.add_parser("plot", help="draw VPS histograms and transition matrices of a grpo.py --vas run")
-    plot.add_argument("run_dir", help="the run's --output-dir")
-    plot.add_argument("--out", default=None, help="PNG path (default <run>/vas/vps_dynamics.png)")
-    plot.add_argument("--bins", type=int, default=5, help="VPS bins of the transition matrices")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
-        argv.insert(0, "score")  # `python vas.py --model M --data D ...` means score
-    args = parser.parse_args(argv)
-    if args.command == "plot":
-        print(f"wrote {plot_refreshes(args.run_dir, args.out, args.bins)}")
+    if argv[:1] in (["-h"], ["--help"]):  # no command named: both commands, then score's flags
+        print(USAGE + "\n")
+    command = argv.pop(0) if argv and argv[0] in ("score", "plot") else "score"  # flags alone mean score
+    if command == "plot":
+        cfg = config.parse_config(PlotConfig, argv=argv, prog="vas.py plot")
+        print(f"wrote {plot_refreshes(cfg.run_dir, cfg.out or None, cfg.bins)}")
         return
-    from mmr1 import config
+    cfg = config.parse_config(ScoreConfig, argv=argv, prog="vas.py score")
+    config.exit_on_input_error(lambda: score_data_set(cfg))  # bad data: one line, exit 1
 
-    config.exit_on_input_error(lambda: score_data_set(args))  # bad data: one line, exit 1
 
-
-def score_data_set(args: argparse.Namespace) -> None:
+def score_data_set(args: ScoreConfig) -> None:
     """`vas.py score`: pass rate, OVS, TDS, VPS of every prompt of --data, to a parquet file."""
     import reward
     from mmr1 import chat, data, dist, modeling, rollout

@@ -11,17 +11,25 @@ from pathlib import Path
 from typing import Any
 
 
-def parse_config(cls: type, presets: dict[str, dict[str, Any]] | None = None, argv: list[str] | None = None):
+def parse_config(
+    cls: type, presets: dict[str, dict[str, Any]] | None = None, argv: list[str] | None = None, prog: str | None = None
+):
     """Builds an argparse CLI from a config dataclass and returns a filled instance.
 
-    Every field becomes `--field-name`; its `help` metadata is the --help text. `--preset NAME`
-    (when presets are given) sets defaults from presets[NAME]; flags given explicitly still win.
+    Every field becomes `--field-name` (or a positional argument when its metadata says
+    positional=True); its `help` metadata is the --help text. `--preset NAME` (when presets are
+    given) sets defaults from presets[NAME]; flags given explicitly still win.
     """
-    parser = argparse.ArgumentParser(description=cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=help_text)
+            continue
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
@@ -47,6 +55,24 @@ def parse_config(cls: type, presets: dict[str, dict[str, Any]] | None = None, ar
 def field(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field whose help text becomes the --help line of its flag."""
     return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def flag_table(cls: type) -> str:
+    """The markdown table (flag, default, meaning) of a config dataclass: what docs/ shows of its
+    --help. scripts/flag_tables.py writes it into the docs; a test keeps the two the same."""
+    out = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name = f.name.replace("_", "-")
+        if f.metadata.get("positional"):
+            flag, shown = f"`{f.name}` (positional)", "-"
+        elif f.type in ("bool", bool):
+            flag, shown = f"`--{name}` / `--no-{name}`", "on" if default else "off"
+        else:
+            flag, shown = f"`--{name}`", "-" if default in ("", None) else str(default)
+        meaning = f.metadata.get("help", "").replace("|", "\\|")  # a literal | inside a markdown cell
+        out.append(f"| {flag} | {shown} | {meaning} |")
+    return "\n".join(out)
 
 
 class InputError(ValueError):
