@@ -172,7 +172,7 @@ METRICS = """
     reward/accuracy reward/format reward/std_in_group rollout/response_len rollout/truncated_frac
     vas/zero_var_frac vas/vps_mean vas/weighted_frac time/rollout_s time/update_s time/vas_s val/accuracy
     rollout/generated_responses rollout/generated_tokens
-""".split()  # every name logged to metrics.jsonl (README: "Metrics")
+""".split()  # every name logged to metrics.jsonl (docs/grpo.md: "Metrics")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,17 +456,6 @@ def load_data(cfg: GRPOConfig, d: dist.Dist) -> tuple[list[dict], list[dict], in
     return rows, val_rows, cfg.max_steps or math.ceil(cfg.episodes * len(rows) / cfg.rollout_batch_size)
 
 
-def resume_checkpoint(cfg: GRPOConfig, out_dir: Path, n_rows: int, total_steps: int, d: dist.Dist) -> Path | None:
-    """With --resume: the latest complete checkpoint (damaged ones passed over), its settings
-    checked against this run's (exact resume); None for a fresh start."""
-    ckpt = checkpoint.latest_checkpoint(out_dir, d.master) if cfg.resume else None
-    if cfg.resume and ckpt is None and d.master:
-        print(f"[grpo] --resume: no checkpoint in {out_dir}, starting from {cfg.model}")
-    if ckpt is not None:
-        checkpoint.check_resume(ckpt, cfg, RESUME_MAY_CHANGE, n_rows, total_steps, out_dir, d.master)
-    return ckpt
-
-
 def load_models(policy_path: str, cfg: GRPOConfig, d: dist.Dist):
     """(processor, policy, frozen reference or None, AdamW) for a run starting from policy_path.
 
@@ -591,7 +580,7 @@ def main() -> None:
     rows, val_rows, total_steps = load_data(cfg, d)
 
     # --- models, optimizer, sampler, engine (a resumed run takes all but the reference from its checkpoint) ---
-    ckpt = resume_checkpoint(cfg, out_dir, len(rows), total_steps, d)
+    ckpt = checkpoint.resume_point(cfg, RESUME_MAY_CHANGE, out_dir, len(rows), total_steps, d.master, "grpo")
     policy_path = str(ckpt or cfg.model)
     processor, model, ref_model, optimizer = load_models(policy_path, cfg, d)
     sampler = vas.MixedSampler(len(rows), cfg.rollout_batch_size, cfg.vas_mix_ratio if cfg.vas else 0.0, cfg.seed)

@@ -193,22 +193,22 @@ def validate_config(cfg: SFTConfig) -> None:
         raise SystemExit("sft.py: " + "\n".join(problems))
 
 
-def main() -> None:
-    cfg = config.parse_config(SFTConfig, PRESETS)
-    validate_config(cfg)
-    toy_mode = not cfg.model and not cfg.data
-    if toy_mode:
-        toy.ensure_toy()
-        cfg.model = str(toy.TOY_MODEL_DIR)
-        cfg.data = str(toy.TOY_DATA_DIR / "sft") + "@train"
-        cfg.val_data = cfg.val_data or str(toy.TOY_DATA_DIR / "sft") + "@val"
-        cfg.acc_data = cfg.acc_data or str(toy.TOY_DATA_DIR / "rl") + "@val"
-    elif not cfg.model or not cfg.data:
-        raise SystemExit("give both --model and --data (or neither, for the toy task)")
-    d = dist.setup_distributed(cfg.seed)
-    out_dir = Path(cfg.output_dir)
+def use_toy_defaults(cfg: SFTConfig) -> None:
+    """With neither --model nor --data: the toy model on the toy SFT splits (built on first use)."""
+    if cfg.model or cfg.data:
+        if not (cfg.model and cfg.data):
+            raise SystemExit("give both --model and --data (or neither, for the toy task)")
+        return
+    toy.ensure_toy()
+    cfg.model = str(toy.TOY_MODEL_DIR)
+    cfg.data = str(toy.TOY_DATA_DIR / "sft") + "@train"
+    cfg.val_data = cfg.val_data or str(toy.TOY_DATA_DIR / "sft") + "@val"
+    cfg.acc_data = cfg.acc_data or str(toy.TOY_DATA_DIR / "rl") + "@val"
 
-    # --- data ---
+
+def load_data(cfg: SFTConfig, d: dist.Dist) -> tuple[list[dict], list[dict], list[dict], int]:
+    """Training rows, validation-loss rows and accuracy (RL-layout) rows, checked against the run's
+    pixel range, and the number of steps of the run."""
     pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)  # the rows' images must suit this range
     train_rows = data.load_rows(cfg.data, "sft", "train", cfg.skip_bad_rows, **pixels)
     val_rows = []
@@ -220,17 +220,14 @@ def main() -> None:
     per_step = (1 if cfg.max_tokens_per_micro_batch else cfg.micro_batch_size) * d.world_size
     if cfg.batch_size % per_step:
         raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of {per_step} (micro-batch x ranks)")
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_rows) / cfg.batch_size)
+    return train_rows, val_rows, acc_rows, cfg.max_steps or math.ceil(cfg.epochs * len(train_rows) / cfg.batch_size)
 
-    # --- model, optimizer, schedule ---
-    start_step = 0
-    ckpt = checkpoint.latest_checkpoint(out_dir, d.master) if cfg.resume else None  # damaged ones passed over
-    if cfg.resume and ckpt is None and d.master:
-        print(f"[sft] --resume: no checkpoint in {out_dir}, starting from {cfg.model}")
-    if ckpt is not None:  # exact resume: same data, batch shape and seeds as the checkpoint's run
-        checkpoint.check_resume(ckpt, cfg, RESUME_MAY_CHANGE, len(train_rows), total_steps, out_dir, d.master)
-    processor = modeling.load_processor(str(ckpt or cfg.model), cfg.min_pixels, cfg.max_pixels)
-    model = modeling.load_model(str(ckpt or cfg.model), d.device, cfg.gradient_checkpointing, trainable=True)
+
+def load_model_and_optimizer(path: str, cfg: SFTConfig, total_steps: int, d: dist.Dist):
+    """Processor, the (FSDP2-sharded) trainable model from `path`, its trainable parameters, AdamW,
+    and the warmup + cosine schedule over `total_steps`."""
+    processor = modeling.load_processor(path, cfg.min_pixels, cfg.max_pixels)
+    model = modeling.load_model(path, d.device, cfg.gradient_checkpointing, trainable=True)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
     model = modeling.shard_model(model, d)
@@ -238,6 +235,35 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, warmup))
+    return processor, model, params, optimizer, scheduler
+
+
+def announce(cfg: SFTConfig, d: dist.Dist, out_dir: Path, n_rows: int, total_steps: int) -> None:
+    """Rank 0: writes <out>/config.json (the whole config) and prints what the run will do."""
+    if d.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        budget = f"{cfg.max_tokens_per_micro_batch} tokens" if cfg.max_tokens_per_micro_batch else "fixed count"
+        print(
+            f"[sft] {n_rows} rows, {total_steps} steps, batch {cfg.batch_size} over {d.world_size} "
+            f"ranks, micro-batches of <= {cfg.micro_batch_size} rows ({budget}), packed={cfg.pack}"
+        )
+
+
+def main() -> None:
+    cfg = config.parse_config(SFTConfig, PRESETS)
+    validate_config(cfg)
+    use_toy_defaults(cfg)
+    d = dist.setup_distributed(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    train_rows, val_rows, acc_rows, total_steps = load_data(cfg, d)
+
+    # --- model, optimizer, schedule (a resumed run takes them from its checkpoint) ---
+    ckpt = checkpoint.resume_point(cfg, RESUME_MAY_CHANGE, out_dir, len(train_rows), total_steps, d.master, "sft")
+    processor, model, params, optimizer, scheduler = load_model_and_optimizer(
+        str(ckpt or cfg.model), cfg, total_steps, d
+    )
+    start_step = 0
     if ckpt is not None:
         state = checkpoint.load_training_checkpoint(ckpt, model, optimizer, d)
         scheduler.load_state_dict(state["scheduler"])
@@ -245,14 +271,7 @@ def main() -> None:
         if d.master:
             print(f"[sft] resumed from {ckpt} at step {start_step}")
     logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
-    if d.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        budget = f"{cfg.max_tokens_per_micro_batch} tokens" if cfg.max_tokens_per_micro_batch else "fixed count"
-        print(
-            f"[sft] {len(train_rows)} rows, {total_steps} steps, batch {cfg.batch_size} over {d.world_size} "
-            f"ranks, micro-batches of <= {cfg.micro_batch_size} rows ({budget}), packed={cfg.pack}"
-        )
+    announce(cfg, d, out_dir, len(train_rows), total_steps)
 
     def save(folder: Path, step: int) -> None:
         checkpoint.save_training_checkpoint(

@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=1 python bench/vas_experiment.py --condition hard
     python bench/vas_experiment.py --condition standard --skip-train  # re-aggregate finished runs
 
-The protocol (fixed before the runs; the README's "The VAS study" holds the same text):
+The protocol (fixed before the runs; docs/vas-study.md holds the same text):
 - start: the toy SFT checkpoint (runs/toy-sft/final); every arm and seed starts from it.
 - arms (everything not listed is identical: batch 16 prompts x 8 responses, T = 0.6, lr 1e-4):
     uniform         no VAS: a shuffled walk over the pool

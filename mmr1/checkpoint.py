@@ -143,6 +143,20 @@ def latest_checkpoint(out_dir: str | Path, master: bool = True) -> Path | None:
     return None
 
 
+def resume_point(
+    cfg: Any, may_change: set[str], out_dir: Path, n_rows: int, total_steps: int, master: bool, stage: str
+) -> Path | None:
+    """With cfg.resume: the latest complete checkpoint in out_dir (damaged ones passed over), its
+    settings checked against this run's (check_resume: an exact continuation or an error); None
+    for a fresh start (and without --resume)."""
+    ckpt = latest_checkpoint(out_dir, master) if cfg.resume else None
+    if cfg.resume and ckpt is None and master:
+        print(f"[{stage}] --resume: no checkpoint in {out_dir}, starting from {cfg.model}")
+    if ckpt is not None:
+        check_resume(ckpt, cfg, may_change, n_rows, total_steps, out_dir, master)
+    return ckpt
+
+
 def check_resume(
     folder: Path, cfg: Any, may_change: set[str], n_rows: int, total_steps: int, out_dir: Path, master: bool
 ) -> None:

@@ -1,7 +1,7 @@
 """Writes the flag tables of docs/*.md from the config dataclasses (their --help text).
 
-    python scripts/flag_tables.py          # rewrite every <!-- flags:Config --> ... <!-- /flags:Config --> block
-    python scripts/flag_tables.py --check  # exit 1 naming the stale tables (tests/test_docs.py runs this)
+python scripts/flag_tables.py          # rewrite every <!-- flags:Config --> ... <!-- /flags:Config --> block
+python scripts/flag_tables.py --check  # exit 1 naming the stale tables (tests/test_docs.py runs this)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Bad input never crashes deep and never scores silently wrong (issue 15).
 
 Each test feeds one kind of bad input and asserts the promised outcome: a one-line error naming
-the file / row / flag, a counted skip, or the right score. The README's "What bad input gets"
+the file / row / flag, a counted skip, or the right score. docs/data.md's "What bad input gets"
 table lists the same cases.
 """
 
