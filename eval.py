@@ -323,8 +323,9 @@ def parse_float(text: str) -> float | None:
 
 
 def chartqa_relaxed(pred: str, gold: str) -> bool:
-    """ChartQA relaxed accuracy: 5% relative tolerance for a non-zero numeric target, else
-    case-insensitive exact match."""
+    """ChartQA relaxed accuracy (pix2struct metrics.py relaxed_correctness, the ChartQA paper's metric):
+    5% relative tolerance for a non-zero numeric target ('x%' read as x/100), else case-insensitive
+    exact match (a target of 0 included). Thousands separators are dropped first ('1,000' is 1000)."""
     p, g = parse_float(pred), parse_float(gold)
     if p is not None and g is not None and g != 0:
         return abs(p - g) / abs(g) <= 0.05
