@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .config import BadRowError, MissingDataError, first_line
+from .config import BadRowError, MissingDataError
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 SPLIT_ALIASES = {"val": ("val", "validation"), "validation": ("validation", "val"), "dev": ("dev", "validation")}
@@ -154,7 +154,7 @@ def _json_array(file: Path, chunk: int = 1 << 24) -> Iterator[tuple[str, object]
     """(raw text, parsed value) of each element of a JSON array file, read `chunk` bytes at a time
     (a 1.6M-row sft.json never sits in memory whole). Raises BadRowError where it does not parse."""
     decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
-    buf, pos, eof = "", 0, False
+    buf, pos, eof, count = "", 0, False, 0
     with open(file, "rb") as f:
 
         def more() -> None:
@@ -191,12 +191,13 @@ def _json_array(file: Path, chunk: int = 1 << 24) -> Iterator[tuple[str, object]
                     more()
                     continue
                 yield buf[pos:end], value
-                pos = end
+                pos, count = end, count + 1
                 sep = next_char()
                 pos += 1
                 if sep == "]":
                     return
                 if sep != ",":
                     raise ValueError(f"expected ',' or ']' after element, found {sep!r}")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadRowError(f"{file}: not valid JSON ({first_line(e)})") from e
+        except (ValueError, UnicodeDecodeError) as e:  # a position in the buffer means nothing: name the element
+            what = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise BadRowError(f"{file}: not valid JSON at element {count} ({what.splitlines()[0]})") from e
