@@ -195,3 +195,27 @@ def test_rows_stay_on_disk_until_indexed(tmp_path):
     mtimes = {p: p.stat().st_mtime_ns for p in caches}
     assert len(data.load_rows(str(tmp_path / "sft.json"), "sft")) == 3
     assert {p: p.stat().st_mtime_ns for p in caches} == mtimes  # reused, not rebuilt
+
+
+def test_get_mmr1_sft_extracts_the_partitions_next_to_sft_json(tmp_path):
+    """scripts/get_mmr1_sft.py after the download: tar partitions extracted beside sft.json, which then trains as is."""
+    import importlib.util
+    import tarfile
+
+    spec = importlib.util.spec_from_file_location(
+        "get_mmr1_sft", Path(data.__file__).parent.parent / "scripts" / "get_mmr1_sft.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    staging = tmp_path / "staging"
+    (staging / "imgs").mkdir(parents=True)
+    image_file(staging / "imgs", "a.png")
+    out = tmp_path / "mmr1-sft"
+    out.mkdir()
+    with tarfile.open(out / "images_part_0.tar", "w") as archive:
+        archive.add(staging / "imgs", arcname="imgs")
+    (out / "sft.json").write_text(json.dumps(sharegpt_rows()))
+    assert script.missing_images(out / "sft.json") == ["imgs/a.png", "imgs/a.png"]
+    assert script.extract_partitions(out) == 1 and script.extract_partitions(out) == 0  # once
+    assert script.missing_images(out / "sft.json") == []
+    assert data.load_rows(str(out / "sft.json"), "sft")[2]["images"][0].size == (112, 112)
