@@ -664,6 +664,7 @@ def main() -> None:
             "time/vas_s": t_vas,
             "rollout/generated_responses": generated[0],
             "rollout/generated_tokens": generated[1],
+            "data/skipped_rows": data.skipped_rows(rows, d),  # bad rows passed over so far
         }
         if val_rows and ((cfg.val_every and done % cfg.val_every == 0) or done == total_steps):
             metrics["val/accuracy"] = validate(engine, model, val_rows, cfg, d, pool, done)

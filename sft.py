@@ -298,6 +298,7 @@ def main() -> None:
         lr = scheduler.get_last_lr()[0]
         grad_norm = modeling.clip_and_step(params, optimizer, cfg.max_grad_norm)
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}
+        metrics["data/skipped_rows"] = data.skipped_rows(train_rows, d)  # bad rows passed over so far
         scheduler.step()
         metrics["time/step_s"] = time.time() - t0
         done = step + 1
