@@ -41,7 +41,7 @@ from tqdm import tqdm
 import reward
 import vas
 from data import toy
-from mmr1 import batches, chat, checkpoint, config, data, dist, logprobs, modeling, rollout
+from mmr1 import batches, benchmarks, chat, checkpoint, config, data, dist, logprobs, modeling, rollout
 from mmr1.config import field
 
 
@@ -53,6 +53,12 @@ class GRPOConfig:
     model: str = field("", "hub id or local folder of the SFT model (default: runs/toy-sft/final)")
     data: str = field("", "RL rows: hub id, parquet/jsonl file or folder, name@split (default: toy train)")
     val_data: str = field("", "RL rows for validation accuracy (default: toy val split)")
+    val_benchmark: str = field(
+        "",
+        "read --val-data in this benchmark's columns and score it by its rule (e.g. mathvista with a MathVista "
+        "testmini parquet, or the hub copy when --val-data is empty); MMR1-RL has no validation split",
+        choices=["", "mathverse", "mathvista", "mathvision", "logicvista", "chartqa"],
+    )
     train_limit: int = field(0, "use only the first N training prompts (0 = all; the toy uses 512)")
     skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
     min_pixels: int = field(3136, "images are resized to at least this many pixels")
@@ -433,7 +439,10 @@ def validate(engine, model, val_rows: list[dict], cfg: GRPOConfig, d: dist.Dist,
     sampling = rollout.Sampling(
         cfg.val_temperature, 1.0, cfg.max_response_length, dist.derive_seed(cfg.seed, "val", step)
     )
-    accuracy = rollout.validation_accuracy(engine, val_rows, d, sampling, pool)
+    score = None
+    if cfg.val_benchmark:  # the benchmark's own rule on its own row
+        score = lambda text, row: benchmarks.score_answer(cfg.val_benchmark, text, row["benchmark_row"])  # noqa: E731
+    accuracy = rollout.validation_accuracy(engine, val_rows, d, sampling, pool, score)
     engine.sleep()
     return accuracy
 
@@ -449,7 +458,16 @@ def load_data(cfg: GRPOConfig, d: dist.Dist) -> tuple[list[dict], list[dict], in
     pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     rows = data.load_rows(cfg.data, "rl", "train", cfg.skip_bad_rows, cfg.train_limit, **pixels)
     val_rows = []
-    if cfg.val_data:
+    if cfg.val_benchmark:  # a benchmark file: its prompts, its scoring rule (validate)
+        raw = benchmarks.load_benchmark(cfg.val_benchmark, cfg.val_data or None, cfg.val_limit)
+        val_rows, bad = benchmarks.prompt_rows(cfg.val_benchmark, raw, **pixels)
+        if bad and d.master:
+            print(f"[grpo] validation: {len(bad)} unusable {cfg.val_benchmark} rows left out; first: {bad[0]}")
+        if not val_rows:
+            raise config.BadRowError(
+                f"--val-benchmark {cfg.val_benchmark}: no usable row in {cfg.val_data or 'the hub copy'}"
+            )
+    elif cfg.val_data:
         val_rows = data.load_rows(cfg.val_data, "rl", "val", cfg.skip_bad_rows, cfg.val_limit, **pixels)
     if cfg.rollout_batch_size % d.world_size:
         raise SystemExit(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by {d.world_size} ranks")
@@ -507,6 +525,7 @@ RESUME_MAY_CHANGE = {
     "val_every",
     "val_limit",
     "val_data",
+    "val_benchmark",
     "val_temperature",
     "reward_workers",
     "reward_timeout_s",

@@ -8,6 +8,7 @@ import pytest
 import eval as evaluation
 from conftest import run_script
 from data import toy
+from mmr1 import benchmarks
 
 
 def boxed(answer: str) -> str:
@@ -121,9 +122,9 @@ def test_rules_without_an_answer_and_the_toy_rule():
 
 
 def test_most_similar_option():
-    assert evaluation.most_similar_option("larger one", ["smaller", "larger"]) == 1
-    assert evaluation.chosen_option("B", ["x", "y"]) == 1 and evaluation.chosen_option("y", ["x", "y"]) == 1
-    assert evaluation.most_similar_option("", ["x"]) is None
+    assert benchmarks.most_similar_option("larger one", ["smaller", "larger"]) == 1
+    assert benchmarks.chosen_option("B", ["x", "y"]) == 1 and benchmarks.chosen_option("y", ["x", "y"]) == 1
+    assert benchmarks.most_similar_option("", ["x"]) is None
 
 
 def png(colours=("red", "blue", "green", "yellow")) -> dict:
@@ -186,9 +187,9 @@ def test_eval_end_to_end_on_local_files(toy_dir, tmp_path):
 
 
 def test_mathverse_options_and_the_paper_settings():
-    assert evaluation.mathverse_options(MV_QUESTION) == ["30°", "40°", "50°", "60°"]
-    assert evaluation.mathverse_options("Choices:\n(A) 1\n(B) 2") == ["1", "2"]
-    assert evaluation.mathverse_options("no options here") == [] and evaluation.mathverse_options("Choices:\nB:1") == []
+    assert benchmarks.mathverse_options(MV_QUESTION) == ["30°", "40°", "50°", "60°"]
+    assert benchmarks.mathverse_options("Choices:\n(A) 1\n(B) 2") == ["1", "2"]
+    assert benchmarks.mathverse_options("no options here") == [] and benchmarks.mathverse_options("Choices:\nB:1") == []
     cfg = evaluation.EvalConfig()
     assert cfg.max_new_tokens >= 4096  # the RL stage's response length: a long answer keeps its \\boxed{}
     assert (

@@ -10,6 +10,7 @@ import datasets
 import pytest
 
 import eval as evaluation
+from mmr1 import benchmarks
 
 
 def boxed(answer: str) -> str:
@@ -102,21 +103,21 @@ def test_mathverse_several_gold_letters_and_free_form():
 
 def test_mathverse_vision_only_prompt_says_the_question_is_in_the_image():
     row = mathverse_row("Vision Only", "")
-    text = evaluation.question_text("mathverse", row)
+    text = benchmarks.question_text("mathverse", row)
     assert text == row["query_cot"] and text.startswith("According to the question shown in the image")
-    assert evaluation.to_prompt_row("mathverse", {**row, "image": "png"})["problem"] == "<image>" + text
+    assert benchmarks.to_prompt_row("mathverse", {**row, "image": "png"})["problem"] == "<image>" + text
     bare = {k: v for k, v in row.items() if k not in ("query_cot", "query_wo")}
-    assert evaluation.question_text("mathverse", bare) == evaluation.QUESTION_IN_IMAGE
-    assert evaluation.question_text("mathverse", MATHVERSE_MC[0]) == MV_TEXT  # other versions: the question
-    assert evaluation.breakdown("mathverse", row) == {"problem_version": "Vision Only", "subject": "Plane Geometry"}
+    assert benchmarks.question_text("mathverse", bare) == benchmarks.QUESTION_IN_IMAGE
+    assert benchmarks.question_text("mathverse", MATHVERSE_MC[0]) == MV_TEXT  # other versions: the question
+    assert benchmarks.breakdown("mathverse", row) == {"problem_version": "Vision Only", "subject": "Plane Geometry"}
 
 
 def test_mathverse_options_inline_and_in_lines():
-    assert evaluation.mathverse_options(MV_TEXT) == ["2", "2√{3}", "√{3}", "2√{2}"]
+    assert benchmarks.mathverse_options(MV_TEXT) == ["2", "2√{3}", "√{3}", "2√{2}"]
     inline = "Based on the image, what is y?\nChoices: A. 148^\\circ B. 152^\\circ C. 180^\\circ D. 32^\\circ"
-    assert evaluation.mathverse_options(inline) == ["148^\\circ", "152^\\circ", "180^\\circ", "32^\\circ"]
-    assert evaluation.mathverse_options("Find point A. Then B: 3") == []  # no "Choices:"
-    assert evaluation.mathverse_options("Choices:\nB:1\nC:2") == []  # not from A
+    assert benchmarks.mathverse_options(inline) == ["148^\\circ", "152^\\circ", "180^\\circ", "32^\\circ"]
+    assert benchmarks.mathverse_options("Find point A. Then B: 3") == []  # no "Choices:"
+    assert benchmarks.mathverse_options("Choices:\nB:1\nC:2") == []  # not from A
 
 
 # --- MathVista (AI4Math/MathVista testmini) -----------------------------------------------------------
@@ -139,7 +140,7 @@ def mathvista_row(pid, question, choices, unit, precision, answer, question_type
     }
 
 
-INT_HINT = evaluation.MATHVISTA_HINTS["integer"]
+INT_HINT = benchmarks.MATHVISTA_HINTS["integer"]
 MC_HINT = "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end."
 VISTA_2 = mathvista_row(
     "2",
@@ -172,7 +173,7 @@ VISTA_1 = mathvista_row(
     "1.2",
     "free_form",
     "float",
-    evaluation.MATHVISTA_HINTS[("float", 1)] + "\nQuestion: By what distance $d$ is the spring compressed?",
+    benchmarks.MATHVISTA_HINTS[("float", 1)] + "\nQuestion: By what distance $d$ is the spring compressed?",
 )
 VISTA_3 = mathvista_row(
     "3",
@@ -218,17 +219,17 @@ def test_mathvista_precision_and_the_prompt_hint():
     )
     assert not score("mathvista", "1.3", VISTA_1) and not score("mathvista", "12", VISTA_1)
     # the free-form prompt is the benchmark's own query; multiple choice keeps the Table 8 letter instruction only
-    assert evaluation.question_text("mathvista", VISTA_2) == VISTA_2["query"]
-    assert evaluation.question_text("mathvista", VISTA_1) == VISTA_1["query"]
+    assert benchmarks.question_text("mathvista", VISTA_2) == VISTA_2["query"]
+    assert benchmarks.question_text("mathvista", VISTA_1) == VISTA_1["query"]
     assert (
-        evaluation.question_text("mathvista", VISTA_3)
+        benchmarks.question_text("mathvista", VISTA_3)
         == VISTA_3["question"] + "\nChoices:\n(A) 135°\n(B) 140°\n(C) 145°\n(D) 150°"
     )
-    assert MC_HINT not in evaluation.question_text("mathvista", VISTA_3)
-    assert evaluation.mathvista_hint(
+    assert MC_HINT not in benchmarks.question_text("mathvista", VISTA_3)
+    assert benchmarks.mathvista_hint(
         {"question_type": "free_form", "answer_type": "float", "precision": 2.0}
     ).startswith("Hint: Please answer the question requiring a floating-point number with two decimal places")
-    assert evaluation.breakdown("mathvista", VISTA_2) == {"question_type": "free_form", "task": "math word problem"}  # fmt: skip
+    assert benchmarks.breakdown("mathvista", VISTA_2) == {"question_type": "free_form", "task": "math word problem"}  # fmt: skip
 
 
 @pytest.mark.parametrize("row", [VISTA_3, VISTA_6, VISTA_10], ids=lambda r: r["pid"])
@@ -247,8 +248,8 @@ def test_mathvista_keeps_its_most_similar_option_rule():
     assert not score("mathvista", "136°", VISTA_3)  # nearest: 135°
     assert not score("mathvista", "144°", VISTA_3)  # 140° and 145° tie: the first wins, as in MathVista
     assert score("mathvista", "6 cm", VISTA_6) and not score("mathvista", "5 cm", VISTA_6)
-    assert evaluation.most_similar_option("larger one", ["smaller", "larger"]) == 1
-    assert evaluation.most_similar_option("", ["x"]) is None and evaluation.levenshtein("kitten", "sitting") == 3
+    assert benchmarks.most_similar_option("larger one", ["smaller", "larger"]) == 1
+    assert benchmarks.most_similar_option("", ["x"]) is None and benchmarks.levenshtein("kitten", "sitting") == 3
 
 
 # --- MathVision (MathLLMs/MathVision) -----------------------------------------------------------------
@@ -305,8 +306,8 @@ def test_mathvision_values_units_and_free_form():
     third = mathvision_row("x", "What fraction is shaded?", [], "\\frac{1}{3}", 2, "arithmetic")
     assert score("mathvision", "0.33", third)  # MATH-V compares numbers rounded to 2 decimals
     assert not score("mathvision", "0.3", third) and not score("mathvision", "0.34", third)
-    assert evaluation.breakdown("mathvision", digits) == {"subject": "counting", "level": "1"}
-    assert evaluation.question_text("mathvision", MATHVISION_MC[1]).endswith("\nChoices:\n(A) KNAO\n(B) KNGO\n(C) KNR\n(D) AGRO\n(E) KAO")  # fmt: skip
+    assert benchmarks.breakdown("mathvision", digits) == {"subject": "counting", "level": "1"}
+    assert benchmarks.question_text("mathvision", MATHVISION_MC[1]).endswith("\nChoices:\n(A) KNAO\n(B) KNGO\n(C) KNR\n(D) AGRO\n(E) KAO")  # fmt: skip
 
 
 # --- LogicVista (lscpku/LogicVista) ---------------------------------------------------------------------
@@ -342,8 +343,8 @@ def test_logicvista_labels():
     assert score("logicvista", "C", inline) and score("logicvista", "C) 14", inline)
     for wrong in ["14", "12", "B) 12", "7.5", "C and D"]:
         assert not score("logicvista", wrong, inline), wrong
-    assert evaluation.breakdown("logicvista", numbered) == {"skill": "deductive"}
-    assert evaluation.choice_labels("C\nD") == ["C", "D"] and evaluation.choice_labels("I think") is None
+    assert benchmarks.breakdown("logicvista", numbered) == {"skill": "deductive"}
+    assert benchmarks.choice_labels("C\nD") == ["C", "D"] and benchmarks.choice_labels("I think") is None
 
 
 # --- ChartQA (lmms-lab/ChartQA) and loading --------------------------------------------------------------
@@ -363,7 +364,7 @@ def test_chartqa_rows_and_breakdown():
         and score("chartqa", "0.55", augmented)
         and not score("chartqa", "0.6", augmented)
     )
-    assert evaluation.breakdown("chartqa", human) == {"type": "human_test"}
+    assert benchmarks.breakdown("chartqa", human) == {"type": "human_test"}
 
 
 def test_hub_fallback_tries_the_next_id(monkeypatch, capsys):
