@@ -247,7 +247,7 @@ def test_policy_loss_packed_by_token_budget_equals_padded(toy_model):
         for idx, inputs, mask in batches.rl_micro_batches(processor, [rows[i] for i in which], responses, 3136, 50176,
                                                          chat.PromptFormat(), cfg.max_tokens_per_micro_batch,
                                                          cfg.micro_batch_size, d):  # fmt: skip
-            batches.append({"inputs": inputs, "response_mask": mask, "advantages": adv[idx]})
+            micro.append({"inputs": inputs, "response_mask": mask, "advantages": adv[idx]})
         if not pack:
             assert [len(b["advantages"]) for b in micro] == [4, 2]  # fixed count, in order
         for b, ref in zip(micro, grpo.frozen_token_logprobs(model, micro, cfg, d)):
