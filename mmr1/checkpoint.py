@@ -38,7 +38,11 @@ def save_checkpoint(
     on a file system all ranks see). Everything goes into out_dir.tmp first; rank 0 renames it
     over out_dir once every rank has written, so a kill mid-save leaves the old one intact.
     """
-    weights = {k: v.to(HF_DTYPE) if v.is_floating_point() else v for k, v in full_state_dict(model, d).items()}
+    full = full_state_dict(model, d)  # rank 0: every tensor, fp32, on the CPU (33 GB at 7B); other ranks: {}
+    weights = {}  # the bf16 copies; each fp32 tensor is dropped once cast, so rank 0 never holds both in full
+    for name in list(full):
+        tensor = full.pop(name)
+        weights[name] = tensor.to(HF_DTYPE) if tensor.is_floating_point() else tensor
     out_dir = Path(out_dir)
     tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
     if d.master:
