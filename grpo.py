@@ -5,6 +5,8 @@
     torchrun --nproc_per_node 2 grpo.py --vas --max-steps 2   # CPU, gloo: what the tests run
     python grpo.py --vas --resume                             # continue from the latest step-N
 
+SIGTERM or SIGUSR1 (preemption): finish the step, save step-N, exit 0 (docs/checkpoints.md).
+
 One step: sample the global prompt batch (uniform, or VAS-mixed) -> n rollouts per prompt ->
 format + accuracy rewards -> group-normalised advantages -> clipped surrogate + k3 KL to a frozen
 reference, token mean over the global batch -> AdamW -> (VAS) refresh VPS -> log / validate / save.
@@ -125,6 +127,7 @@ class GRPOConfig:
     val_temperature: float = field(0.5, "validation sampling temperature (n = 1)")
     output_dir: str = field("runs/toy-grpo", "where checkpoints, metrics.jsonl and final/ go")
     save_every: int = field(10, "checkpoint every N steps (0 = only final)")
+    save_total_limit: int = field(0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)")
     resume: bool = field(False, "continue from the latest <output-dir>/step-N")
     stop_after: int = field(0, "exit after this many steps without the final save, as a preemption would (testing)")
     report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
@@ -522,6 +525,7 @@ RESUME_MAY_CHANGE = {
     "stop_after",
     "report_to",
     "save_every",
+    "save_total_limit",
     "val_every",
     "val_limit",
     "val_data",
@@ -642,8 +646,9 @@ def main() -> None:
         logger.log(0, {"val/accuracy": validate(engine, model, val_rows, cfg, d, pool, 0)})
 
     # --- training loop ---
+    preemption = checkpoint.Preemption()  # SIGTERM / SIGUSR1 -> save after this step, exit 0
     model.train()
-    done = start_step
+    done, stop = start_step, f"--stop-after {cfg.stop_after}"
     bar = tqdm(range(start_step, total_steps), disable=not d.master, desc="grpo", initial=start_step, total=total_steps)
     for step in bar:
         t0 = time.time()
@@ -689,8 +694,14 @@ def main() -> None:
             metrics["val/accuracy"] = validate(engine, model, val_rows, cfg, d, pool, done)
         logger.log(done, metrics)
         bar.set_postfix(acc=f"{metrics['reward/accuracy']:.2f}", zero_var=f"{metrics['vas/zero_var_frac']:.2f}")
-        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+        saved = cfg.save_every and done % cfg.save_every == 0 and done < total_steps
+        if saved:
             save(out_dir / f"step-{done}", done)
+        if done < total_steps and preemption.agreed(d):  # any rank signalled: all stop after this step
+            if not saved:
+                save(out_dir / f"step-{done}", done)
+            stop = f"{preemption.received or 'another rank signalled'} (saved step-{done})"
+            break
         if cfg.stop_after and done >= cfg.stop_after:
             break
 
@@ -700,7 +711,7 @@ def main() -> None:
         print(
             f"[grpo] done: {total_steps} steps, model in {out_dir / 'final'}"
             if done == total_steps
-            else f"[grpo] --stop-after {cfg.stop_after}: stopped at step {done} without the final save"
+            else f"[grpo] {stop}: stopped at step {done} without the final save"
         )
         if isinstance(engine, rollout.VLLMEngine):
             print(f"[grpo] vLLM weight pushes: {engine.pushes} (one per new set of weights; repeats skipped)")
