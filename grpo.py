@@ -41,7 +41,7 @@ from tqdm import tqdm
 import reward
 import vas
 from data import toy
-from mmr1 import batches, chat, checkpoint, config, data, dist, logprobs, modeling, rollout
+from mmr1 import batches, chat, checkpoint, config, data, dist, guards, logprobs, modeling, rollout
 from mmr1.config import field
 
 
@@ -55,6 +55,9 @@ class GRPOConfig:
     val_data: str = field("", "RL rows for validation accuracy (default: toy val split)")
     train_limit: int = field(0, "use only the first N training prompts (0 = all; the toy uses 512)")
     skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
+    skip_nonfinite: int = field(
+        0, "skip (and count) up to N steps with a non-finite loss or grad norm; 0 = stop at the first"
+    )
     min_pixels: int = field(3136, "images are resized to at least this many pixels")
     max_pixels: int = field(50176, "images are resized to at most this many pixels")
     instruction: str = field(
@@ -324,6 +327,8 @@ def update_policy(model, ref_model, optimizer, micro: list[dict], cfg: GRPOConfi
     for _ in range(cfg.updates_per_batch):
         stats = policy_loss_backward(model, micro, cfg, d)
         grad_norm = modeling.clip_and_step(model.parameters(), optimizer, cfg.max_grad_norm)
+        if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
+            break  # no step was taken; the NonFiniteGuard in main stops or skips
     return stats, grad_norm
 
 
@@ -514,6 +519,7 @@ RESUME_MAY_CHANGE = {
     "gradient_checkpointing",
     "logprob_chunk",
     "skip_bad_rows",
+    "skip_nonfinite",
 }
 
 
@@ -575,8 +581,10 @@ def main() -> None:
     cfg = config.parse_config(GRPOConfig, PRESETS)
     validate_config(cfg)
     use_toy_defaults(cfg)
+    guards.check_model_dir(cfg.model)
     d = dist.setup_distributed(cfg.seed)
     out_dir = Path(cfg.output_dir)
+    guards.lock_output_dir(out_dir, d.master)  # one run per --output-dir; also proves it writable
     rows, val_rows, total_steps = load_data(cfg, d)
 
     # --- models, optimizer, sampler, engine (a resumed run takes all but the reference from its checkpoint) ---
@@ -598,6 +606,7 @@ def main() -> None:
     pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
     logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
     announce(cfg, d, out_dir, len(rows), total_steps, type(engine).__name__)
+    nonfinite = guards.NonFiniteGuard(cfg.skip_nonfinite, ckpt)
 
     def save(folder: Path, step: int) -> None:  # reads the current sampler and vps
         extra = {
@@ -607,6 +616,7 @@ def main() -> None:
             "generated": generated.tolist(),
         }
         checkpoint.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg, **extra)
+        nonfinite.saved(folder)
 
     initial_vas_s = 0.0
     if cfg.vas and start_step == 0:  # initial scoring of every prompt before step 1
@@ -639,6 +649,7 @@ def main() -> None:
         )
         micro = micro_batches(processor, outs, batch_rows, advantages, cfg, fmt, d)
         stats, grad_norm = update_policy(model, ref_model, optimizer, micro, cfg, d)
+        nonfinite.check(step + 1, stats["loss"], grad_norm)  # stops a diverged run before anything is saved
         t_update, t0, done = time.time() - t0, time.time(), step + 1
 
         # --- VAS bookkeeping ---
@@ -664,7 +675,7 @@ def main() -> None:
             "time/vas_s": t_vas,
             "rollout/generated_responses": generated[0],
             "rollout/generated_tokens": generated[1],
-        }
+        } | ({"train/skipped_nonfinite": nonfinite.skipped} if cfg.skip_nonfinite else {})
         if val_rows and ((cfg.val_every and done % cfg.val_every == 0) or done == total_steps):
             metrics["val/accuracy"] = validate(engine, model, val_rows, cfg, d, pool, done)
         logger.log(done, metrics)

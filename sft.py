@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from data import toy
-from mmr1 import batches, checkpoint, config, data, dist, logprobs, modeling, rollout
+from mmr1 import batches, checkpoint, config, data, dist, guards, logprobs, modeling, rollout
 from mmr1.config import field
 
 
@@ -69,6 +69,9 @@ class SFTConfig:
     resume: bool = field(False, "continue from the latest <output-dir>/step-N")
     stop_after: int = field(0, "exit after this many steps without the final save, as a preemption would (testing)")
     skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
+    skip_nonfinite: int = field(
+        0, "skip (and count) up to N steps with a non-finite loss or grad norm; 0 = stop at the first"
+    )
     report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
 
 
@@ -175,6 +178,7 @@ RESUME_MAY_CHANGE = {
     "gradient_checkpointing",
     "logprob_chunk",
     "skip_bad_rows",
+    "skip_nonfinite",
 }
 
 
@@ -254,8 +258,10 @@ def main() -> None:
     cfg = config.parse_config(SFTConfig, PRESETS)
     validate_config(cfg)
     use_toy_defaults(cfg)
+    guards.check_model_dir(cfg.model)
     d = dist.setup_distributed(cfg.seed)
     out_dir = Path(cfg.output_dir)
+    guards.lock_output_dir(out_dir, d.master)  # one run per --output-dir; also proves it writable
     train_rows, val_rows, acc_rows, total_steps = load_data(cfg, d)
 
     # --- model, optimizer, schedule (a resumed run takes them from its checkpoint) ---
@@ -272,11 +278,13 @@ def main() -> None:
             print(f"[sft] resumed from {ckpt} at step {start_step}")
     logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
     announce(cfg, d, out_dir, len(train_rows), total_steps)
+    nonfinite = guards.NonFiniteGuard(cfg.skip_nonfinite, ckpt)
 
     def save(folder: Path, step: int) -> None:
         checkpoint.save_training_checkpoint(
             model, processor, optimizer, folder, d, step, cfg, scheduler=scheduler.state_dict(), rows=len(train_rows)
         )
+        nonfinite.saved(folder)
 
     # --- training loop ---
     model.train()
@@ -296,8 +304,11 @@ def main() -> None:
         )
         loss = sft_loss(model, micro, d, cfg.logprob_chunk, cfg.pack)
         lr = scheduler.get_last_lr()[0]
-        grad_norm = modeling.clip_and_step(params, optimizer, cfg.max_grad_norm)
+        grad_norm = modeling.clip_and_step(params, optimizer, cfg.max_grad_norm)  # no step if non-finite
+        nonfinite.check(step + 1, loss, grad_norm)  # stops a diverged run before anything is saved
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}
+        if cfg.skip_nonfinite:
+            metrics["train/skipped_nonfinite"] = nonfinite.skipped
         scheduler.step()
         metrics["time/step_s"] = time.time() - t0
         done = step + 1
