@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import reward
 from data import toy
-from mmr1 import chat, config, data, dist, modeling, rollout
+from mmr1 import chat, config, data, dist, guards, modeling, rollout
 from mmr1.config import field
 
 
@@ -236,13 +236,39 @@ def score_answer(benchmark: str, response: str, row: dict) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def resolve_image_paths(row: dict, folder: Path) -> dict:
+    """The row with relative image paths (a str, or a {"path"} dict without bytes, in `image`,
+    `decoded_image` or `images`) made relative to `folder`, the data file's folder, as training does."""
+
+    def resolve(image):
+        if isinstance(image, str) and image and not Path(image).is_absolute():
+            return str(folder / image)
+        if isinstance(image, dict) and not image.get("bytes") and isinstance(image.get("path"), str):
+            return {**image, "path": str(folder / image["path"])} if not Path(image["path"]).is_absolute() else image
+        return image
+
+    out = dict(row)
+    for key in ("image", "decoded_image"):
+        if key in out:
+            out[key] = resolve(out[key])
+    if isinstance(out.get("images"), (list, tuple)):
+        out["images"] = [resolve(im) for im in out["images"]]
+    return out
+
+
 def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
-    """Raw rows of a benchmark: a local parquet/jsonl override, or its hub id and split."""
+    """Raw rows of a benchmark: a local parquet/jsonl override (relative image paths resolved against
+    its folder), or its hub id and split."""
     import datasets
 
     if override:
+        if not Path(override).is_file():
+            raise config.MissingDataError(f"--bench-data {name}={override}: no such file")
         fmt = "parquet" if override.endswith(".parquet") else "json"
         ds = datasets.load_dataset(fmt, data_files=override, split="train")
+        folder = Path(override).resolve().parent
+        rows = [resolve_image_paths(dict(r), folder) for r in ds]
+        return rows[:limit] if limit else rows
     elif name == "toy":
         ds = datasets.load_dataset("parquet", data_files=str(toy.TOY_DATA_DIR / "rl" / "test.parquet"), split="train")
     else:
@@ -295,7 +321,10 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: d
 
 
 def summarise(records: list[dict]) -> dict:
-    """{'accuracy': %, 'n': rows, 'groups': {group: %}} of one benchmark's records."""
+    """{'accuracy': %, 'n': rows, 'groups': {group: %}} of one benchmark's records; accuracy None
+    (null in results.json, "no usable rows" in the table) when no row was usable, never 0.0."""
+    if not records:
+        return {"accuracy": None, "n": 0, "groups": {}, "note": NO_USABLE_ROWS}
     groups: dict[str, list[bool]] = {}
     for r in records:
         groups.setdefault(r["group"], []).append(r["correct"])
@@ -307,16 +336,21 @@ def summarise(records: list[dict]) -> dict:
     }
 
 
+NO_USABLE_ROWS = "no usable rows"
+
+
 def results_table(results: dict[str, dict[str, dict]], names: list[str], with_paper: bool) -> str:
     """Markdown table: one row per evaluated model (plus the paper's rows), one column per benchmark."""
     header = "| model | " + " | ".join(names) + (" | avg |" if len(names) > 1 else " |")
     lines = [header, "|" + " --- |" * (len(names) + 1 + (len(names) > 1))]
     rows = {m: {b: r[b]["accuracy"] for b in names if b in r} for m, r in results.items()}
+    cell = lambda v: NO_USABLE_ROWS if v is None else f"{v:.1f}"  # noqa: E731
     if with_paper:
         rows.update({m: v for m, v in PAPER_ROWS.items()})
     for model, scores in rows.items():
-        cells = [f"{scores[b]:.1f}" if b in scores else "-" for b in names]
-        avg = [f"{sum(scores[b] for b in names) / len(names):.1f}" if all(b in scores for b in names) else "-"]
+        cells = [cell(scores[b]) if b in scores else "-" for b in names]
+        complete = all(scores.get(b) is not None for b in names)
+        avg = [f"{sum(scores[b] for b in names) / len(names):.1f}" if complete else "-"]
         lines.append(f"| {model} | " + " | ".join(cells + (avg if len(names) > 1 else [])) + " |")
     return "\n".join(lines)
 
@@ -346,6 +380,12 @@ def main() -> None:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise SystemExit(f"unknown benchmarks {unknown}; choose from {list(BENCHMARKS)}")
+    for path in models.values():
+        guards.check_model_dir(path)
+    guards.lock_output_dir(cfg.output_dir, d.master)  # writable before anything is generated; one eval per folder
+    malformed = [kv for kv in cfg.bench_data.split(",") if kv and "=" not in kv]
+    if malformed:
+        raise config.InputError(f"--bench-data {malformed[0]!r}: give name=path (e.g. mathvista=local/mv.parquet)")
     overrides = dict(kv.split("=", 1) for kv in cfg.bench_data.split(",") if kv)
     raw = {n: load_benchmark(n, overrides.get(n), cfg.limit) for n in names}
 
@@ -380,7 +420,10 @@ def main() -> None:
                 results[label][name] = {**summarise(records), "skipped": len(bad)}
                 s = results[label][name]
                 groups = ", ".join(f"{g} {v:.1f}" for g, v in s["groups"].items())
-                print(f"[eval] {label} {name}: {s['accuracy']:.1f}% of {s['n']} ({groups}); {len(bad)} skipped")
+                if s["accuracy"] is None:
+                    print(f"[eval] {label} {name}: {NO_USABLE_ROWS} ({len(bad)} skipped); not scored")
+                else:
+                    print(f"[eval] {label} {name}: {s['accuracy']:.1f}% of {s['n']} ({groups}); {len(bad)} skipped")
         engine.close()  # frees vLLM before the next model's engine starts
         del model, engine
         if torch.cuda.is_available():
@@ -397,4 +440,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    config.exit_on_input_error(main)

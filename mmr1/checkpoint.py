@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
 import time
@@ -31,11 +32,18 @@ def save_checkpoint(model, processor, out_dir: str | Path, d: Dist, trainer_stat
         out_dir = Path(out_dir)
         tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = getattr(model, "module", model)
-        unwrapped.save_pretrained(tmp, state_dict=state)
-        processor.save_pretrained(tmp)
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / "trainer_state.pt")
+        try:
+            unwrapped = getattr(model, "module", model)
+            unwrapped.save_pretrained(tmp, state_dict=state)
+            processor.save_pretrained(tmp)
+            if trainer_state is not None:
+                torch.save(trainer_state, tmp / "trainer_state.pt")
+        except OSError as e:  # disk full, quota, permissions: the previous checkpoint stays as it was
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"could not write checkpoint {out_dir} ({first_line(e)}); its temp folder {tmp} was removed "
+                "and the previous checkpoints are intact"
+            ) from e
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)
@@ -54,6 +62,7 @@ def save_training_checkpoint(
         "optimizer": optimizer_state(model, optimizer, d),
         "rng": all_gather_list([rng_state()], d),
         "config": dataclasses.asdict(config),
+        "world_size": d.world_size,  # a resume must use the same (check_resume)
         **extra,
     }
     save_checkpoint(model, processor, folder, d, state)
@@ -174,6 +183,13 @@ def check_resume(
     refused = [f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in may_change]
     if state.get("rows") is not None and state["rows"] != n_rows:
         refused.append(f"the data now gives {n_rows} rows, the checkpoint was trained on {state['rows']}")
+    saved_world = state.get("world_size", len(state["rng"]))  # older checkpoints: one RNG state per rank
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # as dist.setup_distributed detects it
+    if saved_world != world:
+        refused.append(
+            f"it was trained on {saved_world} process(es) and this run has {world} (the batch sharding, RNG "
+            "streams and sharded optimizer state depend on it)"
+        )
     if total_steps < state["step"]:
         refused.append(f"this run would end at step {total_steps}, before the checkpoint's step {state['step']}")
     if refused:
