@@ -269,6 +269,28 @@ def frozen_token_logprobs(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dis
 # ---------------------------------------------------------------------------------------------
 
 
+def fitting_prompts(
+    processor, prompt_ids: list[int], rows: list[dict], cfg: GRPOConfig, fmt: chat.PromptFormat, skipped: list[str]
+) -> list[int]:
+    """The prompts of this rank's batch within --max-prompt-length, for every engine (HF generate
+    would otherwise take any length; vLLM would refuse the request). A longer prompt is a bad row:
+    BadRowError naming it, or with --skip-bad-rows dropped (its whole group) and noted in `skipped`."""
+    lengths = batches.prompt_lengths(processor, [rows[i] for i in prompt_ids], cfg.min_pixels, cfg.max_pixels, fmt)
+    keep = []
+    for i, n in zip(prompt_ids, lengths):
+        if n <= cfg.max_prompt_length:
+            keep.append(i)
+            continue
+        message = f"{cfg.data} row {i}" + (f" (id={rows[i]['id']})" if rows[i].get("id") is not None else "")
+        message += f": the prompt is {n} tokens, above --max-prompt-length {cfg.max_prompt_length}"
+        if not cfg.skip_bad_rows:
+            raise config.BadRowError(message)
+        skipped.append(message)
+    if not keep:
+        raise config.BadRowError(f"every prompt of a batch is above --max-prompt-length; first: {skipped[-1]}")
+    return keep
+
+
 def generate_rollouts(engine, model, rows: list[dict], cfg: GRPOConfig, step: int) -> list[rollout.Rollout]:
     """n responses per prompt from the policy after `step` updates."""
     engine.push_weights(model, version=step)  # the new policy -> the inference engine (vLLM: skipped if unchanged)
@@ -607,6 +629,7 @@ def main() -> None:
     logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
     announce(cfg, d, out_dir, len(rows), total_steps, type(engine).__name__)
     nonfinite = guards.NonFiniteGuard(cfg.skip_nonfinite, ckpt)
+    skipped: list[str] = []  # this rank's prompts dropped at batch time (--skip-bad-rows)
 
     def save(folder: Path, step: int) -> None:  # reads the current sampler and vps
         extra = {
@@ -639,6 +662,7 @@ def main() -> None:
     for step in bar:
         t0 = time.time()
         prompt_ids, _ = dist.shard(sampler.next_batch(), d)  # this rank's slice of the global batch
+        prompt_ids = fitting_prompts(processor, prompt_ids, rows, cfg, fmt, skipped)  # --max-prompt-length
         batch_rows = [rows[i] for i in prompt_ids]
         outs = generate_rollouts(engine, model, batch_rows, cfg, step)  # n per prompt, row-major
         t_rollout, t0 = time.time() - t0, time.time()
@@ -676,6 +700,8 @@ def main() -> None:
             "rollout/generated_responses": generated[0],
             "rollout/generated_tokens": generated[1],
         } | ({"train/skipped_nonfinite": nonfinite.skipped} if cfg.skip_nonfinite else {})
+        if cfg.skip_bad_rows:
+            metrics["train/skipped_prompts"] = dist.all_reduce_sum(len(skipped), d.device).item()
         if val_rows and ((cfg.val_every and done % cfg.val_every == 0) or done == total_steps):
             metrics["val/accuracy"] = validate(engine, model, val_rows, cfg, d, pool, done)
         logger.log(done, metrics)

@@ -120,6 +120,11 @@ def global_batch(step: int, n_rows: int, batch_size: int, seed: int) -> list[int
     return out
 
 
+def row_name(spec: str, index: int, row: dict) -> str:
+    """How an error names a training row: its data spec, its index and its id."""
+    return f"{spec} row {index}" + (f" (id={row['id']})" if row.get("id") is not None else "")
+
+
 def sft_loss(model, micro: list[dict], d: dist.Dist, chunk: int, packed: bool = False) -> float:
     """Forward + backward over this rank's micro-batches; loss = token mean over the global batch.
 
@@ -279,6 +284,7 @@ def main() -> None:
     logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
     announce(cfg, d, out_dir, len(train_rows), total_steps)
     nonfinite = guards.NonFiniteGuard(cfg.skip_nonfinite, ckpt)
+    skipped: list[str] = []  # this rank's training rows skipped at batch time (--skip-bad-rows)
 
     def save(folder: Path, step: int) -> None:
         checkpoint.save_training_checkpoint(
@@ -301,6 +307,8 @@ def main() -> None:
             cfg.max_tokens_per_micro_batch,
             cfg.micro_batch_size,
             d,
+            names=[row_name(cfg.data, i, train_rows[i]) for i in batch],
+            skipped=skipped if cfg.skip_bad_rows else None,  # rows --max-length would spoil: error or skip
         )
         loss = sft_loss(model, micro, d, cfg.logprob_chunk, cfg.pack)
         lr = scheduler.get_last_lr()[0]
@@ -309,6 +317,8 @@ def main() -> None:
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}
         if cfg.skip_nonfinite:
             metrics["train/skipped_nonfinite"] = nonfinite.skipped
+        if cfg.skip_bad_rows:
+            metrics["train/skipped_rows"] = dist.all_reduce_sum(len(skipped), d.device).item()
         scheduler.step()
         metrics["time/step_s"] = time.time() - t0
         done = step + 1
@@ -332,6 +342,8 @@ def main() -> None:
         final["val/accuracy"] = rollout.validation_accuracy(engine, acc_rows, d, greedy)
         logger.log(total_steps, final)
     save(out_dir / "final", total_steps)
+    if skipped:
+        print(f"[sft] rank {d.rank} skipped {len(skipped)} bad rows; first: {skipped[0]}")
     if d.master:
         summary = " ".join(f"{k}={v:.4f}" for k, v in final.items())
         print(f"[sft] done: {total_steps} steps, model in {out_dir / 'final'} {summary}")

@@ -28,6 +28,20 @@ def load_image(image: Any):
     return to_rgb(upright(image))
 
 
+def image_size(image: Any) -> tuple[int, int]:
+    """(width, height) of an image in any accepted form, read from its header (no pixel decoding)."""
+    from PIL import Image
+
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        image = io.BytesIO(image)
+    if isinstance(image, Image.Image):
+        return image.size
+    with Image.open(image) as opened:
+        return opened.size
+
+
 def upright(image):
     """The image turned as its EXIF orientation tag says (a no-op without one)."""
     from PIL import ImageOps
