@@ -87,7 +87,12 @@ def test_sft_diverged_run_stops_before_saving(toy_dir, tmp_path):
     assert line.startswith("error: step 3: ") and "the run diverged (after skipping 1)" in line
     steps = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [(s["step"], s["train/skipped_nonfinite"]) for s in steps] == [(1, 0), (2, 1)]
-    assert not (tmp_path / "skip" / "step-2").exists()  # a skipped step is not a good one to save
+    # the skipped step took no optimizer step: step-2 holds the finite weights of step 1, the last good one
+    assert f"last good checkpoint: {tmp_path / 'skip' / 'step-2'} " in line
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "skip" / "step-2" / "model.safetensors"))
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
 
 
 # ---------------------------------------------------------------------------------------------
