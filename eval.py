@@ -320,6 +320,9 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: d
     return records, bad
 
 
+NO_USABLE_ROWS = "no usable rows"  # a benchmark's cell when every row was skipped: not scored, not 0.0
+
+
 def summarise(records: list[dict]) -> dict:
     """{'accuracy': %, 'n': rows, 'groups': {group: %}} of one benchmark's records; accuracy None
     (null in results.json, "no usable rows" in the table) when no row was usable, never 0.0."""
@@ -334,9 +337,6 @@ def summarise(records: list[dict]) -> dict:
         "n": len(records),
         "groups": {g: pct(v) for g, v in sorted(groups.items())},
     }
-
-
-NO_USABLE_ROWS = "no usable rows"
 
 
 def results_table(results: dict[str, dict[str, dict]], names: list[str], with_paper: bool) -> str:

@@ -175,7 +175,8 @@ def check_resume(
     (data, batch shape, seeds, optimisation: what the trajectory depends on) is a CheckpointError
     listing every difference; changes inside `may_change` (run length, logging, validation, memory
     knobs) are printed by the master and appended to out_dir/config_changes.jsonl. Also refuses
-    data that now gives another number of rows, and a run that would end before the checkpoint's step.
+    data that now gives another number of rows, another number of processes (WORLD_SIZE) than the
+    checkpoint's, and a run that would end before the checkpoint's step.
     """
     state = load_trainer_state(folder, mmap=True)
     saved, new = state["config"], dataclasses.asdict(cfg)
