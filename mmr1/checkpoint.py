@@ -184,9 +184,9 @@ def check_resume(
     refused = [f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in may_change]
     if state.get("rows") is not None and state["rows"] != n_rows:
         refused.append(f"the data now gives {n_rows} rows, the checkpoint was trained on {state['rows']}")
-    saved_world = state.get("world_size", len(state["rng"]))  # older checkpoints: one RNG state per rank
+    saved_world = state.get("world_size") or len(state["rng"])  # older checkpoints: one RNG state per rank
     world = int(os.environ.get("WORLD_SIZE", "1"))  # as dist.setup_distributed detects it
-    if saved_world != world:
+    if saved_world and saved_world != world:
         refused.append(
             f"it was trained on {saved_world} process(es) and this run has {world} (the batch sharding, RNG "
             "streams and sharded optimizer state depend on it)"
