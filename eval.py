@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import reward
 from data import toy
-from mmr1 import benchmarks, chat, config, dist, modeling, rollout
+from mmr1 import benchmarks, chat, config, dist, guards, modeling, rollout
 from mmr1.config import field
 
 
@@ -79,7 +79,8 @@ PAPER_ROWS = {
 
 
 def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
-    """Raw rows of a benchmark (benchmarks.load_benchmark); the toy's test split for `toy`."""
+    """Raw rows of a benchmark in its own columns (benchmarks.load_benchmark: a local file, its relative
+    image paths resolved against the file's folder, or the hub copy); the toy's test split for `toy`."""
     if name == "toy" and not override:
         override = str(toy.TOY_DATA_DIR / "rl" / "test.parquet")
     return benchmarks.load_benchmark(name, override, limit)
@@ -123,9 +124,15 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: d
     return records, bad
 
 
+NO_USABLE_ROWS = "no usable rows"  # a benchmark's cell when every row was skipped: not scored, not 0.0
+
+
 def summarise(records: list[dict]) -> dict:
     """{'accuracy': %, 'n': rows, 'breakdown': {column: {value: {'accuracy': %, 'n': rows}}}} of one
-    benchmark's records (the columns of BREAKDOWNS its rows have)."""
+    benchmark's records (the columns of BREAKDOWNS its rows have); accuracy None (null in
+    results.json, "no usable rows" in the table) when no row was usable, never 0.0."""
+    if not records:
+        return {"accuracy": None, "n": 0, "breakdown": {}, "note": NO_USABLE_ROWS}
     pct = lambda xs: 100.0 * sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     by: dict[str, dict[str, list[bool]]] = {}
     for r in records:
@@ -146,11 +153,13 @@ def results_table(results: dict[str, dict[str, dict]], names: list[str], with_pa
     header = "| model | " + " | ".join(names) + (" | avg |" if len(names) > 1 else " |")
     lines = [header, "|" + " --- |" * (len(names) + 1 + (len(names) > 1))]
     rows = {m: {b: r[b]["accuracy"] for b in names if b in r} for m, r in results.items()}
+    cell = lambda v: NO_USABLE_ROWS if v is None else f"{v:.1f}"  # noqa: E731
     if with_paper:
         rows.update({m: v for m, v in PAPER_ROWS.items()})
     for model, scores in rows.items():
-        cells = [f"{scores[b]:.1f}" if b in scores else "-" for b in names]
-        avg = [f"{sum(scores[b] for b in names) / len(names):.1f}" if all(b in scores for b in names) else "-"]
+        cells = [cell(scores[b]) if b in scores else "-" for b in names]
+        complete = all(scores.get(b) is not None for b in names)
+        avg = [f"{sum(scores[b] for b in names) / len(names):.1f}" if complete else "-"]
         lines.append(f"| {model} | " + " | ".join(cells + (avg if len(names) > 1 else [])) + " |")
     return "\n".join(lines)
 
@@ -197,6 +206,12 @@ def main() -> None:
     unknown = [n for n in names if n not in benchmarks.BENCHMARKS]
     if unknown:
         raise SystemExit(f"unknown benchmarks {unknown}; choose from {list(benchmarks.BENCHMARKS)}")
+    for path in models.values():
+        guards.check_model_dir(path)
+    guards.lock_output_dir(cfg.output_dir, d.master)  # writable before anything is generated; one eval per folder
+    malformed = [kv for kv in cfg.bench_data.split(",") if kv and "=" not in kv]
+    if malformed:
+        raise config.InputError(f"--bench-data {malformed[0]!r}: give name=path (e.g. mathvista=local/mv.parquet)")
     overrides = dict(kv.split("=", 1) for kv in cfg.bench_data.split(",") if kv)
     raw = {n: load_benchmark(n, overrides.get(n), cfg.limit) for n in names}
 
@@ -234,7 +249,10 @@ def main() -> None:
                     f"{column}: " + ", ".join(f"{v} {g['accuracy']:.1f}" for v, g in values.items())
                     for column, values in s["breakdown"].items()
                 )
-                print(f"[eval] {label} {name}: {s['accuracy']:.1f}% of {s['n']} ({groups}); {len(bad)} skipped")
+                if s["accuracy"] is None:
+                    print(f"[eval] {label} {name}: {NO_USABLE_ROWS} ({len(bad)} skipped); not scored")
+                else:
+                    print(f"[eval] {label} {name}: {s['accuracy']:.1f}% of {s['n']} ({groups}); {len(bad)} skipped")
         engine.close()  # frees vLLM before the next model's engine starts
         del model, engine
         if torch.cuda.is_available():
@@ -252,4 +270,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    config.exit_on_input_error(main)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 import reward
 import vas
 from data import toy
-from mmr1 import batches, benchmarks, chat, checkpoint, config, data, dist, logprobs, modeling, rollout
+from mmr1 import batches, benchmarks, chat, checkpoint, config, data, dist, guards, logprobs, modeling, rollout
 from mmr1.config import field
 
 
@@ -63,6 +63,9 @@ class GRPOConfig:
     )
     train_limit: int = field(0, "use only the first N training prompts (0 = all; the toy uses 512)")
     skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
+    skip_nonfinite: int = field(
+        0, "skip (and count) up to N steps with a non-finite loss or grad norm; 0 = stop at the first"
+    )
     min_pixels: int = field(3136, "images are resized to at least this many pixels")
     max_pixels: int = field(50176, "images are resized to at most this many pixels")
     instruction: str = field(
@@ -275,6 +278,28 @@ def frozen_token_logprobs(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dis
 # ---------------------------------------------------------------------------------------------
 
 
+def fitting_prompts(
+    processor, prompt_ids: list[int], rows: list[dict], cfg: GRPOConfig, fmt: chat.PromptFormat, skipped: list[str]
+) -> list[int]:
+    """The prompts of this rank's batch within --max-prompt-length, for every engine (HF generate
+    would otherwise take any length; vLLM would refuse the request). A longer prompt is a bad row:
+    BadRowError naming it, or with --skip-bad-rows dropped (its whole group) and noted in `skipped`."""
+    lengths = batches.prompt_lengths(processor, [rows[i] for i in prompt_ids], cfg.min_pixels, cfg.max_pixels, fmt)
+    keep = []
+    for i, n in zip(prompt_ids, lengths):
+        if n <= cfg.max_prompt_length:
+            keep.append(i)
+            continue
+        message = f"{cfg.data} row {i}" + (f" (id={rows[i]['id']})" if rows[i].get("id") is not None else "")
+        message += f": the prompt is {n} tokens, above --max-prompt-length {cfg.max_prompt_length}"
+        if not cfg.skip_bad_rows:
+            raise config.BadRowError(message)
+        skipped.append(message)
+    if not keep:
+        raise config.BadRowError(f"every prompt of a batch is above --max-prompt-length; first: {skipped[-1]}")
+    return keep
+
+
 def generate_rollouts(engine, model, rows: list[dict], cfg: GRPOConfig, step: int) -> list[rollout.Rollout]:
     """n responses per prompt from the policy after `step` updates."""
     engine.push_weights(model, version=step)  # the new policy -> the inference engine (vLLM: skipped if unchanged)
@@ -333,6 +358,8 @@ def update_policy(model, ref_model, optimizer, micro: list[dict], cfg: GRPOConfi
     for _ in range(cfg.updates_per_batch):
         stats = policy_loss_backward(model, micro, cfg, d)
         grad_norm = modeling.clip_and_step(model.parameters(), optimizer, cfg.max_grad_norm)
+        if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
+            break  # no step was taken; the NonFiniteGuard in main stops or skips
     return stats, grad_norm
 
 
@@ -537,6 +564,7 @@ RESUME_MAY_CHANGE = {
     "gradient_checkpointing",
     "logprob_chunk",
     "skip_bad_rows",
+    "skip_nonfinite",
 }
 
 
@@ -598,8 +626,10 @@ def main() -> None:
     cfg = config.parse_config(GRPOConfig, PRESETS)
     validate_config(cfg)
     use_toy_defaults(cfg)
+    guards.check_model_dir(cfg.model)
     d = dist.setup_distributed(cfg.seed)
     out_dir = Path(cfg.output_dir)
+    guards.lock_output_dir(out_dir, d.master)  # one run per --output-dir; also proves it writable
     rows, val_rows, total_steps = load_data(cfg, d)
 
     # --- models, optimizer, sampler, engine (a resumed run takes all but the reference from its checkpoint) ---
@@ -621,6 +651,8 @@ def main() -> None:
     pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
     logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
     announce(cfg, d, out_dir, len(rows), total_steps, type(engine).__name__)
+    nonfinite = guards.NonFiniteGuard(cfg.skip_nonfinite, ckpt)
+    skipped: list[str] = []  # this rank's prompts dropped at batch time (--skip-bad-rows)
 
     def save(folder: Path, step: int) -> None:  # reads the current sampler and vps
         extra = {
@@ -630,6 +662,7 @@ def main() -> None:
             "generated": generated.tolist(),
         }
         checkpoint.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg, **extra)
+        nonfinite.saved(folder)
 
     initial_vas_s = 0.0
     if cfg.vas and start_step == 0:  # initial scoring of every prompt before step 1
@@ -653,6 +686,7 @@ def main() -> None:
     for step in bar:
         t0 = time.time()
         prompt_ids, _ = dist.shard(sampler.next_batch(), d)  # this rank's slice of the global batch
+        prompt_ids = fitting_prompts(processor, prompt_ids, rows, cfg, fmt, skipped)  # --max-prompt-length
         batch_rows = [rows[i] for i in prompt_ids]
         outs = generate_rollouts(engine, model, batch_rows, cfg, step)  # n per prompt, row-major
         t_rollout, t0 = time.time() - t0, time.time()
@@ -663,6 +697,7 @@ def main() -> None:
         )
         micro = micro_batches(processor, outs, batch_rows, advantages, cfg, fmt, d)
         stats, grad_norm = update_policy(model, ref_model, optimizer, micro, cfg, d)
+        nonfinite.check(step + 1, stats["loss"], grad_norm)  # stops a diverged run before anything is saved
         t_update, t0, done = time.time() - t0, time.time(), step + 1
 
         # --- VAS bookkeeping ---
@@ -689,7 +724,9 @@ def main() -> None:
             "rollout/generated_responses": generated[0],
             "rollout/generated_tokens": generated[1],
             "data/skipped_rows": data.skipped_rows(rows, d),  # bad rows passed over so far
-        }
+        } | ({"train/skipped_nonfinite": nonfinite.skipped} if cfg.skip_nonfinite else {})
+        if cfg.skip_bad_rows:
+            metrics["train/skipped_prompts"] = dist.all_reduce_sum(len(skipped), d.device).item()
         if val_rows and ((cfg.val_every and done % cfg.val_every == 0) or done == total_steps):
             metrics["val/accuracy"] = validate(engine, model, val_rows, cfg, d, pool, done)
         logger.log(done, metrics)

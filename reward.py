@@ -19,6 +19,7 @@ import re
 import sys
 import threading
 import time
+import unicodedata
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -111,9 +112,25 @@ _UNITS = r"(?:cm|mm|km|m|kg|g|mg|s|sec|seconds|minutes|min|hours|h|units?|degree
 _NUMBER = re.compile(r"^[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?$")
 
 
+# Read as ASCII after NFKC: the Unicode minus and fraction / division slashes (NFKC gives '½' as '1⁄2').
+_ASCII_LOOKALIKES = str.maketrans({"\u2212": "-", "\u2044": "/", "\u2215": "/"})
+# Superscript digits become '^d' BEFORE NFKC, which would otherwise fold '2²' into '22'.
+_SUPERSCRIPTS = str.maketrans({c: "^" + d for c, d in zip("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")})
+
+
+def unicode_clean(s: str) -> str:
+    """NFKC form (full-width `Ａ（１）` -> `A(1)`, `½` -> `1/2`, a decomposed `é` composed, NBSP and other
+    spaces -> ' ', `x²` -> `x^2`), format characters (category Cf: zero-width spaces and joiners,
+    bidi marks, soft hyphen, BOM) removed, the Unicode minus and fraction slash read as '-' and '/'."""
+    s = unicodedata.normalize("NFKC", s.translate(_SUPERSCRIPTS))
+    s = "".join(c for c in s if unicodedata.category(c) != "Cf")
+    return s.translate(_ASCII_LOOKALIKES)
+
+
 def clean_answer(s: str) -> str:
-    """Strips `$`, `\\text{}`/`\\mathrm{}` wrappers, `\\left/\\right`, `\\!`, trailing period."""
-    s = s.strip().strip("$").strip()
+    """Strips `$`, `\\text{}`/`\\mathrm{}` wrappers, `\\left/\\right`, `\\!`, trailing period, after
+    Unicode normalisation (unicode_clean)."""
+    s = unicode_clean(s).strip().strip("$").strip()
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "")
     s = s.replace("^\\circ", "°").replace("^{\\circ}", "°").replace("\\%", "%")
@@ -249,7 +266,9 @@ def is_equivalent(pred: str | None, gold: str | None, choices: list[str] | None 
     5. Math-Verify on `\\boxed{gold}` and `\\boxed{pred}` (expressions, intervals, sets).
     None or empty on either side is never equivalent.
     """
-    if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
+    if not isinstance(pred, str) or not isinstance(gold, str):
+        return False
+    if not unicode_clean(pred).strip() or not unicode_clean(gold).strip():
         return False
     if choices:
         return _choice_equal(pred, gold, choices)

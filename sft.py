@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from data import toy
-from mmr1 import batches, checkpoint, config, data, dist, logprobs, modeling, rollout
+from mmr1 import batches, checkpoint, config, data, dist, guards, logprobs, modeling, rollout
 from mmr1.config import field
 
 
@@ -71,6 +71,9 @@ class SFTConfig:
     resume: bool = field(False, "continue from the latest <output-dir>/step-N")
     stop_after: int = field(0, "exit after this many steps without the final save, as a preemption would (testing)")
     skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
+    skip_nonfinite: int = field(
+        0, "skip (and count) up to N steps with a non-finite loss or grad norm; 0 = stop at the first"
+    )
     report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
 
 
@@ -117,6 +120,11 @@ def global_batch(step: int, n_rows: int, batch_size: int, seed: int) -> list[int
         random.Random(dist.derive_seed(seed, "sft-order", epoch)).shuffle(perm)
         out.append(perm[offset])
     return out
+
+
+def row_name(spec: str, index: int, row: dict) -> str:
+    """How an error names a training row: its data spec, its index and its id."""
+    return f"{spec} row {index}" + (f" (id={row['id']})" if row.get("id") is not None else "")
 
 
 def sft_loss(model, micro: list[dict], d: dist.Dist, chunk: int, packed: bool = False) -> float:
@@ -178,6 +186,7 @@ RESUME_MAY_CHANGE = {
     "gradient_checkpointing",
     "logprob_chunk",
     "skip_bad_rows",
+    "skip_nonfinite",
 }
 
 
@@ -257,8 +266,10 @@ def main() -> None:
     cfg = config.parse_config(SFTConfig, PRESETS)
     validate_config(cfg)
     use_toy_defaults(cfg)
+    guards.check_model_dir(cfg.model)
     d = dist.setup_distributed(cfg.seed)
     out_dir = Path(cfg.output_dir)
+    guards.lock_output_dir(out_dir, d.master)  # one run per --output-dir; also proves it writable
     train_rows, val_rows, acc_rows, total_steps = load_data(cfg, d)
 
     # --- model, optimizer, schedule (a resumed run takes them from its checkpoint) ---
@@ -275,11 +286,14 @@ def main() -> None:
             print(f"[sft] resumed from {ckpt} at step {start_step}")
     logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
     announce(cfg, d, out_dir, len(train_rows), total_steps)
+    nonfinite = guards.NonFiniteGuard(cfg.skip_nonfinite, ckpt)
+    skipped: list[str] = []  # this rank's training rows skipped at batch time (--skip-bad-rows)
 
     def save(folder: Path, step: int) -> None:
         checkpoint.save_training_checkpoint(
             model, processor, optimizer, folder, d, step, cfg, scheduler=scheduler.state_dict(), rows=len(train_rows)
         )
+        nonfinite.saved(folder)
 
     # --- training loop ---
     preemption = checkpoint.Preemption()  # SIGTERM / SIGUSR1 -> save after this step, exit 0
@@ -297,12 +311,19 @@ def main() -> None:
             cfg.max_tokens_per_micro_batch,
             cfg.micro_batch_size,
             d,
+            names=[row_name(cfg.data, i, train_rows[i]) for i in batch],
+            skipped=skipped if cfg.skip_bad_rows else None,  # rows --max-length would spoil: error or skip
         )
         loss = sft_loss(model, micro, d, cfg.logprob_chunk, cfg.pack)
         lr = scheduler.get_last_lr()[0]
-        grad_norm = modeling.clip_and_step(params, optimizer, cfg.max_grad_norm)
+        grad_norm = modeling.clip_and_step(params, optimizer, cfg.max_grad_norm)  # no step if non-finite
+        nonfinite.check(step + 1, loss, grad_norm)  # stops a diverged run before anything is saved
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}
         metrics["data/skipped_rows"] = data.skipped_rows(train_rows, d)  # bad rows passed over so far
+        if cfg.skip_nonfinite:
+            metrics["train/skipped_nonfinite"] = nonfinite.skipped
+        if cfg.skip_bad_rows:
+            metrics["train/skipped_rows"] = dist.all_reduce_sum(len(skipped), d.device).item()
         scheduler.step()
         metrics["time/step_s"] = time.time() - t0
         done = step + 1
@@ -337,6 +358,8 @@ def main() -> None:
         final["val/accuracy"] = rollout.validation_accuracy(engine, acc_rows, d, greedy)
         logger.log(total_steps, final)
     save(out_dir / "final", total_steps)
+    if skipped:
+        print(f"[sft] rank {d.rank} skipped {len(skipped)} bad rows; first: {skipped[0]}")
     if d.master:
         summary = " ".join(f"{k}={v:.4f}" for k, v in final.items())
         print(f"[sft] done: {total_steps} steps, model in {out_dir / 'final'} {summary}")

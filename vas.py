@@ -558,8 +558,10 @@ def main(argv: list[str] | None = None) -> None:
 def score_data_set(args: ScoreConfig) -> None:
     """`vas.py score`: pass rate, OVS, TDS, VPS of every prompt of --data, to a parquet file."""
     import reward
-    from mmr1 import chat, data, dist, modeling, rollout
+    from mmr1 import chat, data, dist, guards, modeling, rollout
 
+    guards.check_model_dir(args.model)
+    guards.check_output_dir(Path(args.out).parent, "--out")  # before the scoring, not after it
     d = dist.setup_distributed(args.seed)
     rows = data.load_rows(
         args.data, "rl", "train", args.skip_bad_rows, args.limit, min_pixels=args.min_pixels, max_pixels=args.max_pixels

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from .chat import PromptFormat, prompt_messages, sft_messages
+from .config import BadRowError
 from .dist import Dist, all_reduce_max
-from .images import row_images
+from .images import image_size, resized_size, row_images
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss
 
@@ -76,6 +77,22 @@ def prompt_texts(processor, rows: list[dict], fmt: PromptFormat = PromptFormat()
     ]
 
 
+def prompt_lengths(
+    processor, rows: list[dict], min_pixels: int, max_pixels: int, fmt: PromptFormat = PromptFormat()
+) -> list[int]:
+    """Tokens of each row's chat-templated prompt as the processor makes it, images expanded, but
+    from the image headers alone: each image's one <|image_pad|> becomes (H/28) * (W/28) tokens of
+    its resized size (2x2 merged 14-pixel patches). The same count for every engine."""
+    out = []
+    for text, row in zip(prompt_texts(processor, rows, fmt), rows):
+        n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        for image in row.get("images") or []:
+            w_bar, h_bar = resized_size(*image_size(image), min_pixels, max_pixels)  # a turn keeps the product
+            n += (w_bar // 28) * (h_bar // 28) - 1
+        out.append(n)
+    return out
+
+
 def processor_inputs(processor, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
     """Batched model inputs (left-padded) for chat strings and their per-row image lists."""
     flat = [im for ims in images for im in ims]
@@ -121,6 +138,11 @@ def sft_batch(processor, rows: list[dict], min_pixels: int, max_pixels: int, max
     mask = assistant_mask(inputs["input_ids"], header, tokenizer.convert_tokens_to_ids("<|im_end|>"))
     labels = inputs["input_ids"].masked_fill(~mask | (inputs["attention_mask"] == 0), IGNORE_INDEX)
     inputs["labels"] = labels
+    return _cut(inputs, max_length)
+
+
+def _cut(inputs: dict[str, torch.Tensor], max_length: int) -> dict[str, torch.Tensor]:
+    """The (B, T) token tensors cut to max_length on the right (0 = no cut)."""
     if max_length and inputs["input_ids"].shape[1] > max_length:
         for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
             if key in inputs:
@@ -144,6 +166,41 @@ def collate(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
     return out
 
 
+def sft_cut_problem(inputs: dict[str, torch.Tensor], max_length: int, image_token_id: int) -> str | None:
+    """Why cutting one row's uncut sft_batch inputs at max_length would spoil it, or None.
+
+    Two cuts are bad: one that drops image tokens (the processor's image features would no longer
+    match the image tokens left: transformers refuses the batch), and one that leaves no assistant
+    token to learn from (the row would train on nothing: loss 0, silently).
+    """
+    ids, labels = inputs["input_ids"][0], inputs["labels"][0]
+    n = int(inputs["attention_mask"][0].sum())
+    if not max_length or n <= max_length:
+        return None
+    image_positions = (ids[:n] == image_token_id).nonzero().flatten().tolist()
+    if image_positions and image_positions[-1] >= max_length:
+        return (
+            f"--max-length {max_length} cuts inside its image tokens (positions {image_positions[0]}-"
+            f"{image_positions[-1]} of {n}); raise --max-length or lower --max-pixels"
+        )
+    if not (labels[1:max_length] != IGNORE_INDEX).any():
+        first = int((labels != IGNORE_INDEX).nonzero().flatten()[0]) if (labels != IGNORE_INDEX).any() else n
+        return f"--max-length {max_length} cuts away its whole assistant turn (it starts at token {first} of {n})"
+    return None
+
+
+def _blank_row(inputs: dict[str, torch.Tensor], max_length: int, image_token_id: int) -> dict[str, torch.Tensor]:
+    """A skipped row's stand-in: its tokens before the cut and before its first image token, no
+    images, no labels; it keeps the rank's sequence count (micro-batch plans are collective) and
+    adds nothing to the loss."""
+    ids = inputs["input_ids"][0]
+    images_at = (ids == image_token_id).nonzero().flatten().tolist()
+    keep = min(max_length, images_at[0] - 1 if images_at else max_length)  # before <|vision_start|>
+    out = {k: v[:, :keep] for k, v in inputs.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out["labels"] = torch.full_like(out["input_ids"], IGNORE_INDEX)
+    return out
+
+
 def sft_micro_batches(
     processor,
     rows: list[dict],
@@ -153,10 +210,27 @@ def sft_micro_batches(
     max_tokens: int,
     max_seqs: int,
     d: Dist | None = None,
+    names: list[str] | None = None,
+    skipped: list[str] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """This rank's SFT rows as micro-batches (sft_batch inputs + labels) planned by token budget
-    (plan_micro_batches; the same count on every rank). Each row is processed once, on its own."""
-    single = [sft_batch(processor, [r], min_pixels, max_pixels, max_length) for r in rows]
+    (plan_micro_batches; the same count on every rank). Each row is processed once, on its own.
+
+    A row that max_length would spoil (sft_cut_problem) raises BadRowError naming it (`names[i]`),
+    or, when a `skipped` list is given (--skip-bad-rows), is replaced by a blank stand-in that
+    carries no loss and its message is appended to `skipped`."""
+    single = []
+    for i, r in enumerate(rows):
+        inputs = sft_batch(processor, [r], min_pixels, max_pixels, 0)
+        problem = sft_cut_problem(inputs, max_length, processor.image_token_id)
+        if problem is not None:
+            message = f"{names[i] if names else f'row {i}'}: {problem}"
+            if skipped is None:
+                raise BadRowError(message)
+            skipped.append(message)
+            single.append(_blank_row(inputs, max_length, processor.image_token_id))
+        else:
+            single.append(_cut(inputs, max_length))
     lengths = [int(s["attention_mask"].sum()) for s in single]
     pad_id = processor.tokenizer.pad_token_id
     return [collate([single[i] for i in idx], pad_id) for idx in plan_micro_batches(lengths, max_tokens, max_seqs, d)]

@@ -8,9 +8,11 @@ grpo.py uses the same rules for validation on a benchmark file (`--val-benchmark
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import reward
 
+from .config import MissingDataError
 from .data import check_row
 
 # Hub ids (tried in order: the first is the paper's; a later one is where the copy moved), config, split
@@ -382,6 +384,26 @@ def score_answer(benchmark: str, response: str, row: dict) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def resolve_image_paths(row: dict, folder: Path) -> dict:
+    """The row with relative image paths (a str, or a {"path"} dict without bytes, in `image`,
+    `decoded_image` or `images`) made relative to `folder`, the data file's folder, as training does."""
+
+    def resolve(image):
+        if isinstance(image, str) and image and not Path(image).is_absolute():
+            return str(folder / image)
+        if isinstance(image, dict) and not image.get("bytes") and isinstance(image.get("path"), str):
+            return {**image, "path": str(folder / image["path"])} if not Path(image["path"]).is_absolute() else image
+        return image
+
+    out = dict(row)
+    for key in ("image", "decoded_image"):
+        if key in out:
+            out[key] = resolve(out[key])
+    if isinstance(out.get("images"), (list, tuple)):
+        out["images"] = [resolve(im) for im in out["images"]]
+    return out
+
+
 def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
     """Raw rows of a benchmark in its own columns: a local parquet/jsonl file (`override`), or its hub
     ids (HUB) tried in order,
@@ -389,8 +411,13 @@ def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
     import datasets
 
     if override:
+        if not Path(override).is_file():
+            raise MissingDataError(f"--bench-data {name}={override}: no such file")
         fmt = "parquet" if override.endswith(".parquet") else "json"
         ds = datasets.load_dataset(fmt, data_files=override, split="train")
+        folder = Path(override).resolve().parent
+        rows = [resolve_image_paths(dict(r), folder) for r in ds]
+        return rows[:limit] if limit else rows
     else:
         hub_ids, subset, split = HUB[name]
         ds, failures = None, []

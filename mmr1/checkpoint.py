@@ -48,21 +48,34 @@ def save_checkpoint(
     if d.master:
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
     barrier(d)
-    if sharded is not None:
-        import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-        with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(sharded, checkpoint_id=tmp / TRAINER_DIR)  # each rank its shard; rank 0 the metadata
-    if d.master:
-        getattr(model, "module", model).save_pretrained(tmp, state_dict=weights)
-        config_json = json.loads((tmp / "config.json").read_text())
-        config_json["dtype"] = str(HF_DTYPE).removeprefix("torch.")  # the model's is the fp32 of its master weights
-        (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-        processor.save_pretrained(tmp)
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / "trainer_state.pt")
-    barrier(d)  # every rank's shard is on disk
+    failed: BaseException | None = None
+    try:
+        if sharded is not None:
+            import torch.distributed.checkpoint as dcp
+
+            with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(sharded, checkpoint_id=tmp / TRAINER_DIR)  # each rank its shard; rank 0 the metadata
+        if d.master:
+            getattr(model, "module", model).save_pretrained(tmp, state_dict=weights)
+            config_json = json.loads((tmp / "config.json").read_text())
+            config_json["dtype"] = str(HF_DTYPE).removeprefix("torch.")  # the model's is the fp32 of its master weights
+            (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+            processor.save_pretrained(tmp)
+            if trainer_state is not None:
+                torch.save(trainer_state, tmp / "trainer_state.pt")
+    except (OSError, CheckpointException) as e:  # disk full, quota, permissions
+        failed = e
+    if all_reduce_max(int(failed is not None), d.device):  # every rank learns of a failed write
+        if d.master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = first_line(failed) if failed is not None else "another rank could not write its shard"
+        raise CheckpointError(
+            f"could not write checkpoint {out_dir} ({reason}); its temp folder {tmp} was removed "
+            "and the previous checkpoints are intact"
+        ) from failed
     if d.master:
         if out_dir.exists():
             out_dir.rename(old)
@@ -90,6 +103,7 @@ def save_training_checkpoint(
         "step": step,
         "rng": all_gather_list([rng_state()], d),
         "config": dataclasses.asdict(config),
+        "world_size": d.world_size,  # a resume must use the same (check_resume)
         **extra,
     }
     save_checkpoint(model, processor, folder, d, state, sharded_state(model, optimizer, d))
@@ -301,7 +315,8 @@ def check_resume(
     (data, batch shape, seeds, optimisation: what the trajectory depends on) is a CheckpointError
     listing every difference; changes inside `may_change` (run length, logging, validation, memory
     knobs) are printed by the master and appended to out_dir/config_changes.jsonl. Also refuses
-    data that now gives another number of rows, and a run that would end before the checkpoint's step.
+    data that now gives another number of rows, another number of processes (WORLD_SIZE) than the
+    checkpoint's, and a run that would end before the checkpoint's step.
     """
     state = load_trainer_state(folder, mmap=True)
     saved, new = state["config"], dataclasses.asdict(cfg)
@@ -309,6 +324,13 @@ def check_resume(
     refused = [f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in may_change]
     if state.get("rows") is not None and state["rows"] != n_rows:
         refused.append(f"the data now gives {n_rows} rows, the checkpoint was trained on {state['rows']}")
+    saved_world = state.get("world_size") or len(state["rng"])  # older checkpoints: one RNG state per rank
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # as dist.setup_distributed detects it
+    if saved_world and saved_world != world:
+        refused.append(
+            f"it was trained on {saved_world} process(es) and this run has {world} (the batch sharding, RNG "
+            "streams and sharded optimizer state depend on it)"
+        )
     if total_steps < state["step"]:
         refused.append(f"this run would end at step {total_steps}, before the checkpoint's step {state['step']}")
     if refused:

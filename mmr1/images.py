@@ -10,18 +10,73 @@ from typing import Any
 
 
 def load_image(image: Any):
-    """PIL RGB image from a PIL image, a path, raw bytes or a `{"bytes": ..., "path": ...}` dict."""
+    """PIL RGB image from a PIL image, a path, raw bytes or a `{"bytes": ..., "path": ...}` dict.
+
+    The EXIF orientation is applied (as the hub's image decoding does: a phone photo stored sideways
+    is seen upright) and every mode becomes 8-bit RGB with the right values (to_rgb).
+    """
     from PIL import Image
 
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
     if isinstance(image, (bytes, bytearray)):
-        return Image.open(io.BytesIO(image)).convert("RGB")
-    if isinstance(image, (str, os.PathLike)):
-        return Image.open(image).convert("RGB")
-    raise TypeError(f"cannot read an image from {type(image).__name__}")
+        image = Image.open(io.BytesIO(image))
+    elif isinstance(image, (str, os.PathLike)):
+        image = Image.open(image)
+    elif not isinstance(image, Image.Image):
+        raise TypeError(f"cannot read an image from {type(image).__name__}")
+    return to_rgb(upright(image))
+
+
+def image_size(image: Any) -> tuple[int, int]:
+    """(width, height) of an image in any accepted form, read from its header (no pixel decoding)."""
+    from PIL import Image
+
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        image = io.BytesIO(image)
+    if isinstance(image, Image.Image):
+        return image.size
+    with Image.open(image) as opened:
+        return opened.size
+
+
+def upright(image):
+    """The image turned as its EXIF orientation tag says (a no-op without one)."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
+
+
+def to_rgb(image):
+    """8-bit RGB with the values the image means, whatever its mode.
+
+    - 16-bit grey (`I;16*`, and `I` holding 0..65535): scaled to 0..255 by /257 (PIL's own
+      convert("RGB") clips them at 255, so nearly every 16-bit image became white);
+    - float grey (`F`): values in [0, 1] scaled by 255, others clipped to 0..255;
+    - transparency (`RGBA`, `LA`, `PA`, `P` / `L` / `RGB` with a transparency entry): composited over
+      white, as Qwen's own loader does (a plain convert would show the colour under alpha 0, often black);
+    - everything else (`L`, `1`, `P`, `CMYK`, `YCbCr`, ...): PIL's conversion.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            values = values * 255.0 if values.size and 0.0 <= values.min() and values.max() <= 1.0 else values
+        else:  # 16-bit range
+            values = values / 257.0
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def resize_image(image, min_pixels: int, max_pixels: int, factor: int = 28):

@@ -3,6 +3,8 @@ GPU, `sdpa_varlen` on CPU), FSDP2 sharding, the one precision context and the op
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .dist import Dist
@@ -157,9 +159,11 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def clip_and_step(params, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
     """Clips the gradient to `max_norm` (global L2 norm over all ranks under FSDP2), takes the
-    optimizer step, clears the gradients; returns the norm before clipping."""
+    optimizer step, clears the gradients; returns the norm before clipping. A non-finite norm
+    (inf/NaN gradients) skips the step, so the weights stay finite (see guards.NonFiniteGuard)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
-    optimizer.step()
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+    if math.isfinite(norm):  # the same on every rank: the global norm
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm

@@ -290,3 +290,54 @@ def test_cli_scores_a_predictions_file(tmp_path, capsys):
     assert "accuracy   0.3333" in out and "format     0.6667" in out and "timeouts   0" in out
     scores = [json.loads(x) for x in (tmp_path / "preds.scores.jsonl").read_text().splitlines()]
     assert [s["accuracy"] for s in scores] == [1.0, 0.0, 0.0] and scores[0]["extracted"] == "4"
+
+
+# (pred, gold): the same answer written with other Unicode code points; before unicode_clean each scored 0
+UNICODE_PAIRS = [
+    ("1\u200b2", "12"),  # zero-width space inside a number
+    ("12", "1\u200b2"),
+    ("1\u200c2", "12"),  # zero-width non-joiner
+    ("1\u2060000", "1000"),  # word joiner
+    ("\ufeff42", "42"),  # BOM
+    ("3\u00ad5", "35"),  # soft hyphen
+    ("1,000\u00a0cm", "1000"),  # NBSP before the unit
+    ("5\u202fkg", "5"),  # narrow NBSP
+    ("\u200e42\u200f", "42"),  # bidi marks (LRM, RLM)
+    ("\u202a3.5\u202c", "3.5"),  # bidi embedding
+    ("\u2066x+1\u2069", "x+1"),  # bidi isolates
+    ("\uff21", "A"),  # full-width letter
+    ("\uff08A\uff09", "A"),  # full-width brackets
+    ("\uff08\uff22\uff09", "(B)"),
+    ("\uff11\uff12", "12"),  # full-width digits
+    ("\uff0d\uff13", "-3"),  # full-width minus sign
+    ("\u22123", "-3"),  # Unicode minus
+    ("caf\u0065\u0301", "caf\u00e9"),  # decomposed é against the composed one
+    ("\u00bd", "1/2"),  # vulgar fraction
+    ("\u00bd", "0.5"),
+    ("0.5", "\u00bd"),
+    ("\u00be", "\\frac{3}{4}"),
+    ("1\u20442", "0.5"),  # fraction slash
+    ("x\u00b2", "x^2"),  # superscript digit
+    ("\u2460", "1"),  # circled digit
+    ("\uff4e\uff4f", "No"),  # full-width lower-case
+]
+
+
+@pytest.mark.parametrize("pred, gold", UNICODE_PAIRS)
+def test_unicode_variants_score_right(pred, gold):
+    assert is_equivalent(pred, gold), (pred, gold)
+    assert reward.accuracy_reward(f"<think>t</think><answer>\\boxed{{{pred}}}</answer>", gold) == 1.0
+
+
+@pytest.mark.parametrize(
+    "pred, gold",
+    [("2\u00b2", "22"), ("1\u200b2", "1 2 3"), ("\u00bd", "2"), ("\uff21", "B"), ("\u200b", "\u200b")],
+)
+def test_unicode_cleanup_does_not_merge_different_answers(pred, gold):
+    assert not is_equivalent(pred, gold)
+
+
+def test_unicode_clean_values():
+    assert reward.unicode_clean("\uff08\uff21\uff09\u00a0\u00bd\u200b") == "(A) 1/2"
+    assert reward.unicode_clean("x\u00b2\u2212y") == "x^2-y"
+    assert reward.clean_answer("\u200e$12$\u200f") == "12"
