@@ -318,6 +318,8 @@ def update_policy(model, ref_model, optimizer, micro: list[dict], cfg: GRPOConfi
     if ref_model is not None:
         for b, ref in zip(micro, frozen_token_logprobs(ref_model, micro, cfg, d)):
             b["ref_logp"] = ref
+        if d.enabled:  # its root (embeddings + lm_head, 2 GiB bf16 at 7B) stays gathered after a forward
+            ref_model.reshard()
     if cfg.updates_per_batch > 1:  # pi_old = the policy that generated, before this batch's updates
         for b, old in zip(micro, frozen_token_logprobs(model, micro, cfg, d)):
             b["old_logp"] = old
