@@ -255,6 +255,8 @@ def main() -> None:
     validate_config(cfg)
     use_toy_defaults(cfg)
     d = dist.setup_distributed(cfg.seed)
+    if cfg.preset == "paper":
+        dist.require_cuda(d, "sft.py --preset paper")
     out_dir = Path(cfg.output_dir)
     train_rows, val_rows, acc_rows, total_steps = load_data(cfg, d)
 

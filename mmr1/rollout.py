@@ -335,6 +335,7 @@ class VLLMEngine:
         skipped when `version` (the optimizer step) equals that of the weights vLLM holds.
         """
         if self.asleep:
+            torch.cuda.empty_cache()  # the trainer's cached free blocks (activations) back to the driver for vLLM
             self.llm.wake_up(tags=["weights"])
         if version is None or version != self.version:
             self._reload_weights(model, version)
