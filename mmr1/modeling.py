@@ -198,12 +198,46 @@ def shard_model(model, d: Dist):
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+    keep_vision_in_step(model)
     # FSDP2 initialises lazily on the first forward through the ROOT; generation can reach the
     # vision tower by itself first, so run one tiny text-only forward now.
     with torch.no_grad():
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=d.device), use_cache=False, logits_to_keep=1)
     model.reshard()
     return model
+
+
+def keep_vision_in_step(model) -> None:
+    """Under FSDP2, makes every forward that is not a one-token decoding step run the vision tower,
+    on a tiny blank image whose output is added times 0 when the call has no image.
+
+    Every FSDP2 unit all-gathers its parameters in forward (and reduce-scatters in backward) as a
+    collective: a rank whose micro-batch holds no image would skip the vision tower's 33 units
+    while another rank runs them, and the ranks' collectives stop lining up (gloo: "Received data
+    size doesn't match expected size"; NCCL: a hang). The dummy costs 4 patches through the tower;
+    its zero contribution leaves values and gradients unchanged (the gradients it adds are zeros).
+    """
+    inner = model.model
+    call = {"images": False}
+
+    def note_images(module, args, kwargs):  # Qwen2_5_VLModel.forward: were images given to this call?
+        call["images"] = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+
+    def run_vision(module, args, kwargs):  # the text model's forward, after the vision tower's place
+        embeds = kwargs.get("inputs_embeds")
+        if call["images"] or embeds is None or embeds.shape[1] <= 1:  # one token: a decoding step, on every rank
+            return None
+        vision = inner.visual.config
+        merge = vision.spatial_merge_size
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.zeros(merge * merge, patch, device=embeds.device)  # (4, 1176): one merged token's patches
+        grid = torch.tensor([[1, merge, merge]], device=embeds.device)  # (images, 3) t, h, w in patches
+        out = inner.visual(pixels, grid_thw=grid).pooler_output  # (1, text hidden)
+        kwargs["inputs_embeds"] = embeds + 0.0 * out.sum().to(embeds.dtype)
+        return args, kwargs
+
+    inner.register_forward_pre_hook(note_images, with_kwargs=True)
+    inner.language_model.register_forward_pre_hook(run_vision, with_kwargs=True)
 
 
 def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
