@@ -283,3 +283,38 @@ def test_fsdp2_rank_without_images(toy_dir, tmp_path):
     script.write_text(NO_IMAGE_WORKER.format(root=str(ROOT), model=str(toy_dir / "model")))
     out = run_script([str(script)], torchrun=2, timeout=300).stdout
     assert "RESULT worst_rel_grad_diff=" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/gpu_smoke.sh: its non-GPU parts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gpu_smoke_commands_parse_and_bad_arguments_stop():
+    """--dry-run prints one command per stage; every flag of each is one its script accepts (parsed
+    by the stage's own config); unknown engines, GPU counts and arguments stop with exit code 2."""
+    import shlex
+
+    import eval as evaluation
+    import sft
+    from mmr1 import config
+
+    def smoke(*args):
+        return subprocess.run(["bash", "scripts/gpu_smoke.sh", *args], cwd=ROOT, capture_output=True, text=True)
+
+    proc = smoke("--dry-run", "--gpus", "2", "--engine", "hf", "--steps", "2", "--out", "/tmp/smoke")
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
+    assert list(lines) == ["toy", "sft", "grpo", "eval"]
+    configs = {"sft": (sft.SFTConfig, sft.PRESETS), "grpo": (grpo.GRPOConfig, grpo.PRESETS),
+               "eval": (evaluation.EvalConfig, None)}  # fmt: skip
+    for stage, (cls, presets) in configs.items():
+        words = shlex.split(lines[stage])
+        assert words[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        args = words[words.index(f"{stage}.py") + 1 :]
+        cfg = config.parse_config(cls, presets, args)
+        assert cfg.output_dir == f"/tmp/smoke/{stage}"
+    assert "--engine hf" in lines["grpo"] and "--max-steps 2" in lines["grpo"]
+    for bad in (["--engine", "sglang"], ["--gpus", "3"], ["--steps", "0"], ["--frobnicate"], ["--gpus"]):
+        proc = smoke("--dry-run", *bad)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("gpu_smoke.sh: "), bad
