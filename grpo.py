@@ -513,7 +513,8 @@ def memory_plan_utilization(policy_path: str, cfg: GRPOConfig, d: dist.Dist) -> 
 
     run = memory.RunSettings(
         world_size=d.world_size,
-        tokens_per_micro_batch=cfg.max_tokens_per_micro_batch or cfg.micro_batch_size * cfg.max_prompt_length,
+        tokens_per_micro_batch=cfg.max_tokens_per_micro_batch
+        or cfg.micro_batch_size * (cfg.max_prompt_length + cfg.max_response_length),
         max_prompt_length=cfg.max_prompt_length,
         max_response_length=cfg.max_response_length,
         logprob_chunk=cfg.logprob_chunk,

@@ -318,3 +318,18 @@ def test_gpu_smoke_commands_parse_and_bad_arguments_stop():
     for bad in (["--engine", "sglang"], ["--gpus", "3"], ["--steps", "0"], ["--frobnicate"], ["--gpus"]):
         proc = smoke("--dry-run", *bad)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("gpu_smoke.sh: "), bad
+
+
+def test_grpo_takes_vllm_share_from_the_plan(tmp_path, monkeypatch):
+    """grpo.py with --preset paper on 8 x 80 GB and a 7B checkpoint, no --gpu-memory-utilization:
+    vLLM gets the plan's 0.77 (the card's size read from torch, here a stand-in for the 80 GB card)."""
+    from mmr1 import config
+
+    memory.qwen25_vl_config("7B").save_pretrained(tmp_path)
+    card = types.SimpleNamespace(total_memory=int(memory.CARDS_GIB["80GB"] * memory.GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    cfg = config.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--preset", "paper", "--model", "m", "--data", "d"])
+    eight = dist.Dist(0, 8, 0, torch.device("cuda", 0))
+    assert grpo.memory_plan_utilization(str(tmp_path), cfg, eight) == 0.77
+    cfg.kl_coef = 0.0  # no reference model: more room
+    assert grpo.memory_plan_utilization(str(tmp_path), cfg, eight) == 0.80  # 1.93 GiB less resident
