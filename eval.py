@@ -5,17 +5,26 @@
     torchrun --nproc_per_node 8 eval.py --model M --max-new-tokens 4096
     python eval.py --model M --benchmarks mathvista --bench-data mathvista=local/mathvista.parquet --limit 50
 
-Every answer is extracted with reward.extract_answer and compared with reward.is_equivalent plus the
-benchmark's own rule (no LLM judge). Writes <output-dir>/<model>/<benchmark>.jsonl (one line per
-sample) and results.md / results.json with the paper's rows beside the evaluated model.
+Every answer is extracted with reward.extract_answer and scored by the benchmark's official rule
+(score_answer; the rules and their sources are in docs/eval.md), with reward.is_equivalent where the
+official scorer asks an LLM judge whether two values mean the same. Every row of a published file is
+asked (MathVerse Vision Only rows through their `query_cot`). Writes <output-dir>/<model>/<benchmark>.jsonl
+(one line per sample) and results.md / results.json: the paper's rows beside the evaluated model, and the
+per-category scores each benchmark reports (BREAKDOWNS).
+
+Departures from the official scorers (docs/eval.md):
+- no LLM judge or extractor: the last \boxed{} is the answer, and equivalence is rule-based;
+- the most-similar-option fallback is kept for MathVista only (its calculate_score has it; MathVerse,
+  MathVision and LogicVista do not grant it);
+- MathVista integers must equal the gold (calculate_score's int(float(x)) would pass 7.9 for 7);
+- MathVista free-form prompts carry its `query` hint (answer type, precision) and unit; its
+  multiple-choice hint is left to the Table 8 system prompt.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +33,7 @@ from tqdm import tqdm
 
 import reward
 from data import toy
-from mmr1 import chat, config, data, dist, modeling, rollout
+from mmr1 import benchmarks, chat, config, dist, modeling, rollout
 from mmr1.config import field
 
 
@@ -52,15 +61,6 @@ class EvalConfig:
     seed: int = field(0, "sampling seed")
 
 
-# Hub id, config, split of each benchmark (PAPER.md, "Benchmark data")
-HUB = {
-    "mathverse": ("AI4Math/MathVerse", "testmini", "testmini"),
-    "mathvista": ("AI4Math/MathVista", None, "testmini"),
-    "mathvision": ("MathLLMs/MathVision", None, "test"),
-    "logicvista": ("lscpku/LogicVista", None, "test"),
-    "chartqa": ("lmms-lab/ChartQA", None, "test"),
-}
-
 # The paper's rows, for comparison in the results table
 PAPER_ROWS = {
     "Qwen2.5-VL-7B (paper)": {
@@ -72,164 +72,6 @@ PAPER_ROWS = {
     },
     "MMR1-7B (paper)": {"mathverse": 55.4, "mathvista": 72.0, "mathvision": 31.8, "logicvista": 48.9, "chartqa": 83.7},
 }
-BENCHMARKS = ("mathverse", "mathvista", "mathvision", "logicvista", "chartqa", "toy")
-
-
-# ---------------------------------------------------------------------------------------------
-# Rows of each benchmark -> prompt rows (problem, images), and the breakdown key
-# ---------------------------------------------------------------------------------------------
-
-
-def options_text(choices: list[str]) -> str:
-    """'\\nChoices:\\n(A) x\\n(B) y' for a list of option texts."""
-    return "\nChoices:\n" + "\n".join(f"({reward.LETTERS[i]}) {c}" for i, c in enumerate(choices))
-
-
-def to_prompt_row(benchmark: str, row: dict) -> dict:
-    """The RL-format row (problem, images) the engine generates from; raises ValueError if unusable."""
-    if benchmark == "toy":
-        return row
-    image = {"mathvista": "decoded_image", "mathvision": "decoded_image"}.get(benchmark, "image")
-    image = row.get(image) if row.get(image) is not None else row.get("image")
-    if image is None:
-        raise ValueError("no image")
-    question = row.get("question")
-    if not question or row.get("answer") in (None, ""):
-        raise ValueError("missing question or answer")
-    if benchmark == "mathvista" and row.get("choices"):
-        question += options_text(list(row["choices"]))
-    if benchmark == "mathvision" and row.get("options"):
-        question += options_text(list(row["options"]))
-    return {"problem": "<image>" + question.replace("<image>", "").strip(), "images": [image]}
-
-
-def mathverse_options(question: str) -> list[str]:
-    """Option texts of a MathVerse question, whose choices live in its text after "Choices:" as
-    lines like "A:30°" / "(B) 40" / "C. 50"; [] when the question lists none."""
-    _, found, tail = question.partition("Choices:")
-    if not found:
-        return []
-    options = re.findall(r"^\s*\(?([A-E])\s*[:.)]\s*(.*?)\s*$", tail, flags=re.MULTILINE)
-    letters = [letter for letter, _ in options]
-    return [text for _, text in options] if letters == list(reward.LETTERS[: len(letters)]) else []
-
-
-def breakdown_key(benchmark: str, row: dict) -> str:
-    """The sub-category a row is reported under (MathVerse version, MathVista type, ChartQA split)."""
-    key = {"mathverse": "problem_version", "mathvista": "question_type", "chartqa": "type", "toy": "family"}.get(
-        benchmark
-    )
-    return str(row.get(key, "all")) if key else "all"
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring rules
-# ---------------------------------------------------------------------------------------------
-
-
-def most_similar_option(pred: str, choices: list[str]) -> int | None:
-    """Index of the option whose text is most similar to pred (difflib ratio on lower-cased,
-    whitespace-normalised text); None if pred is empty or nothing is similar at all."""
-    if not pred or not choices:
-        return None
-    norm = [reward.normalise_text(c) for c in choices]
-    p = reward.normalise_text(pred)
-    ratios = [difflib.SequenceMatcher(None, p, c).ratio() for c in norm]
-    best = max(range(len(choices)), key=lambda i: ratios[i])
-    return best if ratios[best] > 0 else None
-
-
-def chosen_option(pred: str | None, choices: list[str]) -> int | None:
-    """The option a multiple-choice prediction picks: its letter, else its exact option text,
-    else the most similar option text."""
-    if pred is None:
-        return None
-    letter = reward.choice_letter(pred, len(choices))
-    if letter is not None:
-        return reward.LETTERS.index(letter)
-    texts = [reward.normalise_text(c) for c in choices]
-    if reward.normalise_text(pred) in texts:
-        return texts.index(reward.normalise_text(pred))
-    return most_similar_option(pred, choices)
-
-
-def letters_in(text: str | None) -> set[str]:
-    """The set of option letters named in an answer: 'A, C', 'AC', '(A) and (C)' -> {'A', 'C'}."""
-    if not text:
-        return set()
-    cleaned = reward.clean_answer(text)
-    if re.fullmatch(r"[A-Ea-e]{1,5}", cleaned.replace(" ", "")):
-        return set(cleaned.replace(" ", "").upper())
-    return set(re.findall(r"(?<![A-Za-z])([A-E])(?![A-Za-z])", cleaned))
-
-
-def parse_float(text: str) -> float | None:
-    """A number from text ('1,234', '12.5', '45%' -> 0.45 as ChartQA reads it), else None."""
-    s = reward.clean_answer(text).replace(",", "")
-    try:
-        return float(s.rstrip("%")) / 100 if s.endswith("%") else float(s)
-    except ValueError:
-        return None
-
-
-def chartqa_relaxed(pred: str, gold: str) -> bool:
-    """ChartQA relaxed accuracy: 5% relative tolerance for a non-zero numeric target, else
-    case-insensitive exact match."""
-    p, g = parse_float(pred), parse_float(gold)
-    if p is not None and g is not None and g != 0:
-        return abs(p - g) / abs(g) <= 0.05
-    return reward.normalise_text(pred) == reward.normalise_text(gold)
-
-
-def score_answer(benchmark: str, response: str, row: dict) -> bool:
-    """Whether `response` answers `row` (in the benchmark's own column layout) correctly.
-
-    benchmark: mathverse, mathvista, mathvision, logicvista, chartqa or toy.
-    """
-    pred = reward.extract_answer(response)
-    gold = str(row["answer"]).strip()
-    if pred is None:
-        return False
-    if benchmark == "toy":
-        return reward.is_equivalent(pred, gold, row.get("choices"))
-    if benchmark == "mathverse":
-        if row.get("question_type") == "multi-choice":  # gold is a letter; options live in the text
-            options = mathverse_options(row.get("question", ""))
-            if options:  # the letter, or the option text mapped to its letter (as for the other benchmarks)
-                picked = chosen_option(pred, options)
-                return picked is not None and reward.LETTERS[picked] == reward.choice_letter(gold)
-            return reward.choice_letter(pred) == reward.choice_letter(gold)
-        return reward.is_equivalent(pred, gold)
-    if benchmark == "mathvista":
-        if row.get("question_type") == "multi_choice":  # compare option TEXT
-            choices = list(row["choices"])
-            picked = chosen_option(pred, choices)
-            return picked is not None and reward.normalise_text(choices[picked]) == reward.normalise_text(gold)
-        kind = row.get("answer_type")
-        value = parse_float(pred.rstrip("%")) if kind in ("integer", "float") else None
-        if kind == "integer":
-            return value is not None and value == int(float(gold))
-        if kind == "float":
-            digits = int(float(row.get("precision") or 0))  # stored as a float, e.g. 1.0
-            return value is not None and round(value, digits) == round(float(gold), digits)
-        if kind == "list":
-            return re.sub(r"\s", "", pred) == re.sub(r"\s", "", gold)
-        return reward.normalise_text(pred) == reward.normalise_text(gold)
-    if benchmark == "mathvision":
-        options = list(row.get("options") or [])
-        if options:  # correct if the letter or the option text matches the gold letter / its text
-            picked = chosen_option(pred, options)
-            gold_index = reward.LETTERS.index(gold.upper()) if len(gold) == 1 and gold.isalpha() else None
-            if gold_index is None:
-                return reward.is_equivalent(pred, gold)
-            return picked == gold_index or reward.is_equivalent(pred, options[gold_index])
-        return reward.is_equivalent(pred, gold)
-    if benchmark == "logicvista":
-        return letters_in(pred) == letters_in(gold) and bool(letters_in(gold))
-    if benchmark == "chartqa":
-        return chartqa_relaxed(pred, gold)
-    raise ValueError(f"unknown benchmark {benchmark!r}; choose from {BENCHMARKS}")
-
 
 # ---------------------------------------------------------------------------------------------
 # Loading and generation
@@ -237,19 +79,13 @@ def score_answer(benchmark: str, response: str, row: dict) -> bool:
 
 
 def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
-    """Raw rows of a benchmark: a local parquet/jsonl override, or its hub id and split."""
-    import datasets
+    """Raw rows of a benchmark (benchmarks.load_benchmark); the toy's test split for `toy`."""
+    if name == "toy" and not override:
+        override = str(toy.TOY_DATA_DIR / "rl" / "test.parquet")
+    return benchmarks.load_benchmark(name, override, limit)
 
-    if override:
-        fmt = "parquet" if override.endswith(".parquet") else "json"
-        ds = datasets.load_dataset(fmt, data_files=override, split="train")
-    elif name == "toy":
-        ds = datasets.load_dataset("parquet", data_files=str(toy.TOY_DATA_DIR / "rl" / "test.parquet"), split="train")
-    else:
-        hub_id, subset, split = HUB[name]
-        ds = datasets.load_dataset(hub_id, subset, split=split)
-    rows = [dict(r) for r in ds]
-    return rows[:limit] if limit else rows
+
+score_answer = benchmarks.score_answer  # eval.score_answer(benchmark, response, row): the one scoring entry point
 
 
 def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: dist.Dist):
@@ -258,15 +94,7 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: d
     Benchmarks are asked as the paper does: the Table 8 prompt as the system message, the question
     (with its options) in the user turn. The toy is asked in its own format (no system prompt).
     """
-    usable, bad = [], []
-    for i, row in enumerate(raw):
-        row_id = str(row.get("id", row.get("pid", row.get("sample_index", i))))
-        try:
-            prompt = to_prompt_row(name, row)
-            data.check_row({**prompt, "answer": str(row.get("answer"))}, "rl", cfg.min_pixels, cfg.max_pixels)
-            usable.append((row_id, row, prompt))
-        except (ValueError, TypeError, KeyError) as e:
-            bad.append(f"{name} row {i} (id={row_id}): {e}")
+    usable, bad = benchmarks.prompt_rows(name, raw, cfg.min_pixels, cfg.max_pixels)
     padded, n_real = dist.shard(usable, d)
     engine.prompt_format = chat.PromptFormat(system="" if name == "toy" else chat.EVAL_SYSTEM_PROMPT)
     records = []
@@ -274,8 +102,9 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: d
     bar = tqdm(total=len(usable), disable=not d.master, desc=name, leave=False)
     for s in range(0, len(padded), cfg.batch_size):
         part = padded[s : s + cfg.batch_size]
-        outs = engine.generate([p for _, _, p in part], 1, sampling)
-        for (row_id, row, _), out in zip(part, outs):
+        outs = engine.generate(part, 1, sampling)
+        for prompt, out in zip(part, outs):
+            row_id, row = prompt["id"], prompt["benchmark_row"]
             correct = score_answer(name, out.text, row)
             records.append(
                 {
@@ -285,7 +114,7 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: d
                     "extracted": reward.extract_answer(out.text),
                     "gold": str(row["answer"]),
                     "correct": bool(correct),
-                    "group": breakdown_key(name, row),
+                    "groups": benchmarks.breakdown(name, row),
                 }
             )
         bar.update(len(part) * d.world_size)
@@ -295,15 +124,20 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: d
 
 
 def summarise(records: list[dict]) -> dict:
-    """{'accuracy': %, 'n': rows, 'groups': {group: %}} of one benchmark's records."""
-    groups: dict[str, list[bool]] = {}
-    for r in records:
-        groups.setdefault(r["group"], []).append(r["correct"])
+    """{'accuracy': %, 'n': rows, 'breakdown': {column: {value: {'accuracy': %, 'n': rows}}}} of one
+    benchmark's records (the columns of BREAKDOWNS its rows have)."""
     pct = lambda xs: 100.0 * sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    by: dict[str, dict[str, list[bool]]] = {}
+    for r in records:
+        for column, value in r.get("groups", {}).items():
+            by.setdefault(column, {}).setdefault(value, []).append(r["correct"])
     return {
         "accuracy": pct([r["correct"] for r in records]),
         "n": len(records),
-        "groups": {g: pct(v) for g, v in sorted(groups.items())},
+        "breakdown": {
+            column: {v: {"accuracy": pct(xs), "n": len(xs)} for v, xs in sorted(values.items())}
+            for column, values in by.items()
+        },
     }
 
 
@@ -319,6 +153,23 @@ def results_table(results: dict[str, dict[str, dict]], names: list[str], with_pa
         avg = [f"{sum(scores[b] for b in names) / len(names):.1f}" if all(b in scores for b in names) else "-"]
         lines.append(f"| {model} | " + " | ".join(cells + (avg if len(names) > 1 else [])) + " |")
     return "\n".join(lines)
+
+
+def breakdown_tables(results: dict[str, dict[str, dict]], names: list[str]) -> str:
+    """Markdown tables of the per-category scores: one per benchmark and breakdown column, one row per
+    model, one column per category (its row count in the header)."""
+    blocks = []
+    for name in names:
+        columns = {c: v for r in results.values() if name in r for c, v in r[name].get("breakdown", {}).items()}
+        for column, values in columns.items():
+            header = "| model | " + " | ".join(f"{v} (n={s['n']})" for v, s in values.items()) + " |"
+            lines = [f"{name} by {column}:", "", header, "|" + " --- |" * (len(values) + 1)]
+            for model, r in results.items():
+                scores = r.get(name, {}).get("breakdown", {}).get(column, {})
+                cells = [f"{scores[v]['accuracy']:.1f}" if v in scores else "-" for v in values]
+                lines.append(f"| {model} | " + " | ".join(cells) + " |")
+            blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def run_name(model: str) -> str:
@@ -362,9 +213,9 @@ def main() -> None:
         if not models:
             raise SystemExit("no toy checkpoints: run `python sft.py` (and `python grpo.py --vas`) first")
         names, cfg.max_new_tokens, cfg.min_pixels, cfg.max_pixels = ["toy"], min(cfg.max_new_tokens, 64), 3136, 50176
-    unknown = [n for n in names if n not in BENCHMARKS]
+    unknown = [n for n in names if n not in benchmarks.BENCHMARKS]
     if unknown:
-        raise SystemExit(f"unknown benchmarks {unknown}; choose from {list(BENCHMARKS)}")
+        raise SystemExit(f"unknown benchmarks {unknown}; choose from {list(benchmarks.BENCHMARKS)}")
     overrides = dict(kv.split("=", 1) for kv in cfg.bench_data.split(",") if kv)
     raw = {n: load_benchmark(n, overrides.get(n), cfg.limit) for n in names}
 
@@ -387,7 +238,10 @@ def main() -> None:
                     print(f"[eval] skipped malformed {line}")
                 results[label][name] = {**summarise(records), "skipped": len(bad)}
                 s = results[label][name]
-                groups = ", ".join(f"{g} {v:.1f}" for g, v in s["groups"].items())
+                groups = "; ".join(
+                    f"{column}: " + ", ".join(f"{v} {g['accuracy']:.1f}" for v, g in values.items())
+                    for column, values in s["breakdown"].items()
+                )
                 print(f"[eval] {label} {name}: {s['accuracy']:.1f}% of {s['n']} ({groups}); {len(bad)} skipped")
         engine.close()  # frees vLLM before the next model's engine starts
         del model, engine
@@ -395,6 +249,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     if d.master:
         table = results_table(results, names, with_paper="toy" not in names)
+        table += "\n\n" + breakdown_tables(results, names)
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "results.md").write_text(table + "\n")
         (Path(cfg.output_dir) / "results.json").write_text(

@@ -5,6 +5,8 @@
     torchrun --nproc_per_node 2 grpo.py --vas --max-steps 2   # CPU, gloo: what the tests run
     python grpo.py --vas --resume                             # continue from the latest step-N
 
+SIGTERM or SIGUSR1 (preemption): finish the step, save step-N, exit 0 (docs/checkpoints.md).
+
 One step: sample the global prompt batch (uniform, or VAS-mixed) -> n rollouts per prompt ->
 format + accuracy rewards -> group-normalised advantages -> clipped surrogate + k3 KL to a frozen
 reference, token mean over the global batch -> AdamW -> (VAS) refresh VPS -> log / validate / save.
@@ -41,7 +43,7 @@ from tqdm import tqdm
 import reward
 import vas
 from data import toy
-from mmr1 import batches, chat, checkpoint, config, data, dist, logprobs, modeling, rollout
+from mmr1 import batches, benchmarks, chat, checkpoint, config, data, dist, logprobs, modeling, rollout
 from mmr1.config import field
 
 
@@ -53,6 +55,12 @@ class GRPOConfig:
     model: str = field("", "hub id or local folder of the SFT model (default: runs/toy-sft/final)")
     data: str = field("", "RL rows: hub id, parquet/jsonl file or folder, name@split (default: toy train)")
     val_data: str = field("", "RL rows for validation accuracy (default: toy val split)")
+    val_benchmark: str = field(
+        "",
+        "read --val-data in this benchmark's columns and score it by its rule (e.g. mathvista with a MathVista "
+        "testmini parquet, or the hub copy when --val-data is empty); MMR1-RL has no validation split",
+        choices=["", "mathverse", "mathvista", "mathvision", "logicvista", "chartqa"],
+    )
     train_limit: int = field(0, "use only the first N training prompts (0 = all; the toy uses 512)")
     skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
     min_pixels: int = field(3136, "images are resized to at least this many pixels")
@@ -122,6 +130,7 @@ class GRPOConfig:
     val_temperature: float = field(0.5, "validation sampling temperature (n = 1)")
     output_dir: str = field("runs/toy-grpo", "where checkpoints, metrics.jsonl and final/ go")
     save_every: int = field(10, "checkpoint every N steps (0 = only final)")
+    save_total_limit: int = field(0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)")
     resume: bool = field(False, "continue from the latest <output-dir>/step-N")
     stop_after: int = field(0, "exit after this many steps without the final save, as a preemption would (testing)")
     report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
@@ -439,7 +448,10 @@ def validate(engine, model, val_rows: list[dict], cfg: GRPOConfig, d: dist.Dist,
     sampling = rollout.Sampling(
         cfg.val_temperature, 1.0, cfg.max_response_length, dist.derive_seed(cfg.seed, "val", step)
     )
-    accuracy = rollout.validation_accuracy(engine, val_rows, d, sampling, pool)
+    score = None
+    if cfg.val_benchmark:  # the benchmark's own rule on its own row
+        score = lambda text, row: benchmarks.score_answer(cfg.val_benchmark, text, row["benchmark_row"])  # noqa: E731
+    accuracy = rollout.validation_accuracy(engine, val_rows, d, sampling, pool, score)
     engine.sleep()
     return accuracy
 
@@ -455,7 +467,16 @@ def load_data(cfg: GRPOConfig, d: dist.Dist) -> tuple[list[dict], list[dict], in
     pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     rows = data.load_rows(cfg.data, "rl", "train", cfg.skip_bad_rows, cfg.train_limit, **pixels)
     val_rows = []
-    if cfg.val_data:
+    if cfg.val_benchmark:  # a benchmark file: its prompts, its scoring rule (validate)
+        raw = benchmarks.load_benchmark(cfg.val_benchmark, cfg.val_data or None, cfg.val_limit)
+        val_rows, bad = benchmarks.prompt_rows(cfg.val_benchmark, raw, **pixels)
+        if bad and d.master:
+            print(f"[grpo] validation: {len(bad)} unusable {cfg.val_benchmark} rows left out; first: {bad[0]}")
+        if not val_rows:
+            raise config.BadRowError(
+                f"--val-benchmark {cfg.val_benchmark}: no usable row in {cfg.val_data or 'the hub copy'}"
+            )
+    elif cfg.val_data:
         val_rows = data.load_rows(cfg.val_data, "rl", "val", cfg.skip_bad_rows, cfg.val_limit, **pixels)
     if cfg.rollout_batch_size % d.world_size:
         raise SystemExit(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by {d.world_size} ranks")
@@ -541,9 +562,11 @@ RESUME_MAY_CHANGE = {
     "stop_after",
     "report_to",
     "save_every",
+    "save_total_limit",
     "val_every",
     "val_limit",
     "val_data",
+    "val_benchmark",
     "val_temperature",
     "reward_workers",
     "reward_timeout_s",
@@ -662,8 +685,9 @@ def main() -> None:
         logger.log(0, {"val/accuracy": validate(engine, model, val_rows, cfg, d, pool, 0)})
 
     # --- training loop ---
+    preemption = checkpoint.Preemption()  # SIGTERM / SIGUSR1 -> save after this step, exit 0
     model.train()
-    done = start_step
+    done, stop = start_step, f"--stop-after {cfg.stop_after}"
     bar = tqdm(range(start_step, total_steps), disable=not d.master, desc="grpo", initial=start_step, total=total_steps)
     for step in bar:
         t0 = time.time()
@@ -703,13 +727,20 @@ def main() -> None:
             "time/vas_s": t_vas,
             "rollout/generated_responses": generated[0],
             "rollout/generated_tokens": generated[1],
+            "data/skipped_rows": data.skipped_rows(rows, d),  # bad rows passed over so far
         }
         if val_rows and ((cfg.val_every and done % cfg.val_every == 0) or done == total_steps):
             metrics["val/accuracy"] = validate(engine, model, val_rows, cfg, d, pool, done)
         logger.log(done, metrics)
         bar.set_postfix(acc=f"{metrics['reward/accuracy']:.2f}", zero_var=f"{metrics['vas/zero_var_frac']:.2f}")
-        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+        saved = cfg.save_every and done % cfg.save_every == 0 and done < total_steps
+        if saved:
             save(out_dir / f"step-{done}", done)
+        if done < total_steps and preemption.agreed(d):  # any rank signalled: all stop after this step
+            if not saved:
+                save(out_dir / f"step-{done}", done)
+            stop = f"{preemption.received or 'another rank signalled'} (saved step-{done})"
+            break
         if cfg.stop_after and done >= cfg.stop_after:
             break
 
@@ -719,7 +750,7 @@ def main() -> None:
         print(
             f"[grpo] done: {total_steps} steps, model in {out_dir / 'final'}"
             if done == total_steps
-            else f"[grpo] --stop-after {cfg.stop_after}: stopped at step {done} without the final save"
+            else f"[grpo] {stop}: stopped at step {done} without the final save"
         )
         if isinstance(engine, rollout.VLLMEngine):
             print(f"[grpo] vLLM weight pushes: {engine.pushes} (one per new set of weights; repeats skipped)")

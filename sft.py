@@ -5,8 +5,9 @@
     torchrun --nproc_per_node 8 sft.py --preset paper --model Qwen/Qwen2.5-VL-7B-Instruct --data MMR1/MMR1-SFT
     python sft.py --resume                                         # continue from the latest step-N
 
-Writes <output-dir>/step-N/ every --save-every steps and <output-dir>/final/ (HF format, loadable
-with from_pretrained; grpo.py and eval.py read runs/toy-sft/final by default).
+Writes <output-dir>/step-N/ every --save-every steps and <output-dir>/final/ (HF format, bf16, loadable
+with from_pretrained; grpo.py and eval.py read runs/toy-sft/final by default). SIGTERM or SIGUSR1
+(preemption): finish the step, save step-N, exit 0 (docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class SFTConfig:
     acc_limit: int = field(200, "rows used for the final validation accuracy (0 = all, -1 = skip)")
     acc_max_new_tokens: int = field(64, "generation budget of the validation accuracy")
     save_every: int = field(100, "checkpoint every N steps (0 = only final)")
+    save_total_limit: int = field(0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)")
     seed: int = field(0, "seed of the data order and the init")
     resume: bool = field(False, "continue from the latest <output-dir>/step-N")
     stop_after: int = field(0, "exit after this many steps without the final save, as a preemption would (testing)")
@@ -166,6 +168,7 @@ RESUME_MAY_CHANGE = {
     "stop_after",
     "report_to",
     "save_every",
+    "save_total_limit",
     "eval_every",
     "val_limit",
     "val_data",
@@ -281,6 +284,7 @@ def main() -> None:
         )
 
     # --- training loop ---
+    preemption = checkpoint.Preemption()  # SIGTERM / SIGUSR1 -> save after this step, exit 0
     model.train()
     bar = tqdm(range(start_step, total_steps), disable=not d.master, desc="sft", initial=start_step, total=total_steps)
     for step in bar:
@@ -300,6 +304,7 @@ def main() -> None:
         lr = scheduler.get_last_lr()[0]
         grad_norm = modeling.clip_and_step(params, optimizer, cfg.max_grad_norm)
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}
+        metrics["data/skipped_rows"] = data.skipped_rows(train_rows, d)  # bad rows passed over so far
         scheduler.step()
         metrics["time/step_s"] = time.time() - t0
         done = step + 1
@@ -307,8 +312,19 @@ def main() -> None:
             metrics["val/loss"] = val_loss(model, processor, val_rows, cfg, d)
         logger.log(done, metrics)
         bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{metrics['val/loss']:.3f}"} if "val/loss" in metrics else {}))
-        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+        saved = cfg.save_every and done % cfg.save_every == 0 and done < total_steps
+        if saved:
             save(out_dir / f"step-{done}", done)
+        if done < total_steps and preemption.agreed(d):  # any rank signalled: all stop after this step
+            if not saved:
+                save(out_dir / f"step-{done}", done)
+            if d.master:
+                print(
+                    f"[sft] {preemption.received or 'another rank signalled'}: saved {out_dir / f'step-{done}'}, exiting"
+                )
+            logger.close()
+            dist.cleanup_distributed()
+            return
         if cfg.stop_after and done >= cfg.stop_after:
             if d.master:
                 print(f"[sft] --stop-after {cfg.stop_after}: stopping without the final save")

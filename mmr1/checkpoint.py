@@ -1,13 +1,17 @@
-"""Checkpoints: atomic HF-format model folders with the trainer state beside them, finding the
-checkpoint to resume from, and refusing a resume that could not continue the run exactly."""
+"""Checkpoints: atomic folders of bf16 HF weights with the sharded fp32 trainer state beside them,
+pruning old ones, stopping cleanly on preemption, finding the checkpoint to resume from, and
+refusing a resume that could not continue the run exactly (layout and sizes: docs/checkpoints.md)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
+import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,30 +20,59 @@ import torch
 import torch.distributed as dist
 
 from .config import CheckpointError, first_line
-from .dist import Dist, all_gather_list
+from .dist import Dist, all_gather_list, all_reduce_max
 from .modeling import full_state_dict
 
+TRAINER_DIR = "trainer"  # the sharded trainer state inside a checkpoint folder (torch.distributed.checkpoint)
+HF_DTYPE = torch.bfloat16  # dtype of the weights users load (the fp32 master weights are in TRAINER_DIR)
 
-def save_checkpoint(model, processor, out_dir: str | Path, d: Dist, trainer_state: dict | None = None) -> None:
-    """Writes out_dir as an HF model folder (+ processor, + trainer_state.pt) atomically.
 
-    Every rank must call it (the full state dict is gathered collectively); rank 0 writes into
-    a temporary folder and renames it over out_dir, so a kill mid-save leaves the old one intact.
+def save_checkpoint(
+    model, processor, out_dir: str | Path, d: Dist, trainer_state: dict | None = None, sharded: dict | None = None
+) -> None:
+    """Writes out_dir atomically: an HF model folder of bf16 weights (+ processor), plus
+    trainer_state.pt and, with `sharded`, the sharded trainer state in out_dir/trainer/.
+
+    Every rank must call it: the full weights are gathered to rank 0 (a collective under FSDP2) and
+    every rank writes its own shard of `sharded` (torch.distributed.checkpoint; out_dir must be
+    on a file system all ranks see). Everything goes into out_dir.tmp first; rank 0 renames it
+    over out_dir once every rank has written, so a kill mid-save leaves the old one intact.
     """
-    state = full_state_dict(model, d)
+    full = full_state_dict(model, d)  # rank 0: every tensor, fp32, on the CPU (33 GB at 7B); other ranks: {}
+    weights = {}  # the bf16 copies; each fp32 tensor is dropped once cast, so rank 0 never holds both in full
+    for name in list(full):
+        tensor = full.pop(name)
+        weights[name] = tensor.to(HF_DTYPE) if tensor.is_floating_point() else tensor
+    out_dir = Path(out_dir)
+    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
     if d.master:
-        out_dir = Path(out_dir)
-        tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = getattr(model, "module", model)
-        unwrapped.save_pretrained(tmp, state_dict=state)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
+    barrier(d)
+    if sharded is not None:
+        import torch.distributed.checkpoint as dcp
+
+        with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(sharded, checkpoint_id=tmp / TRAINER_DIR)  # each rank its shard; rank 0 the metadata
+    if d.master:
+        getattr(model, "module", model).save_pretrained(tmp, state_dict=weights)
+        config_json = json.loads((tmp / "config.json").read_text())
+        config_json["dtype"] = str(HF_DTYPE).removeprefix("torch.")  # the model's is the fp32 of its master weights
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         processor.save_pretrained(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer_state.pt")
+    barrier(d)  # every rank's shard is on disk
+    if d.master:
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)
         shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+
+
+def barrier(d: Dist) -> None:
+    """Waits for every rank (nothing on one process); under the long save timeout of dist.TIMEOUT."""
     if d.enabled:
         dist.barrier()
 
@@ -47,28 +80,109 @@ def save_checkpoint(model, processor, out_dir: str | Path, d: Dist, trainer_stat
 def save_training_checkpoint(
     model, processor, optimizer, folder: str | Path, d: Dist, step: int, config: Any, **extra: Any
 ) -> None:
-    """save_checkpoint with a trainer_state.pt holding the step, the full optimizer state, every
-    rank's RNG states, the config and any script-specific `extra` (scheduler, sampler, VPS)."""
+    """save_checkpoint of a training run, then (rank 0) pruning to config.save_total_limit step-* folders.
+
+    trainer_state.pt holds the step, every rank's RNG states, the config and any script-specific
+    `extra` (scheduler, sampler, VPS); trainer/ holds the fp32 model parameters and the AdamW
+    state, each rank writing only its FSDP2 shard (sharded_state).
+    """
     state = {
         "step": step,
-        "optimizer": optimizer_state(model, optimizer, d),
         "rng": all_gather_list([rng_state()], d),
         "config": dataclasses.asdict(config),
         **extra,
     }
-    save_checkpoint(model, processor, folder, d, state)
+    save_checkpoint(model, processor, folder, d, state, sharded_state(model, optimizer, d))
+    if d.master and getattr(config, "save_total_limit", 0) > 0:
+        prune_checkpoints(Path(folder).parent, config.save_total_limit)
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
+    """Deletes all but the `keep` newest out_dir/step-N folders (final/ is never touched); returns
+    the deleted ones. Called by rank 0 after a complete save."""
+    steps = sorted(step_folders(Path(out_dir)), key=step_number, reverse=True)
+    for folder in steps[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
+    return steps[keep:]
+
+
+def step_folders(out_dir: Path) -> list[Path]:
+    """out_dir/step-N folders (not step-N.tmp / step-N.old)."""
+    return [p for p in out_dir.glob("step-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+
+
+def step_number(folder: Path) -> int:
+    """N of a step-N folder."""
+    return int(folder.name.split("-", 1)[1])
+
+
+def sharded_state(model, optimizer, d: Dist) -> dict:
+    """{"model": fp32 parameters, "optimizer": AdamW state} as torch.distributed.checkpoint state
+    dicts: this rank's FSDP2 shards (DTensors) under torchrun, the whole tensors on one process.
+
+    At 7B on 8 ranks each rank holds ~1/8 of 33 GB of parameters and 66 GB of moments; nothing is
+    gathered. A fresh optimizer gets its (zero) state first, so the dict is also the target of a load.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    if d.enabled:
+        model.reshard()  # the root keeps gathered tensors after a forward; state dicts want the shards
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
 def load_training_checkpoint(folder: str | Path, model, optimizer, d: Dist) -> dict:
-    """Restores the optimizer and this rank's RNG states from folder/trainer_state.pt; returns the
-    whole trainer state (its "step" and the script-specific entries)."""
+    """Restores the fp32 parameters and the optimizer (each rank reading its own shard of
+    folder/trainer/) and this rank's RNG states; returns trainer_state.pt (its "step" and the
+    script-specific entries).
+
+    The model may have been loaded from the folder's bf16 HF weights: the fp32 master weights
+    replace them here, so the run continues exactly. A parameter that had no AdamW state yet when
+    saved (no gradient so far, e.g. the vision tower after text-only batches) gets none now either.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
     state = load_trainer_state(folder)
-    load_optimizer_state(model, optimizer, state["optimizer"], d)
+    path = Path(folder) / TRAINER_DIR
+    saved = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)  # flattened keys
+    target = sharded_state(model, optimizer, d)  # a fresh optimizer gets a (zero) state for every parameter
+    missing = [f"model.{k}" for k in target["model"] if f"model.{k}" not in saved]
+    if missing:
+        raise CheckpointError(f"{path} lacks {len(missing)} model tensor(s), e.g. {missing[0]}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
+    for name, param in model.named_parameters():
+        if f"optimizer.state.{name}.step" not in saved:
+            optimizer.state.pop(param, None)  # not stepped before the save: stays without state
     set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
     return state
 
 
-TRAINER_STATE_KEYS = ("step", "optimizer", "rng", "config")
+def master_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The fp32 model parameters of folder/trainer/, unsharded, by module name (one process;
+    e.g. to compare runs or to continue training elsewhere from full precision)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(folder) / TRAINER_DIR
+    metadata = FileSystemReader(str(path)).read_metadata()
+    target = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, checkpoint_id=path, no_dist=True)
+    return {key.removeprefix("model."): value for key, value in target.items()}
+
+
+TRAINER_STATE_KEYS = ("step", "rng", "config")
 
 
 def load_trainer_state(folder: str | Path, mmap: bool = False) -> dict:
@@ -93,8 +207,9 @@ def load_trainer_state(folder: str | Path, mmap: bool = False) -> dict:
 def checkpoint_problem(folder: str | Path) -> str | None:
     """Why `folder` cannot be resumed from (the damaged or missing file, named), or None if it is complete.
 
-    Checks config.json, every safetensors weight file (header and size: a truncated file fails) and
-    trainer_state.pt (loads with weights_only=True, memory-mapped, and holds every entry).
+    Checks config.json, every safetensors weight file (header and size: a truncated file fails),
+    trainer_state.pt (loads with weights_only=True, memory-mapped, and holds every entry) and the
+    sharded trainer state (sharded_problem).
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -116,6 +231,27 @@ def checkpoint_problem(folder: str | Path) -> str | None:
         load_trainer_state(folder, mmap=True)
     except CheckpointError as e:
         return str(e)
+    return sharded_problem(folder / TRAINER_DIR)
+
+
+def sharded_problem(path: Path) -> str | None:
+    """Why the torch.distributed.checkpoint folder `path` is damaged, or None: its .metadata must
+    unpickle, and every shard file it lists must exist and reach the last byte recorded for it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (path / ".metadata").is_file():
+        return f"{path / '.metadata'} is missing"
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+        ends: dict[str, int] = {}  # shard file -> bytes it must hold
+        for info in metadata.storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as e:  # noqa: BLE001 - empty, truncated or foreign metadata
+        return f"{path / '.metadata'} is unreadable ({first_line(e)})"
+    for name, end in sorted(ends.items()):
+        size = (path / name).stat().st_size if (path / name).is_file() else -1
+        if size < end:
+            return f"{path / name} is {'missing' if size < 0 else f'truncated ({size} of {end} bytes)'}"
     return None
 
 
@@ -127,8 +263,7 @@ def latest_checkpoint(out_dir: str | Path, master: bool = True) -> Path | None:
     the master says so; CheckpointError names the damage when no candidate is complete.
     """
     out_dir = Path(out_dir)
-    steps = [p for p in out_dir.glob("step-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
-    steps.sort(key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+    steps = sorted(step_folders(out_dir), key=step_number, reverse=True)
     candidates = ([out_dir / "final"] if (out_dir / "final").is_dir() else []) + steps
     damaged = []
     for folder in candidates:
@@ -204,22 +339,30 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def optimizer_state(model, optimizer, d: Dist) -> dict:
-    """Full optimizer state dict (gathered from all ranks under FSDP2; a collective there)."""
-    if not d.enabled:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+class Preemption:
+    """SIGTERM and SIGUSR1 (a cluster's notice of preemption or of the time limit) become a request
+    to finish the current step, save step-N and exit 0, instead of dying and losing up to
+    --save-every steps.
 
-    model.reshard()
+    The handler only records the signal; `agreed` is a collective every rank calls once per step,
+    so all ranks stop after the same step even when only some of them were signalled.
+    """
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
+    def __init__(self) -> None:
+        self.received: str | None = None  # name of the first signal, e.g. "SIGTERM"
+        self.pid = os.getpid()
+        for sig in self.SIGNALS:
+            signal.signal(sig, self.handle)
 
-def load_optimizer_state(model, optimizer, state: dict, d: Dist) -> None:
-    """Loads what optimizer_state() returned (re-sharded under FSDP2)."""
-    if not d.enabled:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    def handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:  # a forked child inherited the handler: die as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = self.received or signal.Signals(signum).name
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    def agreed(self, d: Dist) -> bool:
+        """True on every rank if any rank has received a signal (a max all-reduce; every rank calls it)."""
+        return all_reduce_max(int(self.received is not None), d.device) > 0

@@ -3,6 +3,7 @@ reductions over ranks, this rank's share of a global batch, and named seed strea
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import random
@@ -22,6 +23,12 @@ def derive_seed(seed: int, stream: str, *counters: int) -> int:
     """
     words = [seed & 0xFFFFFFFF, *stream.encode(), *(c & 0xFFFFFFFF for c in counters)]
     return int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)
+
+
+# Collective timeout of the process group. NCCL's default, 10 minutes, is shorter than a save at 7B
+# can keep the other ranks waiting in a barrier (rank 0 writing the bf16 HF weights, every rank its
+# shard of the trainer state; docs/checkpoints.md); a hung collective then takes this long to fail.
+TIMEOUT = datetime.timedelta(minutes=60)
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Dist:
 def setup_distributed(seed: int = 0) -> Dist:
     """Initialises torch.distributed when launched by torchrun (nccl on GPU, gloo on CPU).
 
+    The process group's collectives time out after TIMEOUT (60 minutes: checkpoint saves).
     Without RANK in the environment it is a single process on cuda:0 or the CPU. Seeds python,
     numpy and torch with `seed` on every rank (per-rank streams are derived where needed).
     """
@@ -58,7 +66,7 @@ def setup_distributed(seed: int = 0) -> Dist:
     else:
         device = torch.device("cpu")
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -130,13 +130,17 @@ def _vllm_available() -> bool:
         return False
 
 
-def validation_accuracy(engine, rows: list[dict], d: dist.Dist, sampling: Sampling, pool=None) -> float:
-    """Share of `rows` answered right with one sample each (reward.py's accuracy), the rows
-    sharded over ranks; every rank gets the same value. pool: a reward.RewardPool or None."""
+def validation_accuracy(engine, rows: list[dict], d: dist.Dist, sampling: Sampling, pool=None, score=None) -> float:
+    """Share of `rows` answered right with one sample each, the rows sharded over ranks; every rank
+    gets the same value. Right means reward.py's accuracy, or `score(response text, row) -> bool`
+    when given (a benchmark's own rule). pool: a reward.RewardPool or None."""
     mine, n_real = dist.shard(rows, d)
     outs = engine.generate(mine, 1, sampling)
-    scores = reward.score_responses([o.text for o in outs], [mine[o.row] for o in outs], pool=pool)
-    correct = sum(s["accuracy"] for s in scores[:n_real])
+    if score is not None:
+        correct = sum(bool(score(o.text, mine[o.row])) for o in outs[:n_real])
+    else:
+        scores = reward.score_responses([o.text for o in outs], [mine[o.row] for o in outs], pool=pool)
+        correct = sum(s["accuracy"] for s in scores[:n_real])
     return dist.all_reduce_sum(correct, d.device).item() / len(rows)
 
 

@@ -243,9 +243,11 @@ def test_vas_score_with_bad_data_or_a_missing_split_is_one_line(toy_dir, tmp_pat
 def test_extreme_aspect_ratio_is_a_bad_row(tmp_path):
     good, thin = image_file(tmp_path), image_file(tmp_path, "thin.png", (20000, 1))
     path = write_jsonl(tmp_path / "rows.jsonl", [rl_row(0, good), rl_row(1, thin)])
+    rows = data.load_rows(str(path), "rl", min_pixels=3136, max_pixels=50176)
     with pytest.raises(config.BadRowError, match=r"line 2 \(id=1\): image 0 is 20000x1 pixels.*aspect ratio"):
-        data.load_rows(str(path), "rl", min_pixels=3136, max_pixels=50176)
-    assert [r["id"] for r in data.load_rows(str(path), "rl", skip_bad_rows=True)] == ["0"]
+        rows[1]  # images are checked when the row is first used (issue 20), not when the data is opened
+    rows = data.load_rows(str(path), "rl", skip_bad_rows=True, min_pixels=3136, max_pixels=50176)
+    assert [r["id"] for r in rows] == ["0", "0"] and rows.skipped == 1  # replaced by the next usable row
 
 
 def test_row_check_accepts_exactly_what_the_image_processor_accepts(toy_dir):
@@ -302,7 +304,9 @@ def test_relative_image_paths_resolve_against_the_data_file(tmp_path, monkeypatc
     write_jsonl(folder / "train.jsonl", [rl_row(0, "a.png"), rl_row(1, {"path": "a.png"})])
     monkeypatch.chdir(tmp_path)  # a.png is not in the working directory
     rows = data.load_rows("set/train.jsonl", "rl")
-    assert rows[0]["images"] == [str(folder / "a.png")] and rows[1]["images"] == [{"path": str(folder / "a.png")}]
+    (first, _), (second, _) = rows.undecoded(0), rows.undecoded(1)
+    assert first["images"] == [str(folder / "a.png")] and second["images"] == [{"path": str(folder / "a.png")}]
+    assert rows[1]["images"][0].size == (112, 112)  # and it decodes from there
 
 
 # ---------------------------------------------------------------------------------------------

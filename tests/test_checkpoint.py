@@ -1,22 +1,229 @@
-"""mmr1.checkpoint: an atomic save loads back as the same model."""
+"""mmr1.checkpoint: bf16 HF weights + the sharded fp32 trainer state, damage detection, pruning,
+and preemption (SIGTERM / SIGUSR1 -> save step-N, exit 0, then --resume = the uninterrupted run)."""
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 import torch
+from safetensors.torch import load_file
 
-from mmr1 import checkpoint, dist, modeling
+import grpo
+from conftest import ROOT, TORCHRUN_VARIABLES, run_script
+from mmr1 import checkpoint, config, dist, modeling
+
+ONE = dist.Dist(0, 1, 0, torch.device("cpu"))
+
+
+def trained_toy(toy_dir):
+    """The toy model (fp32) after one AdamW step on a text-only input: the vision tower has no
+    gradient, so it has no optimizer state (as after text-only batches)."""
+    model = modeling.load_model(str(toy_dir / "model"), ONE.device, trainable=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=torch.arange(1, 9)[None]).logits.float().pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model, modeling.load_processor(str(toy_dir / "model")), optimizer
 
 
 def test_atomic_checkpoint_round_trip(tmp_path, toy_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    d = dist.Dist(0, 1, 0, torch.device("cpu"))
-    model = modeling.load_model(str(toy_dir / "model"), d.device)
+    model = modeling.load_model(str(toy_dir / "model"), ONE.device)
     processor = modeling.load_processor(str(toy_dir / "model"))
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
     out = tmp_path / "ckpt"
-    checkpoint.save_checkpoint(model, processor, out, d, {"step": 7})
-    checkpoint.save_checkpoint(model, processor, out, d, {"step": 8})  # overwrite in place
+    checkpoint.save_checkpoint(model, processor, out, ONE, {"step": 7})
+    checkpoint.save_checkpoint(model, processor, out, ONE, {"step": 8})  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert torch.load(out / "trainer_state.pt")["step"] == 8
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(out)
-    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
+
+
+def test_training_checkpoint_restores_fp32_weights_and_optimizer_exactly(tmp_path, toy_dir):
+    """The HF folder is bf16; load_training_checkpoint puts back the fp32 parameters and the AdamW
+    state bit for bit, and no state for the parameters that had none (the vision tower here)."""
+    model, processor, optimizer = trained_toy(toy_dir)
+    folder = tmp_path / "step-1"
+    checkpoint.save_training_checkpoint(model, processor, optimizer, folder, ONE, 1, grpo.GRPOConfig(), rows=16)
+    assert sorted(p.name for p in (folder / "trainer").iterdir()) == [".metadata", "__0_0.distcp"]
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    assert set(state) == {"step", "rng", "config", "rows"} and state["step"] == 1  # no optimizer in it
+    hf = load_file(str(folder / "model.safetensors"))
+    assert {v.dtype for v in hf.values()} == {torch.bfloat16}
+    master = checkpoint.master_weights(folder)
+    assert master.keys() == model.state_dict().keys()
+    assert all(torch.equal(master[k], v) and v.dtype == torch.float32 for k, v in model.state_dict().items())
+
+    resumed = modeling.load_model(str(folder), ONE.device, trainable=True)  # from the bf16 weights: not exact
+    assert not torch.equal(resumed.lm_head.weight, model.lm_head.weight)
+    fresh = torch.optim.AdamW(resumed.parameters(), lr=1e-3)
+    assert checkpoint.load_training_checkpoint(folder, resumed, fresh, ONE)["rows"] == 16
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+        assert (p in optimizer.state) == (q in fresh.state), name
+        for key, value in optimizer.state.get(p, {}).items():
+            assert torch.equal(value, fresh.state[q][key]), (name, key)
+    with_state = sum(p in optimizer.state for p in model.parameters())
+    assert 0 < with_state < len(list(model.parameters()))  # the vision tower had no gradient
+    assert fresh.param_groups[0]["lr"] == 1e-3
+
+
+def test_save_total_limit_keeps_the_newest_steps_and_final(tmp_path, toy_dir):
+    model, processor, optimizer = trained_toy(toy_dir)
+    cfg = grpo.GRPOConfig(save_total_limit=2)
+    out = tmp_path / "out"
+    for name in ("step-1", "step-2", "final", "step-10", "step-3"):
+        checkpoint.save_training_checkpoint(model, processor, optimizer, out / name, ONE, 1, cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["final", "step-10", "step-3"]
+    (out / "step-7.tmp").mkdir()  # a save killed half-way is no step folder
+    assert checkpoint.prune_checkpoints(out, 1) == [out / "step-3"]
+    assert sorted(p.name for p in out.iterdir()) == ["final", "step-10", "step-7.tmp"]
+    unlimited = grpo.GRPOConfig(save_total_limit=0)
+    for name in ("step-11", "step-12"):
+        checkpoint.save_training_checkpoint(model, processor, optimizer, out / name, ONE, 1, unlimited)
+    assert sorted(p.name for p in out.iterdir()) == ["final", "step-10", "step-11", "step-12", "step-7.tmp"]
+
+
+def test_damaged_sharded_state_is_passed_over(tmp_path, toy_dir, capsys):
+    model, processor, optimizer = trained_toy(toy_dir)
+    out = tmp_path / "out"
+    for step in (2, 4, 6):
+        checkpoint.save_training_checkpoint(
+            model, processor, optimizer, out / f"step-{step}", ONE, step, grpo.GRPOConfig()
+        )
+    assert checkpoint.latest_checkpoint(out) == out / "step-6"
+    shard = out / "step-6" / "trainer" / "__0_0.distcp"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+    assert checkpoint.checkpoint_problem(out / "step-6") == f"{shard} is truncated ({size // 2} of {size} bytes)"
+    (out / "step-4" / "trainer" / ".metadata").write_bytes(b"\x80")
+    assert checkpoint.checkpoint_problem(out / "step-4").startswith(
+        f"{out / 'step-4' / 'trainer' / '.metadata'} is unreadable ("
+    )
+    assert checkpoint.latest_checkpoint(out) == out / "step-2"
+    assert "passing over damaged checkpoint(s)" in capsys.readouterr().out
+    (out / "step-2" / "trainer" / ".metadata").unlink()
+    with pytest.raises(config.CheckpointError, match=r"step-2/trainer/\.metadata is missing"):
+        checkpoint.latest_checkpoint(out)
+
+
+def test_preemption_records_the_signal_and_one_process_agrees():
+    previous = {sig: signal.getsignal(sig) for sig in checkpoint.Preemption.SIGNALS}
+    try:
+        preemption = checkpoint.Preemption()
+        assert preemption.received is None and not preemption.agreed(ONE)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption.received == "SIGUSR1" and preemption.agreed(ONE)  # the first signal is named
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage scripts: preempted by a signal, resumed; two ranks' sharded checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def run_until_signalled(args: list[str], out, sig: int, timeout: int = 300) -> tuple[int, str]:
+    """Starts a stage script, sends it `sig` once a training step is in metrics.jsonl, waits for it;
+    returns (exit status, its output)."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    log = out.parent / f"{out.name}.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        metrics, deadline = out / "metrics.jsonl", time.time() + timeout
+        while not (metrics.exists() and "train/loss" in metrics.read_text()):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        proc.wait(timeout)
+    return proc.returncode, log.read_text()
+
+
+def step_metrics(out, key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def sft_args(toy_dir, out, steps, *extra):
+    data_dir = toy_dir / "data"
+    return ["sft.py", "--model", str(toy_dir / "model"), "--data", f"{data_dir / 'sft'}@train", "--val-data", "",
+            "--acc-limit", "-1", "--output-dir", str(out), "--max-steps", str(steps), "--batch-size", "4",
+            "--micro-batch-size", "4", "--save-every", "100", *extra]  # fmt: skip
+
+
+def assert_same_final(a, b):
+    """Bit-equal fp32 master weights and bf16 HF weights of two runs' final/."""
+    master_a, master_b = checkpoint.master_weights(a / "final"), checkpoint.master_weights(b / "final")
+    assert master_a.keys() == master_b.keys()
+    for name in master_a:
+        assert torch.equal(master_a[name], master_b[name]), name
+    hf_a, hf_b = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    assert all(torch.equal(hf_a[k], hf_b[k]) for k in hf_a)
+
+
+def test_sft_sigterm_saves_and_exits_then_resumes_exactly(toy_dir, tmp_path):
+    steps = 6
+    run_script(sft_args(toy_dir, tmp_path / "full", steps))
+    code, output = run_until_signalled(sft_args(toy_dir, tmp_path / "cut", steps), tmp_path / "cut", signal.SIGTERM)
+    assert code == 0, output[-4000:]
+    saved = checkpoint.step_folders(tmp_path / "cut")
+    assert len(saved) == 1 and not (tmp_path / "cut" / "final").exists()  # --save-every 100: only the preemption's
+    stopped = checkpoint.step_number(saved[0])
+    assert 1 <= stopped < steps and f"[sft] SIGTERM: saved {saved[0]}, exiting" in output
+    assert checkpoint.checkpoint_problem(saved[0]) is None
+    assert [s for s, _ in step_metrics(tmp_path / "cut", "train/loss")] == list(range(1, stopped + 1))
+    out = run_script(sft_args(toy_dir, tmp_path / "cut", steps, "--resume"))
+    assert f"resumed from {saved[0]} at step {stopped}" in out.stdout
+    assert_same_final(tmp_path / "full", tmp_path / "cut")
+    assert step_metrics(tmp_path / "cut", "train/loss") == step_metrics(tmp_path / "full", "train/loss")
+
+
+def test_grpo_sigusr1_saves_and_exits_then_resumes_exactly(toy_dir, tmp_path):
+    data = toy_dir / "data" / "rl"
+    args = ["grpo.py", "--model", str(toy_dir / "model"), "--data", f"{data}@train", "--val-data", "",
+            "--max-steps", "4", "--train-limit", "8", "--rollout-batch-size", "2", "--group-size", "4",
+            "--max-response-length", "8", "--vas", "--vas-rollouts", "2", "--vas-update-every", "2",
+            "--reward-workers", "0", "--lr", "1e-3", "--save-every", "100", "--save-total-limit", "1"]  # fmt: skip
+    run_script(args + ["--output-dir", str(tmp_path / "full")])
+    code, output = run_until_signalled(args + ["--output-dir", str(tmp_path / "cut")], tmp_path / "cut", signal.SIGUSR1)
+    assert code == 0, output[-4000:]
+    (saved,) = checkpoint.step_folders(tmp_path / "cut")
+    stopped = checkpoint.step_number(saved)
+    assert 1 <= stopped < 4 and f"SIGUSR1 (saved step-{stopped}): stopped at step {stopped}" in output
+    run_script(args + ["--output-dir", str(tmp_path / "cut"), "--resume"])
+    assert_same_final(tmp_path / "full", tmp_path / "cut")
+    for key in ("reward/overall", "train/loss", "vas/vps_mean"):
+        assert step_metrics(tmp_path / "cut", key) == step_metrics(tmp_path / "full", key), key
+    full, cut = (
+        torch.load(tmp_path / run / "final" / "trainer_state.pt", weights_only=True) for run in ("full", "cut")
+    )
+    assert full["sampler"] == cut["sampler"] and full["vps"] == cut["vps"]
+
+
+def test_torchrun_two_ranks_resume_from_sharded_checkpoint(toy_dir, tmp_path):
+    """Two ranks (gloo, FSDP2): each writes its own shard of trainer/ (one file per rank); a run
+    resumed from step-2 of another ends with the weights of the uninterrupted one, bit for bit."""
+    run_script(sft_args(toy_dir, tmp_path / "full", 3, "--save-every", "2"), torchrun=2)
+    shards = sorted(p.name for p in (tmp_path / "full" / "step-2" / "trainer").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(tmp_path / "full" / "step-2", tmp_path / "cut" / "step-2")
+    out = run_script(sft_args(toy_dir, tmp_path / "cut", 3, "--save-every", "2", "--resume"), torchrun=2)
+    assert "resumed from" in out.stdout and "at step 2" in out.stdout
+    assert_same_final(tmp_path / "full", tmp_path / "cut")
+    (full_loss,), (cut_loss,) = (
+        [v for s, v in step_metrics(tmp_path / run, "train/loss") if s == 3] for run in ("full", "cut")
+    )
+    assert full_loss == cut_loss

@@ -8,6 +8,7 @@ import pytest
 import eval as evaluation
 from conftest import run_script
 from data import toy
+from mmr1 import benchmarks
 
 
 def boxed(answer: str) -> str:
@@ -121,9 +122,9 @@ def test_rules_without_an_answer_and_the_toy_rule():
 
 
 def test_most_similar_option():
-    assert evaluation.most_similar_option("larger one", ["smaller", "larger"]) == 1
-    assert evaluation.chosen_option("B", ["x", "y"]) == 1 and evaluation.chosen_option("y", ["x", "y"]) == 1
-    assert evaluation.most_similar_option("", ["x"]) is None
+    assert benchmarks.most_similar_option("larger one", ["smaller", "larger"]) == 1
+    assert benchmarks.chosen_option("B", ["x", "y"]) == 1 and benchmarks.chosen_option("y", ["x", "y"]) == 1
+    assert benchmarks.most_similar_option("", ["x"]) is None
 
 
 def png(colours=("red", "blue", "green", "yellow")) -> dict:
@@ -133,21 +134,23 @@ def png(colours=("red", "blue", "green", "yellow")) -> dict:
 
 
 def local_benchmarks(tmp_path) -> str:
-    """Tiny files in each benchmark's real column layout (one malformed MathVista row)."""
+    """Tiny files in each benchmark's real column layout (one malformed MathVista row, one MathVerse Vision
+    Only row whose question is in the image)."""
     import datasets
 
     files = {
-        "mathverse": [{"sample_index": str(i), "question": "How many red squares?", "image": png(), "answer": "1",
-                       "question_type": "free-form", "problem_version": v} for i, v in enumerate(["Text Lite", "Vision Only"])],
+        "mathverse": [{"sample_index": str(i), "question": q, "image": png(), "answer": "1", "question_type": "free-form",
+                       "problem_version": v, "metadata": {"subject": "Counting"}, "query_cot": f"Please answer. {q}"}
+                      for i, (v, q) in enumerate([("Text Lite", "How many red squares?"), ("Vision Only", "")])],
         "mathvista": [{"pid": "1", "question": "Which colour is top-left?", "decoded_image": png(), "choices": ["red", "blue"],
                        "answer": "red", "question_type": "multi_choice", "answer_type": "text", "precision": None},
                       {"pid": "2", "question": "Count?", "decoded_image": png(), "choices": None, "answer": "3",
-                       "question_type": "free_form", "answer_type": "integer", "precision": None},
+                       "question_type": "free_form", "answer_type": "integer", "precision": None, "unit": "g"},
                       {"pid": "3", "question": "Broken", "decoded_image": None, "choices": None, "answer": "3",
                        "question_type": "free_form", "answer_type": "integer", "precision": None}],
         "mathvision": [{"id": "1", "question": "Pick", "options": ["1", "2", "3", "4", "5"], "decoded_image": png(),
                         "answer": "A"}],
-        "logicvista": [{"question": "Which?", "image": png(), "answer": "A, C"}],
+        "logicvista": [{"question": "Which?", "image": png(), "answer": "A, C", "skill": ["inductive"]}],
         "chartqa": [{"question": "Value?", "image": png(), "answer": "12", "type": "human_test"},
                     {"question": "Value?", "image": png(), "answer": "0", "type": "augmented_test"}],
     }  # fmt: skip
@@ -169,18 +172,24 @@ def test_eval_end_to_end_on_local_files(toy_dir, tmp_path):
     (model_results,) = results.values()
     assert set(model_results) == {"mathverse", "mathvista", "mathvision", "logicvista", "chartqa"}
     assert model_results["mathvista"]["n"] == 2 and model_results["mathvista"]["skipped"] == 1
-    assert set(model_results["mathverse"]["groups"]) == {"Text Lite", "Vision Only"}
-    assert set(model_results["chartqa"]["groups"]) == {"human_test", "augmented_test"}
+    assert model_results["mathverse"]["n"] == 2 and model_results["mathverse"]["skipped"] == 0  # Vision Only too
+    assert set(model_results["mathverse"]["breakdown"]["problem_version"]) == {"Text Lite", "Vision Only"}
+    assert model_results["mathverse"]["breakdown"]["subject"]["Counting"]["n"] == 2
+    assert set(model_results["chartqa"]["breakdown"]["type"]) == {"human_test", "augmented_test"}
+    assert (
+        set(model_results["mathvision"]["breakdown"]) == set() and "skill" in model_results["logicvista"]["breakdown"]
+    )
     table = (tmp_path / "eval" / "results.md").read_text()
     assert "MMR1-7B (paper) | 55.4 | 72.0 | 31.8 | 48.9 | 83.7 | 58.4" in table
+    assert "mathverse by problem_version:" in table and "| model | Text Lite (n=1) | Vision Only (n=1) |" in table
     lines = [json.loads(x) for x in (tmp_path / "eval" / "model" / "chartqa.jsonl").read_text().splitlines()]
-    assert [set(r) >= {"id", "response", "extracted", "gold", "correct"} for r in lines] == [True, True]
+    assert [set(r) >= {"id", "response", "extracted", "gold", "correct", "groups"} for r in lines] == [True, True]
 
 
 def test_mathverse_options_and_the_paper_settings():
-    assert evaluation.mathverse_options(MV_QUESTION) == ["30°", "40°", "50°", "60°"]
-    assert evaluation.mathverse_options("Choices:\n(A) 1\n(B) 2") == ["1", "2"]
-    assert evaluation.mathverse_options("no options here") == [] and evaluation.mathverse_options("Choices:\nB:1") == []
+    assert benchmarks.mathverse_options(MV_QUESTION) == ["30°", "40°", "50°", "60°"]
+    assert benchmarks.mathverse_options("Choices:\n(A) 1\n(B) 2") == ["1", "2"]
+    assert benchmarks.mathverse_options("no options here") == [] and benchmarks.mathverse_options("Choices:\nB:1") == []
     cfg = evaluation.EvalConfig()
     assert cfg.max_new_tokens >= 4096  # the RL stage's response length: a long answer keeps its \\boxed{}
     assert (

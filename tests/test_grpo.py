@@ -247,7 +247,7 @@ def test_policy_loss_packed_by_token_budget_equals_padded(toy_model):
         for idx, inputs, mask in batches.rl_micro_batches(processor, [rows[i] for i in which], responses, 3136, 50176,
                                                          chat.PromptFormat(), cfg.max_tokens_per_micro_batch,
                                                          cfg.micro_batch_size, d):  # fmt: skip
-            batches.append({"inputs": inputs, "response_mask": mask, "advantages": adv[idx]})
+            micro.append({"inputs": inputs, "response_mask": mask, "advantages": adv[idx]})
         if not pack:
             assert [len(b["advantages"]) for b in micro] == [4, 2]  # fixed count, in order
         for b, ref in zip(micro, grpo.frozen_token_logprobs(model, micro, cfg, d)):
@@ -262,3 +262,53 @@ def test_policy_loss_packed_by_token_budget_equals_padded(toy_model):
         assert results[True][0][key] == pytest.approx(results[False][0][key], abs=1e-5), key
     scale = results[False][1].abs().max()
     assert torch.allclose(results[True][1], results[False][1], atol=1e-5 * scale, rtol=0)
+
+
+def mathvista_file(tmp_path):
+    """A MathVista testmini file in its own columns: one unit row, one multiple-choice row."""
+    import io
+
+    import datasets
+
+    from data import toy
+
+    buffer = io.BytesIO()
+    toy.draw_grid(["red", "blue", "green", "yellow"]).save(buffer, format="PNG")
+    image = {"bytes": buffer.getvalue(), "path": None}
+    rows = [{"pid": "1", "question": "How heavy?", "decoded_image": image, "choices": None, "answer": "1000",
+             "question_type": "free_form", "answer_type": "integer", "precision": None, "unit": "g"},
+            {"pid": "2", "question": "Which colour is top-left?", "decoded_image": image, "choices": ["red", "blue"],
+             "answer": "red", "question_type": "multi_choice", "answer_type": "text", "precision": None, "unit": None}]  # fmt: skip
+    path = tmp_path / "mathvista.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return path
+
+
+def test_validation_on_a_benchmark_file_uses_its_rule(tmp_path):
+    """--val-benchmark: MathVista rows become prompts and are scored by MathVista's rule: `1000 g` is
+    right for gold 1000 with unit g, and `rd` maps to the most similar option, red (its official
+    fallback), which reward.py's plain rule does not grant."""
+    from mmr1 import benchmarks, rollout
+
+    raw = benchmarks.load_benchmark("mathvista", str(mathvista_file(tmp_path)), 0)
+    rows, bad = benchmarks.prompt_rows("mathvista", raw, 3136, 50176)
+    assert not bad and [r["id"] for r in rows] == ["1", "2"] and rows[0]["problem"].startswith("<image>")
+
+    class Replies:  # generation is not what is tested here: fixed replies, one per row
+        def generate(self, rows, n, sampling):
+            texts = {"1": "\\boxed{1000 g}", "2": "\\boxed{rd}"}
+            return [rollout.Rollout(i, [1], texts[r["id"]], "stop") for i, r in enumerate(rows)]
+
+    d = dist.Dist(0, 1, 0, torch.device("cpu"))
+    rule = lambda text, row: benchmarks.score_answer("mathvista", text, row["benchmark_row"])  # noqa: E731
+    assert rollout.validation_accuracy(Replies(), rows, d, rollout.Sampling(), score=rule) == 1.0
+    assert rollout.validation_accuracy(Replies(), rows, d, rollout.Sampling()) == 0.5  # reward.py: "rd" != "red"
+
+
+def test_grpo_validates_on_a_benchmark_file(toy_dir, tmp_path):
+    args = grpo_args(toy_dir, tmp_path / "run", 1, "--val-benchmark", "mathvista")
+    args[args.index("--val-data") + 1] = str(mathvista_file(tmp_path))
+    run_script(args)
+    lines = metrics(tmp_path / "run")
+    assert [r["step"] for r in lines if "val/accuracy" in r] == [0, 1]
+    assert all(r["val/accuracy"] in (0.0, 0.5, 1.0) for r in lines if "val/accuracy" in r)  # 2 rows

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import sft
 from conftest import run_script
+from mmr1 import checkpoint, modeling
 
 
 def toy_args(toy_dir, out, steps, *extra):
@@ -23,7 +23,11 @@ SFT_ATOL = STEPS * LR * 1e-2  # see test_packed_sft_equals_padded
 
 
 def weights(folder):
-    return load_file(str(folder / "model.safetensors"))
+    """fp32 weights by module name: a checkpoint's master weights (its trainer/; the HF folder is
+    bf16), or those of a model folder without one (the toy init)."""
+    if (folder / "trainer").is_dir():
+        return checkpoint.master_weights(folder)
+    return modeling.load_model(str(folder), torch.device("cpu"), trainable=True).state_dict()
 
 
 def test_lr_schedule_warmup_then_cosine():

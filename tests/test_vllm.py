@@ -38,7 +38,7 @@ def engine(toy_dir):
 
 
 def image_rows(toy_dir, n=4):
-    return data.load_rows(f"{toy_dir / 'data' / 'rl'}@val", "rl", limit=n)
+    return list(data.load_rows(f"{toy_dir / 'data' / 'rl'}@val", "rl", limit=n))
 
 
 def greedy(eng, rows, tokens=16):

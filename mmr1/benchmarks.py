@@ -1,0 +1,432 @@
+"""The five benchmarks of the paper: where each lives, how its rows become prompts, and how an
+answer is scored by the rule of the benchmark's own official scorer (sources cited per rule).
+
+`score_answer(benchmark, response, row)` is the one scoring entry point (eval.py re-exports it);
+grpo.py uses the same rules for validation on a benchmark file (`--val-benchmark`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import reward
+
+from .data import check_row
+
+# Hub ids (tried in order: the first is the paper's; a later one is where the copy moved), config, split
+# (PAPER.md, "Benchmark data")
+HUB = {
+    "mathverse": (("AI4Math/MathVerse",), "testmini", "testmini"),
+    "mathvista": (("AI4Math/MathVista",), None, "testmini"),
+    "mathvision": (("MathLLMs/MathVision",), None, "test"),
+    "logicvista": (("lscpku/LogicVista",), None, "test"),
+    "chartqa": (("lmms-lab/ChartQA", "lmms-lab-encoder/ChartQA"), None, "test"),
+}
+
+# The columns each benchmark reports its score by (its own paper / scorer); looked up in the row, then in
+# its `metadata` dict (MathVerse `subject`, MathVista `task` live there)
+BREAKDOWNS = {
+    "mathverse": ("problem_version", "subject"),
+    "mathvista": ("question_type", "task"),
+    "mathvision": ("subject", "level"),
+    "logicvista": ("skill",),
+    "chartqa": ("type",),
+    "toy": ("family",),
+}
+
+BENCHMARKS = ("mathverse", "mathvista", "mathvision", "logicvista", "chartqa", "toy")
+
+# MathVerse "Vision Only" rows have question == "": the problem, its choices included, is drawn in the image.
+# Their `query_cot` says so; this is the same instruction for a file without that column.
+QUESTION_IN_IMAGE = "According to the question shown in the image, please first conduct reasoning, and then answer it."
+
+# MathVista's answer-format hints, verbatim from its build_query.py (the text of the `query` column);
+# the multiple-choice hint is left out: the Table 8 system prompt already asks for the option letter.
+MATHVISTA_HINTS = {
+    "integer": "Hint: Please answer the question requiring an integer answer and provide the final value, "
+    "e.g., 1, 2, 3, at the end.",
+    ("float", 1): "Hint: Please answer the question requiring a floating-point number with one decimal place "
+    "and provide the final value, e.g., 1.2, 1.3, 1.4, at the end.",
+    ("float", 2): "Hint: Please answer the question requiring a floating-point number with two decimal places "
+    "and provide the final value, e.g., 1.23, 1.34, 1.45, at the end.",
+    "list": "Hint: Please answer the question requiring a Python list as an answer and provide the final list, "
+    "e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows of each benchmark -> prompt rows (problem, images), and the breakdown keys
+# ---------------------------------------------------------------------------------------------
+
+
+def options_text(choices: list[str]) -> str:
+    """'\\nChoices:\\n(A) x\\n(B) y' for a list of option texts."""
+    return "\nChoices:\n" + "\n".join(f"({reward.LETTERS[i]}) {c}" for i, c in enumerate(choices))
+
+
+def mathvista_hint(row: dict) -> str:
+    """The answer-format hint MathVista's `query` opens with for a free-form row (integer, float with its
+    precision, list); '' for multiple choice and for a row whose type has no hint."""
+    if row.get("question_type") == "multi_choice":
+        return ""
+    kind = row.get("answer_type")
+    if kind == "float" and row.get("precision") is not None:
+        digits = int(float(row["precision"]))  # stored as a float, e.g. 1.0
+        return MATHVISTA_HINTS.get(
+            ("float", digits),
+            f"Hint: Please answer the question requiring a floating-point number with {digits} decimal places "
+            "and provide the final value at the end.",
+        )
+    return MATHVISTA_HINTS.get(kind, "")
+
+
+def question_text(benchmark: str, row: dict) -> str:
+    """The user-turn text of a benchmark row (the image goes before it).
+
+    MathVerse: its `question` (the choices are in it); a Vision Only row (question == "") gets its
+    `query_cot`, which tells the model the question is in the image. MathVista: hint + "Question: " +
+    question + " (Unit: u)" + choices, as its `query` builds them, minus the multiple-choice hint.
+    MathVision: question + its options as (A) ... lines. LogicVista, ChartQA: the question.
+    """
+    question = str(row.get("question") or "").strip()
+    if benchmark == "mathverse" and not question:  # Vision Only: the whole problem is drawn in the image
+        return str(row.get("query_cot") or "").strip() or QUESTION_IN_IMAGE
+    if benchmark == "mathvista":
+        if row.get("unit"):
+            question += f" (Unit: {row['unit']})"
+        if row.get("choices"):
+            question += options_text(list(row["choices"]))
+        hint = mathvista_hint(row)
+        return f"{hint}\nQuestion: {question}" if hint else question
+    if benchmark == "mathvision" and row.get("options"):
+        question += options_text(list(row["options"]))
+    return question
+
+
+def to_prompt_row(benchmark: str, row: dict) -> dict:
+    """The RL-format row (problem, images) the engine generates from; raises ValueError if unusable."""
+    if benchmark == "toy":
+        return row
+    image = {"mathvista": "decoded_image", "mathvision": "decoded_image"}.get(benchmark, "image")
+    image = row.get(image) if row.get(image) is not None else row.get("image")
+    if image is None:
+        raise ValueError("no image")
+    question = question_text(benchmark, row)
+    if not question or row.get("answer") in (None, ""):
+        raise ValueError("missing question or answer")
+    return {"problem": "<image>" + question.replace("<image>", "").strip(), "images": [image]}
+
+
+def mathverse_options(question: str) -> list[str]:
+    """Option texts of a MathVerse question, whose choices live in its text after "Choices:" as
+    lines like "A:30°" / "(B) 40" / "C. 50", or on one line ("Choices: A. 148° B. 152°");
+    [] when the question lists none (or not as consecutive letters from A)."""
+    _, found, tail = (question or "").rpartition("Choices:")
+    if not found:
+        return []
+    marks = list(re.finditer(r"(?:^|(?<=\s))\(?([A-H])\s*[:.)]\s*", tail))
+    letters = [m.group(1) for m in marks]
+    if len(marks) < 2 or letters != list(reward.LETTERS[: len(letters)]):
+        return []
+    ends = [m.start() for m in marks[1:]] + [len(tail)]
+    return [tail[m.end() : end].strip() for m, end in zip(marks, ends)]
+
+
+def breakdown(benchmark: str, row: dict) -> dict[str, str]:
+    """{column: value} of the categories a row is reported under (BREAKDOWNS); a list value (LogicVista
+    skills) is joined by ', ', a column the row lacks is left out."""
+    metadata = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+    out = {}
+    for key in BREAKDOWNS.get(benchmark, ()):
+        value = row.get(key, metadata.get(key))
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value)
+        if value not in (None, ""):
+            out[key] = str(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring rules: each benchmark's official scorer, rule by rule (sources in docs/eval.md)
+# ---------------------------------------------------------------------------------------------
+
+
+def tidy_math(text: str) -> str:
+    """Option and gold texts as the equivalence rules read them: '√{3}' -> '\\sqrt{3}', 'π' -> '\\pi',
+    LaTeX's non-breaking '~' -> ' ' ('$12 \\mathrm{~m}$' -> '12 m')."""
+    return text.replace("√", "\\sqrt").replace("π", "\\pi").replace("~", " ")
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions) between two strings."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def most_similar_option(pred: str, choices: list[str]) -> int | None:
+    """Index of the option with the smallest Levenshtein distance to pred (both lower-cased and
+    whitespace-normalised; the first on a tie); None if pred or choices are empty.
+
+    MathVista's calculate_score.get_most_similar. Only MathVista grants this: it maps ANY answer to
+    some option, the gold one about 1 time in n.
+    """
+    if not pred or not pred.strip() or not choices:
+        return None
+    p = reward.normalise_text(pred)
+    distances = [levenshtein(p, reward.normalise_text(c)) for c in choices]
+    return distances.index(min(distances))
+
+
+def chosen_option(pred: str | None, choices: list[str], fallback: str | None = None) -> int | None:
+    """The option a multiple-choice prediction names: its exact option text (case-insensitive), else
+    its letter ('C', '(C)', 'C: 40°'); failing both, by `fallback`:
+    - None: no option (MathVision: the value is then compared with the gold option's text);
+    - 'equivalent': the first option whose text reward.is_equivalent holds equal (MathVerse's judge
+      counts an option's value as that option);
+    - 'similar': the most similar option (MathVista only, its official rule).
+    """
+    if pred is None or not choices:
+        return None
+    texts = [reward.normalise_text(c) for c in choices]
+    if reward.normalise_text(pred) in texts:
+        return texts.index(reward.normalise_text(pred))
+    letter = reward.choice_letter(pred, len(choices))
+    if letter is not None:
+        return reward.LETTERS.index(letter)
+    if fallback == "equivalent":
+        return next((i for i, c in enumerate(choices) if reward.is_equivalent(tidy_math(pred), tidy_math(c))), None)
+    if fallback == "similar":
+        return most_similar_option(pred, choices)
+    return None
+
+
+def choice_labels(text: str | None) -> list[str] | None:
+    """The option labels an answer names, sorted: 'A, C', 'C, A', 'AC', '(A) and (C)', 'C\\nD' ->
+    ['A', 'C'] / ['C', 'D']; 'C: 14' (a letter and its option text) -> ['C']; numbered options too
+    ('3' -> ['3']); None when the text is not a list of labels (a word, a decimal, a sentence)."""
+    if not text or not text.strip():
+        return None
+    s = reward.clean_answer(text)
+    if re.fullmatch(r"[A-Z]{2,8}", s):  # 'AC': letters run together
+        return sorted(s)
+    tokens = [t.strip("()[].:") for t in re.split(r"\s*(?:,|;|&|\band\b|\s)\s*", s) if t.strip("()[].:")]
+    if not tokens or not all(re.fullmatch(r"[A-Za-z]|\d+", t) for t in tokens):
+        return None
+    if tokens[0].isalpha() and any(t.isdigit() for t in tokens):  # 'C: 14': a letter, then its option's text
+        return [tokens[0].upper()] if sum(t.isalpha() for t in tokens) == 1 else None
+    return sorted(t.upper() for t in tokens)
+
+
+def final_value(text: str) -> str:
+    """The value after the last '=' or '\\approx' ('x = 5' -> '5'), as MathVision's find_math_answer
+    and MathVista's answer extractor take it; the text itself when it has neither."""
+    return re.split(r"=|\\approx|≈", text)[-1].strip() or text
+
+
+def mathvision_equal(pred: str, gold: str) -> bool:
+    """MathVision's is_equal: reward.is_equivalent (on the answer or its value after '='), or both
+    plain numbers equal after rounding to 2 decimals (MATH-V evaluation/utils.py rounds both to 2)."""
+    pred, gold = tidy_math(pred), tidy_math(gold)
+    if reward.is_equivalent(pred, gold) or reward.is_equivalent(final_value(pred), gold):
+        return True
+    p, g = reward.parse_number(final_value(pred)), reward.parse_number(gold)
+    return p is not None and g is not None and round(p[0], 2) == round(g[0], 2)
+
+
+def mathvista_number(pred: str, unit: str | None) -> float | None:
+    """The number of a free-form MathVista answer, its unit dropped as MathVista's answer extractor
+    drops it ('1000 g', '$18', '7 years' -> 1000, 18, 7): the value after a last '=', the row's `unit`
+    before or after it, '$', and the units reward.parse_number strips; None when no number is left.
+    '45%' reads as 45 (MathVista's percentages are stored as plain numbers)."""
+    s = reward.clean_answer(final_value(pred)).replace("\\$", "$")
+    if unit and unit.strip():
+        u = re.escape(reward.clean_answer(unit))
+        s = re.sub(rf"^{u}\s*|\s*{u}$", "", s, flags=re.IGNORECASE).strip()
+    s = s.strip("$").strip()
+    parsed = reward.parse_number(s)
+    return parsed[0] if parsed is not None else None
+
+
+def parse_float(text: str) -> float | None:
+    """A number from text ('1,234', '12.5', '45%' -> 0.45 as ChartQA reads it), else None."""
+    s = reward.clean_answer(text).replace(",", "")
+    try:
+        return float(s.rstrip("%")) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        return None
+
+
+def chartqa_relaxed(pred: str, gold: str) -> bool:
+    """ChartQA relaxed accuracy (pix2struct metrics.py relaxed_correctness, the ChartQA paper's metric):
+    5% relative tolerance for a non-zero numeric target ('x%' read as x/100), else case-insensitive
+    exact match (a target of 0 included). Thousands separators are dropped first ('1,000' is 1000)."""
+    p, g = parse_float(pred), parse_float(gold)
+    if p is not None and g is not None and g != 0:
+        return abs(p - g) / abs(g) <= 0.05
+    return reward.normalise_text(pred) == reward.normalise_text(gold)
+
+
+def score_mathverse(pred: str, gold: str, row: dict) -> bool:
+    """MathVerse (score_answer_s2.py, a GPT judge told "only when the [Model_answer] completely matches
+    the [Standard Answer]", whose examples count an option's value as that option and a wrong letter
+    with the right-looking text as wrong). No most-similar mapping: an answer that names no option is wrong.
+
+    multi-choice, gold letters: the option named (letter, option text, or a value equivalent to an
+    option's text, the options read from `question`, else `question_for_eval`) is the gold one; several
+    gold letters ('C\\nD'): the same set of letters. Gold not a letter: equivalent to it (a letter counts
+    through its option's text). free-form: reward.is_equivalent.
+    """
+    if row.get("question_type") != "multi-choice":
+        return reward.is_equivalent(pred, gold)
+    options = mathverse_options(str(row.get("question") or "")) or mathverse_options(
+        str(row.get("question_for_eval") or "")
+    )
+    gold_labels = choice_labels(gold)
+    if gold_labels and all(label.isalpha() for label in gold_labels):
+        if len(gold_labels) > 1:
+            return choice_labels(pred) == gold_labels
+        if options:
+            picked = chosen_option(pred, options, fallback="equivalent")
+            return picked is not None and reward.LETTERS[picked] == gold_labels[0]
+        return reward.choice_letter(pred) == gold_labels[0]  # options not in the text: only a letter can match
+    if reward.is_equivalent(tidy_math(pred), tidy_math(gold)):
+        return True
+    picked = chosen_option(pred, options, fallback="equivalent")
+    return picked is not None and reward.is_equivalent(tidy_math(options[picked]), tidy_math(gold))
+
+
+def score_mathvista(pred: str, gold: str, row: dict) -> bool:
+    """MathVista (calculate_score.py normalize_extracted_answer + safe_equal): multi_choice: the option
+    named (its text, its letter, else the MOST SIMILAR option, the official fallback) has the gold TEXT;
+    integer: the number (unit dropped) equals the gold; float: both rounded to `precision` decimals;
+    list: equal without spaces; other: case-insensitive text."""
+    if row.get("question_type") == "multi_choice":
+        choices = list(row["choices"])
+        picked = chosen_option(pred, choices, fallback="similar")
+        return picked is not None and reward.normalise_text(choices[picked]) == reward.normalise_text(gold)
+    kind = row.get("answer_type")
+    if kind in ("integer", "float"):
+        value = mathvista_number(pred, row.get("unit"))
+        if value is None:
+            return False
+        if kind == "integer":
+            return value == int(float(gold))
+        digits = int(float(row.get("precision") or 0))  # stored as a float, e.g. 1.0
+        return round(value, digits) == round(float(gold), digits)
+    if kind == "list":
+        return re.sub(r"\s", "", pred) == re.sub(r"\s", "", gold)
+    return reward.normalise_text(pred) == reward.normalise_text(gold)
+
+
+def score_mathvision(pred: str, gold: str, row: dict) -> bool:
+    """MathVision (MATH-V evaluation/evaluate.py: correct = is_equal(gold letter, answer) or
+    is_equal(gold option text, answer)): with options and a gold letter, the option named by its
+    exact text or letter is the gold one, or else the answer equals the gold option's text
+    (mathvision_equal); no most-similar mapping. Otherwise mathvision_equal with the gold."""
+    options = list(row.get("options") or [])
+    letter = gold.upper() if len(gold) == 1 and gold.isalpha() else None
+    if options and letter is not None and letter in reward.LETTERS[: len(options)]:
+        gold_index = reward.LETTERS.index(letter)
+        picked = chosen_option(pred, options)
+        return picked == gold_index if picked is not None else mathvision_equal(pred, options[gold_index])
+    return mathvision_equal(pred, gold)
+
+
+def score_logicvista(pred: str, gold: str) -> bool:
+    """LogicVista (eval/extract_accuracy_new.py: the gold split on ', ', lower-cased and sorted, equals the
+    sorted letters or numbers the answer chose): the same sorted labels ('C, A' == 'A, C'; '3' for a
+    numbered option); one gold label also matches an answer naming that letter ('C: 14'). A gold that is
+    no label list is compared by reward.is_equivalent."""
+    gold_labels = choice_labels(gold)
+    if gold_labels is None:
+        return reward.is_equivalent(pred, gold)
+    pred_labels = choice_labels(pred)
+    if pred_labels is None and len(gold_labels) == 1:
+        letter = reward.choice_letter(pred)
+        pred_labels = [letter] if letter is not None else None
+    return pred_labels == gold_labels
+
+
+def score_answer(benchmark: str, response: str, row: dict) -> bool:
+    """Whether `response` answers `row` (in the benchmark's own column layout) correctly, by the
+    benchmark's official rule (docs/eval.md has the table and the sources).
+
+    benchmark: mathverse, mathvista, mathvision, logicvista, chartqa or toy.
+    """
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {BENCHMARKS}")
+    pred = reward.extract_answer(response)
+    gold = str(row["answer"]).strip()
+    if pred is None or not pred.strip():
+        return False
+    if benchmark == "toy":
+        return reward.is_equivalent(pred, gold, row.get("choices"))
+    if benchmark == "mathverse":
+        return score_mathverse(pred, gold, row)
+    if benchmark == "mathvista":
+        return score_mathvista(pred, gold, row)
+    if benchmark == "mathvision":
+        return score_mathvision(pred, gold, row)
+    if benchmark == "logicvista":
+        return score_logicvista(pred, gold)
+    return chartqa_relaxed(pred, gold)  # ChartQA (pix2struct relaxed_correctness)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
+    """Raw rows of a benchmark in its own columns: a local parquet/jsonl file (`override`), or its hub
+    ids (HUB) tried in order,
+    each failure said in one line; SystemExit naming every id tried when none loads."""
+    import datasets
+
+    if override:
+        fmt = "parquet" if override.endswith(".parquet") else "json"
+        ds = datasets.load_dataset(fmt, data_files=override, split="train")
+    else:
+        hub_ids, subset, split = HUB[name]
+        ds, failures = None, []
+        for hub_id in hub_ids:
+            try:
+                ds = datasets.load_dataset(hub_id, subset, split=split)
+                break
+            except Exception as e:  # noqa: BLE001 - any failure to resolve or read: try the next copy
+                failures.append(f"{hub_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                more = f"; trying {hub_ids[len(failures)]}" if len(failures) < len(hub_ids) else ""
+                print(f"[bench] {name}: could not load {hub_id} ({type(e).__name__}){more}")
+        if ds is None:
+            raise SystemExit(
+                f"could not load {name} from the hub ({'; '.join(failures)}); "
+                f"download it and pass --bench-data {name}=<file.parquet>"
+            )
+    rows = [dict(r) for r in ds]
+    return rows[:limit] if limit else rows
+
+
+def prompt_rows(name: str, raw: list[dict], min_pixels: int, max_pixels: int) -> tuple[list[dict], list[str]]:
+    """The usable rows of a benchmark as prompt rows, and a line per unusable one.
+
+    Each usable row is {"problem", "images", "answer", "id", "benchmark_row"}: the prompt the engine
+    generates from (to_prompt_row, checked like training rows against [min_pixels, max_pixels]) and
+    the raw row in the benchmark's columns that score_answer needs. Unusable rows (no image, no
+    question or answer, an image the processor would refuse) are named in the second list.
+    """
+    usable, bad = [], []
+    for i, row in enumerate(raw):
+        row_id = str(row.get("id", row.get("pid", row.get("sample_index", i))))
+        try:
+            prompt = check_row(
+                {**to_prompt_row(name, row), "answer": str(row.get("answer"))}, "rl", min_pixels, max_pixels
+            )
+            usable.append({**prompt, "id": row_id, "benchmark_row": row})
+        except (ValueError, TypeError, KeyError) as e:
+            bad.append(f"{name} row {i} (id={row_id}): {e}")
+    return usable, bad

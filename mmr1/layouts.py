@@ -1,0 +1,203 @@
+"""Where rows come from and how they are laid out: which files of a folder hold a split, the
+ShareGPT / LLaMA-Factory layout of MMR1-SFT (`conversations` of `from` / `value`) read as the
+project's `messages`, and a JSON array or jsonl file streamed once into a memory-mapped Arrow
+cache (one raw JSON text per row) so that no stage keeps a data set's rows in memory."""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .config import BadRowError, MissingDataError
+
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+SPLIT_ALIASES = {"val": ("val", "validation"), "validation": ("validation", "val"), "dev": ("dev", "validation")}
+KNOWN_SPLITS = {"train", "val", "validation", "test", "dev", "testmini", "eval"}
+SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}$")  # hub shard names: train-00000-of-00004.parquet
+
+
+def file_split(path: Path) -> tuple[str, bool]:
+    """(split the file is named for, whether it is a hub shard): `train.parquet` -> ("train", False),
+    `validation-00000-of-00001.parquet` -> ("validation", True), `rows.jsonl` -> ("rows", False)."""
+    m = SHARD.match(path.stem)
+    return (m["split"], True) if m else (path.stem, False)
+
+
+def split_files(folder: Path, split: str, asked: bool) -> list[Path]:
+    """The data files of `folder` that hold `split` (`asked`: named with name@split).
+
+    A file named for the split (`train.parquet`, or its hub shards `train-00000-of-00002.parquet`;
+    `val` also finds `validation`) is used; files named for another known split (val, validation,
+    test, ...) never are. With no file named for the split, a folder of unnamed data files gives all
+    of them, unless the split was asked for by name. Two files for one split in different forms
+    (train.parquet + train.jsonl, or train.parquet + train-00000-of-00001.parquet) are refused.
+    """
+    candidates = sorted(p for p in folder.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
+    names = SPLIT_ALIASES.get(split, (split,))
+    for name in names:
+        files = [p for p in candidates if file_split(p)[0] == name]
+        if files:
+            forms = {(p.suffix, file_split(p)[1]) for p in files}
+            if len(forms) > 1 or (len(files) > 1 and not file_split(files[0])[1]):
+                raise MissingDataError(
+                    f"{folder} has {len(files)} files for split {split!r} ({', '.join(p.name for p in files)}); "
+                    "keep one (or one set of shards) and move the others away"
+                )
+            return files
+    unnamed = [p for p in candidates if file_split(p)[0] not in KNOWN_SPLITS]
+    if asked or not unnamed:
+        raise MissingDataError(f"{folder} has no {split}.parquet/.jsonl (found {[p.name for p in candidates]})")
+    return unnamed
+
+
+# ---------------------------------------------------------------------------------------------
+# ShareGPT (MMR1-SFT as published) -> messages
+# ---------------------------------------------------------------------------------------------
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def as_messages(row: dict) -> dict:
+    """An SFT row in the project's layout: a ShareGPT row (`conversations` of {"from", "value"},
+    roles human/user, gpt/assistant, system; an optional top-level `system` text) becomes `messages`
+    of {"role", "content"}; a row that already has `messages` (or neither) is returned as it is.
+    Raises ValueError for a turn that is not an object or has an unknown `from`."""
+    turns = row.get("conversations")
+    if "messages" in row or not isinstance(turns, (list, tuple)):
+        return row
+    messages = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ValueError(f"conversation turn {j} is not a {{'from', 'value'}} object")
+        role = SHAREGPT_ROLES.get(turn.get("from"))
+        if role is None:
+            raise ValueError(f"conversation turn {j} is from {turn.get('from')!r}; expected human, gpt or system")
+        messages.append({"role": role, "content": turn.get("value")})
+    return {k: v for k, v in row.items() if k not in ("conversations", "system")} | {"messages": messages}
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON array / jsonl -> memory-mapped Arrow, once
+# ---------------------------------------------------------------------------------------------
+
+CACHE_VERSION = 1  # bump when what the cache holds changes
+
+
+def json_cache_path(file: Path, kind: str, cache_dir: Path) -> Path:
+    """The Arrow cache of a JSON / jsonl file for rows of `kind`: named by the file's absolute path,
+    size and modification time, so an edited file gets a new cache."""
+    st = file.stat()
+    key = f"{CACHE_VERSION}|{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{kind}"
+    return cache_dir / f"{file.stem}-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.arrow"
+
+
+def build_json_cache(file: Path, out: Path, problem_of: Callable[[dict], str | None], batch_rows: int = 50_000) -> None:
+    """Streams `file` (a JSON array, or jsonl) into an Arrow file at `out`: one record per row or
+    non-blank line with `n` (row from 0 / line from 1), `json` (the row's raw JSON text, null where
+    it is no object) and `problem` (null for a good row, else what is wrong: `problem_of(row)`, or
+    why the line is no row). Memory stays at one batch of rows. Raises BadRowError for a JSON
+    array that does not parse and for a file without rows."""
+    import pyarrow as pa
+
+    schema = pa.schema([("n", pa.int64()), ("json", pa.large_string()), ("problem", pa.string())])
+    tmp = out.with_suffix(f".tmp{id(out)}")
+    count = 0
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        cols: tuple[list, list, list] = ([], [], [])
+        for n, text, row in _json_records(file):
+            problem = row if isinstance(row, str) else problem_of(row)
+            for col, value in zip(cols, (n, text if not isinstance(row, str) else None, problem)):
+                col.append(value)
+            count += 1
+            if len(cols[0]) >= batch_rows:
+                writer.write_batch(pa.record_batch(list(cols), schema=schema))
+                cols = ([], [], [])
+        if cols[0]:
+            writer.write_batch(pa.record_batch(list(cols), schema=schema))
+    if not count:
+        tmp.unlink()
+        raise BadRowError(f"{file}: empty (no rows)")
+    tmp.replace(out)  # atomic: a reader sees the whole cache or none
+
+
+def read_arrow(path: Path):
+    """The pyarrow Table of an Arrow file, memory-mapped (pages are read when a row is)."""
+    import pyarrow as pa
+
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def is_json_array(file: Path) -> bool:
+    """Whether a .json file holds one JSON array (else it is read as jsonl, one object a line)."""
+    with open(file, "rb") as f:
+        return file.suffix == ".json" and f.read(4096).lstrip().startswith(b"[")
+
+
+def _json_records(file: Path) -> Iterator[tuple[int, str, dict | str]]:
+    """(row from 0 or line from 1, raw JSON text, the object or why it is no row) per row of a JSON
+    array file, or per non-blank line of a jsonl file (reward.jsonl_objects, the one jsonl reader)."""
+    if is_json_array(file):
+        for i, (text, item) in enumerate(_json_array(file)):
+            yield i, text, item if isinstance(item, dict) else f"a JSON {type(item).__name__}, not an object"
+        return
+    import reward
+
+    for n, _, row in reward.jsonl_objects(file):
+        yield n, json.dumps(row) if isinstance(row, dict) else "", row
+
+
+def _json_array(file: Path, chunk: int = 1 << 24) -> Iterator[tuple[str, object]]:
+    """(raw text, parsed value) of each element of a JSON array file, read `chunk` bytes at a time
+    (a 1.6M-row sft.json never sits in memory whole). Raises BadRowError where it does not parse."""
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    buf, pos, eof, count = "", 0, False, 0
+    with open(file, "rb") as f:
+
+        def more() -> None:
+            nonlocal buf, pos, eof
+            data = f.read(chunk)
+            eof = not data
+            buf, pos = buf[pos:] + utf8.decode(data, final=eof), 0
+
+        def next_char() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or eof:
+                    return buf[pos] if pos < len(buf) else ""
+                more()
+
+        try:
+            if next_char() != "[":
+                raise ValueError("expected '[' at the start")
+            pos += 1
+            if next_char() == "]":
+                return
+            while True:
+                next_char()
+                try:
+                    value, end = decoder.raw_decode(buf, pos)
+                    while end >= len(buf) and not eof:  # the value may go on in the next chunk
+                        more()
+                        value, end = decoder.raw_decode(buf, 0)
+                except json.JSONDecodeError:
+                    if eof:
+                        raise
+                    more()
+                    continue
+                yield buf[pos:end], value
+                pos, count = end, count + 1
+                sep = next_char()
+                pos += 1
+                if sep == "]":
+                    return
+                if sep != ",":
+                    raise ValueError(f"expected ',' or ']' after element, found {sep!r}")
+        except (ValueError, UnicodeDecodeError) as e:  # a position in the buffer means nothing: name the element
+            what = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise BadRowError(f"{file}: not valid JSON at element {count} ({what.splitlines()[0]})") from e
