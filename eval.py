@@ -190,6 +190,25 @@ def run_name(model: str) -> str:
     return f"{path.parent.name}-{path.name}" if path.name.startswith("step-") else path.name
 
 
+def make_engine(cfg: EvalConfig, path: str, model, processor, d: dist.Dist):
+    """The engine that answers the benchmarks for the checkpoint at `path`; vLLM without sleep mode
+    (nothing trains beside it, and vLLM allows one sleep-mode allocator per process, which a second
+    model of `--model a,b` would trip)."""
+    return rollout.make_engine(
+        cfg.engine,
+        model,
+        processor,
+        d,
+        model_path=path,
+        min_pixels=cfg.min_pixels,
+        max_pixels=cfg.max_pixels,
+        batch_size=cfg.batch_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_model_len=cfg.max_new_tokens + cfg.max_prompt_length,
+        sleep_mode=False,
+    )
+
+
 def main() -> None:
     cfg = config.parse_config(EvalConfig)
     d = dist.setup_distributed(cfg.seed)
@@ -221,18 +240,7 @@ def main() -> None:
         model = None
         if cfg.engine != "vllm":
             model = modeling.shard_model(modeling.load_model(path, d.device), d).eval()
-        engine = rollout.make_engine(
-            cfg.engine,
-            model,
-            processor,
-            d,
-            model_path=path,
-            min_pixels=cfg.min_pixels,
-            max_pixels=cfg.max_pixels,
-            batch_size=cfg.batch_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_model_len=cfg.max_new_tokens + cfg.max_prompt_length,
-        )
+        engine = make_engine(cfg, path, model, processor, d)
         out_dir = Path(cfg.output_dir) / run_name(label)
         results[label] = {}
         for name in names:

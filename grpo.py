@@ -124,6 +124,9 @@ class GRPOConfig:
     vas_rollouts: int = field(8, "N: responses per prompt when scoring VPS (paper: 16)")
     vas_tds: str = field("self_bleu", "trajectory diversity measure", choices=["self_bleu", "distinct", "edit"])
     vas_momentum: float = field(0.0, "weights <- m * old + (1 - m) * new at each refresh (paper: 0)")
+    vas_prompts_per_call: int = field(
+        256, "prompts per generation call when re-scoring (x --vas-rollouts responses; vLLM batches them all)"
+    )
     # --- validation and saving ---
     val_every: int = field(10, "validation accuracy every N steps (0 = only at the end)")
     val_limit: int = field(200, "validation prompts (0 = all)")
@@ -136,7 +139,9 @@ class GRPOConfig:
     report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
     # --- system ---
     seed: int = field(0, "seed of the sampler, the rollouts and the init")
-    gpu_memory_utilization: float = field(0.75, "vLLM's share of GPU memory")
+    gpu_memory_utilization: float = field(
+        0.0, "vLLM's share of GPU memory (0 = from the memory plan: what the trainer leaves; mmr1/memory.py)"
+    )
 
 
 PRESETS = {
@@ -173,7 +178,6 @@ PRESETS = {
         gradient_checkpointing=True,
         min_pixels=7056,
         max_pixels=1048576,
-        gpu_memory_utilization=0.75,
         reward_workers=8,
         instruction="recipe",
     ),
@@ -352,6 +356,8 @@ def update_policy(model, ref_model, optimizer, micro: list[dict], cfg: GRPOConfi
     if ref_model is not None:
         for b, ref in zip(micro, frozen_token_logprobs(ref_model, micro, cfg, d)):
             b["ref_logp"] = ref
+        if d.enabled:  # its root (embeddings + lm_head, 2 GiB bf16 at 7B) stays gathered after a forward
+            ref_model.reshard()
     if cfg.updates_per_batch > 1:  # pi_old = the policy that generated, before this batch's updates
         for b, old in zip(micro, frozen_token_logprobs(model, micro, cfg, d)):
             b["old_logp"] = old
@@ -391,7 +397,7 @@ def refresh_vps(
         alpha=cfg.vas_alpha,
         beta=cfg.vas_beta,
         tds_kind=cfg.vas_tds,
-        prompts_per_call=cfg.micro_batch_size,
+        prompts_per_call=cfg.vas_prompts_per_call,
         desc=f"vas refresh @{step}",
     )
     engine.sleep()
@@ -524,7 +530,11 @@ def make_engine(
     model, processor, policy_path: str, version: int, fmt: chat.PromptFormat, cfg: GRPOConfig, d: dist.Dist
 ):
     """The rollout engine: HF generate on the policy, or vLLM started from policy_path, whose
-    weights are those after `version` steps."""
+    weights are those after `version` steps. On a GPU vLLM's share of memory is the plan's (see
+    memory_plan_utilization) unless --gpu-memory-utilization gives one."""
+    utilization = cfg.gpu_memory_utilization
+    if not utilization and d.device.type == "cuda" and cfg.engine != "hf":
+        utilization = memory_plan_utilization(policy_path, cfg, d)
     return rollout.make_engine(
         cfg.engine,
         model,
@@ -535,10 +545,37 @@ def make_engine(
         max_pixels=cfg.max_pixels,
         prompt_format=fmt,
         batch_size=cfg.micro_batch_size * 2,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        gpu_memory_utilization=utilization or 0.75,  # (CPU: unused, its KV cache has a size of its own)
         max_model_len=cfg.max_prompt_length + cfg.max_response_length,
         weights_version=version,
     )
+
+
+def memory_plan_utilization(policy_path: str, cfg: GRPOConfig, d: dist.Dist) -> float:
+    """vLLM's gpu_memory_utilization from the memory plan of this run (model config, world size,
+    token budget, this card's total memory): vLLM sizes its KV cache once, when the trainer is
+    still small, so the share must leave room for the trainer after step 1 (AdamW state)."""
+    from transformers import AutoConfig
+
+    from mmr1 import memory
+
+    run = memory.RunSettings(
+        world_size=d.world_size,
+        tokens_per_micro_batch=cfg.max_tokens_per_micro_batch
+        or cfg.micro_batch_size * (cfg.max_prompt_length + cfg.max_response_length),
+        max_prompt_length=cfg.max_prompt_length,
+        max_response_length=cfg.max_response_length,
+        logprob_chunk=cfg.logprob_chunk,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        reference=cfg.kl_coef > 0,
+    )
+    card = torch.cuda.get_device_properties(d.device).total_memory / memory.GIB
+    utilization = memory.gpu_memory_utilization(AutoConfig.from_pretrained(policy_path), card, run)
+    if d.master:
+        print(
+            f"[grpo] memory plan: vLLM gets {utilization:.2f} of {card:.1f} GiB (--gpu-memory-utilization to override)"
+        )
+    return utilization
 
 
 # Settings a --resume may change without breaking the exact continuation (recorded in
@@ -586,7 +623,7 @@ def validate_config(cfg: GRPOConfig) -> None:
             f"--max-steps {cfg.max_steps} --episodes {cfg.episodes}: no step would run and final/ "
             "would be the untrained model; give --max-steps > 0, or 0 with --episodes > 0"
         )
-    for name in ("rollout_batch_size", "micro_batch_size", "updates_per_batch"):
+    for name in ("rollout_batch_size", "micro_batch_size", "updates_per_batch", "vas_prompts_per_call"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: use at least 1")
     if not 0.0 <= cfg.vas_mix_ratio <= 1.0:
@@ -628,6 +665,8 @@ def main() -> None:
     use_toy_defaults(cfg)
     guards.check_model_dir(cfg.model)
     d = dist.setup_distributed(cfg.seed)
+    if cfg.preset == "paper":
+        dist.require_cuda(d, "grpo.py --preset paper")
     out_dir = Path(cfg.output_dir)
     guards.lock_output_dir(out_dir, d.master)  # one run per --output-dir; also proves it writable
     rows, val_rows, total_steps = load_data(cfg, d)

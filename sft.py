@@ -268,6 +268,8 @@ def main() -> None:
     use_toy_defaults(cfg)
     guards.check_model_dir(cfg.model)
     d = dist.setup_distributed(cfg.seed)
+    if cfg.preset == "paper":
+        dist.require_cuda(d, "sft.py --preset paper")
     out_dir = Path(cfg.output_dir)
     guards.lock_output_dir(out_dir, d.master)  # one run per --output-dir; also proves it writable
     train_rows, val_rows, acc_rows, total_steps = load_data(cfg, d)

@@ -73,6 +73,17 @@ def setup_distributed(seed: int = 0) -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def require_cuda(d: Dist, what: str) -> None:
+    """Stops with one line when `what` (a paper-scale run) would start on the CPU: torch sees no GPU,
+    most often because the driver is older than the CUDA this torch was built for."""
+    if d.device.type != "cuda":
+        raise SystemExit(
+            f"{what} needs CUDA GPUs, and torch {torch.__version__} (CUDA {torch.version.cuda}) sees none: "
+            "torch.cuda.is_available() is False (no GPU, or an NVIDIA driver older than this torch's CUDA "
+            "needs; see docs/gpu.md); a 7B run on CPU with gloo would never finish"
+        )
+
+
 def cleanup_distributed() -> None:
     """Tears down the process group if one was created."""
     if dist.is_initialized():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .modeling import VARLEN_SDPA, autocast, to_device
+from .modeling import PACKED_KERNELS, autocast, to_device
 
 
 def naive_token_logprobs(model, inputs: dict[str, torch.Tensor], temperature: float = 1.0):
@@ -141,11 +141,18 @@ def batch_logprobs(
 #     (masking_utils.find_packed_sequence_indices) and the cu_seqlens of flash-attention's varlen
 #     kernel (modeling_flash_attention_utils.prepare_fa_kwargs_from_position_ids). That mask is
 #     the readable reference; on CPU the models run VARLEN_SDPA, which reads the same restarts and
-#     attends within each sequence, never forming the (N, N) mask (see sdpa_varlen).
+#     attends within each sequence, never forming the (N, N) mask (see sdpa_varlen); on a GPU
+#     without flash-attn, TORCH_VARLEN passes the same boundaries to PyTorch's fused varlen kernel.
 # The vision tower is untouched: pixel_values / image_grid_thw pass through in the same order,
 # and the image tokens keep their order in the packed row, so image embeddings land where they did.
 
-PACKED_ATTENTION = (VARLEN_SDPA, "sdpa", "eager", "flash_attention_2", "flash_attention_3")  # those with a packed path
+PACKED_ATTENTION = (
+    *PACKED_KERNELS,
+    "sdpa",
+    "eager",
+    "flash_attention_2",
+    "flash_attention_3",
+)  # those with a packed path
 
 
 @dataclass
@@ -182,7 +189,7 @@ def pack(model, inputs: dict[str, torch.Tensor]) -> Packed:
     positions = torch.cat([text[None].to(rope.device), rope])[:, real]  # (4, N), sequences back to back
     packed = {"input_ids": ids[real][None], "position_ids": positions[:, None], "mm_token_type_ids": mm[real][None]}
     packed.update({k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs})
-    if implementation == VARLEN_SDPA:  # it finds the sequences itself: spare transformers the (N, N) mask
+    if implementation in PACKED_KERNELS:  # they find the sequences themselves: spare transformers the (N, N) mask
         packed["attention_mask"] = {"full_attention": None, "sliding_attention": None}  # a prepared mask per layer type
     valid = real[:, :-1] & real[:, 1:]  # (B, T-1): token t and its target t + 1 both real
     index = real.flatten().long().cumsum(0).view_as(ids) - 1  # (B, T): packed position of each real token

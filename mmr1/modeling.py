@@ -1,5 +1,6 @@
-"""The model and its processor: loading Qwen2.5-VL, choosing the attention kernel (flash-attn on
-GPU, `sdpa_varlen` on CPU), FSDP2 sharding, the one precision context and the optimizer step."""
+"""The model and its processor: loading Qwen2.5-VL, choosing the attention kernel (flash-attn or
+PyTorch's varlen kernel on GPU, `sdpa_varlen` on CPU), FSDP2 sharding, the one precision context
+and the optimizer step."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ from .dist import Dist
 
 
 def attention_implementation(device: torch.device) -> str:
-    """'flash_attention_2' on a GPU where flash-attn imports, else VARLEN_SDPA (PyTorch SDPA that
-    runs each sequence of a packed row on its own; see sdpa_varlen)."""
+    """The attention kernel models are loaded with, fastest first:
+
+    'flash_attention_2' on a GPU where flash-attn imports; else TORCH_VARLEN on a GPU whose torch
+    ships `torch.nn.attention.varlen` (the flash-attention-2 kernel compiled into PyTorch >= 2.10,
+    no flash-attn install needed); else VARLEN_SDPA (PyTorch SDPA run over each sequence of a packed
+    row on its own: the CPU, and the per-sequence fallback on GPU).
+    """
     if device.type == "cuda":
         try:
             import flash_attn  # noqa: F401
@@ -20,11 +26,42 @@ def attention_implementation(device: torch.device) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    register_sdpa_varlen()
+        if torch_varlen_available():
+            register_packed_attention()
+            return TORCH_VARLEN
+    register_packed_attention()
     return VARLEN_SDPA
 
 
-VARLEN_SDPA = "sdpa_varlen"  # the name models are loaded with where flash-attn is missing (CPU)
+VARLEN_SDPA = "sdpa_varlen"  # per-sequence SDPA on packed rows: the CPU kernel, and the GPU's last resort
+TORCH_VARLEN = "torch_varlen"  # torch.nn.attention.varlen.varlen_attn on packed rows (CUDA only)
+PACKED_KERNELS = (VARLEN_SDPA, TORCH_VARLEN)  # find the sequences of a packed row themselves; no (N, N) mask
+
+
+def torch_varlen_available() -> bool:
+    """Whether this torch ships varlen_attn (torch >= 2.10; it raises NotImplementedError off CUDA)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def packed_starts(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict) -> list[int] | None:
+    """Start offsets of the sequences of a packed row, then N: [0, s_1, ..., N]; None when this call
+    is no packed causal self-attention (a mask is given, batch > 1, no text position_ids, or keys of
+    another length: padded batches, generation with a KV cache, the vision tower).
+
+    query (B, heads, N, D), key (B, kv_heads, N_k, D); position_ids (1, N) text positions that
+    restart at 0 at the first token of each sequence (logprobs.pack writes them)."""
+    positions = kwargs.get("position_ids")
+    n = query.shape[2]
+    if attention_mask is not None or positions is None or query.shape[0] != 1 or key.shape[2] != n:
+        return None
+    if positions.numel() != n:
+        return None
+    return (positions.reshape(-1) == 0).nonzero().flatten().tolist() + [n]
 
 
 def sdpa_varlen(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
@@ -40,11 +77,9 @@ def sdpa_varlen(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    positions = kwargs.get("position_ids")
-    n = query.shape[2]
-    if attention_mask is not None or positions is None or query.shape[0] != 1 or key.shape[2] != n:
+    starts = packed_starts(query, key, attention_mask, kwargs)
+    if starts is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    starts = (positions.reshape(-1) == 0).nonzero().flatten().tolist() + [n]  # (start of each sequence, N)
     if len(starts) <= 2:  # one sequence: plain causal attention
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     parts = [
@@ -54,13 +89,48 @@ def sdpa_varlen(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return torch.cat(parts, dim=1), None
 
 
-def register_sdpa_varlen() -> None:
-    """Makes VARLEN_SDPA a transformers attention implementation (its masks are SDPA's)."""
+def torch_varlen(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
+    """transformers attention function: a packed row through PyTorch's fused varlen kernel.
+
+    query (1, heads, N, D), key / value (1, kv_heads, N, D) -> ((1, N, heads, D), None). One call of
+    `varlen_attn(q, k, v, cu_seq, cu_seq, max_len, max_len, window_size=(-1, 0))` (causal) over
+    (N, heads, D) tensors, cu_seq (S + 1,) int32 the sequence boundaries [0, L_1, L_1 + L_2, ..., N]
+    read from the text positions, as flash-attn's varlen kernel gets them from transformers. What
+    is not a packed row (padded batches, generation, the vision tower) goes to SDPA as in sdpa_varlen.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    starts = packed_starts(query, key, attention_mask, kwargs)
+    if starts is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    cu_seq = torch.tensor(starts, dtype=torch.int32, device=query.device)  # (S + 1,)
+    max_len = max(e - s for s, e in zip(starts[:-1], starts[1:]))
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, heads, D) each
+    out = varlen_attn(
+        q,
+        k,
+        v,
+        cu_seq,
+        cu_seq,
+        max_len,
+        max_len,
+        scale=getattr(module, "scaling", None),
+        window_size=(-1, 0),  # causal: no key after the query
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out[None], None  # (1, N, heads, D)
+
+
+def register_packed_attention() -> None:
+    """Makes VARLEN_SDPA and TORCH_VARLEN transformers attention implementations (their masks are
+    SDPA's, used where they fall back to SDPA)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(VARLEN_SDPA, sdpa_varlen)
-    AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
+    for name, function in ((VARLEN_SDPA, sdpa_varlen), (TORCH_VARLEN, torch_varlen)):
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def load_model(name_or_path: str, device: torch.device, gradient_checkpointing: bool = False, trainable: bool = False):
@@ -113,7 +183,11 @@ def shard_model(model, d: Dist):
 
     kwargs = {}
     if d.device.type == "cuda" and next(model.parameters()).dtype == torch.float32:  # fp32 master weights
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # cast_forward_inputs=False: the default casts every float input of every unit (pixel_values, rope
+        # tables) to bf16; the one precision context (autocast) decides instead, as on one process.
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model.model.visual, **kwargs)  # patch embed + merger: a unit of its own, callable by itself
@@ -126,12 +200,46 @@ def shard_model(model, d: Dist):
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+    keep_vision_in_step(model)
     # FSDP2 initialises lazily on the first forward through the ROOT; generation can reach the
     # vision tower by itself first, so run one tiny text-only forward now.
     with torch.no_grad():
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=d.device), use_cache=False, logits_to_keep=1)
     model.reshard()
     return model
+
+
+def keep_vision_in_step(model) -> None:
+    """Under FSDP2, makes every forward that is not a one-token decoding step run the vision tower,
+    on a tiny blank image whose output is added times 0 when the call has no image.
+
+    Every FSDP2 unit all-gathers its parameters in forward (and reduce-scatters in backward) as a
+    collective: a rank whose micro-batch holds no image would skip the vision tower's 33 units
+    while another rank runs them, and the ranks' collectives stop lining up (gloo: "Received data
+    size doesn't match expected size"; NCCL: a hang). The dummy costs 4 patches through the tower;
+    its zero contribution leaves values and gradients unchanged (the gradients it adds are zeros).
+    """
+    inner = model.model
+    call = {"images": False}
+
+    def note_images(module, args, kwargs):  # Qwen2_5_VLModel.forward: were images given to this call?
+        call["images"] = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+
+    def run_vision(module, args, kwargs):  # the text model's forward, after the vision tower's place
+        embeds = kwargs.get("inputs_embeds")
+        if call["images"] or embeds is None or embeds.shape[1] <= 1:  # one token: a decoding step, on every rank
+            return None
+        vision = inner.visual.config
+        merge = vision.spatial_merge_size
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.zeros(merge * merge, patch, device=embeds.device)  # (4, 1176): one merged token's patches
+        grid = torch.tensor([[1, merge, merge]], device=embeds.device)  # (images, 3) t, h, w in patches
+        out = inner.visual(pixels, grid_thw=grid).pooler_output  # (1, text hidden)
+        kwargs["inputs_embeds"] = embeds + 0.0 * out.sum().to(embeds.dtype)
+        return args, kwargs
+
+    inner.register_forward_pre_hook(note_images, with_kwargs=True)
+    inner.language_model.register_forward_pre_hook(run_vision, with_kwargs=True)
 
 
 def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:

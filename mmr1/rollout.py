@@ -61,11 +61,13 @@ def make_engine(
     gpu_memory_utilization: float = 0.75,
     max_model_len: int = 8192,
     weights_version: int | None = 0,
+    sleep_mode: bool = True,
 ):
     """'hf', 'vllm', or 'auto' (vLLM when it imports and a GPU is there, else HF).
 
     model: the live model (HF engine; may be None for vLLM); model_path: the checkpoint vLLM loads,
-    holding weights of `weights_version` (see VLLMEngine.push_weights).
+    holding weights of `weights_version` (see VLLMEngine.push_weights). sleep_mode: vLLM frees its
+    memory between generations (training); evaluation passes False (see VLLMEngine).
     """
     if kind == "auto":
         kind = "vllm" if d.device.type == "cuda" and _vllm_available() else "hf"
@@ -80,6 +82,7 @@ def make_engine(
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             weights_version=weights_version,
+            sleep_mode=sleep_mode,
         )
     return HFEngine(
         model,
@@ -238,6 +241,11 @@ class VLLMEngine:
     API: `external_launcher` executor, sleep mode (GPU only), weights pushed from the (FSDP2-sharded)
     training model with `collective_rpc("reload_weights", ...)` one tensor at a time, and only when
     they changed since the last push (`version`).
+
+    sleep_mode=False (evaluation): no sleep / wake. vLLM allows ONE sleep-mode (CuMem) allocator per
+    process, so `eval.py --model a,b` building a second sleep-mode engine after closing the first
+    dies on its assertion; an engine that never trains beside it needs no sleep mode.
+    max_model_len is clamped to the model's max_position_embeddings (vLLM refuses a longer context).
     """
 
     def __init__(
@@ -254,6 +262,7 @@ class VLLMEngine:
         max_images: int = 4,
         cpu_kv_cache_gib: float = 1.0,
         weights_version: int | None = 0,
+        sleep_mode: bool = True,
     ):
         try:
             from vllm import LLM
@@ -268,18 +277,19 @@ class VLLMEngine:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         self.processor, self.d, self.prompt_format = processor, d, prompt_format
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.llm = LLM(
-            model=model_path,
-            distributed_executor_backend="external_launcher",
-            tensor_parallel_size=1,
-            max_model_len=max_model_len,
-            limit_mm_per_prompt={"image": max_images},
-            seed=d.rank,
-            logprobs_mode="processed_logprobs",
-            generation_config="vllm",  # sampling comes from Sampling alone, never the checkpoint's defaults
-            **vllm_platform_args(d.device, gpu_memory_utilization, cpu_kv_cache_gib),
+        self.engine_args = vllm_engine_args(
+            model_path,
+            d,
+            min_pixels,
+            max_pixels,
+            max_model_len,
+            max_images,
+            gpu_memory_utilization,
+            cpu_kv_cache_gib,
+            sleep_mode,
         )
-        self.sleep_mode = d.device.type == "cuda"
+        self.llm = LLM(**self.engine_args)
+        self.sleep_mode = d.device.type == "cuda" and sleep_mode
         self.end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.forbidden = forbidden_token_ids(processor.tokenizer)
         self.asleep = False
@@ -329,6 +339,7 @@ class VLLMEngine:
         skipped when `version` (the optimizer step) equals that of the weights vLLM holds.
         """
         if self.asleep:
+            torch.cuda.empty_cache()  # the trainer's cached free blocks (activations) back to the driver for vLLM
             self.llm.wake_up(tags=["weights"])
         if version is None or version != self.version:
             self._reload_weights(model, version)
@@ -369,7 +380,50 @@ class VLLMEngine:
             gc.collect()
 
 
-def vllm_platform_args(device: torch.device, gpu_memory_utilization: float, cpu_kv_cache_gib: float) -> dict:
+def vllm_engine_args(
+    model_path: str,
+    d: dist.Dist,
+    min_pixels: int,
+    max_pixels: int,
+    max_model_len: int,
+    max_images: int,
+    gpu_memory_utilization: float,
+    cpu_kv_cache_gib: float,
+    sleep_mode: bool,
+) -> dict:
+    """Every keyword argument of the `LLM(...)` a VLLMEngine builds (tests check them against the
+    installed vLLM's signature).
+
+    mm_processor_kwargs: vLLM's processor resizes images with the CHECKPOINT's pixel range unless
+    told the run's, and the trainer's processor uses the run's (--min-pixels/--max-pixels): the
+    image token counts would then differ between rollout and update. max_model_len (tokens) is
+    clamped to the model's max_position_embeddings.
+    """
+    return dict(
+        model=model_path,
+        distributed_executor_backend="external_launcher",
+        tensor_parallel_size=1,
+        max_model_len=min(max_model_len, max_positions(model_path)),
+        limit_mm_per_prompt={"image": max_images},
+        mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels},
+        seed=d.rank,
+        logprobs_mode="processed_logprobs",
+        generation_config="vllm",  # sampling comes from Sampling alone, never the checkpoint's defaults
+        **vllm_platform_args(d.device, gpu_memory_utilization, cpu_kv_cache_gib, sleep_mode),
+    )
+
+
+def max_positions(model_path: str) -> int:
+    """The longest context (tokens) the checkpoint's text model takes: its max_position_embeddings."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+    return int(getattr(config, "text_config", config).max_position_embeddings)
+
+
+def vllm_platform_args(
+    device: torch.device, gpu_memory_utilization: float, cpu_kv_cache_gib: float, sleep_mode: bool = True
+) -> dict:
     """The LLM(...) arguments that differ between vLLM's GPU and CPU builds, in one place.
 
     GPU: sleep mode (weights offloaded and KV cache freed while training), memory as a share of the
@@ -381,7 +435,7 @@ def vllm_platform_args(device: torch.device, gpu_memory_utilization: float, cpu_
     it from the environment only: it forbids torch.set_num_threads after its thread binding.
     """
     if device.type == "cuda":
-        return {"enable_sleep_mode": True, "gpu_memory_utilization": gpu_memory_utilization}
+        return {"enable_sleep_mode": sleep_mode, "gpu_memory_utilization": gpu_memory_utilization}
     if os.environ.get("OMP_NUM_THREADS") is None:
         warnings.warn(
             "vLLM on CPU: OMP_NUM_THREADS is not set; run with OMP_NUM_THREADS=1 (torchrun sets it), "

@@ -145,7 +145,7 @@ def test_paper_preset_is_table_6():
                     top_p=1.0, max_prompt_length=2048, max_response_length=4096, rollout_batch_size=512,
                     micro_batch_size=8, updates_per_batch=1, episodes=10.0, weight_decay=0.01, vas_mix_ratio=0.5, vas_alpha=0.8,
                     vas_beta=0.2, vas_update_every=56, vas_rollouts=16, min_pixels=7056, max_pixels=1048576,
-                    gpu_memory_utilization=0.75, val_temperature=0.5, instruction="recipe")  # fmt: skip
+                    gpu_memory_utilization=0.0, val_temperature=0.5, instruction="recipe")  # fmt: skip
     assert {k: getattr(cfg, k) for k in expected} == expected
     assert chat.INSTRUCTIONS[cfg.instruction] == chat.RL_INSTRUCTION  # Table 7, before every problem
     assert grpo.GRPOConfig().instruction == ""  # the toy keeps its own format

@@ -171,3 +171,41 @@ def test_vas_score_with_vllm(toy_dir, tmp_path):
     rows = datasets.load_dataset("parquet", data_files=str(out), split="train").to_list()
     assert len(rows) == 6 and all(r["pass_rate"] * 4 == round(r["pass_rate"] * 4) for r in rows)
     assert all(abs(r["vps"] - (0.8 * r["ovs"] + 0.2 * r["tds"])) < 1e-12 for r in rows)
+
+
+def test_llm_arguments_of_every_engine_match_the_installed_vllm(toy_dir):
+    """Every keyword of every LLM(...) the code builds (grpo/vas: sleep mode on GPU; eval: none; the
+    CPU build's) is a parameter of the installed vLLM: LLM's own or an EngineArgs field, and an
+    EngineArgs built from them takes the values (the GPU ones too: building EngineArgs touches no GPU)."""
+    import dataclasses
+    import inspect
+
+    import vllm
+
+    accepted = set(inspect.signature(vllm.LLM.__init__).parameters) | {
+        f.name for f in dataclasses.fields(vllm.EngineArgs)
+    }
+    model = str(toy_dir / "model")
+    built = []
+    for device in (torch.device("cuda", 0), torch.device("cpu")):
+        for sleep_mode in (True, False):  # training engines, the evaluation engine
+            d = dist.Dist(0, 1, 0, device)
+            built.append(rollout.vllm_engine_args(model, d, 3136, 50176, 8192, 4, 0.6, 1.0, sleep_mode))
+    for kwargs in built:
+        assert set(kwargs) <= accepted, set(kwargs) - accepted
+        engine_args = vllm.EngineArgs(**kwargs)
+        assert engine_args.max_model_len == 4096  # clamped to the toy's positions
+        assert engine_args.mm_processor_kwargs == {"min_pixels": 3136, "max_pixels": 50176}
+    assert [k["enable_sleep_mode"] for k in built] == [True, False, False, False]
+
+
+def test_eval_toy_context_longer_than_the_model(toy_dir, tmp_path):
+    """eval's toy settings ask for 4,096 prompt + 64 response tokens; the toy model has 4,096
+    positions, which vLLM refused before max_model_len was clamped."""
+    test_split = toy_dir / "data" / "rl" / "test.parquet"
+    run_script(["eval.py", "--model", str(toy_dir / "model"), "--benchmarks", "toy", "--bench-data",
+                f"toy={test_split}", "--engine", "vllm", "--max-new-tokens", "64", "--max-prompt-length", "4096",
+                "--min-pixels", "3136", "--max-pixels", "50176", "--limit", "8",
+                "--output-dir", str(tmp_path / "eval")], timeout=600)  # fmt: skip
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    assert [r["toy"]["n"] for r in results.values()] == [8]

@@ -1,0 +1,183 @@
+"""The memory plan of a colocated GRPO run on one GPU, as arithmetic from the model config and the
+run's settings: what the trainer holds in each phase, what is left for vLLM, and the
+`gpu_memory_utilization` that fits. Printed by scripts/plan_memory.py; grpo.py takes its share for
+vLLM from here unless --gpu-memory-utilization is given. Static estimates, to be measured
+(scripts/gpu_smoke.sh prints the peaks); docs/paper-scale.md holds the table.
+
+The two phases on every rank (FSDP2 over W ranks, vLLM in sleep mode between rollouts):
+  rollout:  trainer resident (fp32 param shard, AdamW shard, bf16 reference shard) + vLLM awake
+            (its share u of the card: weights, activations, KV cache)
+  training: trainer resident + gradients + gathered blocks + activations + log-prob chunk, with
+            vLLM asleep (weights offloaded to the host, KV cache freed)
+vLLM sizes its KV cache ONCE, at creation, as u * card - (its weights + activations); the trainer
+grows after that (AdamW's state exists from the first step), so u must leave room for the trainer
+of step 1 and later, not for the ~6 GiB it holds at creation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 2**30
+CUDA_CONTEXT_GIB = 1.0  # CUDA context + NCCL buffers + allocator slack per process (to be measured)
+VLLM_ACTIVATION_GIB = 3.0  # vLLM's profiled activation peak + CUDA graphs (sampler over 152k vocab, ViT encoder)
+VLLM_ASLEEP_GIB = 1.0  # what a level-1 sleeping vLLM keeps on the card (CUDA graph pools, buffers)
+MARGIN_GIB = 3.0  # fragmentation head-room kept free in the rollout phase
+CARDS_GIB = {"80GB": 79.1, "141GB": 139.7}  # what torch reports as total memory of an H100 80GB / H200 141GB
+
+
+def shapes(config) -> dict[str, int]:
+    """The sizes the plan needs from a Qwen2.5-VL config (transformers Qwen2_5_VLConfig or its dict)."""
+    text = config.text_config if hasattr(config, "text_config") else config
+    vision = config.vision_config
+    heads = text.num_attention_heads
+    return {
+        "vocab": text.vocab_size,
+        "hidden": text.hidden_size,
+        "intermediate": text.intermediate_size,
+        "layers": text.num_hidden_layers,
+        "heads": heads,
+        "kv_heads": text.num_key_value_heads,
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
+        "tied": int(bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))),
+        "v_hidden": vision.hidden_size,
+        "v_intermediate": vision.intermediate_size,
+        "v_depth": vision.depth,
+        "v_out": vision.out_hidden_size,
+        "v_patch": vision.in_channels * vision.temporal_patch_size * vision.patch_size**2,  # values per patch
+        "v_merge": vision.spatial_merge_size**2,  # patches per image token
+    }
+
+
+def parameter_counts(s: dict[str, int]) -> dict[str, int]:
+    """Parameters of Qwen2.5-VL by FSDP2 unit (modeling.shard_model): one text decoder layer, one
+    vision block, the vision unit (patch embedding + merger), the root (embeddings, lm_head unless
+    tied, final norm), and the total. Biases: q/k/v in the text attention; every vision linear."""
+    h, i, kv = s["hidden"], s["intermediate"], s["kv_heads"] * s["head_dim"]
+    text_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h  # q, k+v, o, gate/up/down, 2 norms
+    vh, vi = s["v_hidden"], s["v_intermediate"]
+    vision_block = (vh * 3 * vh + 3 * vh) + (vh * vh + vh) + 2 * (vh * vi + vi) + (vi * vh + vh) + 2 * vh
+    merged = vh * s["v_merge"]  # a merged token: v_merge patches side by side
+    vision_unit = s["v_patch"] * vh + vh + (merged * merged + merged) + (merged * s["v_out"] + s["v_out"])
+    root = s["vocab"] * h * (1 if s["tied"] else 2) + h
+    total = s["layers"] * text_layer + s["v_depth"] * vision_block + vision_unit + root
+    return {"text_layer": text_layer, "vision_block": vision_block, "vision_unit": vision_unit, "root": root,
+            "total": total}  # fmt: skip
+
+
+@dataclass
+class RunSettings:
+    """The settings of grpo.py that size memory (defaults: --preset paper)."""
+
+    world_size: int = 8
+    tokens_per_micro_batch: int = 16384  # --max-tokens-per-micro-batch
+    max_prompt_length: int = 2048
+    max_response_length: int = 4096
+    logprob_chunk: int = 1024
+    gradient_checkpointing: bool = True
+    reference: bool = True  # kl_coef > 0
+    reshard_reference: bool = True  # the reference's root resharded after its forward (grpo.update_policy)
+
+
+def plan(config, card_gib: float, run: RunSettings = RunSettings()) -> dict[str, float]:
+    """The memory plan of one rank, in GiB (and the vLLM share u, KV tokens): see the module docstring.
+
+    Every entry is a named term so the table in docs/paper-scale.md can show where memory goes.
+    """
+    s = shapes(config)
+    p = parameter_counts(s)
+    w, n = run.world_size, run.tokens_per_micro_batch
+    g = {}
+    # --- trainer, resident in both phases ---
+    g["policy fp32 shard"] = 4 * p["total"] / w
+    g["AdamW shard (2 x fp32)"] = 8 * p["total"] / w
+    g["reference bf16 shard"] = 2 * p["total"] / w if run.reference else 0.0
+    g["reference root, gathered"] = 2 * p["root"] if run.reference and not run.reshard_reference else 0.0
+    resident = sum(g.values())
+    # --- training phase only ---
+    t = {}
+    t["gradients fp32 shard"] = 4 * p["total"] / w
+    # gathered bf16 parameters: the policy's root (kept for the chunked lm_head), a block and the prefetched next
+    t["gathered params (root + 2 blocks)"] = 2 * p["root"] + 2 * 2 * max(p["text_layer"], p["vision_block"])
+    t["gathered block grads fp32"] = 4 * max(p["text_layer"], p["vision_block"])
+    h, i = s["hidden"], s["intermediate"]
+    one_layer = n * (4 * h + 3 * i) * 2 * 2  # q, k, v, o + gate, up, act*up in bf16, and their gradients
+    if run.gradient_checkpointing:
+        t["activations (checkpointed)"] = s["layers"] * n * h * 2 + one_layer
+    else:
+        t["activations"] = s["layers"] * one_layer / 2 + one_layer / 2
+    # vision tower: image tokens at most the prompt's share of the budget, v_merge patches each
+    patches = n * run.max_prompt_length // (run.max_prompt_length + run.max_response_length) * s["v_merge"]
+    vh, vi = s["v_hidden"], s["v_intermediate"]
+    v_block = patches * (4 * vh + 3 * vi) * 2 * 2
+    ckpt_vision = s["v_depth"] * patches * vh * 2 + v_block
+    t["vision activations"] = ckpt_vision if run.gradient_checkpointing else s["v_depth"] * v_block
+    t["log-prob chunk (fp32 logits, softmax, grad)"] = 3 * run.logprob_chunk * s["vocab"] * 4
+    t["hidden states + targets"] = n * h * (2 + 4) + n * 8
+    out = {k: v / GIB for k, v in {**g, **t}.items()}
+    out["trainer resident"] = resident / GIB
+    out["training peak"] = (resident + sum(t.values())) / GIB + VLLM_ASLEEP_GIB + CUDA_CONTEXT_GIB
+    # --- rollout phase: what is left for vLLM, and its KV cache ---
+    free = card_gib - out["trainer resident"] - CUDA_CONTEXT_GIB - MARGIN_GIB
+    u = max(0.0, int(100 * free / card_gib) / 100)  # rounded down to 0.01
+    weights = 2 * p["total"] / GIB
+    kv_per_token = 2 * s["layers"] * s["kv_heads"] * s["head_dim"] * 2  # K and V, bf16, bytes
+    kv_cache = u * card_gib - weights - VLLM_ACTIVATION_GIB
+    out |= {
+        "vLLM weights bf16": weights,
+        "vLLM activations": VLLM_ACTIVATION_GIB,
+        "gpu_memory_utilization": u,
+        "vLLM KV cache": kv_cache,
+        "KV tokens": kv_cache * GIB / kv_per_token,
+        "KV sequences (prompt + response)": kv_cache * GIB / kv_per_token / (run.max_prompt_length + run.max_response_length),
+        "rollout peak": out["trainer resident"] + u * card_gib + CUDA_CONTEXT_GIB,
+        "card": card_gib,
+        "params (B)": p["total"] / 1e9,
+    }  # fmt: skip
+    return out
+
+
+def gpu_memory_utilization(config, card_gib: float, run: RunSettings) -> float:
+    """vLLM's share of the card that leaves the trainer of step 1 and later its room; stops with one
+    line when nothing useful is left for the KV cache (fewer tokens than one full sequence)."""
+    result = plan(config, card_gib, run)
+    if result["KV tokens"] < run.max_prompt_length + run.max_response_length:
+        raise SystemExit(
+            f"memory plan: {card_gib:.1f} GiB per GPU leaves vLLM {result['vLLM KV cache']:.1f} GiB of KV cache after "
+            f"the trainer's {result['trainer resident']:.1f} GiB; use more GPUs or --engine hf"
+        )
+    return result["gpu_memory_utilization"]
+
+
+def table(configs: dict[str, object], cards: dict[str, float], run: RunSettings) -> str:
+    """The markdown table of plan() for every (model, card) pair: one column each."""
+    plans = {f"{m} / {c}": plan(cfg, gib, run) for m, cfg in configs.items() for c, gib in cards.items()}
+    rows = list(next(iter(plans.values())))
+    out = ["| GiB per rank | " + " | ".join(plans) + " |", "| --- |" + " --- |" * len(plans)]
+    for r in rows:
+        cells = [f"{v[r]:,.0f}" if r.startswith("KV tokens") else f"{v[r]:.2f}" for v in plans.values()]
+        out.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+# The published sizes of Qwen2.5-VL (config.json of Qwen/Qwen2.5-VL-3B-Instruct / -7B-Instruct), to
+# plan without a download.
+QWEN25_VL = {
+    "3B": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+               num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True, out_hidden_size=2048),
+    "7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, out_hidden_size=3584),
+}  # fmt: skip
+
+
+def qwen25_vl_config(size: str):
+    """A transformers Qwen2_5_VLConfig with the real sizes of Qwen2.5-VL-`size` ("3B" or "7B")."""
+    from transformers import Qwen2_5_VLConfig
+
+    sizes = dict(QWEN25_VL[size])
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=sizes.pop("out_hidden_size"))  # fmt: skip
+    tied = sizes.pop("tie_word_embeddings")
+    text = dict(sizes, max_position_embeddings=128000, rope_theta=1000000.0, tie_word_embeddings=tied)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)

@@ -1,0 +1,335 @@
+"""The GPU path checked on CPU (issue #22, the first 8-GPU launch): PyTorch's varlen attention on
+packed rows (through a CPU stand-in for the CUDA-only kernel), the attention choice, the LLM(...)
+arguments of every engine (eval without sleep mode, the run's pixel range, max_model_len clamped),
+the memory plan against Qwen2.5-VL-3B/7B parameter counts, --vas-prompts-per-call, the CUDA check
+of --preset paper, and FSDP2 over 2 gloo ranks where one rank's rows have no image."""
+
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from test_packing import ATOL, rl_micro_batch
+from test_rollout import install_fake_vllm
+
+import grpo
+from conftest import ROOT, run_script
+from mmr1 import dist, logprobs, memory, modeling, rollout
+
+# ---------------------------------------------------------------------------------------------
+# torch_varlen: PyTorch's fused varlen kernel on packed rows
+# ---------------------------------------------------------------------------------------------
+
+
+def sdpa_per_segment(calls):
+    """A CPU stand-in for torch.nn.attention.varlen.varlen_attn with its signature: causal SDPA over
+    each segment that cu_seq_q delimits, (N, heads, D) in and out. Records what it receives."""
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                    enable_gqa=False, return_aux=None, seqused_k=None, block_table=None, num_splits=None):  # fmt: skip
+        calls.append({"cu_q": cu_seq_q.tolist(), "cu_k": cu_seq_k.tolist(), "max": (max_q, max_k),
+                      "window": window_size, "dtype": cu_seq_q.dtype, "gqa": enable_gqa, "scale": scale})  # fmt: skip
+        assert window_size == (-1, 0)  # causal
+        bounds = cu_seq_q.tolist()
+        parts = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            q, k, v = (t[s:e].transpose(0, 1) for t in (query, key, value))  # (heads, L, D)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa
+            )
+            parts.append(out.transpose(0, 1))
+        return torch.cat(parts)
+
+    return varlen_attn
+
+
+@pytest.fixture(scope="module")
+def varlen_model(toy_dir):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    modeling.register_packed_attention()
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        toy_dir / "model", attn_implementation=modeling.TORCH_VARLEN
+    )
+
+
+def test_torch_varlen_packed_equals_padded(toy_model, varlen_model, monkeypatch):
+    """Packed log-probs through varlen_attn equal the padded ones; the kernel gets the sequence
+    boundaries as int32 cu_seqlens, causal, with GQA on, and is called once per decoder layer."""
+    import torch.nn.attention.varlen as varlen
+
+    calls = []
+    monkeypatch.setattr(varlen, "varlen_attn", sdpa_per_segment(calls))
+    _, processor = toy_model
+    inputs, mask = rl_micro_batch(processor, [2, 1, 0])
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    with torch.no_grad():
+        padded, _ = logprobs.token_logprobs(varlen_model, inputs, chunk_size=64, temperature=0.6, packed=False)
+        assert calls == []  # a padded batch (with its mask) goes to SDPA
+        packed, _ = logprobs.token_logprobs(varlen_model, inputs, chunk_size=64, temperature=0.6, packed=True)
+    layers = varlen_model.config.text_config.num_hidden_layers
+    bounds = [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+    assert len(calls) == layers
+    config = varlen_model.config.text_config
+    scale = (config.hidden_size // config.num_attention_heads) ** -0.5
+    for c in calls:
+        assert c["cu_q"] == bounds and c["cu_k"] == bounds and c["max"] == (max(lengths), max(lengths))
+        assert c["dtype"] == torch.int32 and c["gqa"] == (config.num_key_value_heads != config.num_attention_heads)
+        assert c["scale"] == pytest.approx(scale)
+    valid = inputs["attention_mask"][:, :-1].bool() & inputs["attention_mask"][:, 1:].bool()
+    assert torch.allclose(packed[valid], padded[valid], atol=ATOL, rtol=0)
+    assert (packed[~valid] == 0).all() and mask.sum() > 0
+
+
+def test_attention_choice(monkeypatch):
+    """CPU: per-sequence SDPA. A GPU without flash-attn: torch's varlen kernel (torch 2.14 has it).
+    With flash-attn importable: flash_attention_2."""
+    assert modeling.attention_implementation(torch.device("cpu")) == modeling.VARLEN_SDPA
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # `import flash_attn` raises ImportError
+    assert modeling.torch_varlen_available()
+    assert modeling.attention_implementation(torch.device("cuda", 0)) == modeling.TORCH_VARLEN
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert modeling.attention_implementation(torch.device("cuda", 0)) == "flash_attention_2"
+
+
+# ---------------------------------------------------------------------------------------------
+# The LLM(...) arguments of every engine the code builds
+# ---------------------------------------------------------------------------------------------
+
+
+def test_engine_arguments_eval_grpo(monkeypatch, toy_model, toy_dir):
+    """eval.py's engine: no sleep mode (a second sleep-mode engine in one process trips vLLM's one
+    CuMem allocator). Every engine: the run's pixel range as mm_processor_kwargs, max_model_len
+    clamped to the model's 4,096 positions (the toy eval asked for 4,160)."""
+    import eval as evaluation
+
+    model, processor = toy_model
+    log = []
+    install_fake_vllm(monkeypatch, log)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    gpu = dist.Dist(0, 1, 0, torch.device("cuda", 0))  # the GPU arguments; nothing here touches a device
+    cfg = evaluation.EvalConfig(engine="vllm", min_pixels=3136, max_pixels=50176, max_new_tokens=64)
+    assert cfg.max_new_tokens + cfg.max_prompt_length == 4160
+    engine = evaluation.make_engine(cfg, str(toy_dir / "model"), None, processor, gpu)
+    kwargs = log[0][1]
+    assert kwargs["enable_sleep_mode"] is False and not engine.sleep_mode
+    assert kwargs["max_model_len"] == 4096 == rollout.max_positions(str(toy_dir / "model"))
+    assert kwargs["mm_processor_kwargs"] == {"min_pixels": 3136, "max_pixels": 50176}
+    engine.sleep()
+    assert log[-1][0] == "LLM"  # no sleep call without sleep mode
+
+    log.clear()
+    run = grpo.GRPOConfig(engine="vllm", gpu_memory_utilization=0.6, min_pixels=7056, max_pixels=200704)
+    engine = grpo.make_engine(model, processor, str(toy_dir / "model"), 0, None, run, gpu)
+    kwargs = log[0][1]
+    assert kwargs["enable_sleep_mode"] is True and kwargs["gpu_memory_utilization"] == 0.6
+    assert kwargs["max_model_len"] == run.max_prompt_length + run.max_response_length == 2112
+    assert kwargs["mm_processor_kwargs"] == {"min_pixels": 7056, "max_pixels": 200704}
+    assert kwargs == engine.engine_args
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory plan
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, billions", [("3B", 3.7546), ("7B", 8.2922)])
+def test_parameter_counts_match_the_model_built_on_meta(size, billions):
+    """The plan's arithmetic counts of each FSDP2 unit equal those of Qwen2.5-VL built from the
+    real config on the meta device (no memory, no download)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = memory.qwen25_vl_config(size)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    counts = memory.parameter_counts(memory.shapes(config))
+    inner = model.model
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert round(counts["total"] / 1e9, 4) == billions
+    assert counts["text_layer"] == sum(p.numel() for p in inner.language_model.layers[0].parameters())
+    assert counts["vision_block"] == sum(p.numel() for p in inner.visual.blocks[0].parameters())
+    assert counts["vision_unit"] == sum(p.numel() for n, p in inner.visual.named_parameters() if "blocks." not in n)
+    in_units = {id(p) for m in modeling.decoder_layers(model) + [inner.visual] for p in m.parameters()}
+    assert counts["root"] == sum(p.numel() for p in model.parameters() if id(p) not in in_units)
+
+
+def test_memory_plan_paper_7b():
+    """7B, 8 x 80 GB: the issue's numbers (fp32 shard 3.9, AdamW 7.7, reference 1.9 + root 2.0 when
+    it stays gathered), and a vLLM share that leaves the trainer of step 1 its room (AdamW state
+    included) plus the margin; resharding the reference gives vLLM 2 GiB more KV cache."""
+    config = memory.qwen25_vl_config("7B")
+    card = memory.CARDS_GIB["80GB"]
+    p = memory.plan(config, card)
+    assert round(p["policy fp32 shard"], 2) == 3.86 and round(p["AdamW shard (2 x fp32)"], 2) == 7.72
+    assert round(p["reference bf16 shard"], 2) == 1.93 and p["reference root, gathered"] == 0.0
+    assert round(p["trainer resident"], 2) == 13.51 and round(p["vLLM weights bf16"], 2) == 15.45
+    u = p["gpu_memory_utilization"]
+    assert u == 0.77 and p["rollout peak"] <= card - memory.MARGIN_GIB
+    assert p["training peak"] < card and p["KV sequences (prompt + response)"] > 100
+    before = memory.plan(config, card, memory.RunSettings(reshard_reference=False))
+    assert round(before["reference root, gathered"], 2) == 2.03 and round(before["trainer resident"], 2) == 15.54
+    assert before["gpu_memory_utilization"] == 0.75 and before["vLLM KV cache"] < p["vLLM KV cache"] - 1.5
+    big = memory.plan(config, memory.CARDS_GIB["141GB"])
+    assert big["gpu_memory_utilization"] == 0.87 and big["KV tokens"] > 2 * p["KV tokens"]
+
+
+def test_plan_memory_script_prints_the_table():
+    out = run_script(["scripts/plan_memory.py"]).stdout
+    assert "| GiB per rank | 7B / 80GB | 7B / 141GB | 3B / 80GB | 3B / 141GB |" in out
+    assert "| gpu_memory_utilization | 0.77 | 0.87 | 0.87 | 0.92 |" in out
+    assert "| params (B) | 8.29 | 8.29 | 3.75 | 3.75 |" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# VAS re-scoring batch, the CUDA check
+# ---------------------------------------------------------------------------------------------
+
+
+class CountingEngine:
+    """Answers "4" to every prompt and records how many prompts each generate call got."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, rows, n, sampling):
+        self.calls.append(len(rows))
+        return [rollout.Rollout(i, [1, 2, 3], "<answer>4</answer>", "stop") for i in range(len(rows)) for _ in range(n)]
+
+    def push_weights(self, model, version=None):
+        pass
+
+    def sleep(self):
+        pass
+
+
+def test_vas_rescoring_uses_prompts_per_call(tmp_path):
+    rows = [{"problem": f"q{i}", "answer": "4"} for i in range(600)]
+    engine = CountingEngine()
+    cfg = grpo.GRPOConfig(vas_rollouts=2)
+    assert cfg.vas_prompts_per_call == 256
+    sampler = grpo.vas.MixedSampler(len(rows), 16, 0.5, 0)
+    one = dist.Dist(0, 1, 0, torch.device("cpu"))
+    scores = grpo.refresh_vps(engine, None, rows, sampler, cfg, one, None, 0, tmp_path)
+    assert engine.calls == [256, 256, 88] and scores["pass_rate"].tolist() == [1.0] * 600
+
+
+def test_paper_preset_refuses_to_run_without_cuda():
+    cmd = [sys.executable, "grpo.py", "--preset", "paper", "--model", "m", "--data", "d"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "grpo.py --preset paper needs CUDA GPUs" in last and "torch.cuda.is_available() is False" in last
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 with a rank whose micro-batch has no image
+# ---------------------------------------------------------------------------------------------
+
+NO_IMAGE_WORKER = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+from data import toy
+from mmr1 import batches, dist, logprobs, modeling
+
+d = dist.setup_distributed(0)
+model_dir = {model!r}
+processor = modeling.load_processor(model_dir, 3136, 50176)
+rows = [{{"problem": "<image>How many red squares?", "images": [toy.draw_grid(["red", "blue", "red", "green"])]}},
+        {{"problem": "What is 2 + 3?"}}]  # rank 0 gets the image row, rank 1 the text-only one
+text = processor.tokenizer.encode("the answer is four because I count", add_special_tokens=False)
+responses = [text[:4], text[4:7]]
+
+
+def loss_of(model, inputs, mask, total):
+    logp, _ = logprobs.batch_logprobs(model, inputs, d.device, 16, False, 0.6, True)
+    return -(logp * mask).sum() / total
+
+
+total = 7.0  # response tokens of both ranks
+# the reference: one process, both rows, the unsharded model
+reference = modeling.load_model(model_dir, d.device, trainable=True)
+for row, response in zip(rows, responses):
+    inputs, mask = batches.rl_batch(processor, [row], [response], 3136, 50176)
+    loss_of(reference, inputs, mask, total).backward()
+expected = {{n: p.grad.clone() for n, p in reference.named_parameters()}}
+
+model = modeling.shard_model(modeling.load_model(model_dir, d.device, trainable=True), d)
+inputs, mask = batches.rl_batch(processor, [rows[d.rank]], [responses[d.rank]], 3136, 50176)
+assert ("pixel_values" in inputs) == (d.rank == 0)
+for _ in range(2):  # twice: the second forward after a backward must line up as well
+    model.zero_grad()
+    loss_of(model, inputs, mask, total).backward()
+worst = 0.0
+for n, p in model.named_parameters():
+    grad = p.grad.full_tensor()
+    worst = max(worst, (grad - expected[n]).abs().max().item() / (expected[n].abs().max().item() + 1e-12))
+vision = [p.grad.full_tensor().abs().max().item() for n, p in model.named_parameters() if "visual.blocks" in n]
+if d.master:
+    print(f"RESULT worst_rel_grad_diff={{worst:.2e}} vision_grad_max={{max(vision):.3e}}")
+assert worst < 1e-4, worst
+assert max(vision) > 0  # the image row's gradient reaches the vision tower
+dist.cleanup_distributed()
+"""
+
+
+def test_fsdp2_rank_without_images(toy_dir, tmp_path):
+    """2 gloo ranks, rank 1's micro-batch text-only: without the dummy vision pass the ranks' FSDP2
+    all-gathers fall out of step ("Received data size doesn't match expected size"); with it the
+    sharded gradient equals the one-process gradient of both rows."""
+    script = tmp_path / "no_image_worker.py"
+    script.write_text(NO_IMAGE_WORKER.format(root=str(ROOT), model=str(toy_dir / "model")))
+    out = run_script([str(script)], torchrun=2, timeout=300).stdout
+    assert "RESULT worst_rel_grad_diff=" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/gpu_smoke.sh: its non-GPU parts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gpu_smoke_commands_parse_and_bad_arguments_stop():
+    """--dry-run prints one command per stage; every flag of each is one its script accepts (parsed
+    by the stage's own config); unknown engines, GPU counts and arguments stop with exit code 2."""
+    import shlex
+
+    import eval as evaluation
+    import sft
+    from mmr1 import config
+
+    def smoke(*args):
+        return subprocess.run(["bash", "scripts/gpu_smoke.sh", *args], cwd=ROOT, capture_output=True, text=True)
+
+    proc = smoke("--dry-run", "--gpus", "2", "--engine", "hf", "--steps", "2", "--out", "/tmp/smoke")
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
+    assert list(lines) == ["toy", "sft", "grpo", "eval"]
+    configs = {"sft": (sft.SFTConfig, sft.PRESETS), "grpo": (grpo.GRPOConfig, grpo.PRESETS),
+               "eval": (evaluation.EvalConfig, None)}  # fmt: skip
+    for stage, (cls, presets) in configs.items():
+        words = shlex.split(lines[stage])
+        assert words[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        args = words[words.index(f"{stage}.py") + 1 :]
+        cfg = config.parse_config(cls, presets, args)
+        assert cfg.output_dir == f"/tmp/smoke/{stage}"
+    assert "--engine hf" in lines["grpo"] and "--max-steps 2" in lines["grpo"]
+    for bad in (["--engine", "sglang"], ["--gpus", "3"], ["--steps", "0"], ["--frobnicate"], ["--gpus"]):
+        proc = smoke("--dry-run", *bad)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("gpu_smoke.sh: "), bad
+
+
+def test_grpo_takes_vllm_share_from_the_plan(tmp_path, monkeypatch):
+    """grpo.py with --preset paper on 8 x 80 GB and a 7B checkpoint, no --gpu-memory-utilization:
+    vLLM gets the plan's 0.77 (the card's size read from torch, here a stand-in for the 80 GB card)."""
+    from mmr1 import config
+
+    memory.qwen25_vl_config("7B").save_pretrained(tmp_path)
+    card = types.SimpleNamespace(total_memory=int(memory.CARDS_GIB["80GB"] * memory.GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    cfg = config.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--preset", "paper", "--model", "m", "--data", "d"])
+    eight = dist.Dist(0, 8, 0, torch.device("cuda", 0))
+    assert grpo.memory_plan_utilization(str(tmp_path), cfg, eight) == 0.77
+    cfg.kl_coef = 0.0  # no reference model: more room
+    assert grpo.memory_plan_utilization(str(tmp_path), cfg, eight) == 0.80  # 1.93 GiB less resident
