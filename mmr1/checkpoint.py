@@ -66,8 +66,10 @@ def save_checkpoint(
             processor.save_pretrained(tmp)
             if trainer_state is not None:
                 torch.save(trainer_state, tmp / "trainer_state.pt")
-    except (OSError, CheckpointException) as e:  # disk full, quota, permissions
+    except OSError as e:  # disk full, quota, permissions
         failed = e
+    except CheckpointException as e:  # torch.distributed.checkpoint wraps each rank's error: name the first
+        failed = next(iter(e.failures.values()))[0] if e.failures else e
     if all_reduce_max(int(failed is not None), d.device):  # every rank learns of a failed write
         if d.master:
             shutil.rmtree(tmp, ignore_errors=True)

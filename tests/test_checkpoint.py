@@ -57,7 +57,7 @@ def test_training_checkpoint_restores_fp32_weights_and_optimizer_exactly(tmp_pat
     checkpoint.save_training_checkpoint(model, processor, optimizer, folder, ONE, 1, grpo.GRPOConfig(), rows=16)
     assert sorted(p.name for p in (folder / "trainer").iterdir()) == [".metadata", "__0_0.distcp"]
     state = torch.load(folder / "trainer_state.pt", weights_only=True)
-    assert set(state) == {"step", "rng", "config", "rows"} and state["step"] == 1  # no optimizer in it
+    assert set(state) == {"step", "rng", "config", "rows", "world_size"} and state["step"] == 1  # no optimizer in it
     hf = load_file(str(folder / "model.safetensors"))
     assert {v.dtype for v in hf.values()} == {torch.bfloat16}
     master = checkpoint.master_weights(folder)

@@ -254,7 +254,7 @@ def test_eval_marks_a_benchmark_without_usable_rows_and_resolves_relative_images
                       "--min-pixels", "3136", "--max-pixels", "50176", "--output-dir", str(tmp_path / "eval")])  # fmt: skip
     assert "mathvista: no usable rows (1 skipped); not scored" in out.stdout
     (results,) = json.loads((tmp_path / "eval" / "results.json").read_text())["results"].values()
-    assert results["mathvista"] == {"accuracy": None, "n": 0, "groups": {}, "note": "no usable rows", "skipped": 1}
+    assert results["mathvista"] == {"accuracy": None, "n": 0, "breakdown": {}, "note": "no usable rows", "skipped": 1}
     assert results["chartqa"]["n"] == 1 and results["chartqa"]["skipped"] == 0  # the image was found
     table = (tmp_path / "eval" / "results.md").read_text()
     assert "| no usable rows | - |" in table  # and no average over a benchmark that was not scored
