@@ -71,15 +71,32 @@ def done(stage: str, seed: int, args) -> bool:
     return (run / f"{stage}-seed{seed}" / "final" / "config.json").exists()
 
 
+def wait_for_other(stage: str, seed: int, args) -> None:
+    """If another bench process runs this stage (its pid file names a live process), wait for it:
+    so seeds can be added, or the bench restarted, while runs are under way."""
+    pid_file = Path(args.out) / f"{stage}-seed{seed}.pid"
+    while pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), 0)
+        except (ProcessLookupError, ValueError):
+            return
+        time.sleep(10)
+
+
 def train_seed(seed: int, args) -> None:
     """Runs the missing stages of one seed in order; each stage's output goes to <out>/<stage>-seed<s>.log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for stage, argv in commands(seed, args):
+        wait_for_other(stage, seed, args)
         if done(stage, seed, args):
             continue
         t0 = time.time()
+        pid_file = Path(args.out) / f"{stage}-seed{seed}.pid"
         with (Path(args.out) / f"{stage}-seed{seed}.log").open("w") as log:
-            rc = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+            pid_file.write_text(str(proc.pid))
+            rc = proc.wait()
+        pid_file.unlink(missing_ok=True)
         if rc:
             raise SystemExit(f"[rl bench] {stage} seed {seed} failed: see {args.out}/{stage}-seed{seed}.log")
         print(f"[rl bench] seed {seed} {stage}: {time.time() - t0:.0f}s", flush=True)
