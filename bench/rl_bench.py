@@ -39,7 +39,7 @@ from data import toy  # noqa: E402
 
 DATA = toy.VARIANT_DATA_DIRS["slip"]
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
-TRACE = re.compile(r"I see (\d+) \w+ squares?\. (\d+) ([x+]) (\d+) =")  # the trace's count and first operation
+TRACE = re.compile(r"I see (\d+) \w+ squares?\. (\d+) ([x+]) (\d+) = (\d+)")  # count, first operation, its result
 MIN_GAIN = 0.15  # the issue's bar for "RL visibly learns"
 
 
@@ -57,17 +57,19 @@ def commands(seed: int, args) -> list[tuple[str, list[str]]]:
                   "--seed", str(seed), "--max-steps", str(args.steps), "--val-every", str(args.val_every),
                   "--val-limit", "0", "--val-temperature", "0", "--save-every", "0", "--reward-workers", "1",
                   "--engine", "hf", *args.grpo_args.split()]),
-        ("eval", [py, "eval.py", "--model", f"{sft / 'final'},{grpo / 'final'}", "--benchmarks", "toy",
-                  "--bench-data", f"toy={DATA / 'rl' / 'test.parquet'}", "--engine", "hf", "--max-new-tokens", "64",
-                  "--min-pixels", "3136", "--max-pixels", "50176", "--output-dir", str(run / f"eval-seed{seed}")]),
+    ] + [
+        (stage, [py, "eval.py", "--model", f"{sft / 'final'},{grpo / 'final'}", "--benchmarks", "toy",
+                 "--bench-data", f"toy={DATA / 'rl' / split}.parquet", "--engine", "hf", "--max-new-tokens", "64",
+                 "--min-pixels", "3136", "--max-pixels", "50176", "--output-dir", str(run / f"{stage}-seed{seed}")])
+        for stage, split in (("eval", "test"), ("evalval", "val"))
     ]  # fmt: skip
 
 
 def done(stage: str, seed: int, args) -> bool:
     """Whether a stage of a seed has already finished (its final output exists)."""
     run = Path(args.out)
-    if stage == "eval":
-        return (run / f"eval-seed{seed}" / "results.json").exists()
+    if stage.startswith("eval"):
+        return (run / f"{stage}-seed{seed}" / "results.json").exists()
     return (run / f"{stage}-seed{seed}" / "final" / "config.json").exists()
 
 
@@ -121,15 +123,16 @@ def metrics(path: Path) -> list[dict]:
 
 
 def slip_stats(records: list[dict], rows: dict[str, dict]) -> dict[str, float]:
-    """Greedy accuracy, share of responses that slip (first operation '+' where the question says
-    multiply) and share that count right, over eval.py's per-row records."""
+    """Greedy accuracy, share of responses that slip (the first result is count + multiplier, not
+    the product; judged by the number, since a trained model may write the product after a '+')
+    and share that count right, over eval.py's per-row records."""
     acc, slips, counted = [], [], []
     for r in records:
         q = rows[r["id"]]["problem"]
         mul, add = (int(x) for x in re.search(r"multiply by (\d+), then add (\d+)", q).groups())
         m = TRACE.search(r["response"])
         acc.append(r["correct"])
-        slips.append(bool(m) and m.group(3) == "+")
+        slips.append(bool(m) and int(m.group(5)) == int(m.group(1)) + mul != int(m.group(1)) * mul)
         counted.append(bool(m) and int(m.group(1)) * mul + add == int(r["gold"]))
     return {"accuracy": float(np.mean(acc)), "slip": float(np.mean(slips)), "count_right": float(np.mean(counted))}
 
@@ -142,17 +145,19 @@ def interval(values) -> tuple[float, float]:
     return float(v.mean()), float(T_975[len(v) - 1] * v.std(ddof=1) / math.sqrt(len(v)))
 
 
-def per_seed(seed: int, args, test_rows: dict[str, dict]) -> dict:
-    """Every number of one seed: SFT greedy val accuracy, the GRPO greedy val curve, test stats."""
+def per_seed(seed: int, args, rows: dict[str, dict]) -> dict:
+    """Every number of one seed: SFT greedy val accuracy, the GRPO greedy val curve, and eval.py's
+    accuracy and slip share of both checkpoints on val and test (rows: id -> row of both splits)."""
     run = Path(args.out)
     sft_acc = [m["val/accuracy"] for m in metrics(run / f"sft-seed{seed}" / "metrics.jsonl") if "val/accuracy" in m]
     curve = [(m["step"], m["val/accuracy"]) for m in metrics(run / f"grpo-seed{seed}" / "metrics.jsonl")
              if "val/accuracy" in m]  # fmt: skip
     out = {"seed": seed, "sft_val": sft_acc[-1], "steps": [s for s, _ in curve], "val": [a for _, a in curve]}
-    for label in ("sft", "grpo"):
-        path = run / f"eval-seed{seed}" / f"{label}-seed{seed}" / "toy.jsonl"  # eval.py: runs/x/final -> x
-        if path.exists():
-            out[f"test_{label}"] = slip_stats(metrics(path), test_rows)
+    for stage, split in (("eval", "test"), ("evalval", "val")):
+        for label in ("sft", "grpo"):
+            path = run / f"{stage}-seed{seed}" / f"{label}-seed{seed}" / "toy.jsonl"  # eval.py: runs/x/final -> x
+            if path.exists():
+                out[f"{split}_{label}"] = slip_stats(metrics(path), rows)
     return out
 
 
@@ -160,37 +165,49 @@ def summarise(args) -> tuple[str, dict]:
     """The per-seed table, the mean ± 95% t-interval row, and the gain verdict (markdown)."""
     import datasets
 
-    test = datasets.load_dataset("parquet", data_files=str(DATA / "rl" / "test.parquet"), split="train")
-    test_rows = {r["id"]: r for r in test.remove_columns("images").to_list()}
-    seeds = [per_seed(s, args, test_rows) for s in args.seeds]
+    rows = {}
+    for split in ("val", "test"):
+        ds = datasets.load_dataset("parquet", data_files=str(DATA / "rl" / f"{split}.parquet"), split="train")
+        rows |= {r["id"]: r for r in ds.remove_columns("images").to_list()}
+    seeds = [per_seed(s, args, rows) for s in args.seeds]
     cols = {
         "SFT val (sft.py)": [s["sft_val"] for s in seeds],
         "GRPO val step 0": [s["val"][0] for s in seeds],
         **{f"GRPO val step {st}": [s["val"][i] for s in seeds] for i, st in enumerate(seeds[0]["steps"]) if i},
-        "gain (final - step 0)": [s["val"][-1] - s["val"][0] for s in seeds],
+        "gain (grpo.py val)": [s["val"][-1] - s["val"][0] for s in seeds],
     }
-    if all("test_grpo" in s for s in seeds):
-        for label in ("sft", "grpo"):
-            cols[f"test acc {label.upper()}"] = [s[f"test_{label}"]["accuracy"] for s in seeds]
-            cols[f"test slip {label.upper()}"] = [s[f"test_{label}"]["slip"] for s in seeds]
-            cols[f"test count right {label.upper()}"] = [s[f"test_{label}"]["count_right"] for s in seeds]
+    for split in ("val", "test"):
+        if all(f"{split}_grpo" in s for s in seeds):
+            for label in ("sft", "grpo"):
+                cols[f"{split} acc {label.upper()} (eval.py)"] = [s[f"{split}_{label}"]["accuracy"] for s in seeds]
+                cols[f"{split} slip {label.upper()}"] = [s[f"{split}_{label}"]["slip"] for s in seeds]
+            if split == "val":
+                cols["gain (eval.py val)"] = [s["val_grpo"]["accuracy"] - s["val_sft"]["accuracy"] for s in seeds]
+    cols["count right (all evals)"] = [
+        min(s[k]["count_right"] for k in ("val_sft", "val_grpo", "test_sft", "test_grpo") if k in s) for s in seeds
+    ]
     header = "| seed | " + " | ".join(cols) + " |\n" + "| --- " * (len(cols) + 1) + "|\n"
-    rows = [f"| {s['seed']} | " + " | ".join(f"{v[i]:.3f}" for v in cols.values()) + " |" for i, s in enumerate(seeds)]
+    lines = [f"| {s['seed']} | " + " | ".join(f"{v[i]:.3f}" for v in cols.values()) + " |" for i, s in enumerate(seeds)]
     stats = {k: interval(v) for k, v in cols.items()}
-    rows.append("| mean ± 95% t | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in stats.values()) + " |")
-    gain, half = stats["gain (final - step 0)"]
-    verdict = (
-        f"GRPO gain on validation (greedy, 200 prompts, {len(seeds)} seeds): {gain:+.3f} ± {half:.3f} "
-        f"(95% t-interval {gain - half:+.3f} to {gain + half:+.3f}); bar +{MIN_GAIN:.2f}: "
-        + (
+    lines.append("| mean ± 95% t | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in stats.values()) + " |")
+    verdicts = []
+    for key in ("gain (grpo.py val)", "gain (eval.py val)"):
+        if key not in stats:
+            continue
+        gain, half = stats[key]
+        met = (
             "met by the whole interval"
             if gain - half >= MIN_GAIN
             else "met by the mean"
             if gain >= MIN_GAIN
             else "NOT met"
         )
-    )
-    return header + "\n".join(rows) + "\n\n" + verdict + "\n", {"seeds": seeds, "stats": stats, "verdict": verdict}
+        verdicts.append(
+            f"{key}, final minus SFT start (greedy, 200 val prompts, {len(seeds)} seeds): {gain:+.3f} ± {half:.3f} "
+            f"(95% t-interval {gain - half:+.3f} to {gain + half:+.3f}); bar +{MIN_GAIN:.2f}: {met}"
+        )
+    verdict = "\n".join(verdicts)
+    return header + "\n".join(lines) + "\n\n" + verdict + "\n", {"seeds": seeds, "stats": stats, "verdict": verdict}
 
 
 def plot(args, summary: dict, path: Path) -> Path:
