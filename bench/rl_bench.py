@@ -14,10 +14,14 @@ Per seed s (everything else at the stage scripts' defaults):
     sft.py  --seed s, 300 steps on data/toy-slip/sft@train -> greedy accuracy on the 200 val prompts
     grpo.py --seed s from that checkpoint, --train-limit 512, --max-steps 30, 16 prompts x 8 responses,
             lr 1e-4, validation GREEDY (--val-temperature 0) on all 200 val prompts every --val-every steps
-    eval.py greedy on the 300 test prompts, SFT and GRPO checkpoints (accuracy and slip share)
-The headline is the GRPO gain on validation, final minus step 0 (the SFT start), with a 95%
-t-interval over seeds; the issue's bar is a gain of at least +0.15.
-Writes <out>/{results.md,results.json,val_curve.png} and one folder per stage and seed.
+    eval.py greedy on the 300 test and on the 200 val prompts, SFT and GRPO checkpoints (accuracy,
+            slip share, count right)
+The headline is the GRPO gain on validation, final minus the SFT start, with a 95% t-interval over
+seeds, measured twice: from grpo.py's own curve (step 30 minus step 0) and by eval.py scoring both
+checkpoints (in-process, no per-response time limit: grpo.py's step 0 read low once under heavy
+load, see docs/rl-bench.md). The issue's bar is a gain of at least +0.15.
+Writes <out>/{results.md,results.json,val_curve.png} and one folder and log per stage and seed;
+a stage whose output exists is skipped, one another bench process runs (<stage>-seed<s>.pid) waited for.
 """
 
 import argparse
