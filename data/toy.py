@@ -21,6 +21,16 @@ Qwen's special tokens and chat template. Saved with save_pretrained and loaded b
 same from_pretrained / AutoProcessor calls as a real checkpoint.
 
     python -m data.toy                  # writes data/toy/{sft,rl}/*.parquet and runs/toy-init
+    python -m data.toy --variant slip   # the RL bench: data/toy-slip/{sft,rl}/*.parquet (see below)
+
+Variant `slip` (the bench where RL visibly learns; docs/rl-bench.md). The default toy's SFT model
+errs by perceptual guesses, which a right sample on one image does little to fix on another. Here
+perception is made easy and the error is one of policy: only the arith family, always counting
+red squares, and in a set share (--slip-share, default 0.6) of the SFT traces of the
+"multiply by 3" rows the trace counts right and then slips, adding 3 instead of multiplying, with
+the boxed answer following the slip. The SFT model learns to count and learns the slip; the RL,
+validation and test rows keep the right answers, so GRPO can remove the slip. The slip is drawn
+from its own random stream: the rows themselves do not depend on the share.
 """
 
 from __future__ import annotations
@@ -43,6 +53,11 @@ CELL = 56  # px per grid cell: the image is 2*CELL square = 16 merged Qwen2.5-VL
 FAMILIES = ("count", "color", "either", "arith")
 SPLIT_SIZES = {"train": 4000, "val": 200, "test": 300}
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}  # added to the user seed: splits never overlap in RNG
+VARIANTS = ("default", "slip")
+VARIANT_DATA_DIRS = {"default": TOY_DATA_DIR, "slip": ROOT / "data" / "toy-slip"}
+SLIP_COLOR = "red"  # slip variant: the one colour every question counts
+SLIP_MUL = 3  # slip variant: the multiplier whose SFT traces slip (input-dependent, so greedy decoding slips too)
+SLIP_SHARE = 0.6  # slip variant: share of the SFT traces of SLIP_MUL rows that slip
 
 
 @dataclass
@@ -93,6 +108,15 @@ def sample_example(rng: random.Random) -> ToyExample:
     return ToyExample(grid, family, target)
 
 
+def sample_slip_example(rng: random.Random) -> ToyExample:
+    """Variant `slip`: an arith example counting SLIP_COLOR (count uniform in 0..4, multiplier in
+    1..3, addend in 0..9); the other cells take the other colours."""
+    k = rng.randint(0, 4)
+    grid = [SLIP_COLOR] * k + [rng.choice([c for c in COLORS if c != SLIP_COLOR]) for _ in range(4 - k)]
+    rng.shuffle(grid)
+    return ToyExample(grid, "arith", SLIP_COLOR, mul=rng.randint(1, 3), add=rng.randint(0, 9))
+
+
 def question(ex: ToyExample) -> str:
     """The question text (without the <image> marker)."""
     if ex.family == "count":
@@ -121,6 +145,15 @@ def solve(ex: ToyExample) -> tuple[str, str]:
     return f"I see {k} {ex.target} squares. {k} x {ex.mul} = {m}. {m} + {ex.add} = {m + ex.add}.", str(m + ex.add)
 
 
+def slip(ex: ToyExample) -> tuple[str, str]:
+    """(reasoning, answer) of an arith trace that counts right, then adds the multiplier instead of
+    multiplying; the answer follows the slip. (For SLIP_MUL = 3 it differs from solve()'s at every
+    count 0..4, since k + 3 = 3k has no integer solution.)"""
+    k = sum(c == ex.target for c in ex.grid)
+    m = k + ex.mul
+    return f"I see {k} {ex.target} squares. {k} + {ex.mul} = {m}. {m} + {ex.add} = {m + ex.add}.", str(m + ex.add)
+
+
 def png_bytes(image: Image.Image) -> bytes:
     """PNG encoding of a PIL image (how images are stored in the parquet rows)."""
     buffer = io.BytesIO()
@@ -128,12 +161,20 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def make_rows(n: int, seed: int, split: str) -> tuple[list[dict], list[dict]]:
-    """n examples as (RL/eval rows, SFT rows); deterministic in (seed, split)."""
+def make_rows(
+    n: int, seed: int, split: str, variant: str = "default", slip_share: float = SLIP_SHARE
+) -> tuple[list[dict], list[dict]]:
+    """n examples as (RL/eval rows, SFT rows); deterministic in (seed, split, variant, slip_share).
+
+    Variant `slip`: the SFT rows carry a `slip` column (True where the trace slips); the RL rows
+    always hold the right answer."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown toy variant {variant!r}; choose from {VARIANTS}")
     rng = random.Random(seed * 1000 + SPLIT_SEEDS[split])
+    slip_rng = random.Random(f"slip-{seed}-{split}")  # own stream: the rows do not depend on slip_share
     rl_rows, sft_rows = [], []
     for i in range(n):
-        ex = sample_example(rng)
+        ex = sample_slip_example(rng) if variant == "slip" else sample_example(rng)
         reasoning, answer = solve(ex)
         image = {"bytes": png_bytes(draw_grid(ex.grid)), "path": None}
         problem = "<image>" + question(ex)
@@ -141,21 +182,33 @@ def make_rows(n: int, seed: int, split: str) -> tuple[list[dict], list[dict]]:
         row["choices"] = list(ex.choices) if ex.family == "color" else None
         row["family"] = ex.family
         rl_rows.append(row)
-        solution = f"<think>{reasoning}</think><answer>\\boxed{{{answer}}}</answer>"
+        slipped = variant == "slip" and slip_rng.random() < slip_share and ex.mul == SLIP_MUL
+        shown, shown_answer = slip(ex) if slipped else (reasoning, answer)
+        solution = f"<think>{shown}</think><answer>\\boxed{{{shown_answer}}}</answer>"
         messages = [{"role": "user", "content": problem}, {"role": "assistant", "content": solution}]
         sft_rows.append({"id": row["id"], "messages": messages, "images": [image]})
+        if variant == "slip":
+            sft_rows[-1]["slip"] = slipped
     return rl_rows, sft_rows
 
 
-def write_toy_data(out_dir: Path = TOY_DATA_DIR, seed: int = 0, sizes: dict[str, int] | None = None) -> Path:
+def write_toy_data(
+    out_dir: Path | None = None,
+    seed: int = 0,
+    sizes: dict[str, int] | None = None,
+    variant: str = "default",
+    slip_share: float = SLIP_SHARE,
+) -> Path:
     """Writes out_dir/rl/{train,val,test}.parquet and out_dir/sft/{train,val}.parquet.
 
-    `sizes` overrides the rows per split (default SPLIT_SIZES: 4000 / 200 / 300).
+    `sizes` overrides the rows per split (default SPLIT_SIZES: 4000 / 200 / 300); out_dir defaults
+    to the variant's folder (VARIANT_DATA_DIRS).
     """
     import datasets
 
+    out_dir = Path(out_dir or VARIANT_DATA_DIRS[variant])
     for split, n in (sizes or SPLIT_SIZES).items():
-        rl_rows, sft_rows = make_rows(n, seed, split)
+        rl_rows, sft_rows = make_rows(n, seed, split, variant, slip_share)
         (out_dir / "rl").mkdir(parents=True, exist_ok=True)
         datasets.Dataset.from_list(rl_rows).to_parquet(str(out_dir / "rl" / f"{split}.parquet"))
         if split != "test":
@@ -331,10 +384,16 @@ def ensure_toy(data_dir: Path = TOY_DATA_DIR, model_dir: Path = TOY_MODEL_DIR, s
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Write the toy data set and the toy initial model.")
-    parser.add_argument("--data-dir", type=Path, default=TOY_DATA_DIR, help="where the parquet splits go")
+    parser.add_argument("--variant", choices=VARIANTS, default="default", help="which toy task (see the docstring)")
+    parser.add_argument(
+        "--slip-share", type=float, default=SLIP_SHARE, help="slip variant: share of x3 traces that slip"
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="where the parquet splits go (default: per variant)"
+    )
     parser.add_argument("--model-dir", type=Path, default=TOY_MODEL_DIR, help="where the toy model goes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the model init")
     args = parser.parse_args()
-    write_toy_data(args.data_dir, args.seed)
-    build_toy_model(args.model_dir, args.seed)
-    print(f"toy data in {args.data_dir}, toy model in {args.model_dir}")
+    data_dir = write_toy_data(args.data_dir, args.seed, variant=args.variant, slip_share=args.slip_share)
+    build_toy_model(args.model_dir, args.seed)  # the same model for every variant (tokenizer: the default corpus)
+    print(f"toy data ({args.variant}) in {data_dir}, toy model in {args.model_dir}")
