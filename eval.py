@@ -47,6 +47,11 @@ class EvalConfig:
     benchmarks: str = field("mathverse,mathvista,mathvision,logicvista,chartqa", "comma-separated benchmark names")
     bench_data: str = field("", "local overrides, name=path[,name=path]: parquet/jsonl in the benchmark's columns")
     output_dir: str = field("runs/eval", "where per-sample jsonl files and the results table go")
+    toy: str = field(
+        "default",
+        "which toy's checkpoints and test split are scored when neither --model nor --data is given: default (four question families) or slip (arith with a slip in the SFT traces that GRPO removes: RL visibly helps, docs/rl-bench.md)",
+        choices=list(toy.VARIANTS),
+    )
     engine: str = field("auto", "generation engine: vllm (GPU), hf, or auto", choices=["auto", "hf", "vllm"])
     temperature: float = field(0.0, "sampling temperature (0 = greedy)")
     max_new_tokens: int = field(
@@ -216,11 +221,13 @@ def main() -> None:
         models = {m: m for m in cfg.model.split(",") if m}
         names = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
     else:  # toy: compare the SFT and GRPO toy checkpoints on the toy test split
-        toy.ensure_toy()
-        runs = toy.ROOT / "runs"
-        models = {n: str(runs / n / "final") for n in ("toy-sft", "toy-grpo") if (runs / n / "final").exists()}
+        toy.ensure_toy(variant=cfg.toy)
+        runs = [toy.run_dir(stage, cfg.toy) for stage in ("sft", "grpo")]
+        models = {r.name: str(r / "final") for r in runs if (r / "final").exists()}
         if not models:
-            raise SystemExit("no toy checkpoints: run `python sft.py` (and `python grpo.py --vas`) first")
+            flag = "" if cfg.toy == "default" else f" --toy {cfg.toy}"
+            raise SystemExit(f"no toy checkpoints: run `python sft.py{flag}` (and `python grpo.py{flag}`) first")
+        cfg.bench_data = cfg.bench_data or f"toy={toy.VARIANT_DATA_DIRS[cfg.toy] / 'rl' / 'test.parquet'}"
         names, cfg.max_new_tokens, cfg.min_pixels, cfg.max_pixels = ["toy"], min(cfg.max_new_tokens, 64), 3136, 50176
     unknown = [n for n in names if n not in benchmarks.BENCHMARKS]
     if unknown:

@@ -131,7 +131,14 @@ class GRPOConfig:
     val_every: int = field(10, "validation accuracy every N steps (0 = only at the end)")
     val_limit: int = field(200, "validation prompts (0 = all)")
     val_temperature: float = field(0.5, "validation sampling temperature (n = 1)")
-    output_dir: str = field("runs/toy-grpo", "where checkpoints, metrics.jsonl and final/ go")
+    output_dir: str = field(
+        "runs/toy-grpo", "where checkpoints, metrics.jsonl and final/ go (toy slip: runs/toy-slip-grpo)"
+    )
+    toy: str = field(
+        "default",
+        "which toy runs when neither --model nor --data is given: default (four question families) or slip (arith with a slip in the SFT traces that GRPO removes: RL visibly helps, docs/rl-bench.md)",
+        choices=list(toy.VARIANTS),
+    )
     save_every: int = field(10, "checkpoint every N steps (0 = only final)")
     save_total_limit: int = field(0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)")
     resume: bool = field(False, "continue from the latest <output-dir>/step-N")
@@ -649,14 +656,20 @@ def use_toy_defaults(cfg: GRPOConfig) -> None:
         if not (cfg.model and cfg.data):
             raise SystemExit("give both --model and --data (or neither, for the toy task)")
         return
-    sft_model = toy.ROOT / "runs" / "toy-sft" / "final"
+    sft_model = toy.run_dir("sft", cfg.toy) / "final"
     if not (sft_model / "config.json").exists():
-        raise SystemExit(f"no toy SFT checkpoint at {sft_model}: run `python sft.py` first")
-    toy.ensure_toy()
+        flag = "" if cfg.toy == "default" else f" --toy {cfg.toy}"
+        raise SystemExit(f"no toy SFT checkpoint at {sft_model}: run `python sft.py{flag}` first")
+    toy.ensure_toy(variant=cfg.toy)
+    folder = toy.VARIANT_DATA_DIRS[cfg.toy]
     cfg.model = str(sft_model)
-    cfg.data = str(toy.TOY_DATA_DIR / "rl") + "@train"
-    cfg.val_data = cfg.val_data or str(toy.TOY_DATA_DIR / "rl") + "@val"
+    cfg.data = str(folder / "rl") + "@train"
+    cfg.val_data = cfg.val_data or str(folder / "rl") + "@val"
     cfg.train_limit = cfg.train_limit or 512
+    if cfg.output_dir == GRPOConfig.output_dir:
+        cfg.output_dir = str(toy.run_dir("grpo", cfg.toy).relative_to(toy.ROOT))
+    if cfg.toy == "slip" and cfg.val_temperature == GRPOConfig.val_temperature:
+        cfg.val_temperature = 0.0  # greedy: the slip is a greedy habit, and greedy val is not sampling noise
 
 
 def main() -> None:

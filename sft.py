@@ -36,7 +36,14 @@ class SFTConfig:
     data: str = field("", "SFT rows: hub id, parquet/jsonl file or folder, name@split (default: toy)")
     val_data: str = field("", "SFT rows for the validation loss (default: toy val split)")
     acc_data: str = field("", "RL-format rows for the final validation accuracy (default: toy val split)")
-    output_dir: str = field("runs/toy-sft", "where checkpoints, metrics.jsonl and final/ go")
+    output_dir: str = field(
+        "runs/toy-sft", "where checkpoints, metrics.jsonl and final/ go (toy slip: runs/toy-slip-sft)"
+    )
+    toy: str = field(
+        "default",
+        "which toy runs when neither --model nor --data is given: default (four question families) or slip (arith with a slip in the SFT traces that GRPO removes: RL visibly helps, docs/rl-bench.md)",
+        choices=list(toy.VARIANTS),
+    )
     preset: str = field("", "'paper' = Table 5 hyper-parameters of the paper", choices=["", "paper"])
     epochs: float = field(1.0, "passes over the training rows (ignored when --max-steps > 0)")
     max_steps: int = field(300, "optimizer steps; 0 = derived from --epochs")
@@ -211,11 +218,14 @@ def use_toy_defaults(cfg: SFTConfig) -> None:
         if not (cfg.model and cfg.data):
             raise SystemExit("give both --model and --data (or neither, for the toy task)")
         return
-    toy.ensure_toy()
+    toy.ensure_toy(variant=cfg.toy)
+    folder = toy.VARIANT_DATA_DIRS[cfg.toy]
     cfg.model = str(toy.TOY_MODEL_DIR)
-    cfg.data = str(toy.TOY_DATA_DIR / "sft") + "@train"
-    cfg.val_data = cfg.val_data or str(toy.TOY_DATA_DIR / "sft") + "@val"
-    cfg.acc_data = cfg.acc_data or str(toy.TOY_DATA_DIR / "rl") + "@val"
+    cfg.data = str(folder / "sft") + "@train"
+    cfg.val_data = cfg.val_data or str(folder / "sft") + "@val"
+    cfg.acc_data = cfg.acc_data or str(folder / "rl") + "@val"
+    if cfg.output_dir == SFTConfig.output_dir:
+        cfg.output_dir = str(toy.run_dir("sft", cfg.toy).relative_to(toy.ROOT))
 
 
 def load_data(cfg: SFTConfig, d: dist.Dist) -> tuple[list[dict], list[dict], list[dict], int]:

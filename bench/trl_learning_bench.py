@@ -30,12 +30,12 @@ SLIP = ROOT / "data" / "toy-slip"
 
 def trl_run(sft_model: str, out: str, seed: int, batches: int) -> None:
     """Runs in the TRL venv: GRPOTrainer from sft_model; saves out/final and out/log_history.json."""
+    import common
     import torch
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import GRPOConfig, GRPOTrainer
 
-    import common
     import reward
 
     torch.set_num_threads(1)

@@ -372,14 +372,24 @@ def build_toy_model(out_dir: Path = TOY_MODEL_DIR, seed: int = 0) -> Path:
     return out_dir
 
 
-def ensure_toy(data_dir: Path = TOY_DATA_DIR, model_dir: Path = TOY_MODEL_DIR, seed: int = 0) -> None:
-    """Builds the toy data and the toy initial model if they are not on disk yet."""
+def ensure_toy(
+    data_dir: Path | None = None, model_dir: Path = TOY_MODEL_DIR, seed: int = 0, variant: str = "default"
+) -> None:
+    """Builds the toy data (of `variant`, in its folder unless data_dir is given) and the toy initial
+    model if they are not on disk yet."""
+    data_dir = Path(data_dir or VARIANT_DATA_DIRS[variant])
     if not (data_dir / "rl" / "test.parquet").exists():
-        print(f"[toy] writing toy data to {data_dir}")
-        write_toy_data(data_dir, seed)
+        print(f"[toy] writing toy data ({variant}) to {data_dir}")
+        write_toy_data(data_dir, seed, variant=variant)
     if not (model_dir / "config.json").exists():
         print(f"[toy] building toy model in {model_dir}")
         build_toy_model(model_dir, seed)
+
+
+def run_dir(stage: str, variant: str = "default") -> Path:
+    """runs/<name> where the toy's `stage` (sft, grpo) writes by default: toy-sft, toy-grpo for the
+    default toy, toy-slip-sft, toy-slip-grpo for the slip variant."""
+    return ROOT / "runs" / (f"toy-{stage}" if variant == "default" else f"toy-{variant}-{stage}")
 
 
 if __name__ == "__main__":
