@@ -84,3 +84,32 @@ def test_slip_rate_within_a_binomial_bound(train_rows, share):
 def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="unknown toy variant"):
         toy.make_rows(1, 0, "train", variant="nope")
+
+
+def test_toy_flag_points_every_stage_at_the_slip_toy(tmp_path, monkeypatch):
+    """--toy slip: sft.py trains on data/toy-slip into runs/toy-slip-sft, grpo.py starts from that
+    checkpoint on the slip RL rows with greedy validation, eval.py scores the slip test split."""
+    import grpo
+    import sft
+
+    monkeypatch.setattr(toy, "ROOT", tmp_path)  # run_dir() reads it: no real runs/ is touched
+    monkeypatch.setattr(toy, "ensure_toy", lambda **kw: None)
+    slip = toy.VARIANT_DATA_DIRS["slip"]
+
+    cfg = sft.SFTConfig(toy="slip")
+    sft.use_toy_defaults(cfg)
+    assert (cfg.data, cfg.acc_data) == (f"{slip / 'sft'}@train", f"{slip / 'rl'}@val")
+    assert cfg.output_dir == "runs/toy-slip-sft"
+
+    with pytest.raises(SystemExit, match="python sft.py --toy slip"):  # no SFT checkpoint yet
+        grpo.use_toy_defaults(grpo.GRPOConfig(toy="slip"))
+    (tmp_path / "runs" / "toy-slip-sft" / "final").mkdir(parents=True)
+    (tmp_path / "runs" / "toy-slip-sft" / "final" / "config.json").write_text("{}")
+    cfg = grpo.GRPOConfig(toy="slip")
+    grpo.use_toy_defaults(cfg)
+    assert cfg.model == str(tmp_path / "runs" / "toy-slip-sft" / "final")
+    assert (cfg.data, cfg.val_data) == (f"{slip / 'rl'}@train", f"{slip / 'rl'}@val")
+    assert (cfg.output_dir, cfg.val_temperature) == ("runs/toy-slip-grpo", 0.0)
+    cfg = grpo.GRPOConfig(toy="slip", val_temperature=0.7)  # an explicit temperature is kept
+    grpo.use_toy_defaults(cfg)
+    assert cfg.val_temperature == 0.7
