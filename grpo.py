@@ -290,18 +290,25 @@ def frozen_token_logprobs(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dis
 
 
 def fitting_prompts(
-    processor, prompt_ids: list[int], rows: list[dict], cfg: GRPOConfig, fmt: chat.PromptFormat, skipped: list[str]
+    processor,
+    prompt_ids: list[int],
+    rows: list[dict],
+    cfg: GRPOConfig,
+    fmt: chat.PromptFormat,
+    skipped: list[str],
+    spec: str | None = None,
 ) -> list[int]:
-    """The prompts of this rank's batch within --max-prompt-length, for every engine (HF generate
-    would otherwise take any length; vLLM would refuse the request). A longer prompt is a bad row:
-    BadRowError naming it, or with --skip-bad-rows dropped (its whole group) and noted in `skipped`."""
+    """The prompts of this rank's batch (or of the validation rows) within --max-prompt-length, for
+    every engine (HF generate would otherwise take any length; vLLM would refuse the request). A
+    longer prompt is a bad row of `spec` (default --data): BadRowError naming it, or with
+    --skip-bad-rows dropped (its whole group) and noted in `skipped`."""
     lengths = batches.prompt_lengths(processor, [rows[i] for i in prompt_ids], cfg.min_pixels, cfg.max_pixels, fmt)
     keep = []
     for i, n in zip(prompt_ids, lengths):
         if n <= cfg.max_prompt_length:
             keep.append(i)
             continue
-        message = f"{cfg.data} row {i}" + (f" (id={rows[i]['id']})" if rows[i].get("id") is not None else "")
+        message = f"{spec or cfg.data} row {i}" + (f" (id={rows[i]['id']})" if rows[i].get("id") is not None else "")
         message += f": the prompt is {n} tokens, above --max-prompt-length {cfg.max_prompt_length}"
         if not cfg.skip_bad_rows:
             raise config.BadRowError(message)
@@ -699,6 +706,14 @@ def main() -> None:
         if d.master:
             print(f"[grpo] resumed from {ckpt} at step {start_step}")
     fmt = chat.PromptFormat(instruction=chat.INSTRUCTIONS.get(cfg.instruction, cfg.instruction))
+    if val_rows:  # validation prompts obey --max-prompt-length too (checked once, here)
+        val_skipped: list[str] = []
+        fit = fitting_prompts(processor, list(range(len(val_rows))), val_rows, cfg, fmt, val_skipped, cfg.val_data)
+        val_rows = [val_rows[i] for i in fit] if val_skipped else val_rows
+        if val_skipped and d.master:
+            print(
+                f"[grpo] {len(val_skipped)} validation prompts above --max-prompt-length left out; first: {val_skipped[0]}"
+            )
     engine = make_engine(model, processor, policy_path, start_step, fmt, cfg, d)
     pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
     logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)

@@ -155,14 +155,26 @@ def sft_loss(model, micro: list[dict], d: dist.Dist, chunk: int, packed: bool = 
 
 @torch.no_grad()
 def val_loss(model, processor, rows: list[dict], cfg: SFTConfig, d: dist.Dist) -> float:
-    """Token-mean NLL of the assistant tokens of `rows` (sharded over ranks)."""
+    """Token-mean NLL of the assistant tokens of `rows` (sharded over ranks). A row that --max-length
+    would spoil is an error naming it, or with --skip-bad-rows left out of the mean (as in training)."""
     model.eval()
     nll, count = 0.0, 0
     mine, n_real = dist.shard(rows, d)
-    for s in range(0, len(mine), cfg.micro_batch_size):
-        b = batches.sft_batch(
-            processor, mine[s : s + cfg.micro_batch_size], cfg.min_pixels, cfg.max_pixels, cfg.max_length
-        )
+    first = d.rank * len(mine)  # global index of this rank's first row (dist.shard: contiguous shares)
+    micro = batches.sft_micro_batches(  # fixed count, in order: micro-batch j holds rows j*size ...
+        processor,
+        mine,
+        cfg.min_pixels,
+        cfg.max_pixels,
+        cfg.max_length,
+        0,
+        cfg.micro_batch_size,
+        d,
+        names=[row_name(cfg.val_data, first + k, r) for k, r in enumerate(mine)],
+        skipped=[] if cfg.skip_bad_rows else None,  # a skipped row's stand-in carries no label
+    )
+    for j, b in enumerate(micro):
+        s = j * cfg.micro_batch_size
         logp, _ = logprobs.batch_logprobs(model, b, d.device, cfg.logprob_chunk, packed=cfg.pack)
         mask = (b["labels"][:, 1:].to(d.device) != batches.IGNORE_INDEX).float()
         mask[max(0, n_real - s) :] = 0  # padding rows do not count

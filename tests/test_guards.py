@@ -323,6 +323,26 @@ def test_sft_max_length_cutting_every_assistant_turn_is_one_line(toy_dir, tmp_pa
     assert step["train/skipped_rows"] == 2 and step["train/loss"] == 0.0
 
 
+def test_sft_validation_rows_spoiled_by_max_length_are_named_or_left_out(toy_dir, tmp_path):
+    """The validation loss follows the training rule: a val row --max-length would spoil is an error
+    naming it, or with --skip-bad-rows it is left out of the mean (the loss is that of the rows that fit)."""
+    from data import toy
+
+    toy.draw_grid(["red", "blue", "green", "yellow"]).save(tmp_path / "img.png")
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in sft_rows("img.png")[:1] * 2))
+    val.write_text("".join(json.dumps(r) + "\n" for r in sft_rows("img.png")[:2]))  # fits, late
+    args = ["sft.py", "--model", str(toy_dir / "model"), "--data", str(train), "--val-data", str(val),
+            "--acc-limit", "-1", "--output-dir", str(tmp_path / "run"), "--max-length", "64", "--batch-size", "2",
+            "--max-steps", "1", "--micro-batch-size", "2"]  # fmt: skip
+    line = last_line(run_failing(args))
+    assert line == f"error: {val} row 1 (id=late): " + line.split("(id=late): ", 1)[1]
+    assert "--max-length 64 cuts away its whole assistant turn" in line
+    run_script(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")])
+    (step,) = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(step["val/loss"]) and step["val/loss"] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. --max-prompt-length on every engine
 # ---------------------------------------------------------------------------------------------
@@ -366,3 +386,26 @@ def test_grpo_prompt_above_max_prompt_length_is_a_bad_row(toy_dir, tmp_path):
     run_script(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")])
     (step,) = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert step["train/skipped_prompts"] == 1 and step["rollout/generated_responses"] >= 2
+
+
+def test_grpo_validation_prompt_above_max_prompt_length_is_a_bad_row(toy_dir, tmp_path):
+    """Validation prompts obey --max-prompt-length too: checked once at startup, an error naming the
+    val row, or with --skip-bad-rows left out of the validation set."""
+    from data import toy
+
+    toy.draw_grid(["red", "blue", "green", "yellow"]).save(tmp_path / "img.png")
+    short = {"id": "short", "problem": "<image>How many red squares?", "answer": "1", "images": ["img.png"]}
+    long = {"id": "long", "problem": "<image>" + "How many red squares? " * 40, "answer": "1", "images": ["img.png"]}
+    train, val = tmp_path / "rl.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in [short, short]))
+    val.write_text("".join(json.dumps(r) + "\n" for r in [short, long]))
+    args = ["grpo.py", "--model", str(toy_dir / "model"), "--data", str(train), "--val-data", str(val),
+            "--max-prompt-length", "96", "--rollout-batch-size", "2", "--group-size", "2", "--max-steps", "1",
+            "--val-every", "1", "--reward-workers", "0", "--max-response-length", "4", "--updates-per-batch", "1",
+            "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    line = last_line(run_failing(args))
+    assert line.startswith(f"error: {val} row 1 (id=long): the prompt is ")
+    proc = run_script(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")])
+    assert "1 validation prompts above --max-prompt-length left out" in proc.stdout
+    steps = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val/accuracy"] in (0.0, 1.0) for r in steps if "val/accuracy" in r] == [True, True]  # one val row
