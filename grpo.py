@@ -383,6 +383,27 @@ def update_policy(model, ref_model, optimizer, micro: list[dict], cfg: GRPOConfi
     return stats, grad_norm
 
 
+def scorable_prompts(processor, rows: list[dict], cfg: GRPOConfig, fmt: chat.PromptFormat, d: dist.Dist) -> list[int]:
+    """Indices of the training prompts VAS scores: those within --max-prompt-length, counted once at
+    startup from the image headers (no decoding), sharded over ranks. A longer prompt is a bad row:
+    BadRowError naming it on every rank, or with --skip-bad-rows never scored (VPS 0) and, as in the
+    training batches (fitting_prompts), never trained on."""
+    mine, n_real = dist.shard(list(range(len(rows))), d)
+    mine = mine[:n_real]
+    raw = [rows.undecoded(i)[0] if hasattr(rows, "undecoded") else rows[i] for i in mine]  # images undecoded
+    lengths = batches.prompt_lengths(processor, raw, cfg.min_pixels, cfg.max_pixels, fmt)
+    too_long = dist.all_gather_list([(i, n) for i, n in zip(mine, lengths) if n > cfg.max_prompt_length], d)
+    if too_long:
+        i, n = too_long[0]
+        message = f"{cfg.data} row {i}: the prompt is {n} tokens, above --max-prompt-length {cfg.max_prompt_length}"
+        if not cfg.skip_bad_rows:
+            raise config.BadRowError(message)
+        if d.master:
+            print(f"[grpo] VAS leaves out {len(too_long)} prompts above --max-prompt-length; first: {message}")
+    skip = {i for i, _ in too_long}
+    return [i for i in range(len(rows)) if i not in skip]
+
+
 def refresh_vps(
     engine,
     model,
@@ -393,9 +414,11 @@ def refresh_vps(
     pool,
     step: int,
     out_dir: Path,
+    scorable: list[int],
 ) -> dict[str, np.ndarray]:
-    """Re-scores every prompt with N fresh rollouts (sharded over ranks), re-weights the sampler
-    with the min-max normalised VPS, keeps the refresh for `vas.py plot`; returns the scores."""
+    """Re-scores every scorable prompt with N fresh rollouts (sharded over ranks), re-weights the
+    sampler with the min-max normalised VPS (0 for a prompt never scored), keeps the refresh for
+    `vas.py plot`; returns the scores, (P,) each."""
     engine.push_weights(model, version=step)
     sampling = rollout.Sampling(
         cfg.temperature, cfg.top_p, cfg.max_response_length, dist.derive_seed(cfg.seed, "vas", step)
@@ -403,7 +426,7 @@ def refresh_vps(
     scores = vas.rollout_scores(
         engine,
         rows,
-        list(range(len(rows))),
+        scorable,
         d,
         n=cfg.vas_rollouts,
         sampling=sampling,
@@ -415,6 +438,11 @@ def refresh_vps(
         desc=f"vas refresh @{step}",
     )
     engine.sleep()
+    if len(scorable) < len(rows):  # prompts above --max-prompt-length: no rollouts, VPS 0
+        full = {k: np.zeros(len(rows)) for k in scores}
+        for k, v in scores.items():
+            full[k][scorable] = v
+        scores = full
     sampler.update_weights(vas.normalise_weights(scores["vps"], sampler.weights, cfg.vas_momentum))
     if d.master:
         (out_dir / "vas").mkdir(parents=True, exist_ok=True)
@@ -706,6 +734,7 @@ def main() -> None:
         if d.master:
             print(f"[grpo] resumed from {ckpt} at step {start_step}")
     fmt = chat.PromptFormat(instruction=chat.INSTRUCTIONS.get(cfg.instruction, cfg.instruction))
+    scorable = scorable_prompts(processor, rows, cfg, fmt, d) if cfg.vas else []  # VAS scores these
     if val_rows:  # validation prompts obey --max-prompt-length too (checked once, here)
         val_skipped: list[str] = []
         fit = fitting_prompts(processor, list(range(len(val_rows))), val_rows, cfg, fmt, val_skipped, cfg.val_data)
@@ -734,7 +763,7 @@ def main() -> None:
     initial_vas_s = 0.0
     if cfg.vas and start_step == 0:  # initial scoring of every prompt before step 1
         t0 = time.time()
-        scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, 0, out_dir)
+        scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, 0, out_dir, scorable)
         vps, initial_vas_s = scores["vps"], time.time() - t0
         generated += [len(rows) * cfg.vas_rollouts, scores["tokens"].sum()]
         if d.master:
@@ -771,7 +800,7 @@ def main() -> None:
         if cfg.vas and cfg.vas_online:
             refresh_vps_online(vps, sampler, outs, rewards, prompt_ids, cfg, d)
         if cfg.vas and cfg.vas_update_every and done % cfg.vas_update_every == 0 and done < total_steps:
-            scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, done, out_dir)
+            scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, done, out_dir, scorable)
             vps, generated = scores["vps"], generated + [len(rows) * cfg.vas_rollouts, scores["tokens"].sum()]
         t_vas = time.time() - t0 + (initial_vas_s if step == start_step else 0.0)
 

@@ -409,3 +409,27 @@ def test_grpo_validation_prompt_above_max_prompt_length_is_a_bad_row(toy_dir, tm
     assert "1 validation prompts above --max-prompt-length left out" in proc.stdout
     steps = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [r["val/accuracy"] in (0.0, 1.0) for r in steps if "val/accuracy" in r] == [True, True]  # one val row
+
+
+def test_vas_scoring_obeys_max_prompt_length(toy_dir, tmp_path):
+    """--vas scores every training prompt before step 1: a prompt above --max-prompt-length is an
+    error naming it at startup, or with --skip-bad-rows it is never scored (no rollouts, VPS 0)."""
+    import numpy as np
+
+    from data import toy
+
+    toy.draw_grid(["red", "blue", "green", "yellow"]).save(tmp_path / "img.png")
+    short = {"id": "short", "problem": "<image>How many red squares?", "answer": "1", "images": ["img.png"]}
+    long = {"id": "long", "problem": "<image>" + "How many red squares? " * 40, "answer": "1", "images": ["img.png"]}
+    train = tmp_path / "rl.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in [short, long, short]))
+    args = ["grpo.py", "--model", str(toy_dir / "model"), "--data", str(train), "--max-prompt-length", "96", "--vas",
+            "--vas-rollouts", "2", "--rollout-batch-size", "2", "--group-size", "2", "--max-steps", "1",
+            "--val-every", "0", "--reward-workers", "0", "--max-response-length", "4", "--updates-per-batch", "1",
+            "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    line = last_line(run_failing(args))
+    assert line.startswith(f"error: {train} row 1: the prompt is ") and "above --max-prompt-length 96" in line
+    proc = run_script(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")])
+    assert "VAS leaves out 1 prompts above --max-prompt-length" in proc.stdout
+    refresh = np.load(tmp_path / "skip" / "vas" / "refresh-0.npz")
+    assert refresh["tokens"][1] == 0 and refresh["vps"][1] == 0 and (refresh["tokens"][[0, 2]] > 0).all()
