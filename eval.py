@@ -49,7 +49,7 @@ class EvalConfig:
     output_dir: str = field("runs/eval", "where per-sample jsonl files and the results table go")
     toy: str = field(
         "default",
-        "which toy's checkpoints and test split are scored when neither --model nor --data is given: default (four question families) or slip (arith with a slip in the SFT traces that GRPO removes: RL visibly helps, docs/rl-bench.md)",
+        toy.VARIANT_HELP,
         choices=list(toy.VARIANTS),
     )
     engine: str = field("auto", "generation engine: vllm (GPU), hf, or auto", choices=["auto", "hf", "vllm"])

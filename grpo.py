@@ -136,7 +136,7 @@ class GRPOConfig:
     )
     toy: str = field(
         "default",
-        "which toy runs when neither --model nor --data is given: default (four question families) or slip (arith with a slip in the SFT traces that GRPO removes: RL visibly helps, docs/rl-bench.md)",
+        toy.VARIANT_HELP,
         choices=list(toy.VARIANTS),
     )
     save_every: int = field(10, "checkpoint every N steps (0 = only final)")

@@ -41,7 +41,7 @@ class SFTConfig:
     )
     toy: str = field(
         "default",
-        "which toy runs when neither --model nor --data is given: default (four question families) or slip (arith with a slip in the SFT traces that GRPO removes: RL visibly helps, docs/rl-bench.md)",
+        toy.VARIANT_HELP,
         choices=list(toy.VARIANTS),
     )
     preset: str = field("", "'paper' = Table 5 hyper-parameters of the paper", choices=["", "paper"])

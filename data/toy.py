@@ -54,6 +54,10 @@ FAMILIES = ("count", "color", "either", "arith")
 SPLIT_SIZES = {"train": 4000, "val": 200, "test": 300}
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}  # added to the user seed: splits never overlap in RNG
 VARIANTS = ("default", "slip")
+VARIANT_HELP = (  # the --toy flag of sft.py, grpo.py and eval.py
+    "the toy used when neither --model nor --data is given: default (four question families) or slip (arith "
+    "with a slip in the SFT traces that GRPO removes: RL visibly helps, docs/rl-bench.md)"
+)
 VARIANT_DATA_DIRS = {"default": TOY_DATA_DIR, "slip": ROOT / "data" / "toy-slip"}
 SLIP_COLOR = "red"  # slip variant: the one colour every question counts
 SLIP_MUL = 3  # slip variant: the multiplier whose SFT traces slip (input-dependent, so greedy decoding slips too)
