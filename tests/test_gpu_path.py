@@ -211,7 +211,7 @@ def test_vas_rescoring_uses_prompts_per_call(tmp_path):
     assert cfg.vas_prompts_per_call == 256
     sampler = grpo.vas.MixedSampler(len(rows), 16, 0.5, 0)
     one = dist.Dist(0, 1, 0, torch.device("cpu"))
-    scores = grpo.refresh_vps(engine, None, rows, sampler, cfg, one, None, 0, tmp_path)
+    scores = grpo.refresh_vps(engine, None, rows, sampler, cfg, one, None, 0, tmp_path, list(range(len(rows))))
     assert engine.calls == [256, 256, 88] and scores["pass_rate"].tolist() == [1.0] * 600
 
 
