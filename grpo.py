@@ -289,6 +289,12 @@ def frozen_token_logprobs(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dis
 # ---------------------------------------------------------------------------------------------
 
 
+def undecoded_rows(rows, indices: list[int]) -> list[dict]:
+    """rows[i] for each index with its images left undecoded where the rows are a lazy data.Rows
+    (prompt lengths read only the image headers); a plain list's rows as they are."""
+    return [rows.undecoded(i)[0] if hasattr(rows, "undecoded") else rows[i] for i in indices]
+
+
 def fitting_prompts(
     processor,
     prompt_ids: list[int],
@@ -302,13 +308,14 @@ def fitting_prompts(
     every engine (HF generate would otherwise take any length; vLLM would refuse the request). A
     longer prompt is a bad row of `spec` (default --data): BadRowError naming it, or with
     --skip-bad-rows dropped (its whole group) and noted in `skipped`."""
-    lengths = batches.prompt_lengths(processor, [rows[i] for i in prompt_ids], cfg.min_pixels, cfg.max_pixels, fmt)
+    picked = undecoded_rows(rows, prompt_ids)  # the lengths need image headers, not pixels
+    lengths = batches.prompt_lengths(processor, picked, cfg.min_pixels, cfg.max_pixels, fmt)
     keep = []
-    for i, n in zip(prompt_ids, lengths):
+    for i, row, n in zip(prompt_ids, picked, lengths):
         if n <= cfg.max_prompt_length:
             keep.append(i)
             continue
-        message = f"{spec or cfg.data} row {i}" + (f" (id={rows[i]['id']})" if rows[i].get("id") is not None else "")
+        message = f"{spec or cfg.data} row {i}" + (f" (id={row['id']})" if row.get("id") is not None else "")
         message += f": the prompt is {n} tokens, above --max-prompt-length {cfg.max_prompt_length}"
         if not cfg.skip_bad_rows:
             raise config.BadRowError(message)
@@ -390,8 +397,7 @@ def scorable_prompts(processor, rows: list[dict], cfg: GRPOConfig, fmt: chat.Pro
     training batches (fitting_prompts), never trained on."""
     mine, n_real = dist.shard(list(range(len(rows))), d)
     mine = mine[:n_real]
-    raw = [rows.undecoded(i)[0] if hasattr(rows, "undecoded") else rows[i] for i in mine]  # images undecoded
-    lengths = batches.prompt_lengths(processor, raw, cfg.min_pixels, cfg.max_pixels, fmt)
+    lengths = batches.prompt_lengths(processor, undecoded_rows(rows, mine), cfg.min_pixels, cfg.max_pixels, fmt)
     too_long = dist.all_gather_list([(i, n) for i, n in zip(mine, lengths) if n > cfg.max_prompt_length], d)
     if too_long:
         i, n = too_long[0]
