@@ -44,7 +44,9 @@ class EvalConfig:
     model: str = field(
         "", "hub ids or local folders to evaluate, comma-separated (default: the toy SFT and GRPO checkpoints)"
     )
-    benchmarks: str = field("mathverse,mathvista,mathvision,logicvista,chartqa", "comma-separated benchmark names")
+    benchmarks: str = field(
+        ",".join(benchmarks.PAPER_BENCHMARKS), "comma-separated names from mmr1/benchmarks.py's registry (BENCHMARKS)"
+    )
     bench_data: str = field("", "local overrides, name=path[,name=path]: parquet/jsonl in the benchmark's columns")
     output_dir: str = field("runs/eval", "where per-sample jsonl files and the results table go")
     toy: str = field(
@@ -53,17 +55,17 @@ class EvalConfig:
         choices=list(toy.VARIANTS),
     )
     engine: str = field("auto", "generation engine: vllm (GPU), hf, or auto", choices=["auto", "hf", "vllm"])
-    temperature: float = field(0.0, "sampling temperature (0 = greedy)")
+    temperature: float = field(0.0, "sampling temperature (0 = greedy)", at_least=0.0)
     max_new_tokens: int = field(
-        4096, "response token limit (the RL stage trains 4096-token responses; the toy uses 64)"
+        4096, "response token limit (the RL stage trains 4096-token responses; the toy uses 64)", at_least=1
     )
-    max_prompt_length: int = field(4096, "prompt token limit (vLLM context = prompt + response)")
-    limit: int = field(0, "evaluate only the first N rows of each benchmark (0 = all)")
-    batch_size: int = field(32, "prompts per generation call")
-    min_pixels: int = field(7056, "images are resized to at least this many pixels")
-    max_pixels: int = field(1048576, "images are resized to at most this many pixels")
-    gpu_memory_utilization: float = field(0.75, "vLLM's share of GPU memory")
-    seed: int = field(0, "sampling seed")
+    max_prompt_length: int = field(4096, "prompt token limit (vLLM context = prompt + response)", at_least=1)
+    limit: int = field(0, "evaluate only the first N rows of each benchmark (0 = all)", at_least=0)
+    batch_size: int = field(32, "prompts per generation call", at_least=1)
+    min_pixels: int = field(7056, "images are resized to at least this many pixels", at_least=1)
+    max_pixels: int = field(1048576, "images are resized to at most this many pixels", at_least=1)
+    gpu_memory_utilization: float = field(0.75, "vLLM's share of GPU memory", above=0.0, at_most=1.0)
+    seed: int = field(0, "sampling seed", at_least=0)
 
 
 # The paper's rows, for comparison in the results table
@@ -97,12 +99,12 @@ score_answer = benchmarks.score_answer  # eval.score_answer(benchmark, response,
 def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: dist.Dist):
     """Generates for every usable row (sharded over ranks), scores it; returns (records, bad).
 
-    Benchmarks are asked as the paper does: the Table 8 prompt as the system message, the question
-    (with its options) in the user turn. The toy is asked in its own format (no system prompt).
+    Each benchmark is asked under its registry entry's system prompt (the paper's Table 8 prompt; none
+    for the toy, asked in its own format), the question (with its options) in the user turn.
     """
     usable, bad = benchmarks.prompt_rows(name, raw, cfg.min_pixels, cfg.max_pixels)
     padded, n_real = dist.shard(usable, d)
-    engine.prompt_format = chat.PromptFormat(system="" if name == "toy" else chat.EVAL_SYSTEM_PROMPT)
+    engine.prompt_format = chat.PromptFormat(system=benchmarks.BENCHMARKS[name].system_prompt)
     records = []
     sampling = rollout.Sampling(cfg.temperature, 1.0, cfg.max_new_tokens, dist.derive_seed(cfg.seed, "eval"))
     bar = tqdm(total=len(usable), disable=not d.master, desc=name, leave=False)
@@ -214,32 +216,62 @@ def make_engine(cfg: EvalConfig, path: str, model, processor, d: dist.Dist):
     )
 
 
-def main() -> None:
-    cfg = config.parse_config(EvalConfig)
-    d = dist.setup_distributed(cfg.seed)
+def models_and_benchmarks(cfg: EvalConfig) -> tuple[dict[str, str], list[str]]:
+    """({label: checkpoint}, benchmark names) of the run. --model alone: those models on --benchmarks;
+    no --model: the toy's SFT and GRPO checkpoints on its test split; --toy NAME with --model: those
+    models on that toy's test split. Refuses (one `error:` line) a benchmark the registry lacks."""
+    if cfg.model and cfg.toy == "default":
+        names = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
+        unknown = [n for n in names if n not in benchmarks.BENCHMARKS]
+        if unknown:
+            config.fail(f"--benchmarks: unknown {', '.join(unknown)}; choose from {', '.join(benchmarks.BENCHMARKS)}")
+        return {m: m for m in cfg.model.split(",") if m}, names
+    toy.ensure_toy(variant=cfg.toy)
     if cfg.model:
         models = {m: m for m in cfg.model.split(",") if m}
-        names = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
-    else:  # toy: compare the SFT and GRPO toy checkpoints on the toy test split
-        toy.ensure_toy(variant=cfg.toy)
+    else:  # compare the SFT and GRPO toy checkpoints
         runs = [toy.run_dir(stage, cfg.toy) for stage in ("sft", "grpo")]
         models = {r.name: str(r / "final") for r in runs if (r / "final").exists()}
         if not models:
             flag = "" if cfg.toy == "default" else f" --toy {cfg.toy}"
-            raise SystemExit(f"no toy checkpoints: run `python sft.py{flag}` (and `python grpo.py{flag}`) first")
-        cfg.bench_data = cfg.bench_data or f"toy={toy.VARIANT_DATA_DIRS[cfg.toy] / 'rl' / 'test.parquet'}"
-        names, cfg.max_new_tokens, cfg.min_pixels, cfg.max_pixels = ["toy"], min(cfg.max_new_tokens, 64), 3136, 50176
-    unknown = [n for n in names if n not in benchmarks.BENCHMARKS]
-    if unknown:
-        raise SystemExit(f"unknown benchmarks {unknown}; choose from {list(benchmarks.BENCHMARKS)}")
+            config.fail(f"no toy checkpoints: run `python sft.py{flag}` (and `python grpo.py{flag}`) first")
+    cfg.bench_data = cfg.bench_data or f"toy={toy.VARIANT_DATA_DIRS[cfg.toy] / 'rl' / 'test.parquet'}"
+    cfg.max_new_tokens, cfg.min_pixels, cfg.max_pixels = min(cfg.max_new_tokens, 64), 3136, 50176
+    return models, ["toy"]
+
+
+def bench_files(bench_data: str, names: list[str]) -> dict[str, str]:
+    """--bench-data as {benchmark: file}; refuses (one `error:` line) an entry that is not name=path, a
+    name the registry lacks or that is not evaluated (a misspelt name would otherwise send the run to
+    the hub copy), a name given twice, and a file that is not there."""
+    files: dict[str, str] = {}
+    for entry in (e.strip() for e in bench_data.split(",") if e.strip()):
+        name, eq, path = entry.partition("=")
+        if not eq or not name or not path:
+            config.fail(f"--bench-data {entry!r}: give name=path (e.g. mathvista=local/mv.parquet)")
+        if name not in benchmarks.BENCHMARKS:
+            config.fail(
+                f"--bench-data {entry}: unknown benchmark {name!r}; choose from {', '.join(benchmarks.BENCHMARKS)}"
+            )
+        if name not in names:
+            config.fail(f"--bench-data {entry}: {name} is not evaluated (--benchmarks {','.join(names)})")
+        if name in files:
+            config.fail(f"--bench-data: {name} is given twice")
+        if not Path(path).is_file():
+            config.fail(f"--bench-data {entry}: " + ("a folder, not a file" if Path(path).is_dir() else "no such file"))
+        files[name] = path
+    return files
+
+
+def main() -> None:
+    cfg = config.parse_config(EvalConfig)
+    models, names = models_and_benchmarks(cfg)
+    files = bench_files(cfg.bench_data, names)
+    d = dist.setup_distributed(cfg.seed)
     for path in models.values():
         guards.check_model_dir(path)
     guards.lock_output_dir(cfg.output_dir, d.master)  # writable before anything is generated; one eval per folder
-    malformed = [kv for kv in cfg.bench_data.split(",") if kv and "=" not in kv]
-    if malformed:
-        raise config.InputError(f"--bench-data {malformed[0]!r}: give name=path (e.g. mathvista=local/mv.parquet)")
-    overrides = dict(kv.split("=", 1) for kv in cfg.bench_data.split(",") if kv)
-    raw = {n: load_benchmark(n, overrides.get(n), cfg.limit) for n in names}
+    raw = {n: load_benchmark(n, files.get(n), cfg.limit) for n in names}
 
     results: dict[str, dict[str, dict]] = {}
     for label, path in models.items():

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,15 +60,15 @@ class GRPOConfig:
         "",
         "read --val-data in this benchmark's columns and score it by its rule (e.g. mathvista with a MathVista "
         "testmini parquet, or the hub copy when --val-data is empty); MMR1-RL has no validation split",
-        choices=["", "mathverse", "mathvista", "mathvision", "logicvista", "chartqa"],
+        choices=["", *benchmarks.BENCHMARKS],  # the registry eval.py reads too
     )
-    train_limit: int = field(0, "use only the first N training prompts (0 = all; the toy uses 512)")
+    train_limit: int = field(0, "use only the first N training prompts (0 = all; the toy uses 512)", at_least=0)
     skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
     skip_nonfinite: int = field(
-        0, "skip (and count) up to N steps with a non-finite loss or grad norm; 0 = stop at the first"
+        0, "skip (and count) up to N steps with a non-finite loss or grad norm; 0 = stop at the first", at_least=0
     )
-    min_pixels: int = field(3136, "images are resized to at least this many pixels")
-    max_pixels: int = field(50176, "images are resized to at most this many pixels")
+    min_pixels: int = field(3136, "images are resized to at least this many pixels", at_least=1)
+    max_pixels: int = field(50176, "images are resized to at most this many pixels", at_least=1)
     instruction: str = field(
         "",
         "text put before every problem in the user turn, joined by a space; 'recipe' = the paper's Table 7 RL "
@@ -78,59 +79,69 @@ class GRPOConfig:
     engine: str = field(
         "auto", "rollout engine: vllm, hf, or auto (vLLM on a GPU when installed)", choices=["auto", "hf", "vllm"]
     )
-    max_steps: int = field(30, "optimizer steps (0 = --episodes passes over the data)")
-    episodes: float = field(1.0, "passes over the prompts when --max-steps is 0")
-    rollout_batch_size: int = field(16, "prompts per step, all ranks together (paper: 512)")
+    max_steps: int = field(30, "optimizer steps (0 = --episodes passes over the data)", at_least=0)
+    episodes: float = field(1.0, "passes over the prompts when --max-steps is 0", at_least=0.0)
+    rollout_batch_size: int = field(16, "prompts per step, all ranks together (paper: 512)", at_least=1)
     group_size: int = field(8, "n: responses sampled per prompt (the GRPO group)")
-    temperature: float = field(0.6, "rollout sampling temperature (the log-probs use it too)")
-    top_p: float = field(1.0, "rollout nucleus sampling")
-    max_prompt_length: int = field(2048, "prompt token limit (vLLM context = prompt + response)")
-    max_response_length: int = field(64, "response token limit (paper: 4096)")
+    temperature: float = field(0.6, "rollout sampling temperature (the log-probs use it too)", above=0.0)
+    top_p: float = field(1.0, "rollout nucleus sampling", above=0.0, at_most=1.0)
+    max_prompt_length: int = field(2048, "prompt token limit (vLLM context = prompt + response)", at_least=1)
+    max_response_length: int = field(64, "response token limit (paper: 4096)", at_least=1)
     # --- loss ---
-    clip_low: float = field(0.2, "PPO clip: ratio >= 1 - clip_low")
-    clip_high: float = field(0.2, "PPO clip: ratio <= 1 + clip_high")
-    kl_coef: float = field(0.01, "weight of the k3 KL to the frozen reference (0 = no reference model)")
-    adv_eps: float = field(1e-6, "added to the group std when normalising advantages")
+    clip_low: float = field(0.2, "PPO clip: ratio >= 1 - clip_low", at_least=0.0, at_most=1.0)
+    clip_high: float = field(0.2, "PPO clip: ratio <= 1 + clip_high", at_least=0.0)
+    kl_coef: float = field(0.01, "weight of the k3 KL to the frozen reference (0 = no reference model)", at_least=0.0)
+    adv_eps: float = field(1e-6, "added to the group std when normalising advantages", at_least=0.0)
     # --- optimiser ---
-    lr: float = field(1e-4, "AdamW learning rate, constant (paper: 1e-6)")
-    weight_decay: float = field(0.01, "AdamW weight decay")
-    max_grad_norm: float = field(1.0, "gradient clipping norm")
-    updates_per_batch: int = field(2, "optimizer steps per rollout batch (> 1 recomputes old log-probs; paper: 1)")
+    lr: float = field(1e-4, "AdamW learning rate, constant (paper: 1e-6)", above=0.0)
+    weight_decay: float = field(0.01, "AdamW weight decay", at_least=0.0)
+    max_grad_norm: float = field(1.0, "gradient clipping norm", above=0.0)
+    updates_per_batch: int = field(
+        2, "optimizer steps per rollout batch (> 1 recomputes old log-probs; paper: 1)", at_least=1
+    )
     micro_batch_size: int = field(
-        32, "sequences per forward/backward on one rank: the count with --max-tokens-per-micro-batch 0, else a cap"
+        32,
+        "sequences per forward/backward on one rank: the count with --max-tokens-per-micro-batch 0, else a cap",
+        at_least=1,
     )
     max_tokens_per_micro_batch: int = field(
-        4096, "tokens per forward/backward on one rank (0 = fixed --micro-batch-size sequences)"
+        4096, "tokens per forward/backward on one rank (0 = fixed --micro-batch-size sequences)", at_least=0
     )
     pack: bool = field(
         True,
         "padding-free log-prob passes: each micro-batch's sequences packed into one row "
         "(--no-pack: right-padded, for comparison)",
     )
-    logprob_chunk: int = field(1024, "positions per lm_head chunk in the log-prob pass")
+    logprob_chunk: int = field(1024, "positions per lm_head chunk in the log-prob pass", at_least=1)
     gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
     # --- reward ---
     format_weight: float = field(1.0, "weight of the format reward in the overall reward")
     accuracy_weight: float = field(1.0, "weight of the accuracy reward in the overall reward")
-    reward_workers: int = field(2, "reward scoring processes per rank (0 = score in this process, no hard timeout)")
-    reward_timeout_s: float = field(5.0, "hard time limit per response in reward scoring, seconds")
+    reward_workers: int = field(
+        2, "reward scoring processes per rank (0 = score in this process, no hard timeout)", at_least=0
+    )
+    reward_timeout_s: float = field(5.0, "hard time limit per response in reward scoring, seconds", above=0.0)
     # --- Variance-Aware Sampling ---
     vas: bool = field(False, "Variance-Aware Sampling instead of uniform shuffling")
     vas_online: bool = field(False, "also refresh the VPS of each batch's prompts from its training rollouts")
-    vas_mix_ratio: float = field(0.5, "lambda: share of each batch drawn by VPS weight")
-    vas_alpha: float = field(0.8, "alpha: weight of OVS in VPS")
-    vas_beta: float = field(0.2, "beta: weight of TDS in VPS")
-    vas_update_every: int = field(10, "T_update: re-score all prompts every N steps (paper: 56; 0 = never)")
-    vas_rollouts: int = field(8, "N: responses per prompt when scoring VPS (paper: 16)")
+    vas_mix_ratio: float = field(0.5, "lambda: share of each batch drawn by VPS weight", at_least=0.0, at_most=1.0)
+    vas_alpha: float = field(0.8, "alpha: weight of OVS in VPS", at_least=0.0)
+    vas_beta: float = field(0.2, "beta: weight of TDS in VPS", at_least=0.0)
+    vas_update_every: int = field(10, "T_update: re-score all prompts every N steps (paper: 56; 0 = never)", at_least=0)
+    vas_rollouts: int = field(8, "N: responses per prompt when scoring VPS (paper: 16)", at_least=1)
     vas_tds: str = field("self_bleu", "trajectory diversity measure", choices=["self_bleu", "distinct", "edit"])
-    vas_momentum: float = field(0.0, "weights <- m * old + (1 - m) * new at each refresh (paper: 0)")
+    vas_momentum: float = field(
+        0.0, "weights <- m * old + (1 - m) * new at each refresh (paper: 0)", at_least=0.0, at_most=1.0
+    )
     vas_prompts_per_call: int = field(
-        256, "prompts per generation call when re-scoring (x --vas-rollouts responses; vLLM batches them all)"
+        256,
+        "prompts per generation call when re-scoring (x --vas-rollouts responses; vLLM batches them all)",
+        at_least=1,
     )
     # --- validation and saving ---
-    val_every: int = field(10, "validation accuracy every N steps (0 = only at the end)")
-    val_limit: int = field(200, "validation prompts (0 = all)")
-    val_temperature: float = field(0.5, "validation sampling temperature (n = 1)")
+    val_every: int = field(10, "validation accuracy every N steps (0 = only at the end)", at_least=0)
+    val_limit: int = field(200, "validation prompts (0 = all)", at_least=0)
+    val_temperature: float = field(0.5, "validation sampling temperature (n = 1)", at_least=0.0)
     output_dir: str = field(
         "runs/toy-grpo", "where checkpoints, metrics.jsonl and final/ go (toy slip: runs/toy-slip-grpo)"
     )
@@ -139,15 +150,22 @@ class GRPOConfig:
         toy.VARIANT_HELP,
         choices=list(toy.VARIANTS),
     )
-    save_every: int = field(10, "checkpoint every N steps (0 = only final)")
-    save_total_limit: int = field(0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)")
+    save_every: int = field(10, "checkpoint every N steps (0 = only final)", at_least=0)
+    save_total_limit: int = field(
+        0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)", at_least=0
+    )
     resume: bool = field(False, "continue from the latest <output-dir>/step-N")
-    stop_after: int = field(0, "exit after this many steps without the final save, as a preemption would (testing)")
+    stop_after: int = field(
+        0, "exit after this many steps without the final save, as a preemption would (testing)", at_least=0
+    )
     report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
     # --- system ---
-    seed: int = field(0, "seed of the sampler, the rollouts and the init")
+    seed: int = field(0, "seed of the sampler, the rollouts and the init", at_least=0)
     gpu_memory_utilization: float = field(
-        0.0, "vLLM's share of GPU memory (0 = from the memory plan: what the trainer leaves; mmr1/memory.py)"
+        0.0,
+        "vLLM's share of GPU memory (0 = from the memory plan: what the trainer leaves; mmr1/memory.py)",
+        at_least=0.0,
+        at_most=1.0,
     )
 
 
@@ -654,7 +672,8 @@ RESUME_MAY_CHANGE = {
 
 
 def validate_config(cfg: GRPOConfig) -> None:
-    """Stops with one line per setting that would run but train nothing useful, saying what to use."""
+    """Stops with one `error:` line per combination of settings that would run but train nothing
+    useful, saying what to use (each value's own bounds were checked by config.parse_config)."""
     problems = []
     if cfg.group_size < 2:
         problems.append(
@@ -666,18 +685,18 @@ def validate_config(cfg: GRPOConfig) -> None:
             f"--vas-rollouts {cfg.vas_rollouts}: the pass-rate variance of fewer than 2 rollouts is 0, "
             "so VAS would sample uniformly; use at least 2 (paper: 16)"
         )
-    if cfg.max_steps < 0 or (cfg.max_steps == 0 and cfg.episodes <= 0):
+    if cfg.max_steps == 0 and cfg.episodes <= 0:
         problems.append(
             f"--max-steps {cfg.max_steps} --episodes {cfg.episodes}: no step would run and final/ "
             "would be the untrained model; give --max-steps > 0, or 0 with --episodes > 0"
         )
-    for name in ("rollout_batch_size", "micro_batch_size", "updates_per_batch", "vas_prompts_per_call"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: use at least 1")
-    if not 0.0 <= cfg.vas_mix_ratio <= 1.0:
-        problems.append(f"--vas-mix-ratio {cfg.vas_mix_ratio}: a share of the batch, use a value in [0, 1]")
+    if cfg.min_pixels > cfg.max_pixels:
+        problems.append(f"--min-pixels {cfg.min_pixels} is above --max-pixels {cfg.max_pixels}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the batch is split evenly over ranks
+    if cfg.rollout_batch_size % world_size:
+        problems.append(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by {world_size} ranks")
     if problems:
-        raise SystemExit("grpo.py: " + "\n".join(problems))
+        config.fail(*problems)
 
 
 def announce(cfg: GRPOConfig, d: dist.Dist, out_dir: Path, n_rows: int, total_steps: int, engine: str) -> None:
@@ -692,21 +711,27 @@ def announce(cfg: GRPOConfig, d: dist.Dist, out_dir: Path, n_rows: int, total_st
 
 
 def use_toy_defaults(cfg: GRPOConfig) -> None:
-    """With neither --model nor --data: the toy SFT checkpoint on the toy RL splits."""
-    if cfg.model or cfg.data:
-        if not (cfg.model and cfg.data):
-            raise SystemExit("give both --model and --data (or neither, for the toy task)")
+    """Takes what --model / --data leave out from the toy (--toy NAME, the default toy when neither
+    is given): its SFT checkpoint, its RL splits (train, first 512 prompts; val). Given only one of
+    the two without --toy, stops: half a real run on the toy is more likely a typo than a plan."""
+    if cfg.model and cfg.data:
         return
-    sft_model = toy.run_dir("sft", cfg.toy) / "final"
-    if not (sft_model / "config.json").exists():
-        flag = "" if cfg.toy == "default" else f" --toy {cfg.toy}"
-        raise SystemExit(f"no toy SFT checkpoint at {sft_model}: run `python sft.py{flag}` first")
-    toy.ensure_toy(variant=cfg.toy)
+    if (cfg.model or cfg.data) and cfg.toy == "default":
+        config.fail(
+            "give both --model and --data (or neither, for the toy task; or --toy NAME to take the other from that toy)"
+        )
     folder = toy.VARIANT_DATA_DIRS[cfg.toy]
-    cfg.model = str(sft_model)
-    cfg.data = str(folder / "rl") + "@train"
-    cfg.val_data = cfg.val_data or str(folder / "rl") + "@val"
-    cfg.train_limit = cfg.train_limit or 512
+    if not cfg.model:
+        sft_model = toy.run_dir("sft", cfg.toy) / "final"
+        if not (sft_model / "config.json").exists():
+            flag = "" if cfg.toy == "default" else f" --toy {cfg.toy}"
+            config.fail(f"no toy SFT checkpoint at {sft_model}: run `python sft.py{flag}` first")
+        cfg.model = str(sft_model)
+    if not cfg.data:
+        toy.ensure_toy(variant=cfg.toy)
+        cfg.data = str(folder / "rl") + "@train"
+        cfg.val_data = cfg.val_data or str(folder / "rl") + "@val"
+        cfg.train_limit = cfg.train_limit or 512
     if cfg.output_dir == GRPOConfig.output_dir:
         cfg.output_dir = str(toy.run_dir("grpo", cfg.toy).relative_to(toy.ROOT))
     if cfg.toy == "slip" and cfg.val_temperature == GRPOConfig.val_temperature:

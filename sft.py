@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -45,41 +46,49 @@ class SFTConfig:
         choices=list(toy.VARIANTS),
     )
     preset: str = field("", "'paper' = Table 5 hyper-parameters of the paper", choices=["", "paper"])
-    epochs: float = field(1.0, "passes over the training rows (ignored when --max-steps > 0)")
-    max_steps: int = field(300, "optimizer steps; 0 = derived from --epochs")
-    batch_size: int = field(32, "effective global batch (rows per optimizer step, all ranks)")
+    epochs: float = field(1.0, "passes over the training rows (ignored when --max-steps > 0)", at_least=0.0)
+    max_steps: int = field(300, "optimizer steps; 0 = derived from --epochs", at_least=0)
+    batch_size: int = field(32, "effective global batch (rows per optimizer step, all ranks)", at_least=1)
     micro_batch_size: int = field(
-        16, "rows per forward/backward on one rank: the count with --max-tokens-per-micro-batch 0, else a cap"
+        16,
+        "rows per forward/backward on one rank: the count with --max-tokens-per-micro-batch 0, else a cap",
+        at_least=1,
     )
     max_tokens_per_micro_batch: int = field(
-        4096, "tokens per forward/backward on one rank (0 = fixed --micro-batch-size rows)"
+        4096, "tokens per forward/backward on one rank (0 = fixed --micro-batch-size rows)", at_least=0
     )
     pack: bool = field(
         True,
         "padding-free forward: each micro-batch's rows packed into one row (--no-pack: right-padded, for comparison)",
     )
-    lr: float = field(2e-3, "peak AdamW learning rate")
-    warmup_ratio: float = field(0.1, "share of steps with linear warm-up, then cosine decay to 0")
-    weight_decay: float = field(0.0, "AdamW weight decay")
-    max_grad_norm: float = field(1.0, "gradient clipping norm")
-    max_length: int = field(0, "cut sequences to this many tokens (0 = no cut)")
+    lr: float = field(2e-3, "peak AdamW learning rate", above=0.0)
+    warmup_ratio: float = field(
+        0.1, "share of steps with linear warm-up, then cosine decay to 0", at_least=0.0, at_most=1.0
+    )
+    weight_decay: float = field(0.0, "AdamW weight decay", at_least=0.0)
+    max_grad_norm: float = field(1.0, "gradient clipping norm", above=0.0)
+    max_length: int = field(0, "cut sequences to this many tokens (0 = no cut)", at_least=0)
     gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
     freeze_vision: bool = field(False, "keep the vision tower frozen")
-    min_pixels: int = field(3136, "images are resized to at least this many pixels")
-    max_pixels: int = field(50176, "images are resized to at most this many pixels")
-    logprob_chunk: int = field(1024, "positions per lm_head chunk in the loss (memory vs speed)")
-    eval_every: int = field(100, "validation loss every N steps (0 = only at the end)")
-    val_limit: int = field(200, "rows used for the validation loss (0 = all)")
-    acc_limit: int = field(200, "rows used for the final validation accuracy (0 = all, -1 = skip)")
-    acc_max_new_tokens: int = field(64, "generation budget of the validation accuracy")
-    save_every: int = field(100, "checkpoint every N steps (0 = only final)")
-    save_total_limit: int = field(0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)")
-    seed: int = field(0, "seed of the data order and the init")
+    min_pixels: int = field(3136, "images are resized to at least this many pixels", at_least=1)
+    max_pixels: int = field(50176, "images are resized to at most this many pixels", at_least=1)
+    logprob_chunk: int = field(1024, "positions per lm_head chunk in the loss (memory vs speed)", at_least=1)
+    eval_every: int = field(100, "validation loss every N steps (0 = only at the end)", at_least=0)
+    val_limit: int = field(200, "rows used for the validation loss (0 = all)", at_least=0)
+    acc_limit: int = field(200, "rows used for the final validation accuracy (0 = all, -1 = skip)", at_least=-1)
+    acc_max_new_tokens: int = field(64, "generation budget of the validation accuracy", at_least=1)
+    save_every: int = field(100, "checkpoint every N steps (0 = only final)", at_least=0)
+    save_total_limit: int = field(
+        0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)", at_least=0
+    )
+    seed: int = field(0, "seed of the data order and the init", at_least=0)
     resume: bool = field(False, "continue from the latest <output-dir>/step-N")
-    stop_after: int = field(0, "exit after this many steps without the final save, as a preemption would (testing)")
+    stop_after: int = field(
+        0, "exit after this many steps without the final save, as a preemption would (testing)", at_least=0
+    )
     skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
     skip_nonfinite: int = field(
-        0, "skip (and count) up to N steps with a non-finite loss or grad norm; 0 = stop at the first"
+        0, "skip (and count) up to N steps with a non-finite loss or grad norm; 0 = stop at the first", at_least=0
     )
     report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
 
@@ -210,32 +219,40 @@ RESUME_MAY_CHANGE = {
 
 
 def validate_config(cfg: SFTConfig) -> None:
-    """Stops with one line per setting that would run but train nothing useful, saying what to use."""
+    """Stops with one `error:` line per combination of settings that would run but train nothing
+    useful, saying what to use (each value's own bounds were checked by config.parse_config)."""
     problems = []
-    if cfg.max_steps < 0 or (cfg.max_steps == 0 and cfg.epochs <= 0):
+    if cfg.max_steps == 0 and cfg.epochs <= 0:
         problems.append(
             f"--max-steps {cfg.max_steps} --epochs {cfg.epochs}: no step would run and final/ "
             "would be the untrained model; give --max-steps > 0, or 0 with --epochs > 0"
         )
-    for name in ("batch_size", "micro_batch_size"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: use at least 1")
+    if cfg.min_pixels > cfg.max_pixels:
+        problems.append(f"--min-pixels {cfg.min_pixels} is above --max-pixels {cfg.max_pixels}")
+    per_step = (1 if cfg.max_tokens_per_micro_batch else cfg.micro_batch_size) * int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % per_step:
+        problems.append(f"--batch-size {cfg.batch_size} must be a multiple of {per_step} (micro-batch x ranks)")
     if problems:
-        raise SystemExit("sft.py: " + "\n".join(problems))
+        config.fail(*problems)
 
 
 def use_toy_defaults(cfg: SFTConfig) -> None:
-    """With neither --model nor --data: the toy model on the toy SFT splits (built on first use)."""
-    if cfg.model or cfg.data:
-        if not (cfg.model and cfg.data):
-            raise SystemExit("give both --model and --data (or neither, for the toy task)")
+    """Takes what --model / --data leave out from the toy (--toy NAME, the default toy when neither
+    is given): the toy model, its SFT splits (train, val) and its RL val split for the accuracy.
+    Given only one of the two without --toy, stops: half a real run on the toy is more likely a typo."""
+    if cfg.model and cfg.data:
         return
+    if (cfg.model or cfg.data) and cfg.toy == "default":
+        config.fail(
+            "give both --model and --data (or neither, for the toy task; or --toy NAME to take the other from that toy)"
+        )
     toy.ensure_toy(variant=cfg.toy)
     folder = toy.VARIANT_DATA_DIRS[cfg.toy]
-    cfg.model = str(toy.TOY_MODEL_DIR)
-    cfg.data = str(folder / "sft") + "@train"
-    cfg.val_data = cfg.val_data or str(folder / "sft") + "@val"
-    cfg.acc_data = cfg.acc_data or str(folder / "rl") + "@val"
+    cfg.model = cfg.model or str(toy.TOY_MODEL_DIR)
+    if not cfg.data:
+        cfg.data = str(folder / "sft") + "@train"
+        cfg.val_data = cfg.val_data or str(folder / "sft") + "@val"
+        cfg.acc_data = cfg.acc_data or str(folder / "rl") + "@val"
     if cfg.output_dir == SFTConfig.output_dir:
         cfg.output_dir = str(toy.run_dir("sft", cfg.toy).relative_to(toy.ROOT))
 

@@ -7,23 +7,17 @@ grpo.py uses the same rules for validation on a benchmark file (`--val-benchmark
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import reward
 
-from .config import MissingDataError
+from .chat import EVAL_SYSTEM_PROMPT
+from .config import BadRowError, InputError, MissingDataError, first_line
 from .data import check_row
-
-# Hub ids (tried in order: the first is the paper's; a later one is where the copy moved), config, split
-# (PAPER.md, "Benchmark data")
-HUB = {
-    "mathverse": (("AI4Math/MathVerse",), "testmini", "testmini"),
-    "mathvista": (("AI4Math/MathVista",), None, "testmini"),
-    "mathvision": (("MathLLMs/MathVision",), None, "test"),
-    "logicvista": (("lscpku/LogicVista",), None, "test"),
-    "chartqa": (("lmms-lab/ChartQA", "lmms-lab-encoder/ChartQA"), None, "test"),
-}
 
 # The columns each benchmark reports its score by (its own paper / scorer); looked up in the row, then in
 # its `metadata` dict (MathVerse `subject`, MathVista `task` live there)
@@ -35,8 +29,6 @@ BREAKDOWNS = {
     "chartqa": ("type",),
     "toy": ("family",),
 }
-
-BENCHMARKS = ("mathverse", "mathvista", "mathvision", "logicvista", "chartqa", "toy")
 
 # MathVerse "Vision Only" rows have question == "": the problem, its choices included, is drawn in the image.
 # Their `query_cot` says so; this is the same instruction for a file without that column.
@@ -83,37 +75,54 @@ def mathvista_hint(row: dict) -> str:
 
 
 def question_text(benchmark: str, row: dict) -> str:
-    """The user-turn text of a benchmark row (the image goes before it).
+    """The user-turn text of a benchmark row (the image goes before it): the registry's `question`
+    rule of the benchmark (BENCHMARKS)."""
+    return BENCHMARKS[benchmark].question(row)
 
-    MathVerse: its `question` (the choices are in it); a Vision Only row (question == "") gets its
-    `query_cot`, which tells the model the question is in the image. MathVista: hint + "Question: " +
-    question + " (Unit: u)" + choices, as its `query` builds them, minus the multiple-choice hint.
-    MathVision: question + its options as (A) ... lines. LogicVista, ChartQA: the question.
-    """
-    question = str(row.get("question") or "").strip()
-    if benchmark == "mathverse" and not question:  # Vision Only: the whole problem is drawn in the image
-        return str(row.get("query_cot") or "").strip() or QUESTION_IN_IMAGE
-    if benchmark == "mathvista":
-        if row.get("unit"):
-            question += f" (Unit: {row['unit']})"
-        if row.get("choices"):
-            question += options_text(list(row["choices"]))
-        hint = mathvista_hint(row)
-        return f"{hint}\nQuestion: {question}" if hint else question
-    if benchmark == "mathvision" and row.get("options"):
-        question += options_text(list(row["options"]))
-    return question
+
+def plain_question(row: dict) -> str:
+    """LogicVista, ChartQA: the `question` as it is."""
+    return str(row.get("question") or "").strip()
+
+
+def mathverse_question(row: dict) -> str:
+    """MathVerse: its `question` (the choices are in it); a Vision Only row (question == "") gets its
+    `query_cot`, which tells the model the question is in the image."""
+    return plain_question(row) or str(row.get("query_cot") or "").strip() or QUESTION_IN_IMAGE
+
+
+def mathvista_question(row: dict) -> str:
+    """MathVista: hint + "Question: " + question + " (Unit: u)" + choices, as its `query` builds them,
+    minus the multiple-choice hint."""
+    question = plain_question(row)
+    if row.get("unit"):
+        question += f" (Unit: {row['unit']})"
+    if row.get("choices"):
+        question += options_text(list(row["choices"]))
+    hint = mathvista_hint(row)
+    return f"{hint}\nQuestion: {question}" if hint else question
+
+
+def mathvision_question(row: dict) -> str:
+    """MathVision: the question, then its options as (A) ... lines."""
+    question = plain_question(row)
+    return question + options_text(list(row["options"])) if row.get("options") else question
 
 
 def to_prompt_row(benchmark: str, row: dict) -> dict:
-    """The RL-format row (problem, images) the engine generates from; raises ValueError if unusable."""
-    if benchmark == "toy":
+    """The RL-format row (problem, images) the engine generates from; raises ValueError if unusable:
+    no image, no question or answer, or a field the benchmark's scoring rule reads in a form it
+    cannot read (the registry's `check`). A toy row is already in the RL layout."""
+    spec = BENCHMARKS[benchmark]
+    problem = spec.check(row)
+    if problem:
+        raise ValueError(problem)
+    if spec.question is None:
         return row
-    image = {"mathvista": "decoded_image", "mathvision": "decoded_image"}.get(benchmark, "image")
-    image = row.get(image) if row.get(image) is not None else row.get("image")
+    image = next((row[c] for c in spec.image_columns if row.get(c) is not None), None)
     if image is None:
         raise ValueError("no image")
-    question = question_text(benchmark, row)
+    question = spec.question(row)
     if not question or row.get("answer") in (None, ""):
         raise ValueError("missing question or answer")
     return {"problem": "<image>" + question.replace("<image>", "").strip(), "images": [image]}
@@ -361,22 +370,12 @@ def score_answer(benchmark: str, response: str, row: dict) -> bool:
     benchmark: mathverse, mathvista, mathvision, logicvista, chartqa or toy.
     """
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {BENCHMARKS}")
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {list(BENCHMARKS)}")
     pred = reward.extract_answer(response)
     gold = str(row["answer"]).strip()
     if pred is None or not pred.strip():
         return False
-    if benchmark == "toy":
-        return reward.is_equivalent(pred, gold, row.get("choices"))
-    if benchmark == "mathverse":
-        return score_mathverse(pred, gold, row)
-    if benchmark == "mathvista":
-        return score_mathvista(pred, gold, row)
-    if benchmark == "mathvision":
-        return score_mathvision(pred, gold, row)
-    if benchmark == "logicvista":
-        return score_logicvista(pred, gold)
-    return chartqa_relaxed(pred, gold)  # ChartQA (pix2struct relaxed_correctness)
+    return BENCHMARKS[benchmark].score(pred, gold, row)  # the benchmark's rule (the registry, below)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,36 +403,81 @@ def resolve_image_paths(row: dict, folder: Path) -> dict:
     return out
 
 
+def read_benchmark_file(path: str | Path) -> list[dict]:
+    """The rows of a local benchmark file (parquet, jsonl, or a .json array), every way it can fail
+    said in one line naming the file (and the line, for jsonl / JSON): MissingDataError when it is
+    not there, BadRowError when it does not parse, has a line that is no JSON object, or has no rows.
+    Relative image paths are made relative to the file's folder (resolve_image_paths)."""
+    file = Path(path)
+    if not file.is_file():
+        raise MissingDataError(f"{file}: no such file" if not file.exists() else f"{file}: a folder, not a file")
+    if file.suffix == ".parquet":
+        rows = _parquet_rows(file)
+    elif file.suffix == ".json" and file.read_bytes()[:4096].lstrip().startswith(b"["):
+        try:
+            rows = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            where = f" line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise BadRowError(f"{file}{where}: not valid JSON ({first_line(e)})") from e
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise BadRowError(f"{file} row {bad}: a JSON {type(rows[bad]).__name__}, not an object")
+    elif file.suffix in (".jsonl", ".json"):
+        rows = []
+        for _, where, row in reward.jsonl_objects(file):
+            if isinstance(row, str):
+                raise BadRowError(f"{where}: {row}")
+            rows.append(row)
+    else:
+        raise BadRowError(f"{file}: give a .parquet, .jsonl or .json file")
+    if not rows:
+        raise BadRowError(f"{file}: empty (no rows)")
+    folder = file.resolve().parent
+    return [resolve_image_paths(dict(r), folder) for r in rows]
+
+
+def _parquet_rows(file: Path) -> list[dict]:
+    """The rows of a parquet file through `datasets` (images decoded as the hub copies are), any
+    failure of pyarrow or datasets as one BadRowError naming the file."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    try:
+        if not pq.ParquetFile(file).metadata.num_rows:
+            return []
+        return [dict(r) for r in datasets.load_dataset("parquet", data_files=str(file), split="train")]
+    except Exception as e:  # noqa: BLE001 - whatever pyarrow or datasets says, the file is unreadable
+        raise BadRowError(f"{file}: not a readable parquet file ({first_line(e)})") from e
+
+
 def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
-    """Raw rows of a benchmark in its own columns: a local parquet/jsonl file (`override`), or its hub
-    ids (HUB) tried in order,
-    each failure said in one line; SystemExit naming every id tried when none loads."""
+    """Raw rows of a benchmark in its own columns: a local parquet/jsonl file (`override`, through
+    read_benchmark_file), or its hub ids (BENCHMARKS[name].hub_ids) tried in order, each failure said
+    in one line; InputError naming every id tried when none loads (and for the toy, which has none)."""
+    if name not in BENCHMARKS:
+        raise InputError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    if override:
+        rows = read_benchmark_file(override)
+        return rows[:limit] if limit else rows
     import datasets
 
-    if override:
-        if not Path(override).is_file():
-            raise MissingDataError(f"--bench-data {name}={override}: no such file")
-        fmt = "parquet" if override.endswith(".parquet") else "json"
-        ds = datasets.load_dataset(fmt, data_files=override, split="train")
-        folder = Path(override).resolve().parent
-        rows = [resolve_image_paths(dict(r), folder) for r in ds]
-        return rows[:limit] if limit else rows
-    else:
-        hub_ids, subset, split = HUB[name]
-        ds, failures = None, []
-        for hub_id in hub_ids:
-            try:
-                ds = datasets.load_dataset(hub_id, subset, split=split)
-                break
-            except Exception as e:  # noqa: BLE001 - any failure to resolve or read: try the next copy
-                failures.append(f"{hub_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                more = f"; trying {hub_ids[len(failures)]}" if len(failures) < len(hub_ids) else ""
-                print(f"[bench] {name}: could not load {hub_id} ({type(e).__name__}){more}")
-        if ds is None:
-            raise SystemExit(
-                f"could not load {name} from the hub ({'; '.join(failures)}); "
-                f"download it and pass --bench-data {name}=<file.parquet>"
-            )
+    spec = BENCHMARKS[name]
+    if not spec.hub_ids:
+        raise InputError(f"{name} has no hub copy: give its file (--bench-data {name}=<file>, or --val-data)")
+    ds, failures = None, []
+    for hub_id in spec.hub_ids:
+        try:
+            ds = datasets.load_dataset(hub_id, spec.subset, split=spec.split)
+            break
+        except Exception as e:  # noqa: BLE001 - any failure to resolve or read: try the next copy
+            failures.append(f"{hub_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            more = f"; trying {spec.hub_ids[len(failures)]}" if len(failures) < len(spec.hub_ids) else ""
+            print(f"[bench] {name}: could not load {hub_id} ({type(e).__name__}){more}")
+    if ds is None:
+        raise InputError(
+            f"could not load {name} from the hub ({'; '.join(failures)}); "
+            f"download it and pass --bench-data {name}=<file.parquet>"
+        )
     rows = [dict(r) for r in ds]
     return rows[:limit] if limit else rows
 
@@ -457,3 +501,104 @@ def prompt_rows(name: str, raw: list[dict], min_pixels: int, max_pixels: int) ->
         except (ValueError, TypeError, KeyError) as e:
             bad.append(f"{name} row {i} (id={row_id}): {e}")
     return usable, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# What the scoring rules read in a row, checked at load (so score_answer never meets a row it cannot read)
+# ---------------------------------------------------------------------------------------------
+
+
+def _number(value) -> float | None:
+    """float(value) for a plain number or its text ('7', '2.5'), else None ('1,000', 'ten', None)."""
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        return None
+
+
+def check_mathvista(row: dict) -> str | None:
+    """What score_mathvista cannot read in a row, or None: multiple choice needs its `choices` (a
+    list holding the gold text); an integer gold must be a plain integer ('1,000' is not), a float
+    gold a plain number, `precision` a number."""
+    gold = str(row.get("answer", "")).strip()
+    if row.get("question_type") == "multi_choice":
+        choices = row.get("choices")
+        if not isinstance(choices, (list, tuple)) or not choices:
+            return "multiple choice without choices"
+        if reward.normalise_text(gold) not in [reward.normalise_text(str(c)) for c in choices]:
+            return f"multiple choice whose answer {gold!r} is none of its choices"
+        return None
+    kind = row.get("answer_type")
+    if kind == "integer" and (_number(gold) is None or not _number(gold).is_integer()):
+        return f"integer answer {gold!r} is not a plain integer (write e.g. 1000, not 1,000)"
+    if kind == "float" and _number(gold) is None:
+        return f"float answer {gold!r} is not a plain number"
+    if kind == "float" and row.get("precision") is not None and _number(row["precision"]) is None:
+        return f"precision {row['precision']!r} is not a number"
+    return None
+
+
+def check_options(column: str) -> Callable[[dict], str | None]:
+    """A check that `column` (MathVision `options`, the toy's `choices`) is absent or a list of texts."""
+
+    def check(row: dict) -> str | None:
+        value = row.get(column)
+        if value is not None and not isinstance(value, (list, tuple)):
+            return f"{column!r} is a {type(value).__name__}; give a list of option texts"
+        return None
+
+    return check
+
+
+def no_check(row: dict) -> str | None:
+    """The rule reads only the answer text: nothing more to check."""
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: one entry per benchmark, read by eval.py and grpo.py --val-benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """Where a benchmark lives, how its rows become prompts, and how an answer is scored."""
+
+    hub_ids: tuple[str, ...]  # tried in order: the paper's copy first, then where it moved (PAPER.md)
+    subset: str | None  # the hub config
+    split: str
+    question: Callable[[dict], str] | None  # row -> user-turn text (None: the row is already an RL prompt row)
+    image_columns: tuple[str, ...]  # where the row's image is; the first present wins
+    system_prompt: str  # the system message it is asked under
+    score: Callable[[str, str, dict], bool]  # (extracted answer, gold text, row) -> correct
+    check: Callable[[dict], str | None]  # what `score` cannot read in a row (left out at load), or None
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "mathverse": Benchmark(
+        ("AI4Math/MathVerse",), "testmini", "testmini", mathverse_question, ("image",), EVAL_SYSTEM_PROMPT,
+        score_mathverse, no_check,
+    ),
+    "mathvista": Benchmark(
+        ("AI4Math/MathVista",), None, "testmini", mathvista_question, ("decoded_image", "image"),
+        EVAL_SYSTEM_PROMPT, score_mathvista, check_mathvista,
+    ),
+    "mathvision": Benchmark(
+        ("MathLLMs/MathVision",), None, "test", mathvision_question, ("decoded_image", "image"),
+        EVAL_SYSTEM_PROMPT, score_mathvision, check_options("options"),
+    ),
+    "logicvista": Benchmark(
+        ("lscpku/LogicVista",), None, "test", plain_question, ("image",), EVAL_SYSTEM_PROMPT,
+        lambda pred, gold, row: score_logicvista(pred, gold), no_check,
+    ),
+    "chartqa": Benchmark(
+        ("lmms-lab/ChartQA", "lmms-lab-encoder/ChartQA"), None, "test", plain_question, ("image",),
+        EVAL_SYSTEM_PROMPT, lambda pred, gold, row: chartqa_relaxed(pred, gold), no_check,
+    ),
+    # the toy's test split, asked in its own format (no system prompt), no hub copy
+    "toy": Benchmark(
+        (), None, "test", None, ("images",), "",
+        lambda pred, gold, row: reward.is_equivalent(pred, gold, row.get("choices")), check_options("choices"),
+    ),
+}  # fmt: skip
+PAPER_BENCHMARKS = [name for name in BENCHMARKS if name != "toy"]  # the five of the paper's tables

@@ -6,54 +6,106 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's two rules: a flag must be spelt out (no abbreviations: `--max-len`
+    is refused, never read as `--max-length`), and a refusal is one `error: ...` line (exit status 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook for a bad command line
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def fail(*problems: str) -> NoReturn:
+    """Stops the script with one `error: ...` line per problem and exit status 1: the one form of
+    every refusal in the project (settings, data, checkpoints, the environment)."""
+    raise SystemExit("\n".join(f"error: {p}" for p in problems))
 
 
 def parse_config(
     cls: type, presets: dict[str, dict[str, Any]] | None = None, argv: list[str] | None = None, prog: str | None = None
 ):
-    """Builds an argparse CLI from a config dataclass and returns a filled instance.
+    """Builds an argparse CLI from a config dataclass and returns a filled, checked instance.
 
     Every field becomes `--field-name` (or a positional argument when its metadata says
     positional=True); its `help` metadata is the --help text. `--preset NAME` (when presets are
-    given) sets defaults from presets[NAME]; flags given explicitly still win.
+    given) sets the fields the preset names, except those given on the command line: every default
+    is a sentinel, so what was typed (`--no-gradient-checkpointing` included) is read from the
+    parsed arguments themselves. Then each value is checked against its field's bounds
+    (`check_bounds`); a value out of bounds stops the script with `error: --flag must be ..., got x`.
     """
-    parser = argparse.ArgumentParser(
-        prog=prog, description=cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = Parser(prog=prog, description=cls.__doc__)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = field_default(f)
+        shown = str(default).replace("%", "%%")  # argparse %-formats help texts
+        help_text = f.metadata.get("help", "").replace("%", "%%")
         if f.metadata.get("positional"):
             parser.add_argument(f.name, help=help_text)
             continue
+        help_text += f" (default: {shown})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
             continue
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).replace(" | None", ""), str)
         choices = f.metadata.get("choices")
-        parser.add_argument(flag, type=kind, default=default, choices=choices, help=help_text)
-    args = parser.parse_args(argv)
-    config = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-    preset = getattr(config, "preset", None)
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices, help=help_text)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line (every default is SUPPRESS)
+    values = {f.name: field_default(f) for f in dataclasses.fields(cls)}
+    preset = given.get("preset", values.get("preset"))
     if presets and preset:
         if preset not in presets:
             parser.error(f"unknown --preset {preset!r}; choose from {sorted(presets)}")
-        explicit = {a.split("=")[0] for a in (argv if argv is not None else __import__("sys").argv[1:])}
-        unknown = set(presets[preset]) - {f.name for f in dataclasses.fields(cls)}
+        unknown = set(presets[preset]) - set(values)
         if unknown:
             raise ValueError(f"preset {preset!r} sets unknown fields {sorted(unknown)}")
-        for name, value in presets[preset].items():
-            if "--" + name.replace("_", "-") not in explicit:
-                setattr(config, name, value)
+        values.update(presets[preset])
+    config = cls(**(values | given))
+    problems = check_bounds(config)
+    if problems:
+        fail(*problems)
     return config
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """The default value of a dataclass field (its default, or what its default_factory makes)."""
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def check_bounds(config: Any) -> list[str]:
+    """One line per field whose value is outside the bounds its metadata gives (`at_least`,
+    `above`, `at_most`), naming the flag: `--max-response-length must be >= 1, got 0`. A float
+    field with bounds must also be finite (NaN passes every comparison)."""
+    problems = []
+    for f in dataclasses.fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        bounds = [(k, meta[k]) for k in ("at_least", "above", "at_most") if k in meta]
+        if not bounds or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if not math.isfinite(value):
+            problems.append(f"{flag} must be a finite number, got {value}")
+            continue
+        for kind, bound in bounds:
+            broken = {"at_least": value < bound, "above": value <= bound, "at_most": value > bound}[kind]
+            if broken:
+                sign = {"at_least": ">=", "above": ">", "at_most": "<="}[kind]
+                problems.append(f"{flag} must be {sign} {bound}, got {value}")
+                break
+    return problems
+
+
 def field(default: Any, help: str, **meta: Any) -> Any:
-    """A dataclass field whose help text becomes the --help line of its flag."""
+    """A dataclass field whose help text becomes the --help line of its flag; `at_least=`, `above=`
+    and `at_most=` bound its value (checked by parse_config before any work)."""
     return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
@@ -62,7 +114,7 @@ def flag_table(cls: type) -> str:
     --help. scripts/flag_tables.py writes it into the docs; a test keeps the two the same."""
     out = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = field_default(f)
         name = f.name.replace("_", "-")
         if f.metadata.get("positional"):
             flag, shown = f"`{f.name}` (positional)", "-"
@@ -99,7 +151,7 @@ def exit_on_input_error(main) -> None:
     try:
         main()
     except InputError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
 
 
 def first_line(e: BaseException) -> str:
@@ -168,5 +220,5 @@ def _optional_import(module: str, how: str):
 
     try:
         return importlib.import_module(module)
-    except ImportError as e:
-        raise SystemExit(f"{module} is not installed; {how}") from e
+    except ImportError:
+        fail(f"{module} is not installed; {how}")

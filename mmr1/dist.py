@@ -78,7 +78,7 @@ def require_cuda(d: Dist, what: str) -> None:
     most often because the driver is older than the CUDA this torch was built for."""
     if d.device.type != "cuda":
         raise SystemExit(
-            f"{what} needs CUDA GPUs, and torch {torch.__version__} (CUDA {torch.version.cuda}) sees none: "
+            f"error: {what} needs CUDA GPUs, and torch {torch.__version__} (CUDA {torch.version.cuda}) sees none: "
             "torch.cuda.is_available() is False (no GPU, or an NVIDIA driver older than this torch's CUDA "
             "needs; see docs/gpu.md); a 7B run on CPU with gloo would never finish"
         )

@@ -385,7 +385,9 @@ def test_hub_fallback_tries_the_next_id(monkeypatch, capsys):
     )
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
-    with pytest.raises(SystemExit, match="lmms-lab-encoder/ChartQA: ConnectionError: offline.*--bench-data chartqa="):
+    with pytest.raises(
+        benchmarks.InputError, match="lmms-lab-encoder/ChartQA: ConnectionError: offline.*--bench-data chartqa="
+    ):
         evaluation.load_benchmark("chartqa", None, 0)
 
 
