@@ -527,7 +527,9 @@ def main(argv: list[str] | None = None) -> None:
 
     Unreadable lines are listed (file and line) on stderr and counted; every other row is scored.
     """
-    parser = argparse.ArgumentParser(description="Score a predictions file with the format + accuracy rewards.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Score a predictions file with the format + accuracy rewards."
+    )
     parser.add_argument("preds", type=Path, help="jsonl with 'response' and 'answer' (optional 'choices') per row")
     parser.add_argument("--out", type=Path, default=None, help="per-row scores jsonl (default: <preds>.scores.jsonl)")
     parser.add_argument("--workers", type=int, default=2, help="scoring processes (0 = in this process)")

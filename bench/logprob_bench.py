@@ -42,7 +42,9 @@ def one_case(method: str, length: int, chunk: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lengths", default="256,1024,2048", help="sequence lengths")
     parser.add_argument("--chunk", type=int, default=128, help="positions per chunk")
     parser.add_argument("--case", default="", help=argparse.SUPPRESS)  # internal: run one case and print JSON

@@ -119,7 +119,9 @@ def max_logp_difference() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each case")
     parser.add_argument("--case", default="", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()

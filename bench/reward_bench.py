@@ -52,7 +52,9 @@ def responses(n: int, seed: int = 0) -> tuple[list[str], list[str], list]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=2000, help="responses to score")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of the parallel run")
     parser.add_argument("--timeout-s", type=float, default=5.0, help="per-response hard limit")

@@ -242,7 +242,9 @@ def plot(args, summary: dict, path: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (SFT seed = GRPO seed)")
     parser.add_argument("--sft-steps", type=int, default=300, help="SFT steps (sft.py's default)")
     parser.add_argument("--steps", type=int, default=30, help="GRPO steps (grpo.py's default)")

@@ -11,6 +11,7 @@ Prints a markdown table per part. Model: runs/toy-sft/final when it exists (pyth
 untrained toy model.
 """
 
+import argparse
 import statistics
 import sys
 import time
@@ -44,6 +45,9 @@ def timed(fn, repeats=REPEATS):
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    ).parse_args()  # no options: --help says what it measures
     toy.ensure_toy()
     sft = ROOT / "runs" / "toy-sft" / "final"
     path = str(sft if (sft / "config.json").exists() else toy.TOY_MODEL_DIR)

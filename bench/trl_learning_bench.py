@@ -28,9 +28,29 @@ sys.path.insert(0, str(ROOT))
 SLIP = ROOT / "data" / "toy-slip"
 
 
+def trl_prompts(spec: str, limit: int) -> list[dict]:
+    """The first `limit` RL rows of `spec` (mmr1.data.load_rows, as grpo.py reads them) in TRL's
+    conversational layout: a user turn of one image and the problem text, the image, the answer."""
+    from mmr1 import data, images
+
+    rows = data.load_rows(spec, "rl", limit=limit)
+    return [
+        {
+            "prompt": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image"}, {"type": "text", "text": r["problem"].replace("<image>", "")}],
+                }
+            ],
+            "image": images.load_image(r["images"][0]),
+            "answer": r["answer"],
+        }
+        for r in (rows[i] for i in range(len(rows)))
+    ]
+
+
 def trl_run(sft_model: str, out: str, seed: int, batches: int) -> None:
     """Runs in the TRL venv: GRPOTrainer from sft_model; saves out/final and out/log_history.json."""
-    import common
     import torch
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -39,13 +59,7 @@ def trl_run(sft_model: str, out: str, seed: int, batches: int) -> None:
     import reward
 
     torch.set_num_threads(1)
-    rows = common.load_rows(f"{SLIP / 'rl'}@train", "rl", limit=512)
-    data = Dataset.from_list([
-        {"prompt": [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": r["problem"].replace("<image>", "")}]}],
-         "image": common.load_image(r["images"][0]), "answer": r["answer"]}
-        for r in rows
-    ])  # fmt: skip
+    data = Dataset.from_list(trl_prompts(f"{SLIP / 'rl'}@train", 512))
 
     def texts(completions) -> list[str]:
         return [c[-1]["content"] if isinstance(c, list) else c for c in completions]
@@ -94,7 +108,9 @@ def evaluate(models: list[str], out: Path) -> dict[str, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--seed", type=int, default=0, help="which rl_bench seed: its SFT start and GRPO run")
     parser.add_argument("--bench-out", default=str(ROOT / "runs" / "rl-bench"), help="bench/rl_bench.py's --out")
     parser.add_argument("--trl-python", default=".venv-trl/bin/python", help="python of a venv with trl installed")
@@ -108,7 +124,7 @@ def main() -> None:
     bench = Path(args.bench_out)
     sft, ours = bench / f"sft-seed{args.seed}" / "final", bench / f"grpo-seed{args.seed}" / "final"
     if not (ours / "config.json").exists():
-        raise SystemExit(f"no GRPO run at {ours}: run `python bench/rl_bench.py --seeds {args.seed}` first")
+        raise SystemExit(f"error: no GRPO run at {ours}: run `python bench/rl_bench.py --seeds {args.seed}` first")
     trl_out = bench / f"trl-seed{args.seed}"
     if not (trl_out / "final" / "config.json").exists():
         cmd = [args.trl_python, __file__, "--trl-run", str(trl_out), "--sft-model", str(sft), "--seed",

@@ -98,7 +98,9 @@ def trl_steps(python: str, steps: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trl-python", default=".venv-trl/bin/python", help="python of a venv with trl installed")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     parser.add_argument("--trl-run", default="", help=argparse.SUPPRESS)  # internal: the TRL side, in its venv

@@ -48,7 +48,9 @@ def timed(fn, group, repeat: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--groups", type=int, default=3, help="groups per shape (NLTK is slow)")
     parser.add_argument("--prompts", type=int, default=15_000, help="data set size for the refresh estimate")
     args = parser.parse_args()

@@ -285,7 +285,9 @@ def plot(args, x_axis: str) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--condition", choices=["standard", "hard"], default="standard", help="the training pool")
     parser.add_argument("--sft-model", default=str(ROOT / "runs" / "toy-sft" / "final"), help="shared start")
     parser.add_argument("--data", default=str(ROOT / "data" / "toy" / "rl") + "@train", help="toy train rows")

@@ -397,7 +397,9 @@ def run_dir(stage: str, variant: str = "default") -> Path:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write the toy data set and the toy initial model.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Write the toy data set and the toy initial model."
+    )
     parser.add_argument("--variant", choices=VARIANTS, default="default", help="which toy task (see the docstring)")
     parser.add_argument(
         "--slip-share", type=float, default=SLIP_SHARE, help="slip variant: share of x3 traces that slip"

@@ -180,10 +180,9 @@ def _file_source(file: Path, kind: str) -> _Source:
     folder = file.resolve().parent
     if file.suffix != ".parquet":
         cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "mmr1_rows"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cache = layouts.json_cache_path(file, kind, cache_dir)
-        if not cache.exists():
-            layouts.build_json_cache(file, cache, lambda row: _problem(_absolute_image_paths(row, folder), kind))
+        cache = layouts.json_cache(
+            file, kind, cache_dir, lambda row: _problem(_absolute_image_paths(row, folder), kind)
+        )
         unit = "row" if layouts.is_json_array(file) else "line"
         return _Source(str(file), layouts.read_arrow(cache), True, folder, unit)
     import pyarrow.parquet as pq

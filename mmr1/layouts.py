@@ -8,11 +8,12 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .config import BadRowError, MissingDataError
+from .config import BadRowError, InputError, MissingDataError
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 SPLIT_ALIASES = {"val": ("val", "validation"), "validation": ("validation", "val"), "dev": ("dev", "validation")}
@@ -84,15 +85,46 @@ def as_messages(row: dict) -> dict:
 # JSON array / jsonl -> memory-mapped Arrow, once
 # ---------------------------------------------------------------------------------------------
 
-CACHE_VERSION = 1  # bump when what the cache holds changes
+CACHE_VERSION = 2  # bump when what the cache holds, or how it is keyed, changes
+FINGERPRINT_BYTES = 1 << 20  # the head and the tail of the file that are hashed into its cache key
+
+
+def file_fingerprint(file: Path) -> str:
+    """A key that changes when the file does, without reading all of it: size, mtime, inode and
+    ctime (a `cp -p` / `rsync -a` / `tar -x` copy keeps the mtime, never the inode and ctime) and the
+    sha256 of its first and last FINGERPRINT_BYTES (an in-place rewrite of the same size and mtime)."""
+    st = file.stat()
+    digest = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}".encode())
+    with open(file, "rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        if st.st_size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, st.st_size - FINGERPRINT_BYTES))
+            digest.update(f.read())
+    return digest.hexdigest()
 
 
 def json_cache_path(file: Path, kind: str, cache_dir: Path) -> Path:
-    """The Arrow cache of a JSON / jsonl file for rows of `kind`: named by the file's absolute path,
-    size and modification time, so an edited file gets a new cache."""
-    st = file.stat()
-    key = f"{CACHE_VERSION}|{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{kind}"
+    """The Arrow cache of a JSON / jsonl file for rows of `kind`: named by the file's absolute path
+    and its fingerprint (file_fingerprint), so an edited or replaced file gets a new cache."""
+    key = f"{CACHE_VERSION}|{file.resolve()}|{file_fingerprint(file)}|{kind}"
     return cache_dir / f"{file.stem}-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.arrow"
+
+
+def json_cache(file: Path, kind: str, cache_dir: Path, problem_of: Callable[[dict], str | None]) -> Path:
+    """The Arrow cache of `file` in `cache_dir` (built by build_json_cache when missing). An
+    unwritable cache folder is one InputError naming it and the variable that moves it."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache = json_cache_path(file, kind, cache_dir)
+        if not cache.exists():
+            build_json_cache(file, cache, problem_of)
+    except OSError as e:
+        if Path(e.filename or "").resolve() == file.resolve():
+            raise MissingDataError(f"{file}: cannot be read ({e.strerror})") from e
+        raise InputError(
+            f"cannot write the row cache in {cache_dir} ({e.strerror}): set HF_DATASETS_CACHE to a writable folder"
+        ) from e
+    return cache
 
 
 def build_json_cache(file: Path, out: Path, problem_of: Callable[[dict], str | None], batch_rows: int = 50_000) -> None:
@@ -100,28 +132,31 @@ def build_json_cache(file: Path, out: Path, problem_of: Callable[[dict], str | N
     non-blank line with `n` (row from 0 / line from 1), `json` (the row's raw JSON text, null where
     it is no object) and `problem` (null for a good row, else what is wrong: `problem_of(row)`, or
     why the line is no row). Memory stays at one batch of rows. Raises BadRowError for a JSON
-    array that does not parse and for a file without rows."""
+    array that does not parse and for a file without rows; on any failure the temporary file is
+    removed (a reader sees the whole cache or none)."""
     import pyarrow as pa
 
     schema = pa.schema([("n", pa.int64()), ("json", pa.large_string()), ("problem", pa.string())])
-    tmp = out.with_suffix(f".tmp{id(out)}")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     count = 0
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        cols: tuple[list, list, list] = ([], [], [])
-        for n, text, row in _json_records(file):
-            problem = row if isinstance(row, str) else problem_of(row)
-            for col, value in zip(cols, (n, text if not isinstance(row, str) else None, problem)):
-                col.append(value)
-            count += 1
-            if len(cols[0]) >= batch_rows:
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            cols: tuple[list, list, list] = ([], [], [])
+            for n, text, row in _json_records(file):
+                problem = row if isinstance(row, str) else problem_of(row)
+                for col, value in zip(cols, (n, text if not isinstance(row, str) else None, problem)):
+                    col.append(value)
+                count += 1
+                if len(cols[0]) >= batch_rows:
+                    writer.write_batch(pa.record_batch(list(cols), schema=schema))
+                    cols = ([], [], [])
+            if cols[0]:
                 writer.write_batch(pa.record_batch(list(cols), schema=schema))
-                cols = ([], [], [])
-        if cols[0]:
-            writer.write_batch(pa.record_batch(list(cols), schema=schema))
-    if not count:
-        tmp.unlink()
-        raise BadRowError(f"{file}: empty (no rows)")
-    tmp.replace(out)  # atomic: a reader sees the whole cache or none
+        if not count:
+            raise BadRowError(f"{file}: empty (no rows)")
+        tmp.replace(out)  # atomic: a reader sees the whole cache or none
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_arrow(path: Path):

@@ -38,13 +38,20 @@ def render(text: str, classes: dict[str, type]) -> str:
 
     def table(m: re.Match) -> str:
         if m.group(2) not in classes:
-            raise SystemExit(f"unknown config {m.group(2)!r} in a flags marker; known: {sorted(classes)}")
+            raise SystemExit(f"error: unknown config {m.group(2)!r} in a flags marker; known: {sorted(classes)}")
         return f"{m.group(1)}{flag_table(classes[m.group(2)])}\n{m.group(4)}"
 
     return BLOCK.sub(table, text)
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("--check", action="store_true", help="only check: exit 1 naming the stale tables")
+    check = parser.parse_args().check
     classes = configs()
     stale = []
     for path in sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]:
@@ -52,10 +59,10 @@ def main() -> None:
         new = render(text, classes)
         if new != text:
             stale.append(str(path.relative_to(ROOT)))
-            if "--check" not in sys.argv:
+            if not check:
                 path.write_text(new)
-    if stale and "--check" in sys.argv:
-        raise SystemExit(f"stale flag tables in {', '.join(stale)}: run python scripts/flag_tables.py")
+    if stale and check:
+        raise SystemExit(f"error: stale flag tables in {', '.join(stale)}: run python scripts/flag_tables.py")
     print(f"flag tables {'up to date' if not stale else 'rewritten in ' + ', '.join(stale)}")
 
 

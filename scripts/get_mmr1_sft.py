@@ -48,7 +48,7 @@ def missing_images(sft_json: Path, rows: int = 200) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--repo", default="MMR1/MMR1-SFT", help="hub data set repository")
     parser.add_argument("--out", type=Path, required=True, help="local folder for sft.json and the images")
     parser.add_argument("--no-download", action="store_true", help="only extract and check a folder already there")

@@ -18,7 +18,7 @@ from mmr1 import memory  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-size", type=int, default=8, help="ranks (GPUs) of the run")
     parser.add_argument("--tokens-per-micro-batch", type=int, default=16384, help="--max-tokens-per-micro-batch")
     parser.add_argument("--reshard-reference", action=argparse.BooleanOptionalAction, default=True,
