@@ -51,7 +51,7 @@ class EvalConfig:
     output_dir: str = field("runs/eval", "where per-sample jsonl files and the results table go")
     toy: str = field(
         "default",
-        toy.VARIANT_HELP,
+        toy.VARIANT_HELP + " (given with --model: those models on this toy's test split)",
         choices=list(toy.VARIANTS),
     )
     engine: str = field("auto", "generation engine: vllm (GPU), hf, or auto", choices=["auto", "hf", "vllm"])

@@ -42,7 +42,7 @@ class SFTConfig:
     )
     toy: str = field(
         "default",
-        toy.VARIANT_HELP,
+        toy.VARIANT_HELP + " (given with only one of --model / --data, it supplies the other)",
         choices=list(toy.VARIANTS),
     )
     preset: str = field("", "'paper' = Table 5 hyper-parameters of the paper", choices=["", "paper"])

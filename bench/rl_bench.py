@@ -104,7 +104,7 @@ def train_seed(seed: int, args) -> None:
             rc = proc.wait()
         pid_file.unlink(missing_ok=True)
         if rc:
-            raise SystemExit(f"[rl bench] {stage} seed {seed} failed: see {args.out}/{stage}-seed{seed}.log")
+            raise SystemExit(f"error: rl bench: {stage} seed {seed} failed: see {args.out}/{stage}-seed{seed}.log")
         print(f"[rl bench] seed {seed} {stage}: {time.time() - t0:.0f}s", flush=True)
 
 

@@ -130,7 +130,7 @@ def train_all(args, data: str) -> None:
                 running.remove(job)
                 if proc.returncode:
                     raise SystemExit(
-                        f"{arm} seed {seed} failed: see {Path(args.out) / args.condition}/{arm}-seed{seed}/log.txt"
+                        f"error: {arm} seed {seed} failed: see {Path(args.out) / args.condition}/{arm}-seed{seed}/log.txt"
                     )
                 print(f"[vas study] {args.condition} {arm} seed {seed}: {time.time() - start:.0f}s", flush=True)
 
@@ -311,9 +311,9 @@ def main() -> None:
     args = parser.parse_args()
     args.arms = [a for a in args.arms.split(",") if a]
     if set(args.arms) - set(ARMS):
-        raise SystemExit(f"unknown arms {sorted(set(args.arms) - set(ARMS))}; choose from {list(ARMS)}")
+        raise SystemExit(f"error: unknown arms {sorted(set(args.arms) - set(ARMS))}; choose from {list(ARMS)}")
     if not Path(args.sft_model, "config.json").exists():
-        raise SystemExit(f"no SFT checkpoint at {args.sft_model}: run `python sft.py` first")
+        raise SystemExit(f"error: no SFT checkpoint at {args.sft_model}: run `python sft.py` first")
     data = hard_pool(args) if args.condition == "hard" else args.data
     if not args.skip_train:
         train_all(args, data)

@@ -321,13 +321,12 @@ def test_relative_image_paths_resolve_against_the_data_file(tmp_path, monkeypatc
         (["--group-size", "0"], "--group-size 0: .* use at least 2"),
         (["--vas", "--vas-rollouts", "1"], "--vas-rollouts 1: .* use at least 2"),
         (["--max-steps", "0", "--episodes", "0"], "--max-steps 0 --episodes 0.0: no step would run"),
-        (["--rollout-batch-size", "0"], "--rollout-batch-size 0: use at least 1"),
+        (["--rollout-batch-size", "0"], "error: --rollout-batch-size must be >= 1, got 0"),  # its own bound
     ],
 )
 def test_useless_grpo_settings_are_refused(flags, message):
-    cfg = config.parse_config(grpo.GRPOConfig, grpo.PRESETS, flags)
-    with pytest.raises(SystemExit, match=message):
-        grpo.validate_config(cfg)
+    with pytest.raises(SystemExit, match=message):  # parse_config checks the bounds, validate_config the rest
+        grpo.validate_config(config.parse_config(grpo.GRPOConfig, grpo.PRESETS, flags))
     grpo.validate_config(config.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--vas"]))  # the defaults are fine
 
 
