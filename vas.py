@@ -458,13 +458,15 @@ def plot_refreshes(run_dir: str | Path, out: str | Path | None = None, n_bins: i
     try:
         import matplotlib
     except ImportError as e:
-        raise SystemExit("vas.py plot needs matplotlib: pip install matplotlib (or -r requirements-dev.txt)") from e
+        raise SystemExit(
+            "error: vas.py plot needs matplotlib: pip install matplotlib (or -r requirements-dev.txt)"
+        ) from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     refreshes = load_refreshes(run_dir)
     if not refreshes:
-        raise SystemExit(f"no VPS refreshes in {Path(run_dir) / 'vas'} (run grpo.py --vas first)")
+        raise SystemExit(f"error: no VPS refreshes in {Path(run_dir) / 'vas'} (run grpo.py --vas first)")
     all_vps = np.concatenate([r["vps"] for r in refreshes])
     bins = np.linspace(all_vps.min(), all_vps.max() + 1e-9, n_bins + 1)
     cols = len(refreshes)

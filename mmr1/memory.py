@@ -143,7 +143,7 @@ def gpu_memory_utilization(config, card_gib: float, run: RunSettings) -> float:
     result = plan(config, card_gib, run)
     if result["KV tokens"] < run.max_prompt_length + run.max_response_length:
         raise SystemExit(
-            f"memory plan: {card_gib:.1f} GiB per GPU leaves vLLM {result['vLLM KV cache']:.1f} GiB of KV cache after "
+            f"error: memory plan: {card_gib:.1f} GiB per GPU leaves vLLM {result['vLLM KV cache']:.1f} GiB of KV cache after "
             f"the trainer's {result['trainer resident']:.1f} GiB; use more GPUs or --engine hf"
         )
     return result["gpu_memory_utilization"]

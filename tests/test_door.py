@@ -142,6 +142,24 @@ def test_exit_on_input_error_is_the_same_form():
     assert refusal(lambda: config.exit_on_input_error(main)) == "error: rows.jsonl line 3: not valid JSON"
 
 
+def test_the_environment_refusals_are_the_same_form(tmp_path, monkeypatch):
+    import torch
+
+    from mmr1 import dist
+
+    cpu = dist.Dist(0, 1, 0, torch.device("cpu"))
+    assert refusal(lambda: dist.require_cuda(cpu, "grpo.py --preset paper")).startswith(
+        "error: grpo.py --preset paper needs CUDA GPUs"
+    )
+    monkeypatch.setattr(evaluation.toy, "ROOT", tmp_path)  # run_dir() reads it: no toy checkpoint there
+    monkeypatch.setattr(evaluation.toy, "ensure_toy", lambda **_: None)
+    cfg = config.parse_config(evaluation.EvalConfig, None, [])
+    assert refusal(lambda: evaluation.models_and_benchmarks(cfg)).startswith("error: no toy checkpoints: run")
+    cfg = config.parse_config(evaluation.EvalConfig, None, ["--toy", "slip", "--model", "m"])
+    assert evaluation.models_and_benchmarks(cfg) == ({"m": "m"}, ["toy"])  # --toy composes with --model
+    assert cfg.bench_data == f"toy={evaluation.toy.VARIANT_DATA_DIRS['slip'] / 'rl' / 'test.parquet'}"
+
+
 def run(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=full)
