@@ -20,7 +20,8 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str):  # noqa: D102 - argparse's hook for a bad command line
+    def error(self, message: str) -> NoReturn:
+        """argparse's hook for a bad command line: one line on stderr, exit status 2."""
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
