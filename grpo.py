@@ -147,8 +147,8 @@ class GRPOConfig:
     )
     toy: str = field(
         "default",
-        toy.VARIANT_HELP
-        + " (given with only one of --model / --data, it supplies the other: --toy slip --model M trains M on the slip RL rows)",
+        toy.VARIANT_HELP + " (given with only one of --model / --data, it supplies the other: "
+        "--toy slip --model M trains M on the slip RL rows)",
         choices=list(toy.VARIANTS),
     )
     save_every: int = field(10, "checkpoint every N steps (0 = only final)", at_least=0)

@@ -130,7 +130,8 @@ def train_all(args, data: str) -> None:
                 running.remove(job)
                 if proc.returncode:
                     raise SystemExit(
-                        f"error: {arm} seed {seed} failed: see {Path(args.out) / args.condition}/{arm}-seed{seed}/log.txt"
+                        f"error: {arm} seed {seed} failed: "
+                        f"see {Path(args.out) / args.condition}/{arm}-seed{seed}/log.txt"
                     )
                 print(f"[vas study] {args.condition} {arm} seed {seed}: {time.time() - start:.0f}s", flush=True)
 

@@ -311,13 +311,14 @@ def test_bench_data_names_are_checked_against_the_registry(tmp_path):
 def test_mathvista_rows_the_rule_cannot_read_are_left_out_and_named():
     image = {"bytes": png_bytes()}
     base = {"decoded_image": image, "question": "How many?", "question_type": "free_form", "precision": None}
+    mc = {"question_type": "multi_choice", "answer_type": "text"}
     rows = [
         {**base, "pid": "1", "answer": "1000", "answer_type": "integer"},
         {**base, "pid": "2", "answer": "1,000", "answer_type": "integer"},
         {**base, "pid": "3", "answer": "about two", "answer_type": "float", "precision": 1.0},
-        {**base, "pid": "4", "answer": "B", "question_type": "multi_choice", "answer_type": "text", "choices": None},
-        {**base, "pid": "5", "answer": "3", "question_type": "multi_choice", "answer_type": "text", "choices": ["1", "2"]},
-        {**base, "pid": "6", "answer": "2", "question_type": "multi_choice", "answer_type": "text", "choices": ["1", "2"]},
+        {**base, **mc, "pid": "4", "answer": "B", "choices": None},
+        {**base, **mc, "pid": "5", "answer": "3", "choices": ["1", "2"]},
+        {**base, **mc, "pid": "6", "answer": "2", "choices": ["1", "2"]},
     ]  # fmt: skip
     for row in rows[1:4]:  # what evaluation met before the check: the rule raising mid-run
         with pytest.raises((ValueError, TypeError)):
