@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from test_packing import ATOL, rl_micro_batch
+from test_packing import rl_micro_batch
 from test_rollout import install_fake_vllm
 
 import grpo
@@ -23,25 +23,45 @@ from mmr1 import dist, logprobs, memory, modeling, rollout
 
 
 def sdpa_per_segment(calls):
-    """A CPU stand-in for torch.nn.attention.varlen.varlen_attn with its signature: causal SDPA over
-    each segment that cu_seq_q delimits, (N, heads, D) in and out. Records what it receives."""
+    """A CPU stand-in for torch.nn.attention.varlen.varlen_attn with its signature: SDPA over each
+    segment that cu_seq_q delimits (causal for window_size (-1, 0), both ways for (-1, -1)), (N, heads,
+    D) in and out. Like the CUDA kernel it refuses q, k, v that are not all fp16 or all bf16, and
+    computes in fp32, returning the input dtype. Records what it receives."""
 
     def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
                     enable_gqa=False, return_aux=None, seqused_k=None, block_table=None, num_splits=None):  # fmt: skip
         calls.append({"cu_q": cu_seq_q.tolist(), "cu_k": cu_seq_k.tolist(), "max": (max_q, max_k),
-                      "window": window_size, "dtype": cu_seq_q.dtype, "gqa": enable_gqa, "scale": scale})  # fmt: skip
-        assert window_size == (-1, 0)  # causal
+                      "window": window_size, "dtype": cu_seq_q.dtype, "gqa": enable_gqa, "scale": scale,
+                      "qkv": (query.dtype, key.dtype, value.dtype)})  # fmt: skip
+        if not (query.dtype == key.dtype == value.dtype and query.dtype in (torch.float16, torch.bfloat16)):
+            raise RuntimeError(f"FlashAttention only supports fp16 and bf16, equal dtypes: {calls[-1]['qkv']}")
+        assert window_size in ((-1, 0), (-1, -1))  # causal, or full attention within each segment
         bounds = cu_seq_q.tolist()
         parts = []
         for s, e in zip(bounds[:-1], bounds[1:]):
-            q, k, v = (t[s:e].transpose(0, 1) for t in (query, key, value))  # (heads, L, D)
+            q, k, v = (t[s:e].transpose(0, 1).float() for t in (query, key, value))  # (heads, L, D)
             out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa
+                q, k, v, is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa
             )
             parts.append(out.transpose(0, 1))
-        return torch.cat(parts)
+        return torch.cat(parts).to(query.dtype)
 
     return varlen_attn
+
+
+class CountingCache(modeling.BoundaryCache):
+    """modeling.BOUNDARIES that counts its reads of boundaries (each one a host sync on GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.computed = 0
+
+    def read(self, key, compute):
+        def counted():
+            self.computed += 1
+            return compute()
+
+        return super().read(key, counted)
 
 
 @pytest.fixture(scope="module")
@@ -49,37 +69,109 @@ def varlen_model(toy_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     modeling.register_packed_attention()
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         toy_dir / "model", attn_implementation=modeling.TORCH_VARLEN
     )
+    modeling.use_vision_varlen(model)  # what load_model does for TORCH_VARLEN
+    return model  # fp32 weights, as a trainable model's master weights
+
+
+# bf16 tolerances. The kernel takes q, k, v in bf16 (8 mantissa bits), so the packed path and the padded
+# one (SDPA under the same autocast) differ by rounding, no longer by fp32 summation order alone:
+# measured 0.0034 at most on the toy's log-probs (values of -7 and above), so 0.02 keeps a 6x margin
+# while one attended token of a neighbouring sequence still moves a log-prob by more (test_packing's
+# leak test, in fp32, pins the boundaries themselves, and the calls' cu_seqlens are checked exactly).
+# The vision tower: both paths attend in bf16 from the same bf16 q, k, v (measured: equal outputs); a
+# 1% bound of the output's scale leaves room for another summation order (one bf16 step is 0.4%).
+BF16_ATOL = 0.02
+BF16_VISION_RTOL = 0.01
 
 
 def test_torch_varlen_packed_equals_padded(toy_model, varlen_model, monkeypatch):
-    """Packed log-probs through varlen_attn equal the padded ones; the kernel gets the sequence
-    boundaries as int32 cu_seqlens, causal, with GQA on, and is called once per decoder layer."""
+    """Packed log-probs through varlen_attn equal the padded ones under the GPU's precision context
+    (bf16 autocast over fp32 weights): the kernel gets q, k, v in ONE dtype, bf16 (Qwen2.5-VL's rotary
+    embedding returns fp32 q and k beside a bf16 v there), the sequence boundaries as int32
+    cu_seqlens, causal, with GQA on, once per decoder layer; the boundaries are read once per forward."""
     import torch.nn.attention.varlen as varlen
 
     calls = []
     monkeypatch.setattr(varlen, "varlen_attn", sdpa_per_segment(calls))
+    counting = CountingCache()
+    monkeypatch.setattr(modeling, "BOUNDARIES", counting)
     _, processor = toy_model
     inputs, mask = rl_micro_batch(processor, [2, 1, 0])
     lengths = inputs["attention_mask"].sum(1).tolist()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         padded, _ = logprobs.token_logprobs(varlen_model, inputs, chunk_size=64, temperature=0.6, packed=False)
-        assert calls == []  # a padded batch (with its mask) goes to SDPA
+        text_calls = [c for c in calls if c["window"] == (-1, 0)]
+        assert text_calls == []  # a padded batch (with its mask) goes to SDPA
+        calls.clear()
+        counting.computed = 0
         packed, _ = logprobs.token_logprobs(varlen_model, inputs, chunk_size=64, temperature=0.6, packed=True)
+    text_calls = [c for c in calls if c["window"] == (-1, 0)]
     layers = varlen_model.config.text_config.num_hidden_layers
     bounds = [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
-    assert len(calls) == layers
+    assert len(text_calls) == layers
     config = varlen_model.config.text_config
     scale = (config.hidden_size // config.num_attention_heads) ** -0.5
     for c in calls:
+        assert c["qkv"][0] == c["qkv"][1] == c["qkv"][2] == torch.bfloat16
+    for c in text_calls:
         assert c["cu_q"] == bounds and c["cu_k"] == bounds and c["max"] == (max(lengths), max(lengths))
         assert c["dtype"] == torch.int32 and c["gqa"] == (config.num_key_value_heads != config.num_attention_heads)
         assert c["scale"] == pytest.approx(scale)
+    # boundary reads of the packed forward: text positions -> list, list -> device tensor; the vision
+    # tower's windows and whole images: 4 in all, not one per layer (4 text layers + 2 vision blocks)
+    assert counting.computed == 4
     valid = inputs["attention_mask"][:, :-1].bool() & inputs["attention_mask"][:, 1:].bool()
-    assert torch.allclose(packed[valid], padded[valid], atol=ATOL, rtol=0)
+    assert torch.allclose(packed[valid], padded[valid], atol=BF16_ATOL, rtol=0)
     assert (packed[~valid] == 0).all() and mask.sum() > 0
+
+
+def test_torch_varlen_casts_fp32_without_autocast(monkeypatch):
+    """No autocast, fp32 q, k, v (a trainable model run outside the precision context): the kernel
+    gets bf16, the caller fp32 back; under autocast the autocast dtype, whatever the inputs."""
+    import torch.nn.attention.varlen as varlen
+
+    calls = []
+    monkeypatch.setattr(varlen, "varlen_attn", sdpa_per_segment(calls))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 10, 8, generator=gen) for h in (4, 2, 2))  # (1, heads, N, D)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    module = types.SimpleNamespace(scaling=8**-0.5)
+    out, _ = modeling.torch_varlen(module, q, k, v, None, position_ids=positions)
+    assert calls[-1]["qkv"] == (torch.bfloat16,) * 3 and out.dtype == torch.float32 and out.shape == (1, 10, 4, 8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        modeling.torch_varlen(module, q, k, v.half(), None, position_ids=positions)
+    assert calls[-1]["qkv"] == (torch.float16,) * 3 and calls[-1]["cu_q"] == [0, 4, 10]
+
+
+def test_vision_tower_one_varlen_call_per_block(toy_model, varlen_model, monkeypatch):
+    """The vision tower under TORCH_VARLEN: one fused call per block (not one per window), with
+    cu_seqlens the attention windows (block 0) and the whole images (block 1, the toy's full-attention
+    block), full attention inside each segment; the output equals transformers' per-window SDPA."""
+    import torch.nn.attention.varlen as varlen
+
+    calls = []
+    monkeypatch.setattr(varlen, "varlen_attn", sdpa_per_segment(calls))
+    vision = varlen_model.config.vision_config
+    assert vision.window_size == 112 and vision.fullatt_block_indexes == [1] and vision.spatial_merge_size == 2
+    # two images of 16 x 16 and 8 x 12 patches (224 x 224, 112 x 168 px). A window is 112 px = 8 x 8
+    # patches: the first image has 2 x 2 windows of 64 patches, the second one of 64 and one of 8 x 4 = 32
+    grid = torch.tensor([[1, 16, 16], [1, 8, 12]])
+    windows = [0, 64, 128, 192, 256, 320, 352]
+    whole = [0, 256, 352]
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixels = torch.randn(352, patch, generator=torch.Generator().manual_seed(0))
+    stock, _ = toy_model  # the same weights, transformers' per-window path (SDPA)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = stock.model.visual(pixels, grid_thw=grid).pooler_output.float()
+        got = varlen_model.model.visual(pixels, grid_thw=grid).pooler_output.float()
+    assert [c["cu_q"] for c in calls] == [windows, whole] and all(c["cu_k"] == c["cu_q"] for c in calls)
+    assert [c["max"] for c in calls] == [(64, 64), (256, 256)] and all(c["window"] == (-1, -1) for c in calls)
+    assert all(c["dtype"] == torch.int32 and c["qkv"] == (torch.bfloat16,) * 3 for c in calls)
+    scale = expected.abs().max()
+    assert torch.allclose(got, expected, atol=BF16_VISION_RTOL * scale, rtol=0)
 
 
 def test_attention_choice(monkeypatch):
