@@ -749,6 +749,7 @@ def main() -> None:
             print(
                 f"[grpo] {len(val_skipped)} validation prompts above --max-prompt-length left out; first: {val_skipped[0]}"
             )
+    modeling.create_optimizer_state(optimizer)  # AdamW's state now: vLLM's start-up check sees the step-1 trainer
     engine = make_engine(model, processor, policy_path, start_step, fmt, cfg, d)
     pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
     logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)

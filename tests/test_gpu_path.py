@@ -425,3 +425,82 @@ def test_grpo_takes_vllm_share_from_the_plan(tmp_path, monkeypatch):
     assert grpo.memory_plan_utilization(str(tmp_path), cfg, eight) == 0.77
     cfg.kl_coef = 0.0  # no reference model: more room
     assert grpo.memory_plan_utilization(str(tmp_path), cfg, eight) == 0.80  # 1.93 GiB less resident
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory that fails fast: AdamW's state before vLLM starts; the engine keeps the run's RNGs
+# ---------------------------------------------------------------------------------------------
+
+
+def adamw_run(eager: bool, steps: int = 3, **options):
+    """(parameters, optimizer state) after `steps` AdamW steps of a small seeded model on seeded
+    gradients, its state created up front (eager) or by AdamW in its first step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    optimizer = torch.optim.AdamW([*model.parameters(), frozen], lr=1e-2, weight_decay=0.1, **options)
+    if eager:
+        modeling.create_optimizer_state(optimizer)
+        assert len(optimizer.state) == 4 and frozen not in optimizer.state  # trainable parameters only
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        loss = model(torch.randn(4, 6, generator=gen)).pow(2).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in model.parameters()], optimizer
+
+
+@pytest.mark.parametrize("options", [{}, {"amsgrad": True}, {"foreach": False}])
+def test_eager_adamw_state_is_bit_for_bit_the_lazy_one(options):
+    lazy, lazy_opt = adamw_run(False, **options)
+    eager, eager_opt = adamw_run(True, **options)
+    assert all(torch.equal(a, b) for a, b in zip(lazy, eager))
+    for a, b in zip(lazy_opt.state.values(), eager_opt.state.values()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_eager_adamw_state_keeps_a_resumed_state():
+    """A resumed optimizer already holds its state: creating it again changes nothing, and the run
+    continues as the uninterrupted one (exact resume)."""
+    _, optimizer = adamw_run(False, steps=2)
+    saved = {k: v.clone() for k, v in optimizer.state[optimizer.param_groups[0]["params"][0]].items()}
+    modeling.create_optimizer_state(optimizer)
+    kept = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    assert saved["step"] == 2 and all(torch.equal(saved[k], kept[k]) for k in saved)
+
+
+def test_vllm_engine_keeps_the_global_rngs(monkeypatch, toy_model, toy_dir):
+    """vLLM's engine start seeds python, numpy and torch with its own seed; a resumed run's restored
+    states (and a fresh run's --seed) must survive it."""
+    import random
+
+    import numpy as np
+
+    log = []
+    install_fake_vllm(monkeypatch, log)
+    fake = sys.modules["vllm"]
+
+    class ReseedingLLM(fake.LLM):  # what vLLM's start does (set_random_seed)
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            random.seed(kwargs["seed"])
+            np.random.seed(kwargs["seed"])
+            torch.manual_seed(kwargs["seed"])
+
+    monkeypatch.setattr(fake, "LLM", ReseedingLLM)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _, processor = toy_model
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    rollout.VLLMEngine(str(toy_dir / "model"), processor, dist.Dist(0, 1, 0, torch.device("cpu")), min_pixels=3136,
+                       max_pixels=50176)  # fmt: skip
+    assert log[0][0] == "LLM" and (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert log[0][1]["limit_mm_per_prompt"] == {"image": 4, "video": 0}  # no video budget reserved
