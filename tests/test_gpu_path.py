@@ -315,6 +315,47 @@ def test_vas_rescoring_uses_prompts_per_call(tmp_path):
     assert engine.calls == [256, 256, 88] and scores["pass_rate"].tolist() == [1.0] * 600
 
 
+def test_vas_split_deals_rows_round_robin_in_rounds():
+    """VAS re-scoring's split: rank r scores rows r, r + W, ... of each round (a slice of every part
+    of the data, so rows grouped by source cost every rank alike), rounds of one call per rank."""
+    rows = list(range(40))
+    for world, per_call in ((4, 5), (3, 4), (8, 256)):
+        order = dist.rounds(rows, per_call, world)
+        assert sorted(x for part in order for x in part) == rows and all(len(p) <= per_call * world for p in order)
+        for part in order:
+            shares = [dist.shard(part, dist.Dist(r, world, r, torch.device("cpu"))) for r in range(world)]
+            assert sorted(x for share, real in shares for x in share[:real]) == sorted(part)
+            assert all(real <= per_call for _, real in shares)  # one generate call per rank and round
+    first, second = dist.rounds(rows, 5, 4)  # two full rounds of 20
+    mine = [dist.shard(part, dist.Dist(1, 4, 1, torch.device("cpu")))[0] for part in (first, second)]
+    assert mine == [[1, 5, 9, 13, 17], [21, 25, 29, 33, 37]]  # rank 1: every 4th row of each round
+    # 10 rows, 4 ranks: shard() shares of 3, 3, 3, 1, dealt round-robin until a share is full
+    ten = dist.interleave(list(range(10)), 4)
+    shares = [dist.shard(ten, dist.Dist(r, 4, r, torch.device("cpu"))) for r in range(4)]
+    assert [share[:real] for share, real in shares] == [[0, 4, 7], [1, 5, 8], [2, 6, 9], [3]]
+    # the contiguous split it replaces: rows of one source (a block) all on one rank
+    assert dist.shard(rows, dist.Dist(0, 4, 0, torch.device("cpu")))[0] == list(range(10))
+
+
+class AnsweringEngine(CountingEngine):
+    """Answers "4" to every prompt: right for rows whose answer is 4, wrong for the others."""
+
+
+def test_vas_rescoring_puts_each_score_on_its_row(tmp_path):
+    """Rounds and interleaving reorder the prompts; every score must still land on its own row, and
+    a prompt left out (above --max-prompt-length) gets zeros."""
+    rows = [{"problem": f"q{i}", "answer": "4" if i % 3 else "5"} for i in range(30)]
+    engine = AnsweringEngine()
+    cfg = grpo.GRPOConfig(vas_rollouts=2, vas_prompts_per_call=7)
+    sampler = grpo.vas.MixedSampler(len(rows), 16, 0.5, 0)
+    one = dist.Dist(0, 1, 0, torch.device("cpu"))
+    scorable = [i for i in range(30) if i != 4]
+    scores = grpo.refresh_vps(engine, None, rows, sampler, cfg, one, None, 0, tmp_path, scorable)
+    assert engine.calls == [7, 7, 7, 7, 1]
+    expected = [0.0 if i == 4 or i % 3 == 0 else 1.0 for i in range(30)]
+    assert scores["pass_rate"].tolist() == expected and scores["tokens"][4] == 0 and scores["tokens"][5] == 6
+
+
 def test_paper_preset_refuses_to_run_without_cuda():
     cmd = [sys.executable, "grpo.py", "--preset", "paper", "--model", "m", "--data", "d"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -512,3 +553,16 @@ def test_vllm_engine_keeps_the_global_rngs(monkeypatch, toy_model, toy_dir):
                        max_pixels=50176)  # fmt: skip
     assert log[0][0] == "LLM" and (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     assert log[0][1]["limit_mm_per_prompt"] == {"image": 4, "video": 0}  # no video budget reserved
+
+
+def test_sft_paper_preset_bounds_its_disk():
+    """sft.py --preset paper saves every 1,000 of ~152k steps (1,620,490 rows x 3 epochs / 32): with
+    every save kept, ~152 checkpoints of ~116 GB (docs/checkpoints.md) fill 17.5 TB. The preset keeps
+    the newest 3 step-* folders and final/, at most one more briefly while a save completes."""
+    import sft
+    from mmr1 import config
+
+    cfg = config.parse_config(sft.SFTConfig, sft.PRESETS, ["--preset", "paper", "--model", "m", "--data", "d"])
+    steps = 1_620_490 * cfg.epochs // cfg.batch_size
+    assert steps // cfg.save_every > 150 and cfg.save_total_limit == 3
+    assert (cfg.save_total_limit + 2) * 116 <= 600  # GB of disk at most: 3 kept + final/ + one being written
