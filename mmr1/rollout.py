@@ -291,6 +291,9 @@ class VLLMEngine:
         )
         with kept_rng(d.device):  # vLLM seeds the process's global RNGs with its own seed; keep the run's
             self.llm = LLM(**self.engine_args)
+        self.model_runner = model_runner(self.llm, d.device)
+        if d.master:
+            print(f"[vllm] model runner {self.model_runner} (VLLM_USE_V2_MODEL_RUNNER=0 selects V1)")
         self.sleep_mode = d.device.type == "cuda" and sleep_mode
         self.end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.forbidden = forbidden_token_ids(processor.tokenizer)
@@ -388,6 +391,14 @@ class VLLMEngine:
             llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
+
+
+def model_runner(llm, device: torch.device) -> str:
+    """Which vLLM model runner an engine uses: "V2" or "V1". vllm 0.33 on GPU defaults to V2 where
+    Triton imports and the model needs nothing V2 lacks (VllmConfig.use_v2_model_runner);
+    VLLM_USE_V2_MODEL_RUNNER=0 forces V1, the runner the CPU build (and so every CPU test) uses."""
+    config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+    return "V2" if device.type == "cuda" and getattr(config, "use_v2_model_runner", False) else "V1"
 
 
 @contextlib.contextmanager

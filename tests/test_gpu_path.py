@@ -433,7 +433,8 @@ def test_fsdp2_rank_without_images(toy_dir, tmp_path):
 
 def test_gpu_smoke_commands_parse_and_bad_arguments_stop():
     """--dry-run prints one command per stage; every flag of each is one its script accepts (parsed
-    by the stage's own config); unknown engines, GPU counts and arguments stop with exit code 2."""
+    by the stage's own config); with vLLM the V1-runner rerun of grpo is listed; unknown engines, GPU
+    counts and arguments stop with exit code 2."""
     import shlex
 
     import eval as evaluation
@@ -443,22 +444,57 @@ def test_gpu_smoke_commands_parse_and_bad_arguments_stop():
     def smoke(*args):
         return subprocess.run(["bash", "scripts/gpu_smoke.sh", *args], cwd=ROOT, capture_output=True, text=True)
 
-    proc = smoke("--dry-run", "--gpus", "2", "--engine", "hf", "--steps", "2", "--out", "/tmp/smoke")
-    assert proc.returncode == 0, proc.stderr
-    lines = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
-    assert list(lines) == ["toy", "sft", "grpo", "eval"]
     configs = {"sft": (sft.SFTConfig, sft.PRESETS), "grpo": (grpo.GRPOConfig, grpo.PRESETS),
                "eval": (evaluation.EvalConfig, None)}  # fmt: skip
-    for stage, (cls, presets) in configs.items():
-        words = shlex.split(lines[stage])
-        assert words[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        args = words[words.index(f"{stage}.py") + 1 :]
-        cfg = config.parse_config(cls, presets, args)
-        assert cfg.output_dir == f"/tmp/smoke/{stage}"
-    assert "--engine hf" in lines["grpo"] and "--max-steps 2" in lines["grpo"]
+    for gpus, engine in (("2", "hf"), ("1", "vllm")):
+        proc = smoke("--dry-run", "--gpus", gpus, "--engine", engine, "--steps", "2", "--out", "/tmp/smoke")
+        assert proc.returncode == 0, proc.stderr
+        lines = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
+        stages = ["toy", "plan", "sft", "logprobs", "grpo", "eval"]
+        assert list(lines) == stages + (["grpo-v1 (if grpo fails)"] if engine == "vllm" else [])
+        for stage, (cls, presets) in configs.items():
+            words = shlex.split(lines[stage])
+            assert words[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", gpus]
+            args = words[words.index(f"{stage}.py") + 1 :]
+            cfg = config.parse_config(cls, presets, args)
+            assert cfg.output_dir == f"/tmp/smoke/{stage}"
+        assert f"--engine {engine}" in lines["grpo"] and "--max-steps 2" in lines["grpo"]
+        plan = shlex.split(lines["plan"])
+        assert plan[1:5] == ["scripts/gpu_checks.py", "plan", "--model", "runs/toy-init"] and plan[6] == gpus
+        config.parse_config(grpo.GRPOConfig, grpo.PRESETS, plan[plan.index("--") + 1 :])  # the grpo stage's flags
+        assert shlex.split(lines["logprobs"])[1:] == [
+            "scripts/gpu_checks.py",
+            "logprobs",
+            "--model",
+            "/tmp/smoke/sft/final",
+        ]
+        if engine == "vllm":
+            rerun = shlex.split(lines["grpo-v1 (if grpo fails)"])
+            assert rerun[0] == "VLLM_USE_V2_MODEL_RUNNER=0" and rerun[1:] == shlex.split(
+                lines["grpo"].replace("/tmp/smoke/grpo", "/tmp/smoke/grpo-v1")
+            )
     for bad in (["--engine", "sglang"], ["--gpus", "3"], ["--steps", "0"], ["--frobnicate"], ["--gpus"]):
         proc = smoke("--dry-run", *bad)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("gpu_smoke.sh: "), bad
+
+
+def test_gpu_checks_run_on_the_cpu(toy_dir):
+    """gpu_smoke.sh's two checks on the toy, here on the CPU: packed and padded log-probs agree (fp32:
+    within 1e-4); the plan prints the peaks the smoke table puts beside the measured ones."""
+    out = run_script(["scripts/gpu_checks.py", "logprobs", "--model", str(toy_dir / "model"), "--device", "cpu"]).stdout
+    line = next(x for x in out.splitlines() if x.startswith("packed vs padded"))
+    assert "(sdpa_varlen, fp32)" in line and float(line.split("max |diff| ")[1].split()[0]) < 1e-4
+    args = ["scripts/gpu_checks.py", "plan", "--model", str(toy_dir / "model"), "--gpus", "2", "--card-gib", "139.7"]
+    out = run_script(args + ["--", "--vas", "--max-steps", "3"]).stdout
+    line = next(x for x in out.splitlines() if x.startswith("plan:"))
+    toy_plan = memory.plan(memory_config(toy_dir), 139.7, memory.RunSettings(world_size=2))
+    assert f"(vLLM {toy_plan['gpu_memory_utilization']:.2f} of 139.7 GiB)" in line and "rollout peak" in line
+
+
+def memory_config(toy_dir):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(toy_dir / "model")
 
 
 def test_grpo_takes_vllm_share_from_the_plan(tmp_path, monkeypatch):
