@@ -602,3 +602,30 @@ def test_sft_paper_preset_bounds_its_disk():
     steps = 1_620_490 * cfg.epochs // cfg.batch_size
     assert steps // cfg.save_every > 150 and cfg.save_total_limit == 3
     assert (cfg.save_total_limit + 2) * 116 <= 600  # GB of disk at most: 3 kept + final/ + one being written
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/setup_gpu.sh: what it checks before installing anything
+# ---------------------------------------------------------------------------------------------
+
+
+def test_setup_gpu_checks_python_and_nvcc_first(tmp_path):
+    """Python 3.10 (Ubuntu 22.04's python3: pip would find no vllm 0.33.0) and --flash-attn without a
+    CUDA 13 nvcc each stop with one line and exit 2 before the venv is made."""
+    python310 = tmp_path / "python3.10"
+    python310.write_text('#!/bin/sh\ncase "$2" in *version_info*) exit 1 ;; *) echo 3.10.12 ;; esac\n')
+    python310.chmod(0o755)
+    venv = tmp_path / "venv"
+
+    def setup(*args, **env):
+        cmd = ["bash", "scripts/setup_gpu.sh", "--venv", str(venv), *args]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", **env})
+
+    proc = setup(PYTHON=str(python310))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"setup_gpu.sh: error: {python310} is Python 3.10.12; vllm 0.33.0 needs >= 3.11 (try PYTHON=python3.11 or python3.12)"
+    )
+    proc = setup("--flash-attn", PYTHON=sys.executable, CUDA_HOME=str(tmp_path / "no-cuda"))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("setup_gpu.sh: error: --flash-attn compiles flash-attn 2.8.3")
+    assert "needs CUDA 13's nvcc" in last and "is missing" in last and not venv.exists()
