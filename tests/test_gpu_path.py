@@ -1,8 +1,9 @@
-"""The GPU path checked on CPU (issue #22, the first 8-GPU launch): PyTorch's varlen attention on
-packed rows (through a CPU stand-in for the CUDA-only kernel), the attention choice, the LLM(...)
-arguments of every engine (eval without sleep mode, the run's pixel range, max_model_len clamped),
-the memory plan against Qwen2.5-VL-3B/7B parameter counts, --vas-prompts-per-call, the CUDA check
-of --preset paper, and FSDP2 over 2 gloo ranks where one rank's rows have no image."""
+"""The GPU path checked on CPU (issues #22 and #29: the first 8-GPU launch and its second review):
+PyTorch's varlen attention on packed rows and in the vision tower (through a CPU stand-in for the
+CUDA-only kernel that refuses what it refuses), the attention choice, the LLM(...) arguments of every
+engine, the memory plan against Qwen2.5-VL-3B/7B parameter counts, VAS re-scoring in rounds, the CUDA
+check of --preset paper, FSDP2 over 2 gloo ranks where one rank's rows have no image, the eager AdamW
+state, the engine keeping the global RNGs, and the non-GPU parts of gpu_smoke.sh and setup_gpu.sh."""
 
 import subprocess
 import sys
