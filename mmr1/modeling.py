@@ -73,8 +73,9 @@ class BoundaryCache:
     same cu_seqlens tensor to every block of one kind), and activation checkpointing replays the
     forward with those same tensors; so one read (one device-to-host copy, a sync) per tensor and
     forward replaces one per layer. The cache holds its key alive, so a later tensor can never be
-    mistaken for it; it keeps the last few keys (text positions and the boundary list read from
-    them, vision windows, whole images).
+    mistaken for it, and a tensor written in place since (its version counter moved) is read again;
+    it keeps the last few keys (text positions and the boundary list read from them, vision windows,
+    whole images).
     """
 
     def __init__(self, size: int = 8):
@@ -82,11 +83,12 @@ class BoundaryCache:
 
     def read(self, key: object, compute):
         """compute() the first time `key` is seen (of the last `size` keys), its stored result after."""
-        for k, value in self.entries:
-            if k is key:
+        version = getattr(key, "_version", None)  # torch bumps it on every in-place write
+        for k, v, value in self.entries:
+            if k is key and v == version:
                 return value
         value = compute()
-        self.entries = [(key, value)] + self.entries[: self.size - 1]
+        self.entries = [(key, version, value)] + self.entries[: self.size - 1]
         return value
 
 

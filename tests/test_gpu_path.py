@@ -630,3 +630,18 @@ def test_setup_gpu_checks_python_and_nvcc_first(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("setup_gpu.sh: error: --flash-attn compiles flash-attn 2.8.3")
     assert "needs CUDA 13's nvcc" in last and "is missing" in last and not venv.exists()
+
+
+def test_boundary_cache_reads_each_tensor_once_and_again_after_a_write():
+    cache, reads = modeling.BoundaryCache(size=2), []
+    positions = torch.tensor([0, 1, 0, 1, 2])
+
+    def boundaries(t):
+        return lambda: reads.append(1) or (t == 0).nonzero().flatten().tolist()
+
+    assert cache.read(positions, boundaries(positions)) == [0, 2] == cache.read(positions, boundaries(positions))
+    assert len(reads) == 1  # one read per tensor
+    positions[3] = 0  # written in place: read again
+    assert cache.read(positions, boundaries(positions)) == [0, 2, 3] and len(reads) == 2
+    equal = torch.tensor([0, 1, 0, 1, 2])  # same values, another tensor: its own read
+    assert cache.read(equal, boundaries(equal)) == [0, 2] and len(reads) == 3
