@@ -645,3 +645,15 @@ def test_boundary_cache_reads_each_tensor_once_and_again_after_a_write():
     assert cache.read(positions, boundaries(positions)) == [0, 2, 3] and len(reads) == 2
     equal = torch.tensor([0, 1, 0, 1, 2])  # same values, another tensor: its own read
     assert cache.read(equal, boundaries(equal)) == [0, 2] and len(reads) == 3
+
+
+def test_hf_engine_gives_duplicate_prompts_different_groups(toy_model):
+    """The HF engine's behaviour, which VLLMEngine now matches: one seeded random stream runs through
+    all rows of a call, so a prompt drawn twice gets two different groups."""
+    model, processor = toy_model
+    engine = rollout.HFEngine(model, processor, dist.Dist(0, 1, 0, torch.device("cpu")), min_pixels=3136,
+                              max_pixels=50176)  # fmt: skip
+    row = {"problem": "How many red squares are there?", "answer": "2"}
+    outs = engine.generate([row, row, row], 3, rollout.Sampling(temperature=1.0, max_new_tokens=8, seed=7))
+    groups = [tuple(tuple(o.token_ids) for o in outs if o.row == r) for r in range(3)]
+    assert len(set(groups)) == 3
