@@ -448,26 +448,29 @@ def refresh_vps(
     sampling = rollout.Sampling(
         cfg.temperature, cfg.top_p, cfg.max_response_length, dist.derive_seed(cfg.seed, "vas", step)
     )
-    scores = vas.rollout_scores(
-        engine,
-        rows,
-        scorable,
-        d,
-        n=cfg.vas_rollouts,
-        sampling=sampling,
-        pool=pool,
-        alpha=cfg.vas_alpha,
-        beta=cfg.vas_beta,
-        tds_kind=cfg.vas_tds,
-        prompts_per_call=cfg.vas_prompts_per_call,
-        desc=f"vas refresh @{step}",
-    )
+    # rounds of one call per rank, dealt round-robin over the data, each ending in an all-gather (dist.rounds)
+    order = dist.rounds(scorable, cfg.vas_prompts_per_call, d.world_size) or [[]]
+    parts = [
+        vas.rollout_scores(
+            engine,
+            rows,
+            part,
+            d,
+            n=cfg.vas_rollouts,
+            sampling=dataclasses.replace(sampling, seed=dist.derive_seed(sampling.seed, "round", r)),
+            pool=pool,
+            alpha=cfg.vas_alpha,
+            beta=cfg.vas_beta,
+            tds_kind=cfg.vas_tds,
+            prompts_per_call=cfg.vas_prompts_per_call,
+            desc=f"vas refresh @{step} ({r + 1}/{len(order)})",
+        )
+        for r, part in enumerate(order)
+    ]
     engine.sleep()
-    if len(scorable) < len(rows):  # prompts above --max-prompt-length: no rollouts, VPS 0
-        full = {k: np.zeros(len(rows)) for k in scores}
-        for k, v in scores.items():
-            full[k][scorable] = v
-        scores = full
+    scores = {k: np.zeros(len(rows)) for k in parts[0]}  # a prompt above --max-prompt-length: no rollouts, VPS 0
+    for k in scores:
+        scores[k][[i for part in order for i in part]] = np.concatenate([p[k] for p in parts])
     sampler.update_weights(vas.normalise_weights(scores["vps"], sampler.weights, cfg.vas_momentum))
     if d.master:
         (out_dir / "vas").mkdir(parents=True, exist_ok=True)
@@ -775,6 +778,7 @@ def main() -> None:
             print(
                 f"[grpo] {len(val_skipped)} validation prompts above --max-prompt-length left out; first: {val_skipped[0]}"
             )
+    modeling.create_optimizer_state(optimizer)  # AdamW's state now: vLLM's start-up check sees the step-1 trainer
     engine = make_engine(model, processor, policy_path, start_step, fmt, cfg, d)
     pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
     logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)

@@ -111,6 +111,7 @@ PRESETS = {
         max_pixels=1048576,
         eval_every=500,
         save_every=1000,
+        save_total_limit=3,  # ~152 saves of ~116 GB would fill 17.5 TB; newest 3 + final/: ~0.5 TB
         acc_limit=-1,
     ),
 }

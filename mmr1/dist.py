@@ -121,6 +121,34 @@ def shard(items: list, d: Dist) -> tuple[list, int]:
     return list(mine) + padding, len(mine)
 
 
+def interleave(items: list, world_size: int) -> list:
+    """`items` reordered so that shard() hands them out round-robin: rank r's contiguous share of the
+    result holds items r, r + W, r + 2W, ... (exactly so when W divides the length; else the last
+    ranks, whose shares shard() makes shorter, drop out of the deal when full).
+
+    For work that must finish together on every rank (VAS re-scoring): a contiguous block of rows
+    grouped by source (long-answer sources first, say) would give some ranks far more tokens to
+    generate than others; dealt round-robin, every rank gets a slice of every part of the data."""
+    per_rank = math.ceil(len(items) / world_size) if items else 0
+    sizes = [max(0, min(per_rank, len(items) - r * per_rank)) for r in range(world_size)]  # shard()'s share sizes
+    shares: list[list] = [[] for _ in range(world_size)]
+    dealt = iter(items)
+    for k in range(per_rank):
+        for r in range(world_size):
+            if k < sizes[r]:
+                shares[r].append(next(dealt))
+    return [x for share in shares for x in share]
+
+
+def rounds(items: list, per_rank: int, world_size: int) -> list[list]:
+    """`items` cut into rounds of per_rank x world_size, each interleaved: one round is one call of
+    per_rank items on every rank, then one collective (the caller's all-gather). Ranks then never drift
+    further apart than one round, progress is known to all after each, and no rank waits for hours
+    at a single all-gather at the end (the process group times out after TIMEOUT)."""
+    size = per_rank * world_size
+    return [interleave(items[s : s + size], world_size) for s in range(0, len(items), size)]
+
+
 def all_gather_list(items: list, d: Dist) -> list:
     """Concatenation over ranks (rank order) of each rank's Python list."""
     if not d.enabled:

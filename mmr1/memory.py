@@ -9,9 +9,10 @@ The two phases on every rank (FSDP2 over W ranks, vLLM in sleep mode between rol
             (its share u of the card: weights, activations, KV cache)
   training: trainer resident + gradients + gathered blocks + activations + log-prob chunk, with
             vLLM asleep (weights offloaded to the host, KV cache freed)
-vLLM sizes its KV cache ONCE, at creation, as u * card - (its weights + activations); the trainer
-grows after that (AdamW's state exists from the first step), so u must leave room for the trainer
-of step 1 and later, not for the ~6 GiB it holds at creation.
+vLLM sizes its KV cache ONCE, at creation, as u * card - (its weights + activations), and refuses to
+start when less than u * card is free. grpo.py creates AdamW's state before vLLM starts, so the
+trainer holds its step-1 footprint then and a plan that does not fit fails at start-up; u leaves room
+for that trainer, the CUDA context, NCCL's buffers and allocator fragmentation (the constants below).
 """
 
 from __future__ import annotations
@@ -19,10 +20,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GIB = 2**30
-CUDA_CONTEXT_GIB = 1.0  # CUDA context + NCCL buffers + allocator slack per process (to be measured)
+CUDA_CONTEXT_GIB = 1.0  # CUDA context, cuBLAS/cuDNN workspaces per process (CUDA 13 loads kernels lazily)
+# NCCL's communicators per rank: channel buffers for each peer and, on NVSwitch nodes, NVLS buffers:
+# 1-2 GB per rank on 8-GPU H100/H200 nodes (issue 29's review); the plan takes the upper end.
+NCCL_GIB = 2.0
+# The caching allocator's reserved-but-unused blocks: a free block inside a segment can only serve a
+# request that fits it, so after a training phase a few GiB stay reserved that neither the trainer nor
+# vLLM can use (empty_cache returns whole free segments only). AdamW's state, made before vLLM starts
+# (modeling.create_optimizer_state), is no longer one of the late allocations that split segments;
+# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True shrinks the rest (docs/paper-scale.md).
+FRAGMENTATION_GIB = 3.0
+MARGIN_GIB = NCCL_GIB + FRAGMENTATION_GIB  # kept free in the rollout phase beside the CUDA context (W > 1)
 VLLM_ACTIVATION_GIB = 3.0  # vLLM's profiled activation peak + CUDA graphs (sampler over 152k vocab, ViT encoder)
 VLLM_ASLEEP_GIB = 1.0  # what a level-1 sleeping vLLM keeps on the card (CUDA graph pools, buffers)
-MARGIN_GIB = 3.0  # fragmentation head-room kept free in the rollout phase
 CARDS_GIB = {"80GB": 79.1, "141GB": 139.7}  # what torch reports as total memory of an H100 80GB / H200 141GB
 
 
@@ -116,9 +126,11 @@ def plan(config, card_gib: float, run: RunSettings = RunSettings()) -> dict[str,
     t["hidden states + targets"] = n * h * (2 + 4) + n * 8
     out = {k: v / GIB for k, v in {**g, **t}.items()}
     out["trainer resident"] = resident / GIB
-    out["training peak"] = (resident + sum(t.values())) / GIB + VLLM_ASLEEP_GIB + CUDA_CONTEXT_GIB
+    nccl = NCCL_GIB if w > 1 else 0.0  # one process: no communicator
+    out["CUDA context"], out["NCCL buffers"], out["fragmentation margin"] = CUDA_CONTEXT_GIB, nccl, FRAGMENTATION_GIB
+    out["training peak"] = (resident + sum(t.values())) / GIB + VLLM_ASLEEP_GIB + CUDA_CONTEXT_GIB + nccl
     # --- rollout phase: what is left for vLLM, and its KV cache ---
-    free = card_gib - out["trainer resident"] - CUDA_CONTEXT_GIB - MARGIN_GIB
+    free = card_gib - out["trainer resident"] - CUDA_CONTEXT_GIB - nccl - FRAGMENTATION_GIB
     u = max(0.0, int(100 * free / card_gib) / 100)  # rounded down to 0.01
     weights = 2 * p["total"] / GIB
     kv_per_token = 2 * s["layers"] * s["kv_heads"] * s["head_dim"] * 2  # K and V, bf16, bytes
@@ -130,7 +142,7 @@ def plan(config, card_gib: float, run: RunSettings = RunSettings()) -> dict[str,
         "vLLM KV cache": kv_cache,
         "KV tokens": kv_cache * GIB / kv_per_token,
         "KV sequences (prompt + response)": kv_cache * GIB / kv_per_token / (run.max_prompt_length + run.max_response_length),
-        "rollout peak": out["trainer resident"] + u * card_gib + CUDA_CONTEXT_GIB,
+        "rollout peak": out["trainer resident"] + u * card_gib + CUDA_CONTEXT_GIB + nccl,
         "card": card_gib,
         "params (B)": p["total"] / 1e9,
     }  # fmt: skip

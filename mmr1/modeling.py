@@ -54,14 +54,57 @@ def packed_starts(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs
     another length: padded batches, generation with a KV cache, the vision tower).
 
     query (B, heads, N, D), key (B, kv_heads, N_k, D); position_ids (1, N) text positions that
-    restart at 0 at the first token of each sequence (logprobs.pack writes them)."""
+    restart at 0 at the first token of each sequence (logprobs.pack writes them). Reading the
+    boundaries is a host sync; every decoder layer of one forward gets the same position tensor,
+    so they are read once per forward (BOUNDARIES)."""
     positions = kwargs.get("position_ids")
     n = query.shape[2]
     if attention_mask is not None or positions is None or query.shape[0] != 1 or key.shape[2] != n:
         return None
     if positions.numel() != n:
         return None
-    return (positions.reshape(-1) == 0).nonzero().flatten().tolist() + [n]
+    return BOUNDARIES.read(positions, lambda: (positions.reshape(-1) == 0).nonzero().flatten().tolist() + [n])
+
+
+class BoundaryCache:
+    """The last boundary read of a forward, keyed by the very tensor it was read from.
+
+    transformers hands the SAME position_ids tensor to every decoder layer (and the vision tower the
+    same cu_seqlens tensor to every block of one kind), and activation checkpointing replays the
+    forward with those same tensors; so one read (one device-to-host copy, a sync) per tensor and
+    forward replaces one per layer. The cache holds its key alive, so a later tensor can never be
+    mistaken for it, and a tensor written in place since (its version counter moved) is read again;
+    it keeps the last few keys (text positions and the boundary list read from them, vision windows,
+    whole images).
+    """
+
+    def __init__(self, size: int = 8):
+        self.size, self.entries = size, []
+
+    def read(self, key: object, compute):
+        """compute() the first time `key` is seen (of the last `size` keys), its stored result after."""
+        version = getattr(key, "_version", None)  # torch bumps it on every in-place write
+        for k, v, value in self.entries:
+            if k is key and v == version:
+                return value
+        value = compute()
+        self.entries = [(key, version, value)] + self.entries[: self.size - 1]
+        return value
+
+
+BOUNDARIES = BoundaryCache()
+
+
+def kernel_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype a flash kernel gets q, k and v in: the autocast dtype when autocast is on, else the
+    query's own when it is fp16/bf16, else bf16 (the kernel takes fp16/bf16 only, all three equal).
+
+    Needed because with fp32 master weights under autocast Qwen2.5-VL's text rotary embedding
+    returns fp32 q and k while v stays bf16; transformers' flash_attention_2 path casts the same way
+    (integrations/flash_attention.get_target_dtype)."""
+    if torch.is_autocast_enabled(query.device.type):
+        return torch.get_autocast_dtype(query.device.type)
+    return query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
 def sdpa_varlen(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
@@ -94,32 +137,82 @@ def torch_varlen(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
     query (1, heads, N, D), key / value (1, kv_heads, N, D) -> ((1, N, heads, D), None). One call of
     `varlen_attn(q, k, v, cu_seq, cu_seq, max_len, max_len, window_size=(-1, 0))` (causal) over
-    (N, heads, D) tensors, cu_seq (S + 1,) int32 the sequence boundaries [0, L_1, L_1 + L_2, ..., N]
-    read from the text positions, as flash-attn's varlen kernel gets them from transformers. What
-    is not a packed row (padded batches, generation, the vision tower) goes to SDPA as in sdpa_varlen.
+    (N, heads, D) tensors in kernel_dtype, cu_seq (S + 1,) int32 the sequence boundaries
+    [0, L_1, L_1 + L_2, ..., N] read from the text positions (once per forward), as flash-attn's
+    varlen kernel gets them from transformers. What is not a packed row (padded batches,
+    generation) goes to SDPA as in sdpa_varlen; the vision tower has its own path (vision_varlen).
     """
-    from torch.nn.attention.varlen import varlen_attn
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     starts = packed_starts(query, key, attention_mask, kwargs)
     if starts is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    cu_seq = torch.tensor(starts, dtype=torch.int32, device=query.device)  # (S + 1,)
-    max_len = max(e - s for s, e in zip(starts[:-1], starts[1:]))
+    # `starts` is the cached list itself, the same object in every layer: its device copy is made once too
+    cu_seq, max_len = BOUNDARIES.read(starts, lambda: boundary_tensor(starts, query.device))
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, heads, D) each
+    out = fused_varlen(q, k, v, cu_seq, max_len, getattr(module, "scaling", None), causal=True)
+    return out[None], None  # (1, N, heads, D)
+
+
+def boundary_tensor(starts: list[int], device: torch.device) -> tuple[torch.Tensor, int]:
+    """(cu_seq (S + 1,) int32 on `device`, longest sequence) of boundaries [0, ..., N] (host ints)."""
+    return torch.tensor(starts, dtype=torch.int32, device=device), max(e - s for s, e in zip(starts[:-1], starts[1:]))
+
+
+def fused_varlen(q, k, v, cu_seq: torch.Tensor, max_len: int, scale: float | None, causal: bool) -> torch.Tensor:
+    """torch.nn.attention.varlen.varlen_attn over (N, heads, D) q and (N, kv_heads, D) k, v, the same
+    boundaries for queries and keys; q, k, v cast to kernel_dtype (the kernel refuses fp32 or mixed
+    dtypes). Returns (N, heads, D), cast back to the query's dtype when autocast is off (fp32 in, fp32
+    out, so the next fp32 linear takes it)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    dtype = kernel_dtype(q)
     out = varlen_attn(
-        q,
-        k,
-        v,
+        q.to(dtype),
+        k.to(dtype),
+        v.to(dtype),
         cu_seq,
         cu_seq,
         max_len,
         max_len,
-        scale=getattr(module, "scaling", None),
-        window_size=(-1, 0),  # causal: no key after the query
+        scale=scale,
+        window_size=(-1, 0) if causal else (-1, -1),  # causal: no key after the query; else every key of the segment
         enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out[None], None  # (1, N, heads, D)
+    return out if torch.is_autocast_enabled(q.device.type) else out.to(q.dtype)
+
+
+def vision_varlen(module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings=None, **kwargs):
+    """Qwen2_5_VLVisionAttention.forward through ONE fused varlen call per block: every attention
+    window (or, in the full-attention blocks, every image) is a segment of cu_seqlens, attended in
+    both directions (window_size=(-1, -1)).
+
+    transformers hands cu_seqlens to the attention function only when its name says "flash"; any
+    other implementation gets one call per window (7B at 672x672: 1,012 SDPA calls per image and
+    forward). hidden_states (N, hidden) -> (N, hidden); cu_seqlens (segments + 1,) int32 on the device,
+    its longest segment read once per forward (BOUNDARIES). Installed by use_vision_varlen.
+    """
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    n = hidden_states.shape[0]
+    q, k, v = (
+        module.qkv(hidden_states).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    )  # (N, heads, D)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    max_len = BOUNDARIES.read(cu_seqlens, lambda: int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+    out = fused_varlen(q, k, v, cu_seqlens.to(torch.int32), max_len, module.scaling, causal=False)
+    return module.proj(out.reshape(n, -1))
+
+
+def use_vision_varlen(model) -> None:
+    """Routes every vision block's attention of a Qwen2.5-VL through vision_varlen (models loaded with
+    TORCH_VARLEN: CUDA without flash-attn; flash_attention_2 already gets one call per block)."""
+    import types
+
+    inner = model.model if hasattr(model, "model") else model
+    for block in inner.visual.blocks:
+        block.attn.forward = types.MethodType(vision_varlen, block.attn)
 
 
 def register_packed_attention() -> None:
@@ -143,12 +236,15 @@ def load_model(name_or_path: str, device: torch.device, gradient_checkpointing: 
     from transformers import AutoModelForImageTextToText
 
     dtype = torch.bfloat16 if device.type == "cuda" and not trainable else torch.float32
+    implementation = attention_implementation(device)
     model = AutoModelForImageTextToText.from_pretrained(
         name_or_path,
         dtype=dtype,
-        attn_implementation=attention_implementation(device),
+        attn_implementation=implementation,
         trust_remote_code=False,
     ).to(device)
+    if implementation == TORCH_VARLEN:
+        use_vision_varlen(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -252,6 +348,34 @@ def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+def create_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Creates AdamW's state now (step 0, exp_avg and exp_avg_sq zeros shaped like each parameter,
+    also max_exp_avg_sq with amsgrad) for every trainable parameter that has none yet, exactly as
+    AdamW creates it lazily in its first step, so the update is bit for bit the same.
+
+    Why: at 7B the state is 2 x fp32 per parameter (7.7 GiB per rank on 8 GPUs). Created lazily it
+    first exists in step 1, after vLLM has sized its KV cache against the memory free at its start;
+    created before vLLM starts, vLLM's start-up check sees the trainer's real footprint and a plan
+    that does not fit fails in seconds, not hours into a run. Parameters that already have state
+    (a resumed optimizer) keep it."""
+    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32  # AdamW's step dtype
+    for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")  # else AdamW keeps `step` on the host
+        for p in group["params"]:
+            if not p.requires_grad or optimizer.state[p]:
+                continue
+            state = optimizer.state[p]
+            state["step"] = (
+                torch.zeros((), dtype=torch.float32 if group.get("fused") else scalar, device=p.device)
+                if on_device
+                else torch.tensor(0.0, dtype=scalar)
+            )
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def autocast(device: torch.device) -> torch.autocast:

@@ -14,6 +14,7 @@ alone, never from the checkpoint's generation_config.json.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import socket
@@ -288,7 +289,11 @@ class VLLMEngine:
             cpu_kv_cache_gib,
             sleep_mode,
         )
-        self.llm = LLM(**self.engine_args)
+        with kept_rng(d.device):  # vLLM seeds the process's global RNGs with its own seed; keep the run's
+            self.llm = LLM(**self.engine_args)
+        self.model_runner = model_runner(self.llm, d.device)
+        if d.master:
+            print(f"[vllm] model runner {self.model_runner} (VLLM_USE_V2_MODEL_RUNNER=0 selects V1)")
         self.sleep_mode = d.device.type == "cuda" and sleep_mode
         self.end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.forbidden = forbidden_token_ids(processor.tokenizer)
@@ -297,7 +302,9 @@ class VLLMEngine:
         self.pushes = 0  # weight pushes done (the version check skips the rest)
 
     def generate(self, rows: list[dict], n: int, sampling: Sampling) -> list[Rollout]:
-        """n sampled responses for each row, row-major, as HFEngine.generate."""
+        """n sampled responses for each row, row-major, as HFEngine.generate; each row sampled with a
+        seed of its own, so duplicate rows get different responses (as with HFEngine, whose one
+        random stream runs through the rows)."""
         from vllm import SamplingParams
 
         texts = batches.prompt_texts(self.processor, rows, self.prompt_format)
@@ -308,17 +315,23 @@ class VLLMEngine:
             for t, r in zip(texts, rows)
         ]
         greedy = sampling.temperature <= 0
-        params = SamplingParams(
-            n=n,
-            temperature=0.0 if greedy else sampling.temperature,
-            top_p=1.0 if greedy else sampling.top_p,
-            top_k=0,
-            repetition_penalty=1.0,
-            max_tokens=sampling.max_new_tokens,
-            seed=dist.derive_seed(sampling.seed, "rank", self.d.rank),
-            stop_token_ids=[self.end_id],
-            logit_bias={i: -100.0 for i in self.forbidden},
-        )
+        # One SamplingParams per prompt, each with its own seed (from the call's seed, which carries the
+        # step, the rank and the row): vLLM seeds sample k of a request with seed + k, so one shared
+        # seed gives duplicate prompts of a call (VAS draws with replacement) identical groups.
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=0.0 if greedy else sampling.temperature,
+                top_p=1.0 if greedy else sampling.top_p,
+                top_k=0,
+                repetition_penalty=1.0,
+                max_tokens=sampling.max_new_tokens,
+                seed=dist.derive_seed(sampling.seed, "rank", self.d.rank, row),
+                stop_token_ids=[self.end_id],
+                logit_bias={i: -100.0 for i in self.forbidden},
+            )
+            for row in range(len(rows))
+        ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         rollouts = []
         for i, request in enumerate(outputs):
@@ -380,6 +393,35 @@ class VLLMEngine:
             gc.collect()
 
 
+def model_runner(llm, device: torch.device) -> str:
+    """Which vLLM model runner an engine uses: "V2" or "V1". vllm 0.33 on GPU defaults to V2 where
+    Triton imports and the model needs nothing V2 lacks (VllmConfig.use_v2_model_runner);
+    VLLM_USE_V2_MODEL_RUNNER=0 forces V1, the runner the CPU build (and so every CPU test) uses."""
+    config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+    return "V2" if device.type == "cuda" and getattr(config, "use_v2_model_runner", False) else "V1"
+
+
+@contextlib.contextmanager
+def kept_rng(device: torch.device):
+    """Restores the global random states (python, numpy, torch CPU and `device`'s CUDA generator) on
+    exit: vLLM's engine start seeds them all with its own seed, which would replace a resumed run's
+    restored states (and a fresh run's --seed) with the engine's."""
+    import random
+
+    import numpy as np
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" and torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
 def vllm_engine_args(
     model_path: str,
     d: dist.Dist,
@@ -404,7 +446,7 @@ def vllm_engine_args(
         distributed_executor_backend="external_launcher",
         tensor_parallel_size=1,
         max_model_len=min(max_model_len, max_positions(model_path)),
-        limit_mm_per_prompt={"image": max_images},
+        limit_mm_per_prompt={"image": max_images, "video": 0},  # no video inputs: vLLM reserves none (default 999)
         mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels},
         seed=d.rank,
         logprobs_mode="processed_logprobs",

@@ -63,9 +63,10 @@ def install_fake_vllm(monkeypatch, log):
             )
 
         def generate(self, prompts, params, use_tqdm=False):
-            log.append(("generate", prompts, params.kwargs))
-            return [types.SimpleNamespace(outputs=[FakeCompletion([5, 6], "a", "stop"), FakeCompletion([7] * 3, "b", "length")][: params.kwargs["n"]])
-                    for _ in prompts]  # fmt: skip
+            params = params if isinstance(params, list) else [params] * len(prompts)  # one per prompt, or shared
+            log.append(("generate", prompts, [p.kwargs for p in params]))
+            return [types.SimpleNamespace(outputs=[FakeCompletion([5, 6], "a", "stop"), FakeCompletion([7] * 3, "b", "length")][: p.kwargs["n"]])
+                    for p in params]  # fmt: skip
 
         def collective_rpc(self, method, kwargs):
             log.append(
@@ -103,12 +104,14 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
     assert kwargs["gpu_memory_utilization"] == 0.5 and kwargs["max_model_len"] == 512
     rows = toy_rows(2) + [{"problem": "text only", "answer": "1"}]
     outs = engine.generate(rows, 2, rollout.Sampling(temperature=0.6, max_new_tokens=9, seed=2))
-    _, prompts, params = log[1]
+    _, prompts, per_prompt = log[1]
+    params = per_prompt[0]
     assert prompts[0]["prompt"].count("<|vision_start|><|image_pad|><|vision_end|>") == 1
     assert len(prompts[0]["multi_modal_data"]["image"]) == 1 and "multi_modal_data" not in prompts[2]
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert params["n"] == 2 and params["max_tokens"] == 9 and params["stop_token_ids"] == [end]
-    assert params["seed"] == dist.derive_seed(2, "rank", 1) and all(v < -50 for v in params["logit_bias"].values())
+    assert [p["seed"] for p in per_prompt] == [dist.derive_seed(2, "rank", 1, row) for row in range(3)]  # one per row
+    assert all(v < -50 for v in params["logit_bias"].values())
     assert params["top_k"] == 0 and params["repetition_penalty"] == 1.0 and kwargs["generation_config"] == "vllm"
     assert [(o.row, o.token_ids, o.finish_reason) for o in outs[:2]] == [
         (0, [5, 6, end], "stop"),

@@ -60,6 +60,19 @@ def test_generates_with_images_and_n_samples_per_prompt(engine, toy_dir):
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]  # per-request seeds: reproducible
 
 
+def test_duplicate_prompts_in_one_call_get_different_groups(engine, toy_dir):
+    """VAS draws prompts with replacement, so one call can hold a prompt twice. vLLM seeds sample k of
+    a request with its seed + k: with one seed for the call every copy got the same group; with a
+    seed per prompt (step, rank, row) each copy gets its own, still reproducible."""
+    row = image_rows(toy_dir, 1)[0]
+    sampling = rollout.Sampling(temperature=1.0, max_new_tokens=12, seed=7)
+    outs = engine.generate([row, row, row], 4, sampling)
+    groups = [tuple(tuple(o.token_ids) for o in outs if o.row == r) for r in range(3)]
+    assert all(len(set(g)) > 1 for g in groups)  # T = 1 varies within a group
+    assert len(set(groups)) == 3  # and between the copies
+    assert [o.token_ids for o in engine.generate([row, row, row], 4, sampling)] == [o.token_ids for o in outs]
+
+
 def test_greedy_vllm_equals_greedy_hf(engine, toy_dir, toy_model):
     model, _ = toy_model
     hf = rollout.HFEngine(model, engine.processor, CPU, **PIXELS)
