@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .config import CheckpointError, first_line
-from .dist import Dist, all_gather_list, all_reduce_max
+from .dist import Dist, all_gather_list, all_reduce_max, cleanup_distributed
 from .modeling import full_state_dict
 
 TRAINER_DIR = "trainer"  # the sharded trainer state inside a checkpoint folder (torch.distributed.checkpoint)
@@ -505,7 +505,10 @@ class Preemption:
     --save-every steps.
 
     The handler only records the signal; `agreed` is a collective every rank calls once per step,
-    so all ranks stop after the same step even when only some of them were signalled.
+    so all ranks stop after the same step even when only some of them were signalled. The stage
+    scripts install it first thing in main(), so a signal during the long work before step 1
+    (data, model loading, the initial VAS scoring) is not lost either: `stop_before_training`,
+    called between those phases, ends the run there with exit 0.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -526,3 +529,18 @@ class Preemption:
     def agreed(self, d: Dist) -> bool:
         """True on every rank if any rank has received a signal (a max all-reduce; every rank calls it)."""
         return all_reduce_max(int(self.received is not None), d.device) > 0
+
+    def stop_before_training(self, d: Dist, stage: str, phase: str) -> None:
+        """Between the long phases before the first step (a collective: every rank calls it at the same
+        place): if any rank was signalled, says so and exits 0. Nothing is half-written then: no step
+        has run, so there is nothing new to save, and a resumed run's checkpoint is where it was."""
+        if not self.agreed(d):
+            return
+        if d.master:
+            print(
+                f"[{stage}] {self.received or 'another rank signalled'} during {phase}: exiting before the "
+                "first step with nothing saved (the same command continues from the latest checkpoint with --resume)",
+                flush=True,
+            )
+        cleanup_distributed()
+        raise SystemExit(0)

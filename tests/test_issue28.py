@@ -2,10 +2,19 @@
 checkpoint, save errors in one line, exact integers, linear-time answer cleaning, bounded eval scoring,
 unique per-sample result files, tar errors named, signals before the loop, FSDP2 generation without images."""
 
-import datasets
+import os
+import signal
+import subprocess
+import sys
+import time
 
-from conftest import run_script
+import datasets
+import pytest
+import torch
+
+from conftest import ROOT, TORCHRUN_VARIABLES, run_script
 from data import toy
+from mmr1 import checkpoint, dist
 
 
 def mixed_rl_data(folder, n_train: int = 2, n_val: int = 2):
@@ -34,3 +43,44 @@ def test_grpo_torchrun_hf_engine_rows_with_and_without_images(toy_dir, tmp_path)
     run_script(args, torchrun=2, timeout=600)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"val/accuracy"' in lines[0] and '"val/accuracy"' in lines[1]
+
+
+def test_stop_before_training_exits_0_when_signalled(capsys):
+    previous = {sig: signal.getsignal(sig) for sig in checkpoint.Preemption.SIGNALS}
+    one = dist.Dist(0, 1, 0, torch.device("cpu"))
+    try:
+        preemption = checkpoint.Preemption()
+        preemption.stop_before_training(one, "sft", "loading")  # no signal: goes on
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(SystemExit) as stopped:
+            preemption.stop_before_training(one, "sft", "loading")
+        assert stopped.value.code == 0
+        assert "[sft] SIGTERM during loading: exiting before the first step" in capsys.readouterr().out
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_grpo_signal_during_the_initial_vas_scoring_exits_0_with_nothing_saved(toy_dir, tmp_path):
+    """SIGUSR1 once the run has announced itself (models loaded, engine up), i.e. during the initial VAS
+    scoring: before, no handler was installed yet and the signal killed the process."""
+    data, out = toy_dir / "data" / "rl", tmp_path / "run"
+    args = ["grpo.py", "--model", str(toy_dir / "model"), "--data", f"{data}@train", "--val-data", "",
+            "--output-dir", str(out), "--max-steps", "2", "--train-limit", "8", "--rollout-batch-size", "2",
+            "--group-size", "2", "--max-response-length", "8", "--vas", "--vas-rollouts", "2",
+            "--reward-workers", "0", "--save-every", "1"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "run.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        while "engine HFEngine" not in log.read_text():  # announce(): printed just before the initial scoring
+            assert proc.poll() is None, log.read_text()[-4000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(300)
+    output = log.read_text()
+    assert proc.returncode == 0, output[-4000:]
+    assert "[grpo] SIGUSR1 during the initial scoring: exiting before the first step with nothing saved" in output
+    assert not checkpoint.step_folders(out) and not (out / "final").exists()
+    assert "train/loss" not in (out / "metrics.jsonl").read_text()
