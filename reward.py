@@ -404,11 +404,14 @@ class RewardPool:
     """Worker processes that score responses, each killed and replaced if it runs past timeout_s.
 
     Reuse one pool across calls (a context manager) to pay the process start-up once.
-    `score_fn` (a module-level function with score_one's signature) is what the workers run.
+    `score_fn` (a module-level function with score_one's signature) is what the workers run;
+    `timeout_result(job)` is the result of a job that ran out of time (default: format kept,
+    accuracy 0, timed_out True). eval.py passes benchmarks.score_job / benchmarks.timed_out_job.
     """
 
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0, score_fn=score_one):
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0, score_fn=score_one, timeout_result=None):
         self.workers, self.timeout_s, self.score_fn = workers, timeout_s, score_fn
+        self.timeout_result = timeout_result or _timed_out
         self.ctx = mp.get_context("spawn")  # no fork of a threaded (torch) parent
         self.procs: list = [self._start() for _ in range(workers)]
 
@@ -420,7 +423,8 @@ class RewardPool:
         return [proc, parent]
 
     def map(self, jobs: list[tuple]) -> list[dict]:
-        """Scores each args tuple of score_one; results in input order; timeouts score 0."""
+        """Scores each args tuple of score_fn; results in input order; a job past timeout_s (its worker
+        killed and replaced) or whose worker died gets timeout_result(job)."""
         results: list[dict | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))[::-1]
         busy: dict[int, tuple[int, float]] = {}  # worker slot -> (job index, start time)
@@ -437,14 +441,14 @@ class RewardPool:
                     index, result = conn.recv()
                 except (EOFError, OSError):  # the worker died: count it as a timeout
                     index, result = busy[slot][0], None
-                results[index] = result or _timed_out(jobs[busy[slot][0]])
+                results[index] = result or self.timeout_result(jobs[busy[slot][0]])
                 if result is None:
                     self._restart(slot)
                 del busy[slot]
             now = time.monotonic()
             for slot, (index, started) in list(busy.items()):
                 if now - started > self.timeout_s:
-                    results[index] = _timed_out(jobs[index])
+                    results[index] = self.timeout_result(jobs[index])
                     self._restart(slot)
                     del busy[slot]
         return results  # type: ignore[return-value]
