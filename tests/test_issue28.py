@@ -84,3 +84,49 @@ def test_grpo_signal_during_the_initial_vas_scoring_exits_0_with_nothing_saved(t
     assert "[grpo] SIGUSR1 during the initial scoring: exiting before the first step with nothing saved" in output
     assert not checkpoint.step_folders(out) and not (out / "final").exists()
     assert "train/loss" not in (out / "metrics.jsonl").read_text()
+
+
+def load_get_mmr1_sft():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("get_mmr1_sft", ROOT / "scripts" / "get_mmr1_sft.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_get_mmr1_sft_truncated_partition_is_one_line_naming_it(tmp_path, suffix):
+    import tarfile
+
+    script, out = load_get_mmr1_sft(), tmp_path / "out"
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.bin").write_bytes(bytes(range(256)) * 400)  # 100 KB, so a cut lands inside it
+    out.mkdir()
+    tar = out / f"images_part_3{suffix}"
+    with tarfile.open(tar, "w:gz" if suffix == ".tar.gz" else "w") as archive:
+        archive.add(tmp_path / "imgs", arcname="imgs")
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(SystemExit) as stopped:
+        script.extract_partitions(out)
+    message = str(stopped.value.code)
+    assert message.startswith(f"error: {tar}: truncated or corrupt archive (") and "\n" not in message
+    assert "re-download that partition" in message and not (out / f"{tar.name}.done").exists()
+
+
+def test_get_mmr1_sft_refused_member_is_one_line_naming_the_partition(tmp_path):
+    import io
+    import tarfile
+
+    script, out = load_get_mmr1_sft(), tmp_path / "out"
+    out.mkdir()
+    tar = out / "images_part_1.tar"
+    with tarfile.open(tar, "w") as archive:
+        info = tarfile.TarInfo("../escape.png")  # outside the output folder
+        info.size = 3
+        archive.addfile(info, io.BytesIO(b"png"))
+    with pytest.raises(SystemExit) as stopped:
+        script.extract_partitions(out)
+    message = str(stopped.value.code)
+    assert message.startswith(f"error: {tar}: refused member (OutsideDestinationError") and "\n" not in message
+    assert not (tmp_path / "escape.png").exists() and not (out / f"{tar.name}.done").exists()
