@@ -8,8 +8,9 @@
 Every answer is extracted with reward.extract_answer and scored by the benchmark's official rule
 (score_answer; the rules and their sources are in docs/eval.md), with reward.is_equivalent where the
 official scorer asks an LLM judge whether two values mean the same. Every row of a published file is
-asked (MathVerse Vision Only rows through their `query_cot`). Writes <output-dir>/<model>/<benchmark>.jsonl
-(one line per sample) and results.md / results.json: the paper's rows beside the evaluated model, and the
+asked (MathVerse Vision Only rows through their `query_cot`). Answers are scored in worker processes with
+a hard limit per answer (SCORE_TIMEOUT_S; past it: wrong, counted as timed out). Writes
+<output-dir>/<model>/<benchmark>.jsonl (one line per sample; <model> unique per model, output_folders) and results.md / results.json: the paper's rows beside the evaluated model, and the
 per-category scores each benchmark reports (BREAKDOWNS).
 
 Departures from the official scorers (docs/eval.md):
@@ -24,6 +25,7 @@ Departures from the official scorers (docs/eval.md):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,13 +97,34 @@ def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
 
 score_answer = benchmarks.score_answer  # eval.score_answer(benchmark, response, row): the one scoring entry point
 
+SCORE_WORKERS = 2  # scoring processes per rank (reward.RewardPool, as training's rewards)
+SCORE_TIMEOUT_S = 10.0  # hard limit per answer: one pathological prediction cannot hang a benchmark run
 
-def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: dist.Dist):
+
+def scoring_pool() -> reward.RewardPool:
+    """Worker processes that score answers by the benchmarks' rules (benchmarks.score_job), each answer
+    under SCORE_TIMEOUT_S; an answer past it scores wrong and counts as timed out."""
+    return reward.RewardPool(
+        SCORE_WORKERS, SCORE_TIMEOUT_S, score_fn=benchmarks.score_job, timeout_result=benchmarks.timed_out_job
+    )
+
+
+def score_outputs(name: str, part: list[dict], outs: list, pool: reward.RewardPool) -> list[dict]:
+    """{"correct", "timed_out"} of each generated answer against its prompt's benchmark row, in the pool."""
+    jobs = [(name, out.text, benchmarks.scoring_row(prompt["benchmark_row"])) for prompt, out in zip(part, outs)]
+    return pool.map(jobs)
+
+
+def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: dist.Dist, pool=None):
     """Generates for every usable row (sharded over ranks), scores it; returns (records, bad).
 
     Each benchmark is asked under its registry entry's system prompt (the paper's Table 8 prompt; none
     for the toy, asked in its own format), the question (with its options) in the user turn.
+    Scoring runs in `pool` (scoring_pool; one of its own when None) with a hard limit per answer.
     """
+    if pool is None:
+        with scoring_pool() as own:
+            return evaluate_benchmark(engine, name, raw, cfg, d, own)
     usable, bad = benchmarks.prompt_rows(name, raw, cfg.min_pixels, cfg.max_pixels)
     padded, n_real = dist.shard(usable, d)
     engine.prompt_format = chat.PromptFormat(system=benchmarks.BENCHMARKS[name].system_prompt)
@@ -111,9 +134,8 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: d
     for s in range(0, len(padded), cfg.batch_size):
         part = padded[s : s + cfg.batch_size]
         outs = engine.generate(part, 1, sampling)
-        for prompt, out in zip(part, outs):
+        for prompt, out, scored in zip(part, outs, score_outputs(name, part, outs, pool)):
             row_id, row = prompt["id"], prompt["benchmark_row"]
-            correct = score_answer(name, out.text, row)
             records.append(
                 {
                     "benchmark": name,
@@ -121,7 +143,8 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: d
                     "response": out.text,
                     "extracted": reward.extract_answer(out.text),
                     "gold": str(row["answer"]),
-                    "correct": bool(correct),
+                    "correct": scored["correct"],
+                    "timed_out": scored["timed_out"],
                     "groups": benchmarks.breakdown(name, row),
                 }
             )
@@ -135,8 +158,8 @@ NO_USABLE_ROWS = "no usable rows"  # a benchmark's cell when every row was skipp
 
 
 def summarise(records: list[dict]) -> dict:
-    """{'accuracy': %, 'n': rows, 'breakdown': {column: {value: {'accuracy': %, 'n': rows}}}} of one
-    benchmark's records (the columns of BREAKDOWNS its rows have); accuracy None (null in
+    """{'accuracy': %, 'n': rows, 'timed_out': rows, 'breakdown': {column: {value: {'accuracy': %, 'n': rows}}}}
+    of one benchmark's records (the columns of BREAKDOWNS its rows have); accuracy None (null in
     results.json, "no usable rows" in the table) when no row was usable, never 0.0."""
     if not records:
         return {"accuracy": None, "n": 0, "breakdown": {}, "note": NO_USABLE_ROWS}
@@ -148,6 +171,7 @@ def summarise(records: list[dict]) -> dict:
     return {
         "accuracy": pct([r["correct"] for r in records]),
         "n": len(records),
+        "timed_out": sum(bool(r.get("timed_out")) for r in records),  # scored wrong: past SCORE_TIMEOUT_S
         "breakdown": {
             column: {v: {"accuracy": pct(xs), "n": len(xs)} for v, xs in sorted(values.items())}
             for column, values in by.items()
@@ -195,6 +219,47 @@ def run_name(model: str) -> str:
     if path.name == "final":
         return path.parent.name
     return f"{path.parent.name}-{path.name}" if path.name.startswith("step-") else path.name
+
+
+MODEL_RECORD = "model.json"  # in each model's folder: the --model it holds the per-sample files of
+
+
+def output_folders(models: list[str], output_dir: str | Path) -> dict[str, Path]:
+    """{model: its folder under output_dir}, one per model and never shared: run_name when that is free,
+    else with more of the model's path in front (exp1/toy/final, exp2/toy/final -> exp1-toy, exp2-toy),
+    else a number appended. A folder is free unless this call gave it to another model or its
+    MODEL_RECORD names another model (an earlier evaluation's); the same model gets its folder back."""
+    folders: dict[str, Path] = {}
+    taken: set[str] = set()
+    for model in models:
+        path = Path(model)
+        used = 2 if path.name == "final" or path.name.startswith("step-") else 1  # the parts run_name reads
+        above = [p for p in path.parts[: len(path.parts) - used] if p not in ("/", ".", "..")]
+        base = run_name(model) or "model"
+        candidates = [base] + ["-".join(above[-k:] + [base]) for k in range(1, len(above) + 1)]
+        key = model_key(model)
+        numbered = (f"{candidates[-1]}-{i}" for i in itertools.count(2))
+        for name in itertools.chain(candidates, numbered):
+            record = Path(output_dir) / name / MODEL_RECORD
+            holder = json.loads(record.read_text()).get("model") if record.is_file() else None
+            if name not in taken and holder in (None, key):
+                folders[model] = Path(output_dir) / name
+                taken.add(name)
+                break
+    return folders
+
+
+def model_key(model: str) -> str:
+    """How MODEL_RECORD names a model: a local folder by its absolute path, a hub id as given."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def write_samples(folder: Path, model: str, name: str, records: list[dict]) -> None:
+    """folder/<benchmark>.jsonl (one line per sample) and folder/MODEL_RECORD naming the model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MODEL_RECORD).write_text(json.dumps({"model": model_key(model)}) + "\n")
+    with (folder / f"{name}.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def make_engine(cfg: EvalConfig, path: str, model, processor, d: dist.Dist):
@@ -274,20 +339,19 @@ def main() -> None:
     raw = {n: load_benchmark(n, files.get(n), cfg.limit) for n in names}
 
     results: dict[str, dict[str, dict]] = {}
+    folders = output_folders(list(models), cfg.output_dir)  # one per model, never shared
+    pool = scoring_pool()  # scoring with a hard limit per answer, as training's rewards
     for label, path in models.items():
         processor = modeling.load_processor(path, cfg.min_pixels, cfg.max_pixels)
         model = None
         if cfg.engine != "vllm":
             model = modeling.shard_model(modeling.load_model(path, d.device), d).eval()
         engine = make_engine(cfg, path, model, processor, d)
-        out_dir = Path(cfg.output_dir) / run_name(label)
         results[label] = {}
         for name in names:
-            records, bad = evaluate_benchmark(engine, name, raw[name], cfg, d)
+            records, bad = evaluate_benchmark(engine, name, raw[name], cfg, d, pool)
             if d.master:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                with (out_dir / f"{name}.jsonl").open("w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in records)
+                write_samples(folders[label], label, name, records)
                 for line in bad:
                     print(f"[eval] skipped malformed {line}")
                 results[label][name] = {**summarise(records), "skipped": len(bad)}
@@ -299,11 +363,19 @@ def main() -> None:
                 if s["accuracy"] is None:
                     print(f"[eval] {label} {name}: {NO_USABLE_ROWS} ({len(bad)} skipped); not scored")
                 else:
-                    print(f"[eval] {label} {name}: {s['accuracy']:.1f}% of {s['n']} ({groups}); {len(bad)} skipped")
+                    print(
+                        f"[eval] {label} {name}: {s['accuracy']:.1f}% of {s['n']} ({groups}); {len(bad)} skipped"
+                        + (
+                            f"; {s['timed_out']} scored wrong after the {SCORE_TIMEOUT_S:.0f}s limit"
+                            if s["timed_out"]
+                            else ""
+                        )
+                    )
         engine.close()  # frees vLLM before the next model's engine starts
         del model, engine
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    pool.close()
     if d.master:
         table = results_table(results, names, with_paper="toy" not in names)
         table += "\n\n" + breakdown_tables(results, names)

@@ -743,6 +743,7 @@ def use_toy_defaults(cfg: GRPOConfig) -> None:
 
 
 def main() -> None:
+    preemption = checkpoint.Preemption()  # SIGTERM / SIGUSR1 from now on: stop cleanly (docs/checkpoints.md)
     cfg = config.parse_config(GRPOConfig, PRESETS)
     validate_config(cfg)
     use_toy_defaults(cfg)
@@ -768,6 +769,7 @@ def main() -> None:
         vps, start_step, generated = np.asarray(state["vps"]), state["step"], np.asarray(state["generated"])
         if d.master:
             print(f"[grpo] resumed from {ckpt} at step {start_step}")
+    preemption.stop_before_training(d, "grpo", "loading")
     fmt = chat.PromptFormat(instruction=chat.INSTRUCTIONS.get(cfg.instruction, cfg.instruction))
     scorable = scorable_prompts(processor, rows, cfg, fmt, d) if cfg.vas else []  # VAS scores these
     if val_rows:  # validation prompts obey --max-prompt-length too (checked once, here)
@@ -811,7 +813,7 @@ def main() -> None:
         logger.log(0, {"val/accuracy": validate(engine, model, val_rows, cfg, d, pool, 0)})
 
     # --- training loop ---
-    preemption = checkpoint.Preemption()  # SIGTERM / SIGUSR1 -> save after this step, exit 0
+    preemption.stop_before_training(d, "grpo", "the initial scoring")  # later: save after this step, exit 0
     model.train()
     done, stop = start_step, f"--stop-after {cfg.stop_after}"
     bar = tqdm(range(start_step, total_steps), disable=not d.master, desc="grpo", initial=start_step, total=total_steps)

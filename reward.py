@@ -11,6 +11,7 @@ output is never eval'd or exec'd.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -20,11 +21,13 @@ import sys
 import threading
 import time
 import unicodedata
+from dataclasses import dataclass
+from fractions import Fraction
 from multiprocessing.connection import wait
 from pathlib import Path
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-REL_TOL = 1e-6  # numeric answers match when |pred - gold| <= REL_TOL * max(1, |gold|)
+REL_TOL = 1e-6  # a decimal prediction matches a fraction gold when |pred - gold| <= REL_TOL * max(1, |gold|)
 MAX_MATH_VERIFY_CHARS = 500  # longer answers skip symbolic checking (cost, not correctness)
 
 
@@ -109,7 +112,14 @@ def format_reward(text: str | None) -> float:
 # ---------------------------------------------------------------------------------------------
 
 _UNITS = r"(?:cm|mm|km|m|kg|g|mg|s|sec|seconds|minutes|min|hours|h|units?|degrees?|dollars?|cents?|inch(?:es)?|ft|feet|meters?|°)"
-_NUMBER = re.compile(r"^[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?$")
+_UNIT_SUFFIX = re.compile(r"\s{0,4}" + _UNITS + r"$")  # '5 cm', '145°' (a bounded run: linear time)
+# Digits with optional thousands separators: ',' or one space (NBSP, narrow NBSP and thin space are spaces
+# after NFKC) between groups of exactly three digits, the same separator throughout; or a bare '.5'.
+_NUMBER = re.compile(
+    r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d{1,3}(?: \d{3})+(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+)
+_LATEX_FRACTION = re.compile(r"([-+]?)\\[dt]?frac\{(\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}")
+_SLASH_FRACTION = re.compile(r"([-+]?)(\d+(?:\.\d+)?) ?/ ?(\d+(?:\.\d+)?)")
 
 
 # Read as ASCII after NFKC: the Unicode minus and fraction / division slashes (NFKC gives '½' as '1⁄2').
@@ -137,43 +147,93 @@ def clean_answer(s: str) -> str:
     return s.strip().rstrip(".").strip()
 
 
-def parse_number(s: str) -> tuple[float, bool] | None:
-    """(value, had_percent_sign) of a plain number like '1,000', '-3.5', '12.5%', '3/4', '145°',
-    '\\frac{3}{4}', '5 cm'; None when s is not a single number."""
+@dataclass(frozen=True)
+class Number:
+    """A plain number as written: its exact value, whether it had a '%' sign, how it was written
+    ("integer", "decimal" incl. '1e3', "fraction" for '3/4' / '\\frac{3}{4}') and, for a decimal,
+    the decimal places its last written digit stands for ('3.14' -> 2, '1.5e-3' -> 4, '1e3' -> 0)."""
+
+    value: Fraction
+    percent: bool
+    kind: str
+    places: int = 0
+
+
+def read_number(s: str) -> Number | None:
+    """The Number of an answer like '1,000', '1 000' (a space, no-break, narrow no-break or thin space
+    between groups of three digits), '-3.5', '12.5%', '3/4', '145°', '\\frac{3}{4}', '5 cm'; None when s is
+    not a single number. Linear time: no pattern with nested repetition runs on the whole string."""
     s = clean_answer(s)
-    s = re.sub(r"\s*" + _UNITS + r"$", "", s).strip()
+    if len(s) > 96:  # longer than any plain number with its unit
+        return None
+    s = _UNIT_SUFFIX.sub("", s).strip()
     percent = s.endswith("%")
     s = s.rstrip("%").strip()
-    frac = re.fullmatch(r"([-+]?)\\[dt]?frac\{(\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}", s) or re.fullmatch(
-        r"([-+]?)(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)", s
-    )
+    frac = _LATEX_FRACTION.fullmatch(s) or _SLASH_FRACTION.fullmatch(s)
     if frac:
-        den = float(frac.group(3))
+        den = Fraction(frac.group(3))
         if den == 0:
             return None
-        value = float(frac.group(2)) / den
-        return (-value if frac.group(1) == "-" else value), percent
-    if len(s) > 64 or not _NUMBER.match(s):
+        value = Fraction(frac.group(2)) / den
+        return Number(-value if frac.group(1) == "-" else value, percent, "fraction")
+    if len(s) > 64 or not _NUMBER.fullmatch(s):
         return None
-    if "," in s and not re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?", s):
-        return None
+    digits = s.replace(",", "").replace(" ", "")
+    mantissa, _, exponent = digits.lower().partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    kind = "decimal" if "." in mantissa or exponent else "integer"
     try:
-        value = float(s.replace(",", ""))
-    except ValueError:
+        value = Fraction(digits)
+    except (ValueError, ZeroDivisionError):
         return None
-    return (value, percent) if math.isfinite(value) else None
+    if not math.isfinite(float(value)):
+        return None
+    return Number(value, percent, kind, max(0, decimals - int(exponent or 0)))
 
 
-def _numbers_equal(pred: tuple[float, bool], gold: tuple[float, bool]) -> bool:
-    """Numeric match within REL_TOL; a '%' on one side also allows the /100 reading of it."""
+def parse_number(s: str) -> tuple[float, bool] | None:
+    """(value, had_percent_sign) of a plain number (read_number), the value as a float; None when s is
+    not a single number."""
+    number = read_number(s)
+    return (float(number.value), number.percent) if number is not None else None
 
-    def close(a: float, b: float) -> bool:
-        return abs(a - b) <= REL_TOL * max(1.0, abs(b))
 
-    (p, p_pct), (g, g_pct) = pred, gold
-    if close(p, g):
+def exact_number(s: str) -> Fraction | None:
+    """The exact value of a plain number (read_number; '%' not applied), else None."""
+    number = read_number(s)
+    return number.value if number is not None else None
+
+
+def _round_half_up(x: Fraction, places: int) -> Fraction:
+    """x rounded to `places` decimals, halves away from zero (as a written decimal is read)."""
+    scale = Fraction(10) ** places
+    scaled = abs(x) * scale
+    rounded = math.floor(scaled + Fraction(1, 2))
+    return Fraction(rounded if x >= 0 else -rounded) / scale
+
+
+def _values_equal(p: Fraction, p_number: Number, g: Fraction, g_number: Number) -> bool:
+    """Integers and decimals exactly; a fraction against a decimal gold by the gold's written precision
+    (1/3 is 0.33 at two places); a decimal prediction against a fraction gold within REL_TOL."""
+    if p == g:
         return True
-    return (p_pct and not g_pct and close(p / 100, g)) or (g_pct and not p_pct and close(p, g / 100))
+    if p_number.kind == "fraction" and g_number.kind == "decimal":
+        return _round_half_up(p, g_number.places + (2 if g_number.percent else 0)) == g
+    if p_number.kind == "decimal" and g_number.kind == "fraction":
+        return abs(p - g) <= REL_TOL * max(1, abs(g))
+    return False
+
+
+def _numbers_equal(pred: Number, gold: Number) -> bool:
+    """Numeric match (_values_equal); a '%' on one side also allows the /100 reading of it."""
+    p, g = pred.value, gold.value
+    if _values_equal(p, pred, g, gold):
+        return True
+    if pred.percent and not gold.percent:
+        return _values_equal(p / 100, pred, g, gold)
+    if gold.percent and not pred.percent:
+        return _values_equal(p, pred, g / 100, dataclasses.replace(gold, places=gold.places + 2, percent=False))
+    return False
 
 
 def choice_letter(s: str, n_choices: int = 26) -> str | None:
@@ -258,9 +318,11 @@ def is_equivalent(pred: str | None, gold: str | None, choices: list[str] | None 
     1. multiple choice (gold is a letter, or `choices` given): the letter the prediction names
        ('C', '(C)', 'C.', 'C: 40°') against the gold letter; with `choices`, option text works
        on either side (a letter maps to its option, text compares case-insensitively);
-    2. plain numbers on both sides (integers, decimals, fractions, '%', thousands separators,
-       units and degree signs stripped): equal within REL_TOL = 1e-6 relative (absolute below 1),
-       and '12.5%' matches 0.125 as well as 12.5;
+    2. plain numbers on both sides (integers, decimals, fractions, '%', thousands separators ',' or
+       a space kind between groups of three digits, units and degree signs stripped), compared
+       exactly: 1000001 is not 1000000, 0.5 is 1/2; a fraction against a decimal gold is rounded
+       to the gold's written places (1/3 is 0.33), a decimal against a fraction gold is within
+       REL_TOL = 1e-6 relative; '12.5%' matches 0.125 as well as 12.5;
     3. comma-separated lists / tuples: element by element with these same rules;
     4. case-insensitive string equality after whitespace and LaTeX-wrapper cleanup;
     5. Math-Verify on `\\boxed{gold}` and `\\boxed{pred}` (expressions, intervals, sets).
@@ -275,7 +337,7 @@ def is_equivalent(pred: str | None, gold: str | None, choices: list[str] | None 
     gold_letter = choice_letter(gold)
     if gold_letter is not None and len(clean_answer(gold)) <= 3:
         return choice_letter(pred) == gold_letter
-    p_num, g_num = parse_number(pred), parse_number(gold)
+    p_num, g_num = read_number(pred), read_number(gold)
     if p_num is not None and g_num is not None:
         return _numbers_equal(p_num, g_num)
     p_list, g_list = _as_list(pred), _as_list(gold)
@@ -342,11 +404,14 @@ class RewardPool:
     """Worker processes that score responses, each killed and replaced if it runs past timeout_s.
 
     Reuse one pool across calls (a context manager) to pay the process start-up once.
-    `score_fn` (a module-level function with score_one's signature) is what the workers run.
+    `score_fn` (a module-level function with score_one's signature) is what the workers run;
+    `timeout_result(job)` is the result of a job that ran out of time (default: format kept,
+    accuracy 0, timed_out True). eval.py passes benchmarks.score_job / benchmarks.timed_out_job.
     """
 
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0, score_fn=score_one):
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0, score_fn=score_one, timeout_result=None):
         self.workers, self.timeout_s, self.score_fn = workers, timeout_s, score_fn
+        self.timeout_result = timeout_result or _timed_out
         self.ctx = mp.get_context("spawn")  # no fork of a threaded (torch) parent
         self.procs: list = [self._start() for _ in range(workers)]
 
@@ -358,7 +423,8 @@ class RewardPool:
         return [proc, parent]
 
     def map(self, jobs: list[tuple]) -> list[dict]:
-        """Scores each args tuple of score_one; results in input order; timeouts score 0."""
+        """Scores each args tuple of score_fn; results in input order; a job past timeout_s (its worker
+        killed and replaced) or whose worker died gets timeout_result(job)."""
         results: list[dict | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))[::-1]
         busy: dict[int, tuple[int, float]] = {}  # worker slot -> (job index, start time)
@@ -375,14 +441,14 @@ class RewardPool:
                     index, result = conn.recv()
                 except (EOFError, OSError):  # the worker died: count it as a timeout
                     index, result = busy[slot][0], None
-                results[index] = result or _timed_out(jobs[busy[slot][0]])
+                results[index] = result or self.timeout_result(jobs[busy[slot][0]])
                 if result is None:
                     self._restart(slot)
                 del busy[slot]
             now = time.monotonic()
             for slot, (index, started) in list(busy.items()):
                 if now - started > self.timeout_s:
-                    results[index] = _timed_out(jobs[index])
+                    results[index] = self.timeout_result(jobs[index])
                     self._restart(slot)
                     del busy[slot]
         return results  # type: ignore[return-value]

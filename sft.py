@@ -303,6 +303,7 @@ def announce(cfg: SFTConfig, d: dist.Dist, out_dir: Path, n_rows: int, total_ste
 
 
 def main() -> None:
+    preemption = checkpoint.Preemption()  # SIGTERM / SIGUSR1 from now on: stop cleanly (docs/checkpoints.md)
     cfg = config.parse_config(SFTConfig, PRESETS)
     validate_config(cfg)
     use_toy_defaults(cfg)
@@ -338,7 +339,7 @@ def main() -> None:
         nonfinite.saved(folder)
 
     # --- training loop ---
-    preemption = checkpoint.Preemption()  # SIGTERM / SIGUSR1 -> save after this step, exit 0
+    preemption.stop_before_training(d, "sft", "loading")  # later: save after this step, exit 0
     model.train()
     bar = tqdm(range(start_step, total_steps), disable=not d.master, desc="sft", initial=start_step, total=total_steps)
     for step in bar:

@@ -249,27 +249,40 @@ def mathvision_equal(pred: str, gold: str) -> bool:
     return p is not None and g is not None and round(p[0], 2) == round(g[0], 2)
 
 
-def mathvista_number(pred: str, unit: str | None) -> float | None:
-    """The number of a free-form MathVista answer, its unit dropped as MathVista's answer extractor
-    drops it ('1000 g', '$18', '7 years' -> 1000, 18, 7): the value after a last '=', the row's `unit`
-    before or after it, '$', and the units reward.parse_number strips; None when no number is left.
-    '45%' reads as 45 (MathVista's percentages are stored as plain numbers)."""
-    s = reward.clean_answer(final_value(pred)).replace("\\$", "$")
+def mathvista_text(pred: str, unit: str | None) -> str:
+    """The text of a free-form MathVista answer's number, its unit dropped as MathVista's answer extractor
+    drops it: the value after a last '=', the row's `unit` before or after it, '$' (linear time: plain
+    prefix / suffix tests, no pattern over the whitespace)."""
+    s = reward.clean_answer(final_value(pred)).replace("\\$", "$").strip()
     if unit and unit.strip():
-        u = re.escape(reward.clean_answer(unit))
-        s = re.sub(rf"^{u}\s*|\s*{u}$", "", s, flags=re.IGNORECASE).strip()
-    s = s.strip("$").strip()
-    parsed = reward.parse_number(s)
+        u = reward.clean_answer(unit).lower()
+        if u and s.lower().startswith(u):
+            s = s[len(u) :].strip()
+        if u and s.lower().endswith(u):
+            s = s[: len(s) - len(u)].strip()
+    return s.strip("$").strip()
+
+
+def mathvista_number(pred: str, unit: str | None) -> float | None:
+    """The number of a free-form MathVista answer ('1000 g', '$18', '7 years' -> 1000, 18, 7): mathvista_text
+    read by reward.parse_number (which strips its own units too); None when no number is left.
+    '45%' reads as 45 (MathVista's percentages are stored as plain numbers)."""
+    parsed = reward.parse_number(mathvista_text(pred, unit))
     return parsed[0] if parsed is not None else None
 
 
 def parse_float(text: str) -> float | None:
-    """A number from text ('1,234', '12.5', '45%' -> 0.45 as ChartQA reads it), else None."""
-    s = reward.clean_answer(text).replace(",", "")
+    """A number from text ('1,234', '1 234' with any space kind between groups of three digits, '12.5',
+    '45%' -> 0.45 as ChartQA reads it), else None."""
+    s = reward.clean_answer(text)
+    s = (s.replace(" ", "") if _SPACE_THOUSANDS.fullmatch(s) else s).replace(",", "")
     try:
         return float(s.rstrip("%")) / 100 if s.endswith("%") else float(s)
     except ValueError:
         return None
+
+
+_SPACE_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?: \d{3})+(?:\.\d*)?%?")  # '1 000' (NBSP etc. are ' ' after NFKC)
 
 
 def chartqa_relaxed(pred: str, gold: str) -> bool:
@@ -314,7 +327,7 @@ def score_mathverse(pred: str, gold: str, row: dict) -> bool:
 def score_mathvista(pred: str, gold: str, row: dict) -> bool:
     """MathVista (calculate_score.py normalize_extracted_answer + safe_equal): multi_choice: the option
     named (its text, its letter, else the MOST SIMILAR option, the official fallback) has the gold TEXT;
-    integer: the number (unit dropped) equals the gold; float: both rounded to `precision` decimals;
+    integer: the number (unit dropped) equals the gold exactly; float: both rounded to `precision` decimals;
     list: equal without spaces; other: case-insensitive text."""
     if row.get("question_type") == "multi_choice":
         choices = list(row["choices"])
@@ -322,11 +335,12 @@ def score_mathvista(pred: str, gold: str, row: dict) -> bool:
         return picked is not None and reward.normalise_text(choices[picked]) == reward.normalise_text(gold)
     kind = row.get("answer_type")
     if kind in ("integer", "float"):
+        if kind == "integer":  # exact, also beyond float precision (123456788 is not 123456789)
+            value, target = reward.exact_number(mathvista_text(pred, row.get("unit"))), reward.exact_number(gold)
+            return value is not None and value == (target if target is not None else int(float(gold)))
         value = mathvista_number(pred, row.get("unit"))
         if value is None:
             return False
-        if kind == "integer":
-            return value == int(float(gold))
         digits = int(float(row.get("precision") or 0))  # stored as a float, e.g. 1.0
         return round(value, digits) == round(float(gold), digits)
     if kind == "list":
@@ -376,6 +390,25 @@ def score_answer(benchmark: str, response: str, row: dict) -> bool:
     if pred is None or not pred.strip():
         return False
     return BENCHMARKS[benchmark].score(pred, gold, row)  # the benchmark's rule (the registry, below)
+
+
+IMAGE_COLUMNS = ("image", "decoded_image", "images")  # not sent to the scoring workers: no rule reads them
+
+
+def score_job(benchmark: str, response: str, row: dict) -> dict:
+    """{"correct", "timed_out": False} of one answer (score_answer); what eval.py's scoring workers run
+    (reward.RewardPool(score_fn=score_job), with a hard per-answer time limit)."""
+    return {"correct": bool(score_answer(benchmark, response, row)), "timed_out": False}
+
+
+def timed_out_job(job: tuple) -> dict:
+    """The result of an answer whose scoring ran past the time limit: wrong, and counted as timed out."""
+    return {"correct": False, "timed_out": True}
+
+
+def scoring_row(row: dict) -> dict:
+    """The row without its image columns (the scoring rules read only text columns), for the workers."""
+    return {k: v for k, v in row.items() if k not in IMAGE_COLUMNS}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,11 @@ refusing a resume that could not continue the run exactly (layout and sizes: doc
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -20,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .config import CheckpointError, first_line
-from .dist import Dist, all_gather_list, all_reduce_max
+from .dist import Dist, all_gather_list, all_reduce_max, cleanup_distributed
 from .modeling import full_state_dict
 
 TRAINER_DIR = "trainer"  # the sharded trainer state inside a checkpoint folder (torch.distributed.checkpoint)
@@ -48,6 +51,7 @@ def save_checkpoint(
     if d.master:
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
     barrier(d)
+    from safetensors import SafetensorError
     from torch.distributed.checkpoint.api import CheckpointException
 
     failed: BaseException | None = None
@@ -66,10 +70,12 @@ def save_checkpoint(
             processor.save_pretrained(tmp)
             if trainer_state is not None:
                 torch.save(trainer_state, tmp / "trainer_state.pt")
-    except OSError as e:  # disk full, quota, permissions
-        failed = e
+            fsync_tree(tmp)  # on disk before the rename: a power loss cannot leave a renamed, empty folder
     except CheckpointException as e:  # torch.distributed.checkpoint wraps each rank's error: name the first
         failed = next(iter(e.failures.values()))[0] if e.failures else e
+    except (OSError, SafetensorError, RuntimeError, ValueError, pickle.PicklingError) as e:
+        failed = e  # disk full, quota, permissions: OSError (json, processor files), SafetensorError (the
+        # weights), RuntimeError (torch.save's "PytorchStreamWriter failed writing file")
     if all_reduce_max(int(failed is not None), d.device):  # every rank learns of a failed write
         if d.master:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -82,8 +88,33 @@ def save_checkpoint(
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)
+        fsync_dir(out_dir.parent)  # the rename itself
         shutil.rmtree(old, ignore_errors=True)
     barrier(d)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync of every file under `folder`, then of every folder in it (their entries), deepest first.
+    Other ranks' shard files are fsynced by their writers too (torch.distributed.checkpoint's sync_files)."""
+    folders = [folder] + [p for p in sorted(folder.rglob("*")) if p.is_dir()]
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for path in reversed(folders):
+        fsync_dir(path)
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync of a folder's entries (a file created or renamed in it survives a power loss)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def barrier(d: Dist) -> None:
@@ -114,12 +145,28 @@ def save_training_checkpoint(
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
-    """Deletes all but the `keep` newest out_dir/step-N folders (final/ is never touched); returns
-    the deleted ones. Called by rank 0 after a complete save."""
-    steps = sorted(step_folders(Path(out_dir)), key=step_number, reverse=True)
-    for folder in steps[keep:]:
+    """Deletes all but the `keep` newest COMPLETE out_dir/step-N folders; returns the deleted ones.
+    Called by rank 0 after a complete save.
+
+    A damaged step folder (checkpoint_problem) never takes one of the `keep` places, so the newest
+    complete checkpoint always survives; a damaged one older than the newest kept is deleted too
+    (no resume would ever pick it), a damaged NEWER one is left for the run's own save at that step
+    to replace. final/ and temp folders (step-N.tmp, a save killed half-way) are never touched.
+    """
+    out_dir = Path(out_dir)
+    steps = sorted(step_folders(out_dir), key=step_number, reverse=True)
+    problems = {folder: checkpoint_problem(folder) for folder in steps}
+    complete = [folder for folder in steps if problems[folder] is None]
+    if not complete:
+        return []
+    newest_kept = step_number(complete[0])
+    doomed = complete[keep:] + [f for f in steps if problems[f] is not None and step_number(f) < newest_kept]
+    doomed = sorted(doomed, key=step_number, reverse=True)
+    for folder in doomed:
+        if problems[folder] is not None:
+            print(f"[ckpt] deleting damaged {folder} ({problems[folder]}): {complete[0]} is newer and complete")
         shutil.rmtree(folder, ignore_errors=True)
-    return steps[keep:]
+    return doomed
 
 
 def step_folders(out_dir: Path) -> list[Path]:
@@ -147,6 +194,89 @@ def sharded_state(model, optimizer, d: Dist) -> dict:
     return {"model": model_state, "optimizer": optimizer_state}
 
 
+# ---------------------------------------------------------------------------------------------
+# Reading trainer/ without running anything from its files
+# ---------------------------------------------------------------------------------------------
+
+# What a trainer/.metadata written by save_checkpoint holds (torch 2.x): the dataclasses of
+# torch.distributed.checkpoint.metadata, the shard locations (_StorageInfo), torch.Size, dtypes,
+# layouts and the checkpoint's path. Nothing else may be named by its pickle.
+METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # a layout by its name
+    "torch": {"Size"},  # and dtypes (torch.float32, ...), checked by type below
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},  # StorageMeta.checkpoint_id
+    "collections": {"OrderedDict"},
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """An unpickler that builds only METADATA_GLOBALS (and torch dtypes); any other global a pickle names
+    (os.system, builtins.eval, a class with a side effect) is refused with pickle.UnpicklingError."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in METADATA_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refused {module}.{name} (not a checkpoint metadata type)")
+
+
+def read_metadata(path: str | Path):
+    """torch.distributed.checkpoint Metadata of the folder `path` (its .metadata), read by MetadataUnpickler
+    (torch's FileSystemReader would run any pickle); pickle.UnpicklingError for a foreign global."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    with open(Path(path) / ".metadata", "rb") as f:
+        metadata = MetadataUnpickler(f).load()
+    if not isinstance(metadata, Metadata):
+        raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not a checkpoint Metadata")
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
+
+
+def safe_reader(path: str | Path):
+    """A FileSystemReader of `path` whose metadata comes from read_metadata (the shards' tensors are
+    read by torch.load(weights_only=True), as torch does)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            metadata = read_metadata(self.path)
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader(str(path))
+
+
+def safe_planner(**kwargs: Any):
+    """A DefaultLoadPlanner whose non-tensor entries (the optimizer's param_groups: floats, tuples, bools)
+    load with torch.load(weights_only=True); torch's default unpickles them freely."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:  # DefaultLoadPlanner's, weights_only=True
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return WeightsOnlyLoadPlanner(**kwargs)
+
+
 def load_training_checkpoint(folder: str | Path, model, optimizer, d: Dist) -> dict:
     """Restores the fp32 parameters and the optimizer (each rank reading its own shard of
     folder/trainer/) and this rank's RNG states; returns trainer_state.pt (its "step" and the
@@ -157,19 +287,21 @@ def load_training_checkpoint(folder: str | Path, model, optimizer, d: Dist) -> d
     saved (no gradient so far, e.g. the vision tower after text-only batches) gets none now either.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = load_trainer_state(folder)
     path = Path(folder) / TRAINER_DIR
-    saved = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)  # flattened keys
+    try:
+        saved = set(read_metadata(path).state_dict_metadata)  # flattened keys
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{path / '.metadata'} is unreadable ({first_line(e)})") from e
     target = sharded_state(model, optimizer, d)  # a fresh optimizer gets a (zero) state for every parameter
     missing = [f"model.{k}" for k in target["model"] if f"model.{k}" not in saved]
     if missing:
         raise CheckpointError(f"{path} lacks {len(missing)} model tensor(s), e.g. {missing[0]}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(target, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+        dcp.load(target, storage_reader=safe_reader(path), planner=safe_planner(allow_partial_load=True))
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
     for name, param in model.named_parameters():
         if f"optimizer.state.{name}.step" not in saved:
@@ -182,11 +314,10 @@ def master_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     """The fp32 model parameters of folder/trainer/, unsharded, by module name (one process;
     e.g. to compare runs or to continue training elsewhere from full precision)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = Path(folder) / TRAINER_DIR
-    metadata = FileSystemReader(str(path)).read_metadata()
+    metadata = read_metadata(path)
     target = {
         key: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
@@ -194,7 +325,7 @@ def master_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(target, checkpoint_id=path, no_dist=True)
+        dcp.load(target, storage_reader=safe_reader(path), planner=safe_planner(), no_dist=True)
     return {key.removeprefix("model."): value for key, value in target.items()}
 
 
@@ -252,13 +383,12 @@ def checkpoint_problem(folder: str | Path) -> str | None:
 
 def sharded_problem(path: Path) -> str | None:
     """Why the torch.distributed.checkpoint folder `path` is damaged, or None: its .metadata must
-    unpickle, and every shard file it lists must exist and reach the last byte recorded for it."""
-    from torch.distributed.checkpoint import FileSystemReader
-
+    load with read_metadata (checkpoint metadata types only: a pickle naming anything else is damage, and
+    nothing of it runs), and every shard file it lists must exist and reach the last byte recorded for it."""
     if not (path / ".metadata").is_file():
         return f"{path / '.metadata'} is missing"
     try:
-        metadata = FileSystemReader(str(path)).read_metadata()
+        metadata = read_metadata(path)
         ends: dict[str, int] = {}  # shard file -> bytes it must hold
         for info in metadata.storage_data.values():
             ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
@@ -272,17 +402,23 @@ def sharded_problem(path: Path) -> str | None:
 
 
 def latest_checkpoint(out_dir: str | Path, master: bool = True) -> Path | None:
-    """The checkpoint to resume from: `final` if the run finished, else the `step-N` with the
-    highest N; None if there is none.
+    """The checkpoint to resume from: the complete one with the highest step, `final/` counted at the
+    step its trainer_state.pt records (a finished run extended with a higher --max-steps and then
+    interrupted has a step-N newer than final/), final/ on a tie; None if there is none.
 
     A damaged candidate (checkpoint_problem) is passed over for the previous complete one, and
     the master says so; CheckpointError names the damage when no candidate is complete.
     """
     out_dir = Path(out_dir)
-    steps = sorted(step_folders(out_dir), key=step_number, reverse=True)
-    candidates = ([out_dir / "final"] if (out_dir / "final").is_dir() else []) + steps
+    candidates = [(step_number(f), 0, f) for f in step_folders(out_dir)]
+    if (out_dir / "final").is_dir():
+        final = out_dir / "final"
+        try:
+            candidates.append((int(load_trainer_state(final, mmap=True)["step"]), 1, final))
+        except (CheckpointError, TypeError, ValueError):
+            candidates.append((math.inf, 1, final))  # unreadable: checked first, reported as damaged
     damaged = []
-    for folder in candidates:
+    for _, _, folder in sorted(candidates, key=lambda c: c[:2], reverse=True):
         problem = checkpoint_problem(folder)
         if problem is None:
             if damaged and master:
@@ -369,7 +505,10 @@ class Preemption:
     --save-every steps.
 
     The handler only records the signal; `agreed` is a collective every rank calls once per step,
-    so all ranks stop after the same step even when only some of them were signalled.
+    so all ranks stop after the same step even when only some of them were signalled. The stage
+    scripts install it first thing in main(), so a signal during the long work before step 1
+    (data, model loading, the initial VAS scoring) is not lost either: `stop_before_training`,
+    called between those phases, ends the run there with exit 0.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -390,3 +529,18 @@ class Preemption:
     def agreed(self, d: Dist) -> bool:
         """True on every rank if any rank has received a signal (a max all-reduce; every rank calls it)."""
         return all_reduce_max(int(self.received is not None), d.device) > 0
+
+    def stop_before_training(self, d: Dist, stage: str, phase: str) -> None:
+        """Between the long phases before the first step (a collective: every rank calls it at the same
+        place): if any rank was signalled, says so and exits 0. Nothing is half-written then: no step
+        has run, so there is nothing new to save, and a resumed run's checkpoint is where it was."""
+        if not self.agreed(d):
+            return
+        if d.master:
+            print(
+                f"[{stage}] {self.received or 'another rank signalled'} during {phase}: exiting before the "
+                "first step with nothing saved (the same command continues from the latest checkpoint with --resume)",
+                flush=True,
+            )
+        cleanup_distributed()
+        raise SystemExit(0)

@@ -314,28 +314,55 @@ def keep_vision_in_step(model) -> None:
     while another rank runs them, and the ranks' collectives stop lining up (gloo: "Received data
     size doesn't match expected size"; NCCL: a hang). The dummy costs 4 patches through the tower;
     its zero contribution leaves values and gradients unchanged (the gradients it adds are zeros).
+    A forward whose vision tower already ran (generate() encodes the images before the prefill, and
+    the HF engine then runs blank_vision at that same place on an image-less rank) gets no second run.
     """
     inner = model.model
-    call = {"images": False}
+    call = {"images": False, "vision_ran": False}  # this forward's images; the tower ran since the last text forward
 
     def note_images(module, args, kwargs):  # Qwen2_5_VLModel.forward: were images given to this call?
-        call["images"] = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        encoded = kwargs.get("mm_encoder_outputs") or {}  # generate() encodes the images before the prefill
+        call["images"] = (
+            kwargs.get("pixel_values") is not None
+            or kwargs.get("pixel_values_videos") is not None
+            or any(v is not None for v in encoded.values())
+        )
+
+    def note_vision(module, args, output):  # the tower ran (inside this forward, or before a prefill)
+        call["vision_ran"] = True
 
     def run_vision(module, args, kwargs):  # the text model's forward, after the vision tower's place
         embeds = kwargs.get("inputs_embeds")
-        if call["images"] or embeds is None or embeds.shape[1] <= 1:  # one token: a decoding step, on every rank
+        ran, call["vision_ran"] = call["vision_ran"], False
+        if call["images"] or ran or embeds is None or embeds.shape[1] <= 1:  # one token: a decoding step
             return None
-        vision = inner.visual.config
-        merge = vision.spatial_merge_size
-        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        pixels = torch.zeros(merge * merge, patch, device=embeds.device)  # (4, 1176): one merged token's patches
-        grid = torch.tensor([[1, merge, merge]], device=embeds.device)  # (images, 3) t, h, w in patches
-        out = inner.visual(pixels, grid_thw=grid).pooler_output  # (1, text hidden)
-        kwargs["inputs_embeds"] = embeds + 0.0 * out.sum().to(embeds.dtype)
+        kwargs["inputs_embeds"] = embeds + 0.0 * blank_vision(model).sum().to(embeds.dtype)
+        call["vision_ran"] = False
         return args, kwargs
 
     inner.register_forward_pre_hook(note_images, with_kwargs=True)
+    inner.visual.register_forward_hook(note_vision)
     inner.language_model.register_forward_pre_hook(run_vision, with_kwargs=True)
+
+
+def blank_vision(model) -> torch.Tensor:
+    """(1, text hidden) output of the vision tower on a tiny blank image (one merged token, 4 patches):
+    the tower's FSDP2 collectives on a rank that has no image where another rank has one."""
+    inner = model.model
+    vision = inner.visual.config
+    merge = vision.spatial_merge_size
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    device = inner.get_input_embeddings().weight.device
+    pixels = torch.zeros(merge * merge, patch, device=device)  # (4, 1176): one merged token's patches
+    grid = torch.tensor([[1, merge, merge]], device=device)  # (images, 3) t, h, w in patches
+    return inner.visual(pixels, grid_thw=grid).pooler_output
+
+
+def generate_encodes_images_first(model) -> bool:
+    """Whether `model.generate` runs the vision tower BEFORE the prefill forward (transformers passes the
+    images' features to it as `mm_encoder_outputs`) instead of inside it."""
+    supports = getattr(model, "_supports_mm_encoder_outputs", None)
+    return bool(supports and supports())
 
 
 def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 
 import reward
 
-from . import batches, chat, dist, images
+from . import batches, chat, dist, images, modeling
 
 
 @dataclass
@@ -199,6 +199,10 @@ class HFEngine:
         inputs = batches.processor_inputs(self.processor, texts, pictures)
         inputs = {k: v.to(self.d.device) for k, v in inputs.items()}
         greedy = sampling.temperature <= 0
+        if self.d.enabled and "pixel_values" not in inputs and modeling.generate_encodes_images_first(self.model):
+            # FSDP2: a rank with images runs the vision tower in generate() before the prefill; this rank
+            # runs it on a blank image at that same place, so the ranks' all-gathers keep their order
+            modeling.blank_vision(self.model)
         with torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.d.device.type == "cuda"):
             generated = self.model.generate(
                 **inputs,

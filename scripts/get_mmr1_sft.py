@@ -14,20 +14,35 @@ from __future__ import annotations
 
 import argparse
 import tarfile
+import zlib
 from pathlib import Path
 
 
 def extract_partitions(folder: Path) -> int:
     """Extracts every tar partition under `folder` (`*.tar`, `*.tar.gz`, `*.tgz`) into `folder`,
-    once (a `<name>.done` marker beside each); returns how many were extracted now."""
+    once (a `<name>.done` marker beside each); returns how many were extracted now.
+
+    A truncated or corrupt partition, or a member the "data" filter refuses, is a SystemExit of one
+    line naming the partition and saying to re-download it (no marker: the next run extracts it again)."""
     done = 0
     for tar in sorted(p for p in folder.rglob("*") if p.name.endswith((".tar", ".tar.gz", ".tgz"))):
         marker = tar.with_name(tar.name + ".done")
         if marker.exists():
             continue
         print(f"extracting {tar.relative_to(folder)}", flush=True)
-        with tarfile.open(tar) as archive:
-            archive.extractall(folder, filter="data")  # no absolute paths or links out of the folder
+        try:
+            with tarfile.open(tar) as archive:
+                archive.extractall(folder, filter="data")  # no absolute paths or links out of the folder
+        except tarfile.FilterError as e:  # a member the "data" filter refuses (absolute, outside, a device)
+            raise SystemExit(
+                f"error: {tar}: refused member ({type(e).__name__}: {e}); this partition is not as published: "
+                f"delete {tar} and run this script again to re-download it"
+            ) from e
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # truncated or corrupt (an interrupted download)
+            raise SystemExit(
+                f"error: {tar}: truncated or corrupt archive ({type(e).__name__}: {e}); delete {tar} and run this "
+                "script again to re-download that partition (its extracted files are then rewritten)"
+            ) from e
         marker.touch()
         done += 1
     return done

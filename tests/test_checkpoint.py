@@ -227,3 +227,183 @@ def test_torchrun_two_ranks_resume_from_sharded_checkpoint(toy_dir, tmp_path):
         [v for s, v in step_metrics(tmp_path / run, "train/loss") if s == 3] for run in ("full", "cut")
     )
     assert full_loss == cut_loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 28: metadata never unpickled freely, pruning and resume keep the newest complete checkpoint,
+# every write error in one line with the temp folder removed, fsync before the rename
+# ---------------------------------------------------------------------------------------------
+
+
+class Payload:
+    """A pickle that, if unpickled freely, creates the file `marker` (as os.system would run a command)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_trainer_metadata_runs_nothing_and_is_damage(tmp_path, toy_dir, capsys):
+    model, processor, optimizer = trained_toy(toy_dir)
+    out, marker = tmp_path / "out", tmp_path / "ran"
+    for step in (2, 4):
+        checkpoint.save_training_checkpoint(
+            model, processor, optimizer, out / f"step-{step}", ONE, step, grpo.GRPOConfig()
+        )
+    import pickle
+
+    (out / "step-4" / "trainer" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    problem = checkpoint.checkpoint_problem(out / "step-4")
+    assert problem.startswith(f"{out / 'step-4' / 'trainer' / '.metadata'} is unreadable (") and "refused" in problem
+    assert checkpoint.latest_checkpoint(out) == out / "step-2"  # the scan passes over it
+    assert "passing over damaged" in capsys.readouterr().out
+    with pytest.raises(config.CheckpointError, match=r"\.metadata is unreadable"):
+        checkpoint.load_training_checkpoint(out / "step-4", model, optimizer, ONE)
+    with pytest.raises(Exception, match="refused"):
+        checkpoint.master_weights(out / "step-4")
+    assert not marker.exists()
+    assert pickle.loads(pickle.dumps(Payload(marker))) == 0 and marker.exists()  # the payload does run when unpickled
+    marker.unlink()
+    # a real .metadata holds only the allowed types
+    assert checkpoint.read_metadata(out / "step-2" / "trainer").state_dict_metadata
+
+
+def test_non_tensor_entries_of_the_shards_load_weights_only(tmp_path):
+    """The shard files' non-tensor entries (param_groups) go through torch.load: with weights_only=True
+    a pickled payload is refused instead of run (torch's DefaultLoadPlanner loads them freely)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    marker, path = tmp_path / "ran", tmp_path / "trainer"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"a": torch.arange(3.0), "b": Payload(marker)}, checkpoint_id=path, no_dist=True)
+        target = {"a": torch.zeros(3), "b": None}
+        with pytest.raises(CheckpointException) as refused:
+            dcp.load(
+                target, storage_reader=checkpoint.safe_reader(path), planner=checkpoint.safe_planner(), no_dist=True
+            )
+        assert "posix.system" in str(next(iter(refused.value.failures.values()))[0])
+        assert not marker.exists()
+        ok, path = {"a": torch.zeros(3), "b": {"lr": None, "betas": None}}, tmp_path / "plain"
+        dcp.save({"a": torch.arange(3.0), "b": {"lr": 1e-3, "betas": (0.9, 0.99)}}, checkpoint_id=path, no_dist=True)
+        dcp.load(ok, storage_reader=checkpoint.safe_reader(path), planner=checkpoint.safe_planner(), no_dist=True)
+    assert torch.equal(ok["a"], torch.arange(3.0)) and ok["b"] == {"lr": 1e-3, "betas": (0.9, 0.99)}
+
+
+def damage(folder):
+    """Truncates the first shard of folder/trainer to half its size."""
+    shard = folder / "trainer" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def test_pruning_never_keeps_a_damaged_checkpoint_over_a_complete_one(tmp_path, toy_dir):
+    model, processor, optimizer = trained_toy(toy_dir)
+    out = tmp_path / "out"
+    for step in (2, 3, 4):
+        checkpoint.save_training_checkpoint(
+            model, processor, optimizer, out / f"step-{step}", ONE, step, grpo.GRPOConfig()
+        )
+    shutil.copytree(out / "step-4", out / "step-6")  # a newer step-6 damaged (a save cut by a full disk)
+    damage(out / "step-6")
+    damage(out / "step-3")  # and an older damaged one
+    (out / "step-7.tmp").mkdir()
+    cfg = grpo.GRPOConfig(save_total_limit=1)
+    checkpoint.save_training_checkpoint(model, processor, optimizer, out / "step-5", ONE, 5, cfg)
+    # step-5 (just written, complete) survives; step-6 (damaged, newer) is left for the save at step 6 to replace;
+    # the older complete and damaged ones go; the temp folder is untouched
+    assert sorted(p.name for p in out.iterdir()) == ["step-5", "step-6", "step-7.tmp"]
+    assert checkpoint.latest_checkpoint(out) == out / "step-5"
+    assert checkpoint.prune_checkpoints(out, 1) == []  # nothing more to delete
+    damage(out / "step-5")
+    assert checkpoint.prune_checkpoints(out, 1) == []  # no complete checkpoint: nothing is deleted
+
+
+def test_resume_picks_the_newest_complete_checkpoint_by_step_final_included(tmp_path, toy_dir):
+    """A finished run (final/ at step 2) extended with --max-steps 4 and interrupted after step 3."""
+    model, processor, optimizer = trained_toy(toy_dir)
+    out, cfg = tmp_path / "out", grpo.GRPOConfig()
+    checkpoint.save_training_checkpoint(model, processor, optimizer, out / "step-1", ONE, 1, cfg)
+    checkpoint.save_training_checkpoint(model, processor, optimizer, out / "final", ONE, 2, cfg)
+    assert checkpoint.latest_checkpoint(out) == out / "final"
+    checkpoint.save_training_checkpoint(model, processor, optimizer, out / "step-3", ONE, 3, cfg)
+    assert checkpoint.latest_checkpoint(out) == out / "step-3"
+    checkpoint.save_training_checkpoint(model, processor, optimizer, out / "final", ONE, 3, cfg)
+    assert checkpoint.latest_checkpoint(out) == out / "final"  # a tie: final/
+    damage(out / "final")
+    assert checkpoint.latest_checkpoint(out) == out / "step-3"
+
+
+@pytest.mark.parametrize("where", ["weights", "trainer_state", "config"])
+def test_a_failing_writer_is_one_error_and_the_temp_folder_goes(tmp_path, toy_dir, monkeypatch, where):
+    from safetensors import SafetensorError
+
+    model, processor, optimizer = trained_toy(toy_dir)
+    full = "No space left on device (os error 28)"
+
+    def fail(*args, **kwargs):
+        if where == "weights":
+            raise SafetensorError(f"Error while serializing: I/O error: {full}")
+        if where == "trainer_state":
+            raise RuntimeError(
+                f"[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file: {full}"
+            )
+        raise OSError(28, "No space left on device")
+
+    import transformers.modeling_utils
+
+    target = {"weights": (transformers.modeling_utils, "safe_save_file"), "trainer_state": (torch, "save")}
+    monkeypatch.setattr(*target.get(where, (json, "dumps")), fail)
+    folder = tmp_path / "out" / "step-1"
+    with pytest.raises(config.CheckpointError) as raised:
+        checkpoint.save_training_checkpoint(model, processor, optimizer, folder, ONE, 1, grpo.GRPOConfig())
+    message = str(raised.value)
+    assert message.startswith(f"could not write checkpoint {folder} (") and "\n" not in message
+    assert "No space left on device" in message and f"{folder}.tmp was removed" in message
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_a_full_tmpfs_is_one_error_and_the_temp_folder_goes(tmp_path, toy_dir):
+    """A 1 MiB tmpfs (the toy's bf16 weights are ~2 MB): the real ENOSPC of the safetensors writer."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {mounted.stderr.decode().strip()}")
+    try:
+        model = modeling.load_model(str(toy_dir / "model"), ONE.device)
+        processor = modeling.load_processor(str(toy_dir / "model"))
+        with pytest.raises(config.CheckpointError, match=r"could not write checkpoint .*was removed"):
+            checkpoint.save_checkpoint(model, processor, mount / "ckpt", ONE, {"step": 1})
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_save_fsyncs_every_file_and_folder_before_the_rename(tmp_path, toy_dir, monkeypatch):
+    model = modeling.load_model(str(toy_dir / "model"), ONE.device)
+    processor = modeling.load_processor(str(toy_dir / "model"))
+    opened, synced = {}, []
+    real_open, real_fsync = os.open, os.fsync
+
+    def recording_open(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        opened[fd] = os.fspath(path)
+        return fd
+
+    def recording_fsync(fd):
+        synced.append(opened.get(fd))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(model, processor, out, ONE, {"step": 1})
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    tmp = f"{out}.tmp"
+    assert files <= {os.path.relpath(p, tmp) for p in synced if p and p.startswith(tmp + os.sep)}
+    assert tmp in synced and synced[-1] == str(tmp_path)  # the folder before the rename, its parent after

@@ -2,13 +2,19 @@
 
 import io
 import json
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import eval as evaluation
+import reward
 from conftest import run_script
 from data import toy
-from mmr1 import benchmarks
+from mmr1 import benchmarks, dist
 
 
 def boxed(answer: str) -> str:
@@ -196,3 +202,109 @@ def test_mathverse_options_and_the_paper_settings():
         evaluation.run_name("runs/mmr1-7b-grpo/final") == "mmr1-7b-grpo"
         and evaluation.run_name("a/b/step-5") == "b-step-5"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 28: exact numbers in the benchmark rules, linear-time cleaning, scoring in workers with a hard
+# limit per answer, one per-sample folder per model
+# ---------------------------------------------------------------------------------------------
+
+VISTA_INT = {"question_type": "free_form", "answer_type": "integer", "precision": None, "unit": "g"}
+EXACT = [
+    ("mathvista", "1000001", {**VISTA_INT, "answer": "1000000"}, False),
+    ("mathvista", "12345678901234567891 g", {**VISTA_INT, "answer": "12345678901234567890"}, False),
+    ("mathvista", "12345678901234567890 g", {**VISTA_INT, "answer": "12345678901234567890"}, True),
+    ("mathvista", "1\u202f000 g", {**VISTA_INT, "answer": "1000"}, True),
+    ("mathvista", "1 001 g", {**VISTA_INT, "answer": "1000"}, False),
+    ("mathverse", "3628803", {"answer": "3628800", "question_type": "free-form"}, False),
+    ("mathverse", "123456788", {"answer": "123456789", "question_type": "free-form"}, False),
+    ("mathverse", "3\u00a0628\u00a0800", {"answer": "3628800", "question_type": "free-form"}, True),
+    ("mathvision", "1000001", {"answer": "1000000"}, False),
+    ("chartqa", "1 000", {"answer": "1000"}, True),
+    ("chartqa", "1\u2009000", {"answer": "1000"}, True),
+    ("chartqa", "1 00", {"answer": "100"}, False),  # not groups of three: text, and not equal
+]
+
+
+@pytest.mark.parametrize("benchmark, pred, row, expected", EXACT)
+def test_benchmark_rules_compare_numbers_exactly(benchmark, pred, row, expected):
+    assert evaluation.score_answer(benchmark, boxed(pred), row) is expected
+
+
+def slow_job(benchmark: str, response: str, row: dict) -> dict:
+    """benchmarks.score_job, but an answer 'SLOW' takes far longer than any time limit of the test."""
+    if "SLOW" in response:
+        time.sleep(600)
+    return benchmarks.score_job(benchmark, response, row)
+
+
+class CannedEngine:
+    """An engine that answers each prompt with the text its row's id maps to."""
+
+    prompt_format = None
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers = answers
+
+    def generate(self, rows, n, sampling):
+        return [SimpleNamespace(text=self.answers[r["id"]]) for r in rows]
+
+
+def test_eval_scores_in_workers_and_counts_a_timed_out_answer():
+    rows, _ = toy.make_rows(3, 0, "test")
+    answers = {r["id"]: boxed(r["answer"]) for r in rows}
+    answers[rows[1]["id"]] = boxed("SLOW")
+    cfg = evaluation.EvalConfig(min_pixels=3136, max_pixels=50176, max_new_tokens=8)
+    one = dist.Dist(0, 1, 0, torch.device("cpu"))
+    # 2 s: the answers take milliseconds to score; the slow one would take 600 s
+    with reward.RewardPool(1, 2.0, score_fn=slow_job, timeout_result=benchmarks.timed_out_job) as pool:
+        records, bad = evaluation.evaluate_benchmark(CannedEngine(answers), "toy", rows, cfg, one, pool)
+    assert bad == [] and [r["correct"] for r in records] == [True, False, True]
+    assert [r["timed_out"] for r in records] == [False, True, False]
+    assert evaluation.summarise(records)["timed_out"] == 1
+    # the pathological answer of the issue, through eval's own pool: linear-time cleaning, scored (wrong)
+    hostile = boxed(" " * 40_000 + "g")
+    with evaluation.scoring_pool() as pool:
+        (scored,) = evaluation.score_outputs("mathvista", [{"benchmark_row": {**VISTA_INT, "answer": "5"}}],
+                                              [SimpleNamespace(text=hostile)], pool)  # fmt: skip
+    assert scored == {"correct": False, "timed_out": False}
+
+
+def test_output_folders_are_unique_per_model(tmp_path):
+    out = tmp_path / "eval"
+    folders = evaluation.output_folders(
+        ["exp1/toy/final", "exp2/toy/final", "runs/toy/step-5", "Qwen/Qwen2.5-VL-7B"], out
+    )
+    assert {m: f.name for m, f in folders.items()} == {
+        "exp1/toy/final": "toy",
+        "exp2/toy/final": "exp2-toy",
+        "runs/toy/step-5": "toy-step-5",
+        "Qwen/Qwen2.5-VL-7B": "Qwen2.5-VL-7B",
+    }
+    evaluation.write_samples(folders["exp1/toy/final"], "exp1/toy/final", "toy", [])
+    # a later evaluation of exp2 alone does not take exp1's folder; exp1 gets its own back
+    assert evaluation.output_folders(["exp2/toy/final"], out)["exp2/toy/final"].name == "exp2-toy"
+    assert evaluation.output_folders(["exp1/toy/final"], out)["exp1/toy/final"].name == "toy"
+    same = evaluation.output_folders(["a/toy/final", "b/a/toy/final"], tmp_path / "other")
+    assert len({f.name for f in same.values()}) == 2
+
+
+def test_eval_two_same_named_runs_keep_both_records(toy_dir, tmp_path):
+    """exp1/toy/final and exp2/toy/final: both end in 'toy'; before, the second overwrote the first's records."""
+    import datasets
+
+    for run in ("exp1", "exp2"):
+        shutil.copytree(toy_dir / "model", tmp_path / run / "toy" / "final")
+    data = tmp_path / "chartqa.parquet"
+    datasets.Dataset.from_list(
+        [{"question": "Value?", "image": png(), "answer": "12", "type": "human_test"}]
+    ).to_parquet(str(data))
+    models = [str(tmp_path / run / "toy" / "final") for run in ("exp1", "exp2")]
+    run_script(["eval.py", "--model", ",".join(models), "--benchmarks", "chartqa", "--bench-data", f"chartqa={data}",
+                "--engine", "hf", "--max-new-tokens", "4", "--min-pixels", "3136", "--max-pixels", "50176",
+                "--output-dir", str(tmp_path / "eval")])  # fmt: skip
+    folders = sorted(p for p in (tmp_path / "eval").iterdir() if p.is_dir())
+    assert len(folders) == 2
+    held = {json.loads((f / "model.json").read_text())["model"] for f in folders}
+    assert held == {str(Path(m).resolve()) for m in models}
+    assert all(len((f / "chartqa.jsonl").read_text().splitlines()) == 1 for f in folders)

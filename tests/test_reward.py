@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reward
-from reward import compute_rewards, extract_answer, format_reward, is_equivalent
+from reward import accuracy_reward, compute_rewards, extract_answer, format_reward, is_equivalent
 
 # (pred, gold, choices, expected)
 EQUIVALENCE = [
@@ -341,3 +341,60 @@ def test_unicode_clean_values():
     assert reward.unicode_clean("\uff08\uff21\uff09\u00a0\u00bd\u200b") == "(A) 1/2"
     assert reward.unicode_clean("x\u00b2\u2212y") == "x^2-y"
     assert reward.clean_answer("\u200e$12$\u200f") == "12"
+
+
+# Issue 28: integers and exact decimals compared exactly, fractions against a decimal gold by its written
+# places, space-kind thousands separators between groups of three digits
+EXACT_NUMBERS = [
+    ("1000001", "1000000", False),
+    ("3628803", "3628800", False),  # 10! + 3
+    ("123456788", "123456789", False),
+    ("123456789", "123456789", True),
+    ("3628800", "3628800.0", True),
+    ("1000000.000001", "1000000", False),
+    ("0.1000001", "0.1", False),
+    ("12345678901234567891", "12345678901234567890", False),  # beyond float precision
+    ("12345678901234567890", "12,345,678,901,234,567,890", True),
+    ("1 000", "1000", True),
+    ("1\u00a0000", "1000", True),  # no-break space
+    ("1\u202f000", "1000", True),  # narrow no-break space
+    ("1\u2009000", "1000", True),  # thin space
+    ("1000", "1\u202f000", True),
+    ("1 000 000", "1000000", True),
+    ("12 345.5", "12345.5", True),
+    ("1 000 m", "1000", True),
+    ("1 00", "100", False),  # groups of three only
+    ("10 00", "1000", False),
+    ("1 0000", "10000", False),
+    ("1 000", "1001", False),
+    ("1 000,000", "1000000", False),  # one separator kind throughout
+    ("1/3", "0.33", True),  # the gold's written precision: 1/3 at two places
+    ("1/3", "0.333", True),
+    ("1/3", "0.34", False),
+    ("2/3", "0.67", True),  # rounded half up
+    ("2/3", "0.66", False),
+    ("0.333333", "\\frac{1}{3}", True),  # a decimal against a fraction: within REL_TOL
+    ("0.33", "\\frac{1}{3}", False),
+    ("1/8", "12.5%", True),
+]
+
+
+@pytest.mark.parametrize("pred, gold, expected", EXACT_NUMBERS)
+def test_numbers_are_compared_exactly(pred, gold, expected):
+    assert is_equivalent(pred, gold) is expected
+    assert accuracy_reward(f"<answer>\\boxed{{{pred}}}</answer>", gold) == float(expected)  # the training reward
+
+
+def test_answer_cleaning_is_linear_in_whitespace():
+    """40,000 spaces inside \\boxed{} (and around a unit): the unit-stripping pattern was `\\s*unit$`, tried at
+    every position (quadratic: minutes). Run in a worker with a hard limit far above the linear time
+    (milliseconds) so a regression shows as a timeout, not a flaky clock comparison."""
+    hostile = [
+        "<answer>\\boxed{" + " " * 40_000 + "}</answer>",
+        "<answer>\\boxed{5" + " " * 40_000 + "x}</answer>",
+        "<answer>\\boxed{" + " " * 40_000 + "cm5}</answer>",
+        "<answer>\\boxed{1" + "\u00a0" * 40_000 + "000}</answer>",
+    ]
+    scores = compute_rewards(hostile, ["5"] * len(hostile), workers=2, timeout_s=60)
+    assert [s["timed_out"] for s in scores] == [False] * len(hostile)
+    assert [s["accuracy"] for s in scores] == [0.0] * len(hostile)
