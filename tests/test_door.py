@@ -320,9 +320,8 @@ def test_mathvista_rows_the_rule_cannot_read_are_left_out_and_named():
         {**base, **mc, "pid": "5", "answer": "3", "choices": ["1", "2"]},
         {**base, **mc, "pid": "6", "answer": "2", "choices": ["1", "2"]},
     ]  # fmt: skip
-    for row in rows[1:4]:  # what evaluation met before the check: the rule raising mid-run
-        with pytest.raises((ValueError, TypeError)):
-            benchmarks.score_answer("mathvista", "\\boxed{1000}", row)
+    # (before this check the rule raised mid-run on rows 1-3; issue 28's exact-number reader no longer
+    # raises, but what MathVista's rule would do with a gold it cannot read stays undefined: named, left out)
     usable, bad = benchmarks.prompt_rows("mathvista", rows, 3136, 50176)
     assert [u["id"] for u in usable] == ["1", "6"]
     assert bad == [
