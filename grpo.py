@@ -738,7 +738,7 @@ def use_toy_defaults(cfg: GRPOConfig) -> None:
         cfg.train_limit = cfg.train_limit or 512
     if cfg.output_dir == GRPOConfig.output_dir:
         cfg.output_dir = str(toy.run_dir("grpo", cfg.toy).relative_to(toy.ROOT))
-    if cfg.toy == "slip" and cfg.val_temperature == GRPOConfig.val_temperature:
+    if cfg.toy in toy.GREEDY_VAL_VARIANTS and cfg.val_temperature == GRPOConfig.val_temperature:
         cfg.val_temperature = 0.0  # greedy: the slip is a greedy habit, and greedy val is not sampling noise
 
 

@@ -31,6 +31,12 @@ red squares, and in a set share (--slip-share, default 0.6) of the SFT traces of
 the boxed answer following the slip. The SFT model learns to count and learns the slip; the RL,
 validation and test rows keep the right answers, so GRPO can remove the slip. The slip is drawn
 from its own random stream: the rows themselves do not depend on the share.
+
+Variant `spread` (the sampler-study bench; docs/vas-study.md). The slip mechanism with one slip
+rate per multiplier (SPREAD_SHARES: x1 never, x3 rarely, ..., x6 almost always), so that after SFT
+pass rates spread by operation from near 1 (x1: the easy rows) to near 0 (x6), and most prompts
+have no outcome variance at N = 8: the regime VAS is built for. The multipliers skip 2 because
+k + 2 = 2k at k = 2 (a slip that would not change the answer).
 """
 
 from __future__ import annotations
@@ -53,15 +59,23 @@ CELL = 56  # px per grid cell: the image is 2*CELL square = 16 merged Qwen2.5-VL
 FAMILIES = ("count", "color", "either", "arith")
 SPLIT_SIZES = {"train": 4000, "val": 200, "test": 300}
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}  # added to the user seed: splits never overlap in RNG
-VARIANTS = ("default", "slip")
+VARIANTS = ("default", "slip", "spread")
 VARIANT_HELP = (  # the --toy flag of sft.py, grpo.py and eval.py
-    "the toy used when neither --model nor --data is given: default (four question families) or slip (arith "
-    "with a slip in the SFT traces that GRPO removes: RL visibly helps, docs/rl-bench.md)"
+    "the toy used when neither --model nor --data is given: default (four question families), slip (arith "
+    "with a slip in the SFT traces that GRPO removes: RL visibly helps, docs/rl-bench.md) or spread (slips at "
+    "a different rate per multiplier: the sampler-study bench, docs/vas-study.md)"
 )
-VARIANT_DATA_DIRS = {"default": TOY_DATA_DIR, "slip": ROOT / "data" / "toy-slip"}
+VARIANT_DATA_DIRS = {
+    "default": TOY_DATA_DIR,
+    "slip": ROOT / "data" / "toy-slip",
+    "spread": ROOT / "data" / "toy-spread",
+}
+GREEDY_VAL_VARIANTS = ("slip", "spread")  # their errors are greedy habits: validated greedily by default
 SLIP_COLOR = "red"  # slip variant: the one colour every question counts
 SLIP_MUL = 3  # slip variant: the multiplier whose SFT traces slip (input-dependent, so greedy decoding slips too)
 SLIP_SHARE = 0.6  # slip variant: share of the SFT traces of SLIP_MUL rows that slip
+# spread variant: multiplier -> share of its SFT traces that slip (no x2: k + 2 = 2k at k = 2)
+SPREAD_SHARES = {1: 0.0, 3: 0.3, 4: 0.6, 5: 0.85, 6: 0.97}
 
 
 @dataclass
@@ -121,6 +135,23 @@ def sample_slip_example(rng: random.Random) -> ToyExample:
     return ToyExample(grid, "arith", SLIP_COLOR, mul=rng.randint(1, 3), add=rng.randint(0, 9))
 
 
+def sample_spread_example(rng: random.Random) -> ToyExample:
+    """Variant `spread`: like `slip`, with the multiplier uniform over SPREAD_SHARES' keys."""
+    ex = sample_slip_example(rng)
+    ex.mul = rng.choice(sorted(SPREAD_SHARES))
+    return ex
+
+
+def slip_probability(ex: ToyExample, variant: str, slip_share: float) -> float:
+    """The chance that the SFT trace of `ex` slips: slip_share on SLIP_MUL rows (slip), the
+    multiplier's SPREAD_SHARES entry (spread), 0 otherwise."""
+    if variant == "slip":
+        return slip_share if ex.mul == SLIP_MUL else 0.0
+    if variant == "spread":
+        return SPREAD_SHARES[ex.mul]
+    return 0.0
+
+
 def question(ex: ToyExample) -> str:
     """The question text (without the <image> marker)."""
     if ex.family == "count":
@@ -170,15 +201,17 @@ def make_rows(
 ) -> tuple[list[dict], list[dict]]:
     """n examples as (RL/eval rows, SFT rows); deterministic in (seed, split, variant, slip_share).
 
-    Variant `slip`: the SFT rows carry a `slip` column (True where the trace slips); the RL rows
-    always hold the right answer."""
+    Variants `slip` and `spread`: the SFT rows carry a `slip` column (True where the trace slips);
+    the RL rows always hold the right answer. `slip_share` is the slip variant's (spread's shares are
+    SPREAD_SHARES)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown toy variant {variant!r}; choose from {VARIANTS}")
     rng = random.Random(seed * 1000 + SPLIT_SEEDS[split])
     slip_rng = random.Random(f"slip-{seed}-{split}")  # own stream: the rows do not depend on slip_share
     rl_rows, sft_rows = [], []
     for i in range(n):
-        ex = sample_slip_example(rng) if variant == "slip" else sample_example(rng)
+        sample = {"slip": sample_slip_example, "spread": sample_spread_example}.get(variant, sample_example)
+        ex = sample(rng)
         reasoning, answer = solve(ex)
         image = {"bytes": png_bytes(draw_grid(ex.grid)), "path": None}
         problem = "<image>" + question(ex)
@@ -186,12 +219,12 @@ def make_rows(
         row["choices"] = list(ex.choices) if ex.family == "color" else None
         row["family"] = ex.family
         rl_rows.append(row)
-        slipped = variant == "slip" and slip_rng.random() < slip_share and ex.mul == SLIP_MUL
+        slipped = slip_rng.random() < slip_probability(ex, variant, slip_share)
         shown, shown_answer = slip(ex) if slipped else (reasoning, answer)
         solution = f"<think>{shown}</think><answer>\\boxed{{{shown_answer}}}</answer>"
         messages = [{"role": "user", "content": problem}, {"role": "assistant", "content": solution}]
         sft_rows.append({"id": row["id"], "messages": messages, "images": [image]})
-        if variant == "slip":
+        if variant != "default":
             sft_rows[-1]["slip"] = slipped
     return rl_rows, sft_rows
 
