@@ -46,7 +46,9 @@ def image_size(image: Any) -> tuple[int, int]:
         raise TypeError(f"cannot read an image from {type(image).__name__}")
     with Image.open(image) as opened:
         w, h = opened.size
-        return (h, w) if opened.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
+        # a PNG's EXIF may follow its pixels (PIL would decode them to find it): read only one found in the header
+        tagged = opened.format != "PNG" or "exif" in opened.info
+        return (h, w) if tagged and opened.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
 
 
 def upright(image):
