@@ -259,7 +259,7 @@ class Rows(Sequence):
         """Rows passed over at use so far on this rank (their images failed to decode)."""
         return len(self.image_skips)
 
-    def subset(self, positions: list[int]) -> Rows:
+    def subset(self, positions) -> Rows:
         """These rows at `positions` only (the door's removal), still lazy."""
         out = Rows(self.sources, self.keep[np.asarray(positions, dtype=np.int64)], self.kind, self.skip_bad_rows,
                    (self.min_pixels, self.max_pixels), self.spec)  # fmt: skip

@@ -27,6 +27,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import batches, data, dist
 from .chat import PromptFormat
 from .config import BadRowError
@@ -212,9 +214,9 @@ def check_split(rows, door: Door, processor, d: dist.Dist, spec: str) -> list[tu
         except (OSError, ValueError):
             pass  # unreadable cache: check again (every rank reads the same file, so all agree)
     reserved = reserved_tokens(processor.tokenizer)
-    mine, n_real = dist.shard(list(range(len(rows))), d)
+    share = -(-len(rows) // d.world_size)  # contiguous shares, as dist.shard cuts them (no index list built)
     found = []
-    for k in mine[:n_real]:
+    for k in range(d.rank * share, min(len(rows), (d.rank + 1) * share)):
         row, where = _where(rows, k, spec)
         problem = row_problem(processor, row, door, reserved)
         if problem is not None:
@@ -244,11 +246,12 @@ def prepare_rows(rows, door: Door, processor, d: dist.Dist, *, skip_bad_rows: bo
         raise BadRowError(report.bad[0][2])
     if not bad:
         return rows
-    dropped = {k for k, _, _ in bad}
-    kept = [k for k in range(len(rows)) if k not in dropped]
-    if not kept:
+    keep = np.ones(len(rows), dtype=bool)
+    keep[[k for k, _, _ in bad]] = False
+    kept = np.flatnonzero(keep)  # (kept rows,) int64 positions: 8 bytes a row
+    if not len(kept):
         raise BadRowError(f"{spec}: no usable rows ({len(report.bad)} left out; first: {report.bad[0][2]})")
-    return rows.subset(kept) if isinstance(rows, data.Rows) else [rows[k] for k in kept]
+    return rows.subset(kept) if isinstance(rows, data.Rows) else [rows[int(k)] for k in kept]
 
 
 def prepare_split(

@@ -251,3 +251,38 @@ def test_the_loops_are_short():
         body = ast.get_source_segment((ROOT / script).read_text(), main)
         for name in ("fitting_prompts", "skip_bad_rows", "undecoded", "BadRowError", "load_rows", "all_gather"):
             assert name not in body, (script, name)  # no row checks or skip bookkeeping inside
+
+
+def test_run_teardown_closes_the_logger_however_the_loop_ends(tmp_path, monkeypatch):
+    """mmr1/run.py is the one loop tail: --stop-after and preemption end without final/ but close
+    the metric logger (sft.py's --stop-after used to leave wandb / tensorboard runs unfinished);
+    a complete run saves final/."""
+    import signal
+    from types import SimpleNamespace
+
+    from mmr1 import run
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        for stop_after, steps_run, final in ((2, [1, 2], False), (0, [1, 2, 3], True)):
+            cfg = SimpleNamespace(resume=False, model="m", skip_nonfinite=0, report_to="", save_every=0,
+                                  stop_after=stop_after)  # fmt: skip
+            out = tmp_path / f"stop{stop_after}"
+            r = run.Run(cfg, ONE, out, "sft", set(), 10, 3)
+            saved = []
+            assert r.start(None, None, lambda folder, step: saved.append((folder.name, step))) is None
+            closed = []
+            monkeypatch.setattr(r.logger, "close", lambda: closed.append(True))
+            ran = []
+            for step in r.steps():
+                ran.append(step + 1)
+                if r.end_step(step + 1, {"train/loss": 1.0}):
+                    break
+            r.finish()
+            assert ran == steps_run and closed == [True]
+            assert saved == ([("final", 3)] if final else [])
+            logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+            assert logged == steps_run
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
