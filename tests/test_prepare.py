@@ -270,9 +270,9 @@ def test_run_teardown_closes_the_logger_however_the_loop_ends(tmp_path, monkeypa
             out = tmp_path / f"stop{stop_after}"
             r = run.Run(cfg, ONE, out, "sft", set(), 10, 3)
             saved = []
-            assert r.start(None, None, lambda folder, step: saved.append((folder.name, step))) is None
+            assert r.start(None, None, lambda folder, step, saved=saved: saved.append((folder.name, step))) is None
             closed = []
-            monkeypatch.setattr(r.logger, "close", lambda: closed.append(True))
+            monkeypatch.setattr(r.logger, "close", lambda closed=closed: closed.append(True))
             ran = []
             for step in r.steps():
                 ran.append(step + 1)
