@@ -240,8 +240,9 @@ def prepare_rows(rows, door: Door, processor, d: dist.Dist, *, skip_bad_rows: bo
     the rows without the bad ones (a data.Rows stays a lazy data.Rows)."""
     bad = check_split(rows, door, processor, d, spec)
     report = Report(spec, len(rows) + len(field_bad), list(field_bad) + bad)
-    if report.bad and d.master:
-        print(report.line() + ("" if skip_bad_rows else " (--skip-bad-rows leaves them out)"), flush=True)
+    what = " (removed: --skip-bad-rows)" if skip_bad_rows else " (--skip-bad-rows leaves them out)"
+    if d.master:
+        print(report.line() + (what if report.bad else ""), flush=True)
     if report.bad and not skip_bad_rows:
         raise BadRowError(report.bad[0][2])
     if not bad:
