@@ -125,7 +125,7 @@ def time_prepare(model: Path, spec: Path, cache: Path) -> None:
     )
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
-    n, bad, imports, fields, door, again = out.stdout.split()
+    n, bad, imports, fields, door, again = out.stdout.strip().splitlines()[-1].split()  # after the report line
     print(
         f"| prepare | rows | bad | imports + processor (s) | JSON -> Arrow + fields (s) | door checks (s) | "
         f"again, cached (s) |\n| --- | --- | --- | --- | --- | --- | --- |\n| sft.json | {int(n):,} | {bad} | "
