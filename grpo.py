@@ -30,7 +30,6 @@ Where this GRPO departs from the textbook, and why:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -39,12 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import reward
 import vas
 from data import toy
-from mmr1 import batches, benchmarks, chat, checkpoint, config, data, dist, guards, logprobs, modeling, rollout
+from mmr1 import batches, benchmarks, chat, checkpoint, config, dist, logprobs, modeling, prepare, rollout, run
 from mmr1.config import field
 
 
@@ -308,49 +306,14 @@ def frozen_token_logprobs(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dis
 # ---------------------------------------------------------------------------------------------
 
 
-def undecoded_rows(rows, indices: list[int]) -> list[dict]:
-    """rows[i] for each index with its images left undecoded where the rows are a lazy data.Rows
-    (prompt lengths read only the image headers); a plain list's rows as they are."""
-    return [rows.undecoded(i)[0] if hasattr(rows, "undecoded") else rows[i] for i in indices]
-
-
-def fitting_prompts(
-    processor,
-    prompt_ids: list[int],
-    rows: list[dict],
-    cfg: GRPOConfig,
-    fmt: chat.PromptFormat,
-    skipped: list[str],
-    spec: str | None = None,
-) -> list[int]:
-    """The prompts of this rank's batch (or of the validation rows) within --max-prompt-length, for
-    every engine (HF generate would otherwise take any length; vLLM would refuse the request). A
-    longer prompt is a bad row of `spec` (default --data): BadRowError naming it, or with
-    --skip-bad-rows dropped (its whole group) and noted in `skipped`."""
-    picked = undecoded_rows(rows, prompt_ids)  # the lengths need image headers, not pixels
-    lengths = batches.prompt_lengths(processor, picked, cfg.min_pixels, cfg.max_pixels, fmt)
-    keep = []
-    for i, row, n in zip(prompt_ids, picked, lengths):
-        if n <= cfg.max_prompt_length:
-            keep.append(i)
-            continue
-        message = f"{spec or cfg.data} row {i}" + (f" (id={row['id']})" if row.get("id") is not None else "")
-        message += f": the prompt is {n} tokens, above --max-prompt-length {cfg.max_prompt_length}"
-        if not cfg.skip_bad_rows:
-            raise config.BadRowError(message)
-        skipped.append(message)
-    if not keep:
-        raise config.BadRowError(f"every prompt of a batch is above --max-prompt-length; first: {skipped[-1]}")
-    return keep
-
-
-def generate_rollouts(engine, model, rows: list[dict], cfg: GRPOConfig, step: int) -> list[rollout.Rollout]:
-    """n responses per prompt from the policy after `step` updates."""
+def generate_rollouts(
+    engine, model, rows: list[dict], prompts: list[batches.Prompt], cfg: GRPOConfig, step: int
+) -> list[rollout.Rollout]:
+    """n responses per prompt (rows[i], built as prompts[i]) from the policy after `step` updates."""
     engine.push_weights(model, version=step)  # the new policy -> the inference engine (vLLM: skipped if unchanged)
     seed = dist.derive_seed(cfg.seed, "rollout", step)
-    outs = engine.generate(
-        rows, cfg.group_size, rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed)
-    )
+    sampling = rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed)
+    outs = engine.generate(rows, cfg.group_size, sampling, prompts)
     engine.sleep()
     return outs
 
@@ -367,6 +330,7 @@ def micro_batches(
     processor,
     outs: list[rollout.Rollout],
     rows: list[dict],
+    prompts: list[batches.Prompt],
     advantages: torch.Tensor,
     cfg: GRPOConfig,
     fmt: chat.PromptFormat,
@@ -374,8 +338,9 @@ def micro_batches(
 ) -> list[dict]:
     """Prompt + response sequences grouped by token budget, as many micro-batches on every rank
     (FSDP2's forwards are collectives): model inputs, the (B, T-1) response-token mask and the
-    (B,) advantages of each."""
+    (B,) advantages of each. The prompts are those the engine generated from (prompts[i] of rows[i])."""
     prompt_rows, responses = [rows[o.row] for o in outs], [o.token_ids for o in outs]
+    built = {id(r): p for r, p in zip(rows, prompts)}
     planned = batches.rl_micro_batches(
         processor,
         prompt_rows,
@@ -386,6 +351,7 @@ def micro_batches(
         cfg.max_tokens_per_micro_batch,
         cfg.micro_batch_size,
         d,
+        built,
     )
     return [{"inputs": inputs, "response_mask": mask, "advantages": advantages[idx]} for idx, inputs, mask in planned]
 
@@ -409,26 +375,6 @@ def update_policy(model, ref_model, optimizer, micro: list[dict], cfg: GRPOConfi
     return stats, grad_norm
 
 
-def scorable_prompts(processor, rows: list[dict], cfg: GRPOConfig, fmt: chat.PromptFormat, d: dist.Dist) -> list[int]:
-    """Indices of the training prompts VAS scores: those within --max-prompt-length, counted once at
-    startup from the image headers (no decoding), sharded over ranks. A longer prompt is a bad row:
-    BadRowError naming it on every rank, or with --skip-bad-rows never scored (VPS 0) and, as in the
-    training batches (fitting_prompts), never trained on."""
-    mine, n_real = dist.shard(list(range(len(rows))), d)
-    mine = mine[:n_real]
-    lengths = batches.prompt_lengths(processor, undecoded_rows(rows, mine), cfg.min_pixels, cfg.max_pixels, fmt)
-    too_long = dist.all_gather_list([(i, n) for i, n in zip(mine, lengths) if n > cfg.max_prompt_length], d)
-    if too_long:
-        i, n = too_long[0]
-        message = f"{cfg.data} row {i}: the prompt is {n} tokens, above --max-prompt-length {cfg.max_prompt_length}"
-        if not cfg.skip_bad_rows:
-            raise config.BadRowError(message)
-        if d.master:
-            print(f"[grpo] VAS leaves out {len(too_long)} prompts above --max-prompt-length; first: {message}")
-    skip = {i for i, _ in too_long}
-    return [i for i in range(len(rows)) if i not in skip]
-
-
 def refresh_vps(
     engine,
     model,
@@ -439,17 +385,16 @@ def refresh_vps(
     pool,
     step: int,
     out_dir: Path,
-    scorable: list[int],
 ) -> dict[str, np.ndarray]:
-    """Re-scores every scorable prompt with N fresh rollouts (sharded over ranks), re-weights the
-    sampler with the min-max normalised VPS (0 for a prompt never scored), keeps the refresh for
-    `vas.py plot`; returns the scores, (P,) each."""
+    """Re-scores every prompt with N fresh rollouts (sharded over ranks), re-weights the sampler
+    with the min-max normalised VPS, keeps the refresh for `vas.py plot`; returns the scores, (P,)
+    each. Every prompt passed the door, so every prompt is scored."""
     engine.push_weights(model, version=step)
     sampling = rollout.Sampling(
         cfg.temperature, cfg.top_p, cfg.max_response_length, dist.derive_seed(cfg.seed, "vas", step)
     )
     # rounds of one call per rank, dealt round-robin over the data, each ending in an all-gather (dist.rounds)
-    order = dist.rounds(scorable, cfg.vas_prompts_per_call, d.world_size) or [[]]
+    order = dist.rounds(list(range(len(rows))), cfg.vas_prompts_per_call, d.world_size) or [[]]
     parts = [
         vas.rollout_scores(
             engine,
@@ -468,7 +413,7 @@ def refresh_vps(
         for r, part in enumerate(order)
     ]
     engine.sleep()
-    scores = {k: np.zeros(len(rows)) for k in parts[0]}  # a prompt above --max-prompt-length: no rollouts, VPS 0
+    scores = {k: np.zeros(len(rows)) for k in parts[0]}  # every row passed the door: all are scored
     for k in scores:
         scores[k][[i for part in order for i in part]] = np.concatenate([p[k] for p in parts])
     sampler.update_weights(vas.normalise_weights(scores["vps"], sampler.weights, cfg.vas_momentum))
@@ -545,12 +490,19 @@ def validate(engine, model, val_rows: list[dict], cfg: GRPOConfig, d: dist.Dist,
     sampling = rollout.Sampling(
         cfg.val_temperature, 1.0, cfg.max_response_length, dist.derive_seed(cfg.seed, "val", step)
     )
-    score = None
-    if cfg.val_benchmark:  # the benchmark's own rule on its own row
-        score = lambda text, row: benchmarks.score_answer(cfg.val_benchmark, text, row["benchmark_row"])  # noqa: E731
-    accuracy = rollout.validation_accuracy(engine, val_rows, d, sampling, pool, score)
+    accuracy = rollout.validation_accuracy(engine, val_rows, d, sampling, val_scorer(cfg, pool))
     engine.sleep()
     return accuracy
+
+
+def val_scorer(cfg: GRPOConfig, pool):
+    """correct(texts, rows) -> list of 0/1 for validation: the benchmark's own rule on its own row
+    (--val-benchmark), else reward.py's accuracy."""
+    if cfg.val_benchmark:
+        return lambda texts, rows: [
+            benchmarks.score_answer(cfg.val_benchmark, t, r["benchmark_row"]) for t, r in zip(texts, rows)
+        ]
+    return lambda texts, rows: [s["accuracy"] for s in reward.score_responses(texts, rows, pool=pool)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,23 +510,26 @@ def validate(engine, model, val_rows: list[dict], cfg: GRPOConfig, d: dist.Dist,
 # ---------------------------------------------------------------------------------------------
 
 
-def load_data(cfg: GRPOConfig, d: dist.Dist) -> tuple[list[dict], list[dict], int]:
-    """Training and validation rows, checked (images against the run's pixel range), and the
-    number of steps of the run."""
-    pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    rows = data.load_rows(cfg.data, "rl", "train", cfg.skip_bad_rows, cfg.train_limit, **pixels)
+def load_data(cfg: GRPOConfig, processor, fmt: chat.PromptFormat, d: dist.Dist) -> tuple[list[dict], list[dict], int]:
+    """Training and validation rows through the door (prepare.py: fields, text, image headers, the
+    prompt within --max-prompt-length; a bad row is an error or left out) and the run's step count."""
+    door = prepare.Door("rl", cfg.min_pixels, cfg.max_pixels, cfg.max_prompt_length, fmt)
+    common = dict(skip_bad_rows=cfg.skip_bad_rows)
+    rows = prepare.prepare_split(cfg.data, door, processor, d, split="train", limit=cfg.train_limit, **common)
     val_rows = []
     if cfg.val_benchmark:  # a benchmark file: its prompts, its scoring rule (validate)
         raw = benchmarks.load_benchmark(cfg.val_benchmark, cfg.val_data or None, cfg.val_limit)
-        val_rows, bad = benchmarks.prompt_rows(cfg.val_benchmark, raw, **pixels)
+        val_rows, bad = benchmarks.prompt_rows(cfg.val_benchmark, raw, cfg.min_pixels, cfg.max_pixels)
         if bad and d.master:
             print(f"[grpo] validation: {len(bad)} unusable {cfg.val_benchmark} rows left out; first: {bad[0]}")
         if not val_rows:
             raise config.BadRowError(
                 f"--val-benchmark {cfg.val_benchmark}: no usable row in {cfg.val_data or 'the hub copy'}"
             )
+        spec = f"{cfg.val_data or cfg.val_benchmark} (--val-benchmark {cfg.val_benchmark})"
+        val_rows = prepare.prepare_rows(val_rows, door, processor, d, spec=spec, **common)
     elif cfg.val_data:
-        val_rows = data.load_rows(cfg.val_data, "rl", "val", cfg.skip_bad_rows, cfg.val_limit, **pixels)
+        val_rows = prepare.prepare_split(cfg.val_data, door, processor, d, split="val", limit=cfg.val_limit, **common)
     if cfg.rollout_batch_size % d.world_size:
         raise SystemExit(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by {d.world_size} ranks")
     return rows, val_rows, cfg.max_steps or math.ceil(cfg.episodes * len(rows) / cfg.rollout_batch_size)
@@ -703,17 +658,6 @@ def validate_config(cfg: GRPOConfig) -> None:
         config.fail(*problems)
 
 
-def announce(cfg: GRPOConfig, d: dist.Dist, out_dir: Path, n_rows: int, total_steps: int, engine: str) -> None:
-    """Rank 0: writes <out>/config.json (the whole config) and prints what the run will do."""
-    if d.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        print(
-            f"[grpo] {n_rows} prompts, {total_steps} steps x {cfg.rollout_batch_size} prompts x {cfg.group_size} "
-            f"responses, {d.world_size} rank(s), engine {engine}, vas={cfg.vas}"
-        )
-
-
 def use_toy_defaults(cfg: GRPOConfig) -> None:
     """Takes what --model / --data leave out from the toy (--toy NAME, the default toy when neither
     is given): its SFT checkpoint, its RL splits (train, first 512 prompts; val). Given only one of
@@ -743,50 +687,17 @@ def use_toy_defaults(cfg: GRPOConfig) -> None:
 
 
 def main() -> None:
-    preemption = checkpoint.Preemption()  # SIGTERM / SIGUSR1 from now on: stop cleanly (docs/checkpoints.md)
-    cfg = config.parse_config(GRPOConfig, PRESETS)
-    validate_config(cfg)
-    use_toy_defaults(cfg)
-    guards.check_model_dir(cfg.model)
-    d = dist.setup_distributed(cfg.seed)
-    if cfg.preset == "paper":
-        dist.require_cuda(d, "grpo.py --preset paper")
-    out_dir = Path(cfg.output_dir)
-    guards.lock_output_dir(out_dir, d.master)  # one run per --output-dir; also proves it writable
-    rows, val_rows, total_steps = load_data(cfg, d)
+    cfg, d, out_dir = run.setup(GRPOConfig, PRESETS, validate_config, use_toy_defaults, "grpo")
+    fmt = chat.PromptFormat(instruction=chat.INSTRUCTIONS.get(cfg.instruction, cfg.instruction))
+    processor = modeling.load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
+    rows, val_rows, total_steps = load_data(cfg, processor, fmt, d)  # the door: the loop trusts these rows
 
     # --- models, optimizer, sampler, engine (a resumed run takes all but the reference from its checkpoint) ---
-    ckpt = checkpoint.resume_point(cfg, RESUME_MAY_CHANGE, out_dir, len(rows), total_steps, d.master, "grpo")
-    policy_path = str(ckpt or cfg.model)
-    processor, model, ref_model, optimizer = load_models(policy_path, cfg, d)
+    r = run.Run(cfg, d, out_dir, "grpo", RESUME_MAY_CHANGE, len(rows), total_steps)
+    processor, model, ref_model, optimizer = load_models(r.policy_path, cfg, d)
     sampler = vas.MixedSampler(len(rows), cfg.rollout_batch_size, cfg.vas_mix_ratio if cfg.vas else 0.0, cfg.seed)
     vps = np.zeros(len(rows))  # raw VPS per prompt (VAS)
     generated = np.zeros(2)  # responses, tokens generated so far for training and VAS scoring (not validation)
-    start_step = 0
-    if ckpt is not None:
-        state = checkpoint.load_training_checkpoint(ckpt, model, optimizer, d)
-        sampler.load_state_dict(state["sampler"])
-        vps, start_step, generated = np.asarray(state["vps"]), state["step"], np.asarray(state["generated"])
-        if d.master:
-            print(f"[grpo] resumed from {ckpt} at step {start_step}")
-    preemption.stop_before_training(d, "grpo", "loading")
-    fmt = chat.PromptFormat(instruction=chat.INSTRUCTIONS.get(cfg.instruction, cfg.instruction))
-    scorable = scorable_prompts(processor, rows, cfg, fmt, d) if cfg.vas else []  # VAS scores these
-    if val_rows:  # validation prompts obey --max-prompt-length too (checked once, here)
-        val_skipped: list[str] = []
-        fit = fitting_prompts(processor, list(range(len(val_rows))), val_rows, cfg, fmt, val_skipped, cfg.val_data)
-        val_rows = [val_rows[i] for i in fit] if val_skipped else val_rows
-        if val_skipped and d.master:
-            print(
-                f"[grpo] {len(val_skipped)} validation prompts above --max-prompt-length left out; first: {val_skipped[0]}"
-            )
-    modeling.create_optimizer_state(optimizer)  # AdamW's state now: vLLM's start-up check sees the step-1 trainer
-    engine = make_engine(model, processor, policy_path, start_step, fmt, cfg, d)
-    pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
-    logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
-    announce(cfg, d, out_dir, len(rows), total_steps, type(engine).__name__)
-    nonfinite = guards.NonFiniteGuard(cfg.skip_nonfinite, ckpt)
-    skipped: list[str] = []  # this rank's prompts dropped at batch time (--skip-bad-rows)
 
     def save(folder: Path, step: int) -> None:  # reads the current sampler and vps
         extra = {
@@ -796,53 +707,64 @@ def main() -> None:
             "generated": generated.tolist(),
         }
         checkpoint.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg, **extra)
-        nonfinite.saved(folder)
 
+    state = r.start(model, optimizer, save)
+    if state is not None:
+        sampler.load_state_dict(state["sampler"])
+        vps, generated = np.asarray(state["vps"]), np.asarray(state["generated"])
+    r.stop_before_training("loading")
+    modeling.create_optimizer_state(optimizer)  # AdamW's state now: vLLM's start-up check sees the step-1 trainer
+    engine = make_engine(model, processor, r.policy_path, r.start_step, fmt, cfg, d)
+    pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
+    r.announce(
+        f"{len(rows)} prompts, {total_steps} steps x {cfg.rollout_batch_size} prompts x {cfg.group_size} "
+        f"responses, {d.world_size} rank(s), engine {type(engine).__name__}, vas={cfg.vas}"
+    )
     initial_vas_s = 0.0
-    if cfg.vas and start_step == 0:  # initial scoring of every prompt before step 1
+    if cfg.vas and r.start_step == 0:  # initial scoring of every prompt before step 1
         t0 = time.time()
-        scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, 0, out_dir, scorable)
+        scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, 0, out_dir)
         vps, initial_vas_s = scores["vps"], time.time() - t0
         generated += [len(rows) * cfg.vas_rollouts, scores["tokens"].sum()]
-        if d.master:
-            print(
-                f"[grpo] initial VPS of {len(rows)} prompts in {initial_vas_s:.0f}s: mean pass rate "
-                f"{scores['pass_rate'].mean():.3f}, zero-variance share {np.mean(scores['ovs'] == 0):.3f}"
-            )
-    if val_rows and cfg.val_every and start_step == 0:  # the starting point of the val curve
-        logger.log(0, {"val/accuracy": validate(engine, model, val_rows, cfg, d, pool, 0)})
+        r.print0(
+            f"initial VPS of {len(rows)} prompts in {initial_vas_s:.0f}s: mean pass rate "
+            f"{scores['pass_rate'].mean():.3f}, zero-variance share {np.mean(scores['ovs'] == 0):.3f}"
+        )
+    if val_rows and cfg.val_every and r.start_step == 0:  # the starting point of the val curve
+        r.logger.log(0, {"val/accuracy": validate(engine, model, val_rows, cfg, d, pool, 0)})
 
     # --- training loop ---
-    preemption.stop_before_training(d, "grpo", "the initial scoring")  # later: save after this step, exit 0
+    r.stop_before_training("the initial scoring")  # later: save after this step, exit 0
     model.train()
-    done, stop = start_step, f"--stop-after {cfg.stop_after}"
-    bar = tqdm(range(start_step, total_steps), disable=not d.master, desc="grpo", initial=start_step, total=total_steps)
-    for step in bar:
+    for step in (bar := r.steps()):
         t0 = time.time()
+        # --- sample prompts, push weights, generate ---
         prompt_ids, _ = dist.shard(sampler.next_batch(), d)  # this rank's slice of the global batch
-        prompt_ids = fitting_prompts(processor, prompt_ids, rows, cfg, fmt, skipped)  # --max-prompt-length
         batch_rows = [rows[i] for i in prompt_ids]
-        outs = generate_rollouts(engine, model, batch_rows, cfg, step)  # n per prompt, row-major
+        prompts = batches.build_prompts(processor, batch_rows, fmt, cfg.min_pixels, cfg.max_pixels)
+        outs = generate_rollouts(engine, model, batch_rows, prompts, cfg, step)  # n per prompt, row-major
         t_rollout, t0 = time.time() - t0, time.time()
+        # --- score, advantages ---
         rewards = score(outs, batch_rows, pool, cfg)  # format + accuracy of each response, reward.py
         # A_i = (r_i - mean_group) / (std_group + eps); zero-variance groups give 0
         advantages, zero_var = group_advantages(
-            torch.tensor([r["overall"] for r in rewards]), cfg.group_size, cfg.adv_eps
+            torch.tensor([x["overall"] for x in rewards]), cfg.group_size, cfg.adv_eps
         )
-        micro = micro_batches(processor, outs, batch_rows, advantages, cfg, fmt, d)
+        # --- update ---
+        micro = micro_batches(processor, outs, batch_rows, prompts, advantages, cfg, fmt, d)
         stats, grad_norm = update_policy(model, ref_model, optimizer, micro, cfg, d)
-        nonfinite.check(step + 1, stats["loss"], grad_norm)  # stops a diverged run before anything is saved
+        r.nonfinite.check(step + 1, stats["loss"], grad_norm)  # stops a diverged run before anything is saved
         t_update, t0, done = time.time() - t0, time.time(), step + 1
 
-        # --- VAS bookkeeping ---
+        # --- VAS refresh ---
         if cfg.vas and cfg.vas_online:
             refresh_vps_online(vps, sampler, outs, rewards, prompt_ids, cfg, d)
         if cfg.vas and cfg.vas_update_every and done % cfg.vas_update_every == 0 and done < total_steps:
-            scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, done, out_dir, scorable)
+            scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, done, out_dir)
             vps, generated = scores["vps"], generated + [len(rows) * cfg.vas_rollouts, scores["tokens"].sum()]
-        t_vas = time.time() - t0 + (initial_vas_s if step == start_step else 0.0)
+        t_vas = time.time() - t0 + (initial_vas_s if step == r.start_step else 0.0)
 
-        # --- metrics, validation, checkpoint ---
+        # --- log, validate, save ---
         metrics = step_metrics(outs, rewards, zero_var, stats, grad_norm, cfg, d)
         generated += [
             cfg.rollout_batch_size * cfg.group_size,
@@ -857,40 +779,16 @@ def main() -> None:
             "time/vas_s": t_vas,
             "rollout/generated_responses": generated[0],
             "rollout/generated_tokens": generated[1],
-            "data/skipped_rows": data.skipped_rows(rows, d),  # bad rows passed over so far
-        } | ({"train/skipped_nonfinite": nonfinite.skipped} if cfg.skip_nonfinite else {})
-        if cfg.skip_bad_rows:
-            metrics["train/skipped_prompts"] = dist.all_reduce_sum(len(skipped), d.device).item()
+        }
         if val_rows and ((cfg.val_every and done % cfg.val_every == 0) or done == total_steps):
             metrics["val/accuracy"] = validate(engine, model, val_rows, cfg, d, pool, done)
-        logger.log(done, metrics)
         bar.set_postfix(acc=f"{metrics['reward/accuracy']:.2f}", zero_var=f"{metrics['vas/zero_var_frac']:.2f}")
-        saved = cfg.save_every and done % cfg.save_every == 0 and done < total_steps
-        if saved:
-            save(out_dir / f"step-{done}", done)
-        if done < total_steps and preemption.agreed(d):  # any rank signalled: all stop after this step
-            if not saved:
-                save(out_dir / f"step-{done}", done)
-            stop = f"{preemption.received or 'another rank signalled'} (saved step-{done})"
-            break
-        if cfg.stop_after and done >= cfg.stop_after:
+        if r.end_step(done, metrics):  # log; save every N; preemption or --stop-after: stop here
             break
 
-    if done == total_steps:
-        save(out_dir / "final", total_steps)
-    if d.master:
-        print(
-            f"[grpo] done: {total_steps} steps, model in {out_dir / 'final'}"
-            if done == total_steps
-            else f"[grpo] {stop}: stopped at step {done} without the final save"
-        )
-        if isinstance(engine, rollout.VLLMEngine):
-            print(f"[grpo] vLLM weight pushes: {engine.pushes} (one per new set of weights; repeats skipped)")
-    if pool is not None:
-        pool.close()
-    engine.close()  # before the process group goes: vLLM's teardown uses it
-    logger.close()
-    dist.cleanup_distributed()
+    if isinstance(engine, rollout.VLLMEngine):
+        r.print0(f"vLLM weight pushes: {engine.pushes} (one per new set of weights; repeats skipped)")
+    r.finish(close=([pool.close] if pool is not None else []) + [engine.close])
 
 
 if __name__ == "__main__":

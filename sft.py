@@ -12,8 +12,6 @@ with from_pretrained; grpo.py and eval.py read runs/toy-sft/final by default). S
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import random
@@ -22,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+import reward
 from data import toy
-from mmr1 import batches, checkpoint, config, data, dist, guards, logprobs, modeling, rollout
+from mmr1 import batches, checkpoint, config, dist, logprobs, modeling, prepare, rollout, run
 from mmr1.config import field
 
 
@@ -139,11 +137,6 @@ def global_batch(step: int, n_rows: int, batch_size: int, seed: int) -> list[int
     return out
 
 
-def row_name(spec: str, index: int, row: dict) -> str:
-    """How an error names a training row: its data spec, its index and its id."""
-    return f"{spec} row {index}" + (f" (id={row['id']})" if row.get("id") is not None else "")
-
-
 def sft_loss(model, micro: list[dict], d: dist.Dist, chunk: int, packed: bool = False) -> float:
     """Forward + backward over this rank's micro-batches; loss = token mean over the global batch.
 
@@ -165,23 +158,13 @@ def sft_loss(model, micro: list[dict], d: dist.Dist, chunk: int, packed: bool = 
 
 @torch.no_grad()
 def val_loss(model, processor, rows: list[dict], cfg: SFTConfig, d: dist.Dist) -> float:
-    """Token-mean NLL of the assistant tokens of `rows` (sharded over ranks). A row that --max-length
-    would spoil is an error naming it, or with --skip-bad-rows left out of the mean (as in training)."""
+    """Token-mean NLL of the assistant tokens of `rows` (sharded over ranks; the door left out any
+    row --max-length would spoil)."""
     model.eval()
     nll, count = 0.0, 0
     mine, n_real = dist.shard(rows, d)
-    first = d.rank * len(mine)  # global index of this rank's first row (dist.shard: contiguous shares)
     micro = batches.sft_micro_batches(  # fixed count, in order: micro-batch j holds rows j*size ...
-        processor,
-        mine,
-        cfg.min_pixels,
-        cfg.max_pixels,
-        cfg.max_length,
-        0,
-        cfg.micro_batch_size,
-        d,
-        names=[row_name(cfg.val_data, first + k, r) for k, r in enumerate(mine)],
-        skipped=[] if cfg.skip_bad_rows else None,  # a skipped row's stand-in carries no label
+        processor, mine, cfg.min_pixels, cfg.max_pixels, cfg.max_length, 0, cfg.micro_batch_size, d
     )
     for j, b in enumerate(micro):
         s = j * cfg.micro_batch_size
@@ -258,17 +241,22 @@ def use_toy_defaults(cfg: SFTConfig) -> None:
         cfg.output_dir = str(toy.run_dir("sft", cfg.toy).relative_to(toy.ROOT))
 
 
-def load_data(cfg: SFTConfig, d: dist.Dist) -> tuple[list[dict], list[dict], list[dict], int]:
-    """Training rows, validation-loss rows and accuracy (RL-layout) rows, checked against the run's
-    pixel range, and the number of steps of the run."""
-    pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)  # the rows' images must suit this range
-    train_rows = data.load_rows(cfg.data, "sft", "train", cfg.skip_bad_rows, **pixels)
+def load_data(cfg: SFTConfig, processor, d: dist.Dist) -> tuple[list[dict], list[dict], list[dict], int]:
+    """Training rows, validation-loss rows and accuracy (RL-layout) rows through the door (prepare.py:
+    fields, text, image headers, a --max-length cut that spoils no row; a bad row is an error or left
+    out), and the number of steps of the run."""
+    door = prepare.Door("sft", cfg.min_pixels, cfg.max_pixels, cfg.max_length)
+    common = dict(skip_bad_rows=cfg.skip_bad_rows)
+    train_rows = prepare.prepare_split(cfg.data, door, processor, d, split="train", **common)
     val_rows = []
     if cfg.val_data:
-        val_rows = data.load_rows(cfg.val_data, "sft", "val", cfg.skip_bad_rows, cfg.val_limit, **pixels)
+        val_rows = prepare.prepare_split(cfg.val_data, door, processor, d, split="val", limit=cfg.val_limit, **common)
     acc_rows = []
     if cfg.acc_data and cfg.acc_limit >= 0:
-        acc_rows = data.load_rows(cfg.acc_data, "rl", "val", cfg.skip_bad_rows, cfg.acc_limit, **pixels)
+        acc_door = prepare.Door("rl", cfg.min_pixels, cfg.max_pixels)  # no prompt limit: HF generate takes any
+        acc_rows = prepare.prepare_split(
+            cfg.acc_data, acc_door, processor, d, split="val", limit=cfg.acc_limit, **common
+        )
     per_step = (1 if cfg.max_tokens_per_micro_batch else cfg.micro_batch_size) * d.world_size
     if cfg.batch_size % per_step:
         raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of {per_step} (micro-batch x ranks)")
@@ -290,124 +278,66 @@ def load_model_and_optimizer(path: str, cfg: SFTConfig, total_steps: int, d: dis
     return processor, model, params, optimizer, scheduler
 
 
-def announce(cfg: SFTConfig, d: dist.Dist, out_dir: Path, n_rows: int, total_steps: int) -> None:
-    """Rank 0: writes <out>/config.json (the whole config) and prints what the run will do."""
-    if d.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        budget = f"{cfg.max_tokens_per_micro_batch} tokens" if cfg.max_tokens_per_micro_batch else "fixed count"
-        print(
-            f"[sft] {n_rows} rows, {total_steps} steps, batch {cfg.batch_size} over {d.world_size} "
-            f"ranks, micro-batches of <= {cfg.micro_batch_size} rows ({budget}), packed={cfg.pack}"
-        )
-
-
 def main() -> None:
-    preemption = checkpoint.Preemption()  # SIGTERM / SIGUSR1 from now on: stop cleanly (docs/checkpoints.md)
-    cfg = config.parse_config(SFTConfig, PRESETS)
-    validate_config(cfg)
-    use_toy_defaults(cfg)
-    guards.check_model_dir(cfg.model)
-    d = dist.setup_distributed(cfg.seed)
-    if cfg.preset == "paper":
-        dist.require_cuda(d, "sft.py --preset paper")
-    out_dir = Path(cfg.output_dir)
-    guards.lock_output_dir(out_dir, d.master)  # one run per --output-dir; also proves it writable
-    train_rows, val_rows, acc_rows, total_steps = load_data(cfg, d)
+    cfg, d, out_dir = run.setup(SFTConfig, PRESETS, validate_config, use_toy_defaults, "sft")
+    processor = modeling.load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
+    train_rows, val_rows, acc_rows, total_steps = load_data(cfg, processor, d)  # the door: the loop trusts these
 
     # --- model, optimizer, schedule (a resumed run takes them from its checkpoint) ---
-    ckpt = checkpoint.resume_point(cfg, RESUME_MAY_CHANGE, out_dir, len(train_rows), total_steps, d.master, "sft")
-    processor, model, params, optimizer, scheduler = load_model_and_optimizer(
-        str(ckpt or cfg.model), cfg, total_steps, d
-    )
-    start_step = 0
-    if ckpt is not None:
-        state = checkpoint.load_training_checkpoint(ckpt, model, optimizer, d)
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
-        if d.master:
-            print(f"[sft] resumed from {ckpt} at step {start_step}")
-    logger = config.MetricLogger(out_dir, cfg, d.master, cfg.report_to, resume_from=start_step if ckpt else None)
-    announce(cfg, d, out_dir, len(train_rows), total_steps)
-    nonfinite = guards.NonFiniteGuard(cfg.skip_nonfinite, ckpt)
-    skipped: list[str] = []  # this rank's training rows skipped at batch time (--skip-bad-rows)
+    r = run.Run(cfg, d, out_dir, "sft", RESUME_MAY_CHANGE, len(train_rows), total_steps)
+    processor, model, params, optimizer, scheduler = load_model_and_optimizer(r.policy_path, cfg, total_steps, d)
 
     def save(folder: Path, step: int) -> None:
-        checkpoint.save_training_checkpoint(
-            model, processor, optimizer, folder, d, step, cfg, scheduler=scheduler.state_dict(), rows=len(train_rows)
-        )
-        nonfinite.saved(folder)
+        extra = {"scheduler": scheduler.state_dict(), "rows": len(train_rows)}
+        checkpoint.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg, **extra)
+
+    state = r.start(model, optimizer, save)
+    if state is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    budget = f"{cfg.max_tokens_per_micro_batch} tokens" if cfg.max_tokens_per_micro_batch else "fixed count"
+    r.announce(
+        f"{len(train_rows)} rows, {total_steps} steps, batch {cfg.batch_size} over {d.world_size} "
+        f"ranks, micro-batches of <= {cfg.micro_batch_size} rows ({budget}), packed={cfg.pack}"
+    )
 
     # --- training loop ---
-    preemption.stop_before_training(d, "sft", "loading")  # later: save after this step, exit 0
+    r.stop_before_training("loading")  # later: save after this step, exit 0
     model.train()
-    bar = tqdm(range(start_step, total_steps), disable=not d.master, desc="sft", initial=start_step, total=total_steps)
-    for step in bar:
+    for step in (bar := r.steps()):
         t0 = time.time()
         batch, _ = dist.shard(global_batch(step, len(train_rows), cfg.batch_size, cfg.seed), d)  # this rank's part
+        rows = [train_rows[i] for i in batch]
         micro = batches.sft_micro_batches(
-            processor,
-            [train_rows[i] for i in batch],
-            cfg.min_pixels,
-            cfg.max_pixels,
-            cfg.max_length,
-            cfg.max_tokens_per_micro_batch,
-            cfg.micro_batch_size,
-            d,
-            names=[row_name(cfg.data, i, train_rows[i]) for i in batch],
-            skipped=skipped if cfg.skip_bad_rows else None,  # rows --max-length would spoil: error or skip
-        )
-        loss = sft_loss(model, micro, d, cfg.logprob_chunk, cfg.pack)
+            processor, rows, cfg.min_pixels, cfg.max_pixels, cfg.max_length, cfg.max_tokens_per_micro_batch,
+            cfg.micro_batch_size, d,
+        )  # fmt: skip
+        loss = sft_loss(model, micro, d, cfg.logprob_chunk, cfg.pack)  # token mean over the global batch
         lr = scheduler.get_last_lr()[0]
         grad_norm = modeling.clip_and_step(params, optimizer, cfg.max_grad_norm)  # no step if non-finite
-        nonfinite.check(step + 1, loss, grad_norm)  # stops a diverged run before anything is saved
-        metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr}
-        metrics["data/skipped_rows"] = data.skipped_rows(train_rows, d)  # bad rows passed over so far
-        if cfg.skip_nonfinite:
-            metrics["train/skipped_nonfinite"] = nonfinite.skipped
-        if cfg.skip_bad_rows:
-            metrics["train/skipped_rows"] = dist.all_reduce_sum(len(skipped), d.device).item()
+        r.nonfinite.check(step + 1, loss, grad_norm)  # stops a diverged run before anything is saved
         scheduler.step()
-        metrics["time/step_s"] = time.time() - t0
+        metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr, "time/step_s": time.time() - t0}
         done = step + 1
         if val_rows and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
             metrics["val/loss"] = val_loss(model, processor, val_rows, cfg, d)
-        logger.log(done, metrics)
         bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{metrics['val/loss']:.3f}"} if "val/loss" in metrics else {}))
-        saved = cfg.save_every and done % cfg.save_every == 0 and done < total_steps
-        if saved:
-            save(out_dir / f"step-{done}", done)
-        if done < total_steps and preemption.agreed(d):  # any rank signalled: all stop after this step
-            if not saved:
-                save(out_dir / f"step-{done}", done)
-            if d.master:
-                print(
-                    f"[sft] {preemption.received or 'another rank signalled'}: saved {out_dir / f'step-{done}'}, exiting"
-                )
-            logger.close()
-            dist.cleanup_distributed()
-            return
-        if cfg.stop_after and done >= cfg.stop_after:
-            if d.master:
-                print(f"[sft] --stop-after {cfg.stop_after}: stopping without the final save")
-            dist.cleanup_distributed()
-            return
+        if r.end_step(done, metrics):  # log; save every N; preemption or --stop-after: stop here
+            break
 
-    # --- final: accuracy, save ---
-    final = {}
-    if acc_rows:
+    # --- final: accuracy (the save is the teardown's) ---
+    summary = ""
+    if acc_rows and r.done == total_steps and not r.stopped:
         engine = rollout.HFEngine(model, processor, d, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
         greedy = rollout.Sampling(temperature=0.0, max_new_tokens=cfg.acc_max_new_tokens)
-        final["val/accuracy"] = rollout.validation_accuracy(engine, acc_rows, d, greedy)
-        logger.log(total_steps, final)
-    save(out_dir / "final", total_steps)
-    if skipped:
-        print(f"[sft] rank {d.rank} skipped {len(skipped)} bad rows; first: {skipped[0]}")
-    if d.master:
-        summary = " ".join(f"{k}={v:.4f}" for k, v in final.items())
-        print(f"[sft] done: {total_steps} steps, model in {out_dir / 'final'} {summary}")
-    logger.close()
-    dist.cleanup_distributed()
+        accuracy = rollout.validation_accuracy(engine, acc_rows, d, greedy, reward_accuracy)
+        r.logger.log(total_steps, {"val/accuracy": accuracy})
+        summary = f" val/accuracy={accuracy:.4f}"
+    r.finish(summary=summary)
+
+
+def reward_accuracy(texts: list[str], rows: list[dict]) -> list[float]:
+    """reward.py's accuracy (0/1) of each response against its row's answer."""
+    return [s["accuracy"] for s in reward.score_responses(texts, rows)]
 
 
 if __name__ == "__main__":

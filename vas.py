@@ -560,17 +560,16 @@ def main(argv: list[str] | None = None) -> None:
 def score_data_set(args: ScoreConfig) -> None:
     """`vas.py score`: pass rate, OVS, TDS, VPS of every prompt of --data, to a parquet file."""
     import reward
-    from mmr1 import chat, data, dist, guards, modeling, rollout
+    from mmr1 import chat, dist, guards, modeling, prepare, rollout
 
     guards.check_model_dir(args.model)
     guards.check_output_dir(Path(args.out).parent, "--out")  # before the scoring, not after it
     d = dist.setup_distributed(args.seed)
-    rows = data.load_rows(
-        args.data, "rl", "train", args.skip_bad_rows, args.limit, min_pixels=args.min_pixels, max_pixels=args.max_pixels
-    )
     processor = modeling.load_processor(args.model, args.min_pixels, args.max_pixels)
-    model = None if args.engine == "vllm" else modeling.shard_model(modeling.load_model(args.model, d.device), d)
     prompt_format = chat.PromptFormat(instruction=chat.INSTRUCTIONS.get(args.instruction, args.instruction))
+    door = prepare.Door("rl", args.min_pixels, args.max_pixels, args.max_prompt_length, prompt_format)
+    rows = prepare.prepare_split(args.data, door, processor, d, skip_bad_rows=args.skip_bad_rows, limit=args.limit)
+    model = None if args.engine == "vllm" else modeling.shard_model(modeling.load_model(args.model, d.device), d)
     engine = rollout.make_engine(
         args.engine,
         model,

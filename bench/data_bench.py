@@ -5,9 +5,13 @@ Writes synthetic data in the real layouts at two sizes, ten times apart: an MMR1
 (ShareGPT `conversations`, image files beside it), runs each stage on the toy model with
 `--max-steps 1` in a fresh subprocess with an empty `datasets` cache, and reports the wall time to
 the end of that first step (startup: imports, data opening and checking, model, one step, save) and
-the process's peak RSS (getrusage of the child). Optionally one large MMR1-SFT-layout file too.
+the process's peak RSS (getrusage of the child). Optionally one large MMR1-SFT-layout file too,
+and the door alone on it (`--prepare N`: mmr1/prepare.py's prepare_split on an N-row sft.json with
+the paper's --max-length 16384, so every row is tokenised; the JSON -> Arrow cache build, then the
+door's checks, each timed, then the door again from its cache).
 
     OMP_NUM_THREADS=1 python bench/data_bench.py --sizes 300,3000 --sft-large 100000
+    OMP_NUM_THREADS=1 python bench/data_bench.py --stages "" --prepare 100000
 """
 
 from __future__ import annotations
@@ -94,11 +98,47 @@ def measure(cmd: list[str], cache: Path) -> tuple[float, float]:
     return float(wall), int(kb) / 1e6
 
 
+PREPARE_PROBE = """
+import sys, time
+t0 = time.time()
+import torch
+from mmr1 import data, dist, modeling, prepare
+processor = modeling.load_processor(sys.argv[1], 3136, 50176)
+one = dist.Dist(0, 1, 0, torch.device("cpu"))
+door = prepare.Door("sft", 3136, 50176, 16384)
+t1 = time.time()
+rows = data.load_rows(sys.argv[2], "sft", report=False)  # the JSON -> Arrow cache and the field check
+t2 = time.time()
+bad = prepare.check_split(rows, door, processor, one, sys.argv[2])  # text, image headers, tokens
+t3 = time.time()
+prepare.prepare_split(sys.argv[2], door, processor, one)  # again: fields from the Arrow cache, verdicts cached
+t4 = time.time()
+print(len(rows), len(bad), t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+"""
+
+
+def time_prepare(model: Path, spec: Path, cache: Path) -> None:
+    """Prints the door's times on `spec` (see the module docstring) as one table."""
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(
+        [sys.executable, "-c", PREPARE_PROBE, str(model), str(spec)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    n, bad, imports, fields, door, again = out.stdout.strip().splitlines()[-1].split()  # after the report line
+    print(
+        f"| prepare | rows | bad | imports + processor (s) | JSON -> Arrow + fields (s) | door checks (s) | "
+        f"again, cached (s) |\n| --- | --- | --- | --- | --- | --- | --- |\n| sft.json | {int(n):,} | {bad} | "
+        f"{float(imports):.1f} | {float(fields):.1f} | {float(door):.1f} | {float(again):.1f} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="300,3000", help="two row counts, the second ten times the first")
     parser.add_argument("--sft-large", type=int, default=0, help="also time one MMR1-SFT-layout file of this many rows")
-    parser.add_argument("--stages", default="sft,grpo")
+    parser.add_argument("--stages", default="sft,grpo", help="stages to time ('' = none)")
+    parser.add_argument("--prepare", type=int, default=0, help="time the door alone on an N-row MMR1-SFT sft.json")
     args = parser.parse_args()
     from data import toy
 
@@ -119,6 +159,12 @@ def main() -> None:
             "0",
         ],
     }
+    if args.prepare:
+        folder = work / f"prepare-{args.prepare}"
+        folder.mkdir()
+        time_prepare(model, sft_json(folder, args.prepare), folder / "hf_cache")
+    if not args.stages:
+        return
     results: dict[tuple[str, int], tuple[float, float]] = {}
     print("| stage | layout | rows | time to first step (s) | peak RSS (GB) |\n| --- | --- | --- | --- | --- |")
     sizes = [(s, n) for s in args.stages.split(",") for n in (small, large)]

@@ -3,10 +3,11 @@ prompt + response sequences with their response mask, and micro-batches planned 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from .chat import PromptFormat, prompt_messages, sft_messages
-from .config import BadRowError
 from .dist import Dist, all_reduce_max
 from .images import image_size, resized_size, row_images
 
@@ -71,26 +72,99 @@ def plan_micro_batches(lengths: list[int], max_tokens: int, max_seqs: int, d: Di
 
 
 def prompt_texts(processor, rows: list[dict], fmt: PromptFormat = PromptFormat()) -> list[str]:
-    """Chat-templated prompt strings (ending in the assistant header) for RL/eval rows."""
+    """Chat-templated prompt strings (ending in the assistant header) for RL/eval rows, one
+    <|image_pad|> per image (the form vLLM takes; build_prompt expands the pads)."""
     return [
         processor.apply_chat_template(prompt_messages(r, fmt), tokenize=False, add_generation_prompt=True) for r in rows
     ]
 
 
+# ---------------------------------------------------------------------------------------------
+# The prompt builder: one row -> what every engine, the batch builder and the door see
+# ---------------------------------------------------------------------------------------------
+
+PATCH = 14  # Qwen2.5-VL's vision patch side, pixels
+MERGE = 2  # 2x2 patches merge into one image token
+
+
+@dataclass
+class Prompt:
+    """One RL/eval row as the model sees it: messages, the chat-templated text (one <|image_pad|>
+    per image), the images resized to the run's pixel range, and the prompt token ids with each
+    image's pad expanded to its (H/28) * (W/28) tokens. pixel_values (P, 3*2*14*14) and
+    image_grid_thw (k, 3) are the image processor's patches; all three image fields are empty
+    (and `ids` is counted from the image headers alone) for a prompt built with decode=False."""
+
+    messages: list[dict]
+    text: str
+    images: list = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+
+def build_prompt(
+    processor, row: dict, fmt: PromptFormat, min_pixels: int, max_pixels: int, decode: bool = True
+) -> Prompt:
+    """The one prompt builder: a row -> Prompt (see there). With decode=True the images are decoded,
+    resized (images.resize_image) and patched by the processor's image processor; with
+    decode=False (the door's length check) only their headers are read, and `ids` is the same list
+    the decoded prompt would have (the token count of an image depends on its resized size only)."""
+    messages = prompt_messages(row, fmt)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    raw = row.get("images") or []
+    if not raw:
+        return Prompt(messages, text, [], ids)
+    if decode:
+        pictures = row_images(row, min_pixels, max_pixels)
+        patched = processor.image_processor(images=pictures, return_tensors="pt")
+        grids = patched["image_grid_thw"]
+        counts = (grids.prod(-1) // MERGE**2).tolist()
+        prompt = Prompt(messages, text, pictures, [], patched["pixel_values"], grids)
+    else:
+        sizes = [resized_size(*image_size(im), min_pixels, max_pixels) for im in raw]
+        counts = [(w // (PATCH * MERGE)) * (h // (PATCH * MERGE)) for w, h in sizes]
+        prompt = Prompt(messages, text)
+    prompt.ids = expand_image_pads(ids, processor.image_token_id, counts)
+    return prompt
+
+
+def expand_image_pads(ids: list[int], pad_id: int, counts: list[int]) -> list[int]:
+    """Token ids with the i-th `pad_id` repeated counts[i] times, as the processor expands a
+    chat text's <|image_pad|> placeholders (the tokenizer splits text at special tokens, so
+    expanding before or after tokenising gives the same ids)."""
+    out, k = [], 0
+    for t in ids:
+        if t == pad_id:
+            if k >= len(counts):
+                raise ValueError(f"more <|image_pad|> tokens in the prompt than its {len(counts)} images")
+            out += [pad_id] * counts[k]
+            k += 1
+        else:
+            out.append(t)
+    if k != len(counts):
+        raise ValueError(f"{k} <|image_pad|> tokens in the prompt but {len(counts)} images")
+    return out
+
+
+def build_prompts(
+    processor, rows: list[dict], fmt: PromptFormat, min_pixels: int, max_pixels: int, decode: bool = True
+) -> list[Prompt]:
+    """build_prompt of each row; the same row object (a GRPO group's n responses) is built once."""
+    built: dict[int, Prompt] = {}
+    for r in rows:
+        if id(r) not in built:
+            built[id(r)] = build_prompt(processor, r, fmt, min_pixels, max_pixels, decode)
+    return [built[id(r)] for r in rows]
+
+
 def prompt_lengths(
     processor, rows: list[dict], min_pixels: int, max_pixels: int, fmt: PromptFormat = PromptFormat()
 ) -> list[int]:
-    """Tokens of each row's chat-templated prompt as the processor makes it, images expanded, but
-    from the image headers alone: each image's one <|image_pad|> becomes (H/28) * (W/28) tokens of
-    its resized size (2x2 merged 14-pixel patches). The same count for every engine."""
-    out = []
-    for text, row in zip(prompt_texts(processor, rows, fmt), rows):
-        n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-        for image in row.get("images") or []:
-            w_bar, h_bar = resized_size(*image_size(image), min_pixels, max_pixels)  # a turn keeps the product
-            n += (w_bar // 28) * (h_bar // 28) - 1
-        out.append(n)
-    return out
+    """Tokens of each row's prompt (build_prompt with decode=False: images counted from their
+    headers, none decoded). The same count for every engine."""
+    return [len(p.ids) for p in build_prompts(processor, rows, fmt, min_pixels, max_pixels, decode=False)]
 
 
 def processor_inputs(processor, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
@@ -167,38 +241,53 @@ def collate(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
 
 
 def sft_cut_problem(inputs: dict[str, torch.Tensor], max_length: int, image_token_id: int) -> str | None:
-    """Why cutting one row's uncut sft_batch inputs at max_length would spoil it, or None.
-
-    Two cuts are bad: one that drops image tokens (the processor's image features would no longer
-    match the image tokens left: transformers refuses the batch), and one that leaves no assistant
-    token to learn from (the row would train on nothing: loss 0, silently).
-    """
+    """Why cutting one row's uncut sft_batch inputs at max_length would spoil it, or None (cut_problem)."""
     ids, labels = inputs["input_ids"][0], inputs["labels"][0]
     n = int(inputs["attention_mask"][0].sum())
+    images_at = (ids[:n] == image_token_id).nonzero().flatten().tolist()
+    labelled = (labels[:n] != IGNORE_INDEX).nonzero().flatten().tolist()
+    return cut_problem(n, images_at[-1] if images_at else None, labelled[0] if labelled else None, max_length)
+
+
+def cut_problem(n: int, last_image: int | None, first_label: int | None, max_length: int) -> str | None:
+    """Why cutting an n-token SFT sequence at max_length would spoil it, or None.
+
+    Two cuts are bad: one that drops image tokens (last_image: position of its last image token;
+    the processor's image features would no longer match the image tokens left: transformers refuses
+    the batch), and one that leaves no assistant token to learn from (first_label: position of its
+    first labelled token; the row would train on nothing: loss 0, silently).
+    """
     if not max_length or n <= max_length:
         return None
-    image_positions = (ids[:n] == image_token_id).nonzero().flatten().tolist()
-    if image_positions and image_positions[-1] >= max_length:
-        return (
-            f"--max-length {max_length} cuts inside its image tokens (positions {image_positions[0]}-"
-            f"{image_positions[-1]} of {n}); raise --max-length or lower --max-pixels"
+    if last_image is not None and last_image >= max_length:
+        return f"--max-length {max_length} cuts inside its image tokens (last at position {last_image} of {n}); " + (
+            "raise --max-length or lower --max-pixels"
         )
-    if not (labels[1:max_length] != IGNORE_INDEX).any():
-        first = int((labels != IGNORE_INDEX).nonzero().flatten()[0]) if (labels != IGNORE_INDEX).any() else n
-        return f"--max-length {max_length} cuts away its whole assistant turn (it starts at token {first} of {n})"
+    if first_label is None or first_label >= max_length:
+        start = n if first_label is None else first_label
+        return f"--max-length {max_length} cuts away its whole assistant turn (it starts at token {start} of {n})"
     return None
 
 
-def _blank_row(inputs: dict[str, torch.Tensor], max_length: int, image_token_id: int) -> dict[str, torch.Tensor]:
-    """A skipped row's stand-in: its tokens before the cut and before its first image token, no
-    images, no labels; it keeps the rank's sequence count (micro-batch plans are collective) and
-    adds nothing to the loss."""
-    ids = inputs["input_ids"][0]
-    images_at = (ids == image_token_id).nonzero().flatten().tolist()
-    keep = min(max_length, images_at[0] - 1 if images_at else max_length)  # before <|vision_start|>
-    out = {k: v[:, :keep] for k, v in inputs.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    out["labels"] = torch.full_like(out["input_ids"], IGNORE_INDEX)
-    return out
+def sft_layout(processor, row: dict, min_pixels: int, max_pixels: int) -> tuple[int, int | None, int | None]:
+    """(tokens, position of the last image token or None, position of the first assistant token or
+    None) of an SFT row as sft_batch would make it, from the chat text and the image headers alone
+    (no image decoded): what the door needs to apply cut_problem over a whole split."""
+    import numpy as np
+
+    text = processor.apply_chat_template(sft_messages(row), tokenize=False)
+    tokenizer = processor.tokenizer
+    sizes = [resized_size(*image_size(im), min_pixels, max_pixels) for im in row.get("images") or []]
+    counts = [(w // (PATCH * MERGE)) * (h // (PATCH * MERGE)) for w, h in sizes]
+    ids = np.asarray(
+        expand_image_pads(tokenizer(text, add_special_tokens=False)["input_ids"], processor.image_token_id, counts)
+    )
+    images_at = np.flatnonzero(ids == processor.image_token_id)
+    header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    starts = np.flatnonzero(ids == header[0])
+    first = next((int(i) + len(header) for i in starts if ids[i : i + len(header)].tolist() == header), None)
+    first = first if first is not None and first < len(ids) else None
+    return len(ids), int(images_at[-1]) if len(images_at) else None, first
 
 
 def sft_micro_batches(
@@ -210,27 +299,11 @@ def sft_micro_batches(
     max_tokens: int,
     max_seqs: int,
     d: Dist | None = None,
-    names: list[str] | None = None,
-    skipped: list[str] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """This rank's SFT rows as micro-batches (sft_batch inputs + labels) planned by token budget
-    (plan_micro_batches; the same count on every rank). Each row is processed once, on its own.
-
-    A row that max_length would spoil (sft_cut_problem) raises BadRowError naming it (`names[i]`),
-    or, when a `skipped` list is given (--skip-bad-rows), is replaced by a blank stand-in that
-    carries no loss and its message is appended to `skipped`."""
-    single = []
-    for i, r in enumerate(rows):
-        inputs = sft_batch(processor, [r], min_pixels, max_pixels, 0)
-        problem = sft_cut_problem(inputs, max_length, processor.image_token_id)
-        if problem is not None:
-            message = f"{names[i] if names else f'row {i}'}: {problem}"
-            if skipped is None:
-                raise BadRowError(message)
-            skipped.append(message)
-            single.append(_blank_row(inputs, max_length, processor.image_token_id))
-        else:
-            single.append(_cut(inputs, max_length))
+    """This rank's SFT rows as micro-batches (sft_batch inputs + labels, cut at max_length) planned
+    by token budget (plan_micro_batches; the same count on every rank). Each row is processed once,
+    on its own. The rows are trusted: the door (prepare.py) left out any row the cut would spoil."""
+    single = [sft_batch(processor, [r], min_pixels, max_pixels, max_length) for r in rows]
     lengths = [int(s["attention_mask"].sum()) for s in single]
     pad_id = processor.tokenizer.pad_token_id
     return [collate([single[i] for i in idx], pad_id) for idx in plan_micro_batches(lengths, max_tokens, max_seqs, d)]
@@ -238,29 +311,9 @@ def sft_micro_batches(
 
 def encode_prompts(
     processor, rows: list[dict], min_pixels: int, max_pixels: int, fmt: PromptFormat = PromptFormat()
-) -> dict[int, dict]:
-    """Each distinct prompt (row object) through the processor once (chat template, image resize
-    and patching): id(row) -> {"ids": prompt token ids, "pixel_values": (P, D) patches of its
-    images or None, "image_grid_thw": (k, 3) or None}."""
-    distinct = list({id(r): r for r in rows}.values())
-    encoded = processor_inputs(
-        processor, prompt_texts(processor, distinct, fmt), [row_images(r, min_pixels, max_pixels) for r in distinct]
-    )
-    # pixel_values holds all images' patches back to back, image_grid_thw one row per image
-    grids = encoded.get("image_grid_thw", torch.zeros((0, 3), dtype=torch.long))
-    patch_ends = [0] + grids.prod(-1).cumsum(0).tolist()
-    image_ends = [0] + torch.tensor([len(r.get("images") or []) for r in distinct]).cumsum(0).tolist()
-    out = {}
-    for p, r in enumerate(distinct):
-        first, last = image_ends[p], image_ends[p + 1]
-        ids = encoded["input_ids"][p][encoded["attention_mask"][p].bool()].tolist()
-        has = last > first
-        out[id(r)] = {
-            "ids": ids,
-            "pixel_values": encoded["pixel_values"][patch_ends[first] : patch_ends[last]] if has else None,
-            "image_grid_thw": grids[first:last] if has else None,
-        }
-    return out
+) -> dict[int, Prompt]:
+    """Each distinct prompt (row object) through the prompt builder once: id(row) -> Prompt."""
+    return {id(r): p for r, p in zip(rows, build_prompts(processor, rows, fmt, min_pixels, max_pixels))}
 
 
 def rl_batch(
@@ -270,32 +323,32 @@ def rl_batch(
     min_pixels: int,
     max_pixels: int,
     fmt: PromptFormat = PromptFormat(),
-    prompts: dict[int, dict] | None = None,
+    prompts: dict[int, Prompt] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Model inputs for prompt + sampled response sequences, and the response-token mask.
 
     rows[i] is the prompt of responses[i] (token ids); the n responses of one prompt share the row
-    object, and each distinct prompt goes through the processor (chat template, image resize and
-    patching) once (or not at all when `prompts`, from encode_prompts, already holds it). Returns
+    object, and each distinct prompt goes through the prompt builder once (or not at all when
+    `prompts`, from encode_prompts, already holds it: the Prompts the engine generated from). Returns
     right-padded (B, T) inputs with the rows' pixel_values / image_grid_thw / mm_token_type_ids,
     and a (B, T-1) float mask that is 1 where the TARGET token input_ids[:, 1:] is a response
     token (aligned with token_logprobs).
     """
     prompts = prompts if prompts is not None else encode_prompts(processor, rows, min_pixels, max_pixels, fmt)
-    length = max(len(prompts[id(r)]["ids"]) + len(resp) for r, resp in zip(rows, responses))
+    length = max(len(prompts[id(r)].ids) + len(resp) for r, resp in zip(rows, responses))
     input_ids = torch.full((len(rows), length), processor.tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     response_mask = torch.zeros((len(rows), length), dtype=torch.float32)
     pixel_parts, grid_parts = [], []
     for b, (r, resp) in enumerate(zip(rows, responses)):
         prompt = prompts[id(r)]
-        n = len(prompt["ids"])
-        input_ids[b, : n + len(resp)] = torch.tensor(prompt["ids"] + list(resp), dtype=torch.long)
+        n = len(prompt.ids)
+        input_ids[b, : n + len(resp)] = torch.tensor(prompt.ids + list(resp), dtype=torch.long)
         attention_mask[b, : n + len(resp)] = 1
         response_mask[b, n : n + len(resp)] = 1
-        if prompt["pixel_values"] is not None:
-            pixel_parts.append(prompt["pixel_values"])
-            grid_parts.append(prompt["image_grid_thw"])
+        if prompt.pixel_values is not None:
+            pixel_parts.append(prompt.pixel_values)
+            grid_parts.append(prompt.image_grid_thw)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     inputs["mm_token_type_ids"] = (input_ids == processor.image_token_id).long()  # 1 = image token
     if pixel_parts:
@@ -313,12 +366,14 @@ def rl_micro_batches(
     max_tokens: int,
     max_seqs: int,
     d: Dist | None = None,
+    prompts: dict[int, Prompt] | None = None,
 ) -> list[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:
     """This rank's sequences (rows[i] + responses[i]) as micro-batches planned by token budget
     (plan_micro_batches; the same count on every rank): a list of (indices into rows, right-padded
-    inputs, (B, T-1) response mask) as rl_batch builds them. Each prompt is processed once."""
-    prompts = encode_prompts(processor, rows, min_pixels, max_pixels, fmt)
-    lengths = [len(prompts[id(r)]["ids"]) + len(resp) for r, resp in zip(rows, responses)]
+    inputs, (B, T-1) response mask) as rl_batch builds them. Each prompt is built once (none when
+    `prompts` holds the ones the engine generated from)."""
+    prompts = prompts if prompts is not None else encode_prompts(processor, rows, min_pixels, max_pixels, fmt)
+    lengths = [len(prompts[id(r)].ids) + len(resp) for r, resp in zip(rows, responses)]
     out = []
     for idx in plan_micro_batches(lengths, max_tokens, max_seqs, d):
         inputs, mask = rl_batch(

@@ -1,11 +1,12 @@
-"""Loading and checking rows: local parquet / jsonl / json files or folders and hub data sets.
+"""Loading rows: local parquet / jsonl / json files or folders and hub data sets.
 
 Rows stay on disk: a stage gets a `Rows` sequence over memory-mapped Arrow (`datasets`' cache of a
 parquet file or hub split; for JSON and jsonl, layouts.build_json_cache's cache of the raw rows),
-and a row is read, checked and its images decoded only when `rows[i]` is asked for. The structural
-check (fields, types, answers, `<image>` markers vs images) runs over every row when the data is
-opened, without decoding an image; the image check (decodes, processor's shape rules) runs when the
-row is first used. A bad row is named by file and row, or skipped and counted (`--skip-bad-rows`).
+and a row is read and its images decoded only when `rows[i]` is asked for. The field check
+(fields, types, answers, `<image>` markers vs images) runs over every row when the data is opened,
+without decoding an image; the rest of the door (text, image headers, token counts) is
+mmr1/prepare.py. Decoding is the one check left at use (Rows.__getitem__), with the door's rule: a
+bad row is named by file and row, or with `--skip-bad-rows` passed over and counted.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ class _Source:
     absolute (images not decoded), or a string saying why it is no row; `where(i)` names it.
     """
 
-    def __init__(self, name: str, table, json_rows: bool, folder: Path | None, unit: str):
+    def __init__(self, name: str, table, json_rows: bool, folder: Path | None, unit: str, fingerprint: str = ""):
         self.name, self.table, self.json_rows, self.folder, self.unit = name, table, json_rows, folder, unit
+        self.fingerprint = fingerprint  # names this content (cache keys of the door, prepare.py); "" = unknown
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -184,7 +186,7 @@ def _file_source(file: Path, kind: str) -> _Source:
             file, kind, cache_dir, lambda row: _problem(_absolute_image_paths(row, folder), kind)
         )
         unit = "row" if layouts.is_json_array(file) else "line"
-        return _Source(str(file), layouts.read_arrow(cache), True, folder, unit)
+        return _Source(str(file), layouts.read_arrow(cache), True, folder, unit, cache.name)
     import pyarrow.parquet as pq
 
     try:
@@ -194,7 +196,7 @@ def _file_source(file: Path, kind: str) -> _Source:
         raise BadRowError(f"{file}: not a readable parquet file ({first_line(e)})") from e
     if ds is None:
         raise BadRowError(f"{file}: empty (no rows)")
-    return _Source(str(file), ds.data.table, False, folder, "row")
+    return _Source(str(file), ds.data.table, False, folder, "row", ds._fingerprint)
 
 
 def _hub_source(name: str, split: str) -> _Source:
@@ -207,7 +209,7 @@ def _hub_source(name: str, split: str) -> _Source:
         raise BadRowError(
             f"{name}@{split}: not a local file or folder, and not loadable from the hub ({first_line(e)})"
         ) from e
-    return _Source(f"{name}@{split}", ds.data.table, False, None, "row")
+    return _Source(f"{name}@{split}", ds.data.table, False, None, "row", ds._fingerprint)
 
 
 def _first_rank_first(build):
@@ -230,29 +232,38 @@ def _first_rank_first(build):
 
 
 class Rows(Sequence):
-    """The usable rows of a data set, read from disk when indexed: `rows[k]` is the k-th row that
-    passed the structural check, normalised (check_fields), with its images decoded and checked
-    (check_images). Resident memory is the index: 8 bytes a row.
+    """The usable rows of a data set, read from disk when indexed: `rows[k]` is the k-th row kept by
+    the field check (and by the door, prepare.py), normalised (check_fields), with its images
+    decoded and checked (check_images). Resident memory is the index: 8 bytes a row.
 
-    A row whose images fail when it is first used raises BadRowError naming its file and row; with
-    `skip_bad_rows` it is replaced by the next usable row (k+1, k+2, ... wrapping), the same on every
-    rank, so batches keep their size; `skipped` counts the rows passed over so far.
+    Decoding is the one check left at use, with the door's rule: a row whose images fail raises
+    BadRowError naming its file and row, or with `skip_bad_rows` it is passed over as if the door
+    had removed it: the next usable row takes its place (k+1, k+2, ... wrapping), the same on every
+    rank, so batches keep their size. `skipped` counts the rows passed over so far on this rank;
+    `left_out` holds the messages of the rows the field check left out.
     """
 
     def __init__(self, sources, keep: np.ndarray, kind: str, skip_bad_rows: bool, pixels: tuple[int, int], spec: str):
         self.sources, self.keep, self.kind, self.skip_bad_rows = sources, keep, kind, skip_bad_rows
         self.min_pixels, self.max_pixels, self.spec = *pixels, spec
         self.offsets = np.cumsum([0] + [len(s) for s in sources])
-        self.structural_skips = 0
-        self.image_skips: set[int] = set()  # positions k whose images failed
+        self.left_out: list[str] = []
+        self.image_skips: set[int] = set()  # positions k whose images failed to decode
 
     def __len__(self) -> int:
         return len(self.keep)
 
     @property
     def skipped(self) -> int:
-        """Rows passed over so far: at the structural check, plus those whose images failed on this rank."""
-        return self.structural_skips + len(self.image_skips)
+        """Rows passed over at use so far on this rank (their images failed to decode)."""
+        return len(self.image_skips)
+
+    def subset(self, positions) -> Rows:
+        """These rows at `positions` only (the door's removal), still lazy."""
+        out = Rows(self.sources, self.keep[np.asarray(positions, dtype=np.int64)], self.kind, self.skip_bad_rows,
+                   (self.min_pixels, self.max_pixels), self.spec)  # fmt: skip
+        out.left_out = self.left_out
+        return out
 
     def __getitem__(self, k: int | slice) -> Any:
         if isinstance(k, slice):
@@ -270,7 +281,7 @@ class Rows(Sequence):
                 if not self.skip_bad_rows:
                     raise BadRowError(message) from e
                 self.image_skips.add(j)
-                print(f"[data] skipped {message}; row {j} of {self.spec} is replaced by the next usable row")
+                print(f"[data] skipped {message}; row {j} of {self.spec} is passed over (the next row takes its place)")
         raise BadRowError(f"{self.spec}: no usable rows (every row's images failed)")
 
     def undecoded(self, k: int) -> tuple[dict, str]:
@@ -293,6 +304,7 @@ def load_rows(
     limit: int = 0,
     min_pixels: int = 3136,
     max_pixels: int = 1048576,
+    report: bool = True,
 ) -> Rows:
     """The rows of a data set as a lazy `Rows` sequence; `kind` is 'rl' or 'sft'.
 
@@ -304,6 +316,7 @@ def load_rows(
     counted when skip_bad_rows is set; an empty or unreadable file is an error. Images are checked
     when a row is first used (Rows). `limit`: the first `limit` usable rows (0 = all).
     `min_pixels` / `max_pixels`: the image range of the run, for the processor's shape rules.
+    report=False: no line printed for skipped rows (the door, prepare.py, reports them with its own).
     """
     sources = _open_sources(spec, kind, split)
     keep, bad, seen, offset = [], [], 0, 0
@@ -323,21 +336,13 @@ def load_rows(
                 raise BadRowError(message)
             bad.append(message)
         offset += len(source)
-    if bad:
+    if bad and report:
         print(f"[data] skipped {len(bad)} bad rows of {seen} in {spec}; first: {bad[0]}")
     if not keep:
-        raise BadRowError(f"{spec}: no usable rows")
+        raise BadRowError(f"{spec}: no usable rows" + (f" ({len(bad)} left out; first: {bad[0]})" if bad else ""))
     rows = Rows(sources, np.asarray(keep, dtype=np.int64), kind, skip_bad_rows, (min_pixels, max_pixels), spec)
-    rows.structural_skips = len(bad)
+    rows.left_out = bad
     return rows
-
-
-def skipped_rows(rows: Rows, d) -> int:
-    """`data/skipped_rows`: rows passed over so far, over all ranks (a row skipped by two ranks counts once)."""
-    from . import dist
-
-    found = dist.all_gather_list(sorted(rows.image_skips), d)
-    return rows.structural_skips + len(set(found))
 
 
 def _absolute_image_paths(row: dict, folder: Path) -> dict:

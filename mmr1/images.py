@@ -28,8 +28,12 @@ def load_image(image: Any):
     return to_rgb(upright(image))
 
 
+EXIF_ORIENTATION = 0x0112  # values 5-8 turn the image by 90 degrees: width and height swap
+
+
 def image_size(image: Any) -> tuple[int, int]:
-    """(width, height) of an image in any accepted form, read from its header (no pixel decoding)."""
+    """(width, height) of an image in any accepted form as load_image gives it (upright), read from
+    its header and EXIF tag (no pixel decoding)."""
     from PIL import Image
 
     if isinstance(image, dict):
@@ -37,9 +41,14 @@ def image_size(image: Any) -> tuple[int, int]:
     if isinstance(image, (bytes, bytearray)):
         image = io.BytesIO(image)
     if isinstance(image, Image.Image):
-        return image.size
+        return upright(image).size if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else image.size
+    if not isinstance(image, (str, os.PathLike, io.BytesIO)):
+        raise TypeError(f"cannot read an image from {type(image).__name__}")
     with Image.open(image) as opened:
-        return opened.size
+        w, h = opened.size
+        # a PNG's EXIF may follow its pixels (PIL would decode them to find it): read only one found in the header
+        tagged = opened.format != "PNG" or "exif" in opened.info
+        return (h, w) if tagged and opened.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
 
 
 def upright(image):

@@ -23,9 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-import reward
-
-from . import batches, chat, dist, images, modeling
+from . import batches, chat, dist, modeling
 
 
 @dataclass
@@ -131,18 +129,14 @@ def _vllm_available() -> bool:
         return False
 
 
-def validation_accuracy(engine, rows: list[dict], d: dist.Dist, sampling: Sampling, pool=None, score=None) -> float:
+def validation_accuracy(engine, rows: list[dict], d: dist.Dist, sampling: Sampling, correct) -> float:
     """Share of `rows` answered right with one sample each, the rows sharded over ranks; every rank
-    gets the same value. Right means reward.py's accuracy, or `score(response text, row) -> bool`
-    when given (a benchmark's own rule). pool: a reward.RewardPool or None."""
+    gets the same value. `correct(texts, rows) -> list[bool | float]` judges the responses (the
+    caller's scorer: reward.py's accuracy, or a benchmark's own rule); this module knows no rewards."""
     mine, n_real = dist.shard(rows, d)
     outs = engine.generate(mine, 1, sampling)
-    if score is not None:
-        correct = sum(bool(score(o.text, mine[o.row])) for o in outs[:n_real])
-    else:
-        scores = reward.score_responses([o.text for o in outs], [mine[o.row] for o in outs], pool=pool)
-        correct = sum(s["accuracy"] for s in scores[:n_real])
-    return dist.all_reduce_sum(correct, d.device).item() / len(rows)
+    verdicts = correct([o.text for o in outs], [mine[o.row] for o in outs])
+    return dist.all_reduce_sum(float(sum(verdicts[:n_real])), d.device).item() / len(rows)
 
 
 class HFEngine:
@@ -167,14 +161,20 @@ class HFEngine:
         self.forbidden = forbidden_token_ids(processor.tokenizer)
 
     @torch.no_grad()
-    def generate(self, rows: list[dict], n: int, sampling: Sampling) -> list[Rollout]:
-        """n sampled responses for each row, ordered row-major (row 0's n first).
+    def generate(
+        self, rows: list[dict], n: int, sampling: Sampling, prompts: list[batches.Prompt] | None = None
+    ) -> list[Rollout]:
+        """n sampled responses for each row, ordered row-major (row 0's n first). `prompts`: the
+        rows' batches.build_prompts (built here when not given), so a caller that trains on the
+        same prompts builds them once.
 
         Under torchrun every rank must pass the same number of rows (FSDP2 needs every rank in
         every forward; `synced_gpus` keeps ranks stepping together until all are done).
         """
         from transformers import GenerationConfig
 
+        if prompts is None:
+            prompts = batches.build_prompts(self.processor, rows, self.prompt_format, self.min_pixels, self.max_pixels)
         jobs = [i for i in range(len(rows)) for _ in range(n)]
         was_training = self.model.training
         self.model.eval()
@@ -187,17 +187,17 @@ class HFEngine:
                 torch.manual_seed(dist.derive_seed(sampling.seed, "rank", self.d.rank))
                 for start in range(0, len(jobs), self.batch_size):
                     batch = jobs[start : start + self.batch_size]
-                    out += self._generate_batch(rows, batch, sampling)
+                    out += self._generate_batch(prompts, batch, sampling)
         finally:
             self.model.generation_config = checkpoint_defaults
             self.model.train(was_training)
         return out
 
-    def _generate_batch(self, rows: list[dict], batch: list[int], sampling: Sampling) -> list[Rollout]:
-        texts = batches.prompt_texts(self.processor, [rows[i] for i in batch], self.prompt_format)
-        pictures = [images.row_images(rows[i], self.min_pixels, self.max_pixels) for i in batch]
-        inputs = batches.processor_inputs(self.processor, texts, pictures)
-        inputs = {k: v.to(self.d.device) for k, v in inputs.items()}
+    def _generate_batch(self, prompts: list[batches.Prompt], batch: list[int], sampling: Sampling) -> list[Rollout]:
+        picked = [prompts[i] for i in batch]
+        inputs = {
+            k: v.to(self.d.device) for k, v in left_padded(picked, self.pad_id, self.processor.image_token_id).items()
+        }
         greedy = sampling.temperature <= 0
         if self.d.enabled and "pixel_values" not in inputs and modeling.generate_encodes_images_first(self.model):
             # FSDP2: a rank with images runs the vision tower in generate() before the prefill; this rank
@@ -237,6 +237,24 @@ class HFEngine:
 
     def close(self) -> None:
         """Nothing to shut down."""
+
+
+def left_padded(prompts: list[batches.Prompt], pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
+    """Generation inputs of prompts: (B, T) ids left-padded with pad_id, attention mask,
+    mm_token_type_ids (1 on image tokens), and the prompts' pixel_values / image_grid_thw in order
+    (what the processor gives for the same prompts with left padding)."""
+    width = max(len(p.ids) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p.ids) :] = torch.tensor(p.ids, dtype=torch.long)
+        mask[b, width - len(p.ids) :] = 1
+    out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == image_token_id).long() * mask}
+    pictures = [p for p in prompts if p.pixel_values is not None]
+    if pictures:
+        out["pixel_values"] = torch.cat([p.pixel_values for p in pictures])
+        out["image_grid_thw"] = torch.cat([p.image_grid_thw for p in pictures])
+    return out
 
 
 class VLLMEngine:
@@ -305,18 +323,20 @@ class VLLMEngine:
         self.version = weights_version  # version of the weights vLLM holds (None: unknown, always push)
         self.pushes = 0  # weight pushes done (the version check skips the rest)
 
-    def generate(self, rows: list[dict], n: int, sampling: Sampling) -> list[Rollout]:
-        """n sampled responses for each row, row-major, as HFEngine.generate; each row sampled with a
-        seed of its own, so duplicate rows get different responses (as with HFEngine, whose one
+    def generate(
+        self, rows: list[dict], n: int, sampling: Sampling, prompts: list[batches.Prompt] | None = None
+    ) -> list[Rollout]:
+        """n sampled responses for each row, row-major, as HFEngine.generate (the same prompts: vLLM
+        takes their text and resized images and expands the image pads itself); each row sampled with
+        a seed of its own, so duplicate rows get different responses (as with HFEngine, whose one
         random stream runs through the rows)."""
         from vllm import SamplingParams
 
-        texts = batches.prompt_texts(self.processor, rows, self.prompt_format)
-        prompts = [
-            {"prompt": t, "multi_modal_data": {"image": images.row_images(r, self.min_pixels, self.max_pixels)}}
-            if r.get("images")
-            else {"prompt": t}
-            for t, r in zip(texts, rows)
+        if prompts is None:
+            prompts = batches.build_prompts(self.processor, rows, self.prompt_format, self.min_pixels, self.max_pixels)
+        requests = [
+            {"prompt": p.text, "multi_modal_data": {"image": p.images}} if p.images else {"prompt": p.text}
+            for p in prompts
         ]
         greedy = sampling.temperature <= 0
         # One SamplingParams per prompt, each with its own seed (from the call's seed, which carries the
@@ -336,7 +356,7 @@ class VLLMEngine:
             )
             for row in range(len(rows))
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
         rollouts = []
         for i, request in enumerate(outputs):
             for completion in request.outputs:

@@ -90,8 +90,8 @@ def test_recipe_prompts_are_placed_as_the_recipe_does(toy_model):
 
 
 def test_rl_batch_runs_the_processor_once_per_prompt(toy_model, monkeypatch):
-    """The n responses of a prompt share one processor call, and the batch equals the one built by
-    processing every response's prompt separately (pixel values, grids, ids, masks)."""
+    """The n responses of a prompt share one prompt-builder call, and the batch equals the one built by
+    building every response's prompt separately (pixel values, grids, ids, masks)."""
     _, processor = toy_model
     prompts = [{"problem": "<image>How many red squares are there?", "images": [grid_image()]},
                {"problem": "text only"},
@@ -99,12 +99,12 @@ def test_rl_batch_runs_the_processor_once_per_prompt(toy_model, monkeypatch):
     order = [0, 0, 1, 2, 2, 0]
     responses = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15], [16, 17]]
     calls = []
-    real = batches.processor_inputs
-    monkeypatch.setattr(batches, "processor_inputs", lambda p, t, i: calls.append(len(t)) or real(p, t, i))
+    real = batches.build_prompt
+    monkeypatch.setattr(batches, "build_prompt", lambda *a, **k: calls.append(1) or real(*a, **k))
     shared, mask = batches.rl_batch(processor, [prompts[i] for i in order], responses, 3136, 50176)
-    assert calls == [3]  # one call, three distinct prompts
+    assert len(calls) == 3  # three distinct prompts, each built once
     separate, mask2 = batches.rl_batch(processor, [dict(prompts[i]) for i in order], responses, 3136, 50176)
-    assert calls == [3, 6]  # copies are distinct objects: processed one by one
+    assert len(calls) == 3 + 6  # copies are distinct objects: built one by one
     assert set(shared) == set(separate) and torch.equal(mask, mask2)
     for key in shared:
         assert torch.equal(shared[key], separate[key]), key

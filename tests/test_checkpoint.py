@@ -201,7 +201,7 @@ def test_grpo_sigusr1_saves_and_exits_then_resumes_exactly(toy_dir, tmp_path):
     assert code == 0, output[-4000:]
     (saved,) = checkpoint.step_folders(tmp_path / "cut")
     stopped = checkpoint.step_number(saved)
-    assert 1 <= stopped < 4 and f"SIGUSR1 (saved step-{stopped}): stopped at step {stopped}" in output
+    assert 1 <= stopped < 4 and f"[grpo] SIGUSR1: saved {saved}, exiting" in output
     run_script(args + ["--output-dir", str(tmp_path / "cut"), "--resume"])
     assert_same_final(tmp_path / "full", tmp_path / "cut")
     for key in ("reward/overall", "train/loss", "vas/vps_mean"):

@@ -300,9 +300,10 @@ def test_validation_on_a_benchmark_file_uses_its_rule(tmp_path):
             return [rollout.Rollout(i, [1], texts[r["id"]], "stop") for i, r in enumerate(rows)]
 
     d = dist.Dist(0, 1, 0, torch.device("cpu"))
-    rule = lambda text, row: benchmarks.score_answer("mathvista", text, row["benchmark_row"])  # noqa: E731
-    assert rollout.validation_accuracy(Replies(), rows, d, rollout.Sampling(), score=rule) == 1.0
-    assert rollout.validation_accuracy(Replies(), rows, d, rollout.Sampling()) == 0.5  # reward.py: "rd" != "red"
+    rule = grpo.val_scorer(grpo.GRPOConfig(val_benchmark="mathvista"), None)  # the scorer is the caller's
+    assert rollout.validation_accuracy(Replies(), rows, d, rollout.Sampling(), rule) == 1.0
+    plain = grpo.val_scorer(grpo.GRPOConfig(), None)
+    assert rollout.validation_accuracy(Replies(), rows, d, rollout.Sampling(), plain) == 0.5  # reward.py: "rd" != "red"
 
 
 def test_grpo_validates_on_a_benchmark_file(toy_dir, tmp_path):

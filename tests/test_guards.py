@@ -278,8 +278,10 @@ def sft_rows(image_path: str) -> list[dict]:
 
 
 def test_sft_rows_spoiled_by_max_length_are_named_or_skipped(toy_dir, tmp_path):
+    """The door (prepare.py) applies the --max-length cut rule to every row before step 1: a row the
+    cut would spoil is an error naming it, or with --skip-bad-rows removed; the rest train."""
     from data import toy
-    from mmr1 import batches
+    from mmr1 import batches, dist, prepare
 
     image = tmp_path / "img.png"
     toy.draw_grid(["red", "blue", "green", "yellow"]).save(image)
@@ -289,17 +291,16 @@ def test_sft_rows_spoiled_by_max_length_are_named_or_skipped(toy_dir, tmp_path):
     problems = [batches.sft_cut_problem(u, 64, processor.image_token_id) for u in uncut]
     assert problems[0] is None
     assert problems[1].startswith("--max-length 64 cuts away its whole assistant turn (it starts at token ")
-    assert problems[2].startswith("--max-length 64 cuts inside its image tokens (positions ")
-    names = [f"data.jsonl row {i} (id={r['id']})" for i, r in enumerate(rows)]
+    assert problems[2].startswith("--max-length 64 cuts inside its image tokens (last at position ")
+    door, one = prepare.Door("sft", 3136, 50176, 64), dist.Dist(0, 1, 0, torch.device("cpu"))
     with pytest.raises(config.BadRowError, match=r"^data.jsonl row 1 \(id=late\): --max-length 64 cuts away"):
-        batches.sft_micro_batches(processor, rows, 3136, 50176, 64, 0, 3, names=names)
-    skipped: list[str] = []
-    (micro,) = batches.sft_micro_batches(processor, rows, 3136, 50176, 64, 0, 3, names=names, skipped=skipped)
-    assert [m.split(":")[0] for m in skipped] == ["data.jsonl row 1 (id=late)", "data.jsonl row 2 (id=image)"]
-    trained = (micro["labels"] != batches.IGNORE_INDEX).sum(1).tolist()
-    assert trained[0] == int((uncut[0]["labels"] != batches.IGNORE_INDEX).sum()) > 0 and trained[1:] == [0, 0]
-    assert micro["image_grid_thw"].shape[0] == 1  # only the fitting row's image is left
-    assert int((micro["input_ids"] == processor.image_token_id).sum()) == int(micro["image_grid_thw"].prod(-1)) // 4
+        prepare.prepare_rows(rows, door, processor, one, skip_bad_rows=False, spec="data.jsonl")
+    kept = prepare.prepare_rows(rows, door, processor, one, skip_bad_rows=True, spec="data.jsonl")
+    assert [r["id"] for r in kept] == ["fits"]
+    (micro,) = batches.sft_micro_batches(processor, kept, 3136, 50176, 64, 0, 3)
+    assert int((micro["labels"] != batches.IGNORE_INDEX).sum()) == int(
+        (uncut[0]["labels"] != batches.IGNORE_INDEX).sum()
+    )
     model = modeling.load_model(str(toy_dir / "model"), torch.device("cpu"))
     from mmr1 import logprobs
 
@@ -317,10 +318,9 @@ def test_sft_max_length_cutting_every_assistant_turn_is_one_line(toy_dir, tmp_pa
             "--output-dir", str(tmp_path / "run"), "--max-length", "64", "--batch-size", "2", "--max-steps", "1",
             "--micro-batch-size", "2"]  # fmt: skip
     line = last_line(run_failing(args))
-    assert line.startswith(f"error: {path} row ") and "(id=late): --max-length 64 cuts away its whole assistant" in line
-    run_script(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")])
-    (step,) = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
-    assert step["train/skipped_rows"] == 2 and step["train/loss"] == 0.0
+    assert line.startswith(f"error: {path} line 1 (id=late): --max-length 64 cuts away its whole assistant")
+    line = last_line(run_failing(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")]))
+    assert line.startswith(f"error: {path}: no usable rows (4 left out; first: {path} line 1 (id=late)")
 
 
 def test_sft_validation_rows_spoiled_by_max_length_are_named_or_left_out(toy_dir, tmp_path):
@@ -336,7 +336,7 @@ def test_sft_validation_rows_spoiled_by_max_length_are_named_or_left_out(toy_dir
             "--acc-limit", "-1", "--output-dir", str(tmp_path / "run"), "--max-length", "64", "--batch-size", "2",
             "--max-steps", "1", "--micro-batch-size", "2"]  # fmt: skip
     line = last_line(run_failing(args))
-    assert line == f"error: {val} row 1 (id=late): " + line.split("(id=late): ", 1)[1]
+    assert line == f"error: {val} line 2 (id=late): " + line.split("(id=late): ", 1)[1]
     assert "--max-length 64 cuts away its whole assistant turn" in line
     run_script(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")])
     (step,) = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
@@ -362,7 +362,7 @@ def test_prompt_lengths_match_the_processor(toy_dir, tmp_path):
         {"problem": "No image " * 30, "answer": "1", "images": []},
     ]  # fmt: skip
     encoded = batches.encode_prompts(processor, rows, 3136, 50176)
-    expected = [len(encoded[id(r)]["ids"]) for r in rows]
+    expected = [len(encoded[id(r)].ids) for r in rows]
     assert batches.prompt_lengths(processor, rows, 3136, 50176) == expected
     assert expected[1] > expected[0] > 16
 
@@ -381,11 +381,12 @@ def test_grpo_prompt_above_max_prompt_length_is_a_bad_row(toy_dir, tmp_path):
             "--reward-workers", "0", "--max-response-length", "4", "--updates-per-batch", "1",
             "--output-dir", str(tmp_path / "run")]  # fmt: skip
     line = last_line(run_failing(args))
-    assert line.startswith(f"error: {path} row 1 (id=long): the prompt is ")
+    assert line.startswith(f"error: {path} line 2 (id=long): the prompt is ")
     assert line.endswith("tokens, above --max-prompt-length 96")
-    run_script(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")])
+    proc = run_script(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")])
+    assert f"[data] {path}: 2 rows, 1 left out (1 prompt too long); first: {path} line 2 (id=long)" in proc.stdout
     (step,) = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
-    assert step["train/skipped_prompts"] == 1 and step["rollout/generated_responses"] >= 2
+    assert step["rollout/generated_responses"] == 2 * 2  # the kept prompt fills the batch
 
 
 def test_grpo_validation_prompt_above_max_prompt_length_is_a_bad_row(toy_dir, tmp_path):
@@ -404,16 +405,16 @@ def test_grpo_validation_prompt_above_max_prompt_length_is_a_bad_row(toy_dir, tm
             "--val-every", "1", "--reward-workers", "0", "--max-response-length", "4", "--updates-per-batch", "1",
             "--output-dir", str(tmp_path / "run")]  # fmt: skip
     line = last_line(run_failing(args))
-    assert line.startswith(f"error: {val} row 1 (id=long): the prompt is ")
+    assert line.startswith(f"error: {val} line 2 (id=long): the prompt is ")
     proc = run_script(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")])
-    assert "1 validation prompts above --max-prompt-length left out" in proc.stdout
+    assert f"[data] {val}: 2 rows, 1 left out (1 prompt too long)" in proc.stdout
     steps = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [r["val/accuracy"] in (0.0, 1.0) for r in steps if "val/accuracy" in r] == [True, True]  # one val row
 
 
 def test_vas_scoring_obeys_max_prompt_length(toy_dir, tmp_path):
     """--vas scores every training prompt before step 1: a prompt above --max-prompt-length is an
-    error naming it at startup, or with --skip-bad-rows it is never scored (no rollouts, VPS 0)."""
+    error naming it at the door, or with --skip-bad-rows it is removed there (never scored, never trained)."""
     import numpy as np
 
     from data import toy
@@ -428,8 +429,10 @@ def test_vas_scoring_obeys_max_prompt_length(toy_dir, tmp_path):
             "--val-every", "0", "--reward-workers", "0", "--max-response-length", "4", "--updates-per-batch", "1",
             "--output-dir", str(tmp_path / "run")]  # fmt: skip
     line = last_line(run_failing(args))
-    assert line.startswith(f"error: {train} row 1: the prompt is ") and "above --max-prompt-length 96" in line
+    assert (
+        line.startswith(f"error: {train} line 2 (id=long): the prompt is ") and "above --max-prompt-length 96" in line
+    )
     proc = run_script(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")])
-    assert "VAS leaves out 1 prompts above --max-prompt-length" in proc.stdout
+    assert f"[data] {train}: 3 rows, 1 left out (1 prompt too long)" in proc.stdout
     refresh = np.load(tmp_path / "skip" / "vas" / "refresh-0.npz")
-    assert refresh["tokens"][1] == 0 and refresh["vps"][1] == 0 and (refresh["tokens"][[0, 2]] > 0).all()
+    assert len(refresh["tokens"]) == 2 and (refresh["tokens"] > 0).all()  # the two kept prompts, both scored

@@ -1,0 +1,159 @@
+"""The run scaffolding sft.py and grpo.py share, in one place so the two cannot drift: setup (config,
+toy defaults, model folder, process group, output-dir lock), the resume point, the metric logger,
+the non-finite guard, the save of step-N / final, preemption, the loop tail and the teardown.
+
+    cfg, d, out_dir = run.setup(Config, PRESETS, validate_config, use_toy_defaults, "grpo")
+    r = run.Run(cfg, d, out_dir, "grpo", RESUME_MAY_CHANGE, n_rows, total_steps)  # finds the resume point
+    state = r.start(model, optimizer, save)          # restores a checkpoint (or None), opens the logger
+    for step in r.steps():
+        ...                                          # the algorithm
+        if r.end_step(step + 1, metrics):            # log, save every N, preemption, --stop-after
+            break
+    r.finish(close=[engine.close])                   # final save, summary, closers, logger, process group
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from . import checkpoint, config, dist, guards
+
+
+def print0(d: dist.Dist, message: str) -> None:
+    """Prints on rank 0 only (the one print helper of the stages)."""
+    if d.master:
+        print(message, flush=True)
+
+
+PREEMPTION: checkpoint.Preemption | None = None  # installed by setup() before any long work; Run takes it
+
+
+def setup(cls: type, presets: dict, validate: Callable, use_toy_defaults: Callable, stage: str):
+    """The SIGTERM / SIGUSR1 handlers installed (PREEMPTION), the config parsed and checked (validate, then the toy defaults), the --model folder checked,
+    the process group up, --preset paper's CUDA check, and rank 0 holding --output-dir's lock (which
+    also proves it writable): everything that can refuse the run before any data is read.
+    Returns (cfg, dist.Dist, output folder)."""
+    global PREEMPTION
+    PREEMPTION = PREEMPTION or checkpoint.Preemption()  # first: a signal during loading is not lost
+    cfg = config.parse_config(cls, presets)
+    validate(cfg)
+    use_toy_defaults(cfg)
+    guards.check_model_dir(cfg.model)
+    d = dist.setup_distributed(cfg.seed)
+    if cfg.preset == "paper":
+        dist.require_cuda(d, f"{stage}.py --preset paper")
+    out_dir = Path(cfg.output_dir)
+    guards.lock_output_dir(out_dir, d.master)  # one run per --output-dir
+    return cfg, d, out_dir
+
+
+class Run:
+    """One training run's bookkeeping around the loop. Construction finds the resume point
+    (checkpoint.resume_point: the latest complete step-N, its settings checked against these) and
+    installs the preemption handlers (SIGTERM / SIGUSR1 -> save after the step, exit 0); `start`
+    restores the checkpoint and opens the metric logger; `end_step` is the loop's tail; `finish`
+    the teardown (the same for both stages: the logger is always closed)."""
+
+    def __init__(
+        self, cfg: Any, d: dist.Dist, out_dir: Path, stage: str, may_change: set[str], n_rows: int, total_steps: int
+    ):
+        self.cfg, self.d, self.out_dir, self.stage, self.total_steps = cfg, d, out_dir, stage, total_steps
+        self.ckpt = checkpoint.resume_point(cfg, may_change, out_dir, n_rows, total_steps, d.master, stage)
+        self.policy_path = str(self.ckpt or cfg.model)  # where the trainable model is loaded from
+        self.preemption = PREEMPTION or checkpoint.Preemption()  # installed by setup() in the stages
+        self.nonfinite = guards.NonFiniteGuard(cfg.skip_nonfinite, self.ckpt)
+        self.start_step = self.done = 0
+        self.stopped = ""  # why the loop ended before total_steps
+        self.logger: config.MetricLogger | None = None
+        self._save: Callable[[Path, int], None] | None = None
+
+    def stop_before_training(self, phase: str) -> None:
+        """Between the long phases before step 1 (every rank calls it at the same place): exits 0 with
+        nothing saved if any rank was signalled during `phase` (checkpoint.Preemption)."""
+        self.preemption.stop_before_training(self.d, self.stage, phase)
+
+    def print0(self, message: str) -> None:
+        """`[stage] message` on rank 0."""
+        print0(self.d, f"[{self.stage}] {message}")
+
+    def start(self, model, optimizer, save: Callable[[Path, int], None]) -> dict | None:
+        """Restores model and optimizer from the resume point (returning the trainer state, None on a
+        fresh start), remembers `save(folder, step)` (the stage's checkpoint writer) and opens the
+        metric logger (a resumed run keeps metrics.jsonl up to its step)."""
+        state = None
+        if self.ckpt is not None:
+            state = checkpoint.load_training_checkpoint(self.ckpt, model, optimizer, self.d)
+            self.start_step = self.done = state["step"]
+            self.print0(f"resumed from {self.ckpt} at step {self.start_step}")
+        self._save = save
+        resume_from = self.start_step if self.ckpt is not None else None
+        self.logger = config.MetricLogger(
+            self.out_dir, self.cfg, self.d.master, self.cfg.report_to, resume_from=resume_from
+        )
+        return state
+
+    def announce(self, summary: str) -> None:
+        """Rank 0: writes <out>/config.json (the whole config) and prints what the run will do."""
+        if self.d.master:
+            import dataclasses
+            import json
+
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        self.print0(summary)
+
+    def steps(self):
+        """The remaining step numbers with a progress bar on rank 0."""
+        return tqdm(
+            range(self.start_step, self.total_steps),
+            disable=not self.d.master,
+            desc=self.stage,
+            initial=self.start_step,
+            total=self.total_steps,
+        )
+
+    def save(self, name: str, step: int) -> None:
+        """<out>/<name> (step-N or final) through the stage's save; recorded as the last good checkpoint."""
+        self._save(self.out_dir / name, step)
+        self.nonfinite.saved(self.out_dir / name)
+
+    def end_step(self, done: int, metrics: dict[str, float]) -> bool:
+        """The loop's tail after step `done`: log the metrics, save step-N every --save-every, and
+        True when the loop must stop now (a preemption signal on any rank: step-N saved; or
+        --stop-after). Every rank calls it (the preemption check is a collective)."""
+        cfg, self.done = self.cfg, done
+        if cfg.skip_nonfinite:
+            metrics["train/skipped_nonfinite"] = self.nonfinite.skipped
+        self.logger.log(done, metrics)
+        saved = bool(cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps)
+        if saved:
+            self.save(f"step-{done}", done)
+        if done < self.total_steps and self.preemption.agreed(self.d):  # any rank signalled: all stop here
+            if not saved:
+                self.save(f"step-{done}", done)
+            signal = self.preemption.received or "another rank signalled"
+            self.stopped = f"{signal}: saved {self.out_dir / f'step-{done}'}, exiting"
+            return True
+        if cfg.stop_after and done >= cfg.stop_after and done < self.total_steps:
+            self.stopped = f"--stop-after {cfg.stop_after}: stopped at step {done} without the final save"
+            return True
+        return False
+
+    def finish(self, close: list[Callable[[], None]] = (), summary: str = "") -> None:
+        """The teardown, whatever ended the loop: final/ saved when every step ran, one line saying
+        how the run ended, then `close` (engines, pools; before the process group goes: vLLM's
+        teardown uses it), the metric logger and the process group."""
+        if self.done == self.total_steps and not self.stopped:
+            self.save("final", self.total_steps)
+            self.print0(f"done: {self.total_steps} steps, model in {self.out_dir / 'final'}{summary}")
+        else:
+            self.print0(self.stopped)
+        for closer in close:
+            closer()
+        if self.logger is not None:
+            self.logger.close()
+        dist.cleanup_distributed()
