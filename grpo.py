@@ -712,7 +712,6 @@ def main() -> None:
     if state is not None:
         sampler.load_state_dict(state["sampler"])
         vps, generated = np.asarray(state["vps"]), np.asarray(state["generated"])
-    r.stop_before_training("loading")
     modeling.create_optimizer_state(optimizer)  # AdamW's state now: vLLM's start-up check sees the step-1 trainer
     engine = make_engine(model, processor, r.policy_path, r.start_step, fmt, cfg, d)
     pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
@@ -766,10 +765,7 @@ def main() -> None:
 
         # --- log, validate, save ---
         metrics = step_metrics(outs, rewards, zero_var, stats, grad_norm, cfg, d)
-        generated += [
-            cfg.rollout_batch_size * cfg.group_size,
-            metrics["rollout/response_len"] * len(outs) * d.world_size,
-        ]
+        generated += np.array([1.0, metrics["rollout/response_len"]]) * len(outs) * d.world_size  # responses, tokens
         metrics |= {
             "train/lr": optimizer.param_groups[0]["lr"],
             "vas/vps_mean": float(np.mean(vps)) if cfg.vas else 0.0,

@@ -301,7 +301,6 @@ def main() -> None:
     )
 
     # --- training loop ---
-    r.stop_before_training("loading")  # later: save after this step, exit 0
     model.train()
     for step in (bar := r.steps()):
         t0 = time.time()

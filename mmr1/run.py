@@ -89,6 +89,7 @@ class Run:
             state = checkpoint.load_training_checkpoint(self.ckpt, model, optimizer, self.d)
             self.start_step = self.done = state["step"]
             self.print0(f"resumed from {self.ckpt} at step {self.start_step}")
+        self.stop_before_training("loading")  # a signal so far: exit 0 before the logger writes anything
         self._save = save
         resume_from = self.start_step if self.ckpt is not None else None
         self.logger = config.MetricLogger(

@@ -312,7 +312,7 @@ def test_vas_rescoring_uses_prompts_per_call(tmp_path):
     assert cfg.vas_prompts_per_call == 256
     sampler = grpo.vas.MixedSampler(len(rows), 16, 0.5, 0)
     one = dist.Dist(0, 1, 0, torch.device("cpu"))
-    scores = grpo.refresh_vps(engine, None, rows, sampler, cfg, one, None, 0, tmp_path, list(range(len(rows))))
+    scores = grpo.refresh_vps(engine, None, rows, sampler, cfg, one, None, 0, tmp_path)
     assert engine.calls == [256, 256, 88] and scores["pass_rate"].tolist() == [1.0] * 600
 
 
@@ -343,18 +343,17 @@ class AnsweringEngine(CountingEngine):
 
 
 def test_vas_rescoring_puts_each_score_on_its_row(tmp_path):
-    """Rounds and interleaving reorder the prompts; every score must still land on its own row, and
-    a prompt left out (above --max-prompt-length) gets zeros."""
+    """Rounds and interleaving reorder the prompts; every score must still land on its own row (every
+    row passed the door, so every row is scored)."""
     rows = [{"problem": f"q{i}", "answer": "4" if i % 3 else "5"} for i in range(30)]
     engine = AnsweringEngine()
     cfg = grpo.GRPOConfig(vas_rollouts=2, vas_prompts_per_call=7)
     sampler = grpo.vas.MixedSampler(len(rows), 16, 0.5, 0)
     one = dist.Dist(0, 1, 0, torch.device("cpu"))
-    scorable = [i for i in range(30) if i != 4]
-    scores = grpo.refresh_vps(engine, None, rows, sampler, cfg, one, None, 0, tmp_path, scorable)
-    assert engine.calls == [7, 7, 7, 7, 1]
-    expected = [0.0 if i == 4 or i % 3 == 0 else 1.0 for i in range(30)]
-    assert scores["pass_rate"].tolist() == expected and scores["tokens"][4] == 0 and scores["tokens"][5] == 6
+    scores = grpo.refresh_vps(engine, None, rows, sampler, cfg, one, None, 0, tmp_path)
+    assert engine.calls == [7, 7, 7, 7, 2]
+    expected = [0.0 if i % 3 == 0 else 1.0 for i in range(30)]
+    assert scores["pass_rate"].tolist() == expected and scores["tokens"].tolist() == [6.0] * 30
 
 
 def test_paper_preset_refuses_to_run_without_cuda():
