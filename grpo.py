@@ -173,6 +173,11 @@ class GRPOConfig:
     overlong_penalty: float = field(
         1.0, "the punishment at max-response-length, linear from 0 over the --overlong-buffer tokens (reward/overlong)"
     )
+    tis_cap: float = field(
+        0.0,
+        "truncated importance sampling: each token's policy-gradient term x min(exp(trainer old - engine "
+        "log-prob), C), detached (0 = off)",
+    )
 
 
 PRESETS = {
@@ -218,7 +223,8 @@ METRICS = """
     train/loss train/pg_loss train/kl train/grad_norm train/clip_frac train/entropy train/lr reward/overall
     reward/accuracy reward/format reward/std_in_group rollout/response_len rollout/truncated_frac
     reward/overlong vas/zero_var_frac vas/vps_mean vas/weighted_frac time/rollout_s time/update_s time/vas_s val/accuracy
-    rollout/generated_responses rollout/generated_tokens
+    rollout/generated_responses rollout/generated_tokens rollout/logprob_abs_diff rollout/mismatch_k3
+    rollout/logprob_abs_diff_max
 """.split()  # every name logged to metrics.jsonl (docs/grpo.md: "Metrics")
 
 
@@ -327,6 +333,25 @@ def constant_weights(mask: torch.Tensor, totals: dict[str, float], cfg: GRPOConf
 LOSS_AGGREGATIONS = {"token-mean": token_mean_weights, "seq-mean": seq_mean_weights, "constant": constant_weights}
 
 
+def tis_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS): per-token min(pi_old / pi_engine, cap), detached, (B, T):
+    corrects for the rollouts having been sampled by the engine's numerics, not the trainer's."""
+    return torch.clamp(torch.exp(old_logp - engine_logp), max=cap).detach()
+
+
+def mismatch_sums(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Sums over the masked tokens (B, T) of |trainer old - engine| and of k3 = exp(d) - d - 1 with
+    d = trainer - engine (the k3 estimate of KL(engine || trainer) under the engine's samples), their
+    max |d|, and the token count: the rollout-trainer log-prob gap."""
+    diff = (old_logp - engine_logp).detach() * mask
+    return {
+        "mismatch_tokens": float(mask.sum()),
+        "abs_diff": float(diff.abs().sum()),
+        "k3": float(((torch.exp(diff) - diff - 1) * mask).sum()),
+        "abs_diff_max": float(diff.abs().max()) if diff.numel() else 0.0,
+    }
+
+
 def overlong_penalty(length: int, max_length: int, buffer: int, penalty: float) -> float:
     """DAPO's soft overlong punishment of a response of `length` tokens: 0 up to max_length - buffer,
     then falling linearly to -penalty at max_length (0 when buffer is 0: off)."""
@@ -350,6 +375,7 @@ def policy_loss_backward(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist
     total_tokens = totals["tokens"]
     sums = {"loss": 0.0, "pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
     divisor = total_tokens  # set by the aggregation in the loop (the same global value for every micro-batch)
+    gap = {"mismatch_tokens": 0.0, "abs_diff": 0.0, "k3": 0.0, "abs_diff_max": 0.0}  # rollout-trainer log-probs
     for b in micro:
         mask = b["response_mask"].to(d.device)  # (B, T-1), 1 on response tokens
         logp, entropy = logprobs.batch_logprobs(
@@ -358,6 +384,13 @@ def policy_loss_backward(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist
         old_logp = b["old_logp"].to(d.device) if "old_logp" in b else logp.detach()  # (B, T-1); see the docstring
         adv = b["advantages"].to(d.device)[:, None]  # (B, 1): one advantage per response, every token
         pg, clipped = ratio_loss(logp, old_logp, adv, mask, cfg)  # (B, T-1) each
+        # (B, T-1) each: the response tokens the engine gave log-probs of (none in a hand-built micro-batch)
+        engine_mask = b.get("engine_mask", torch.zeros_like(mask)).to(d.device)
+        engine_logp = torch.where(engine_mask > 0, b.get("engine_logp", old_logp).to(d.device), old_logp.detach())
+        for name, value in mismatch_sums(old_logp, engine_logp, engine_mask).items():
+            gap[name] = max(gap[name], value) if name == "abs_diff_max" else gap[name] + value
+        if cfg.tis_cap > 0:  # TIS: weight 1 where the engine gave no log-prob (engine_logp = old there)
+            pg = pg * tis_weights(old_logp, engine_logp, cfg.tis_cap)
         kl = k3_kl(logp, b["ref_logp"].to(d.device)) if "ref_logp" in b else torch.zeros_like(logp)  # (B, T-1)
         weight, divisor = aggregate(mask, totals, cfg)  # (B, T-1), global; token-mean: (mask, total tokens)
         loss = ((pg + cfg.kl_coef * kl) * weight).sum()  # this micro-batch's weighted token sum
@@ -365,7 +398,11 @@ def policy_loss_backward(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist
         for name, value in (("loss", loss), ("pg", pg), ("kl", kl), ("clipped", clipped.float()), ("entropy", entropy)):
             sums[name] += float(value if name == "loss" else (value * mask).sum())
     # the loss as aggregated; the other stats are token means over the global batch whatever --loss-agg
-    return {k: v / (divisor if k == "loss" else total_tokens) for k, v in dist.all_reduce_dict(sums, d.device).items()}
+    stats = {k: v / (divisor if k == "loss" else total_tokens) for k, v in dist.all_reduce_dict(sums, d.device).items()}
+    gap_max = max(dist.all_gather_list([gap.pop("abs_diff_max")], d))
+    gap = dist.all_reduce_dict(gap, d.device)
+    tokens = max(1.0, gap.pop("mismatch_tokens"))
+    return stats | {f"gap_{k}": v / tokens for k, v in gap.items()} | {"gap_abs_diff_max": gap_max}
 
 
 @torch.no_grad()
@@ -443,8 +480,20 @@ def micro_batches(
     keep = torch.tensor([not (cfg.mask_truncated and o.finish_reason == "length") for o in outs])  # (B*n,)
     return [
         {"inputs": inputs, "response_mask": mask * keep[idx, None], "advantages": advantages[idx]}
+        | engine_logprobs([outs[i] for i in idx], mask)
         for idx, inputs, mask in planned
     ]
+
+
+def engine_logprobs(outs: list[rollout.Rollout], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The engine's log-probs of a micro-batch's sampled tokens laid on its (B, T-1) response mask
+    (engine_logp), and engine_mask: 1 on the response tokens of the rollouts that carry them."""
+    has = torch.tensor([o.logprobs is not None for o in outs])  # (B,)
+    engine_mask = mask * has[:, None]
+    grid = torch.zeros(mask.shape, dtype=torch.float32)
+    values = [v for o in outs if o.logprobs is not None for v in o.logprobs]
+    grid[engine_mask > 0] = torch.tensor(values, dtype=torch.float32)  # row-major: each row's tokens in order
+    return {"engine_logp": grid, "engine_mask": engine_mask}
 
 
 def update_policy(model, ref_model, optimizer, micro: list[dict], cfg: GRPOConfig, d: dist.Dist):
@@ -564,6 +613,9 @@ def step_metrics(
         "train/grad_norm": grad_norm,
         "train/clip_frac": stats["clipped"],
         "train/entropy": stats["entropy"],
+        "rollout/logprob_abs_diff": stats["gap_abs_diff"],
+        "rollout/mismatch_k3": stats["gap_k3"],
+        "rollout/logprob_abs_diff_max": stats["gap_abs_diff_max"],
     }
     return train | {k: sums[k] / (sequences if k in per_sequence else groups) for k in per_sequence | per_group}
 

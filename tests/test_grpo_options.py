@@ -181,7 +181,7 @@ def test_defaults_are_bit_identical_to_the_loss_before(with_old):
         model = StandIn()
         stats = fn(model, micro, cfg, CPU)
         results.append((stats, model.theta.grad.clone()))
-    assert results[0][0] == results[1][0]
+    assert results[0][0] == {k: results[1][0][k] for k in results[0][0]}
     assert torch.equal(results[0][1], results[1][1])
     assert grpo.ADVANTAGES["std"] is grpo.group_advantages
 
@@ -266,3 +266,92 @@ def test_option_flags_are_off_by_default_and_not_in_the_paper_preset():
     assert not fields & set(grpo.PRESETS["paper"])
     assert set(grpo.RATIO_LOSSES) == {"token", "sequence"}
     assert set(grpo.LOSS_AGGREGATIONS) == {"token-mean", "seq-mean", "constant"}
+
+
+def with_engine_logprobs(b: dict, engine: torch.Tensor) -> dict:
+    """A micro-batch whose every response token carries the engine log-prob `engine` (B, T)."""
+    return b | {"engine_logp": engine, "engine_mask": b["response_mask"].clone()}
+
+
+def test_tis_cap_1_with_equal_logprobs_changes_nothing():
+    """--tis-cap 1 where the engine's log-probs equal the trainer's old ones: weight min(exp(0), 1) = 1,
+    the same stats and gradient bits as without TIS; the gap metrics read exactly 0."""
+    results = []
+    for cap in (0.0, 1.0):
+        cfg = grpo.GRPOConfig(kl_coef=KL_COEF, tis_cap=cap)
+        micro = [micro_batch([0, 1]), micro_batch([2, 3, 4])]
+        micro = [with_engine_logprobs(b, b["old_logp"].clone()) for b in micro]
+        model = StandIn()
+        results.append((grpo.policy_loss_backward(model, micro, cfg, CPU), model.theta.grad.clone()))
+    assert results[0][0] == results[1][0]
+    assert torch.equal(results[0][1], results[1][1])
+    assert results[0][0]["gap_abs_diff"] == results[0][0]["gap_k3"] == results[0][0]["gap_abs_diff_max"] == 0.0
+
+
+def test_tis_weights_and_gap_metrics_against_a_loop():
+    """Engine log-probs shifted from the trainer's: the TIS loss equals a per-token loop of
+    min(exp(old - engine), C) x surrogate (token mean), and the gap metrics equal their definitions.
+    fp32, ~16 terms of size <= ~5: tolerance 5e-6 as above."""
+    g = torch.Generator().manual_seed(2)
+    cap = 1.5
+    micro = [micro_batch([0, 1]), micro_batch([2, 3, 4])]
+    shifts = [0.4 * torch.randn(b["old_logp"].shape, generator=g) for b in micro]
+    micro = [with_engine_logprobs(b, b["old_logp"] + s) for b, s in zip(micro, shifts)]
+    cfg = grpo.GRPOConfig(kl_coef=0.0, tis_cap=cap)
+    model = StandIn()
+    stats = grpo.policy_loss_backward(model, micro, cfg, CPU)
+    want, diffs = 0.0, []
+    for b in micro:
+        for row in range(len(b["advantages"])):
+            a = float(b["advantages"][row])
+            for t in range(int(b["response_mask"][row].sum())):
+                logp = float(StandIn().theta[b["inputs"]["ids"][row, t]])
+                old, engine = float(b["old_logp"][row, t]), float(b["engine_logp"][row, t])
+                r = torch.exp(torch.tensor(logp - old, dtype=torch.float64)).item()
+                surrogate = max(-a * r, -a * min(max(r, 0.8), 1.2))
+                want += min(torch.exp(torch.tensor(old - engine, dtype=torch.float64)).item(), cap) * surrogate
+                diffs.append(old - engine)
+    assert stats["loss"] == pytest.approx(want / sum(LENGTHS), abs=5e-6)
+    d = torch.tensor(diffs, dtype=torch.float64)
+    assert stats["gap_abs_diff"] == pytest.approx(d.abs().mean().item(), abs=1e-6)
+    assert stats["gap_k3"] == pytest.approx((torch.exp(d) - d - 1).mean().item(), abs=1e-6)
+    assert stats["gap_abs_diff_max"] == pytest.approx(d.abs().max().item(), abs=1e-6)
+    cfg_off = grpo.GRPOConfig(kl_coef=0.0)
+    assert grpo.policy_loss_backward(StandIn(), micro, cfg_off, CPU)["loss"] != pytest.approx(stats["loss"], abs=1e-3)
+
+
+def test_hf_engine_logprobs_equal_the_trainers(toy_model, monkeypatch):
+    """The HF engine's sampled-token log-probs (from its scores at the rollout temperature) equal the
+    trainer's log-probs of the same tokens, computed as the update computes old log-probs (packed).
+    Same weights, same fp32 precision: the differences come only from the incremental (KV-cache,
+    left-padded) forward against the packed full forward, and from the never-sampled tokens the engine
+    suppresses (their probability mass leaves its normaliser): ~1e-5 at most on the toy."""
+    from data import toy
+    from mmr1 import batches, chat
+
+    monkeypatch.undo()  # the real log-prob pass, not the stand-in
+    model, processor = toy_model
+    rows = [{"problem": "<image>How many red squares are there?", "images": [toy.draw_grid(["red"] * 4)]},
+            {"problem": "<image>How many blue squares?", "images": [toy.draw_grid(["blue", "red", "blue"])]}]  # fmt: skip
+    fmt = chat.PromptFormat()
+    prompts = batches.build_prompts(processor, rows, fmt, 3136, 50176)
+    cfg = grpo.GRPOConfig(temperature=0.7, max_tokens_per_micro_batch=4096)
+    engine = rollout.HFEngine(model, processor, CPU, min_pixels=3136, max_pixels=50176, batch_size=8)
+
+    def gap_trainer_minus_engine():
+        outs = engine.generate(rows, 2, rollout.Sampling(temperature=0.7, max_new_tokens=12, seed=3))
+        assert all(len(o.logprobs) == len(o.token_ids) for o in outs)
+        micro = grpo.micro_batches(processor, outs, rows, prompts, torch.zeros(len(outs)), cfg, fmt, CPU)
+        gaps = []
+        for b, trainer in zip(micro, grpo.frozen_token_logprobs(model, micro, cfg, CPU)):
+            m = b["engine_mask"] > 0
+            gaps.append(trainer[m] - b["engine_logp"][m])
+        assert sum(len(g) for g in gaps) == sum(len(o.token_ids) for o in outs)  # every sampled token
+        return torch.cat(gaps)
+
+    suppressed = gap_trainer_minus_engine()
+    # the engine never samples the vision placeholders: its normaliser leaves their mass out, so its
+    # log-prob is log(1 - p_placeholders) higher than the trainer's (the untrained toy puts ~1% there)
+    assert suppressed.max() < 1e-5 and suppressed.min() > -0.02, (suppressed.min(), suppressed.max())
+    engine.forbidden = []  # the same distribution on both sides: only the forward differs
+    assert gap_trainer_minus_engine().abs().max() < 1e-5
