@@ -379,7 +379,8 @@ class VLLMEngine:
             for completion in request.outputs:
                 ids = list(completion.token_ids)
                 reason = "stop" if completion.finish_reason == "stop" else "length"
-                logprobs = [step[t].logprob for t, step in zip(ids, completion.logprobs or [])]
+                sampled = getattr(completion, "logprobs", None) or []  # one {token: Logprob} per token
+                logprobs = [step[t].logprob for t, step in zip(ids, sampled)]
                 if reason == "stop" and (not ids or ids[-1] != self.end_id):
                     ids.append(self.end_id)  # vLLM may drop the stop token; the policy must still learn it
                 logprobs = logprobs if len(logprobs) == len(ids) else None  # none for an appended stop token

@@ -355,3 +355,56 @@ def test_hf_engine_logprobs_equal_the_trainers(toy_model, monkeypatch):
     assert suppressed.max() < 1e-5 and suppressed.min() > -0.02, (suppressed.min(), suppressed.max())
     engine.forbidden = []  # the same distribution on both sides: only the forward differs
     assert gap_trainer_minus_engine().abs().max() < 1e-5
+
+
+def test_grpo_script_with_the_options_on(toy_dir, tmp_path):
+    """One end-to-end run, 2 steps, with Dr. GRPO's advantages and normaliser, GSPO's ratio,
+    --mask-truncated, the overlong term and TIS on: every metric logged and finite, the HF engine's
+    log-prob gap small (see test_hf_engine_logprobs_equal_the_trainers: only the suppressed
+    placeholders' mass, < 0.02 on the untrained toy), the overlong term <= 0."""
+    import json
+    import math
+
+    from conftest import run_script
+
+    data, out = toy_dir / "data" / "rl", tmp_path / "run"
+    run_script(["grpo.py", "--model", str(toy_dir / "model"), "--data", f"{data}@train", "--val-data", f"{data}@val",
+                "--output-dir", str(out), "--max-steps", "2", "--train-limit", "16", "--rollout-batch-size", "4",
+                "--group-size", "4", "--max-response-length", "12", "--val-limit", "4", "--val-every", "0",
+                "--reward-workers", "0", "--engine", "hf", "--adv-norm", "none", "--loss-agg", "constant",
+                "--ratio-level", "sequence", "--mask-truncated", "--overlong-buffer", "4", "--overlong-penalty", "0.5",
+                "--tis-cap", "2"])  # fmt: skip
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "train/loss" in r]
+    assert len(steps) == 2 and set(grpo.METRICS) - {"val/accuracy"} <= set(steps[0])
+    assert all(math.isfinite(v) for r in steps for v in r.values())
+    for r in steps:
+        assert 0 <= r["rollout/logprob_abs_diff"] <= r["rollout/logprob_abs_diff_max"] < 0.02
+        assert -0.5 <= r["reward/overlong"] <= 0
+
+
+def test_compare_runs_table_and_png(tmp_path, capsys):
+    """scripts/compare_runs.py on synthetic metrics.jsonl: two seeds of one arm grouped (mean of each
+    run's last / best / mean), a lone run, the PNG written; values hand-computed."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(grpo.Path(__file__).resolve().parent.parent / "scripts"))
+    import compare_runs
+
+    runs = {"base-seed0": [0.1, 0.5, 0.3], "base-seed1": [0.3, 0.2, 0.7], "gspo": [0.0, 0.4]}
+    for name, accs in runs.items():
+        (tmp_path / name).mkdir()
+        lines = [{"step": s, "val/accuracy": a, "rollout/generated_tokens": 100 * s} for s, a in enumerate(accs)]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "compare.png"
+    compare_runs.main(
+        [str(tmp_path / n) for n in runs] + ["--metrics", "val/accuracy", "--out", str(out), "--x", "tokens"]
+    )
+    rows = capsys.readouterr().out.splitlines()
+    # base: last (0.3 + 0.7) / 2 = 0.5, best (0.5 + 0.7) / 2 = 0.6, mean (0.3 + 0.4) / 2 = 0.35; gspo: 0.4 0.4 0.2
+    assert "| base-seed* | val/accuracy | 0.5 | 0.6 | 0.35 | 2 |" in rows
+    assert "| gspo | val/accuracy | 0.4 | 0.4 | 0.2 | 1 |" in rows
+    assert out.stat().st_size > 1000
+    with pytest.raises(SystemExit, match="error: .*metrics.jsonl not found"):
+        compare_runs.main([str(tmp_path / "missing")])
