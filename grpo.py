@@ -792,6 +792,8 @@ def validate_config(cfg: GRPOConfig) -> None:
             f"--overlong-buffer {cfg.overlong_buffer} --overlong-penalty {cfg.overlong_penalty}: use a buffer in "
             f"[0, --max-response-length {cfg.max_response_length}] and a penalty >= 0"
         )
+    if cfg.tis_cap < 0:
+        problems.append(f"--tis-cap {cfg.tis_cap}: a cap on the importance weight, use a value > 0 (0 = off)")
     if not 0.0 <= cfg.vas_mix_ratio <= 1.0:
         problems.append(f"--vas-mix-ratio {cfg.vas_mix_ratio}: a share of the batch, use a value in [0, 1]")
     if problems:

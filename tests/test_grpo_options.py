@@ -408,3 +408,13 @@ def test_compare_runs_table_and_png(tmp_path, capsys):
     assert out.stat().st_size > 1000
     with pytest.raises(SystemExit, match="error: .*metrics.jsonl not found"):
         compare_runs.main([str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize(
+    "change", [{"tis_cap": -1.0}, {"overlong_buffer": -1}, {"overlong_buffer": 65}, {"overlong_penalty": -0.5}]
+)
+def test_bad_option_values_stop_with_one_line(change):
+    """Out-of-range values of the new flags stop at the start, naming the flag (not silently off)."""
+    cfg = dataclasses.replace(grpo.GRPOConfig(max_response_length=64), **change)
+    with pytest.raises(SystemExit, match="--(tis-cap|overlong-buffer)"):
+        grpo.validate_config(cfg)
