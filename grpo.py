@@ -166,6 +166,38 @@ class GRPOConfig:
         at_least=0.0,
         at_most=1.0,
     )
+    # --- loss variants and overlong handling (issue 30; all off by default and in --preset paper) ---
+    adv_norm: str = field(
+        "std",
+        "advantage scale in a group: std = (r - mean) / (std + eps); none = r - mean (Dr. GRPO)",
+        choices=["std", "none"],
+    )
+    loss_agg: str = field(
+        "token-mean",
+        "loss normaliser: token-mean = response tokens of the global batch; seq-mean = mean over tokens per "
+        "response, then over responses (original GRPO); constant = max-response-length x responses (Dr. GRPO)",
+        choices=["token-mean", "seq-mean", "constant"],
+    )
+    ratio_level: str = field(
+        "token",
+        "importance ratio: token = PPO's per token; sequence = GSPO's exp(mean over the response of "
+        "logp - old_logp), one per response, clipped per response",
+        choices=["token", "sequence"],
+    )
+    mask_truncated: bool = field(
+        False, "leave responses cut at --max-response-length out of the loss (and its normaliser)"
+    )
+    overlong_buffer: int = field(
+        0, "DAPO soft overlong punishment: responses longer than max-response-length - N are penalised (0 = off)"
+    )
+    overlong_penalty: float = field(
+        1.0, "the punishment at max-response-length, linear from 0 over the --overlong-buffer tokens (reward/overlong)"
+    )
+    tis_cap: float = field(
+        0.0,
+        "truncated importance sampling: each token's policy-gradient term x min(exp(trainer old - engine "
+        "log-prob), C), detached (0 = off)",
+    )
 
 
 PRESETS = {
@@ -210,8 +242,9 @@ PRESETS = {
 METRICS = """
     train/loss train/pg_loss train/kl train/grad_norm train/clip_frac train/entropy train/lr reward/overall
     reward/accuracy reward/format reward/std_in_group rollout/response_len rollout/truncated_frac
-    vas/zero_var_frac vas/vps_mean vas/weighted_frac time/rollout_s time/update_s time/vas_s val/accuracy
-    rollout/generated_responses rollout/generated_tokens
+    reward/overlong vas/zero_var_frac vas/vps_mean vas/weighted_frac time/rollout_s time/update_s time/vas_s val/accuracy
+    rollout/generated_responses rollout/generated_tokens rollout/logprob_abs_diff rollout/mismatch_k3
+    rollout/logprob_abs_diff_max
 """.split()  # every name logged to metrics.jsonl (docs/grpo.md: "Metrics")
 
 
@@ -233,6 +266,17 @@ def group_advantages(rewards: torch.Tensor, n: int, eps: float = 1e-6) -> tuple[
     zero_var = (r.max(1).values - r.min(1).values) == 0
     adv = torch.where(zero_var[:, None], torch.zeros_like(r), (r - mean) / (std + eps))
     return adv.flatten().float(), zero_var
+
+
+def centred_advantages(rewards: torch.Tensor, n: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dr. GRPO advantages A_i = r_i - mean_g (no division by the group std; eps unused), with the
+    same shapes and zero_var as group_advantages: a group whose rewards are all equal gets 0."""
+    r = rewards.view(-1, n).double()
+    zero_var = (r.max(1).values - r.min(1).values) == 0
+    return (r - r.mean(1, keepdim=True)).flatten().float(), zero_var
+
+
+ADVANTAGES = {"std": group_advantages, "none": centred_advantages}  # --adv-norm
 
 
 KL_CLAMP = 10.0  # the recipe's bound on the per-token k3 value
@@ -262,6 +306,79 @@ def clipped_surrogate(logp, old_logp, adv, clip_low: float, clip_high: float):
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
+# --- the variants of the loss: each selected once by its flag (docs/grpo.md "Loss variants") ---
+
+
+def token_ratio_loss(logp, old_logp, adv, mask, cfg: GRPOConfig):
+    """--ratio-level token: PPO's per-token ratio pi / pi_old, clipped per token (clipped_surrogate).
+    logp, old_logp, mask: (B, T); adv: (B, 1). Returns (loss (B, T), clipped (B, T) bool)."""
+    return clipped_surrogate(logp, old_logp, adv, cfg.clip_low, cfg.clip_high)
+
+
+def sequence_ratio_loss(logp, old_logp, adv, mask, cfg: GRPOConfig):
+    """--ratio-level sequence (GSPO): s_i = exp(mean over response i's tokens of logp - old_logp),
+    clipped per response; every token of response i carries the same loss, so grad = s_i x the mean
+    of grad logp over its tokens (GSPO's gradient; its GSPO-token form with sg[s_i] equals it).
+    Shapes as token_ratio_loss."""
+    log_ratio = ((logp - old_logp) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+    loss, clipped = clipped_surrogate(log_ratio, torch.zeros_like(log_ratio), adv, cfg.clip_low, cfg.clip_high)
+    return loss.expand_as(logp), clipped.expand_as(logp)  # (B, T): the response's loss on each of its tokens
+
+
+RATIO_LOSSES = {"token": token_ratio_loss, "sequence": sequence_ratio_loss}  # --ratio-level
+
+
+# Each aggregation: (per-token weight (B, T), the global divisor), loss = sum(weight * token loss) / divisor.
+# The divisor counts the GLOBAL batch (all ranks and micro-batches), so the sum of the micro-batches'
+# losses, and FSDP2's sum of the ranks' gradients, is the one-process full-batch loss and gradient.
+
+
+def token_mean_weights(mask: torch.Tensor, totals: dict[str, float], cfg: GRPOConfig) -> tuple[torch.Tensor, float]:
+    """--loss-agg token-mean: every response token of the global batch weighs 1 / (its tokens)."""
+    return mask, totals["tokens"]
+
+
+def seq_mean_weights(mask: torch.Tensor, totals: dict[str, float], cfg: GRPOConfig) -> tuple[torch.Tensor, float]:
+    """--loss-agg seq-mean (original GRPO): the token mean within each response, then the mean over
+    the global batch's responses: a token of response i weighs 1 / (|o_i| x responses)."""
+    return mask / mask.sum(1, keepdim=True).clamp(min=1), totals["responses"]
+
+
+def constant_weights(mask: torch.Tensor, totals: dict[str, float], cfg: GRPOConfig) -> tuple[torch.Tensor, float]:
+    """--loss-agg constant (Dr. GRPO): the token sum over a fixed max-response-length x responses,
+    so a response's weight does not depend on its length."""
+    return mask, cfg.max_response_length * totals["responses"]
+
+
+LOSS_AGGREGATIONS = {"token-mean": token_mean_weights, "seq-mean": seq_mean_weights, "constant": constant_weights}
+
+
+def tis_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS): per-token min(pi_old / pi_engine, cap), detached, (B, T):
+    corrects for the rollouts having been sampled by the engine's numerics, not the trainer's."""
+    return torch.clamp(torch.exp(old_logp - engine_logp), max=cap).detach()
+
+
+def mismatch_sums(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Sums over the masked tokens (B, T) of |trainer old - engine| and of k3 = exp(d) - d - 1 with
+    d = trainer - engine (the k3 estimate of KL(engine || trainer) under the engine's samples), their
+    max |d|, and the token count: the rollout-trainer log-prob gap."""
+    diff = (old_logp - engine_logp).detach() * mask
+    return {
+        "mismatch_tokens": float(mask.sum()),
+        "abs_diff": float(diff.abs().sum()),
+        "k3": float(((torch.exp(diff) - diff - 1) * mask).sum()),
+        "abs_diff_max": float(diff.abs().max()) if diff.numel() else 0.0,
+    }
+
+
+def overlong_penalty(length: int, max_length: int, buffer: int, penalty: float) -> float:
+    """DAPO's soft overlong punishment of a response of `length` tokens: 0 up to max_length - buffer,
+    then falling linearly to -penalty at max_length (0 when buffer is 0: off)."""
+    start = max_length - buffer
+    return -penalty * (length - start) / buffer if buffer > 0 and length > start else 0.0
+
+
 def policy_loss_backward(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist) -> dict[str, float]:
     """Forward + backward of the GRPO loss over this rank's micro-batches (one update); returns
     the token means over the global batch of loss, pg, kl, clipped and entropy.
@@ -269,9 +386,16 @@ def policy_loss_backward(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist
     Loss = sum over response tokens of (surrogate + kl_coef * k3) / (response tokens of the GLOBAL
     batch): each micro-batch adds its share, and FSDP2 sums the ranks' gradients.
     """
-    local_tokens = sum(float(b["response_mask"].sum()) for b in micro)
-    total_tokens = max(1.0, dist.all_reduce_sum(local_tokens, d.device).item())
+    ratio_loss, aggregate = RATIO_LOSSES[cfg.ratio_level], LOSS_AGGREGATIONS[cfg.loss_agg]
+    local = {
+        "tokens": sum(float(b["response_mask"].sum()) for b in micro),
+        "responses": sum(float((b["response_mask"].sum(1) > 0).sum()) for b in micro),  # masked-out ones do not count
+    }
+    totals = {k: max(1.0, v) for k, v in dist.all_reduce_dict(local, d.device).items()}
+    total_tokens = totals["tokens"]
     sums = {"loss": 0.0, "pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
+    divisor = total_tokens  # set by the aggregation in the loop (the same global value for every micro-batch)
+    gap = {"mismatch_tokens": 0.0, "abs_diff": 0.0, "k3": 0.0, "abs_diff_max": 0.0}  # rollout-trainer log-probs
     for b in micro:
         mask = b["response_mask"].to(d.device)  # (B, T-1), 1 on response tokens
         logp, entropy = logprobs.batch_logprobs(
@@ -279,13 +403,26 @@ def policy_loss_backward(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist
         )
         old_logp = b["old_logp"].to(d.device) if "old_logp" in b else logp.detach()  # (B, T-1); see the docstring
         adv = b["advantages"].to(d.device)[:, None]  # (B, 1): one advantage per response, every token
-        pg, clipped = clipped_surrogate(logp, old_logp, adv, cfg.clip_low, cfg.clip_high)  # (B, T-1) each
+        pg, clipped = ratio_loss(logp, old_logp, adv, mask, cfg)  # (B, T-1) each
+        # (B, T-1) each: the response tokens the engine gave log-probs of (none in a hand-built micro-batch)
+        engine_mask = b.get("engine_mask", torch.zeros_like(mask)).to(d.device)
+        engine_logp = torch.where(engine_mask > 0, b.get("engine_logp", old_logp).to(d.device), old_logp.detach())
+        for name, value in mismatch_sums(old_logp, engine_logp, engine_mask).items():
+            gap[name] = max(gap[name], value) if name == "abs_diff_max" else gap[name] + value
+        if cfg.tis_cap > 0:  # TIS: weight 1 where the engine gave no log-prob (engine_logp = old there)
+            pg = pg * tis_weights(old_logp, engine_logp, cfg.tis_cap)
         kl = k3_kl(logp, b["ref_logp"].to(d.device)) if "ref_logp" in b else torch.zeros_like(logp)  # (B, T-1)
-        loss = ((pg + cfg.kl_coef * kl) * mask).sum()  # this micro-batch's token sum
-        (loss / total_tokens).backward()  # global token mean: ranks' grads SUM (modeling.shard_model), not average
+        weight, divisor = aggregate(mask, totals, cfg)  # (B, T-1), global; token-mean: (mask, total tokens)
+        loss = ((pg + cfg.kl_coef * kl) * weight).sum()  # this micro-batch's weighted token sum
+        (loss / divisor).backward()  # the global normaliser: ranks' grads SUM (modeling.shard_model), not average
         for name, value in (("loss", loss), ("pg", pg), ("kl", kl), ("clipped", clipped.float()), ("entropy", entropy)):
             sums[name] += float(value if name == "loss" else (value * mask).sum())
-    return {k: v / total_tokens for k, v in dist.all_reduce_dict(sums, d.device).items()}
+    # the loss as aggregated; the other stats are token means over the global batch whatever --loss-agg
+    stats = {k: v / (divisor if k == "loss" else total_tokens) for k, v in dist.all_reduce_dict(sums, d.device).items()}
+    gap_max = max(dist.all_gather_list([gap.pop("abs_diff_max")], d))
+    gap = dist.all_reduce_dict(gap, d.device)
+    tokens = max(1.0, gap.pop("mismatch_tokens"))
+    return stats | {f"gap_{k}": v / tokens for k, v in gap.items()} | {"gap_abs_diff_max": gap_max}
 
 
 @torch.no_grad()
@@ -319,11 +456,18 @@ def generate_rollouts(
 
 
 def score(outs: list[rollout.Rollout], rows: list[dict], pool, cfg: GRPOConfig) -> list[dict]:
-    """reward.py's format, accuracy and overall reward of each rollout against its prompt's row."""
+    """reward.py's format, accuracy and overall reward of each rollout against its prompt's row, plus
+    DAPO's overlong term (0 unless --overlong-buffer), added to the overall reward."""
     texts, prompt_rows = [o.text for o in outs], [rows[o.row] for o in outs]
-    return reward.score_responses(
+    scored = reward.score_responses(
         texts, prompt_rows, pool=pool, format_weight=cfg.format_weight, accuracy_weight=cfg.accuracy_weight
     )
+    for o, r in zip(outs, scored):  # DAPO's overlong term: in the overall reward, never in the 0/1 accuracy
+        r["overlong"] = overlong_penalty(
+            len(o.token_ids), cfg.max_response_length, cfg.overlong_buffer, cfg.overlong_penalty
+        )
+        r["overall"] += r["overlong"]
+    return scored
 
 
 def micro_batches(
@@ -353,7 +497,23 @@ def micro_batches(
         d,
         built,
     )
-    return [{"inputs": inputs, "response_mask": mask, "advantages": advantages[idx]} for idx, inputs, mask in planned]
+    keep = torch.tensor([not (cfg.mask_truncated and o.finish_reason == "length") for o in outs])  # (B*n,)
+    return [
+        {"inputs": inputs, "response_mask": mask * keep[idx, None], "advantages": advantages[idx]}
+        | engine_logprobs([outs[i] for i in idx], mask)
+        for idx, inputs, mask in planned
+    ]
+
+
+def engine_logprobs(outs: list[rollout.Rollout], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The engine's log-probs of a micro-batch's sampled tokens laid on its (B, T-1) response mask
+    (engine_logp), and engine_mask: 1 on the response tokens of the rollouts that carry them."""
+    has = torch.tensor([o.logprobs is not None for o in outs])  # (B,)
+    engine_mask = mask * has[:, None]
+    grid = torch.zeros(mask.shape, dtype=torch.float32)
+    values = [v for o in outs if o.logprobs is not None for v in o.logprobs]
+    grid[engine_mask > 0] = torch.tensor(values, dtype=torch.float32)  # row-major: each row's tokens in order
+    return {"engine_logp": grid, "engine_mask": engine_mask}
 
 
 def update_policy(model, ref_model, optimizer, micro: list[dict], cfg: GRPOConfig, d: dist.Dist):
@@ -466,6 +626,7 @@ def step_metrics(
         "reward/format": sum(r["format"] for r in rewards),
         "rollout/response_len": sum(len(o.token_ids) for o in outs),
         "rollout/truncated_frac": sum(o.finish_reason == "length" for o in outs),
+        "reward/overlong": sum(r["overlong"] for r in rewards),
     }
     per_group = {
         "reward/std_in_group": overall.view(-1, cfg.group_size).std(1).sum(),
@@ -480,6 +641,9 @@ def step_metrics(
         "train/grad_norm": grad_norm,
         "train/clip_frac": stats["clipped"],
         "train/entropy": stats["entropy"],
+        "rollout/logprob_abs_diff": stats["gap_abs_diff"],
+        "rollout/mismatch_k3": stats["gap_k3"],
+        "rollout/logprob_abs_diff_max": stats["gap_abs_diff_max"],
     }
     return train | {k: sums[k] / (sequences if k in per_sequence else groups) for k in per_sequence | per_group}
 
@@ -654,6 +818,13 @@ def validate_config(cfg: GRPOConfig) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the batch is split evenly over ranks
     if cfg.rollout_batch_size % world_size:
         problems.append(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by {world_size} ranks")
+    if not 0 <= cfg.overlong_buffer <= cfg.max_response_length or cfg.overlong_penalty < 0:
+        problems.append(
+            f"--overlong-buffer {cfg.overlong_buffer} --overlong-penalty {cfg.overlong_penalty}: use a buffer in "
+            f"[0, --max-response-length {cfg.max_response_length}] and a penalty >= 0"
+        )
+    if cfg.tis_cap < 0:
+        problems.append(f"--tis-cap {cfg.tis_cap}: a cap on the importance weight, use a value > 0 (0 = off)")
     if problems:
         config.fail(*problems)
 
@@ -746,9 +917,9 @@ def main() -> None:
         # --- score, advantages ---
         rewards = score(outs, batch_rows, pool, cfg)  # format + accuracy of each response, reward.py
         # A_i = (r_i - mean_group) / (std_group + eps); zero-variance groups give 0
-        advantages, zero_var = group_advantages(
+        advantages, zero_var = ADVANTAGES[cfg.adv_norm](
             torch.tensor([x["overall"] for x in rewards]), cfg.group_size, cfg.adv_eps
-        )
+        )  # --adv-norm none: Dr. GRPO's r_i - mean_group
         # --- update ---
         micro = micro_batches(processor, outs, batch_rows, prompts, advantages, cfg, fmt, d)
         stats, grad_norm = update_policy(model, ref_model, optimizer, micro, cfg, d)

@@ -44,6 +44,36 @@ class Rollout:
     token_ids: list[int]  # response tokens, the closing <|im_end|> included when generated
     text: str  # decoded response, special tokens removed
     finish_reason: str  # "stop" (end token) or "length" (hit max_new_tokens)
+    # the engine's log-prob of each sampled token, log softmax(logits / T) at the sampling temperature
+    # (T = 1 when greedy), one per token_ids; None where the engine gave none (vLLM dropped the stop token)
+    logprobs: list[float] | None = None
+
+
+class SampledLogprobs:
+    """HF logits processor that records the log-prob of each sampled token, (B, steps), at
+    `temperature`: at every step it keeps log softmax(scores / T) (one (B, V) at a time, not one per
+    step), and at the next step, whose input_ids end with the token sampled from it, gathers that
+    token's entry. HF runs custom processors after its own (suppress_tokens) and before the
+    temperature / top-p warpers, so scores are the logits with the never-sampled tokens at -inf:
+    the distribution the engine samples from, before top-p. Returns scores unchanged."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.previous, self.steps = temperature, None, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.gather(input_ids[:, -1:])
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        return scores
+
+    def gather(self, sampled: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, sampled).squeeze(1).cpu())  # (B,)
+        self.previous = None
+
+    def finish(self, generated: torch.Tensor) -> torch.Tensor:
+        """(B, steps) log-probs of the generated tokens (B, steps), the last step's gathered here."""
+        self.gather(generated[:, -1:])
+        return torch.stack(self.steps, 1) if self.steps else torch.zeros(len(generated), 0)
 
 
 def make_engine(
@@ -203,6 +233,7 @@ class HFEngine:
             # FSDP2: a rank with images runs the vision tower in generate() before the prefill; this rank
             # runs it on a blank image at that same place, so the ranks' all-gathers keep their order
             modeling.blank_vision(self.model)
+        recorder = SampledLogprobs(1.0 if greedy else sampling.temperature)
         with torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.d.device.type == "cuda"):
             generated = self.model.generate(
                 **inputs,
@@ -217,16 +248,18 @@ class HFEngine:
                 use_cache=True,
                 synced_gpus=self.d.enabled,  # keep stepping until every rank is done (FSDP2 needs all in each forward)
                 suppress_tokens=self.forbidden,
+                logits_processor=[recorder],
             )
-        responses = generated[:, inputs["input_ids"].shape[1] :].tolist()
+        generated = generated[:, inputs["input_ids"].shape[1] :]
+        token_logprobs = recorder.finish(generated).tolist()  # (B, steps)
         out = []
-        for i, ids in zip(batch, responses):
+        for i, ids, logprobs in zip(batch, generated.tolist(), token_logprobs):
             if self.end_id in ids:
                 ids, reason = ids[: ids.index(self.end_id) + 1], "stop"
             else:
                 reason = "length"
             text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
-            out.append(Rollout(i, ids, text, reason))
+            out.append(Rollout(i, ids, text, reason, logprobs[: len(ids)]))
         return out
 
     def sleep(self) -> None:
@@ -353,6 +386,7 @@ class VLLMEngine:
                 seed=dist.derive_seed(sampling.seed, "rank", self.d.rank, row),
                 stop_token_ids=[self.end_id],
                 logit_bias={i: -100.0 for i in self.forbidden},
+                logprobs=0,  # the sampled token's log-prob alone, "processed" (after temperature): see engine_args
             )
             for row in range(len(rows))
         ]
@@ -362,9 +396,12 @@ class VLLMEngine:
             for completion in request.outputs:
                 ids = list(completion.token_ids)
                 reason = "stop" if completion.finish_reason == "stop" else "length"
+                sampled = getattr(completion, "logprobs", None) or []  # one {token: Logprob} per token
+                logprobs = [step[t].logprob for t, step in zip(ids, sampled)]
                 if reason == "stop" and (not ids or ids[-1] != self.end_id):
                     ids.append(self.end_id)  # vLLM may drop the stop token; the policy must still learn it
-                rollouts.append(Rollout(i, ids, completion.text, reason))
+                logprobs = logprobs if len(logprobs) == len(ids) else None  # none for an appended stop token
+                rollouts.append(Rollout(i, ids, completion.text, reason, logprobs))
         return rollouts
 
     def push_weights(self, model, version: int | None = None) -> None:
