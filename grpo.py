@@ -740,16 +740,13 @@ def make_engine(
     )
 
 
-def memory_plan_utilization(policy_path: str, cfg: GRPOConfig, d: dist.Dist) -> float:
-    """vLLM's gpu_memory_utilization from the memory plan of this run (model config, world size,
-    token budget, this card's total memory): vLLM sizes its KV cache once, when the trainer is
-    still small, so the share must leave room for the trainer after step 1 (AdamW state)."""
-    from transformers import AutoConfig
-
+def memory_settings(cfg: GRPOConfig, world_size: int):
+    """The memory plan's view of this run (mmr1.memory.RunSettings): ranks, tokens per micro-batch,
+    lengths, log-prob chunk, recompute, and whether a reference model is held (KL on)."""
     from mmr1 import memory
 
-    run = memory.RunSettings(
-        world_size=d.world_size,
+    return memory.RunSettings(
+        world_size=world_size,
         tokens_per_micro_batch=cfg.max_tokens_per_micro_batch
         or cfg.micro_batch_size * (cfg.max_prompt_length + cfg.max_response_length),
         max_prompt_length=cfg.max_prompt_length,
@@ -758,6 +755,17 @@ def memory_plan_utilization(policy_path: str, cfg: GRPOConfig, d: dist.Dist) -> 
         gradient_checkpointing=cfg.gradient_checkpointing,
         reference=cfg.kl_coef > 0,
     )
+
+
+def memory_plan_utilization(policy_path: str, cfg: GRPOConfig, d: dist.Dist) -> float:
+    """vLLM's gpu_memory_utilization from the memory plan of this run (model config, world size,
+    token budget, this card's total memory): vLLM sizes its KV cache once, when the trainer is
+    still small, so the share must leave room for the trainer after step 1 (AdamW state)."""
+    from transformers import AutoConfig
+
+    from mmr1 import memory
+
+    run = memory_settings(cfg, d.world_size)
     card = torch.cuda.get_device_properties(d.device).total_memory / memory.GIB
     utilization = memory.gpu_memory_utilization(AutoConfig.from_pretrained(policy_path), card, run)
     if d.master:

@@ -72,16 +72,7 @@ def memory_plan(model_dir: str, gpus: int, card_gib: float | None, grpo_args: li
     from mmr1 import config, memory
 
     cfg = config.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--model", model_dir, *grpo_args])
-    run = memory.RunSettings(
-        world_size=gpus,
-        tokens_per_micro_batch=cfg.max_tokens_per_micro_batch
-        or cfg.micro_batch_size * (cfg.max_prompt_length + cfg.max_response_length),
-        max_prompt_length=cfg.max_prompt_length,
-        max_response_length=cfg.max_response_length,
-        logprob_chunk=cfg.logprob_chunk,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        reference=cfg.kl_coef > 0,
-    )
+    run = grpo.memory_settings(cfg, gpus)
     if card_gib is None:
         card_gib = torch.cuda.get_device_properties(0).total_memory / memory.GIB
     p = memory.plan(AutoConfig.from_pretrained(model_dir), card_gib, run)
