@@ -193,6 +193,13 @@ class GRPOConfig:
     overlong_penalty: float = field(
         1.0, "the punishment at max-response-length, linear from 0 over the --overlong-buffer tokens (reward/overlong)"
     )
+    dynamic_sampling: bool = field(
+        False,
+        "DAPO dynamic sampling: drop groups whose accuracies are all equal and refill the batch from the sampler",
+    )
+    max_sampling_rounds: int = field(
+        3, "--dynamic-sampling: generation rounds per step at most (then train on the groups with signal)", at_least=1
+    )
     tis_cap: float = field(
         0.0,
         "truncated importance sampling: each token's policy-gradient term x min(exp(trainer old - engine "
@@ -244,7 +251,8 @@ METRICS = """
     reward/accuracy reward/format reward/std_in_group rollout/response_len rollout/truncated_frac
     reward/overlong vas/zero_var_frac vas/vps_mean vas/weighted_frac time/rollout_s time/update_s time/vas_s val/accuracy
     rollout/generated_responses rollout/generated_tokens rollout/logprob_abs_diff rollout/mismatch_k3
-    rollout/logprob_abs_diff_max
+    rollout/logprob_abs_diff_max rollout/sampled_responses rollout/sampled_tokens reward/accuracy_sampled
+    rollout/zero_var_frac_sampled rollout/sampling_rounds rollout/trained_frac
 """.split()  # every name logged to metrics.jsonl (docs/grpo.md: "Metrics")
 
 
@@ -443,16 +451,88 @@ def frozen_token_logprobs(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dis
 # ---------------------------------------------------------------------------------------------
 
 
-def generate_rollouts(
-    engine, model, rows: list[dict], prompts: list[batches.Prompt], cfg: GRPOConfig, step: int
-) -> list[rollout.Rollout]:
-    """n responses per prompt (rows[i], built as prompts[i]) from the policy after `step` updates."""
+@dataclass
+class Group:
+    """One prompt's n scored responses: its index in the data, row, built prompt, rollouts, rewards."""
+
+    prompt_id: int
+    row: dict
+    prompt: batches.Prompt
+    outs: list[rollout.Rollout]
+    rewards: list[dict]
+
+
+def has_signal(group: Group) -> bool:
+    """DAPO's filter: the group's accuracies are not all equal. On the 0/1 accuracy, not the shaped
+    overall reward (a format or overlong difference alone is no signal about the answer)."""
+    accuracies = [r["accuracy"] for r in group.rewards]
+    return max(accuracies) > min(accuracies)
+
+
+@dataclass
+class StepBatch:
+    """What one step trains on, on this rank, and what it sampled to get it.
+
+    rows / prompts / prompt_ids: one per group; outs / rewards: n per group, row-major (Rollout.row
+    indexes rows); trained: (len(outs),) bool, False on the responses of a filler group (dynamic
+    sampling out of rounds: present for equal shapes on every rank, no weight in the loss); sampled:
+    every group generated this step, kept or not, all rounds; rounds: generation rounds (all ranks)."""
+
+    rows: list[dict]
+    prompts: list[batches.Prompt]
+    prompt_ids: list[int]
+    outs: list[rollout.Rollout]
+    rewards: list[dict]
+    trained: torch.Tensor
+    sampled: list[Group]
+    rounds: int
+
+
+def sample_batch(
+    engine, model, sampler, rows: list[dict], processor, fmt: chat.PromptFormat, pool, cfg: GRPOConfig, d, step: int
+) -> StepBatch:
+    """This rank's share of the step's global batch from the sampler, n rollouts per prompt from the
+    policy after `step` updates, scored.
+
+    With --dynamic-sampling, groups without accuracy variance are dropped and further global batches
+    are drawn from the same sampler and generated (a round each, seeded apart) until every rank
+    holds its share of --rollout-batch-size groups with signal, or --max-sampling-rounds; the ranks
+    agree after each round (one all-reduce), so all run the same rounds. A share still short then is
+    filled with dropped groups that carry no weight (`trained` False), so every rank keeps its shape."""
+    share = cfg.rollout_batch_size // d.world_size
+    kept, dropped, sampled = [], [], []
     engine.push_weights(model, version=step)  # the new policy -> the inference engine (vLLM: skipped if unchanged)
-    seed = dist.derive_seed(cfg.seed, "rollout", step)
-    sampling = rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed)
-    outs = engine.generate(rows, cfg.group_size, sampling, prompts)
+    for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+        prompt_ids, _ = dist.shard(sampler.next_batch(), d)  # this rank's slice of the global batch
+        part = [rows[i] for i in prompt_ids]
+        prompts = batches.build_prompts(processor, part, fmt, cfg.min_pixels, cfg.max_pixels)
+        seed = dist.derive_seed(cfg.seed, "rollout", step, *([round_] if round_ else []))
+        sampling = rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed)
+        outs = engine.generate(part, cfg.group_size, sampling, prompts)  # n per prompt, row-major
+        rewards = score(outs, part, pool, cfg)  # format + accuracy of each response, reward.py
+        n = cfg.group_size
+        for g, i in enumerate(prompt_ids):
+            group = Group(i, part[g], prompts[g], outs[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n])
+            sampled.append(group)
+            (kept if not cfg.dynamic_sampling or has_signal(group) else dropped).append(group)
+        full = dist.all_reduce_sum(min(len(kept), share), d.device) if cfg.dynamic_sampling else 0
+        if not cfg.dynamic_sampling or int(full) == cfg.rollout_batch_size:  # every rank's share is full
+            break
     engine.sleep()
-    return outs
+    kept = kept[:share]  # a share over-full after the last round: the rest is dropped (its tokens counted)
+    groups = kept + dropped[: share - len(kept)]
+    outs = [dataclasses.replace(o, row=g) for g, group in enumerate(groups) for o in group.outs]
+    trained = torch.tensor([g < len(kept) for g in range(len(groups)) for _ in range(cfg.group_size)])
+    return StepBatch(
+        [g.row for g in groups],
+        [g.prompt for g in groups],
+        [g.prompt_id for g in groups],
+        outs,
+        [r for g in groups for r in g.rewards],
+        trained,
+        sampled,
+        round_ + 1,
+    )
 
 
 def score(outs: list[rollout.Rollout], rows: list[dict], pool, cfg: GRPOConfig) -> list[dict]:
@@ -479,10 +559,13 @@ def micro_batches(
     cfg: GRPOConfig,
     fmt: chat.PromptFormat,
     d: dist.Dist,
+    trained: torch.Tensor | None = None,
 ) -> list[dict]:
     """Prompt + response sequences grouped by token budget, as many micro-batches on every rank
     (FSDP2's forwards are collectives): model inputs, the (B, T-1) response-token mask and the
-    (B,) advantages of each. The prompts are those the engine generated from (prompts[i] of rows[i])."""
+    (B,) advantages of each. The prompts are those the engine generated from (prompts[i] of rows[i]).
+    A response whose `trained` entry is False ((B*n,) bool; default all True), or one cut at the
+    length limit under --mask-truncated, gets an all-zero mask: no weight, in no normaliser."""
     prompt_rows, responses = [rows[o.row] for o in outs], [o.token_ids for o in outs]
     built = {id(r): p for r, p in zip(rows, prompts)}
     planned = batches.rl_micro_batches(
@@ -498,6 +581,7 @@ def micro_batches(
         built,
     )
     keep = torch.tensor([not (cfg.mask_truncated and o.finish_reason == "length") for o in outs])  # (B*n,)
+    keep = keep if trained is None else keep & trained
     return [
         {"inputs": inputs, "response_mask": mask * keep[idx, None], "advantages": advantages[idx]}
         | engine_logprobs([outs[i] for i in idx], mask)
@@ -583,25 +667,18 @@ def refresh_vps(
     return scores
 
 
-def refresh_vps_online(
-    vps: np.ndarray,
-    sampler: vas.MixedSampler,
-    outs: list[rollout.Rollout],
-    rewards: list[dict],
-    prompt_ids: list[int],
-    cfg: GRPOConfig,
-    d: dist.Dist,
-) -> None:
-    """--vas-online: the VPS of this batch's prompts from their training rollouts (no extra
-    generation), gathered over ranks into `vps` (P,), then the sampler re-weighted."""
-    groups: dict[int, tuple[list, list]] = {}
-    for o, r in zip(outs, rewards):
-        tokens, accuracies = groups.setdefault(prompt_ids[o.row], ([], []))
-        tokens.append(o.token_ids)
-        accuracies.append(r["accuracy"])
-    keys = list(groups)
+def refresh_vps_online(vps: np.ndarray, sampler: vas.MixedSampler, groups: list[Group], cfg: GRPOConfig, d) -> None:
+    """--vas-online: the VPS of the prompts of `groups` (every group the step sampled, dropped ones
+    too) from their training rollouts (no extra generation), gathered over ranks into `vps` (P,),
+    then the sampler re-weighted. A prompt sampled twice in a step is scored on all its responses."""
+    merged: dict[int, tuple[list, list]] = {}
+    for group in groups:
+        tokens, accuracies = merged.setdefault(group.prompt_id, ([], []))
+        tokens += [o.token_ids for o in group.outs]
+        accuracies += [r["accuracy"] for r in group.rewards]
+    keys = list(merged)
     fresh = vas.score_prompts(
-        [groups[k][0] for k in keys], [groups[k][1] for k in keys], cfg.vas_alpha, cfg.vas_beta, cfg.vas_tds
+        [merged[k][0] for k in keys], [merged[k][1] for k in keys], cfg.vas_alpha, cfg.vas_beta, cfg.vas_tds
     )
     for index, value in dist.all_gather_list(list(zip(keys, fresh["vps"].tolist())), d):
         vps[index] = value
@@ -609,16 +686,13 @@ def refresh_vps_online(
 
 
 def step_metrics(
-    outs: list[rollout.Rollout],
-    rewards: list[dict],
-    zero_var: torch.Tensor,
-    stats: dict[str, float],
-    grad_norm: float,
-    cfg: GRPOConfig,
-    d: dist.Dist,
+    batch: StepBatch, zero_var: torch.Tensor, stats: dict[str, float], grad_norm: float, cfg: GRPOConfig, d: dist.Dist
 ) -> dict[str, float]:
     """The train/ (but lr), reward/, rollout/ and vas/zero_var_frac metrics of one step, the
-    per-rollout ones averaged over all ranks."""
+    per-rollout ones averaged over all ranks: of the trained batch, and (`_sampled`, rounds, this
+    step's generated responses and tokens) of everything sampled, dropped groups and refills included.
+    A filler group (dynamic sampling out of rounds) counts as zero-variance in vas/zero_var_frac."""
+    outs, rewards, n = batch.outs, batch.rewards, cfg.group_size
     overall = torch.tensor([r["overall"] for r in rewards], dtype=torch.float64)
     per_sequence = {
         "reward/overall": overall.sum(),
@@ -629,11 +703,18 @@ def step_metrics(
         "reward/overlong": sum(r["overlong"] for r in rewards),
     }
     per_group = {
-        "reward/std_in_group": overall.view(-1, cfg.group_size).std(1).sum(),
-        "vas/zero_var_frac": zero_var.sum(),
+        "reward/std_in_group": overall.view(-1, n).std(1).sum(),
+        "vas/zero_var_frac": (zero_var | ~batch.trained.view(-1, n)[:, 0]).sum(),
     }
-    sums = dist.all_reduce_dict({**per_sequence, **per_group, "sequences": len(outs)}, d.device)
-    sequences, groups = sums["sequences"], sums["sequences"] / cfg.group_size
+    sampled = {  # everything generated this step, over all rounds
+        "rollout/sampled_responses": n * len(batch.sampled),
+        "rollout/sampled_tokens": sum(len(o.token_ids) for g in batch.sampled for o in g.outs),
+        "sampled_accuracy": sum(r["accuracy"] for g in batch.sampled for r in g.rewards),
+        "sampled_zero_var": sum(not has_signal(g) for g in batch.sampled),
+        "trained_groups": int(batch.trained.sum()) // n,
+    }
+    sums = dist.all_reduce_dict({**per_sequence, **per_group, **sampled, "sequences": len(outs)}, d.device)
+    sequences, groups = sums["sequences"], sums["sequences"] / n
     train = {
         "train/loss": stats["loss"],
         "train/pg_loss": stats["pg"],
@@ -644,6 +725,12 @@ def step_metrics(
         "rollout/logprob_abs_diff": stats["gap_abs_diff"],
         "rollout/mismatch_k3": stats["gap_k3"],
         "rollout/logprob_abs_diff_max": stats["gap_abs_diff_max"],
+        "rollout/sampled_responses": sums["rollout/sampled_responses"],
+        "rollout/sampled_tokens": sums["rollout/sampled_tokens"],
+        "reward/accuracy_sampled": sums["sampled_accuracy"] / sums["rollout/sampled_responses"],
+        "rollout/zero_var_frac_sampled": sums["sampled_zero_var"] * n / sums["rollout/sampled_responses"],
+        "rollout/sampling_rounds": batch.rounds,
+        "rollout/trained_frac": sums["trained_groups"] / cfg.rollout_batch_size,
     }
     return train | {k: sums[k] / (sequences if k in per_sequence else groups) for k in per_sequence | per_group}
 
@@ -916,35 +1003,29 @@ def main() -> None:
     model.train()
     for step in (bar := r.steps()):
         t0 = time.time()
-        # --- sample prompts, push weights, generate ---
-        prompt_ids, _ = dist.shard(sampler.next_batch(), d)  # this rank's slice of the global batch
-        batch_rows = [rows[i] for i in prompt_ids]
-        prompts = batches.build_prompts(processor, batch_rows, fmt, cfg.min_pixels, cfg.max_pixels)
-        outs = generate_rollouts(engine, model, batch_rows, prompts, cfg, step)  # n per prompt, row-major
+        # --- sample prompts, generate, score (--dynamic-sampling: drop groups without signal, refill) ---
+        batch = sample_batch(engine, model, sampler, rows, processor, fmt, pool, cfg, d, step)
         t_rollout, t0 = time.time() - t0, time.time()
-        # --- score, advantages ---
-        rewards = score(outs, batch_rows, pool, cfg)  # format + accuracy of each response, reward.py
-        # A_i = (r_i - mean_group) / (std_group + eps); zero-variance groups give 0
-        advantages, zero_var = ADVANTAGES[cfg.adv_norm](
-            torch.tensor([x["overall"] for x in rewards]), cfg.group_size, cfg.adv_eps
-        )  # --adv-norm none: Dr. GRPO's r_i - mean_group
+        # --- advantages: (r_i - mean_group) / (std_group + eps), zero-variance groups 0 (--adv-norm none: no std) ---
+        overall = torch.tensor([x["overall"] for x in batch.rewards])
+        advantages, zero_var = ADVANTAGES[cfg.adv_norm](overall, cfg.group_size, cfg.adv_eps)
         # --- update ---
-        micro = micro_batches(processor, outs, batch_rows, prompts, advantages, cfg, fmt, d)
+        micro = micro_batches(processor, batch.outs, batch.rows, batch.prompts, advantages, cfg, fmt, d, batch.trained)
         stats, grad_norm = update_policy(model, ref_model, optimizer, micro, cfg, d)
         r.nonfinite.check(step + 1, stats["loss"], grad_norm)  # stops a diverged run before anything is saved
         t_update, t0, done = time.time() - t0, time.time(), step + 1
 
         # --- VAS refresh ---
         if cfg.vas and cfg.vas_online:
-            refresh_vps_online(vps, sampler, outs, rewards, prompt_ids, cfg, d)
+            refresh_vps_online(vps, sampler, batch.sampled, cfg, d)  # dropped groups too
         if cfg.vas and cfg.vas_update_every and done % cfg.vas_update_every == 0 and done < total_steps:
             scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, done, out_dir)
             vps, generated = scores["vps"], generated + [len(rows) * cfg.vas_rollouts, scores["tokens"].sum()]
         t_vas = time.time() - t0 + (initial_vas_s if step == r.start_step else 0.0)
 
         # --- log, validate, save ---
-        metrics = step_metrics(outs, rewards, zero_var, stats, grad_norm, cfg, d)
-        generated += np.array([1.0, metrics["rollout/response_len"]]) * len(outs) * d.world_size  # responses, tokens
+        metrics = step_metrics(batch, zero_var, stats, grad_norm, cfg, d)
+        generated += [metrics["rollout/sampled_responses"], metrics["rollout/sampled_tokens"]]  # refills included
         metrics |= {
             "train/lr": optimizer.param_groups[0]["lr"],
             "vas/vps_mean": float(np.mean(vps)) if cfg.vas else 0.0,

@@ -50,3 +50,13 @@ def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, torchrun: 
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+@pytest.fixture(scope="session")
+def toy_sft(toy_dir, tmp_path_factory) -> Path:
+    """The toy model after 150 SFT steps (tests/golden/grpo_defaults.py:sft_model, ~6 s): in format and
+    right about a quarter of the time, so GRPO groups have reward variance (the untrained toy has none)."""
+    sys.path.insert(0, str(ROOT / "tests" / "golden"))
+    import grpo_defaults
+
+    return grpo_defaults.sft_model(toy_dir, tmp_path_factory.mktemp("toy-sft"))
