@@ -1,5 +1,6 @@
 """The command line and the run's records: a config dataclass becomes the CLI, metrics go to
-metrics.jsonl, and bad input ends a stage in one `error: ...` line instead of a traceback."""
+metrics.jsonl and sampled rollouts to rollouts.jsonl, and bad input ends a stage in one `error: ...`
+line instead of a traceback."""
 
 from __future__ import annotations
 
@@ -162,10 +163,11 @@ def first_line(e: BaseException) -> str:
 
 
 class MetricLogger:
-    """One JSON line per step in <out>/metrics.jsonl; wandb / tensorboard mirrors when asked.
+    """One JSON line per step in <out>/metrics.jsonl, one per logged rollout in <out>/rollouts.jsonl
+    (made by the first log_rollouts call); wandb / tensorboard mirrors when asked.
 
-    A fresh run starts a new file; a run resumed from step N keeps the lines up to N and drops
-    those a killed run wrote after its last checkpoint, so every step appears once.
+    A fresh run starts both files anew; a run resumed from step N keeps the lines up to N and drops
+    those a killed run wrote after its last checkpoint, so every step appears once (trim_jsonl).
     """
 
     def __init__(
@@ -179,14 +181,14 @@ class MetricLogger:
     ):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
+        self.rollouts_path = Path(out_dir) / "rollouts.jsonl"
         self.wandb = self.tb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_from is not None and self.path.exists():
-            kept = [x for x in self.path.read_text().splitlines() if x and json.loads(x)["step"] <= resume_from]
-        self.path.write_text("".join(x + "\n" for x in kept))
+        for path in (self.path, self.rollouts_path):
+            trim_jsonl(path, resume_from)
+        self.path.touch()  # metrics.jsonl always exists; rollouts.jsonl once log_rollouts writes
         targets = {t for t in report_to.split(",") if t}
         if "wandb" in targets:
             self.wandb = _optional_import("wandb", "pip install wandb")
@@ -208,12 +210,45 @@ class MetricLogger:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
 
+    def log_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:
+        """Appends {"step": step, **record} per record to rollouts.jsonl, rank 0 only; with wandb, also a
+        Table "rollouts" at that step whose columns are the records' keys. A record is any JSON-serialisable
+        dict; grpo.py's hold prompt_id (int), response (str), the reward fields and advantage (floats)."""
+        if not self.enabled or not records:
+            return
+        with self.rollouts_path.open("a") as f:
+            for record in records:
+                f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.wandb:
+            columns = list(dict.fromkeys(k for record in records for k in record))  # first-seen order
+            rows = [[record.get(k) for k in columns] for record in records]
+            self.wandb.log({"rollouts": self.wandb.Table(columns=columns, data=rows)}, step=step)
+
     def close(self) -> None:
         """Flushes and closes the tensorboard / wandb mirrors."""
         if self.tb:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def trim_jsonl(path: Path, last_step: int | None) -> None:
+    """Keeps the lines of a JSON-lines file whose "step" is <= last_step (a resumed run keeps its records
+    up to its checkpoint) and drops the rest, and a line that is not JSON (a write torn by a kill);
+    last_step None (a fresh run) removes the file. A missing file stays missing."""
+    if not path.exists():
+        return
+    if last_step is None:
+        path.unlink()
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    path.write_text("".join(x + "\n" for x in kept))
 
 
 def _optional_import(module: str, how: str):
