@@ -200,6 +200,11 @@ class GRPOConfig:
     max_sampling_rounds: int = field(
         3, "--dynamic-sampling: generation rounds per step at most (then train on the groups with signal)", at_least=1
     )
+    log_rollouts: int = field(
+        0,
+        "write N of each step's rollouts (prompt id, text, rewards, advantage) to rollouts.jsonl (0 = off)",
+        at_least=0,
+    )
     tis_cap: float = field(
         0.0,
         "truncated importance sampling: each token's policy-gradient term x min(exp(trainer old - engine "
@@ -252,7 +257,8 @@ METRICS = """
     reward/overlong vas/zero_var_frac vas/vps_mean vas/weighted_frac time/rollout_s time/update_s time/vas_s val/accuracy
     rollout/generated_responses rollout/generated_tokens rollout/logprob_abs_diff rollout/mismatch_k3
     rollout/logprob_abs_diff_max rollout/sampled_responses rollout/sampled_tokens reward/accuracy_sampled
-    rollout/zero_var_frac_sampled rollout/sampling_rounds rollout/trained_frac
+    rollout/zero_var_frac_sampled rollout/sampling_rounds rollout/trained_frac perf/rollout_tokens_per_s
+    perf/update_tokens_per_s
 """.split()  # every name logged to metrics.jsonl (docs/grpo.md: "Metrics")
 
 
@@ -735,6 +741,53 @@ def step_metrics(
     return train | {k: sums[k] / (sequences if k in per_sequence else groups) for k in per_sequence | per_group}
 
 
+def perf_metrics(
+    model_config, batch: StepBatch, t_rollout: float, t_update: float, engine, cfg: GRPOConfig, d: dist.Dist
+) -> dict[str, float]:
+    """Throughput of the step, all ranks together (docs/grpo.md "Throughput and MFU"): generated
+    response tokens per rollout second, prompt + response tokens of the trained sequences per update
+    second; on CUDA with a known peak also perf/mfu (rollout + update FLOPs of mmr1.perf.step_flops
+    over both phases' seconds x ranks x peak) and perf/mfu_update."""
+    from mmr1 import perf
+
+    lengths = [len(batch.prompts[o.row].ids) + len(o.token_ids) for o in batch.outs]  # every sequence forwarded
+    generated = [(len(g.prompt.ids), len(o.token_ids)) for g in batch.sampled for o in g.outs]
+    vllm = isinstance(engine, rollout.VLLMEngine)  # vLLM prefills a prompt once for its n responses, HF n times
+    prefill = [len(g.prompt.ids) for g in batch.sampled] if vllm else None
+    passes = int(cfg.kl_coef > 0) + int(cfg.updates_per_batch > 1)  # the reference, the old policy
+    flops = perf.step_flops(model_config, lengths, generated, passes, prefill, cfg.updates_per_batch)
+    local = {"tokens": sum(lengths), "generated": sum(n for _, n in generated), **flops}
+    sums = dist.all_reduce_dict(local, d.device)
+    out = {
+        "perf/rollout_tokens_per_s": sums["generated"] / t_rollout,
+        "perf/update_tokens_per_s": sums["tokens"] / t_update,
+    }
+    peak = perf.peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
+    if peak:
+        out["perf/mfu"] = perf.mfu(sums["update"] + sums["rollout"], t_rollout + t_update, d.world_size, peak)
+        out["perf/mfu_update"] = perf.mfu(sums["update"], t_update, d.world_size, peak)
+    return out
+
+
+def rollout_records(batch: StepBatch, advantages: torch.Tensor, cfg: GRPOConfig, d: dist.Dist, step: int) -> list[dict]:
+    """--log-rollouts N: N of the step's trained-batch responses, drawn at random (seeded by the step)
+    from all ranks: prompt id, response text, rewards, advantage, finish reason, whether it trained."""
+    rng = np.random.default_rng(dist.derive_seed(cfg.seed, "log-rollouts", step, d.rank))
+    mine = sorted(rng.choice(len(batch.outs), min(cfg.log_rollouts, len(batch.outs)), replace=False).tolist())
+    records = [
+        {"prompt_id": batch.prompt_ids[batch.outs[i].row], "response": batch.outs[i].text}
+        | {k: float(batch.rewards[i][k]) for k in ("overall", "accuracy", "format", "overlong")}
+        | {"advantage": float(advantages[i]), "finish_reason": batch.outs[i].finish_reason}
+        | {"trained": bool(batch.trained[i])}
+        for i in mine
+    ]
+    gathered = dist.all_gather_list(records, d)  # N per rank, then N of those
+    pick = np.random.default_rng(dist.derive_seed(cfg.seed, "log-rollouts", step))
+    return [
+        gathered[i] for i in sorted(pick.choice(len(gathered), min(cfg.log_rollouts, len(gathered)), replace=False))
+    ]
+
+
 def validate(engine, model, val_rows: list[dict], cfg: GRPOConfig, d: dist.Dist, pool, step: int) -> float:
     """Validation accuracy after `step` updates: one sample per prompt at val_temperature."""
     engine.push_weights(model, version=step)
@@ -1025,6 +1078,7 @@ def main() -> None:
 
         # --- log, validate, save ---
         metrics = step_metrics(batch, zero_var, stats, grad_norm, cfg, d)
+        metrics |= perf_metrics(model.config, batch, t_rollout, t_update, engine, cfg, d)  # tokens/s, MFU
         generated += [metrics["rollout/sampled_responses"], metrics["rollout/sampled_tokens"]]  # refills included
         metrics |= {
             "train/lr": optimizer.param_groups[0]["lr"],
@@ -1036,6 +1090,8 @@ def main() -> None:
             "rollout/generated_responses": generated[0],
             "rollout/generated_tokens": generated[1],
         }
+        if cfg.log_rollouts:
+            r.logger.log_rollouts(done, rollout_records(batch, advantages, cfg, d, done))
         if val_rows and ((cfg.val_every and done % cfg.val_every == 0) or done == total_steps):
             metrics["val/accuracy"] = validate(engine, model, val_rows, cfg, d, pool, done)
         bar.set_postfix(acc=f"{metrics['reward/accuracy']:.2f}", zero_var=f"{metrics['vas/zero_var_frac']:.2f}")

@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
 
 import grpo
 import vas
-from mmr1 import batches, chat, dist, modeling, prepare, rollout
+from conftest import run_script
+from mmr1 import chat, dist, modeling, prepare, rollout
 
 CPU = dist.Dist(0, 1, 0, torch.device("cpu"))
 B, N = 4, 4  # prompts per step, responses per prompt
@@ -79,12 +79,16 @@ def test_keeps_the_first_groups_with_signal_and_counts_every_round(policy, round
         assert needed >= 2 and bool(batch.trained.all())
 
 
-def test_refill_rounds_are_seeded_apart(policy):
-    """A refill round's rollouts come from their own seed: a prompt drawn in rounds 1 and 2 (the
-    sampler's second pass) gets different responses."""
-    batch, _, _ = sample(policy, dynamic_sampling=True, max_sampling_rounds=4)
-    seeds = {dist.derive_seed(0, "rollout", 0), *(dist.derive_seed(0, "rollout", 0, r) for r in range(1, 4))}
-    assert len(seeds) == 4
+def test_perf_metrics_count_every_token_of_both_phases(policy):
+    """perf/ metrics: generated response tokens of every round per rollout second, prompt + response
+    tokens of the trained sequences per update second (hand-summed); no MFU off CUDA."""
+    model, _, _ = policy
+    batch, _, cfg = sample(policy, dynamic_sampling=True, max_sampling_rounds=4)
+    got = grpo.perf_metrics(model.config, batch, 2.0, 4.0, None, cfg, CPU)
+    generated = sum(len(o.token_ids) for g in batch.sampled for o in g.outs)
+    trained = sum(len(batch.prompts[o.row].ids) + len(o.token_ids) for o in batch.outs)
+    assert got == {"perf/rollout_tokens_per_s": generated / 2.0, "perf/update_tokens_per_s": trained / 4.0}
+    assert generated > sum(len(o.token_ids) for o in batch.outs)  # the refills' tokens are in
 
 
 def test_filler_groups_weigh_nothing(policy):
@@ -148,7 +152,7 @@ def test_grpo_torchrun_dynamic_sampling_with_vas_online(toy_dir, toy_sft, tmp_pa
     """Two ranks (gloo): the rounds are agreed (a disagreement would hang the all-reduce), the
     generation budget counts every sampled response (VAS's initial scoring of 16 x 2 included), the
     trained share is at most 1 and, when the batch was filled, the trained groups all have signal."""
-    flags = ["--vas", "--vas-online", "--vas-rollouts", "2", "--vas-update-every", "0"]
+    flags = ["--vas", "--vas-online", "--vas-rollouts", "2", "--vas-update-every", "0", "--log-rollouts", "3"]
     run_script(dynamic_args(toy_dir, toy_sft, tmp_path / "run", 3, *flags), torchrun=2)
     lines = [r for r in metrics(tmp_path / "run") if "train/loss" in r]
     assert len(lines) == 3 and set(grpo.METRICS) - {"val/accuracy"} <= set(lines[0])
@@ -158,6 +162,13 @@ def test_grpo_torchrun_dynamic_sampling_with_vas_online(toy_dir, toy_sft, tmp_pa
         assert r["rollout/sampled_responses"] == B * N * r["rollout/sampling_rounds"]
         assert 1 <= r["rollout/sampling_rounds"] <= 3 and 0 <= r["rollout/trained_frac"] <= 1
         assert r["vas/zero_var_frac"] == pytest.approx(1 - r["rollout/trained_frac"])  # trained: all with signal
+    # --log-rollouts 3: three of each step's responses, drawn over both ranks
+    logged = [json.loads(x) for x in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for x in logged:
+        assert set(x) == {"step", "prompt_id", "response", "overall", "accuracy", "format", "overlong", "advantage",
+                          "finish_reason", "trained"}  # fmt: skip
+        assert 0 <= x["prompt_id"] < 16 and isinstance(x["response"], str) and x["accuracy"] in (0.0, 1.0)
 
 
 def test_grpo_dynamic_sampling_resume_equals_uninterrupted(toy_dir, toy_sft, tmp_path):

@@ -262,7 +262,9 @@ def test_option_flags_are_off_by_default_and_not_in_the_paper_preset():
     defaults = grpo.GRPOConfig()
     assert (defaults.adv_norm, defaults.loss_agg, defaults.ratio_level) == ("std", "token-mean", "token")
     assert not defaults.mask_truncated and defaults.overlong_buffer == 0
-    fields = {"adv_norm", "loss_agg", "ratio_level", "mask_truncated", "overlong_buffer", "overlong_penalty"}
+    assert not defaults.dynamic_sampling and defaults.tis_cap == 0 and defaults.log_rollouts == 0
+    fields = {"adv_norm", "loss_agg", "ratio_level", "mask_truncated", "overlong_buffer", "overlong_penalty",
+              "dynamic_sampling", "max_sampling_rounds", "tis_cap", "log_rollouts"}  # fmt: skip
     assert not fields & set(grpo.PRESETS["paper"])
     assert set(grpo.RATIO_LOSSES) == {"token", "sequence"}
     assert set(grpo.LOSS_AGGREGATIONS) == {"token-mean", "seq-mean", "constant"}
@@ -418,3 +420,26 @@ def test_bad_option_values_stop_with_one_line(change):
     cfg = dataclasses.replace(grpo.GRPOConfig(max_response_length=64), **change)
     with pytest.raises(SystemExit, match="--(tis-cap|overlong-buffer)"):
         grpo.validate_config(cfg)
+
+
+def test_defaults_end_to_end_equal_the_record(toy_dir, toy_sft, tmp_path):
+    """The defaults, and the paper preset's loss and sampler settings at toy size (--preset paper itself
+    needs CUDA; test_option_flags_are_off_by_default_and_not_in_the_paper_preset shows it sets none of
+    the options), train bit for bit as grpo.py did before the options: 3 steps from the toy SFT model,
+    every logged number and every final weight equal to tests/golden/grpo_defaults.json, written by
+    `python tests/golden/grpo_defaults.py --repo <checkout of 676a1b5>` (one thread on both sides)."""
+    import json
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "tests" / "golden"))
+    import grpo_defaults
+
+    golden = json.loads((ROOT / "tests" / "golden" / "grpo_defaults.json").read_text())
+    for name in grpo_defaults.RUNS:
+        now = grpo_defaults.record(ROOT, toy_dir, toy_sft, name, tmp_path / name)
+        assert now["weights"] == golden[name]["weights"], name
+        assert len(now["metrics"]) == len(golden[name]["metrics"]) == 4
+        for new, old in zip(now["metrics"], golden[name]["metrics"]):
+            assert {k: new[k] for k in old} == old, (name, new["step"])  # new metrics may be added, none changed

@@ -136,6 +136,39 @@ def test_grpo_with_vllm_under_torchrun_two_ranks(toy_dir, tmp_path):
     assert "Invalid process group" not in out.stderr  # the engines shut down before the process group
 
 
+def test_grpo_options_with_vllm_under_torchrun_two_ranks(toy_dir, toy_sft, tmp_path):
+    """Issue 30's options on the real engine, two ranks: dynamic sampling (rounds agreed by the ranks'
+    all-reduce), Dr. GRPO's advantages with the per-response mean, GSPO's ratio, --mask-truncated, TIS
+    against vLLM's own log-probs, rollout logs. The gap is measured (bf16 engine vs fp32 trainer: > 0,
+    small) and every sampled response is counted."""
+    data_dir = toy_dir / "data" / "rl"
+    args = ["grpo.py", "--model", str(toy_sft), "--data", f"{data_dir}@train", "--val-data", f"{data_dir}@val",
+            "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--train-limit", "16", "--rollout-batch-size",
+            "4", "--group-size", "4", "--max-response-length", "48", "--max-prompt-length", "500", "--val-every", "0",
+            "--val-limit", "4", "--reward-workers", "1", "--engine", "vllm", "--dynamic-sampling",
+            "--max-sampling-rounds", "2", "--adv-norm", "none", "--loss-agg", "seq-mean", "--ratio-level", "sequence",
+            "--mask-truncated", "--tis-cap", "2", "--log-rollouts", "2"]  # fmt: skip
+    out = run_script(args, timeout=600, torchrun=2)
+    assert "engine VLLMEngine" in out.stdout
+    lines = [r for r in metrics(tmp_path / "run") if "train/loss" in r]
+    assert len(lines) == 2
+    for r in lines:
+        assert (
+            0 < r["rollout/logprob_abs_diff"] <= r["rollout/logprob_abs_diff_max"]
+            and r["rollout/logprob_abs_diff"] < 0.1
+        )
+        assert (
+            r["rollout/sampled_responses"] == 16 * r["rollout/sampling_rounds"] and 0 <= r["rollout/trained_frac"] <= 1
+        )
+        assert r["perf/rollout_tokens_per_s"] > 0 and r["perf/update_tokens_per_s"] > 0
+    assert [r["rollout/generated_responses"] for r in lines] == [
+        lines[0]["rollout/sampled_responses"],
+        lines[0]["rollout/sampled_responses"] + lines[1]["rollout/sampled_responses"],
+    ]
+    logged = (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in logged] == [1, 1, 2, 2]
+
+
 def test_eval_two_checkpoints_two_engines_one_process(toy_dir, tmp_path):
     """Two checkpoints, one engine each, one after the other in one process. They hold the same
     weights, but the second ships Qwen's sampling defaults in generation_config.json (top_k 1,

@@ -33,8 +33,21 @@ RUNS = {
     "defaults": [],
     # --preset paper needs CUDA; these are its loss and sampler settings (one update, lr 1e-6, k3 0.01,
     # clip 0.2 / 0.2, VAS lambda 0.5, alpha / beta 0.8 / 0.2) at toy size, VAS re-scoring every step
-    "paper-settings": ["--updates-per-batch", "1", "--lr", "1e-6", "--kl-coef", "0.01", "--vas",
-                       "--vas-rollouts", "2", "--vas-update-every", "1", "--vas-mix-ratio", "0.5"],  # fmt: skip
+    "paper-settings": [
+        "--updates-per-batch",
+        "1",
+        "--lr",
+        "1e-6",
+        "--kl-coef",
+        "0.01",
+        "--vas",
+        "--vas-rollouts",
+        "2",
+        "--vas-update-every",
+        "1",
+        "--vas-mix-ratio",
+        "0.5",
+    ],  # fmt: skip
 }
 CLOCKS = {"time"}
 
