@@ -149,10 +149,13 @@ def metrics(out):
 
 
 def test_grpo_torchrun_dynamic_sampling_with_vas_online(toy_dir, toy_sft, tmp_path):
-    """Two ranks (gloo): the rounds are agreed (a disagreement would hang the all-reduce), the
+    """Two ranks (gloo), every issue-30 option on: the rounds are agreed (a disagreement would hang the all-reduce), the
     generation budget counts every sampled response (VAS's initial scoring of 16 x 2 included), the
     trained share is at most 1 and, when the batch was filled, the trained groups all have signal."""
-    flags = ["--vas", "--vas-online", "--vas-rollouts", "2", "--vas-update-every", "0", "--log-rollouts", "3"]
+    flags = ["--vas", "--vas-online", "--vas-rollouts", "2", "--vas-update-every", "0", "--log-rollouts", "3",
+             # and the loss options, so each runs under torchrun too
+             "--adv-norm", "none", "--loss-agg", "constant", "--ratio-level", "sequence", "--mask-truncated",
+             "--overlong-buffer", "8", "--tis-cap", "2"]  # fmt: skip
     run_script(dynamic_args(toy_dir, toy_sft, tmp_path / "run", 3, *flags), torchrun=2)
     lines = [r for r in metrics(tmp_path / "run") if "train/loss" in r]
     assert len(lines) == 3 and set(grpo.METRICS) - {"val/accuracy"} <= set(lines[0])
