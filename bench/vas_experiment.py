@@ -66,12 +66,11 @@ def budget_steps(args) -> int:
     return args.steps + math.ceil(refreshes * args.train_limit * args.vas_rollouts / (BATCH * GROUP))
 
 
-def run_arm(arm: str, seed: int, data: str, args) -> subprocess.Popen | None:
-    """Starts one training run (None if it already finished); stdout/stderr go to its log."""
+def run_arm(arm: str, seed: int, data: str, args) -> tuple[str, list[str], Path] | None:
+    """One training run as (label, command, output folder); None if it already finished."""
     out = Path(args.out) / args.condition / f"{arm}-seed{seed}"
     if (out / "final").exists():
         return None
-    out.mkdir(parents=True, exist_ok=True)
     steps = budget_steps(args) if arm == "uniform-budget" else args.steps
     cmd = [
         sys.executable,
@@ -108,32 +107,35 @@ def run_arm(arm: str, seed: int, data: str, args) -> subprocess.Popen | None:
         args.engine,
         *ARMS[arm],
     ]
+    return f"{args.condition} {arm} seed {seed}", cmd, out
+
+
+def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int, tag: str = "vas study") -> None:
+    """Runs the (label, command, output folder) jobs `parallel` at a time, one thread each, in order;
+    each one's stdout and stderr go to <folder>/log.txt. Stops with one line at the first failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = (out / "log.txt").open("w")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < parallel:
+            label, cmd, out = pending.pop(0)
+            out.mkdir(parents=True, exist_ok=True)
+            log = (out / "log.txt").open("w")
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((label, out, proc, time.time()))
+        time.sleep(2)
+        for job in list(running):
+            label, out, proc, start = job
+            if proc.poll() is not None:
+                running.remove(job)
+                if proc.returncode:
+                    raise SystemExit(f"error: {label} failed: see {out / 'log.txt'}")
+                print(f"[{tag}] {label}: {time.time() - start:.0f}s", flush=True)
 
 
 def train_all(args, data: str) -> None:
     """Every (seed, arm) run, --parallel at a time, seed-major so a partial study covers every arm."""
-    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
-    running: list[tuple[str, int, subprocess.Popen, float]] = []
-    while jobs or running:
-        while jobs and len(running) < args.parallel:
-            arm, seed = jobs.pop(0)
-            proc = run_arm(arm, seed, data, args)
-            if proc is not None:
-                running.append((arm, seed, proc, time.time()))
-        time.sleep(2)
-        for job in list(running):
-            arm, seed, proc, start = job
-            if proc.poll() is not None:
-                running.remove(job)
-                if proc.returncode:
-                    raise SystemExit(
-                        f"error: {arm} seed {seed} failed: "
-                        f"see {Path(args.out) / args.condition}/{arm}-seed{seed}/log.txt"
-                    )
-                print(f"[vas study] {args.condition} {arm} seed {seed}: {time.time() - start:.0f}s", flush=True)
+    jobs = [run_arm(arm, seed, data, args) for seed in args.seeds for arm in args.arms]
+    run_jobs([j for j in jobs if j is not None], args.parallel)
 
 
 def hard_pool(args) -> str:

@@ -1,0 +1,323 @@
+"""The sampler study (issue 31): VAS against DAPO's dynamic sampling and both together, per generated
+token, on the `spread` toy (the regime VAS is built for: docs/vas-study.md "The `spread` bench").
+
+    python -m data.toy --variant spread
+    OMP_NUM_THREADS=1 python sft.py --toy spread --max-steps 600 --output-dir runs/toy-spread-sft600
+    OMP_NUM_THREADS=1 python bench/sampler_study.py --target 0.80        # 6 arms x 10 seeds, 2 runs at a time
+    python bench/sampler_study.py --target 0.80 --skip-train             # re-aggregate finished runs
+
+The protocol is docs/vas-study.md "The sampler study: protocol (written before the runs)"; in short:
+- start: one SFT checkpoint (seed 0) for every arm and seed; pool: the first --train-limit train
+  prompts; greedy validation on --val-limit val prompts every --val-every steps.
+- arms, everything else identical (the grpo.py toy defaults: 16 prompts x 8 responses, T 0.6, lr 1e-4):
+    uniform         shuffled walk over the pool
+    vas             VAS: lambda 0.5, alpha / beta 0.8 / 0.2, N = --vas-rollouts, full re-scoring before
+                    step 1 and every --vas-update-every steps (T_update 56 of the paper's ~290 steps,
+                    scaled to the run length)
+    vas-online      VAS scored once before step 1, then refreshed from the training rollouts only
+    dynamic         uniform + --dynamic-sampling (--max-sampling-rounds)
+    vas+dynamic     vas + --dynamic-sampling
+    uniform-budget  uniform continued (same seed: its first --steps steps ARE uniform's) until it has
+                    generated as many tokens as the most expensive arm of its seed
+- primary metric: generated tokens (training rollouts + refills + VAS scoring; validation excluded)
+  until greedy validation first reaches --target; a run that never does counts as not reached.
+- secondary: mean validation accuracy over the first T tokens (T = the fewest tokens any run of any
+  arm generated: equal budgets), final accuracy, zero-variance share before (sampled) and after
+  (trained) the filter, prompts with signal per step, gradient norm, clip fraction, sampling rounds.
+- every number: mean over seeds ± the half-width of the 95% t-interval; differences from `uniform`
+  paired by seed.
+Writes <out>/{results.md,results.json,steps.png,tokens.png,accounting.png} and one folder per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from vas_experiment import interval, run_jobs  # noqa: E402
+
+ARMS = {  # name -> grpo.py flags on top of the shared ones
+    "uniform": [],
+    "vas": ["--vas"],
+    "vas-online": ["--vas", "--vas-online", "--vas-update-every", "0"],
+    "dynamic": ["--dynamic-sampling"],
+    "vas+dynamic": ["--vas", "--dynamic-sampling"],
+    "uniform-budget": [],  # uniform, continued: budget_steps()
+}
+BATCH, GROUP = 16, 8  # prompts per step, responses per prompt (grpo.py's toy defaults)
+
+
+def command(arm: str, seed: int, steps: int, out: Path, args, resume: bool = False) -> list[str]:
+    """The grpo.py command line of one run."""
+    return [sys.executable, str(ROOT / "grpo.py"), "--model", args.sft_model, "--data", args.data,
+            "--val-data", args.val_data, "--val-temperature", str(args.val_temperature), "--output-dir", str(out),
+            "--seed", str(seed), "--max-steps", str(steps), "--train-limit", str(args.train_limit),
+            "--val-every", str(args.val_every), "--val-limit", str(args.val_limit),
+            "--vas-rollouts", str(args.vas_rollouts), "--vas-update-every", str(args.vas_update_every),
+            "--vas-mix-ratio", "0.5", "--max-sampling-rounds", str(args.max_sampling_rounds),
+            "--save-every", "0", "--reward-workers", "1", "--engine", args.engine, *ARMS[arm],
+            *(["--resume"] if resume else [])]  # fmt: skip
+
+
+def read(run: Path) -> list[dict]:
+    """The metrics.jsonl lines of a run."""
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def last_step(run: Path) -> int:
+    """The last step a run logged (0 if it has not started)."""
+    return read(run)[-1]["step"] if (run / "metrics.jsonl").exists() and read(run) else 0
+
+
+def budget_steps(args, seed: int) -> int:
+    """Steps of uniform-budget for `seed`: uniform continued until its generated tokens reach those of
+    the most expensive other arm of the seed, at uniform's own mean tokens per step."""
+    finals = {arm: read(run_dir(args, arm, seed))[-1]["rollout/generated_tokens"] for arm in args.arms
+              if arm != "uniform-budget"}  # fmt: skip
+    per_step = finals["uniform"] / args.steps
+    return max(args.steps, math.ceil(max(finals.values()) / per_step))
+
+
+def run_dir(args, arm: str, seed: int) -> Path:
+    return Path(args.out) / f"{arm}-seed{seed}"
+
+
+def train_all(args) -> None:
+    """Every run not finished yet: the fixed-length arms seed-major (a partial study covers every arm),
+    then uniform-budget, which continues uniform's final checkpoint (a copy, --resume) once the other
+    arms of its seed have finished."""
+    fixed = [a for a in args.arms if a != "uniform-budget"]
+    jobs = [(f"{arm} seed {s}", command(arm, s, args.steps, run_dir(args, arm, s), args), run_dir(args, arm, s))
+            for s in args.seeds for arm in fixed if not (run_dir(args, arm, s) / "final").exists()]  # fmt: skip
+    for _, _, out in jobs:  # an unfinished run starts over
+        shutil.rmtree(out, ignore_errors=True)
+    run_jobs(jobs, args.parallel, "sampler study")
+    if "uniform-budget" not in args.arms:
+        return
+    jobs = []
+    for s in args.seeds:
+        steps, out = budget_steps(args, s), run_dir(args, "uniform-budget", s)
+        if last_step(out) >= steps and (out / "final").exists():
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(run_dir(args, "uniform", s), out)  # uniform's run: the first --steps steps, exactly
+        jobs.append((f"uniform-budget seed {s} ({steps} steps)", command("uniform", s, steps, out, args, True), out))
+    run_jobs(jobs, args.parallel, "sampler study")
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------------------------
+
+
+def curves(lines: list[dict]) -> dict[str, np.ndarray]:
+    """Per run: val steps, val accuracies, the generated tokens by each val step (0 at step 0), and the
+    per-step series the table reads."""
+    tokens = {r["step"]: r["rollout/generated_tokens"] for r in lines if "rollout/generated_tokens" in r}
+    tokens[0] = 0.0
+    val = [(r["step"], r["val/accuracy"]) for r in lines if "val/accuracy" in r]
+    steps = [r for r in lines if "train/loss" in r]
+    out = {"val_steps": np.array([s for s, _ in val]), "val": np.array([v for _, v in val]),
+           "val_tokens": np.array([tokens[s] for s, _ in val])}  # fmt: skip
+    for name in ("vas/zero_var_frac", "rollout/zero_var_frac_sampled", "train/grad_norm", "train/clip_frac",
+                 "rollout/sampling_rounds", "rollout/sampled_tokens", "rollout/response_len"):  # fmt: skip
+        out[name] = np.array([r.get(name, np.nan) for r in steps], dtype=float)
+    out["tokens"] = float(lines[-1]["rollout/generated_tokens"])
+    return out
+
+
+def tokens_to_target(c: dict[str, np.ndarray], target: float) -> float:
+    """Generated tokens by the first validation at or above target (nan: never reached)."""
+    hit = np.nonzero(c["val"] >= target)[0]
+    return float(c["val_tokens"][hit[0]]) if len(hit) else float("nan")
+
+
+def accuracy_at(c: dict[str, np.ndarray], tokens: np.ndarray) -> np.ndarray:
+    """The run's validation accuracy at each token count: that of its latest validation at or before it."""
+    idx = np.searchsorted(c["val_tokens"], tokens, side="right") - 1
+    return c["val"][np.clip(idx, 0, None)]
+
+
+def accounting(c: dict[str, np.ndarray], steps: int) -> dict[str, float]:
+    """Where a run's generated tokens went, over its first `steps` steps plus its VAS scoring: the
+    trained batch (split by the share of its groups without signal: an estimate by group share),
+    the groups dynamic sampling dropped, and VAS scoring (total - training rollouts)."""
+    sampled = c["rollout/sampled_tokens"][:steps]
+    batch = c["rollout/response_len"][:steps] * BATCH * GROUP
+    dead = (c["vas/zero_var_frac"][:steps] * batch).sum()
+    training = sampled.sum()
+    return {"total": c["tokens"] if steps >= len(sampled) else float("nan"), "scoring": c["tokens"] - training,
+            "dropped": training - batch.sum(), "trained": batch.sum(), "dead": dead, "signal": batch.sum() - dead}  # fmt: skip
+
+
+def per_seed(args, arm: str, budget: float) -> dict[str, np.ndarray]:
+    """One value per seed (args.seeds order) of every reported number of one arm."""
+    runs = [curves(read(run_dir(args, arm, s))) for s in args.seeds]
+    grid = np.linspace(0, budget, 201)
+    steps = args.steps if arm != "uniform-budget" else 10**9
+    books = [accounting(c, steps) for c in runs]
+    return {
+        "tokens_to_target": np.array([tokens_to_target(c, args.target) for c in runs]),
+        "val_at_equal_tokens": np.array([accuracy_at(c, grid).mean() for c in runs]),
+        "final_val": np.array([c["val"][-1] for c in runs]),
+        "zero_var_sampled": np.array([np.nanmean(c["rollout/zero_var_frac_sampled"]) for c in runs]),
+        "zero_var_trained": np.array([c["vas/zero_var_frac"].mean() for c in runs]),
+        "signal_prompts": np.array([BATCH * (1 - c["vas/zero_var_frac"]).mean() for c in runs]),
+        "grad_norm": np.array([c["train/grad_norm"].mean() for c in runs]),
+        "clip_frac": np.array([c["train/clip_frac"].mean() for c in runs]),
+        "rounds": np.array([np.nanmean(c["rollout/sampling_rounds"]) for c in runs]),
+        "tokens": np.array([c["tokens"] for c in runs]),
+        "steps": np.array([c["val_steps"][-1] for c in runs], dtype=float),
+        **{f"acct_{k}": np.array([b[k] for b in books]) for k in books[0]},
+    }
+
+
+def fmt(mean_hw: tuple[float, float], digits: int = 3, scale: float = 1.0) -> str:
+    mean, hw = mean_hw
+    return f"{mean / scale:.{digits}f} ± {hw / scale:.{digits}f}"
+
+
+def summarise(args) -> tuple[str, dict]:
+    """The results tables (markdown) and the numbers behind them."""
+    everything = [curves(read(run_dir(args, a, s))) for a in args.arms for s in args.seeds]
+    budget = min(c["tokens"] for c in everything)
+    values = {arm: per_seed(args, arm, budget) for arm in args.arms}
+    out, summary = [], {"budget_tokens": budget, "target": args.target, "arms": {}}
+    out.append(f"Target greedy val accuracy {args.target}; equal-token budget {budget / 1e3:.0f}k tokens "
+               f"(the fewest of any run); {len(args.seeds)} seeds; mean ± 95% t half-width.\n")  # fmt: skip
+    out.append("| arm | steps | reached target | tokens to target (k) | val acc at equal tokens | final val acc | "
+               "zero-var sampled | zero-var trained | prompts w/ signal / step | grad norm | clip frac | rounds | "
+               "generated tokens (k) |\n" + "| --- " * 13 + "|")  # fmt: skip
+    for arm, v in values.items():
+        reached = v["tokens_to_target"][~np.isnan(v["tokens_to_target"])]
+        e = {k: interval(x) for k, x in v.items() if k != "tokens_to_target"}
+        ttt = fmt(interval(reached), 1, 1e3) if len(reached) else "-"
+        summary["arms"][arm] = e | {"tokens_to_target": interval(reached) if len(reached) else None,
+                                    "reached": int(len(reached))}  # fmt: skip
+        out.append(f"| {arm} | {e['steps'][0]:.0f} | {len(reached)}/{len(args.seeds)} | {ttt} | "
+                   f"{fmt(e['val_at_equal_tokens'])} | {fmt(e['final_val'])} | {fmt(e['zero_var_sampled'])} | "
+                   f"{fmt(e['zero_var_trained'])} | {fmt(e['signal_prompts'], 1)} | {fmt(e['grad_norm'])} | "
+                   f"{fmt(e['clip_frac'], 4)} | {fmt(e['rounds'], 2)} | {fmt(e['tokens'], 0, 1e3)} |")  # fmt: skip
+    if "uniform" in values:
+        out.append("\nPaired by seed, minus `uniform` (tokens to target: seeds where both reached it):\n")
+        out.append("| arm | tokens to target (k) | val acc at equal tokens | final val acc | zero-var trained |\n"
+                   + "| --- " * 5 + "|")  # fmt: skip
+        base = values["uniform"]
+        for arm in [a for a in args.arms if a != "uniform"]:
+            v = values[arm]
+            both = ~np.isnan(v["tokens_to_target"]) & ~np.isnan(base["tokens_to_target"])
+            d = {k: interval(v[k] - base[k]) for k in ("val_at_equal_tokens", "final_val", "zero_var_trained")}
+            ttt = interval(v["tokens_to_target"][both] - base["tokens_to_target"][both]) if both.sum() else None
+            summary["arms"][arm]["minus_uniform"] = d | {"tokens_to_target": ttt, "pairs": int(both.sum())}
+            cell = f"{fmt(ttt, 1, 1e3)} (n={both.sum()})" if ttt else "-"
+            out.append(f"| {arm} | {cell} | {fmt(d['val_at_equal_tokens'])} | {fmt(d['final_val'])} | "
+                       f"{fmt(d['zero_var_trained'])} |")  # fmt: skip
+    out.append("\nThe accounting (thousands of tokens, mean over seeds, the first --steps steps of each arm and its "
+               "scoring; `dead`: tokens of trained groups without signal, by group share):\n")  # fmt: skip
+    out.append("| arm | VAS scoring | dropped by the filter | trained batch | of it dead | of it with signal | "
+               "spent beyond the trained batch | dead tokens saved vs uniform |\n" + "| --- " * 8 + "|")  # fmt: skip
+    for arm, v in values.items():
+        k = {name: v[f"acct_{name}"].mean() / 1e3 for name in ("scoring", "dropped", "trained", "dead", "signal")}
+        saved = (values["uniform"]["acct_dead"].mean() / 1e3 - k["dead"]) if "uniform" in values else float("nan")
+        out.append(f"| {arm} | {k['scoring']:.0f} | {k['dropped']:.0f} | {k['trained']:.0f} | {k['dead']:.0f} | "
+                   f"{k['signal']:.0f} | {k['scoring'] + k['dropped']:.0f} | {saved:.0f} |")  # fmt: skip
+    return "\n".join(out), summary
+
+
+def plot(args, budget: float) -> list[Path]:
+    """Validation accuracy against steps and against generated tokens (mean over seeds, min-max band),
+    and the accounting plot: each run's generated tokens against its final accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for x_axis in ("steps", "tokens"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for arm in args.arms:
+            runs = [curves(read(run_dir(args, arm, s))) for s in args.seeds]
+            if x_axis == "steps":
+                n = min(len(c["val"]) for c in runs)
+                x, ys = runs[0]["val_steps"][:n], np.stack([c["val"][:n] for c in runs])
+            else:
+                x = np.linspace(0, min(c["tokens"] for c in runs), 101)
+                ys = np.stack([accuracy_at(c, x) for c in runs])
+                x = x / 1e6
+            (line,) = ax.plot(x, ys.mean(0), label=arm, linestyle="--" if arm == "uniform-budget" else "-")
+            ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.12, color=line.get_color())
+        ax.axhline(args.target, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("training step" if x_axis == "steps" else "generated tokens (millions, scoring included)")
+        ax.set_ylabel("greedy val accuracy")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(Path(args.out) / f"{x_axis}.png")
+        fig.savefig(paths[-1], dpi=90)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in args.arms:
+        runs = [curves(read(run_dir(args, arm, s))) for s in args.seeds]
+        ax.scatter([c["tokens"] / 1e6 for c in runs], [c["val"][-1] for c in runs], label=arm, s=14)
+    ax.set_xlabel("generated tokens of the run (millions)")
+    ax.set_ylabel("final greedy val accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(Path(args.out) / "accounting.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    spread = ROOT / "data" / "toy-spread" / "rl"
+    parser.add_argument("--target", type=float, required=True, help="greedy val accuracy of the primary metric")
+    parser.add_argument("--sft-model", default=str(ROOT / "runs" / "toy-spread-sft600" / "final"), help="shared start")
+    parser.add_argument("--data", default=f"{spread}@train", help="RL rows of the pool")
+    parser.add_argument("--val-data", default=f"{spread}@val", help="validation rows")
+    parser.add_argument("--val-temperature", type=float, default=0.0, help="validation temperature (0 = greedy)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "sampler-study"), help="runs, tables and plots")
+    parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="rollout engine (HF is faster here)")
+    parser.add_argument("--steps", type=int, default=60, help="GRPO steps of every arm but uniform-budget")
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(range(10)),
+                        help="comma-separated seeds (default 0-9)")  # fmt: skip
+    parser.add_argument("--train-limit", type=int, default=512, help="prompts in the pool (P)")
+    parser.add_argument("--val-every", type=int, default=5, help="validation every N steps")
+    parser.add_argument("--val-limit", type=int, default=200, help="validation prompts")
+    parser.add_argument("--vas-rollouts", type=int, default=16, help="N for VPS scoring (paper: 16)")
+    parser.add_argument("--vas-update-every", type=int, default=12, help="T_update (paper 56 of ~290 steps, scaled)")
+    parser.add_argument("--max-sampling-rounds", type=int, default=3, help="rounds of the dynamic arms")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (one thread each)")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
+    parser.add_argument("--skip-train", action="store_true", help="only aggregate finished runs")
+    args = parser.parse_args()
+    args.arms = [a for a in args.arms.split(",") if a]
+    if set(args.arms) - set(ARMS):
+        raise SystemExit(f"error: unknown arms {sorted(set(args.arms) - set(ARMS))}; choose from {list(ARMS)}")
+    if "uniform-budget" in args.arms and "uniform" not in args.arms:
+        raise SystemExit("error: uniform-budget continues uniform's runs: add uniform to --arms")
+    if not Path(args.sft_model, "config.json").exists():
+        raise SystemExit(f"error: no SFT checkpoint at {args.sft_model}: see the commands at the top of --help")
+    if not args.skip_train:
+        train_all(args)
+    table, summary = summarise(args)
+    Path(args.out, "results.md").write_text(table + "\n")
+    Path(args.out, "results.json").write_text(json.dumps({"args": vars(args), **summary}, indent=2))
+    print(table)
+    print("plots:", *plot(args, summary["budget_tokens"]))
+
+
+if __name__ == "__main__":
+    main()
