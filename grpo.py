@@ -971,6 +971,8 @@ def validate_config(cfg: GRPOConfig) -> None:
             f"--overlong-buffer {cfg.overlong_buffer} --overlong-penalty {cfg.overlong_penalty}: use a buffer in "
             f"[0, --max-response-length {cfg.max_response_length}] and a penalty >= 0"
         )
+    if not cfg.dynamic_sampling and cfg.max_sampling_rounds != GRPOConfig.max_sampling_rounds:
+        problems.append(f"--max-sampling-rounds {cfg.max_sampling_rounds} has no effect without --dynamic-sampling")
     if cfg.tis_cap < 0:
         problems.append(f"--tis-cap {cfg.tis_cap}: a cap on the importance weight, use a value > 0 (0 = off)")
     if problems:

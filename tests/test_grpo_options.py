@@ -413,12 +413,14 @@ def test_compare_runs_table_and_png(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "change", [{"tis_cap": -1.0}, {"overlong_buffer": -1}, {"overlong_buffer": 65}, {"overlong_penalty": -0.5}]
-)
+    "change",
+    [{"tis_cap": -1.0}, {"overlong_buffer": -1}, {"overlong_buffer": 65}, {"overlong_penalty": -0.5},
+     {"max_sampling_rounds": 5}],  # the last: without --dynamic-sampling it would do nothing
+)  # fmt: skip
 def test_bad_option_values_stop_with_one_line(change):
     """Out-of-range values of the new flags stop at the start, naming the flag (not silently off)."""
     cfg = dataclasses.replace(grpo.GRPOConfig(max_response_length=64), **change)
-    with pytest.raises(SystemExit, match="--(tis-cap|overlong-buffer)"):
+    with pytest.raises(SystemExit, match="--(tis-cap|overlong-buffer|max-sampling-rounds)"):
         grpo.validate_config(cfg)
 
 
