@@ -495,7 +495,16 @@ class StepBatch:
 
 
 def sample_batch(
-    engine, model, sampler, rows: list[dict], processor, fmt: chat.PromptFormat, pool, cfg: GRPOConfig, d, step: int
+    engine,
+    model,
+    sampler: vas.MixedSampler,
+    rows: list[dict],
+    processor,
+    fmt: chat.PromptFormat,
+    pool,
+    cfg: GRPOConfig,
+    d: dist.Dist,
+    step: int,
 ) -> StepBatch:
     """This rank's share of the step's global batch from the sampler, n rollouts per prompt from the
     policy after `step` updates, scored.
@@ -505,7 +514,7 @@ def sample_batch(
     holds its share of --rollout-batch-size groups with signal, or --max-sampling-rounds; the ranks
     agree after each round (one all-reduce), so all run the same rounds. A share still short then is
     filled with dropped groups that carry no weight (`trained` False), so every rank keeps its shape."""
-    share = cfg.rollout_batch_size // d.world_size
+    share, n = cfg.rollout_batch_size // d.world_size, cfg.group_size
     kept, dropped, sampled = [], [], []
     engine.push_weights(model, version=step)  # the new policy -> the inference engine (vLLM: skipped if unchanged)
     for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
@@ -516,19 +525,19 @@ def sample_batch(
         sampling = rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed)
         outs = engine.generate(part, cfg.group_size, sampling, prompts)  # n per prompt, row-major
         rewards = score(outs, part, pool, cfg)  # format + accuracy of each response, reward.py
-        n = cfg.group_size
         for g, i in enumerate(prompt_ids):
             group = Group(i, part[g], prompts[g], outs[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n])
             sampled.append(group)
             (kept if not cfg.dynamic_sampling or has_signal(group) else dropped).append(group)
-        full = dist.all_reduce_sum(min(len(kept), share), d.device) if cfg.dynamic_sampling else 0
-        if not cfg.dynamic_sampling or int(full) == cfg.rollout_batch_size:  # every rank's share is full
+        if not cfg.dynamic_sampling:
             break
+        if int(dist.all_reduce_sum(min(len(kept), share), d.device)) == cfg.rollout_batch_size:
+            break  # every rank's share is full (all ranks see the same sum: the same rounds everywhere)
     engine.sleep()
     kept = kept[:share]  # a share over-full after the last round: the rest is dropped (its tokens counted)
     groups = kept + dropped[: share - len(kept)]
     outs = [dataclasses.replace(o, row=g) for g, group in enumerate(groups) for o in group.outs]
-    trained = torch.tensor([g < len(kept) for g in range(len(groups)) for _ in range(cfg.group_size)])
+    trained = torch.tensor([g < len(kept) for g in range(len(groups)) for _ in range(n)])
     return StepBatch(
         [g.row for g in groups],
         [g.prompt for g in groups],
