@@ -32,11 +32,26 @@ the boxed answer following the slip. The SFT model learns to count and learns th
 validation and test rows keep the right answers, so GRPO can remove the slip. The slip is drawn
 from its own random stream: the rows themselves do not depend on the share.
 
-Variant `spread` (the sampler-study bench; docs/vas-study.md). The slip mechanism with one slip
-rate per multiplier (SPREAD_SHARES: x1 never, x3 rarely, ..., x6 almost always), so that after SFT
-pass rates spread by operation from near 1 (x1: the easy rows) to near 0 (x6), and most prompts
-have no outcome variance at N = 8: the regime VAS is built for. The multipliers skip 2 because
-k + 2 = 2k at k = 2 (a slip that would not change the answer).
+Variant `spread` (the sampler-study bench; docs/vas-study.md). Arith on red as in `slip`, the
+multiplier uniform over 1, 3, 4, 5, 6 and the addend in 1..9, with a different slip per multiplier
+(SPREAD_SLIPS) at its own rate (SPREAD_SHARES), from never to almost always:
+
+    x1   never slips                                             the easy rows
+    x3   0.30  adds 3 instead of multiplying      k + 3 = m. m + a = r.
+    x4   0.85  subtracts the addend               k x 4 = m. m - a = r.
+    x5   0.93  forgets the add, boxes the product k x 5 = m.
+    x6   0.97  adds 6 once more at the end        k x 6 = m. m + a = r. r + 6 = s.
+
+Each slip sits at its own place in the trace and writes its own wrong token there (the first
+operator, the second operator, the end after one step, the end after two), so unlearning one
+habit on its own rows does little for the others, and the rarely-right x5 / x6 rows give GRPO a
+signal only now and then: after SFT pass rates spread by operation from near 1 (x1) to near 0
+(x6), most prompts have no outcome variance at N = 8, and uniform sampling learns slowly: the
+regime VAS is built for (measured: uniform GRPO fixes x4 in about 10 steps and x5 / x6 only after
+about 45; docs/toy.md). The shares are tuned to that: at 0.85 (x5 in a first design) a slip was
+fixed in about 10 steps. Every slip changes the answer at every count 0..4 and addend 1..9
+(k + 3 = 3k has no integer root; the others differ by 2a, a or 6; the addend starts at 1 so that
+"forgets the add" and "subtracts" always change it); tests/test_toy_spread.py checks all of it.
 """
 
 from __future__ import annotations
@@ -74,8 +89,8 @@ GREEDY_VAL_VARIANTS = ("slip", "spread")  # their errors are greedy habits: vali
 SLIP_COLOR = "red"  # slip variant: the one colour every question counts
 SLIP_MUL = 3  # slip variant: the multiplier whose SFT traces slip (input-dependent, so greedy decoding slips too)
 SLIP_SHARE = 0.6  # slip variant: share of the SFT traces of SLIP_MUL rows that slip
-# spread variant: multiplier -> share of its SFT traces that slip (no x2: k + 2 = 2k at k = 2)
-SPREAD_SHARES = {1: 0.0, 3: 0.3, 4: 0.6, 5: 0.85, 6: 0.97}
+# spread variant: multiplier -> share of its SFT traces that slip (each multiplier's slip: SPREAD_SLIPS)
+SPREAD_SHARES = {1: 0.0, 3: 0.3, 4: 0.85, 5: 0.93, 6: 0.97}
 
 
 @dataclass
@@ -136,10 +151,12 @@ def sample_slip_example(rng: random.Random) -> ToyExample:
 
 
 def sample_spread_example(rng: random.Random) -> ToyExample:
-    """Variant `spread`: like `slip`, with the multiplier uniform over SPREAD_SHARES' keys."""
-    ex = sample_slip_example(rng)
-    ex.mul = rng.choice(sorted(SPREAD_SHARES))
-    return ex
+    """Variant `spread`: an arith example counting SLIP_COLOR (count uniform in 0..4), the multiplier
+    uniform over SPREAD_SHARES' keys, the addend in 1..9 (never 0: see the module docstring)."""
+    k = rng.randint(0, 4)
+    grid = [SLIP_COLOR] * k + [rng.choice([c for c in COLORS if c != SLIP_COLOR]) for _ in range(4 - k)]
+    rng.shuffle(grid)
+    return ToyExample(grid, "arith", SLIP_COLOR, mul=rng.choice(sorted(SPREAD_SHARES)), add=rng.randint(1, 9))
 
 
 def slip_probability(ex: ToyExample, variant: str, slip_share: float) -> float:
@@ -189,6 +206,31 @@ def slip(ex: ToyExample) -> tuple[str, str]:
     return f"I see {k} {ex.target} squares. {k} + {ex.mul} = {m}. {m} + {ex.add} = {m + ex.add}.", str(m + ex.add)
 
 
+def slip_subtract(ex: ToyExample) -> tuple[str, str]:
+    """Spread x4's slip: multiplies right, then subtracts the addend (answer mk - a, off by 2a)."""
+    k = sum(c == ex.target for c in ex.grid)
+    m = k * ex.mul
+    return f"I see {k} {ex.target} squares. {k} x {ex.mul} = {m}. {m} - {ex.add} = {m - ex.add}.", str(m - ex.add)
+
+
+def slip_forget_add(ex: ToyExample) -> tuple[str, str]:
+    """Spread x5's slip: multiplies right, then stops and boxes the product (off by a)."""
+    k = sum(c == ex.target for c in ex.grid)
+    m = k * ex.mul
+    return f"I see {k} {ex.target} squares. {k} x {ex.mul} = {m}.", str(m)
+
+
+def slip_add_again(ex: ToyExample) -> tuple[str, str]:
+    """Spread x6's slip: solves right, then adds the multiplier once more (off by the multiplier)."""
+    reasoning, answer = solve(ex)
+    s = int(answer) + ex.mul
+    return f"{reasoning} {answer} + {ex.mul} = {s}.", str(s)
+
+
+# spread variant: multiplier -> its slip, each at its own place in the trace (module docstring)
+SPREAD_SLIPS = {3: slip, 4: slip_subtract, 5: slip_forget_add, 6: slip_add_again}
+
+
 def png_bytes(image: Image.Image) -> bytes:
     """PNG encoding of a PIL image (how images are stored in the parquet rows)."""
     buffer = io.BytesIO()
@@ -203,7 +245,7 @@ def make_rows(
 
     Variants `slip` and `spread`: the SFT rows carry a `slip` column (True where the trace slips);
     the RL rows always hold the right answer. `slip_share` is the slip variant's (spread's shares are
-    SPREAD_SHARES)."""
+    SPREAD_SHARES, its slips SPREAD_SLIPS)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown toy variant {variant!r}; choose from {VARIANTS}")
     rng = random.Random(seed * 1000 + SPLIT_SEEDS[split])
@@ -220,7 +262,8 @@ def make_rows(
         row["family"] = ex.family
         rl_rows.append(row)
         slipped = slip_rng.random() < slip_probability(ex, variant, slip_share)
-        shown, shown_answer = slip(ex) if slipped else (reasoning, answer)
+        wrong = SPREAD_SLIPS[ex.mul] if variant == "spread" and slipped else slip  # x1 never slips
+        shown, shown_answer = wrong(ex) if slipped else (reasoning, answer)
         solution = f"<think>{shown}</think><answer>\\boxed{{{shown_answer}}}</answer>"
         messages = [{"role": "user", "content": problem}, {"role": "assistant", "content": solution}]
         sft_rows.append({"id": row["id"], "messages": messages, "images": [image]})

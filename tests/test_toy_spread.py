@@ -1,13 +1,14 @@
-"""The `spread` toy variant (the sampler-study bench): right RL answers, SFT traces that slip at one rate per multiplier."""
+"""The `spread` toy variant (the sampler-study bench): right RL answers, SFT traces that slip in a different way
+and at a different rate per multiplier."""
 
 import hashlib
 import math
 import re
 
 import pytest
-from test_toy import answer_from_pixels
-from test_toy_slip import TRACE
+from test_toy import answer_from_pixels, cell_colours
 
+import reward
 from data import toy
 
 SLIP_SHA256 = "c9c0c1b15f6af04f3e701e22d316d5dc36a0309243ed112fab0aac8cbe24f915"
@@ -19,8 +20,28 @@ def train_rows() -> tuple[list[dict], list[dict]]:
     return toy.make_rows(3000, seed=0, split="train", variant="spread")
 
 
+# "I see k red squares." then one or more steps "a <op> b = c." and the boxed answer
+TRACE = re.compile(
+    r"<think>I see (\d) red squares\.((?: -?\d+ [x+-] \d = -?\d+\.)+)</think><answer>\\boxed\{(-?\d+)\}</answer>"
+)
+STEP = re.compile(r" (-?\d+) ([x+-]) (\d) = (-?\d+)\.")
+APPLY = {"x": lambda a, b: a * b, "+": lambda a, b: a + b, "-": lambda a, b: a - b}
+# multiplier -> the (operator, operand) of each step of its slipped trace ("mul" / "add": the question's)
+SLIP_SHAPES = {
+    3: [("+", "mul"), ("+", "add")],  # adds 3 instead of multiplying
+    4: [("x", "mul"), ("-", "add")],  # subtracts the addend
+    5: [("x", "mul")],  # forgets the add
+    6: [("x", "mul"), ("+", "add"), ("+", "mul")],  # adds 6 once more
+}
+RIGHT_SHAPE = [("x", "mul"), ("+", "add")]
+
+
 def multiplier(row: dict) -> int:
     return int(re.search(r"multiply by (\d)", row["problem"]).group(1))
+
+
+def addend(row: dict) -> int:
+    return int(re.search(r"then add (\d)", row["problem"]).group(1))
 
 
 def test_spread_generation_is_deterministic():
@@ -48,17 +69,43 @@ def test_spread_rl_answers_are_right_and_every_multiplier_appears(train_rows):
     for row in rl_rows[::7] + rl_rows[-400:]:  # decoding every image is slow; a stride plus all val / test rows
         assert row["family"] == "arith" and answer_from_pixels(row) == row["answer"]
     assert {multiplier(r) for r in rl_rows} == set(toy.SPREAD_SHARES)
+    assert {addend(r) for r in rl_rows} == set(range(1, 10))  # never 0: a forgotten add must change the answer
 
 
-def test_spread_traces_are_consistent_and_slips_change_the_answer(train_rows):
+def test_every_slip_changes_the_answer_at_every_count_and_addend():
+    """Each multiplier's slip, at every count 0..4 and addend 1..9: a wrong answer, and one the reward
+    scores 0 against the right one (so "-4" is not read as 4)."""
+    assert set(toy.SPREAD_SLIPS) == {m for m, share in toy.SPREAD_SHARES.items() if share > 0}
+    for mul, slip in toy.SPREAD_SLIPS.items():
+        for k in range(5):
+            for add in range(1, 10):
+                ex = toy.ToyExample(["red"] * k + ["blue"] * (4 - k), "arith", "red", mul=mul, add=add)
+                _, right = toy.solve(ex)
+                assert right == str(k * mul + add)
+                reasoning, wrong = slip(ex)
+                response = f"<think>{reasoning}</think><answer>\\boxed{{{wrong}}}</answer>"
+                assert wrong != right and reward.accuracy_reward(response, right) == 0.0, (mul, k, add)
+
+
+def test_spread_traces_are_consistent_and_each_multiplier_slips_its_own_way(train_rows):
+    """Every trace's arithmetic holds step by step and it boxes its last result; a right trace is
+    "k x mul, + add", a slipped one has its multiplier's shape (SLIP_SHAPES) and a wrong boxed answer;
+    the count is right (read back from the pixels on a stride of the rows)."""
     rl_rows, sft_rows = train_rows
-    for rl, sft in zip(rl_rows, sft_rows):
-        k, k2, op, mul, m, m2, add, result, boxed = TRACE.fullmatch(sft["messages"][1]["content"]).groups()
-        assert k == k2 and m == m2 and result == boxed and int(mul) == multiplier(rl)
-        if sft["slip"]:
-            assert op == "+" and int(m) == int(k) + int(mul) and boxed != rl["answer"]
-        else:
-            assert op == "x" and boxed == rl["answer"]
+    for i, (rl, sft) in enumerate(zip(rl_rows, sft_rows)):
+        k, steps, boxed = TRACE.fullmatch(sft["messages"][1]["content"]).groups()
+        if i % 7 == 0:
+            assert int(k) == cell_colours(rl["images"][0]["bytes"]).count("red")
+        value, shape = int(k), []
+        for a, op, b, c in STEP.findall(steps):
+            assert int(a) == value and APPLY[op](int(a), int(b)) == int(c)  # each step starts from the last result
+            shape.append((op, int(b)))
+            value = int(c)
+        assert int(boxed) == value
+        operand = {"mul": multiplier(rl), "add": addend(rl)}
+        expected = SLIP_SHAPES[multiplier(rl)] if sft["slip"] else RIGHT_SHAPE
+        assert shape == [(op, operand[name]) for op, name in expected]
+        assert (boxed == rl["answer"]) != sft["slip"]
 
 
 def test_spread_slip_rates_follow_the_shares(train_rows):
