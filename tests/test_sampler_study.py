@@ -1,0 +1,56 @@
+"""bench/sampler_study.py's aggregation on hand-made metrics.jsonl lines: tokens to the target, accuracy
+at equal tokens, the token accounting (the bench's runs themselves are a script, not a test)."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import sampler_study  # noqa: E402
+
+
+def lines(val: dict[int, float], sampled: list[float], response_len: list[float], zero_var: list[float], scoring=0.0):
+    """metrics.jsonl of a run: step records with the sampled tokens of each step (cumulative generated
+    tokens = scoring + their running sum), validations at the steps of `val` (step 0 alone)."""
+    out, total = [{"step": 0, "val/accuracy": val[0]}], scoring
+    for step, (s, r, z) in enumerate(zip(sampled, response_len, zero_var), 1):
+        total += s
+        out.append(
+            {
+                "step": step,
+                "train/loss": 0.0,
+                "rollout/generated_tokens": total,
+                "rollout/sampled_tokens": s,
+                "rollout/response_len": r,
+                "vas/zero_var_frac": z,
+                "rollout/zero_var_frac_sampled": z,
+                "train/grad_norm": 1.0,
+                "train/clip_frac": 0.0,
+                "rollout/sampling_rounds": 1.0,
+            }  # fmt: skip
+            | ({"val/accuracy": val[step]} if step in val else {})
+        )
+    return out
+
+
+def test_tokens_to_target_and_accuracy_at_equal_tokens():
+    c = sampler_study.curves(lines({0: 0.3, 2: 0.6, 4: 0.9}, [100.0] * 4, [1.0] * 4, [0.5] * 4, scoring=1000.0))
+    assert c["val_tokens"].tolist() == [0.0, 1200.0, 1400.0]  # scoring before step 1 counts
+    assert sampler_study.tokens_to_target(c, 0.6) == 1200.0 and sampler_study.tokens_to_target(c, 0.9) == 1400.0
+    assert np.isnan(sampler_study.tokens_to_target(c, 0.95))
+    # the latest validation at or before each budget: 0.3 up to 1199 tokens, 0.6 from 1200, 0.9 from 1400
+    got = sampler_study.accuracy_at(c, np.array([0.0, 1199.0, 1200.0, 1399.0, 1500.0]))
+    assert got.tolist() == [0.3, 0.3, 0.6, 0.6, 0.9]
+
+
+def test_accounting_splits_every_token():
+    """Two steps: 1,280 sampled tokens each of which the trained batch (16 x 8 responses of mean length
+    5) is 640; half (then a quarter) of its groups dead; 3,000 tokens of VAS scoring."""
+    c = sampler_study.curves(lines({0: 0.3, 2: 0.5}, [1280.0, 1280.0], [5.0, 5.0], [0.5, 0.25], scoring=3000.0))
+    got = sampler_study.accounting(c, steps=2)
+    assert got == {"total": 5560.0, "scoring": 3000.0, "dropped": 1280.0, "trained": 1280.0,
+                   "dead": 320.0 + 160.0, "signal": 1280.0 - 480.0}  # fmt: skip
+    assert got["scoring"] + got["dropped"] + got["trained"] == pytest.approx(got["total"])
