@@ -45,6 +45,11 @@ def series(lines: list[dict], metric: str, x: str) -> tuple[list[float], list[fl
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def tokens_by_step(lines: list[dict]) -> dict[int, float]:
+    """Step -> rollout/generated_tokens by the end of it (step 0, before any rollout: 0)."""
+    return {0: 0.0} | {r["step"]: r["rollout/generated_tokens"] for r in lines if "rollout/generated_tokens" in r}
+
+
 def summary(values: list[float]) -> tuple[float, float, float]:
     """(last, best = largest, mean) of one run's values of a metric."""
     return values[-1], max(values), sum(values) / len(values)
@@ -74,8 +79,8 @@ def table(groups: dict[str, list[Path]], data: dict[Path, list[dict]], metrics: 
 
 
 def plot(groups: dict[str, list[Path]], data: dict[Path, list[dict]], metrics: list[str], x: str, out: Path) -> None:
-    """One panel per metric; a group of seeds: the mean line over the x values all its runs logged, and
-    the min-max band; a lone run: its line."""
+    """One panel per metric; a group of seeds: the mean line over the steps all its runs logged (against
+    tokens: at the runs' mean token count of each such step), and the min-max band; a lone run: its line."""
     try:
         import matplotlib
     except ImportError as e:
@@ -86,16 +91,21 @@ def plot(groups: dict[str, list[Path]], data: dict[Path, list[dict]], metrics: l
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for name, runs in groups.items():
-            curves = [dict(zip(*series(data[r], metric, x))) for r in runs]
-            shared = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-            if not shared:
+            # seeds are aligned by step (their token counts differ a little), then placed at x
+            curves = [dict(zip(*series(data[r], metric, "step"))) for r in runs]
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if not steps:
                 continue
-            values = [[c[k] for c in curves] for k in shared]
+            values = [[c[k] for c in curves] for k in steps]
             mean = [sum(v) / len(v) for v in values]
-            (line,) = ax.plot(shared, mean, label=f"{name} (n={len(runs)})" if len(runs) > 1 else name)
+            xs = steps
+            if x == "tokens":  # each step at the seeds' mean token count by then
+                counts = [tokens_by_step(data[r]) for r in runs]
+                xs = [sum(c.get(k, 0.0) for c in counts) / len(counts) for k in steps]
+            (line,) = ax.plot(xs, mean, label=f"{name} (n={len(runs)})" if len(runs) > 1 else name)
             if len(runs) > 1:
                 ax.fill_between(
-                    shared, [min(v) for v in values], [max(v) for v in values], alpha=0.2, color=line.get_color()
+                    xs, [min(v) for v in values], [max(v) for v in values], alpha=0.2, color=line.get_color()
                 )
         ax.set_title(metric)
         ax.set_xlabel("step" if x == "step" else "generated tokens")
@@ -106,7 +116,7 @@ def plot(groups: dict[str, list[Path]], data: dict[Path, list[dict]], metrics: l
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders, each with a metrics.jsonl")
     parser.add_argument("--metrics", default="val/accuracy,vas/zero_var_frac", help="comma-separated metric names")
     parser.add_argument(

@@ -410,6 +410,9 @@ def test_compare_runs_table_and_png(tmp_path, capsys):
     assert out.stat().st_size > 1000
     with pytest.raises(SystemExit, match="error: .*metrics.jsonl not found"):
         compare_runs.main([str(tmp_path / "missing")])
+    # against tokens, seeds align by step: step 0 at 0 tokens, later steps at their token counts
+    lines = [{"step": 0, "val/accuracy": 0.1}, {"step": 1, "rollout/generated_tokens": 40.0}]
+    assert compare_runs.tokens_by_step(lines) == {0: 0.0, 1: 40.0}
 
 
 @pytest.mark.parametrize(
