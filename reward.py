@@ -392,6 +392,7 @@ def score_one(
 
 
 def _worker(conn, score_fn) -> None:
+    conn.send("ready")  # started and imported (score_fn unpickled): only now does a job's clock run
     while True:
         job = conn.recv()
         if job is None:
@@ -403,7 +404,10 @@ def _worker(conn, score_fn) -> None:
 class RewardPool:
     """Worker processes that score responses, each killed and replaced if it runs past timeout_s.
 
-    Reuse one pool across calls (a context manager) to pay the process start-up once.
+    Reuse one pool across calls (a context manager) to pay the process start-up once. A job's time
+    limit counts from its dispatch to a worker that has started: a fresh worker (at the start, or
+    replacing a killed one) first reports ready, so a slow start-up on a loaded machine (spawn,
+    imports) is never charged to a response as a timeout.
     `score_fn` (a module-level function with score_one's signature) is what the workers run;
     `timeout_result(job)` is the result of a job that ran out of time (default: format kept,
     accuracy 0, timed_out True). eval.py passes benchmarks.score_job / benchmarks.timed_out_job.
@@ -414,6 +418,7 @@ class RewardPool:
         self.timeout_result = timeout_result or _timed_out
         self.ctx = mp.get_context("spawn")  # no fork of a threaded (torch) parent
         self.procs: list = [self._start() for _ in range(workers)]
+        self.ready: set[int] = set()  # slots whose worker has reported ready
 
     def _start(self):
         parent, child = self.ctx.Pipe()
@@ -430,13 +435,21 @@ class RewardPool:
         busy: dict[int, tuple[int, float]] = {}  # worker slot -> (job index, start time)
         while pending or busy:
             for slot in range(self.workers):
-                if slot not in busy and pending:
+                if slot in self.ready and slot not in busy and pending:
                     index = pending.pop()
                     self.procs[slot][1].send((index, jobs[index]))
                     busy[slot] = (index, time.monotonic())
-            conns = {self.procs[slot][1]: slot for slot in busy}
+            starting = [slot for slot in range(self.workers) if slot not in self.ready]
+            conns = {self.procs[slot][1]: slot for slot in [*busy, *starting]}
             for conn in wait(list(conns), timeout=0.05):
                 slot = conns[conn]
+                if slot not in self.ready:  # a fresh worker's "ready"
+                    try:
+                        conn.recv()
+                    except (EOFError, OSError):
+                        raise RuntimeError("a reward worker died while starting (see its error above)") from None
+                    self.ready.add(slot)
+                    continue
                 try:
                     index, result = conn.recv()
                 except (EOFError, OSError):  # the worker died: count it as a timeout
@@ -458,6 +471,7 @@ class RewardPool:
         proc.kill()
         proc.join()
         conn.close()
+        self.ready.discard(slot)
         self.procs[slot] = self._start()
 
     def close(self) -> None:

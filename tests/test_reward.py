@@ -240,6 +240,32 @@ def test_pool_cuts_a_hanging_worker_keeps_order_and_survives():
     assert again[0]["accuracy"] == 1.0
 
 
+class SlowToStart:
+    """sleepy_score as a callable whose unpickling in a fresh worker takes 1.5 s: a stand-in for the
+    spawn and imports of a worker on a loaded machine, three times the 0.5 s limit below."""
+
+    def __getstate__(self):
+        return {"start_up_s": 1.5}
+
+    def __setstate__(self, state):
+        time.sleep(state["start_up_s"])
+
+    def __call__(self, *args):
+        return sleepy_score(*args)
+
+
+def test_pool_does_not_charge_a_workers_start_up_to_a_response():
+    """The limit counts from dispatch to a started worker: responses that score in milliseconds are
+    not timed out while their worker starts (1.5 s > 0.5 s limit), at the first call nor right after a
+    hanging response's worker was killed and replaced (before, both came back as timed out: wrong
+    answers credited 0 for the machine's load)."""
+    responses = ["<answer>\\boxed{1}</answer>", "HANG", "<answer>\\boxed{3}</answer>"]
+    with reward.RewardPool(workers=1, timeout_s=0.5, score_fn=SlowToStart()) as pool:
+        scores = compute_rewards(responses, ["1", "2", "3"], pool=pool)
+    assert [s["timed_out"] for s in scores] == [False, True, False]
+    assert [s["accuracy"] for s in scores] == [1.0, 0.0, 1.0]
+
+
 def test_pool_on_a_pathological_expression_keeps_order():
     # 10^{10^{10^{10}}} vs a huge integer makes sympy work for a long time: the pool must cut it
     responses = [f"<think>t</think><answer>\\boxed{{{i}}}</answer>" for i in range(6)]
