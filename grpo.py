@@ -10,6 +10,8 @@ SIGTERM or SIGUSR1 (preemption): finish the step, save step-N, exit 0 (docs/chec
 One step: sample the global prompt batch (uniform, or VAS-mixed) -> n rollouts per prompt ->
 format + accuracy rewards -> group-normalised advantages -> clipped surrogate + k3 KL to a frozen
 reference, token mean over the global batch -> AdamW -> (VAS) refresh VPS -> log / validate / save.
+The GRPO options of verl / TRL (dynamic sampling, Dr. GRPO, GSPO, overlong handling, TIS) are flags,
+all off by default and in --preset paper (docs/grpo.md "Loss variants and overlong handling").
 
 Where this GRPO departs from the textbook, and why:
 - The loss is the token mean over the GLOBAL batch (every response token of every rank and
