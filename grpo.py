@@ -684,7 +684,9 @@ def refresh_vps(
     return scores
 
 
-def refresh_vps_online(vps: np.ndarray, sampler: vas.MixedSampler, groups: list[Group], cfg: GRPOConfig, d) -> None:
+def refresh_vps_online(
+    vps: np.ndarray, sampler: vas.MixedSampler, groups: list[Group], cfg: GRPOConfig, d: dist.Dist
+) -> None:
     """--vas-online: the VPS of the prompts of `groups` (every group the step sampled, dropped ones
     too) from their training rollouts (no extra generation), gathered over ranks into `vps` (P,),
     then the sampler re-weighted. A prompt sampled twice in a step is scored on all its responses."""
