@@ -3,8 +3,9 @@ token, on the `spread` toy (the regime VAS is built for: docs/vas-study.md "The 
 
     python -m data.toy --variant spread
     OMP_NUM_THREADS=1 python sft.py --toy spread --max-steps 600 --output-dir runs/toy-spread-sft600
-    OMP_NUM_THREADS=1 python bench/sampler_study.py --target 0.80        # 6 arms x 10 seeds, 2 runs at a time
-    python bench/sampler_study.py --target 0.80 --skip-train             # re-aggregate finished runs
+    OMP_NUM_THREADS=1 python bench/sampler_study.py --target 0.79        # 6 arms x 10 seeds, 2 runs at a time
+    python bench/sampler_study.py --target 0.79 --skip-train             # re-aggregate finished runs
+    python bench/sampler_study.py --target 0.79 --skip-train --out bench/results/sampler-study   # the committed runs
 
 The protocol is docs/vas-study.md "The sampler study: protocol (written before the runs)"; in short:
 - start: one SFT checkpoint (seed 0) for every arm and seed; pool: the first --train-limit train
@@ -26,7 +27,9 @@ The protocol is docs/vas-study.md "The sampler study: protocol (written before t
   (trained) the filter, prompts with signal per step, gradient norm, clip fraction, sampling rounds.
 - every number: mean over seeds ± the half-width of the 95% t-interval; differences from `uniform`
   paired by seed.
-Writes <out>/{results.md,results.json,steps.png,tokens.png,accounting.png} and one folder per run.
+Writes <out>/{results.md,results.json,steps.png,tokens.png,accounting.png} and one folder per run,
+and copies every finished run's metrics.jsonl and config.json (not its checkpoint) to --archive: the
+committed record (bench/results/sampler-study), which --skip-train --out can aggregate on its own.
 """
 
 from __future__ import annotations
@@ -82,8 +85,8 @@ def last_step(run: Path) -> int:
 def budget_steps(args, seed: int) -> int:
     """Steps of uniform-budget for `seed`: uniform continued until its generated tokens reach those of
     the most expensive other arm of the seed, at uniform's own mean tokens per step."""
-    finals = {arm: read(run_dir(args, arm, seed))[-1]["rollout/generated_tokens"] for arm in args.arms
-              if arm != "uniform-budget"}  # fmt: skip
+    finals = {arm: read(run_dir(args, arm, seed))[-1]["rollout/generated_tokens"] for arm in ARMS
+              if arm != "uniform-budget"}  # every fixed arm, whatever --arms runs now  # fmt: skip
     per_step = finals["uniform"] / args.steps
     return max(args.steps, math.ceil(max(finals.values()) / per_step))
 
@@ -92,13 +95,38 @@ def run_dir(args, arm: str, seed: int) -> Path:
     return Path(args.out) / f"{arm}-seed{seed}"
 
 
+def planned_steps(run: Path) -> int:
+    """The --max-steps a run was launched with (its config.json; 0 if it has none)."""
+    return json.loads((run / "config.json").read_text())["max_steps"] if (run / "config.json").exists() else 0
+
+
+def finished(run: Path) -> bool:
+    """A run that logged every step it was launched for and saved its final checkpoint (a preempted
+    uniform-budget run has uniform's `final` copied in, but fewer steps than planned)."""
+    return (run / "final").exists() and 0 < planned_steps(run) <= last_step(run)
+
+
+def archive(args) -> list[Path]:
+    """Copy metrics.jsonl and config.json of every finished run under --out (a `final` checkpoint
+    beside them) to --archive/<run>/, the small committed record; returns the folders written."""
+    written = []
+    for run in sorted(Path(args.out).glob("*-seed*")):
+        if finished(run):
+            dest = Path(args.archive) / run.name
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.jsonl", "config.json"):
+                shutil.copy2(run / name, dest / name)
+            written.append(dest)
+    return written
+
+
 def train_all(args) -> None:
     """Every run not finished yet: the fixed-length arms seed-major (a partial study covers every arm),
     then uniform-budget, which continues uniform's final checkpoint (a copy, --resume) once the other
-    arms of its seed have finished."""
+    arms of its seed have finished; a preempted uniform-budget run resumes from its latest checkpoint."""
     fixed = [a for a in args.arms if a != "uniform-budget"]
     jobs = [(f"{arm} seed {s}", command(arm, s, args.steps, run_dir(args, arm, s), args), run_dir(args, arm, s))
-            for s in args.seeds for arm in fixed if not (run_dir(args, arm, s) / "final").exists()]  # fmt: skip
+            for s in args.seeds for arm in fixed if not finished(run_dir(args, arm, s))]  # fmt: skip
     for _, _, out in jobs:  # an unfinished run starts over
         shutil.rmtree(out, ignore_errors=True)
     run_jobs(jobs, args.parallel, "sampler study")
@@ -107,10 +135,11 @@ def train_all(args) -> None:
     jobs = []
     for s in args.seeds:
         steps, out = budget_steps(args, s), run_dir(args, "uniform-budget", s)
-        if last_step(out) >= steps and (out / "final").exists():
+        if finished(out):
             continue
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(run_dir(args, "uniform", s), out)  # uniform's run: the first --steps steps, exactly
+        if planned_steps(out) != steps:  # not a preempted run of this budget (that one resumes where it was)
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(run_dir(args, "uniform", s), out)  # uniform's run: the first --steps steps, exactly
         jobs.append((f"uniform-budget seed {s} ({steps} steps)", command("uniform", s, steps, out, args, True), out))
     run_jobs(jobs, args.parallel, "sampler study")
 
@@ -302,16 +331,19 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (one thread each)")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     parser.add_argument("--skip-train", action="store_true", help="only aggregate finished runs")
+    parser.add_argument("--archive", default=str(ROOT / "bench" / "results" / "sampler-study"),
+                        help="where finished runs' metrics.jsonl + config.json are copied after training")  # fmt: skip
     args = parser.parse_args()
     args.arms = [a for a in args.arms.split(",") if a]
     if set(args.arms) - set(ARMS):
         raise SystemExit(f"error: unknown arms {sorted(set(args.arms) - set(ARMS))}; choose from {list(ARMS)}")
     if "uniform-budget" in args.arms and "uniform" not in args.arms:
         raise SystemExit("error: uniform-budget continues uniform's runs: add uniform to --arms")
-    if not Path(args.sft_model, "config.json").exists():
+    if not args.skip_train and not Path(args.sft_model, "config.json").exists():
         raise SystemExit(f"error: no SFT checkpoint at {args.sft_model}: see the commands at the top of --help")
     if not args.skip_train:
         train_all(args)
+        print(f"archived {len(archive(args))} finished runs to {args.archive}")
     table, summary = summarise(args)
     Path(args.out, "results.md").write_text(table + "\n")
     Path(args.out, "results.json").write_text(json.dumps({"args": vars(args), **summary}, indent=2))

@@ -54,3 +54,27 @@ def test_accounting_splits_every_token():
     assert got == {"total": 5560.0, "scoring": 3000.0, "dropped": 1280.0, "trained": 1280.0,
                    "dead": 320.0 + 160.0, "signal": 1280.0 - 480.0}  # fmt: skip
     assert got["scoring"] + got["dropped"] + got["trained"] == pytest.approx(got["total"])
+
+
+def test_finished_and_archive(tmp_path):
+    """A run is finished when it logged the steps of its config.json and has `final/`: a preempted
+    uniform-budget run (uniform's `final/` copied in, fewer steps logged) is not, and is not archived."""
+    import json
+    from types import SimpleNamespace
+
+    def make(name: str, planned: int, logged: int) -> None:
+        run = tmp_path / "runs" / name
+        (run / "final").mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"max_steps": planned}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(logged + 1)))
+
+    make("uniform-seed0", 60, 60)
+    make("uniform-budget-seed0", 400, 250)
+    assert sampler_study.finished(tmp_path / "runs" / "uniform-seed0")
+    assert not sampler_study.finished(tmp_path / "runs" / "uniform-budget-seed0")
+    assert not sampler_study.finished(tmp_path / "runs" / "vas-seed0")  # never started
+    args = SimpleNamespace(out=tmp_path / "runs", archive=tmp_path / "kept")
+    assert [p.name for p in sampler_study.archive(args)] == ["uniform-seed0"]
+    kept = tmp_path / "kept" / "uniform-seed0"
+    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert sampler_study.read(kept)[-1]["step"] == 60
