@@ -78,3 +78,17 @@ def test_finished_and_archive(tmp_path):
     kept = tmp_path / "kept" / "uniform-seed0"
     assert sorted(p.name for p in kept.iterdir()) == ["config.json", "metrics.jsonl"]
     assert sampler_study.read(kept)[-1]["step"] == 60
+
+
+def test_against_budget_compares_at_the_arms_own_tokens():
+    """An arm that spends 1,000 scoring tokens and 4 steps of 100 (1,400 in all) and reaches 0.9 at
+    step 4 (1,400 tokens), against uniform continued: 100 tokens a step, 0.9 first at step 8 (800
+    tokens), 0.8 by step 12 (its latest validation at or before 1,400 tokens is step 12's)."""
+    arm = sampler_study.curves(lines({0: 0.3, 2: 0.6, 4: 0.9}, [100.0] * 4, [1.0] * 4, [0.5] * 4, scoring=1000.0))
+    ub = sampler_study.curves(lines({0: 0.3, 4: 0.5, 8: 0.9, 12: 0.8, 16: 0.95}, [100.0] * 16, [1.0] * 16, [0.5] * 16))
+    got = sampler_study.against_budget(arm, ub, 0.9)
+    assert got["tokens_to_target"] == 1400.0 - 800.0
+    assert got["uniform_val_at_its_tokens"] == 0.8
+    assert got["val_at_its_tokens"] == pytest.approx(0.9 - 0.8, abs=1e-12)
+    never = sampler_study.against_budget(arm, ub, 0.99)
+    assert np.isnan(never["tokens_to_target"])
