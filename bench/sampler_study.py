@@ -277,7 +277,7 @@ def summarise(args) -> tuple[str, dict]:
             summary["arms"][arm]["minus_uniform_budget"] = d | {"tokens_to_target": interval(ttt) if len(ttt) else None,
                                                                 "pairs": int(len(ttt))}  # fmt: skip
             cell = fmt(interval(ttt), 1, 1e3) if len(ttt) else "-"
-            out.append(f"| {arm} | {cell} | {len(ttt)}/{len(rows)} | {fmt(values[arm]['final_val'])} | "
+            out.append(f"| {arm} | {cell} | {len(ttt)}/{len(rows)} | {fmt(interval(values[arm]['final_val']))} | "
                        f"{fmt(d['uniform_val_at_its_tokens'])} | {fmt(d['val_at_its_tokens'])} |")  # fmt: skip
     out.append("\nThe accounting (thousands of tokens, mean over seeds, the first --steps steps of each arm and its "
                "scoring; `dead`: tokens of trained groups without signal, by group share):\n")  # fmt: skip
