@@ -171,6 +171,12 @@ def tokens_to_target(c: dict[str, np.ndarray], target: float) -> float:
     return float(c["val_tokens"][hit[0]]) if len(hit) else float("nan")
 
 
+def steps_to_target(c: dict[str, np.ndarray], target: float) -> float:
+    """The first validation step at or above target (nan: never reached)."""
+    hit = np.nonzero(c["val"] >= target)[0]
+    return float(c["val_steps"][hit[0]]) if len(hit) else float("nan")
+
+
 def accuracy_at(c: dict[str, np.ndarray], tokens: np.ndarray) -> np.ndarray:
     """The run's validation accuracy at each token count: that of its latest validation at or before it."""
     idx = np.searchsorted(c["val_tokens"], tokens, side="right") - 1
@@ -207,6 +213,7 @@ def per_seed(args, arm: str, budget: float) -> dict[str, np.ndarray]:
     books = [accounting(c, steps) for c in runs]
     return {
         "tokens_to_target": np.array([tokens_to_target(c, args.target) for c in runs]),
+        "steps_to_target": np.array([steps_to_target(c, args.target) for c in runs]),
         "val_at_equal_tokens": np.array([accuracy_at(c, grid).mean() for c in runs]),
         "final_val": np.array([c["val"][-1] for c in runs]),
         "zero_var_sampled": np.array([np.nanmean(c["rollout/zero_var_frac_sampled"]) for c in runs]),
@@ -234,16 +241,18 @@ def summarise(args) -> tuple[str, dict]:
     out, summary = [], {"budget_tokens": budget, "target": args.target, "arms": {}}
     out.append(f"Target greedy val accuracy {args.target}; equal-token budget {budget / 1e3:.0f}k tokens "
                f"(the fewest of any run); {len(args.seeds)} seeds; mean ± 95% t half-width.\n")  # fmt: skip
-    out.append("| arm | steps | reached target | tokens to target (k) | val acc at equal tokens | final val acc | "
+    out.append("| arm | steps | reached target | steps to target | tokens to target (k) | val acc at equal tokens | final val acc | "
                "zero-var sampled | zero-var trained | prompts w/ signal / step | grad norm | clip frac | rounds | "
-               "generated tokens (k) |\n" + "| --- " * 13 + "|")  # fmt: skip
+               "generated tokens (k) |\n" + "| --- " * 14 + "|")  # fmt: skip
     for arm, v in values.items():
         reached = v["tokens_to_target"][~np.isnan(v["tokens_to_target"])]
-        e = {k: interval(x) for k, x in v.items() if k != "tokens_to_target"}
+        e = {k: interval(x) for k, x in v.items() if k not in ("tokens_to_target", "steps_to_target")}
         ttt = fmt(interval(reached), 1, 1e3) if len(reached) else "-"
+        stt = v["steps_to_target"][~np.isnan(v["steps_to_target"])]
+        stt = fmt(interval(stt), 1) if len(stt) else "-"
         summary["arms"][arm] = e | {"tokens_to_target": interval(reached) if len(reached) else None,
                                     "reached": int(len(reached))}  # fmt: skip
-        out.append(f"| {arm} | {e['steps'][0]:.0f} | {len(reached)}/{len(args.seeds)} | {ttt} | "
+        out.append(f"| {arm} | {e['steps'][0]:.0f} | {len(reached)}/{len(args.seeds)} | {stt} | {ttt} | "
                    f"{fmt(e['val_at_equal_tokens'])} | {fmt(e['final_val'])} | {fmt(e['zero_var_sampled'])} | "
                    f"{fmt(e['zero_var_trained'])} | {fmt(e['signal_prompts'], 1)} | {fmt(e['grad_norm'])} | "
                    f"{fmt(e['clip_frac'], 4)} | {fmt(e['rounds'], 2)} | {fmt(e['tokens'], 0, 1e3)} |")  # fmt: skip
@@ -252,7 +261,7 @@ def summarise(args) -> tuple[str, dict]:
         out.append("| arm | tokens to target (k) | val acc at equal tokens | final val acc | zero-var trained |\n"
                    + "| --- " * 5 + "|")  # fmt: skip
         base = values["uniform"]
-        for arm in [a for a in args.arms if a != "uniform"]:
+        for arm in [a for a in args.arms if a not in ("uniform", "uniform-budget")]:  # (its first steps ARE uniform's)
             v = values[arm]
             both = ~np.isnan(v["tokens_to_target"]) & ~np.isnan(base["tokens_to_target"])
             d = {k: interval(v[k] - base[k]) for k in ("val_at_equal_tokens", "final_val", "zero_var_trained")}
@@ -286,14 +295,15 @@ def summarise(args) -> tuple[str, dict]:
     for arm, v in values.items():
         k = {name: v[f"acct_{name}"].mean() / 1e3 for name in ("scoring", "dropped", "trained", "dead", "signal")}
         saved = (values["uniform"]["acct_dead"].mean() / 1e3 - k["dead"]) if "uniform" in values else float("nan")
+        saved = "-" if arm == "uniform-budget" else f"{saved:.0f}"  # its whole run, not --steps steps
         out.append(f"| {arm} | {k['scoring']:.0f} | {k['dropped']:.0f} | {k['trained']:.0f} | {k['dead']:.0f} | "
-                   f"{k['signal']:.0f} | {k['scoring'] + k['dropped']:.0f} | {saved:.0f} |")  # fmt: skip
+                   f"{k['signal']:.0f} | {k['scoring'] + k['dropped']:.0f} | {saved} |")  # fmt: skip
     return "\n".join(out), summary
 
 
 def plot(args, budget: float) -> list[Path]:
-    """Validation accuracy against steps and against generated tokens (mean over seeds, min-max band),
-    and the accounting plot: each run's generated tokens against its final accuracy."""
+    """Validation accuracy against steps (the fixed-length arms) and against generated tokens (mean
+    over seeds, min-max band), and the accounting plot: each run's generated tokens against its final accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,6 +313,8 @@ def plot(args, budget: float) -> list[Path]:
     for x_axis in ("steps", "tokens"):
         fig, ax = plt.subplots(figsize=(6, 4))
         for arm in args.arms:
+            if x_axis == "steps" and arm == "uniform-budget":  # its first --steps steps are uniform's
+                continue
             runs = [curves(read(run_dir(args, arm, s))) for s in args.seeds]
             if x_axis == "steps":
                 n = min(len(c["val"]) for c in runs)
