@@ -197,11 +197,12 @@ def accounting(c: dict[str, np.ndarray], steps: int) -> dict[str, float]:
 
 def against_budget(c: dict[str, np.ndarray], ub: dict[str, np.ndarray], target: float) -> dict[str, float]:
     """One arm's run against uniform-budget's run of the same seed (uniform continued, so uniform with
-    a longer horizon): the difference in tokens to the target (nan unless both reached it) and in
+    a longer horizon): the difference in tokens and in steps to the target (nan unless both reached it) and in
     accuracy at the arm's own generated tokens (its final validation against uniform-budget's latest
     validation by then: equal generated tokens)."""
     at = accuracy_at(ub, np.array([c["tokens"]]))[0]
     return {"tokens_to_target": tokens_to_target(c, target) - tokens_to_target(ub, target),
+            "steps_to_target": steps_to_target(c, target) - steps_to_target(ub, target),
             "val_at_its_tokens": float(c["val"][-1] - at), "uniform_val_at_its_tokens": float(at)}  # fmt: skip
 
 
@@ -273,20 +274,21 @@ def summarise(args) -> tuple[str, dict]:
     if "uniform-budget" in values:
         out.append("\nPaired by seed, against `uniform-budget` (uniform continued: uniform with the horizon of the "
                    "most expensive arm), at equal generated tokens:\n")  # fmt: skip
-        out.append("| arm | tokens to target minus uniform's (k) | pairs (both reached) | final val acc | "
-                   "uniform's val acc at the arm's tokens | difference |\n" + "| --- " * 6 + "|")  # fmt: skip
+        out.append("| arm | tokens to target minus uniform's (k) | steps to target minus uniform's | pairs (both reached) | final val acc | "
+                   "uniform's val acc at the arm's tokens | difference |\n" + "| --- " * 7 + "|")  # fmt: skip
         ubs = [curves(read(run_dir(args, "uniform-budget", s))) for s in args.seeds]
         for arm in [a for a in args.arms if a not in ("uniform", "uniform-budget")]:
             rows = [
                 against_budget(curves(read(run_dir(args, arm, s))), ub, args.target) for s, ub in zip(args.seeds, ubs)
             ]
-            ttt = np.array([r["tokens_to_target"] for r in rows])
-            ttt = ttt[~np.isnan(ttt)]
+            ttt, stt = (np.array([r[k] for r in rows]) for k in ("tokens_to_target", "steps_to_target"))
+            ttt, stt = ttt[~np.isnan(ttt)], stt[~np.isnan(stt)]
             d = {k: interval([r[k] for r in rows]) for k in ("val_at_its_tokens", "uniform_val_at_its_tokens")}
             summary["arms"][arm]["minus_uniform_budget"] = d | {"tokens_to_target": interval(ttt) if len(ttt) else None,
                                                                 "pairs": int(len(ttt))}  # fmt: skip
             cell = fmt(interval(ttt), 1, 1e3) if len(ttt) else "-"
-            out.append(f"| {arm} | {cell} | {len(ttt)}/{len(rows)} | {fmt(interval(values[arm]['final_val']))} | "
+            steps = fmt(interval(stt), 1) if len(stt) else "-"
+            out.append(f"| {arm} | {cell} | {steps} | {len(ttt)}/{len(rows)} | {fmt(interval(values[arm]['final_val']))} | "
                        f"{fmt(d['uniform_val_at_its_tokens'])} | {fmt(d['val_at_its_tokens'])} |")  # fmt: skip
     out.append("\nThe accounting (thousands of tokens, mean over seeds, the first --steps steps of each arm and its "
                "scoring; `dead`: tokens of trained groups without signal, by group share):\n")  # fmt: skip

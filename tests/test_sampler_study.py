@@ -87,7 +87,7 @@ def test_against_budget_compares_at_the_arms_own_tokens():
     arm = sampler_study.curves(lines({0: 0.3, 2: 0.6, 4: 0.9}, [100.0] * 4, [1.0] * 4, [0.5] * 4, scoring=1000.0))
     ub = sampler_study.curves(lines({0: 0.3, 4: 0.5, 8: 0.9, 12: 0.8, 16: 0.95}, [100.0] * 16, [1.0] * 16, [0.5] * 16))
     got = sampler_study.against_budget(arm, ub, 0.9)
-    assert got["tokens_to_target"] == 1400.0 - 800.0
+    assert got["tokens_to_target"] == 1400.0 - 800.0 and got["steps_to_target"] == 4.0 - 8.0
     assert got["uniform_val_at_its_tokens"] == 0.8
     assert got["val_at_its_tokens"] == pytest.approx(0.9 - 0.8, abs=1e-12)
     never = sampler_study.against_budget(arm, ub, 0.99)
