@@ -35,6 +35,7 @@ committed record (bench/results/sampler-study), which --skip-train --out can agg
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -79,7 +80,8 @@ def read(run: Path) -> list[dict]:
 
 def last_step(run: Path) -> int:
     """The last step a run logged (0 if it has not started)."""
-    return read(run)[-1]["step"] if (run / "metrics.jsonl").exists() and read(run) else 0
+    lines = read(run) if (run / "metrics.jsonl").exists() else []
+    return lines[-1]["step"] if lines else 0
 
 
 def budget_steps(args, seed: int) -> int:
@@ -165,16 +167,26 @@ def curves(lines: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
+@functools.cache
+def run_curves(run: Path) -> dict[str, np.ndarray]:
+    """curves() of a finished run, read once per aggregation (tables and plots share them)."""
+    return curves(read(run))
+
+
+def first_reach(c: dict[str, np.ndarray], target: float, column: str) -> float:
+    """`column` (val_tokens or val_steps) at the first validation at or above target (nan: never reached)."""
+    hit = np.nonzero(c["val"] >= target)[0]
+    return float(c[column][hit[0]]) if len(hit) else float("nan")
+
+
 def tokens_to_target(c: dict[str, np.ndarray], target: float) -> float:
     """Generated tokens by the first validation at or above target (nan: never reached)."""
-    hit = np.nonzero(c["val"] >= target)[0]
-    return float(c["val_tokens"][hit[0]]) if len(hit) else float("nan")
+    return first_reach(c, target, "val_tokens")
 
 
 def steps_to_target(c: dict[str, np.ndarray], target: float) -> float:
     """The first validation step at or above target (nan: never reached)."""
-    hit = np.nonzero(c["val"] >= target)[0]
-    return float(c["val_steps"][hit[0]]) if len(hit) else float("nan")
+    return first_reach(c, target, "val_steps")
 
 
 def accuracy_at(c: dict[str, np.ndarray], tokens: np.ndarray) -> np.ndarray:
@@ -208,7 +220,7 @@ def against_budget(c: dict[str, np.ndarray], ub: dict[str, np.ndarray], target: 
 
 def per_seed(args, arm: str, budget: float) -> dict[str, np.ndarray]:
     """One value per seed (args.seeds order) of every reported number of one arm."""
-    runs = [curves(read(run_dir(args, arm, s))) for s in args.seeds]
+    runs = [run_curves(run_dir(args, arm, s)) for s in args.seeds]
     grid = np.linspace(0, budget, 201)
     steps = args.steps if arm != "uniform-budget" else 10**9
     books = [accounting(c, steps) for c in runs]
@@ -234,9 +246,20 @@ def fmt(mean_hw: tuple[float, float], digits: int = 3, scale: float = 1.0) -> st
     return f"{mean / scale:.{digits}f} ± {hw / scale:.{digits}f}"
 
 
+def reached(values: np.ndarray) -> np.ndarray:
+    """The seeds' values that are not nan (the runs that reached the target)."""
+    return values[~np.isnan(values)]
+
+
+def fmt_reached(values: np.ndarray, digits: int, scale: float = 1.0) -> str:
+    """fmt() over the runs that reached the target, "-" if none did."""
+    kept = reached(values)
+    return fmt(interval(kept), digits, scale) if len(kept) else "-"
+
+
 def summarise(args) -> tuple[str, dict]:
     """The results tables (markdown) and the numbers behind them."""
-    everything = [curves(read(run_dir(args, a, s))) for a in args.arms for s in args.seeds]
+    everything = [run_curves(run_dir(args, a, s)) for a in args.arms for s in args.seeds]
     budget = min(c["tokens"] for c in everything)
     values = {arm: per_seed(args, arm, budget) for arm in args.arms}
     out, summary = [], {"budget_tokens": budget, "target": args.target, "arms": {}}
@@ -246,14 +269,12 @@ def summarise(args) -> tuple[str, dict]:
                "zero-var sampled | zero-var trained | prompts w/ signal / step | grad norm | clip frac | rounds | "
                "generated tokens (k) |\n" + "| --- " * 14 + "|")  # fmt: skip
     for arm, v in values.items():
-        reached = v["tokens_to_target"][~np.isnan(v["tokens_to_target"])]
+        hits = reached(v["tokens_to_target"])
         e = {k: interval(x) for k, x in v.items() if k not in ("tokens_to_target", "steps_to_target")}
-        ttt = fmt(interval(reached), 1, 1e3) if len(reached) else "-"
-        stt = v["steps_to_target"][~np.isnan(v["steps_to_target"])]
-        stt = fmt(interval(stt), 1) if len(stt) else "-"
-        summary["arms"][arm] = e | {"tokens_to_target": interval(reached) if len(reached) else None,
-                                    "reached": int(len(reached))}  # fmt: skip
-        out.append(f"| {arm} | {e['steps'][0]:.0f} | {len(reached)}/{len(args.seeds)} | {stt} | {ttt} | "
+        ttt, stt = fmt_reached(v["tokens_to_target"], 1, 1e3), fmt_reached(v["steps_to_target"], 1)
+        summary["arms"][arm] = e | {"tokens_to_target": interval(hits) if len(hits) else None,
+                                    "reached": int(len(hits))}  # fmt: skip
+        out.append(f"| {arm} | {e['steps'][0]:.0f} | {len(hits)}/{len(args.seeds)} | {stt} | {ttt} | "
                    f"{fmt(e['val_at_equal_tokens'])} | {fmt(e['final_val'])} | {fmt(e['zero_var_sampled'])} | "
                    f"{fmt(e['zero_var_trained'])} | {fmt(e['signal_prompts'], 1)} | {fmt(e['grad_norm'])} | "
                    f"{fmt(e['clip_frac'], 4)} | {fmt(e['rounds'], 2)} | {fmt(e['tokens'], 0, 1e3)} |")  # fmt: skip
@@ -276,19 +297,17 @@ def summarise(args) -> tuple[str, dict]:
                    "most expensive arm), at equal generated tokens:\n")  # fmt: skip
         out.append("| arm | tokens to target minus uniform's (k) | steps to target minus uniform's | pairs (both reached) | final val acc | "
                    "uniform's val acc at the arm's tokens | difference |\n" + "| --- " * 7 + "|")  # fmt: skip
-        ubs = [curves(read(run_dir(args, "uniform-budget", s))) for s in args.seeds]
+        ubs = [run_curves(run_dir(args, "uniform-budget", s)) for s in args.seeds]
         for arm in [a for a in args.arms if a not in ("uniform", "uniform-budget")]:
             rows = [
-                against_budget(curves(read(run_dir(args, arm, s))), ub, args.target) for s, ub in zip(args.seeds, ubs)
+                against_budget(run_curves(run_dir(args, arm, s)), ub, args.target) for s, ub in zip(args.seeds, ubs)
             ]
             ttt, stt = (np.array([r[k] for r in rows]) for k in ("tokens_to_target", "steps_to_target"))
-            ttt, stt = ttt[~np.isnan(ttt)], stt[~np.isnan(stt)]
+            pairs = reached(ttt)
             d = {k: interval([r[k] for r in rows]) for k in ("val_at_its_tokens", "uniform_val_at_its_tokens")}
-            summary["arms"][arm]["minus_uniform_budget"] = d | {"tokens_to_target": interval(ttt) if len(ttt) else None,
-                                                                "pairs": int(len(ttt))}  # fmt: skip
-            cell = fmt(interval(ttt), 1, 1e3) if len(ttt) else "-"
-            steps = fmt(interval(stt), 1) if len(stt) else "-"
-            out.append(f"| {arm} | {cell} | {steps} | {len(ttt)}/{len(rows)} | {fmt(interval(values[arm]['final_val']))} | "
+            summary["arms"][arm]["minus_uniform_budget"] = d | {"tokens_to_target": interval(pairs) if len(pairs) else None,
+                                                                "pairs": int(len(pairs))}  # fmt: skip
+            out.append(f"| {arm} | {fmt_reached(ttt, 1, 1e3)} | {fmt_reached(stt, 1)} | {len(pairs)}/{len(rows)} | {fmt(interval(values[arm]['final_val']))} | "
                        f"{fmt(d['uniform_val_at_its_tokens'])} | {fmt(d['val_at_its_tokens'])} |")  # fmt: skip
     out.append("\nThe accounting (thousands of tokens, mean over seeds, the first --steps steps of each arm and its "
                "scoring; `dead`: tokens of trained groups without signal, by group share):\n")  # fmt: skip
@@ -317,7 +336,7 @@ def plot(args, budget: float) -> list[Path]:
         for arm in args.arms:
             if x_axis == "steps" and arm == "uniform-budget":  # its first --steps steps are uniform's
                 continue
-            runs = [curves(read(run_dir(args, arm, s))) for s in args.seeds]
+            runs = [run_curves(run_dir(args, arm, s)) for s in args.seeds]
             if x_axis == "steps":
                 n = min(len(c["val"]) for c in runs)
                 x, ys = runs[0]["val_steps"][:n], np.stack([c["val"][:n] for c in runs])
@@ -337,7 +356,7 @@ def plot(args, budget: float) -> list[Path]:
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in args.arms:
-        runs = [curves(read(run_dir(args, arm, s))) for s in args.seeds]
+        runs = [run_curves(run_dir(args, arm, s)) for s in args.seeds]
         ax.scatter([c["tokens"] / 1e6 for c in runs], [c["val"][-1] for c in runs], label=arm, s=14)
     ax.set_xlabel("generated tokens of the run (millions)")
     ax.set_ylabel("final greedy val accuracy")
@@ -381,9 +400,9 @@ def main() -> None:
         raise SystemExit(f"error: unknown arms {sorted(set(args.arms) - set(ARMS))}; choose from {list(ARMS)}")
     if "uniform-budget" in args.arms and "uniform" not in args.arms:
         raise SystemExit("error: uniform-budget continues uniform's runs: add uniform to --arms")
-    if not args.skip_train and not Path(args.sft_model, "config.json").exists():
-        raise SystemExit(f"error: no SFT checkpoint at {args.sft_model}: see the commands at the top of --help")
     if not args.skip_train:
+        if not Path(args.sft_model, "config.json").exists():
+            raise SystemExit(f"error: no SFT checkpoint at {args.sft_model}: see the commands at the top of --help")
         train_all(args)
         print(f"archived {len(archive(args))} finished runs to {args.archive}")
     table, summary = summarise(args)
