@@ -28,14 +28,15 @@ The protocol is docs/vas-study.md "The sampler study: protocol (written before t
 - every number: mean over seeds ± the half-width of the 95% t-interval; differences from `uniform`
   paired by seed.
 Writes <out>/{results.md,results.json,steps.png,tokens.png,accounting.png} and one folder per run,
-and copies every finished run's metrics.jsonl and config.json (not its checkpoint) to --archive: the
-committed record (bench/results/sampler-study), which --skip-train --out can aggregate on its own.
+and copies every finished run's metrics.jsonl and config.json (not its checkpoint) to --archive, with
+start.json (the SFT start's path and weights' sha256): the committed record (bench/results/sampler-study), which --skip-train --out can aggregate on its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import shutil
@@ -108,9 +109,25 @@ def finished(run: Path) -> bool:
     return (run / "final").exists() and 0 < planned_steps(run) <= last_step(run)
 
 
+def start_fingerprint(model: Path) -> str | None:
+    """sha256 of the start checkpoint's weights (its *.safetensors files' bytes, in name order); None
+    where the folder holds none. Names the SFT start of a run: one made again on another CPU has the
+    same recipe but other bits (matmuls round differently), so its runs are not the same runs."""
+    files = sorted(Path(model).glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def archive(args) -> list[Path]:
     """Copy metrics.jsonl and config.json of every finished run under --out (a `final` checkpoint
-    beside them) to --archive/<run>/, the small committed record; returns the folders written."""
+    beside them) to --archive/<run>/, the small committed record, with start.json: the start
+    checkpoint's path and weights' sha256 (start_fingerprint); returns the folders written."""
     written = []
     for run in sorted(Path(args.out).glob("*-seed*")):
         if finished(run):
@@ -118,6 +135,9 @@ def archive(args) -> list[Path]:
             dest.mkdir(parents=True, exist_ok=True)
             for name in ("metrics.jsonl", "config.json"):
                 shutil.copy2(run / name, dest / name)
+            model = json.loads((run / "config.json").read_text()).get("model", "")
+            start = {"model": model, "weights_sha256": start_fingerprint(Path(model)) if model else None}
+            (dest / "start.json").write_text(json.dumps(start, indent=1) + "\n")
             written.append(dest)
     return written
 

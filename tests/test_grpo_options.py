@@ -427,13 +427,13 @@ def test_bad_option_values_stop_with_one_line(change):
         grpo.validate_config(cfg)
 
 
-def test_defaults_end_to_end_equal_the_record(toy_dir, toy_sft, tmp_path):
+def test_defaults_end_to_end_equal_the_commit_before_the_options(toy_dir, toy_sft, tmp_path):
     """The defaults, and the paper preset's loss and sampler settings at toy size (--preset paper itself
     needs CUDA; test_option_flags_are_off_by_default_and_not_in_the_paper_preset shows it sets none of
-    the options), train bit for bit as grpo.py did before the options: 3 steps from the toy SFT model,
-    every logged number and every final weight equal to tests/golden/grpo_defaults.json, written by
-    `python tests/golden/grpo_defaults.py --repo <checkout of 676a1b5>` (one thread on both sides)."""
-    import json
+    the options), train bit for bit as grpo.py did before the options: 3 steps from the toy SFT model
+    with the current grpo.py and with the one of the commit before the options
+    (tests/golden/grpo_defaults.py:BASELINE, unpacked from git), one thread each, on this machine;
+    every logged number and every final weight equal."""
     import sys
 
     from conftest import ROOT
@@ -441,10 +441,13 @@ def test_defaults_end_to_end_equal_the_record(toy_dir, toy_sft, tmp_path):
     sys.path.insert(0, str(ROOT / "tests" / "golden"))
     import grpo_defaults
 
-    golden = json.loads((ROOT / "tests" / "golden" / "grpo_defaults.json").read_text())
+    baseline = grpo_defaults.checkout(grpo_defaults.BASELINE, tmp_path / "baseline")
+    if baseline is None:
+        pytest.skip(f"needs git history with commit {grpo_defaults.BASELINE} (a shallow clone lacks it)")
     for name in grpo_defaults.RUNS:
-        now = grpo_defaults.record(ROOT, toy_dir, toy_sft, name, tmp_path / name)
-        assert now["weights"] == golden[name]["weights"], name
-        assert len(now["metrics"]) == len(golden[name]["metrics"]) == 4
-        for new, old in zip(now["metrics"], golden[name]["metrics"]):
-            assert {k: new[k] for k in old} == old, (name, new["step"])  # new metrics may be added, none changed
+        old = grpo_defaults.record(baseline, toy_dir, toy_sft, name, tmp_path / f"{name}-old")
+        now = grpo_defaults.record(ROOT, toy_dir, toy_sft, name, tmp_path / f"{name}-now")
+        assert now["weights"] == old["weights"], name
+        assert len(now["metrics"]) == len(old["metrics"]) == 4
+        for new, was in zip(now["metrics"], old["metrics"]):
+            assert {k: new[k] for k in was} == was, (name, new["step"])  # new metrics may be added, none changed

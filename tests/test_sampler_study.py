@@ -58,7 +58,9 @@ def test_accounting_splits_every_token():
 
 def test_finished_and_archive(tmp_path):
     """A run is finished when it logged the steps of its config.json and has `final/`: a preempted
-    uniform-budget run (uniform's `final/` copied in, fewer steps logged) is not, and is not archived."""
+    uniform-budget run (uniform's `final/` copied in, fewer steps logged) is not, and is not archived;
+    an archived run records its start's weights: sha256 of the shards' bytes in name order."""
+    import hashlib
     import json
     from types import SimpleNamespace
 
@@ -70,14 +72,23 @@ def test_finished_and_archive(tmp_path):
 
     make("uniform-seed0", 60, 60)
     make("uniform-budget-seed0", 400, 250)
+    start = tmp_path / "sft"
+    start.mkdir()
+    (start / "model-00001-of-00002.safetensors").write_bytes(b"first shard")
+    (start / "model-00002-of-00002.safetensors").write_bytes(b"second")
+    config = json.loads((tmp_path / "runs" / "uniform-seed0" / "config.json").read_text())
+    (tmp_path / "runs" / "uniform-seed0" / "config.json").write_text(json.dumps(config | {"model": str(start)}))
     assert sampler_study.finished(tmp_path / "runs" / "uniform-seed0")
     assert not sampler_study.finished(tmp_path / "runs" / "uniform-budget-seed0")
     assert not sampler_study.finished(tmp_path / "runs" / "vas-seed0")  # never started
     args = SimpleNamespace(out=tmp_path / "runs", archive=tmp_path / "kept")
     assert [p.name for p in sampler_study.archive(args)] == ["uniform-seed0"]
     kept = tmp_path / "kept" / "uniform-seed0"
-    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "metrics.jsonl", "start.json"]
     assert sampler_study.read(kept)[-1]["step"] == 60
+    recorded = json.loads((kept / "start.json").read_text())
+    assert recorded == {"model": str(start), "weights_sha256": hashlib.sha256(b"first shardsecond").hexdigest()}
+    assert sampler_study.start_fingerprint(tmp_path / "nothing-here") is None
 
 
 def test_against_budget_compares_at_the_arms_own_tokens():

@@ -1,15 +1,18 @@
 """End-to-end records of short toy GRPO runs, to pin that the defaults do not move.
 
-    python tests/golden/grpo_defaults.py --repo /path/to/checkout --out tests/golden/grpo_defaults.json
+    python tests/golden/grpo_defaults.py --repo /path/to/checkout --out record.json
 
 Builds the test suite's toy (tests/conftest.py: model seed 0, SMALL splits) and its short SFT
 (`toy_sft`: 150 steps, so rewards vary within groups) with THIS checkout's generator and sft.py,
 runs `grpo.py` of the checkout at --repo (one process, OMP_NUM_THREADS=1) for each
-entry of RUNS, and records every logged number but the clocks, plus a sha256 of every tensor of
-final/model.safetensors. tests/test_grpo_options.py::test_defaults_end_to_end_equal_the_record
-runs the current grpo.py the same way and compares bit for bit with the record written from the
-commit before the GRPO options (676a1b5): the defaults, and the paper preset's loss and sampler
-settings at toy size, train exactly as they did.
+entry of RUNS, and records every logged number but the clocks and throughputs, plus a sha256 of
+every tensor of final/model.safetensors.
+tests/test_grpo_options.py::test_defaults_end_to_end_equal_the_commit_before_the_options records
+the current grpo.py and the one of BASELINE (the commit before the GRPO options, unpacked from this
+clone's git history by `checkout`) on the same machine and compares them bit for bit: the defaults,
+and the paper preset's loss and sampler settings at toy size, train exactly as they did. Both sides
+run on the same machine because a stored record is only bit-exact on the CPU that wrote it (two x86
+CPUs with different vector units round the same matmuls differently).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ RUNS = {
     ],  # fmt: skip
 }
 CLOCKS = {"time"}
+VARYING = ("time/", "perf/")  # wall-clock durations and throughputs
+BASELINE = "676a1b5"  # the commit before the GRPO options (issue 30)
 
 
 def env() -> dict[str, str]:
@@ -81,6 +86,24 @@ def sft_model(toy_dir: Path, out: Path) -> Path:
     return out / "final"
 
 
+def checkout(commit: str, dest: Path) -> Path | None:
+    """The files of `commit` of this clone unpacked into `dest` (git archive); None where the clone
+    lacks that commit (a shallow clone) or git is missing."""
+    import io
+    import tarfile
+
+    try:
+        tar = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar", commit], capture_output=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as archive:
+        archive.extractall(dest, filter="data")
+    return dest
+
+
 def record(repo: Path, toy_dir: Path, model: Path, name: str, out: Path) -> dict:
     """Runs RUNS[name] with repo's grpo.py from `model` into `out`; returns {"metrics": [...],
     "weights": {tensor name: sha256 of its fp32 bytes}}."""
@@ -95,7 +118,7 @@ def record(repo: Path, toy_dir: Path, model: Path, name: str, out: Path) -> dict
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     weights = load_file(str(out / "final" / "model.safetensors"))
     return {
-        "metrics": [{k: v for k, v in line.items() if k not in CLOCKS and not k.startswith("time/")} for line in lines],
+        "metrics": [{k: v for k, v in line.items() if k not in CLOCKS and not k.startswith(VARYING)} for line in lines],
         "weights": {k: hashlib.sha256(v.float().numpy().tobytes()).hexdigest() for k, v in sorted(weights.items())},
     }
 
