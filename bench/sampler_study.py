@@ -2,13 +2,17 @@
 token, on the `spread` toy (the regime VAS is built for: docs/vas-study.md "The `spread` bench").
 
     python -m data.toy --variant spread
-    OMP_NUM_THREADS=1 python sft.py --toy spread --max-steps 600 --output-dir runs/toy-spread-sft600
     OMP_NUM_THREADS=1 python bench/sampler_study.py --target 0.79        # 6 arms x 10 seeds, 2 runs at a time
     python bench/sampler_study.py --target 0.79 --skip-train             # re-aggregate finished runs
     python bench/sampler_study.py --target 0.79 --skip-train --out bench/results/sampler-study   # the committed runs
 
+The start is the committed SFT checkpoint bench/results/sampler-study/start-B (made by
+`OMP_NUM_THREADS=1 python sft.py --toy spread --max-steps 600 --output-dir runs/toy-spread-sft600`;
+pass --sft-model to start elsewhere). Runs archived from the same start (start.json) are not trained
+again, so a later session, on another machine, goes on where the last one stopped.
+
 The protocol is docs/vas-study.md "The sampler study: protocol (written before the runs)"; in short:
-- start: one SFT checkpoint (seed 0) for every arm and seed; pool: the first --train-limit train
+- start: one SFT checkpoint (seed 0) for every arm of a seed; pool: the first --train-limit train
   prompts; greedy validation on --val-limit val prompts every --val-every steps.
 - arms, everything else identical (the grpo.py toy defaults: 16 prompts x 8 responses, T 0.6, lr 1e-4):
     uniform         shuffled walk over the pool
@@ -88,7 +92,7 @@ def last_step(run: Path) -> int:
 def budget_steps(args, seed: int) -> int:
     """Steps of uniform-budget for `seed`: uniform continued until its generated tokens reach those of
     the most expensive other arm of the seed, at uniform's own mean tokens per step."""
-    finals = {arm: read(run_dir(args, arm, seed))[-1]["rollout/generated_tokens"] for arm in ARMS
+    finals = {arm: read(record(args, arm, seed))[-1]["rollout/generated_tokens"] for arm in ARMS
               if arm != "uniform-budget"}  # every fixed arm, whatever --arms runs now  # fmt: skip
     per_step = finals["uniform"] / args.steps
     return max(args.steps, math.ceil(max(finals.values()) / per_step))
@@ -96,6 +100,19 @@ def budget_steps(args, seed: int) -> int:
 
 def run_dir(args, arm: str, seed: int) -> Path:
     return Path(args.out) / f"{arm}-seed{seed}"
+
+
+def archived(args, arm: str, seed: int) -> bool:
+    """The run is in --archive, made from this study's start (its start.json's sha256 = args.start_sha,
+    the --sft-model's): a later session need not train it again."""
+    start = Path(args.archive) / f"{arm}-seed{seed}" / "start.json"
+    return start.exists() and json.loads(start.read_text())["weights_sha256"] == args.start_sha
+
+
+def record(args, arm: str, seed: int) -> Path:
+    """Where the run's metrics are: its folder under --out once finished there, else its archive."""
+    run = run_dir(args, arm, seed)
+    return run if finished(run) else Path(args.archive) / run.name
 
 
 def planned_steps(run: Path) -> int:
@@ -142,13 +159,32 @@ def archive(args) -> list[Path]:
     return written
 
 
+def to_train(args) -> list[tuple[str, int]]:
+    """The (arm, seed) fixed-length runs train_all trains, seed-major: those neither finished under --out
+    nor archived from this start; and uniform again where its seed's uniform-budget is still to run
+    but uniform's final checkpoint, which that run continues, is not under --out (an archive keeps no
+    checkpoint): the re-run then replaces the archived uniform, so both come from one run."""
+    fixed = [a for a in args.arms if a != "uniform-budget"]
+    todo = []
+    for s in args.seeds:
+        budget_left = "uniform-budget" in args.arms and not (
+            finished(run_dir(args, "uniform-budget", s)) or archived(args, "uniform-budget", s)
+        )
+        for arm in fixed:
+            run = run_dir(args, arm, s)
+            if finished(run):
+                continue
+            if not archived(args, arm, s) or (arm == "uniform" and budget_left):
+                todo.append((arm, s))
+    return todo
+
+
 def train_all(args) -> None:
-    """Every run not finished yet: the fixed-length arms seed-major (a partial study covers every arm),
+    """Every run not finished or archived yet: the fixed-length arms of to_train() (a partial study covers every arm),
     then uniform-budget, which continues uniform's final checkpoint (a copy, --resume) once the other
     arms of its seed have finished; a preempted uniform-budget run resumes from its latest checkpoint."""
-    fixed = [a for a in args.arms if a != "uniform-budget"]
     jobs = [(f"{arm} seed {s}", command(arm, s, args.steps, run_dir(args, arm, s), args), run_dir(args, arm, s))
-            for s in args.seeds for arm in fixed if not finished(run_dir(args, arm, s))]  # fmt: skip
+            for arm, s in to_train(args)]  # fmt: skip
     for _, _, out in jobs:  # an unfinished run starts over
         shutil.rmtree(out, ignore_errors=True)
     run_jobs(jobs, args.parallel, "sampler study")
@@ -156,9 +192,10 @@ def train_all(args) -> None:
         return
     jobs = []
     for s in args.seeds:
-        steps, out = budget_steps(args, s), run_dir(args, "uniform-budget", s)
-        if finished(out):
+        out = run_dir(args, "uniform-budget", s)
+        if finished(out) or archived(args, "uniform-budget", s):
             continue
+        steps = budget_steps(args, s)
         if planned_steps(out) != steps:  # not a preempted run of this budget (that one resumes where it was)
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(run_dir(args, "uniform", s), out)  # uniform's run: the first --steps steps, exactly
@@ -394,7 +431,8 @@ def main() -> None:
     )
     spread = ROOT / "data" / "toy-spread" / "rl"
     parser.add_argument("--target", type=float, required=True, help="greedy val accuracy of the primary metric")
-    parser.add_argument("--sft-model", default=str(ROOT / "runs" / "toy-spread-sft600" / "final"), help="shared start")
+    parser.add_argument("--sft-model", default=str(ROOT / "bench" / "results" / "sampler-study" / "start-B"),
+                        help="the shared SFT start (default: the committed start B, the start of seeds 4 on)")  # fmt: skip
     parser.add_argument("--data", default=f"{spread}@train", help="RL rows of the pool")
     parser.add_argument("--val-data", default=f"{spread}@val", help="validation rows")
     parser.add_argument("--val-temperature", type=float, default=0.0, help="validation temperature (0 = greedy)")
@@ -423,6 +461,7 @@ def main() -> None:
     if not args.skip_train:
         if not Path(args.sft_model, "config.json").exists():
             raise SystemExit(f"error: no SFT checkpoint at {args.sft_model}: see the commands at the top of --help")
+        args.start_sha = start_fingerprint(Path(args.sft_model))
         train_all(args)
         print(f"archived {len(archive(args))} finished runs to {args.archive}")
     table, summary = summarise(args)

@@ -103,3 +103,39 @@ def test_against_budget_compares_at_the_arms_own_tokens():
     assert got["val_at_its_tokens"] == pytest.approx(0.9 - 0.8, abs=1e-12)
     never = sampler_study.against_budget(arm, ub, 0.99)
     assert np.isnan(never["tokens_to_target"])
+
+
+def test_to_train_skips_runs_archived_from_the_same_start(tmp_path):
+    """A later session trains only what is missing: runs finished under --out or archived from the same
+    start (start.json's sha256) are skipped; a run archived from another start is trained again; and
+    uniform is trained again where its seed's uniform-budget still has to continue uniform's checkpoint,
+    which no archive keeps. budget_steps reads each arm's record where it is (out, else archive)."""
+    import json
+    from types import SimpleNamespace
+
+    def put(folder: str, name: str, sha: str | None, tokens: float, final: bool = False) -> None:
+        run = tmp_path / folder / name
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"max_steps": 60}))
+        lines = [{"step": 0}, {"step": 60, "rollout/generated_tokens": tokens}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        if sha is not None:
+            (run / "start.json").write_text(json.dumps({"model": "m", "weights_sha256": sha}))
+        if final:
+            (run / "final").mkdir()
+
+    for arm in sampler_study.ARMS:  # seed 0: everything archived from start B
+        put("kept", f"{arm}-seed0", "B", 1000.0)
+    put("kept", "uniform-seed1", "B", 600.0)
+    put("kept", "vas-seed1", "B", 3000.0)
+    put("kept", "dynamic-seed1", "A", 900.0)  # another start: trained again
+    put("kept", "vas-online-seed1", None, 900.0)  # no start recorded (start A's runs): trained again
+    put("runs", "vas+dynamic-seed1", None, 2400.0, final=True)  # finished under --out
+    args = SimpleNamespace(out=tmp_path / "runs", archive=tmp_path / "kept", arms=list(sampler_study.ARMS),
+                           seeds=[0, 1], start_sha="B", steps=60)  # fmt: skip
+    assert sampler_study.to_train(args) == [("uniform", 1), ("vas-online", 1), ("dynamic", 1)]
+    assert sampler_study.record(args, "vas", 1) == tmp_path / "kept" / "vas-seed1"
+    assert sampler_study.record(args, "vas+dynamic", 1) == tmp_path / "runs" / "vas+dynamic-seed1"
+    assert sampler_study.budget_steps(args, 1) == 300  # vas's 3000 tokens at uniform's 600 / 60 per step
+    args.arms = ["uniform", "vas"]  # no uniform-budget to feed: an archived uniform is enough
+    assert sampler_study.to_train(args) == []
