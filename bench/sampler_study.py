@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import math
 import shutil
@@ -53,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from vas_experiment import interval, run_jobs  # noqa: E402
+from vas_experiment import archive_run, archived_from, interval, run_jobs, start_fingerprint  # noqa: E402
 
 ARMS = {  # name -> grpo.py flags on top of the shared ones
     "uniform": [],
@@ -105,8 +104,7 @@ def run_dir(args, arm: str, seed: int) -> Path:
 def archived(args, arm: str, seed: int) -> bool:
     """The run is in --archive, made from this study's start (its start.json's sha256 = args.start_sha,
     the --sft-model's): a later session need not train it again."""
-    start = Path(args.archive) / f"{arm}-seed{seed}" / "start.json"
-    return start.exists() and json.loads(start.read_text())["weights_sha256"] == args.start_sha
+    return archived_from(Path(args.archive) / f"{arm}-seed{seed}", args.start_sha)
 
 
 def record(args, arm: str, seed: int) -> Path:
@@ -126,37 +124,10 @@ def finished(run: Path) -> bool:
     return (run / "final").exists() and 0 < planned_steps(run) <= last_step(run)
 
 
-def start_fingerprint(model: Path) -> str | None:
-    """sha256 of the start checkpoint's weights (its *.safetensors files' bytes, in name order); None
-    where the folder holds none. Names the SFT start of a run: one made again on another CPU has the
-    same recipe but other bits (matmuls round differently), so its runs are not the same runs."""
-    files = sorted(Path(model).glob("*.safetensors"))
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for file in files:
-        with file.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def archive(args) -> list[Path]:
-    """Copy metrics.jsonl and config.json of every finished run under --out (a `final` checkpoint
-    beside them) to --archive/<run>/, the small committed record, with start.json: the start
-    checkpoint's path and weights' sha256 (start_fingerprint); returns the folders written."""
-    written = []
-    for run in sorted(Path(args.out).glob("*-seed*")):
-        if finished(run):
-            dest = Path(args.archive) / run.name
-            dest.mkdir(parents=True, exist_ok=True)
-            for name in ("metrics.jsonl", "config.json"):
-                shutil.copy2(run / name, dest / name)
-            model = json.loads((run / "config.json").read_text()).get("model", "")
-            start = {"model": model, "weights_sha256": start_fingerprint(Path(model)) if model else None}
-            (dest / "start.json").write_text(json.dumps(start, indent=1) + "\n")
-            written.append(dest)
-    return written
+    """archive_run() of every finished run under --out into --archive/<run>/; returns the folders written."""
+    return [archive_run(run, Path(args.archive) / run.name) for run in sorted(Path(args.out).glob("*-seed*"))
+            if finished(run)]  # fmt: skip
 
 
 def to_train(args) -> list[tuple[str, int]]:

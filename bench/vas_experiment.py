@@ -33,9 +33,11 @@ Writes <out>/<condition>/{results.md,results.json,steps.png,tokens.png} and one 
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -66,10 +68,58 @@ def budget_steps(args) -> int:
     return args.steps + math.ceil(refreshes * args.train_limit * args.vas_rollouts / (BATCH * GROUP))
 
 
+def start_fingerprint(model: Path) -> str | None:
+    """sha256 of the start checkpoint's weights (its *.safetensors files' bytes, in name order); None
+    where the folder holds none. Names the SFT start of a run: one made again on another CPU has the
+    same recipe but other bits (matmuls round differently), so its runs are not the same runs."""
+    files = sorted(Path(model).glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def archive_run(run: Path, dest: Path) -> Path:
+    """Copies a finished run's metrics.jsonl and config.json (not its checkpoint) to `dest`, the small
+    committed record, with start.json: the start checkpoint's path and weights' sha256
+    (start_fingerprint). Returns `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "config.json"):
+        shutil.copy2(run / name, dest / name)
+    model = json.loads((run / "config.json").read_text()).get("model", "")
+    start = {"model": model, "weights_sha256": start_fingerprint(Path(model)) if model else None}
+    (dest / "start.json").write_text(json.dumps(start, indent=1) + "\n")
+    return dest
+
+
+def archived_from(dest: Path, start_sha: str | None) -> bool:
+    """Whether `dest` holds a run archived from the start whose weights' sha256 is `start_sha`: a later
+    session, on another machine, need not train it again."""
+    start = dest / "start.json"
+    return start_sha is not None and start.exists() and json.loads(start.read_text())["weights_sha256"] == start_sha
+
+
+def run_dir(args, arm: str, seed: int) -> Path:
+    """The run's folder under --out."""
+    return Path(args.out) / args.condition / f"{arm}-seed{seed}"
+
+
+def record(args, arm: str, seed: int) -> Path:
+    """Where the run's metrics are: its folder under --out once finished there (a `final` checkpoint),
+    else its folder in --archive."""
+    run = run_dir(args, arm, seed)
+    return run if (run / "final").exists() or not args.archive else Path(args.archive) / run.name
+
+
 def run_arm(arm: str, seed: int, data: str, args) -> tuple[str, list[str], Path] | None:
-    """One training run as (label, command, output folder); None if it already finished."""
-    out = Path(args.out) / args.condition / f"{arm}-seed{seed}"
-    if (out / "final").exists():
+    """One training run as (label, command, output folder); None if it already finished under --out or
+    is in --archive from this start (args.start_sha)."""
+    out = run_dir(args, arm, seed)
+    if (out / "final").exists() or (args.archive and archived_from(Path(args.archive) / out.name, args.start_sha)):
         return None
     steps = budget_steps(args) if arm == "uniform-budget" else args.steps
     cmd = [
@@ -138,6 +188,13 @@ def train_all(args, data: str) -> None:
     run_jobs([j for j in jobs if j is not None], args.parallel)
 
 
+def archive(args) -> list[Path]:
+    """archive_run() of every finished run of the condition under --out into --archive; returns the
+    folders written."""
+    runs = sorted(Path(args.out, args.condition).glob("*-seed*"))
+    return [archive_run(run, Path(args.archive) / run.name) for run in runs if (run / "final").exists()]
+
+
 def hard_pool(args) -> str:
     """Builds (once) the `hard` pool: --train-limit prompts, mostly all-right or all-wrong for the
     SFT model. Returns its path; prints and saves its measured zero-variance share."""
@@ -197,7 +254,7 @@ def interval(values) -> tuple[float, float]:
 
 def per_seed(args, arm: str) -> dict[str, np.ndarray]:
     """One value per seed (in args.seeds order) for every reported metric of one arm."""
-    runs = [load_run(Path(args.out) / args.condition / f"{arm}-seed{s}") for s in args.seeds]
+    runs = [load_run(record(args, arm, s)) for s in args.seeds]
     steps, _ = runs[0]["val/accuracy"]
     val = np.stack([r["val/accuracy"][1] for r in runs])  # (seeds, val points incl. step 0)
     zero = np.array([r["vas/zero_var_frac"][1].mean() for r in runs])
@@ -260,7 +317,7 @@ def plot(args, x_axis: str) -> Path:
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.6))
     for arm in args.arms:
-        runs = [load_run(Path(args.out) / args.condition / f"{arm}-seed{s}") for s in args.seeds]
+        runs = [load_run(record(args, arm, s)) for s in args.seeds]
         for ax, name in zip(axes, CURVES):
             steps, _ = runs[0][name]
             values = np.stack([r[name][1] for r in runs])
@@ -311,15 +368,22 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (one thread each)")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     parser.add_argument("--skip-train", action="store_true", help="only aggregate finished runs")
+    parser.add_argument("--archive", default="", help="also keep each finished run's metrics here (the committed "
+                        "record) and skip runs archived from the same --sft-model (default: none)")  # fmt: skip
     args = parser.parse_args()
     args.arms = [a for a in args.arms.split(",") if a]
     if set(args.arms) - set(ARMS):
         raise SystemExit(f"error: unknown arms {sorted(set(args.arms) - set(ARMS))}; choose from {list(ARMS)}")
     if not Path(args.sft_model, "config.json").exists():
         raise SystemExit(f"error: no SFT checkpoint at {args.sft_model}: run `python sft.py` first")
+    args.start_sha = start_fingerprint(Path(args.sft_model))
     data = hard_pool(args) if args.condition == "hard" else args.data
-    if not args.skip_train:
-        train_all(args, data)
+    try:
+        if not args.skip_train:
+            train_all(args, data)
+    finally:  # what finished is kept, even when a later run failed
+        if args.archive:
+            print(f"[vas study] archived {len(archive(args))} finished runs to {args.archive}")
     table, summary = summarise(args)
     folder = Path(args.out) / args.condition
     (folder / "results.md").write_text(table + "\n")
