@@ -285,6 +285,18 @@ def fmt_reached(values: np.ndarray, digits: int, scale: float = 1.0) -> str:
     return fmt(interval(kept), digits, scale) if len(kept) else "-"
 
 
+def per_seed_table(args, values: dict[str, dict[str, np.ndarray]]) -> str:
+    """Markdown: one row per arm, one column per seed, "steps / k tokens" to the target or "-"."""
+    rows = ["| arm | " + " | ".join(f"seed {s}" for s in args.seeds) + " |\n" + "| --- " * (len(args.seeds) + 1) + "|"]
+    for arm, v in values.items():
+        cells = [
+            "-" if np.isnan(t) else f"{n:.0f} / {t / 1e3:.0f}"
+            for n, t in zip(v["steps_to_target"], v["tokens_to_target"])
+        ]
+        rows.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def summarise(args) -> tuple[str, dict]:
     """The results tables (markdown) and the numbers behind them."""
     everything = [run_curves(run_dir(args, a, s)) for a in args.arms for s in args.seeds]
@@ -306,6 +318,8 @@ def summarise(args) -> tuple[str, dict]:
                    f"{fmt(e['val_at_equal_tokens'])} | {fmt(e['final_val'])} | {fmt(e['zero_var_sampled'])} | "
                    f"{fmt(e['zero_var_trained'])} | {fmt(e['signal_prompts'], 1)} | {fmt(e['grad_norm'])} | "
                    f"{fmt(e['clip_frac'], 4)} | {fmt(e['rounds'], 2)} | {fmt(e['tokens'], 0, 1e3)} |")  # fmt: skip
+    out.append("\nPer seed, steps / thousands of tokens to the target (`-`: not reached within the run):\n")
+    out.append(per_seed_table(args, values))
     if "uniform" in values:
         out.append("\nPaired by seed, minus `uniform` (tokens to target: seeds where both reached it):\n")
         out.append("| arm | tokens to target (k) | val acc at equal tokens | final val acc | zero-var trained |\n"

@@ -139,3 +139,14 @@ def test_to_train_skips_runs_archived_from_the_same_start(tmp_path):
     assert sampler_study.budget_steps(args, 1) == 300  # vas's 3000 tokens at uniform's 600 / 60 per step
     args.arms = ["uniform", "vas"]  # no uniform-budget to feed: an archived uniform is enough
     assert sampler_study.to_train(args) == []
+
+
+def test_per_seed_table():
+    """One row per arm, one column per seed: steps / thousands of tokens to the target, `-` where never."""
+    from types import SimpleNamespace
+
+    values = {"uniform": {"steps_to_target": np.array([55.0, np.nan]), "tokens_to_target": np.array([237_400.0, np.nan])},
+              "vas": {"steps_to_target": np.array([35.0, 20.0]), "tokens_to_target": np.array([968_000.0, 612_499.0])}}  # fmt: skip
+    table = sampler_study.per_seed_table(SimpleNamespace(seeds=[4, 5]), values).splitlines()
+    assert table[0] == "| arm | seed 4 | seed 5 |"
+    assert table[2:] == ["| uniform | 55 / 237 | - |", "| vas | 35 / 968 | 20 / 612 |"]
