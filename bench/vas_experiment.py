@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -160,9 +161,15 @@ def run_arm(arm: str, seed: int, data: str, args) -> tuple[str, list[str], Path]
     return f"{args.condition} {arm} seed {seed}", cmd, out
 
 
-def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int, tag: str = "vas study") -> None:
+def run_jobs(
+    jobs: list[tuple[str, list[str], Path]],
+    parallel: int,
+    tag: str = "vas study",
+    on_done: Callable[[Path], None] | None = None,
+) -> None:
     """Runs the (label, command, output folder) jobs `parallel` at a time, one thread each, in order;
-    each one's stdout and stderr go to <folder>/log.txt. Stops with one line at the first failure."""
+    each one's stdout and stderr go to <folder>/log.txt; `on_done(folder)`, if given, follows each
+    success (so what finished is kept even if the session is cut). Stops with one line at the first failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     pending, running = list(jobs), []
     while pending or running:
@@ -180,12 +187,15 @@ def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int, tag: str = 
                 if proc.returncode:
                     raise SystemExit(f"error: {label} failed: see {out / 'log.txt'}")
                 print(f"[{tag}] {label}: {time.time() - start:.0f}s", flush=True)
+                if on_done is not None:
+                    on_done(out)
 
 
 def train_all(args, data: str) -> None:
     """Every (seed, arm) run, --parallel at a time, seed-major so a partial study covers every arm."""
     jobs = [run_arm(arm, seed, data, args) for seed in args.seeds for arm in args.arms]
-    run_jobs([j for j in jobs if j is not None], args.parallel)
+    keep = (lambda out: archive_run(out, Path(args.archive) / out.name)) if args.archive else None
+    run_jobs([j for j in jobs if j is not None], args.parallel, on_done=keep)
 
 
 def archive(args) -> list[Path]:

@@ -62,3 +62,21 @@ def test_archive_then_resume_and_aggregate_from_the_archive(tmp_path):
     assert summary["vas"]["tokens"][0] == 1500.0 and np.isnan(summary["vas"]["tokens"][1])  # one seed
     assert summary["vas"]["minus_uniform"]["final_val"][0] == pytest.approx(-0.1, abs=1e-12)
     assert "| vas - uniform |" in table
+
+
+def test_run_jobs_keeps_each_success_and_stops_at_a_failure(tmp_path):
+    """Real subprocesses, two at a time: on_done follows each success, in finishing order; the first
+    failure stops the batch with its log's path, after the runs that succeeded were kept."""
+    ok = [sys.executable, "-c", "print('done')"]
+    jobs = [(f"job {i}", ok, tmp_path / f"job{i}") for i in range(3)]
+    kept = []
+    vas_experiment.run_jobs(jobs, 2, on_done=kept.append)
+    assert sorted(kept) == [tmp_path / f"job{i}" for i in range(3)]
+    assert (tmp_path / "job0" / "log.txt").read_text() == "done\n"
+    kept.clear()
+    bad = [sys.executable, "-c", "raise SystemExit(3)"]
+    with pytest.raises(SystemExit, match="bad failed"):
+        vas_experiment.run_jobs(
+            [("good", ok, tmp_path / "good"), ("bad", bad, tmp_path / "bad")], 1, on_done=kept.append
+        )
+    assert kept == [tmp_path / "good"]
