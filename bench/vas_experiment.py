@@ -396,6 +396,7 @@ def main() -> None:
             print(f"[vas study] archived {len(archive(args))} finished runs to {args.archive}")
     table, summary = summarise(args)
     folder = Path(args.out) / args.condition
+    folder.mkdir(parents=True, exist_ok=True)  # --skip-train from the archive alone
     (folder / "results.md").write_text(table + "\n")
     (folder / "results.json").write_text(json.dumps({"args": vars(args), "arms": summary}, indent=2))
     print(table)
