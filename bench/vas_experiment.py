@@ -33,6 +33,7 @@ Writes <out>/<condition>/{results.md,results.json,steps.png,tokens.png} and one 
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -69,10 +70,12 @@ def budget_steps(args) -> int:
     return args.steps + math.ceil(refreshes * args.train_limit * args.vas_rollouts / (BATCH * GROUP))
 
 
+@functools.cache
 def start_fingerprint(model: Path) -> str | None:
     """sha256 of the start checkpoint's weights (its *.safetensors files' bytes, in name order); None
     where the folder holds none. Names the SFT start of a run: one made again on another CPU has the
-    same recipe but other bits (matmuls round differently), so its runs are not the same runs."""
+    same recipe but other bits (matmuls round differently), so its runs are not the same runs.
+    Read once per process and start (every archived run of a study shares one start)."""
     files = sorted(Path(model).glob("*.safetensors"))
     if not files:
         return None
