@@ -78,7 +78,8 @@ def micro_batches(processor, rows, responses, packed: bool):
     from mmr1 import batches, chat
 
     budget = BUDGET if packed else 0
-    return batches.rl_micro_batches(processor, rows, responses, 3136, 50176, chat.PromptFormat(), budget, MICRO)
+    prompts = batches.build_prompts(processor, rows, chat.PromptFormat(), 3136, 50176)
+    return batches.rl_micro_batches(processor, prompts, responses, budget, MICRO)
 
 
 def one_case(packed: bool) -> dict:

@@ -25,11 +25,13 @@ sys.path.insert(0, str(ROOT))
 from data import toy  # noqa: E402
 from mmr1 import (  # noqa: E402
     batches,
-    data,
     dist,
     modeling,
-    rollout,  # noqa: E402
+    prepare,
+    rollout,
+    vllm_engine,
 )
+from mmr1.chat import PromptFormat  # noqa: E402
 
 PROMPTS, N, TOKENS, REPEATS = 16, 8, 64, 3
 
@@ -54,13 +56,13 @@ def main() -> None:
     d = dist.Dist(0, 1, 0, torch.device("cpu"))
     pixels = {"min_pixels": 3136, "max_pixels": 50176}
     processor = modeling.load_processor(path, **pixels)
-    rows = data.load_rows(str(toy.TOY_DATA_DIR / "rl") + "@train", "rl", limit=PROMPTS)
+    rows = prepare.load_rows(str(toy.TOY_DATA_DIR / "rl") + "@train", "rl", limit=PROMPTS)
     model = modeling.load_model(path, d.device)
     sampling = rollout.Sampling(temperature=0.6, max_new_tokens=TOKENS, seed=0)
 
     # --- 1. throughput ---
     hf = rollout.HFEngine(model, processor, d, batch_size=64, **pixels)  # grpo.py: 2 x micro-batch
-    vllm = rollout.VLLMEngine(path, processor, d, max_model_len=1024, **pixels)
+    vllm = vllm_engine.VLLMEngine(path, processor, d, max_model_len=1024, **pixels)
     vllm.generate(rows[:2], 1, sampling)  # warm-up: the first call compiles / allocates
     print(
         f"model {path}; {PROMPTS} prompts x {N} responses, <= {TOKENS} tokens, T = 0.6, {torch.get_num_threads()} thread(s)\n"
@@ -83,7 +85,7 @@ def main() -> None:
     for name, batch_rows in (("once per response (before)", copies), ("once per prompt (now)", shared)):
         seconds, _ = timed(
             lambda rs=batch_rows: [
-                batches.rl_batch(processor, rs[s : s + micro], responses[s : s + micro], **pixels)
+                batches.rl_batch(processor, batches.build_prompts(processor, rs[s : s + micro], PromptFormat(), pixels["min_pixels"], pixels["max_pixels"]), responses[s : s + micro])
                 for s in range(0, len(rs), micro)
             ]
         )

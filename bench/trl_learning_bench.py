@@ -31,9 +31,9 @@ SLIP = ROOT / "data" / "toy-slip"
 def trl_prompts(spec: str, limit: int) -> list[dict]:
     """The first `limit` RL rows of `spec` (mmr1.data.load_rows, as grpo.py reads them) in TRL's
     conversational layout: a user turn of one image and the problem text, the image, the answer."""
-    from mmr1 import data, images
+    from mmr1 import images, prepare
 
-    rows = data.load_rows(spec, "rl", limit=limit)
+    rows = prepare.load_rows(spec, "rl", limit=limit)
     return [
         {
             "prompt": [

@@ -36,10 +36,10 @@ def trl_run(steps: int, out: str) -> None:
 
     sys.path.insert(0, str(ROOT))
     import reward
-    from mmr1 import data, images
+    from mmr1 import images, prepare
 
     torch.set_num_threads(1)
-    rows = data.load_rows(str(ROOT / "data" / "toy" / "rl") + "@train", "rl", limit=64)
+    rows = prepare.load_rows(str(ROOT / "data" / "toy" / "rl") + "@train", "rl", limit=64)
     dataset = Dataset.from_list([
         {"prompt": [{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": r["problem"].replace("<image>", "")}]}],

@@ -151,20 +151,8 @@ def expand_image_pads(ids: list[int], pad_id: int, counts: list[int]) -> list[in
 def build_prompts(
     processor, rows: list[dict], fmt: PromptFormat, min_pixels: int, max_pixels: int, decode: bool = True
 ) -> list[Prompt]:
-    """build_prompt of each row; the same row object (a GRPO group's n responses) is built once."""
-    built: dict[int, Prompt] = {}
-    for r in rows:
-        if id(r) not in built:
-            built[id(r)] = build_prompt(processor, r, fmt, min_pixels, max_pixels, decode)
-    return [built[id(r)] for r in rows]
-
-
-def prompt_lengths(
-    processor, rows: list[dict], min_pixels: int, max_pixels: int, fmt: PromptFormat = PromptFormat()
-) -> list[int]:
-    """Tokens of each row's prompt (build_prompt with decode=False: images counted from their
-    headers, none decoded). The same count for every engine."""
-    return [len(p.ids) for p in build_prompts(processor, rows, fmt, min_pixels, max_pixels, decode=False)]
+    """build_prompt of each row, in order."""
+    return [build_prompt(processor, r, fmt, min_pixels, max_pixels, decode) for r in rows]
 
 
 def processor_inputs(processor, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
@@ -309,39 +297,22 @@ def sft_micro_batches(
     return [collate([single[i] for i in idx], pad_id) for idx in plan_micro_batches(lengths, max_tokens, max_seqs, d)]
 
 
-def encode_prompts(
-    processor, rows: list[dict], min_pixels: int, max_pixels: int, fmt: PromptFormat = PromptFormat()
-) -> dict[int, Prompt]:
-    """Each distinct prompt (row object) through the prompt builder once: id(row) -> Prompt."""
-    return {id(r): p for r, p in zip(rows, build_prompts(processor, rows, fmt, min_pixels, max_pixels))}
-
-
 def rl_batch(
-    processor,
-    rows: list[dict],
-    responses: list[list[int]],
-    min_pixels: int,
-    max_pixels: int,
-    fmt: PromptFormat = PromptFormat(),
-    prompts: dict[int, Prompt] | None = None,
+    processor, prompts: list[Prompt], responses: list[list[int]]
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Model inputs for prompt + sampled response sequences, and the response-token mask.
 
-    rows[i] is the prompt of responses[i] (token ids); the n responses of one prompt share the row
-    object, and each distinct prompt goes through the prompt builder once (or not at all when
-    `prompts`, from encode_prompts, already holds it: the Prompts the engine generated from). Returns
-    right-padded (B, T) inputs with the rows' pixel_values / image_grid_thw / mm_token_type_ids,
-    and a (B, T-1) float mask that is 1 where the TARGET token input_ids[:, 1:] is a response
-    token (aligned with token_logprobs).
+    prompts[i] is the Prompt (build_prompt, decoded) responses[i] (token ids) was sampled from: the
+    one the engine generated from, so nothing is built again. Returns right-padded (B, T) inputs with
+    the prompts' pixel_values / image_grid_thw / mm_token_type_ids, and a (B, T-1) float mask that is
+    1 where the TARGET token input_ids[:, 1:] is a response token (aligned with token_logprobs).
     """
-    prompts = prompts if prompts is not None else encode_prompts(processor, rows, min_pixels, max_pixels, fmt)
-    length = max(len(prompts[id(r)].ids) + len(resp) for r, resp in zip(rows, responses))
-    input_ids = torch.full((len(rows), length), processor.tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), length), dtype=torch.float32)
+    length = max(len(p.ids) + len(resp) for p, resp in zip(prompts, responses))
+    input_ids = torch.full((len(prompts), length), processor.tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    response_mask = torch.zeros((len(prompts), length), dtype=torch.float32)
     pixel_parts, grid_parts = [], []
-    for b, (r, resp) in enumerate(zip(rows, responses)):
-        prompt = prompts[id(r)]
+    for b, (prompt, resp) in enumerate(zip(prompts, responses)):
         n = len(prompt.ids)
         input_ids[b, : n + len(resp)] = torch.tensor(prompt.ids + list(resp), dtype=torch.long)
         attention_mask[b, : n + len(resp)] = 1
@@ -358,26 +329,18 @@ def rl_batch(
 
 def rl_micro_batches(
     processor,
-    rows: list[dict],
+    prompts: list[Prompt],
     responses: list[list[int]],
-    min_pixels: int,
-    max_pixels: int,
-    fmt: PromptFormat,
     max_tokens: int,
     max_seqs: int,
     d: Dist | None = None,
-    prompts: dict[int, Prompt] | None = None,
 ) -> list[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:
-    """This rank's sequences (rows[i] + responses[i]) as micro-batches planned by token budget
-    (plan_micro_batches; the same count on every rank): a list of (indices into rows, right-padded
-    inputs, (B, T-1) response mask) as rl_batch builds them. Each prompt is built once (none when
-    `prompts` holds the ones the engine generated from)."""
-    prompts = prompts if prompts is not None else encode_prompts(processor, rows, min_pixels, max_pixels, fmt)
-    lengths = [len(prompts[id(r)].ids) + len(resp) for r, resp in zip(rows, responses)]
+    """This rank's sequences (prompts[i] + responses[i]) as micro-batches planned by token budget
+    (plan_micro_batches; the same count on every rank): a list of (indices into the sequences,
+    right-padded inputs, (B, T-1) response mask) as rl_batch builds them."""
+    lengths = [len(p.ids) + len(resp) for p, resp in zip(prompts, responses)]
     out = []
     for idx in plan_micro_batches(lengths, max_tokens, max_seqs, d):
-        inputs, mask = rl_batch(
-            processor, [rows[i] for i in idx], [responses[i] for i in idx], min_pixels, max_pixels, fmt, prompts
-        )
+        inputs, mask = rl_batch(processor, [prompts[i] for i in idx], [responses[i] for i in idx])
         out.append((idx, inputs, mask))
     return out

@@ -3,10 +3,25 @@ Qwen2.5-VL's processor does, and the shape rules the processor would otherwise f
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
+import stat
 from typing import Any
+
+
+def open_regular(path: str | os.PathLike):
+    """`path` opened for binary reading if it is a regular file (after following links); ValueError
+    otherwise. A FIFO would block open() forever and a device (/dev/zero) never ends, so the type is
+    read from the opened descriptor itself (opened non-blocking: no race with a swapped file)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path} is not a regular file (a FIFO, device or socket is never read)")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def load_image(image: Any):
@@ -22,7 +37,8 @@ def load_image(image: Any):
     if isinstance(image, (bytes, bytearray)):
         image = Image.open(io.BytesIO(image))
     elif isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
+        with open_regular(image) as f:
+            image = Image.open(io.BytesIO(f.read()))
     elif not isinstance(image, Image.Image):
         raise TypeError(f"cannot read an image from {type(image).__name__}")
     return to_rgb(upright(image))
@@ -44,7 +60,9 @@ def image_size(image: Any) -> tuple[int, int]:
         return upright(image).size if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else image.size
     if not isinstance(image, (str, os.PathLike, io.BytesIO)):
         raise TypeError(f"cannot read an image from {type(image).__name__}")
-    with Image.open(image) as opened:
+    if isinstance(image, (str, os.PathLike)):
+        image = open_regular(image)
+    with image if not isinstance(image, io.BytesIO) else contextlib.nullcontext(), Image.open(image) as opened:
         w, h = opened.size
         # a PNG's EXIF may follow its pixels (PIL would decode them to find it): read only one found in the header
         tagged = opened.format != "PNG" or "exif" in opened.info

@@ -10,10 +10,10 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-from .config import BadRowError, InputError, MissingDataError
+from .config import BadRowError, InputError, MissingDataError, decode_json
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 SPLIT_ALIASES = {"val": ("val", "validation"), "validation": ("validation", "val"), "dev": ("dev", "validation")}
@@ -85,7 +85,7 @@ def as_messages(row: dict) -> dict:
 # JSON array / jsonl -> memory-mapped Arrow, once
 # ---------------------------------------------------------------------------------------------
 
-CACHE_VERSION = 2  # bump when what the cache holds, or how it is keyed, changes
+CACHE_VERSION = 3  # bump when what the cache holds, or how it is keyed, changes
 FINGERPRINT_BYTES = 1 << 20  # the head and the tail of the file that are hashed into its cache key
 
 
@@ -110,14 +110,14 @@ def json_cache_path(file: Path, kind: str, cache_dir: Path) -> Path:
     return cache_dir / f"{file.stem}-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.arrow"
 
 
-def json_cache(file: Path, kind: str, cache_dir: Path, problem_of: Callable[[dict], str | None]) -> Path:
+def json_cache(file: Path, kind: str, cache_dir: Path) -> Path:
     """The Arrow cache of `file` in `cache_dir` (built by build_json_cache when missing). An
     unwritable cache folder is one InputError naming it and the variable that moves it."""
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache = json_cache_path(file, kind, cache_dir)
         if not cache.exists():
-            build_json_cache(file, cache, problem_of)
+            build_json_cache(file, cache)
     except OSError as e:
         if Path(e.filename or "").resolve() == file.resolve():
             raise MissingDataError(f"{file}: cannot be read ({e.strerror})") from e
@@ -127,11 +127,11 @@ def json_cache(file: Path, kind: str, cache_dir: Path, problem_of: Callable[[dic
     return cache
 
 
-def build_json_cache(file: Path, out: Path, problem_of: Callable[[dict], str | None], batch_rows: int = 50_000) -> None:
+def build_json_cache(file: Path, out: Path, batch_rows: int = 50_000) -> None:
     """Streams `file` (a JSON array, or jsonl) into an Arrow file at `out`: one record per row or
     non-blank line with `n` (row from 0 / line from 1), `json` (the row's raw JSON text, null where
-    it is no object) and `problem` (null for a good row, else what is wrong: `problem_of(row)`, or
-    why the line is no row). Memory stays at one batch of rows. Raises BadRowError for a JSON
+    it is no object) and `problem` (null for an object, else why the line is no row; the fields are
+    the door's to check, mmr1/prepare.py). Memory stays at one batch of rows. Raises BadRowError for a JSON
     array that does not parse and for a file without rows; on any failure the temporary file is
     removed (a reader sees the whole cache or none)."""
     import pyarrow as pa
@@ -143,7 +143,7 @@ def build_json_cache(file: Path, out: Path, problem_of: Callable[[dict], str | N
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             cols: tuple[list, list, list] = ([], [], [])
             for n, text, row in _json_records(file):
-                problem = row if isinstance(row, str) else problem_of(row)
+                problem = row if isinstance(row, str) else None
                 for col, value in zip(cols, (n, text if not isinstance(row, str) else None, problem)):
                     col.append(value)
                 count += 1
@@ -216,10 +216,10 @@ def _json_array(file: Path, chunk: int = 1 << 24) -> Iterator[tuple[str, object]
             while True:
                 next_char()
                 try:
-                    value, end = decoder.raw_decode(buf, pos)
+                    value, end = decode_json(decoder, buf, pos)
                     while end >= len(buf) and not eof:  # the value may go on in the next chunk
                         more()
-                        value, end = decoder.raw_decode(buf, 0)
+                        value, end = decode_json(decoder, buf, 0)
                 except json.JSONDecodeError:
                     if eof:
                         raise

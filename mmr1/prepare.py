@@ -1,21 +1,24 @@
-"""The door: every check of a split's rows, once, before step 1, and one report.
+"""The door: every check of a split's rows, once, before step 1; its product is the loop's input.
 
-    rows = prepare.prepare_split(spec, door, processor, d, skip_bad_rows=..., role="--data")
+    rows = prepare.prepare_split(spec, door, processor, d, split="train", skip_bad_rows=..., limit=...)
 
-A row is trainable when its fields are right (data.check_fields, cached with the Arrow data), its
-text is valid (no lone surrogate, none of the model's own special tokens typed in), every image
-exists, is a file, has a header that decodes and a shape the processor takes after resizing
-(images.check_image_shape), and its tokens fit: the prompt within --max-prompt-length (GRPO), or
-a --max-length cut that keeps its image tokens and an assistant token (SFT). Images are read by
-their headers only (a 1.6M-row SFT set cannot be decoded up front). The checks of a split run
-once per data content and settings: sharded over ranks, agreed with one all-gather, and cached in
-HF_DATASETS_CACHE/mmr1_door (keyed by the data's fingerprint and every setting they read).
+A row is kept when its fields are right (normalise: answers become text, ShareGPT turns become
+`messages`), its text is valid (no lone surrogate, none of the model's own special tokens typed in),
+every image is a regular file (or bytes) whose header decodes to a shape the processor takes after
+resizing, and its tokens fit: the prompt within --max-prompt-length (GRPO), or a --max-length cut
+that keeps its image tokens and an assistant token (SFT). Images are read by their headers only (a
+1.6M-row SFT set cannot be decoded up front).
 
-The result is one report ("N rows, K left out: reasons with counts, first rows named"), then a
-one-line error naming the first bad row, or with --skip-bad-rows the rows removed: the loop never
-sees them. The one check left for the loop is decoding an image (data.Rows.__getitem__); a row
-whose image fails there follows the same rule (an error, or with --skip-bad-rows it is passed over
-and the next row takes its place, as if the door had removed it).
+The product is a memory-mapped Arrow table of the kept rows, normalised (absolute image paths,
+prompt token counts: data.Rows), written once per data content and settings under
+HF_DATASETS_CACHE/mmr1_door/<key>/: the key covers the data's fingerprint and every setting the
+checks read, and the table records the size and mtime of every image file the door read, so a
+replaced image makes the door look again. The check is sharded over ranks (each writes its share's
+part of the table) and the verdicts are agreed with one all-gather.
+
+One report ("N rows, K left out: reasons with counts, first rows named"), then a one-line error
+naming the first bad row, or with --skip-bad-rows the rows left out: the loop never sees them. The
+one check left for the loop is decoding an image (data.Rows.__getitem__), with the same rule.
 """
 
 from __future__ import annotations
@@ -23,18 +26,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import stat
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+import torch
 
-from . import batches, data, dist
-from .chat import PromptFormat
-from .config import BadRowError
+from . import batches, data, dist, layouts
+from .chat import PromptFormat, prompt_messages, sft_messages
+from .config import BadRowError, InputError
 from .images import check_image_shape, image_size
 
-DOOR_VERSION = 1  # bump when a check changes: cached verdicts of the old checks are then not used
+DOOR_VERSION = 2  # bump when a check or the table changes: tables of the old door are then not used
 
 
 @dataclass(frozen=True)
@@ -48,11 +53,6 @@ class Door:
     max_pixels: int
     max_tokens: int = 0
     fmt: PromptFormat = PromptFormat()
-
-    @property
-    def flag(self) -> str:
-        """The flag the token limit comes from."""
-        return "--max-prompt-length" if self.kind == "rl" else "--max-length"
 
 
 @dataclass
@@ -79,6 +79,52 @@ class Report:
 # ---------------------------------------------------------------------------------------------
 
 
+def normalise(row: dict, kind: str) -> dict:
+    """The fields of an 'rl' or 'sft' row, normalised; ValueError saying what is wrong. Decodes no
+    image: only the number of images is looked at.
+
+    RL rows: `problem` a non-empty str, `answer` given (numbers and lists become text through
+    reward.answer_text), `choices` absent or a list (its items through answer_text). SFT rows:
+    `messages` (or ShareGPT `conversations`, layouts.as_messages) a list of {"role": str,
+    "content": str} with an assistant turn. Both: `images` absent or a list, with as many `<image>`
+    markers as images.
+    """
+    from reward import answer_text  # the gold-answer rule lives beside the equivalence rules
+
+    images = row.get("images")
+    if images is not None and not isinstance(images, (list, tuple)):
+        raise ValueError(f"'images' is a {type(images).__name__}; give a list of images")
+    row = dict(row)
+    if kind == "rl":
+        for key in ("problem", "answer"):
+            if row.get(key) is None or (isinstance(row[key], str) and not row[key].strip()):
+                raise ValueError(f"missing {key!r}")
+        if not isinstance(row["problem"], str):
+            raise ValueError(f"'problem' is a {type(row['problem']).__name__}, not a string")
+        row["answer"] = answer_text(row["answer"])
+        choices = row.get("choices")
+        if choices is not None and not isinstance(choices, (list, tuple)):
+            raise ValueError(f"'choices' is a {type(choices).__name__}; give a list of option texts")
+        if choices:
+            row["choices"] = [answer_text(c) for c in choices]
+        prompt_messages(row)  # the <image> markers against the images
+        return row
+    row = layouts.as_messages(row)
+    messages = row.get("messages")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("'messages' (or 'conversations') is missing or not a list")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"message {j} is not a {{'role', 'content'}} object")
+        if not isinstance(m.get("content"), str):
+            content = "null" if m.get("content") is None else f"a {type(m['content']).__name__}"
+            raise ValueError(f"message {j} ({m['role']}) has content {content}, not a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("'messages' has no assistant turn")
+    sft_messages(row)
+    return row
+
+
 def reserved_tokens(tokenizer) -> list[str]:
     """The model's own chat and vision tokens (`<|im_start|>`, `<|image_pad|>`, ...): text that
     holds one would break the chat structure or the image-token count (Qwen's processor raises
@@ -87,7 +133,7 @@ def reserved_tokens(tokenizer) -> list[str]:
 
 
 def row_texts(row: dict, kind: str) -> list[tuple[str, str]]:
-    """(name, text) of each text of a checked row that the tokenizer reads."""
+    """(name, text) of each text of a normalised row that the tokenizer reads."""
     if kind == "rl":
         return [("'problem'", row["problem"])]
     return [(f"message {j} ({m['role']})", m["content"]) for j, m in enumerate(row["messages"])]
@@ -114,17 +160,25 @@ def text_problem(row: dict, kind: str, reserved: list[str]) -> tuple[str, str] |
     return None
 
 
+def image_path(image) -> str | None:
+    """The file an image is read from (a path, or a {"path"} without bytes), or None (bytes, PIL)."""
+    path = image.get("path") if isinstance(image, dict) and not image.get("bytes") else image
+    return os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+
+
 def image_problem(row: dict, min_pixels: int, max_pixels: int) -> tuple[str, str] | None:
-    """(reason, message) for an image that is missing, a folder, unreadable from its header, or of
-    a shape the processor refuses after resizing (images.check_image_shape); else None. No image
-    is decoded."""
+    """(reason, message) for an image that is missing, a folder or other non-regular file (a FIFO
+    would block forever), unreadable from its header, or of a shape the processor refuses after
+    resizing (images.check_image_shape); else None. No image is decoded."""
     for j, image in enumerate(row.get("images") or []):
-        path = image.get("path") if isinstance(image, dict) and not image.get("bytes") else image
-        if isinstance(path, (str, os.PathLike)):
+        path = image_path(image)
+        if path is not None:
             if not os.path.exists(path):
                 return "missing image", f"image {j}: no such file {path}"
             if os.path.isdir(path):
                 return "missing image", f"image {j}: {path} is a folder, not an image file"
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                return "missing image", f"image {j}: {path} is not a regular file (a FIFO, device or socket)"
         try:
             w, h = image_size(image)
         except Exception as e:  # noqa: BLE001 - whatever the header reader says, the image is unreadable
@@ -136,123 +190,163 @@ def image_problem(row: dict, min_pixels: int, max_pixels: int) -> tuple[str, str
     return None
 
 
-def token_problem(processor, row: dict, door: Door) -> tuple[str, str] | None:
-    """(reason, message) for a row whose tokens do not fit the run: an RL prompt above
-    --max-prompt-length, or an SFT row the --max-length cut would spoil (batches.cut_problem);
-    counted from the chat text and image headers, as the prompt builder counts them."""
+def prompt_tokens(processor, row: dict, door: Door) -> tuple[int, tuple[str, str] | None]:
+    """(tokens of the row's prompt, problem or None): an RL prompt above --max-prompt-length, or an
+    SFT row the --max-length cut would spoil (batches.cut_problem); counted from the chat text and
+    image headers, as the prompt builder counts them. Without a processor: (0, None)."""
+    if processor is None:
+        return 0, None
     if door.kind == "rl":
-        (prompt,) = batches.build_prompts(processor, [row], door.fmt, door.min_pixels, door.max_pixels, decode=False)
-        if door.max_tokens and len(prompt.ids) > door.max_tokens:
-            return "prompt too long", (
-                f"the prompt is {len(prompt.ids)} tokens, above --max-prompt-length {door.max_tokens}"
-            )
-        return None
-    if not door.max_tokens:
-        return None
+        n = len(batches.build_prompt(processor, row, door.fmt, door.min_pixels, door.max_pixels, decode=False).ids)
+        if door.max_tokens and n > door.max_tokens:
+            return n, ("prompt too long", f"the prompt is {n} tokens, above --max-prompt-length {door.max_tokens}")
+        return n, None
     n, last_image, first_label = batches.sft_layout(processor, row, door.min_pixels, door.max_pixels)
-    problem = batches.cut_problem(n, last_image, first_label, door.max_tokens)
-    return ("spoiled by --max-length", problem) if problem else None
+    problem = batches.cut_problem(n, last_image, first_label, door.max_tokens) if door.max_tokens else None
+    return n, ("spoiled by --max-length", problem) if problem else None
 
 
-def row_problem(processor, row: dict, door: Door, reserved: list[str]) -> tuple[str, str] | None:
-    """The first (reason, message) of the door's checks that `row` (fields already checked) fails, or None."""
+def judge(processor, raw: dict | str, door: Door, reserved: list[str]):
+    """(normalised row, prompt tokens, None) for a row that passes every check of the door, else
+    (None, 0, (reason, message)). `raw` is a row as its source holds it, or a string saying why a
+    line is no row."""
+    if isinstance(raw, str):
+        return None, 0, ("bad fields", raw)
     try:
-        return (
-            text_problem(row, door.kind, reserved)
-            or image_problem(row, door.min_pixels, door.max_pixels)
-            or token_problem(processor, row, door)
-        )
+        row = normalise(raw, door.kind)
+    except (ValueError, TypeError, KeyError) as e:
+        return None, 0, ("bad fields", str(e))
+    try:
+        problem = text_problem(row, door.kind, reserved) or image_problem(row, door.min_pixels, door.max_pixels)
+        tokens, problem = (0, problem) if problem else prompt_tokens(processor, row, door)
     except ValueError as e:  # the chat template or the image-pad count refused the row
-        return "unbuildable prompt", str(e)
+        return None, 0, ("unbuildable prompt", str(e))
+    return (None, 0, problem) if problem else (row, tokens, None)
 
 
 # ---------------------------------------------------------------------------------------------
-# The door over a split: sharded, agreed once, cached, reported
+# The door over a split: sharded, agreed once, written as the loop's table, reported
 # ---------------------------------------------------------------------------------------------
 
 
-def _where(rows, k: int, spec: str) -> tuple[dict, str]:
-    """(row k, undecoded where that is possible, and how an error names it)."""
-    if isinstance(rows, data.Rows):
-        row, where = rows.undecoded(k)
-    else:
-        row, where = rows[k], f"{spec} row {k}"
-    return row, where + (f" (id={row['id']})" if isinstance(row, dict) and row.get("id") is not None else "")
+def file_stats(row) -> list:
+    """[path, size, mtime_ns] of each image file of a row: what the door's verdict on it depends on."""
+    out = []
+    for image in (row.get("images") or []) if isinstance(row, dict) else []:
+        path = image_path(image)
+        if path is not None:
+            try:
+                st = os.stat(path)
+                out.append([path, st.st_size, st.st_mtime_ns])
+            except OSError:
+                out.append([path, -1, -1])
+    return out
 
 
-def _cache_file(rows, door: Door, processor) -> Path | None:
-    """Where the verdicts of this split under these settings are kept, or None (rows not from data files)."""
-    if not isinstance(rows, data.Rows) or not all(s.fingerprint for s in rows.sources):
-        return None
+def _stored(row: dict) -> str:
+    """A kept row as the table holds it: JSON, each image as its path (null: bytes, read from the source)."""
+    images = [image_path(image) for image in row.get("images") or []]
+    return json.dumps({**row, "images": images} if "images" in row else row, default=lambda _: None)
+
+
+def _table_dir(sources, door: Door, processor, limit: int, d: dist.Dist) -> Path:
+    """Where the door's table for these sources and settings lives (HF_DATASETS_CACHE/mmr1_door/<key>)."""
     import datasets
 
-    tokenizer = processor.tokenizer
+    tokenizer = getattr(processor, "tokenizer", None)
+    fingerprints = [s.fingerprint for s in sources]
+    unknown = dist.all_gather_list([os.getpid()], d)[0] if not all(fingerprints) else 0  # never reused
     key = json.dumps(
         [
             DOOR_VERSION,
-            [s.fingerprint for s in rows.sources],
-            hashlib.sha256(rows.keep.tobytes()).hexdigest(),
+            fingerprints,
+            unknown,
+            limit,
             asdict(door),
-            tokenizer.name_or_path,
-            len(tokenizer),
-            hashlib.sha256(str(processor.chat_template).encode()).hexdigest(),
+            getattr(tokenizer, "name_or_path", None),
+            len(tokenizer) if tokenizer is not None else 0,
+            hashlib.sha256(str(getattr(processor, "chat_template", None)).encode()).hexdigest(),
         ],
         default=str,
     )
-    return Path(datasets.config.HF_DATASETS_CACHE) / "mmr1_door" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+    return Path(datasets.config.HF_DATASETS_CACHE) / "mmr1_door" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def check_split(rows, door: Door, processor, d: dist.Dist, spec: str) -> list[tuple[int, str, str]]:
-    """(position, reason, message) of every row of `rows` (a data.Rows or a list of checked rows)
-    that fails the door, the same on every rank: each rank checks its contiguous share, one
-    all-gather joins them. Read from the cache when every rank finds it there; rank 0 writes it."""
-    cache = _cache_file(rows, door, processor)
-    cached = cache is not None and cache.exists()
-    if all(dist.all_gather_list([cached], d)):
-        try:
-            return [tuple(x) for x in json.loads(cache.read_text())]
-        except (OSError, ValueError):
-            pass  # unreadable cache: check again (every rank reads the same file, so all agree)
-    reserved = reserved_tokens(processor.tokenizer)
-    share = -(-len(rows) // d.world_size)  # contiguous shares, as dist.shard cuts them (no index list built)
-    found = []
-    for k in range(d.rank * share, min(len(rows), (d.rank + 1) * share)):
-        row, where = _where(rows, k, spec)
-        problem = row_problem(processor, row, door, reserved)
-        if problem is not None:
-            found.append((k, problem[0], f"{where}: {problem[1]}"))
-    bad = sorted(dist.all_gather_list(found, d))
-    if cache is not None and d.master:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(bad))
-            tmp.replace(cache)
-        except OSError:
-            pass  # a cache that cannot be written only costs the check next time
-    return bad
+def _unchanged(folder: Path, d: dist.Dist) -> bool:
+    """Whether a finished table exists on every rank and every image file the door read is as it
+    was (size and mtime), each rank stat-ing its share of the table's rows."""
+    report = folder / "report.json"
+    if not all(dist.all_gather_list([report.exists()], d)):
+        return False
+    try:
+        table = _read_table(folder)
+        lo, hi = _bounds(table.num_rows, d)
+        stats = [s for text in table.column("files").slice(lo, hi - lo).to_pylist() for s in json.loads(text)]
+        if d.master:
+            stats += json.loads(report.read_text())["files"]
+        same = all(file_stats({"images": [p]}) == [[p, size, mtime]] for p, size, mtime in stats)
+    except (OSError, ValueError, KeyError):
+        same = False
+    return all(dist.all_gather_list([same], d))
 
 
-def prepare_rows(rows, door: Door, processor, d: dist.Dist, *, skip_bad_rows: bool, spec: str, field_bad=()):
-    """The trainable rows of `rows` (a data.Rows, or a list of rows already field-checked): the door's
-    checks over all of them (check_split), one report printed by rank 0 (field problems found at
-    load, `field_bad`, included), then BadRowError naming the first bad row, or with skip_bad_rows
-    the rows without the bad ones (a data.Rows stays a lazy data.Rows)."""
-    bad = check_split(rows, door, processor, d, spec)
-    report = Report(spec, len(rows) + len(field_bad), list(field_bad) + bad)
-    what = " (removed: --skip-bad-rows)" if skip_bad_rows else " (--skip-bad-rows leaves them out)"
+def _bounds(n: int, d: dist.Dist) -> tuple[int, int]:
+    """This rank's contiguous share [lo, hi) of n items."""
+    share = -(-n // d.world_size)
+    return min(n, d.rank * share), min(n, (d.rank + 1) * share)
+
+
+def _read_table(folder: Path):
+    import pyarrow as pa
+
+    parts = sorted(folder.glob("part-*.arrow"))
+    return pa.concat_tables([layouts.read_arrow(p) for p in parts])
+
+
+def _write_part(path: Path, records: list[tuple]) -> None:
+    import pyarrow as pa
+
+    schema = pa.schema(
+        [("source", pa.int32()), ("index", pa.int64()), ("row", pa.large_string()), ("tokens", pa.int32()),
+         ("files", pa.large_string())]
+    )  # fmt: skip
+    columns = list(zip(*records)) if records else [[] for _ in schema]
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        writer.write_table(pa.table([list(c) for c in columns], schema=schema))
+
+
+def _check_sources(sources, door: Door, processor, d: dist.Dist, folder: Path, n: int) -> list[tuple[int, str, str]]:
+    """The door over the first n rows of `sources`, this rank its contiguous share: its kept rows
+    written as one part of the table in `folder` (a temporary folder renamed when all are done);
+    returns every rank's left-out rows (position, reason, message), agreed by one all-gather."""
+    from tqdm.auto import tqdm
+
+    reserved = reserved_tokens(processor.tokenizer) if processor is not None else []
+    offsets = [0]
+    for s in sources:
+        offsets.append(offsets[-1] + len(s))
+    lo, hi = _bounds(n, d)
+    records, found, files = [], [], []
+    s = 0
+    for k in tqdm(range(lo, hi), desc="[data] checking rows", disable=not d.master or hi - lo < 10_000):
+        while k >= offsets[s + 1]:
+            s += 1
+        source, i = sources[s], k - offsets[s]
+        raw = source.raw(i)
+        row, tokens, problem = judge(processor, raw, door, reserved)
+        if problem is None:
+            records.append((s, i, _stored(row), tokens, json.dumps(file_stats(row))))
+        else:
+            named = f" (id={raw.get('id')})" if isinstance(raw, dict) and raw.get("id") is not None else ""
+            found.append((k, problem[0], f"{source.where(i)}{named}: {problem[1]}"))
+            files += file_stats(raw)
+    _write_part(folder / f"part-{d.rank:05d}.arrow", records)
+    gathered = dist.all_gather_list([(found, files)], d)  # also the barrier: every part is written
+    bad = sorted(x for rank_found, _ in gathered for x in rank_found)
     if d.master:
-        print(report.line() + (what if report.bad else ""), flush=True)
-    if report.bad and not skip_bad_rows:
-        raise BadRowError(report.bad[0][2])
-    if not bad:
-        return rows
-    keep = np.ones(len(rows), dtype=bool)
-    keep[[k for k, _, _ in bad]] = False
-    kept = np.flatnonzero(keep)  # (kept rows,) int64 positions: 8 bytes a row
-    if not len(kept):
-        raise BadRowError(f"{spec}: no usable rows ({len(report.bad)} left out; first: {report.bad[0][2]})")
-    return rows.subset(kept) if isinstance(rows, data.Rows) else [rows[int(k)] for k in kept]
+        report = {"rows": n, "bad": bad, "files": [f for _, rank_files in gathered for f in rank_files]}
+        (folder / "report.json").write_text(json.dumps(report))
+    return bad
 
 
 def prepare_split(
@@ -265,10 +359,92 @@ def prepare_split(
     skip_bad_rows: bool = False,
     limit: int = 0,
 ) -> data.Rows:
-    """The door for a data set: data.load_rows (fields of every row, from the Arrow cache), then
-    prepare_rows (text, image headers, tokens), one report for both. `limit`: the first `limit`
-    rows with good fields (0 = all) are the ones the door looks at."""
-    rows = data.load_rows(spec, door.kind, split, True, limit, door.min_pixels, door.max_pixels, report=False)
-    rows.skip_bad_rows = skip_bad_rows  # the rule at use (decoding) is the run's, not the loader's
-    field_bad = [(-1, "bad fields", message) for message in rows.left_out]
-    return prepare_rows(rows, door, processor, d, skip_bad_rows=skip_bad_rows, spec=spec, field_bad=field_bad)
+    """The door for a data set (a file, folder or hub id; `name@split` picks the split): the kept rows
+    of its first `limit` rows (0 = all) as data.Rows over the door's table, built now or found from
+    an earlier run with the same data, settings and image files; one report; BadRowError naming the
+    first bad row unless skip_bad_rows. processor=None: no token counts and no reserved-token check
+    (load_rows)."""
+    sources = data.open_sources(spec, door.kind, split)
+    total = sum(len(s) for s in sources)
+    n = min(limit, total) if limit else total
+    folder = _table_dir(sources, door, processor, limit, d)
+    if _unchanged(folder, d):
+        bad = [tuple(x) for x in json.loads((folder / "report.json").read_text())["bad"]]
+    else:
+        pid = dist.all_gather_list([os.getpid()], d)[0]
+        building = folder.with_name(f"{folder.name}.building-{pid}")
+        try:
+            if d.master:
+                shutil.rmtree(building, ignore_errors=True)
+                building.mkdir(parents=True)
+            dist.all_gather_list([0], d)  # the folder exists before any rank writes to it
+            bad = _check_sources(sources, door, processor, d, building, n)
+            if d.master:
+                shutil.rmtree(folder, ignore_errors=True)
+                building.replace(folder)
+        except OSError as e:
+            raise InputError(
+                f"cannot write the door's table in {folder.parent} ({e.strerror}): "
+                "set HF_DATASETS_CACHE to a writable folder"
+            ) from e
+        finally:
+            if d.master:
+                shutil.rmtree(building, ignore_errors=True)
+        dist.all_gather_list([0], d)  # the table is in place before any rank reads it
+    _apply_rule(Report(spec, n, bad), skip_bad_rows, d)
+    table = _read_table(folder)
+    if not table.num_rows:
+        raise BadRowError(f"{spec}: no usable rows ({len(bad)} left out; first: {bad[0][2]})")
+    return data.Rows(table, sources, spec, skip_bad_rows, (door.min_pixels, door.max_pixels))
+
+
+def prepare_rows(rows: list[dict], door: Door, processor, d: dist.Dist, *, skip_bad_rows: bool, spec: str):
+    """The door over rows already in memory (a benchmark's prompts): every check of judge, each
+    rank its share, one all-gather, one report; the kept rows, normalised, in order."""
+    reserved = reserved_tokens(processor.tokenizer) if processor is not None else []
+    lo, hi = _bounds(len(rows), d)
+    found = []
+    for k in range(lo, hi):
+        _, _, problem = judge(processor, rows[k], door, reserved)
+        if problem is not None:
+            named = f" (id={rows[k].get('id')})" if rows[k].get("id") is not None else ""
+            found.append((k, problem[0], f"{spec} row {k}{named}: {problem[1]}"))
+    bad = sorted(x for part in dist.all_gather_list([found], d) for x in part)
+    _apply_rule(Report(spec, len(rows), bad), skip_bad_rows, d)
+    left_out = {k for k, _, _ in bad}
+    kept = [normalise(r, door.kind) for k, r in enumerate(rows) if k not in left_out]
+    if not kept:
+        raise BadRowError(f"{spec}: no usable rows ({len(bad)} left out; first: {bad[0][2]})")
+    return kept
+
+
+def _apply_rule(report: Report, skip_bad_rows: bool, d: dist.Dist) -> None:
+    """The one skip rule: the report printed by rank 0, then BadRowError naming the first bad row
+    unless skip_bad_rows (then the bad rows are simply not in the product)."""
+    what = " (removed: --skip-bad-rows)" if skip_bad_rows else " (--skip-bad-rows leaves them out)"
+    if d.master:
+        print(report.line() + (what if report.bad else ""), flush=True)
+    if report.bad and not skip_bad_rows:
+        raise BadRowError(report.bad[0][2])
+
+
+def load_rows(
+    spec: str,
+    kind: str,
+    split: str = "train",
+    skip_bad_rows: bool = False,
+    limit: int = 0,
+    min_pixels: int = 3136,
+    max_pixels: int = 1048576,
+) -> data.Rows:
+    """A data set's rows through the door without a model (fields, text, image headers; no token
+    counts), in one process: for tools, benchmarks and tests that read data as the stages do."""
+    one = dist.Dist(0, 1, 0, torch.device("cpu"))
+    door = Door(kind, min_pixels, max_pixels)
+    return prepare_split(spec, door, None, one, split=split, skip_bad_rows=skip_bad_rows, limit=limit)
+
+
+def checked_row(row: dict, kind: str, min_pixels: int = 3136, max_pixels: int = 1048576) -> dict:
+    """One row in memory normalised and its images decoded; ValueError saying what is wrong (a
+    benchmark row turned into a prompt, before the door's report over all of them)."""
+    return data.decode_images(normalise(row, kind), min_pixels, max_pixels)

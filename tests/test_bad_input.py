@@ -20,7 +20,7 @@ import grpo
 import reward
 from conftest import ROOT, run_script
 from data import toy
-from mmr1 import checkpoint, config, data, dist, images, modeling
+from mmr1 import checkpoint, checkpoint_checks, config, dist, images, modeling, prepare
 
 
 def write_jsonl(path, rows):
@@ -81,7 +81,7 @@ def test_number_and_list_answers_load_as_text_and_score(tmp_path, suffix):
     answers = [1, 12, 40] if suffix == ".parquet" else [1, 2.5, [3, 4]]  # a parquet column has one type
     rows = [dict(rl_row(i, img), answer=a) for i, a in enumerate(answers)]
     path = (write_parquet if suffix == ".parquet" else write_jsonl)(tmp_path / f"rows{suffix}", rows)
-    loaded = data.load_rows(str(path), "rl")
+    loaded = prepare.load_rows(str(path), "rl")
     golds = [r["answer"] for r in loaded]
     assert golds == (["1", "12", "40"] if suffix == ".parquet" else ["1", "2.5", "3, 4"])
     for gold in golds:  # a right response now earns accuracy 1 (before: 0 for every non-string gold)
@@ -99,13 +99,13 @@ def test_unusable_answer_and_plain_string_choices_name_the_line(tmp_path):
     ]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     with pytest.raises(config.BadRowError, match=r"rows\.jsonl line 2 \(id=1\): answer is a bool"):
-        data.load_rows(str(path), "rl")
-    kept = data.load_rows(str(path), "rl", skip_bad_rows=True)
+        prepare.load_rows(str(path), "rl")
+    kept = prepare.load_rows(str(path), "rl", skip_bad_rows=True)
     assert [r["id"] for r in kept] == ["0"]
     for i, message in [(2, "answer is a dict"), (3, "'choices' is a str; give a list")]:
         with pytest.raises(config.BadRowError, match=rf"line 1 \(id={i}\): {message}"):
-            data.load_rows(str(write_jsonl(tmp_path / "one.jsonl", [rows[i]])), "rl")
-    choices = data.load_rows(str(write_jsonl(tmp_path / "c.jsonl", [rl_row(0, img, choices=[3, 4.5])])), "rl")
+            prepare.load_rows(str(write_jsonl(tmp_path / "one.jsonl", [rows[i]])), "rl")
+    choices = prepare.load_rows(str(write_jsonl(tmp_path / "c.jsonl", [rl_row(0, img, choices=[3, 4.5])])), "rl")
     assert choices[0]["choices"] == ["3", "4.5"]
 
 
@@ -127,9 +127,9 @@ def test_malformed_jsonl_lines_are_named_or_skipped_and_counted(tmp_path, capsys
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(config.BadRowError) as error:
-        data.load_rows(str(path), "rl")
+        prepare.load_rows(str(path), "rl")
     assert str(error.value) == f"{path} line 2: not valid JSON (Expecting value at column 39)"
-    kept = data.load_rows(str(path), "rl", skip_bad_rows=True)
+    kept = prepare.load_rows(str(path), "rl", skip_bad_rows=True)
     assert [r["id"] for r in kept] == ["0", "5"]
     out = capsys.readouterr().out
     assert "skipped 3 bad rows of 5" in out and "line 2: not valid JSON" in out
@@ -137,7 +137,26 @@ def test_malformed_jsonl_lines_are_named_or_skipped_and_counted(tmp_path, capsys
         bad = tmp_path / f"bad{line}.jsonl"
         bad.write_bytes(b"\n".join([lines[0]] * (line - 1) + [lines[line - 1]]) + b"\n")
         with pytest.raises(config.BadRowError, match=rf"bad{line}\.jsonl line {line}: {re.escape(message)}"):
-            data.load_rows(str(bad), "rl", skip_bad_rows=False)
+            prepare.load_rows(str(bad), "rl", skip_bad_rows=False)
+
+
+def test_json_nested_too_deep_names_the_file_and_the_row(tmp_path):
+    """A line of 100,000 `[` in an RL jsonl, an element nested as deep in an sft.json array: the same
+    one-line bad-row error as any JSON that does not parse (was: a RecursionError traceback)."""
+    img = image_file(tmp_path)
+    deep = "[" * 100_000 + "]" * 100_000
+    rl = tmp_path / "rows.jsonl"
+    rl.write_text(json.dumps(rl_row(0, img)) + "\n" + deep + "\n")
+    with pytest.raises(config.BadRowError) as error:
+        prepare.load_rows(str(rl), "rl")
+    assert str(error.value) == f"{rl} line 2: not valid JSON (nested too deeply at column 1)"
+    good = {"id": "g", "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+            "images": [img]}  # fmt: skip
+    sft_json = tmp_path / "sft.json"
+    sft_json.write_text(f"[{json.dumps(good)}, {deep}]")
+    with pytest.raises(config.BadRowError) as error:
+        prepare.load_rows(str(sft_json), "sft")
+    assert str(error.value) == f"{sft_json}: not valid JSON at element 1 (nested too deeply)"
 
 
 def test_empty_and_unreadable_files_are_one_line_errors(tmp_path):
@@ -160,7 +179,7 @@ def test_empty_and_unreadable_files_are_one_line_errors(tmp_path):
     ]:
         for skip in (False, True):
             with pytest.raises(config.BadRowError) as error:
-                data.load_rows(str(path), "rl", skip_bad_rows=skip)
+                prepare.load_rows(str(path), "rl", skip_bad_rows=skip)
             assert str(error.value).startswith(f"{path}: {message}") and "\n" not in str(error.value)
 
 
@@ -172,7 +191,7 @@ def test_a_hub_id_that_does_not_load_is_one_line(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(config.BadRowError) as error:
-        data.load_rows("no/such@val", "rl")
+        prepare.load_rows("no/such@val", "rl")
     assert str(error.value) == (
         "no/such@val: not a local file or folder, and not loadable from the hub "
         "(ConnectionError: Couldn't reach 'no/such' on the Hub (OfflineModeIsEnabled))"
@@ -243,10 +262,10 @@ def test_vas_score_with_bad_data_or_a_missing_split_is_one_line(toy_dir, tmp_pat
 def test_extreme_aspect_ratio_is_a_bad_row(tmp_path):
     good, thin = image_file(tmp_path), image_file(tmp_path, "thin.png", (20000, 1))
     path = write_jsonl(tmp_path / "rows.jsonl", [rl_row(0, good), rl_row(1, thin)])
-    rows = data.load_rows(str(path), "rl", min_pixels=3136, max_pixels=50176)
+    rows = prepare.load_rows(str(path), "rl", min_pixels=3136, max_pixels=50176)
     with pytest.raises(config.BadRowError, match=r"line 2 \(id=1\): image 0 is 20000x1 pixels.*aspect ratio"):
         rows[1]  # images are checked when the row is first used (issue 20), not when the data is opened
-    rows = data.load_rows(str(path), "rl", skip_bad_rows=True, min_pixels=3136, max_pixels=50176)
+    rows = prepare.load_rows(str(path), "rl", skip_bad_rows=True, min_pixels=3136, max_pixels=50176)
     assert [r["id"] for r in rows] == ["0", "0"] and rows.skipped == 1  # replaced by the next usable row
 
 
@@ -292,8 +311,8 @@ def test_sft_null_content_is_a_bad_row(tmp_path, capsys):
     for suffix, where in [(".jsonl", "line 2"), (".parquet", "row 1")]:
         path = (write_parquet if suffix == ".parquet" else write_jsonl)(tmp_path / f"sft{suffix}", [good, null])
         with pytest.raises(config.BadRowError, match=rf"{where} \(id=n\): message 1 \(assistant\) has content null"):
-            data.load_rows(str(path), "sft")
-        assert [r["id"] for r in data.load_rows(str(path), "sft", skip_bad_rows=True)] == ["g"]
+            prepare.load_rows(str(path), "sft")
+        assert [r["id"] for r in prepare.load_rows(str(path), "sft", skip_bad_rows=True)] == ["g"]
     assert "skipped 1 bad rows of 2" in capsys.readouterr().out
 
 
@@ -303,9 +322,9 @@ def test_relative_image_paths_resolve_against_the_data_file(tmp_path, monkeypatc
     image_file(folder, "a.png")
     write_jsonl(folder / "train.jsonl", [rl_row(0, "a.png"), rl_row(1, {"path": "a.png"})])
     monkeypatch.chdir(tmp_path)  # a.png is not in the working directory
-    rows = data.load_rows("set/train.jsonl", "rl")
-    (first, _), (second, _) = rows.undecoded(0), rows.undecoded(1)
-    assert first["images"] == [str(folder / "a.png")] and second["images"] == [{"path": str(folder / "a.png")}]
+    rows = prepare.load_rows("set/train.jsonl", "rl")
+    first, second = rows.undecoded(0), rows.undecoded(1)
+    assert first["images"] == second["images"] == [str(folder / "a.png")]  # the door's rows: absolute paths
     assert rows[1]["images"][0].size == (112, 112)  # and it decodes from there
 
 
@@ -335,6 +354,67 @@ def test_useless_sft_settings_are_refused():
 
     with pytest.raises(SystemExit, match="--max-steps 0 --epochs 0.0: no step would run"):
         sft.validate_config(config.parse_config(sft.SFTConfig, sft.PRESETS, ["--max-steps", "0", "--epochs", "0"]))
+
+
+def stage_configs() -> list[tuple[type, dict | None]]:
+    """Every stage's config dataclass with its presets (grpo, sft, eval, vas score, vas plot)."""
+    import eval as evaluation
+    import sft
+    import vas
+
+    return [
+        (grpo.GRPOConfig, grpo.PRESETS),
+        (sft.SFTConfig, sft.PRESETS),
+        (evaluation.EvalConfig, None),
+        (vas.ScoreConfig, None),
+        (vas.PlotConfig, None),
+    ]
+
+
+def refused(cls, presets, flags) -> str:
+    """The one-line message parse_config stops with."""
+    with pytest.raises(SystemExit) as stop:
+        config.parse_config(cls, presets, flags)
+    return str(stop.value.code)
+
+
+def test_every_float_flag_of_every_stage_must_be_finite():
+    """NaN passes every bound check and inf means nothing for any setting: --tis-cap nan (TIS silently
+    off), --overlong-penalty nan, --format-weight nan, --accuracy-weight inf (a run that diverges later)
+    and every other float flag of every stage stop before any work."""
+    checked = set()
+    for cls, presets in stage_configs():
+        for f in dataclasses.fields(cls):
+            if f.type not in ("float", float):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            for bad in ("nan", "inf", "-inf"):
+                assert refused(cls, presets, [flag, bad]) == f"error: {flag} must be a finite number, got {float(bad)}"
+            checked.add(flag)
+    assert {"--tis-cap", "--overlong-penalty", "--format-weight", "--accuracy-weight", "--warmup-ratio"} <= checked
+
+
+def test_seed_sinks_and_output_dir_follow_one_rule_in_every_stage():
+    lo, hi = config.SEED_RANGE
+    for cls, presets in stage_configs():
+        names = {f.name for f in dataclasses.fields(cls)}
+        if "seed" in names:  # numpy's range: 2**32 was a numpy traceback at setup
+            assert refused(cls, presets, ["--seed", str(hi + 1)]) == (
+                f"error: --seed must be in [0, {hi}] (numpy's seed range), got {hi + 1}"
+            )
+            assert config.parse_config(cls, presets, ["--seed", str(hi)]).seed == hi
+            assert refused(cls, presets, ["--seed", "-1"]).startswith("error: --seed must be")
+        if "report_to" in names:  # a typo logged nothing anywhere
+            assert refused(cls, presets, ["--report-to", "wandbb"]) == (
+                "error: --report-to names unknown metric sink(s) ['wandbb']; choose from wandb,tensorboard "
+                "(or leave it empty)"
+            )
+            assert config.parse_config(cls, presets, ["--report-to", "tensorboard,wandb"]).report_to
+        if "output_dir" in names:  # "" wrote into the working directory
+            assert refused(cls, presets, ["--output-dir", ""]) == (
+                "error: --output-dir is empty; give the folder the run writes into"
+            )
+    assert lo == 0 and hi == 2**32 - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +480,7 @@ def test_checkpoint_with_pickled_objects_is_refused(two_checkpoints):
         out / "step-4" / "trainer_state.pt",
     )
     with pytest.raises(config.CheckpointError, match=r"step-4/trainer_state\.pt is unreadable"):
-        checkpoint.load_trainer_state(out / "step-4")
+        checkpoint_checks.load_trainer_state(out / "step-4")
     assert checkpoint.latest_checkpoint(out, master=False) == out / "step-2"
 
 
@@ -449,6 +529,29 @@ def test_resume_records_harmless_changes(tmp_path, capsys):
     record = json.loads((tmp_path / "config_changes.jsonl").read_text())
     assert record["step"] == 2 and record["changes"] == {"max_steps": [30, 60], "report_to": ["", "tensorboard"]}
     assert "with changed settings" in capsys.readouterr().out
+
+
+def test_resume_compares_options_the_checkpoint_predates_as_their_defaults(tmp_path):
+    """A checkpoint written before --dynamic-sampling / --tis-cap / --ratio-level existed lacks them in its
+    config: they read as their defaults (the behaviour before the option), so turning one on is refused
+    like any other change, the same settings resume silently, and a harmless one is recorded."""
+    saved = grpo.GRPOConfig(train_limit=16, rollout_batch_size=4)
+    newer = ("dynamic_sampling", "tis_cap", "ratio_level", "reward_workers")
+    ckpt = tmp_path / "step-2"
+    ckpt.mkdir()
+    old_config = {k: v for k, v in dataclasses.asdict(saved).items() if k not in newer}
+    torch.save({"step": 2, "rng": [], "config": old_config, "rows": 16}, ckpt / "trainer_state.pt")
+    checkpoint.check_resume(ckpt, saved, grpo.RESUME_MAY_CHANGE, 16, 30, tmp_path, True)
+    assert not (tmp_path / "config_changes.jsonl").exists()
+    changed = dataclasses.replace(saved, dynamic_sampling=True, tis_cap=2.0, ratio_level="sequence")
+    with pytest.raises(config.CheckpointError) as error:
+        checkpoint.check_resume(ckpt, changed, grpo.RESUME_MAY_CHANGE, 16, 30, tmp_path, True)
+    for part in ("--dynamic-sampling False -> True", "--tis-cap 0.0 -> 2.0", "--ratio-level 'token' -> 'sequence'"):
+        assert part in str(error.value)
+    workers = grpo.GRPOConfig.reward_workers
+    checkpoint.check_resume(ckpt, dataclasses.replace(saved, reward_workers=0), grpo.RESUME_MAY_CHANGE, 16, 30,
+                            tmp_path, True)  # fmt: skip
+    assert json.loads((tmp_path / "config_changes.jsonl").read_text())["changes"] == {"reward_workers": [workers, 0]}
 
 
 def test_sft_resume_with_another_batch_size_is_refused_and_a_longer_run_allowed(toy_dir, tmp_path):

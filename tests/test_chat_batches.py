@@ -89,22 +89,24 @@ def test_recipe_prompts_are_placed_as_the_recipe_does(toy_model):
     assert evaluation.split("<|im_start|>user\n")[1].startswith("<|vision_start|><|image_pad|><|vision_end|>How many")
 
 
-def test_rl_batch_runs_the_processor_once_per_prompt(toy_model, monkeypatch):
-    """The n responses of a prompt share one prompt-builder call, and the batch equals the one built by
-    building every response's prompt separately (pixel values, grids, ids, masks)."""
+def test_rl_batch_takes_the_built_prompts_and_builds_nothing(toy_model, monkeypatch):
+    """rl_batch lays out the Prompts it is given (a group's n responses share one Prompt value) and
+    builds none itself; the batch equals the one from every response's prompt built separately
+    (pixel values, grids, ids, masks)."""
     _, processor = toy_model
-    prompts = [{"problem": "<image>How many red squares are there?", "images": [grid_image()]},
-               {"problem": "text only"},
-               {"problem": "<image>and <image>", "images": [grid_image(), grid_image().rotate(90)]}]  # fmt: skip
+    rows = [{"problem": "<image>How many red squares are there?", "images": [grid_image()]},
+            {"problem": "text only"},
+            {"problem": "<image>and <image>", "images": [grid_image(), grid_image().rotate(90)]}]  # fmt: skip
     order = [0, 0, 1, 2, 2, 0]
     responses = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15], [16, 17]]
+    built = batches.build_prompts(processor, rows, chat.PromptFormat(), 3136, 50176)
     calls = []
     real = batches.build_prompt
     monkeypatch.setattr(batches, "build_prompt", lambda *a, **k: calls.append(1) or real(*a, **k))
-    shared, mask = batches.rl_batch(processor, [prompts[i] for i in order], responses, 3136, 50176)
-    assert len(calls) == 3  # three distinct prompts, each built once
-    separate, mask2 = batches.rl_batch(processor, [dict(prompts[i]) for i in order], responses, 3136, 50176)
-    assert len(calls) == 3 + 6  # copies are distinct objects: built one by one
+    shared, mask = batches.rl_batch(processor, [built[i] for i in order], responses)
+    assert calls == []  # nothing rebuilt
+    one_by_one = batches.build_prompts(processor, [dict(rows[i]) for i in order], chat.PromptFormat(), 3136, 50176)
+    separate, mask2 = batches.rl_batch(processor, one_by_one, responses)
     assert set(shared) == set(separate) and torch.equal(mask, mask2)
     for key in shared:
         assert torch.equal(shared[key], separate[key]), key

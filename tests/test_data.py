@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from data import toy
-from mmr1 import config, data
+from mmr1 import config, data, prepare
 
 
 def grid_image(colours=("red", "blue", "green", "yellow")):
@@ -36,16 +36,16 @@ def test_load_rows_files_folders_and_splits(tmp_path, suffix):
     folder.mkdir()
     write_rows(folder / f"train{suffix}", rows)
     write_rows(folder / f"val{suffix}", rows[:1])
-    assert [r["answer"] for r in data.load_rows(str(folder / f"train{suffix}"), "rl")] == ["0", "1", "2"]
-    assert len(data.load_rows(str(folder), "rl", split="train")) == 3
-    assert len(data.load_rows(f"{folder}@val", "rl")) == 1
+    assert [r["answer"] for r in prepare.load_rows(str(folder / f"train{suffix}"), "rl")] == ["0", "1", "2"]
+    assert len(prepare.load_rows(str(folder), "rl", split="train")) == 3
+    assert len(prepare.load_rows(f"{folder}@val", "rl")) == 1
     with pytest.raises(FileNotFoundError, match="no test"):
-        data.load_rows(f"{folder}@test", "rl")
+        prepare.load_rows(f"{folder}@test", "rl")
 
 
 def test_toy_parquet_loads(toy_dir):
-    assert len(data.load_rows(f"{toy_dir / 'data' / 'rl'}@val", "rl")) == 24
-    assert len(data.load_rows(f"{toy_dir / 'data' / 'sft'}@train", "sft")) == 96
+    assert len(prepare.load_rows(f"{toy_dir / 'data' / 'rl'}@val", "rl")) == 24
+    assert len(prepare.load_rows(f"{toy_dir / 'data' / 'sft'}@train", "sft")) == 96
 
 
 @pytest.mark.parametrize(
@@ -66,18 +66,10 @@ def test_bad_rows_are_named_or_skipped(tmp_path, bad, message):
         path = tmp_path / "rows.parquet"
         write_rows(path, [dict(good, images=[{"bytes": open(img, "rb").read()}]), bad])
     where = rf"rows\.(jsonl line 2|parquet row 1) \(id=b\): {message}"
-    if "unreadable" not in message:  # a field problem: found when the data is opened
-        with pytest.raises(config.BadRowError, match=where):
-            data.load_rows(str(path), "rl")
-        assert [r["id"] for r in data.load_rows(str(path), "rl", skip_bad_rows=True)] == ["g"]
-        return
-    # an image problem: found when the row is first used (images decode per batch, not at load)
-    rows = data.load_rows(str(path), "rl")
-    assert rows[0]["id"] == "g"
+    # fields and image headers alike: found by the door, before any row is used
     with pytest.raises(config.BadRowError, match=where):
-        rows[1]
-    rows = data.load_rows(str(path), "rl", skip_bad_rows=True)
-    assert [r["id"] for r in rows] == ["g", "g"] and rows.skipped == 1  # replaced by the next usable row
+        prepare.load_rows(str(path), "rl")
+    assert [r["id"] for r in prepare.load_rows(str(path), "rl", skip_bad_rows=True)] == ["g"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +101,7 @@ def test_mmr1_sft_published_layout_reads_as_messages(tmp_path, monkeypatch):
     image_file(tmp_path / "imgs", "a.png")
     (tmp_path / "sft.json").write_text(json.dumps(sharegpt_rows(), indent=1))
     monkeypatch.chdir(tmp_path / "imgs")  # image paths are relative to sft.json's folder, not the working directory
-    rows = data.load_rows(str(tmp_path / "sft.json"), "sft")
+    rows = prepare.load_rows(str(tmp_path / "sft.json"), "sft")
     assert len(rows) == 3
     assert rows[0]["messages"] == [
         {"role": "system", "content": "Think first."},
@@ -120,19 +112,19 @@ def test_mmr1_sft_published_layout_reads_as_messages(tmp_path, monkeypatch):
     assert [m["role"] for m in rows[1]["messages"]] == ["user", "assistant"] and rows[2]["messages"][1][
         "content"
     ] == "A"
-    assert rows.undecoded(0)[0]["images"] == [str(tmp_path / "imgs" / "a.png")]
-    assert rows.undecoded(2)[1] == f"{tmp_path / 'sft.json'} row 2"
+    assert rows.undecoded(0)["images"] == [str(tmp_path / "imgs" / "a.png")]
+    assert rows.where(2) == f"{tmp_path / 'sft.json'} row 2"
 
 
 def test_sharegpt_bad_turns_are_bad_rows(tmp_path):
     good, bad = sharegpt_rows()[1], {"id": "x", "conversations": [{"from": "robot", "value": "hi"}]}
     (tmp_path / "sft.json").write_text(json.dumps([good, bad]))
     with pytest.raises(config.BadRowError, match=r"sft\.json row 1 \(id=x\): conversation turn 0 is from 'robot'"):
-        data.load_rows(str(tmp_path / "sft.json"), "sft")
-    assert len(data.load_rows(str(tmp_path / "sft.json"), "sft", skip_bad_rows=True)) == 1
+        prepare.load_rows(str(tmp_path / "sft.json"), "sft")
+    assert len(prepare.load_rows(str(tmp_path / "sft.json"), "sft", skip_bad_rows=True)) == 1
     (tmp_path / "broken.json").write_text('[{"a": 1}, {"b": ')
     with pytest.raises(config.BadRowError, match=r"broken\.json: not valid JSON at element 1 \(Expecting value\)$"):
-        data.load_rows(str(tmp_path / "broken.json"), "sft")
+        prepare.load_rows(str(tmp_path / "broken.json"), "sft")
 
 
 def test_json_array_is_streamed_in_chunks_exactly(tmp_path):
@@ -156,19 +148,19 @@ def test_a_folder_uses_its_split_files_only(tmp_path):
     write_rows(folder / "train-00001-of-00002.parquet", rows[2:3])
     write_rows(folder / "validation-00000-of-00001.parquet", rows[3:4])
     write_rows(folder / "test.parquet", rows[4:])
-    loaded = data.load_rows(str(folder), "rl")  # default split train: both shards, never validation / test
+    loaded = prepare.load_rows(str(folder), "rl")  # default split train: both shards, never validation / test
     assert [loaded[i]["id"] for i in range(len(loaded))] == ["0", "1", "2"]
-    assert loaded.undecoded(2)[1] == f"{folder / 'train-00001-of-00002.parquet'} row 0"
-    assert [r["id"] for r in data.load_rows(f"{folder}@val", "rl")] == ["3"]  # val finds validation
+    assert loaded.where(2) == f"{folder / 'train-00001-of-00002.parquet'} row 0"
+    assert [r["id"] for r in prepare.load_rows(f"{folder}@val", "rl")] == ["3"]  # val finds validation
     only_eval = tmp_path / "eval_only"
     only_eval.mkdir()
     write_rows(only_eval / "val.parquet", rows[:1])
     write_rows(only_eval / "test.jsonl", rows[:1])
     with pytest.raises(FileNotFoundError, match=r"has no train\.parquet"):
-        data.load_rows(str(only_eval), "rl")  # val / test are never trained on
+        prepare.load_rows(str(only_eval), "rl")  # val / test are never trained on
     write_rows(folder / "train.jsonl", rows)
     with pytest.raises(FileNotFoundError) as error:
-        data.load_rows(str(folder), "rl")
+        prepare.load_rows(str(folder), "rl")
     assert str(error.value) == (
         f"{folder} has 3 files for split 'train' (train-00000-of-00002.parquet, train-00001-of-00002.parquet, "
         "train.jsonl); keep one (or one set of shards) and move the others away"
@@ -183,17 +175,17 @@ def test_rows_stay_on_disk_until_indexed(tmp_path):
         for i in range(4)
     ]
     write_rows(tmp_path / "rl.parquet", rows)
-    loaded = data.load_rows(str(tmp_path / "rl.parquet"), "rl")
-    raw, _ = loaded.undecoded(3)
-    assert isinstance(raw["images"][0]["bytes"], bytes) and loaded.keep.tolist() == [0, 1, 2, 3]
+    loaded = prepare.load_rows(str(tmp_path / "rl.parquet"), "rl")
+    raw = loaded.undecoded(3)  # the door's table holds no image bytes: they are read from the source
+    assert isinstance(raw["images"][0]["bytes"], bytes) and loaded.table.column("index").to_pylist() == [0, 1, 2, 3]
     assert loaded[3]["images"][0].size == (112, 112)
     (tmp_path / "sft.json").write_text(json.dumps(sharegpt_rows()[1:2] * 3))
-    data.load_rows(str(tmp_path / "sft.json"), "sft")
+    prepare.load_rows(str(tmp_path / "sft.json"), "sft")
     import datasets
 
     caches = sorted((Path(datasets.config.HF_DATASETS_CACHE) / "mmr1_rows").glob("sft-sft-*.arrow"))
     mtimes = {p: p.stat().st_mtime_ns for p in caches}
-    assert len(data.load_rows(str(tmp_path / "sft.json"), "sft")) == 3
+    assert len(prepare.load_rows(str(tmp_path / "sft.json"), "sft")) == 3
     assert {p: p.stat().st_mtime_ns for p in caches} == mtimes  # reused, not rebuilt
 
 
@@ -218,4 +210,4 @@ def test_get_mmr1_sft_extracts_the_partitions_next_to_sft_json(tmp_path):
     assert script.missing_images(out / "sft.json") == ["imgs/a.png", "imgs/a.png"]
     assert script.extract_partitions(out) == 1 and script.extract_partitions(out) == 0  # once
     assert script.missing_images(out / "sft.json") == []
-    assert data.load_rows(str(out / "sft.json"), "sft")[2]["images"][0].size == (112, 112)
+    assert prepare.load_rows(str(out / "sft.json"), "sft")[2]["images"][0].size == (112, 112)

@@ -15,7 +15,7 @@ import eval as evaluation
 import grpo
 import sft
 from conftest import ROOT
-from mmr1 import benchmarks, config, data, layouts
+from mmr1 import benchmarks, config, layouts, prepare
 
 
 def refusal(call) -> str:
@@ -207,14 +207,14 @@ def test_a_file_replaced_with_the_same_size_and_mtime_is_read_again(tmp_path, ca
     """cp -p / rsync -a / tar -x keep the mtime: the cache key is the content, not (path, size, mtime)."""
     path = tmp_path / "sft.json"
     path.write_text(json.dumps(sft_rows("old")))
-    assert [r["messages"][1]["content"] for r in data.load_rows(str(path), "sft")] == ["old"] * 3
+    assert [r["messages"][1]["content"] for r in prepare.load_rows(str(path), "sft")] == ["old"] * 3
     stat = path.stat()
     staged = tmp_path / "staged.json"
     staged.write_text(json.dumps(sft_rows("new")))  # the same size as the old file
     os.utime(staged, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     shutil.copy2(staged, path)  # what cp -p does: the new bytes, the old mtime
     assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
-    assert [r["messages"][1]["content"] for r in data.load_rows(str(path), "sft")] == ["new"] * 3
+    assert [r["messages"][1]["content"] for r in prepare.load_rows(str(path), "sft")] == ["new"] * 3
 
 
 def test_the_fingerprint_reads_the_head_and_the_tail(tmp_path, monkeypatch):
@@ -250,7 +250,7 @@ def test_a_json_file_that_does_not_parse_leaves_no_temp_file(tmp_path, cache_roo
     path.write_text(text)
     for _ in range(2):
         with pytest.raises(config.BadRowError, match=message):
-            data.load_rows(str(path), "sft")
+            prepare.load_rows(str(path), "sft")
     assert list(cache_root.iterdir()) == []  # no .tmp file, no half-written cache
 
 
@@ -263,7 +263,7 @@ def test_an_unwritable_cache_folder_is_named_in_one_line(tmp_path, monkeypatch):
     path = tmp_path / "sft.json"
     path.write_text(json.dumps(sft_rows("x")))
     with pytest.raises(config.InputError) as error:
-        data.load_rows(str(path), "sft")
+        prepare.load_rows(str(path), "sft")
     assert str(error.value).startswith(f"cannot write the row cache in {blocker / 'cache' / 'mmr1_rows'} (")
     assert str(error.value).endswith("set HF_DATASETS_CACHE to a writable folder")
 

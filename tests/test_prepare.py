@@ -163,17 +163,41 @@ def test_sft_cut_rule_from_headers_equals_the_batch_rule(processor, tmp_path):
             )
 
 
-def test_door_verdicts_are_cached_by_content_and_settings(processor, tmp_path, monkeypatch):
+def test_door_table_is_cached_by_content_settings_and_image_files(processor, tmp_path, monkeypatch):
+    """The door's table is reused for the same data, settings and image files (no row judged again);
+    another setting, or an image replaced by a larger one, makes the door look again: the larger
+    image's prompt no longer fits and is named, where a verdict keyed by the data alone kept it."""
     path = write_jsonl(tmp_path / "rl.jsonl", rl_rows(tmp_path)[:3])
     door = prepare.Door("rl", 3136, 50176, 96)
-    rows = data.load_rows(str(path), "rl", skip_bad_rows=True)
-    first = prepare.check_split(rows, door, processor, ONE, str(path))
+    first = [r["id"] for r in prepare.prepare_split(str(path), door, processor, ONE, skip_bad_rows=True)]
     calls = []
-    monkeypatch.setattr(prepare, "row_problem", lambda *a: calls.append(a) or None)
-    assert prepare.check_split(rows, door, processor, ONE, str(path)) == first  # from the cache: no row checked
-    assert calls == []
-    prepare.check_split(rows, prepare.Door("rl", 3136, 50176, 97), processor, ONE, str(path))  # another setting
+    real = prepare.judge
+    monkeypatch.setattr(prepare, "judge", lambda *a: calls.append(a) or real(*a))
+    again = prepare.prepare_split(str(path), door, processor, ONE, skip_bad_rows=True)
+    assert [r["id"] for r in again] == first == ["good0", "good1"] and calls == []  # from the table
+    prepare.prepare_split(str(path), prepare.Door("rl", 3136, 50176, 97), processor, ONE, skip_bad_rows=True)
+    assert len(calls) == 3  # another setting: every row judged
+    fits = prepare.Door("rl", 3136, 50176, int(again.prompt_tokens[0]) + 8)  # the door's own token count
+    assert len(prepare.prepare_split(str(path), fits, processor, ONE, skip_bad_rows=True)) == 2
+    calls.clear()
+    toy.draw_grid(["red", "blue", "green", "yellow"]).resize((224, 224)).save(tmp_path / "img.png")  # 4x the tokens
+    with pytest.raises(config.BadRowError, match=r"line 1 \(id=good0\): the prompt is \d+ tokens, above"):
+        prepare.prepare_split(str(path), fits, processor, ONE, skip_bad_rows=False)
     assert len(calls) == 3
+
+
+def test_only_regular_files_are_read_as_images(processor, tmp_path):
+    """A FIFO would block open() forever and a device never ends: the door names them in one line
+    (and image decoding refuses them too), never hangs."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")
+    for image in (str(tmp_path / "pipe.png"), "/dev/zero"):
+        path = write_jsonl(tmp_path / "rl.jsonl", [{"id": "x", "problem": "<image>Q", "answer": "1", "images": [image]}])
+        with pytest.raises(config.BadRowError, match=rf"\(id=x\): image 0: {image} is not a regular file"):
+            prepare.prepare_split(str(path), prepare.Door("rl", 3136, 50176, 96), processor, ONE)
+        with pytest.raises(ValueError, match="is not a regular file"):
+            data.decode_images({"images": [image]}, 3136, 50176)
 
 
 def test_a_decode_failure_at_use_follows_the_same_rule(processor, tmp_path):

@@ -113,6 +113,10 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
     assert [p["seed"] for p in per_prompt] == [dist.derive_seed(2, "rank", 1, row) for row in range(3)]  # one per row
     assert all(v < -50 for v in params["logit_bias"].values())
     assert params["top_k"] == 0 and params["repetition_penalty"] == 1.0 and kwargs["generation_config"] == "vllm"
+    assert params["logprobs"] is None and all(o.logprobs is None for o in outs)  # asked only by training rollouts
+    engine.generate(rows[:1], 1, rollout.Sampling(max_new_tokens=9, seed=2, logprobs=True))
+    assert log[2][2][0]["logprobs"] == 0  # the sampled token's own log-prob, nothing more
+    del log[2]
     assert [(o.row, o.token_ids, o.finish_reason) for o in outs[:2]] == [
         (0, [5, 6, end], "stop"),
         (0, [7, 7, 7], "length"),
@@ -147,7 +151,7 @@ def test_score_responses_without_a_pool_stays_in_process(monkeypatch):
     monkeypatch.setattr(reward, "RewardPool", no_pool)
     rows = [{"answer": "4"}, {"answer": "B", "choices": ["x", "y"]}]
     texts = ["<think>t</think><answer>\\boxed{4}</answer>", "<think>t</think><answer>\\boxed{y}</answer>", "\\boxed{A}"]
-    scores = reward.score_responses(texts, [rows[0], rows[1], rows[1]], format_weight=0.5)
+    scores = reward.score_responses(texts, [rows[0], rows[1], rows[1]], reward.Scoring(format_weight=0.5))
     assert [(s["format"], s["accuracy"], s["overall"]) for s in scores] == [(1, 1, 1.5), (1, 1, 1.5), (0, 0, 0)]
 
 

@@ -18,10 +18,11 @@ if os.environ.get("MMR1_REQUIRE_VLLM") != "1":
 
 from conftest import run_script  # noqa: E402
 from mmr1 import (  # noqa: E402
-    data,
     dist,
     modeling,
-    rollout,  # noqa: E402
+    prepare,
+    rollout,
+    vllm_engine,
 )
 
 CPU = dist.Dist(0, 1, 0, torch.device("cpu"))
@@ -32,13 +33,13 @@ PIXELS = {"min_pixels": 3136, "max_pixels": 50176}
 def engine(toy_dir):
     """One in-process vLLM engine on the toy model for the whole module (starting one takes seconds)."""
     processor = modeling.load_processor(str(toy_dir / "model"), **PIXELS)
-    eng = rollout.VLLMEngine(str(toy_dir / "model"), processor, CPU, max_model_len=1024, **PIXELS)
+    eng = vllm_engine.VLLMEngine(str(toy_dir / "model"), processor, CPU, max_model_len=1024, **PIXELS)
     yield eng
     eng.close()
 
 
 def image_rows(toy_dir, n=4):
-    return list(data.load_rows(f"{toy_dir / 'data' / 'rl'}@val", "rl", limit=n))
+    return list(prepare.load_rows(f"{toy_dir / 'data' / 'rl'}@val", "rl", limit=n))
 
 
 def greedy(eng, rows, tokens=16):
@@ -236,7 +237,7 @@ def test_llm_arguments_of_every_engine_match_the_installed_vllm(toy_dir):
     for device in (torch.device("cuda", 0), torch.device("cpu")):
         for sleep_mode in (True, False):  # training engines, the evaluation engine
             d = dist.Dist(0, 1, 0, device)
-            built.append(rollout.vllm_engine_args(model, d, 3136, 50176, 8192, 4, 0.6, 1.0, sleep_mode))
+            built.append(vllm_engine.vllm_engine_args(model, d, 3136, 50176, 8192, 0.6, sleep_mode))
     for kwargs in built:
         assert set(kwargs) <= accepted, set(kwargs) - accepted
         engine_args = vllm.EngineArgs(**kwargs)
