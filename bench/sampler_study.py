@@ -78,8 +78,37 @@ def command(arm: str, seed: int, steps: int, out: Path, args, resume: bool = Fal
 
 
 def read(run: Path) -> list[dict]:
-    """The metrics.jsonl lines of a run."""
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    """The metrics.jsonl records of a run, one dict per non-empty line; stops with one `error:` line
+    naming the file and line where a line is not a JSON object (a write cut mid-line)."""
+    path = run / "metrics.jsonl"
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise SystemExit(
+                f"error: {path}:{number}: not a metrics record (a JSON object with a step); cut mid-write?"
+            )
+        records.append(record)
+    return records
+
+
+def check_complete(run: Path, seed: int) -> None:
+    """Stops with one `error:` line unless `run` holds a whole run: its metrics.jsonl and config.json
+    exist and it logged every step its config.json planned. A folder missing, or a metrics file cut at
+    a line boundary (which parses, but ends early), would otherwise change the tables without a word."""
+    hint = f"train it, or leave seed {seed} out with --seeds"
+    for name in ("metrics.jsonl", "config.json"):
+        if not (run / name).is_file():
+            raise SystemExit(f"error: {run}: no {name}, the run is missing or never started ({hint})")
+    planned, logged = planned_steps(run), last_step(run)
+    if logged < planned:
+        raise SystemExit(f"error: {run / 'metrics.jsonl'}: cut: its last step is {logged} of the {planned} "
+                         f"its config.json plans ({hint})")  # fmt: skip
 
 
 def last_step(run: Path) -> int:
@@ -239,9 +268,15 @@ def against_budget(c: dict[str, np.ndarray], ub: dict[str, np.ndarray], target: 
     """One arm's run against uniform-budget's run of the same seed (uniform continued, so uniform with
     a longer horizon): the difference in tokens and in steps to the target (nan unless both reached it) and in
     accuracy at the arm's own generated tokens (its final validation against uniform-budget's latest
-    validation by then: equal generated tokens)."""
+    validation by then: equal generated tokens); and `first`, censoring-aware: with both runs cut at the
+    arm's own generated tokens, +1 if the arm reached the target first (or alone), -1 if uniform did,
+    0 if neither reached it (or both at the same tokens)."""
     at = accuracy_at(ub, np.array([c["tokens"]]))[0]
-    return {"tokens_to_target": tokens_to_target(c, target) - tokens_to_target(ub, target),
+    mine, theirs = tokens_to_target(c, target), tokens_to_target(ub, target)
+    theirs = theirs if theirs <= c["tokens"] else float("nan")  # nan compares False: not reached by then
+    first = 0 if np.isnan(mine) and np.isnan(theirs) else 1 if np.isnan(theirs) or mine < theirs else -1
+    first = 0 if mine == theirs else first
+    return {"first": first, "tokens_to_target": tokens_to_target(c, target) - tokens_to_target(ub, target),
             "steps_to_target": steps_to_target(c, target) - steps_to_target(ub, target),
             "val_at_its_tokens": float(c["val"][-1] - at), "uniform_val_at_its_tokens": float(at)}  # fmt: skip
 
@@ -264,6 +299,14 @@ def per_seed(args, arm: str, budget: float) -> dict[str, np.ndarray]:
         "clip_frac": np.array([c["train/clip_frac"].mean() for c in runs]),
         "rounds": np.array([np.nanmean(c["rollout/sampling_rounds"]) for c in runs]),
         "tokens": np.array([c["tokens"] for c in runs]),
+        "at_cap": np.array(
+            [
+                (c["rollout/sampling_rounds"][:steps] >= args.max_sampling_rounds).sum()
+                if "--dynamic-sampling" in ARMS[arm]
+                else np.nan
+                for c in runs
+            ]
+        ),  # fmt: skip
         "steps": np.array([c["val_steps"][-1] for c in runs], dtype=float),
         **{f"acct_{k}": np.array([b[k] for b in books]) for k in books[0]},
     }
@@ -298,7 +341,10 @@ def per_seed_table(args, values: dict[str, dict[str, np.ndarray]]) -> str:
 
 
 def summarise(args) -> tuple[str, dict]:
-    """The results tables (markdown) and the numbers behind them."""
+    """The results tables (markdown) and the numbers behind them. Every run must be whole (check_complete)."""
+    for a in args.arms:
+        for s in args.seeds:
+            check_complete(run_dir(args, a, s), s)
     everything = [run_curves(run_dir(args, a, s)) for a in args.arms for s in args.seeds]
     budget = min(c["tokens"] for c in everything)
     values = {arm: per_seed(args, arm, budget) for arm in args.arms}
@@ -351,6 +397,23 @@ def summarise(args) -> tuple[str, dict]:
                                                                 "pairs": int(len(pairs))}  # fmt: skip
             out.append(f"| {arm} | {fmt_reached(ttt, 1, 1e3)} | {fmt_reached(stt, 1)} | {len(pairs)}/{len(rows)} | {fmt(interval(values[arm]['final_val']))} | "
                        f"{fmt(d['uniform_val_at_its_tokens'])} | {fmt(d['val_at_its_tokens'])} |")  # fmt: skip
+        out.append("\nCensoring-aware, by seed (added after the runs): which reached the target first with both runs cut "
+                   "at the arm's own generated tokens; a seed where only one reached it counts, unlike the pairs above:\n")  # fmt: skip
+        out.append("| arm | the arm first | uniform continued first | neither |\n" + "| --- " * 4 + "|")
+        for arm in [a for a in args.arms if a not in ("uniform", "uniform-budget")]:
+            firsts = [against_budget(run_curves(run_dir(args, arm, s)), ub, args.target)["first"]
+                      for s, ub in zip(args.seeds, ubs)]  # fmt: skip
+            summary["arms"][arm]["first_reach_vs_uniform_budget"] = [firsts.count(1), firsts.count(-1), firsts.count(0)]
+            out.append(f"| {arm} | {firsts.count(1)} | {firsts.count(-1)} | {firsts.count(0)} |")
+    if {"vas+dynamic", "dynamic"} <= set(values):  # VAS on top of dynamic sampling
+        on, off = values["vas+dynamic"], values["dynamic"]
+        steps = reached(on["steps_to_target"] - off["steps_to_target"])
+        out.append(f"\nvas+dynamic minus dynamic, paired by seed: final val acc {fmt(interval(on['final_val'] - off['final_val']))}; "
+                   f"steps to target {fmt_reached(steps, 1)} (the {len(steps)} seeds where both reached it).")  # fmt: skip
+    capped = {a: values[a]["at_cap"] for a in values if not np.isnan(values[a]["at_cap"]).all()}
+    if capped:
+        out.append("\nSteps at the --max-sampling-rounds cap (all seeds): " + ", ".join(
+            f"{a} {v.sum():.0f} of {args.steps * len(args.seeds)}" for a, v in capped.items()) + ".")  # fmt: skip
     out.append("\nThe accounting (thousands of tokens, mean over seeds, the first --steps steps of each arm and its "
                "scoring; `dead`: tokens of trained groups without signal, by group share):\n")  # fmt: skip
     out.append("| arm | VAS scoring | dropped by the filter | trained batch | of it dead | of it with signal | "
