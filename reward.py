@@ -11,16 +11,19 @@ output is never eval'd or exec'd.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import math
 import multiprocessing as mp
 import numbers
 import re
+import signal
 import sys
 import threading
 import time
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from multiprocessing.connection import wait
@@ -29,6 +32,8 @@ from pathlib import Path
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 REL_TOL = 1e-6  # a decimal prediction matches a fraction gold when |pred - gold| <= REL_TOL * max(1, |gold|)
 MAX_MATH_VERIFY_CHARS = 500  # longer answers skip symbolic checking (cost, not correctness)
+MAX_EXPONENT = 400  # '1e400' is read, '1e401' is no number: refused before 10^n is built
+_FLOAT_MAX = Fraction(sys.float_info.max)  # a number beyond float's range is no number (parse_number is a float)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,13 +185,15 @@ def read_number(s: str) -> Number | None:
         return None
     digits = s.replace(",", "").replace(" ", "")
     mantissa, _, exponent = digits.lower().partition("e")
+    if abs(int(exponent or 0)) > MAX_EXPONENT:  # checked on the written exponent, before any arithmetic
+        return None
     decimals = len(mantissa.partition(".")[2])
     kind = "decimal" if "." in mantissa or exponent else "integer"
     try:
         value = Fraction(digits)
     except (ValueError, ZeroDivisionError):
         return None
-    if not math.isfinite(float(value)):
+    if abs(value) > _FLOAT_MAX:
         return None
     return Number(value, percent, kind, max(0, decimals - int(exponent or 0)))
 
@@ -262,18 +269,38 @@ def _as_list(s: str) -> tuple[str, list[str]] | None:
 
 
 def _math_verify(pred: str, gold: str) -> bool:
-    """Math-Verify with both sides wrapped in \\boxed{} (bare strings parse badly), gold first."""
+    """Math-Verify with both sides wrapped in \\boxed{} (bare strings parse badly), gold first, and no
+    sign lost: '°' goes back to '^{\\circ}' (Math-Verify reads '-(x°)' as x), and "equal" sides whose
+    ratio is negative are not (its numeric check chops a difference below its precision: it holds
+    -(3^1008-1)/3^1009 and -1/3^40 equal to their negations)."""
     if len(pred) > MAX_MATH_VERIFY_CHARS or len(gold) > MAX_MATH_VERIFY_CHARS:
         return False
     from math_verify import parse, verify
 
-    # Math-Verify's timeouts use SIGALRM, which only works in the main thread.
-    timeout = 3 if threading.current_thread() is threading.main_thread() else None
+    # Math-Verify's timeouts use SIGALRM: only in the main thread, and only where no deadline of the
+    # caller's (in-process scoring, _call_bounded) already runs on it.
+    free = threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    timeout = 3 if free else None
     try:
-        gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=timeout)
-        pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=timeout)
-        return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+        gold_parsed = parse("\\boxed{" + gold.replace("°", "^{\\circ}") + "}", parsing_timeout=timeout)
+        pred_parsed = parse("\\boxed{" + pred.replace("°", "^{\\circ}") + "}", parsing_timeout=timeout)
+        if not (gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=timeout)):
+            return False
     except Exception:  # noqa: BLE001 - a parser failure means "not shown equal"
+        return False
+    return not _sign_flipped(pred_parsed[0], gold_parsed[0])
+
+
+def _sign_flipped(pred, gold) -> bool:
+    """Whether two sympy expressions differ by a negative constant factor (pred / gold < 0) and are not 0."""
+    from sympy import Expr
+
+    if not (isinstance(pred, Expr) and isinstance(gold, Expr)):
+        return False  # sets, intervals, relations: Math-Verify compares them element by element
+    try:
+        ratio = pred / gold  # a number when the two differ by a constant factor
+        return bool(ratio.is_number and ratio.is_negative) and gold.is_zero is not True
+    except Exception:  # noqa: BLE001 - no ratio (e.g. 0 / 0): no sign to compare
         return False
 
 
@@ -378,93 +405,212 @@ def accuracy_reward(text: str | None, gold: str | None, choices: list[str] | Non
 # ---------------------------------------------------------------------------------------------
 
 
-def score_one(
-    response: str | None,
-    gold: str | None,
-    choices: list[str] | None = None,
-    format_weight: float = 1.0,
-    accuracy_weight: float = 1.0,
-) -> dict:
-    """{"overall", "format", "accuracy", "timed_out"} of one response; overall = wf*format + wa*accuracy."""
+@dataclass(frozen=True)
+class Scoring:
+    """How a response is scored: one value that every caller of score_responses (training rewards,
+    validation, VAS pass rates, SFT accuracy) is given, so no caller's rule can differ from another's.
+
+    overall = format_weight * format + accuracy_weight * accuracy (the paper: 1 and 1); accuracy is 1.0
+    when answer_rule(extracted answer, gold, choices) holds. answer_rule is a module-level function
+    (the workers receive it by name), is_equivalent unless a fork sets its own.
+    """
+
+    format_weight: float = 1.0
+    accuracy_weight: float = 1.0
+    answer_rule: Callable[[str | None, str | None, list[str] | None], bool] = is_equivalent
+
+
+def score_one(response: str | None, gold: str | None, choices: list[str] | None = None, scoring=Scoring()) -> dict:
+    """{"overall", "format", "accuracy", "timed_out"} of one response under `scoring`."""
     fmt = format_reward(response)
-    acc = accuracy_reward(response, gold, choices)
-    return {"overall": format_weight * fmt + accuracy_weight * acc, "format": fmt, "accuracy": acc, "timed_out": False}
+    acc = 1.0 if scoring.answer_rule(extract_answer(response), gold, choices) else 0.0
+    overall = scoring.format_weight * fmt + scoring.accuracy_weight * acc
+    return {"overall": overall, "format": fmt, "accuracy": acc, "timed_out": False}
+
+
+def _timed_out(job: dict) -> dict:
+    """A response whose scoring ran out of time: format still counts, accuracy is 0."""
+    fmt = format_reward(job["response"])
+    return {"overall": job["scoring"].format_weight * fmt, "format": fmt, "accuracy": 0.0, "timed_out": True}
+
+
+class ScoringError(RuntimeError):
+    """A scoring function raised (a bug, e.g. a wrong signature): the run stops, naming the response."""
+
+
+def _failure(index: int, job: dict, error: str) -> str:
+    response = str(job.get("response"))
+    shown = response[:80] + ("..." if len(response) > 80 else "")
+    return f"scoring response {index} ({shown!r}) raised {error}"
+
+
+class _OutOfTime(BaseException):  # a BaseException: no `except Exception` inside a parser swallows it
+    pass
+
+
+def _call_bounded(score_fn, job: dict, timeout_s: float) -> dict:
+    """score_fn(**job) in this process, stopped by SIGALRM after timeout_s (_OutOfTime). Signals are
+    delivered to the main thread only: elsewhere, or where a timer already runs, it runs unbounded."""
+    if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+        return score_fn(**job)
+
+    def out_of_time(signum, frame):
+        raise _OutOfTime
+
+    previous = signal.signal(signal.SIGALRM, out_of_time)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        return score_fn(**job)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def score_in_process(jobs: list[dict], timeout_s: float, score_fn=score_one, timeout_result=None) -> list[dict]:
+    """RewardPool.map without workers: each score_fn(**job) in this process under a timeout_s limit
+    (_call_bounded); a job past it gets timeout_result(job); an exception is a ScoringError."""
+    import math_verify  # noqa: F401 - imported before any time limit: an import cut short would stay broken
+
+    results = []
+    for index, job in enumerate(jobs):
+        try:
+            results.append(_call_bounded(score_fn, job, timeout_s))
+        except _OutOfTime:
+            results.append((timeout_result or _timed_out)(job))
+        except Exception as e:  # noqa: BLE001 - any bug in a scoring function: named, never a timeout
+            raise ScoringError(_failure(index, job, f"{type(e).__name__}: {e}")) from e
+    return results
+
+
+# The signals a stage's own process handles (Ctrl-C; SIGTERM / SIGUSR1: save a checkpoint and exit). A
+# scheduler sends them to the whole process group: a worker ignores them and lives on while its parent saves.
+PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+MAX_START_FAILURES = 3  # a slot whose worker dies this many times in a row before ready: the pool gives up
 
 
 def _worker(conn, score_fn) -> None:
-    conn.send("ready")  # started and imported (score_fn unpickled): only now does a job's clock run
-    while True:
-        job = conn.recv()
-        if job is None:
-            return
-        index, args = job
-        conn.send((index, score_fn(*args)))
+    """A scoring process: ignores PARENT_SIGNALS (blocked since its start, see RewardPool._start), says
+    "ready", then answers each (index, job) with (index, score_fn(**job), None) or (index, None, error)
+    until None, or until its parent is gone."""
+    for sig in PARENT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)  # one sent meanwhile is dropped
+    try:
+        conn.send("ready")  # started and imported (score_fn unpickled): only now does a job's clock run
+        while (job := conn.recv()) is not None:
+            index, kwargs = job
+            try:
+                conn.send((index, score_fn(**kwargs), None))
+            except Exception as e:  # noqa: BLE001 - reported to the parent, which names the response
+                conn.send((index, None, f"{type(e).__name__}: {e}"))
+    except (EOFError, OSError):  # the parent is gone: nothing left to score
+        return
 
 
 class RewardPool:
-    """Worker processes that score responses, each killed and replaced if it runs past timeout_s.
+    """Worker processes that score jobs, each killed and replaced if it runs past timeout_s.
 
     Reuse one pool across calls (a context manager) to pay the process start-up once. A job's time
     limit counts from its dispatch to a worker that has started: a fresh worker (at the start, or
     replacing a killed one) first reports ready, so a slow start-up on a loaded machine (spawn,
-    imports) is never charged to a response as a timeout.
-    `score_fn` (a module-level function with score_one's signature) is what the workers run;
-    `timeout_result(job)` is the result of a job that ran out of time (default: format kept,
-    accuracy 0, timed_out True). eval.py passes benchmarks.score_job / benchmarks.timed_out_job.
+    imports) is never charged to a response as a timeout. Workers ignore the signals their parent
+    handles (PARENT_SIGNALS); one found dead (killed while idle, or while starting) is replaced and
+    its job sent again; a job whose worker dies under it twice counts as timed out.
+    `score_fn(**job)` (a module-level function; default score_one, jobs {"response", "gold",
+    "choices", "scoring"}) is what the workers run; `timeout_result(job)` is the result of a job that
+    ran out of time. eval.py passes benchmarks.score_job / benchmarks.timed_out_job.
     """
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0, score_fn=score_one, timeout_result=None):
         self.workers, self.timeout_s, self.score_fn = workers, timeout_s, score_fn
         self.timeout_result = timeout_result or _timed_out
         self.ctx = mp.get_context("spawn")  # no fork of a threaded (torch) parent
-        self.procs: list = [self._start() for _ in range(workers)]
         self.ready: set[int] = set()  # slots whose worker has reported ready
+        self.start_failures = [0] * workers  # deaths before ready, in a row, per slot
+        self.procs: list = [self._start() for _ in range(workers)]
+        # Before multiprocessing's own exit hook (registered earlier, run later), which would SIGTERM
+        # the daemon workers (ignored) and wait for them forever.
+        self._kill_at_exit = lambda procs=self.procs: [proc.kill() for proc, _ in procs]
+        atexit.register(self._kill_at_exit)
 
     def _start(self):
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=_worker, args=(child, self.score_fn), daemon=True)
-        proc.start()
+        # The child inherits the blocked mask: a group-wide signal during its start-up waits, then is
+        # dropped when the worker ignores it; the parent's own wait until it unblocks them here.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
         return [proc, parent]
 
-    def map(self, jobs: list[tuple]) -> list[dict]:
-        """Scores each args tuple of score_fn; results in input order; a job past timeout_s (its worker
-        killed and replaced) or whose worker died gets timeout_result(job)."""
+    def map(self, jobs: list[dict]) -> list[dict]:
+        """score_fn(**job) of each job, in input order; a job past timeout_s (its worker killed and
+        replaced), or whose worker died under it twice, gets timeout_result(job). ScoringError (after
+        the jobs in flight) when score_fn raised, naming the response."""
         results: list[dict | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))[::-1]
+        deaths = [0] * len(jobs)
         busy: dict[int, tuple[int, float]] = {}  # worker slot -> (job index, start time)
+        errors: list[str] = []
         while pending or busy:
             for slot in range(self.workers):
                 if slot in self.ready and slot not in busy and pending:
                     index = pending.pop()
-                    self.procs[slot][1].send((index, jobs[index]))
+                    try:
+                        self.procs[slot][1].send((index, jobs[index]))
+                    except OSError:  # died while idle (BrokenPipeError): a fresh one takes the job
+                        pending.append(index)
+                        self._restart(slot)
+                        continue
                     busy[slot] = (index, time.monotonic())
             starting = [slot for slot in range(self.workers) if slot not in self.ready]
             conns = {self.procs[slot][1]: slot for slot in [*busy, *starting]}
             for conn in wait(list(conns), timeout=0.05):
                 slot = conns[conn]
-                if slot not in self.ready:  # a fresh worker's "ready"
-                    try:
-                        conn.recv()
-                    except (EOFError, OSError):
-                        raise RuntimeError("a reward worker died while starting (see its error above)") from None
-                    self.ready.add(slot)
-                    continue
                 try:
-                    index, result = conn.recv()
-                except (EOFError, OSError):  # the worker died: count it as a timeout
-                    index, result = busy[slot][0], None
-                results[index] = result or self.timeout_result(jobs[busy[slot][0]])
-                if result is None:
+                    message = conn.recv()
+                except (EOFError, OSError):  # the worker died
+                    message = None
+                if slot not in self.ready:  # a fresh worker's "ready", or its death while starting
+                    self._started(slot, message == "ready")
+                    continue
+                index = busy.pop(slot)[0]
+                if message is None:
                     self._restart(slot)
-                del busy[slot]
+                    deaths[index] += 1
+                    if deaths[index] < 2:
+                        pending.append(index)
+                    else:
+                        results[index] = self.timeout_result(jobs[index])
+                    continue
+                _, results[index], error = message
+                if error is not None:
+                    errors.append(_failure(index, jobs[index], error))
+                    pending.clear()  # finish the jobs in flight, so the pool stays usable, then raise
             now = time.monotonic()
             for slot, (index, started) in list(busy.items()):
                 if now - started > self.timeout_s:
                     results[index] = self.timeout_result(jobs[index])
                     self._restart(slot)
                     del busy[slot]
+        if errors:
+            raise ScoringError(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
         return results  # type: ignore[return-value]
+
+    def _started(self, slot: int, ok: bool) -> None:
+        if ok:
+            self.ready.add(slot)
+            self.start_failures[slot] = 0
+            return
+        self.start_failures[slot] += 1
+        if self.start_failures[slot] >= MAX_START_FAILURES:
+            raise RuntimeError(
+                f"a reward worker died while starting, {MAX_START_FAILURES} times in a row (see its error above)"
+            )
+        self._restart(slot)
 
     def _restart(self, slot: int) -> None:
         proc, conn = self.procs[slot]
@@ -484,19 +630,14 @@ class RewardPool:
             proc.join(timeout=1)
             if proc.is_alive():
                 proc.kill()
+                proc.join()
+        atexit.unregister(self._kill_at_exit)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _timed_out(job: tuple) -> dict:
-    """A response whose scoring ran out of time: format still counts, accuracy is 0."""
-    fmt_w = job[3] if len(job) > 3 else 1.0
-    fmt = format_reward(job[0])
-    return {"overall": fmt_w * fmt, "format": fmt, "accuracy": 0.0, "timed_out": True}
 
 
 def compute_rewards(
@@ -506,49 +647,35 @@ def compute_rewards(
     *,
     workers: int = 2,
     timeout_s: float = 5.0,
-    format_weight: float = 1.0,
-    accuracy_weight: float = 1.0,
+    scoring: Scoring = Scoring(),
     pool: RewardPool | None = None,
 ) -> list[dict]:
-    """Per response {"overall", "format", "accuracy", "timed_out"}, in input order.
+    """Per response {"overall", "format", "accuracy", "timed_out"} under `scoring`, in input order.
 
-    overall = format_weight * format + accuracy_weight * accuracy (the paper: 1 and 1). With
-    workers > 0 (or a pool) scoring runs in worker processes with a hard timeout of timeout_s
-    seconds per response; a response that runs out of time gets accuracy 0 and timed_out True.
-    workers = 0 scores in this process (Math-Verify's own timeouts only).
+    Every response has a hard limit of timeout_s seconds (a pool's own limit with a pool): in worker
+    processes with workers > 0 or a pool, in this process with workers = 0 (SIGALRM; main thread
+    only). A response that runs out of time gets accuracy 0 and timed_out True.
     """
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
     choices = choices if choices is not None else [None] * len(responses)
-    jobs = [(r, g, c, format_weight, accuracy_weight) for r, g, c in zip(responses, golds, choices)]
+    jobs = [{"response": r, "gold": g, "choices": c, "scoring": scoring} for r, g, c in zip(responses, golds, choices)]
     if pool is not None:
         return pool.map(jobs)
     if workers <= 0:
-        return [score_one(*job) for job in jobs]
+        return score_in_process(jobs, timeout_s)
     with RewardPool(workers, timeout_s) as own_pool:
         return own_pool.map(jobs)
 
 
 def score_responses(
-    responses: list[str],
-    rows: list[dict],
-    *,
-    pool: RewardPool | None = None,
-    format_weight: float = 1.0,
-    accuracy_weight: float = 1.0,
+    responses: list[str], rows: list[dict], scoring: Scoring, *, pool: RewardPool | None = None, timeout_s: float = 5.0
 ) -> list[dict]:
-    """compute_rewards of responses[i] against rows[i]["answer"] (and rows[i]["choices"]): the rewards
-    of rollouts, each against the data row of its prompt. With a pool the workers score with a hard
-    timeout; without one, scoring runs in this process."""
-    return compute_rewards(
-        responses,
-        [r["answer"] for r in rows],
-        [r.get("choices") for r in rows],
-        workers=0,
-        pool=pool,
-        format_weight=format_weight,
-        accuracy_weight=accuracy_weight,
-    )
+    """compute_rewards of responses[i] against rows[i]["answer"] (and rows[i]["choices"]) under
+    `scoring`: the rewards of rollouts, each against the data row of its prompt. In the pool's workers
+    when given, else in this process, timeout_s per response either way (the pool's own limit)."""
+    golds, choices = [r["answer"] for r in rows], [r.get("choices") for r in rows]
+    return compute_rewards(responses, golds, choices, workers=0, timeout_s=timeout_s, scoring=scoring, pool=pool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,7 +686,10 @@ def score_responses(
 def jsonl_objects(path: Path):
     """Yields (line number from 1, "<path> line <n>", the line's JSON object) for every non-blank
     line of a jsonl file; where a line is not UTF-8, not JSON, or not an object, the third item is
-    a string saying so instead, and reading goes on. Shared with common.load_rows."""
+    a string saying so instead (JSON nested too deeply for the parser included), and reading goes on.
+    Shared with mmr1.layouts."""
+    from mmr1.config import loads_json  # json.loads, with deep nesting a JSONDecodeError
+
     for n, raw in enumerate(path.read_bytes().splitlines(), 1):
         where = f"{path} line {n}"
         try:
@@ -570,7 +700,7 @@ def jsonl_objects(path: Path):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = loads_json(line)
         except json.JSONDecodeError as e:
             yield n, where, f"not valid JSON ({e.msg} at column {e.colno})"
             continue

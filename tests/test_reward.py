@@ -176,7 +176,7 @@ def test_accuracy_reward_and_weights():
     assert reward.accuracy_reward("The answer is (B).", "B", None) == 0.0  # no box, no answer tag
     scores = compute_rewards([good, "7", "<think>x</think><answer>\\boxed{8}</answer>"], ["7"] * 3, workers=0)
     assert [(s["format"], s["accuracy"], s["overall"]) for s in scores] == [(1, 1, 2), (0, 0, 0), (1, 0, 1)]
-    weighted = compute_rewards([good], ["7"], workers=0, format_weight=0.5, accuracy_weight=2.0)
+    weighted = compute_rewards([good], ["7"], workers=0, scoring=reward.Scoring(format_weight=0.5, accuracy_weight=2.0))
     assert weighted[0]["overall"] == 2.5
     with pytest.raises(ValueError, match="2 responses but 1 gold"):
         compute_rewards(["a", "b"], ["a"], workers=0)
@@ -219,11 +219,11 @@ def test_hostile_inputs_never_raise_and_respect_the_timeout():
         assert time.monotonic() - t0 < 20.0
 
 
-def sleepy_score(response, gold, choices=None, fw=1.0, aw=1.0):
+def sleepy_score(response, gold, choices=None, scoring=reward.Scoring()):
     """score_one, except that a response 'HANG' never returns (a stand-in for a pathological parse)."""
     if response == "HANG":
         time.sleep(3600)
-    return reward.score_one(response, gold, choices, fw, aw)
+    return reward.score_one(response, gold, choices, scoring)
 
 
 def test_pool_cuts_a_hanging_worker_keeps_order_and_survives():
@@ -250,8 +250,8 @@ class SlowToStart:
     def __setstate__(self, state):
         time.sleep(state["start_up_s"])
 
-    def __call__(self, *args):
-        return sleepy_score(*args)
+    def __call__(self, **job):
+        return sleepy_score(**job)
 
 
 def test_pool_does_not_charge_a_workers_start_up_to_a_response():
@@ -424,3 +424,73 @@ def test_answer_cleaning_is_linear_in_whitespace():
     scores = compute_rewards(hostile, ["5"] * len(hostile), workers=2, timeout_s=60)
     assert [s["timed_out"] for s in scores] == [False] * len(hostile)
     assert [s["accuracy"] for s in scores] == [0.0] * len(hostile)
+
+
+# ---------------------------------------------------------------------------------------------
+# A sign is never lost: -x is not x unless x is 0
+# ---------------------------------------------------------------------------------------------
+
+SIGNED_GOLDS = [
+    "7", "1000000", "3628800", "0.5", "3.14159", "0.001", "2.5e3", "1.5e-7", "12.5%", "3/4", "\\frac{3}{4}",
+    "\\dfrac{22}{7}", "\\frac{3^{1008}-1}{3^{1009}}", "\\frac{1}{3^{40}}", "3^{-40}", "2^{100}", "\\frac{2^{100}}{3}",
+    "10^{-20}", "45°", "45^{\\circ}", "\\frac{90}{23}^{\\circ}", "30 degrees", "3\\pi", "\\frac{\\pi}{4}",
+    "\\frac{3\\pi}{2}", "\\pi", "\\sqrt{2}", "2\\sqrt{3}", "\\frac{\\sqrt{3}}{2}", "e^{-50}", "5 cm", "3.5 kg",
+    "9\\pi \\mathrm{cm}^{2}", "12 \\text{ m}", "\\frac{1}{3^{40}} \\mathrm{cm}", "1,000",
+]  # fmt: skip
+
+
+def negations(x: str) -> list[str]:
+    """-x as answers write it: a minus before it, before it in parentheses, the Unicode minus."""
+    return [f"-{x}", f"-({x})", f"\u2212{x}"]
+
+
+def generated_golds(n: int, seed: int = 0) -> list[str]:
+    """Gold forms drawn from a seeded generator: integers, decimals, fractions, \\frac with powers (tiny
+    and large magnitudes), \\pi multiples, degrees and units."""
+    import random
+
+    rng = random.Random(seed)
+    units = ["cm", "m", "kg", "units", "\\mathrm{cm}^{2}"]
+    forms = [
+        lambda: str(rng.randint(1, 10**9)),
+        lambda: f"{rng.randint(0, 999)}.{rng.randint(1, 999):03d}",
+        lambda: f"\\frac{{{rng.randint(1, 99)}}}{{{rng.randint(2, 99)}}}",
+        lambda: f"\\frac{{{rng.randint(1, 9)}}}{{{rng.randint(2, 9)}^{{{rng.randint(20, 60)}}}}}",
+        lambda: (
+            f"\\frac{{{rng.randint(2, 9)}^{{{rng.randint(50, 900)}}}-1}}{{{rng.randint(2, 9)}^{{{rng.randint(50, 900)}}}}}"
+        ),
+        lambda: f"\\frac{{{rng.randint(1, 9)}\\pi}}{{{rng.randint(2, 12)}}}",
+        lambda: f"{rng.randint(1, 359)}^{{\\circ}}",
+        lambda: f"\\frac{{{rng.randint(1, 180)}}}{{{rng.randint(2, 30)}}}^{{\\circ}}",
+        lambda: f"{rng.randint(1, 99)} {rng.choice(units)}",
+    ]
+    return [forms[i % len(forms)]() for i in range(n)]
+
+
+@pytest.mark.parametrize("gold", SIGNED_GOLDS + generated_golds(27))
+def test_a_sign_is_never_lost(gold):
+    """is_equivalent (training's accuracy and eval's free-form rule) and the reward of a boxed answer:
+    the negation of a non-zero gold never matches it, on either side; the gold itself does."""
+    assert is_equivalent(gold, gold) and accuracy_reward(f"<answer>\\boxed{{{gold}}}</answer>", gold) == 1.0
+    for negated in negations(gold):
+        assert not is_equivalent(negated, gold), (negated, gold)
+        assert not is_equivalent(gold, negated), (gold, negated)
+    assert accuracy_reward(f"<answer>\\boxed{{-{gold}}}</answer>", gold) == 0.0
+
+
+@pytest.mark.parametrize(
+    "pred, gold",
+    [
+        ("-(\\frac{90}{23}^{\\circ})", "\\frac{90}{23}^{\\circ}"),  # MATH-Vision: '°', then the minus dropped
+        ("-(\\frac{3^{1008}-1}{3^{1009}})", "\\frac{3^{1008}-1}{3^{1009}}"),  # Math-Verify: 'equal' to its negation
+    ],
+)
+def test_the_sign_flips_math_verify_accepted_score_0(pred, gold):
+    assert not is_equivalent(pred, gold) and accuracy_reward(f"<answer>\\boxed{{{pred}}}</answer>", gold) == 0.0
+
+
+@pytest.mark.parametrize("zero", ["0", "0.0", "0°", "0 cm", "\\sin(\\pi)"])
+def test_minus_zero_is_zero_and_equal_forms_still_match(zero):
+    assert all(is_equivalent(negated, zero) for negated in negations(zero))
+    assert is_equivalent("3^{-40}", "\\frac{1}{3^{40}}") and is_equivalent("-3^{-40}", "-\\frac{1}{3^{40}}")
+    assert is_equivalent("-(\\frac{90}{23}^{\\circ})", "-\\frac{90}{23}^{\\circ}")
