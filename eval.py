@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import reward
 from data import toy
-from mmr1 import benchmarks, chat, config, dist, guards, modeling, rollout
+from mmr1 import benchmark_rules, benchmarks, chat, config, dist, guards, modeling, rollout
 from mmr1.config import field
 
 
@@ -68,6 +68,12 @@ class EvalConfig:
     max_pixels: int = field(1048576, "images are resized to at most this many pixels", at_least=1)
     gpu_memory_utilization: float = field(0.75, "vLLM's share of GPU memory", above=0.0, at_most=1.0)
     seed: int = field(0, "sampling seed", at_least=0)
+    compare_official: str = field(
+        "",
+        "instead of evaluating: a per-sample file of an earlier run (<output-dir>/<model>/<benchmark>.jsonl) or a "
+        "folder of them; prints per file how many verdicts differ from a strict exact-match reading "
+        "(what the rules' leniency added to the score) and exits",
+    )
 
 
 # The paper's rows, for comparison in the results table
@@ -111,7 +117,10 @@ def scoring_pool() -> reward.RewardPool:
 
 def score_outputs(name: str, part: list[dict], outs: list, pool: reward.RewardPool) -> list[dict]:
     """{"correct", "timed_out"} of each generated answer against its prompt's benchmark row, in the pool."""
-    jobs = [(name, out.text, benchmarks.scoring_row(prompt["benchmark_row"])) for prompt, out in zip(part, outs)]
+    jobs = [
+        {"benchmark": name, "response": out.text, "row": benchmarks.scoring_row(prompt["benchmark_row"])}
+        for prompt, out in zip(part, outs)
+    ]
     return pool.map(jobs)
 
 
@@ -146,6 +155,7 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: d
                     "correct": scored["correct"],
                     "timed_out": scored["timed_out"],
                     "groups": benchmarks.breakdown(name, row),
+                    "options": benchmark_rules.row_options(name, row),  # for --compare-official's letters
                 }
             )
         bar.update(len(part) * d.world_size)
@@ -240,13 +250,32 @@ def output_folders(models: list[str], output_dir: str | Path) -> dict[str, Path]
         key = model_key(model)
         numbered = (f"{candidates[-1]}-{i}" for i in itertools.count(2))
         for name in itertools.chain(candidates, numbered):
-            record = Path(output_dir) / name / MODEL_RECORD
-            holder = json.loads(record.read_text()).get("model") if record.is_file() else None
+            holder = model_record(Path(output_dir) / name)
             if name not in taken and holder in (None, key):
                 folders[model] = Path(output_dir) / name
                 taken.add(name)
                 break
     return folders
+
+
+def model_record(folder: Path) -> str | None:
+    """The model a folder's MODEL_RECORD names, None when the folder has none; InputError (one line
+    naming the file) when the record is not a JSON object naming a model: empty, cut short, nested
+    too deeply, or a folder, so no later evaluation writes into a folder it cannot tell is its own."""
+    record = folder / MODEL_RECORD
+    if not record.exists():
+        return None
+    holder, problem = None, 'not an object naming a model, e.g. {"model": "runs/x/final"}'
+    try:
+        holder = config.loads_json(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # a folder, not UTF-8, empty, cut, too deep
+        problem = config.first_line(e)
+    if not isinstance(holder, dict) or not isinstance(holder.get("model"), str):
+        raise config.InputError(
+            f"{record}: unreadable ({problem}); it names the model whose per-sample files {folder} holds: "
+            "fix or delete it, or give another --output-dir"
+        )
+    return holder["model"]
 
 
 def model_key(model: str) -> str:
@@ -257,9 +286,9 @@ def model_key(model: str) -> str:
 def write_samples(folder: Path, model: str, name: str, records: list[dict]) -> None:
     """folder/<benchmark>.jsonl (one line per sample) and folder/MODEL_RECORD naming the model."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / MODEL_RECORD).write_text(json.dumps({"model": model_key(model)}) + "\n")
-    with (folder / f"{name}.jsonl").open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    for file, lines in ((MODEL_RECORD, [{"model": model_key(model)}]), (f"{name}.jsonl", records)):
+        with config.atomic_file(folder / file) as f:  # whole or absent: a kill or a full disk leaves no half file
+            f.writelines(json.dumps(r) + "\n" for r in lines)
 
 
 def make_engine(cfg: EvalConfig, path: str, model, processor, d: dist.Dist):
@@ -328,8 +357,65 @@ def bench_files(bench_data: str, names: list[str]) -> dict[str, str]:
     return files
 
 
+# ---------------------------------------------------------------------------------------------
+# --compare-official: a finished run's verdicts beside a strict exact-match reading
+# ---------------------------------------------------------------------------------------------
+
+SAMPLE_FIELDS = ("extracted", "gold", "correct")  # what the comparison reads in each per-sample line
+
+
+def sample_files(path: str) -> list[Path]:
+    """The per-sample files --compare-official reads: the file itself, or every *.jsonl under a folder
+    (sorted); InputError when there is none."""
+    target = Path(path)
+    files = [target] if target.is_file() else sorted(target.rglob("*.jsonl")) if target.is_dir() else []
+    if not files:
+        where = "no *.jsonl file in this folder" if target.is_dir() else "no such file or folder"
+        raise config.InputError(f"--compare-official {path}: {where}")
+    return files
+
+
+def compare_official(path: str, examples: int = 3) -> str:
+    """Markdown: one table row per per-sample file under `path` (n answers, accuracy by the benchmark's
+    rule, accuracy by the strict exact-match reading benchmark_rules.strict_correct, and how many
+    verdicts differ each way), then up to `examples` answers per file credited by the rule and not by
+    exact match. The first accuracy minus the second bounds what the rules' leniency (value equivalence,
+    units, rounding, tolerance, the most-similar option) added. A line that is no JSON object or lacks
+    SAMPLE_FIELDS: BadRowError naming the file and line."""
+    table = [
+        "| file | n | accuracy | exact match | right here only | right by exact match only |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    shown, no_options = [], 0
+    for file in sample_files(path):
+        records, here_only, exact_only, right, exact = benchmarks.jsonl_rows(file), [], 0, 0, 0
+        for line, record in enumerate(records, 1):
+            missing = [k for k in SAMPLE_FIELDS if k not in record]
+            if missing:
+                raise config.BadRowError(f"{file} record {line}: no {missing[0]!r}; give a per-sample file of eval.py")
+            strict = benchmark_rules.strict_correct(record["extracted"], str(record["gold"]), record.get("options"))
+            right, exact = right + bool(record["correct"]), exact + strict
+            exact_only += strict and not record["correct"]
+            if record["correct"] and not strict:
+                here_only.append(record)
+            no_options += "options" not in record
+        pct = [f"{100 * k / len(records):.1f}" if records else "-" for k in (right, exact)]
+        table.append(f"| {file} | {len(records)} | {pct[0]} | {pct[1]} | {len(here_only)} | {exact_only} |")
+        shown += [
+            f"- {file} id={r.get('id', '?')}: answer {r['extracted']!r}, gold {r['gold']!r}"
+            for r in here_only[:examples]
+        ]
+    notes = ["", f"Right by the rule only (up to {examples} per file):", *shown] if shown else []
+    if no_options:
+        notes.append(f"({no_options} lines carry no `options`: a letter answer to a gold option text counts as wrong)")
+    return "\n".join(table + notes)
+
+
 def main() -> None:
     cfg = config.parse_config(EvalConfig)
+    if cfg.compare_official:  # a report on an earlier run: nothing is loaded or generated
+        print(compare_official(cfg.compare_official))
+        return
     models, names = models_and_benchmarks(cfg)
     files = bench_files(cfg.bench_data, names)
     d = dist.setup_distributed(cfg.seed)

@@ -1,5 +1,6 @@
-"""The five benchmarks of the paper: where each lives, how its rows become prompts, and how an
-answer is scored by the rule of the benchmark's own official scorer (sources cited per rule).
+"""The five benchmarks of the paper: where each lives, how its rows become prompts, how a file of
+its rows is read and checked, and which rule scores an answer (mmr1/benchmark_rules.py holds the rules,
+each the rule of the benchmark's own official scorer).
 
 `score_answer(benchmark, response, row)` is the one scoring entry point (eval.py re-exports it);
 grpo.py uses the same rules for validation on a benchmark file (`--val-benchmark`).
@@ -8,16 +9,27 @@ grpo.py uses the same rules for validation on a benchmark file (`--val-benchmark
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import reward
 
+from .benchmark_rules import (
+    chartqa_relaxed,
+    check_mathvista,
+    check_options,
+    mathvista_fields,
+    no_check,
+    no_fields,
+    score_logicvista,
+    score_mathverse,
+    score_mathvision,
+    score_mathvista,
+)
 from .chat import EVAL_SYSTEM_PROMPT
-from .config import BadRowError, InputError, MissingDataError, first_line
-from .data import check_row
+from .config import BadRowError, InputError, MissingDataError, first_line, loads_json
+from .prepare import checked_row
 
 # The columns each benchmark reports its score by (its own paper / scorer); looked up in the row, then in
 # its `metadata` dict (MathVerse `subject`, MathVista `task` live there)
@@ -128,21 +140,6 @@ def to_prompt_row(benchmark: str, row: dict) -> dict:
     return {"problem": "<image>" + question.replace("<image>", "").strip(), "images": [image]}
 
 
-def mathverse_options(question: str) -> list[str]:
-    """Option texts of a MathVerse question, whose choices live in its text after "Choices:" as
-    lines like "A:30°" / "(B) 40" / "C. 50", or on one line ("Choices: A. 148° B. 152°");
-    [] when the question lists none (or not as consecutive letters from A)."""
-    _, found, tail = (question or "").rpartition("Choices:")
-    if not found:
-        return []
-    marks = list(re.finditer(r"(?:^|(?<=\s))\(?([A-H])\s*[:.)]\s*", tail))
-    letters = [m.group(1) for m in marks]
-    if len(marks) < 2 or letters != list(reward.LETTERS[: len(letters)]):
-        return []
-    ends = [m.start() for m in marks[1:]] + [len(tail)]
-    return [tail[m.end() : end].strip() for m, end in zip(marks, ends)]
-
-
 def breakdown(benchmark: str, row: dict) -> dict[str, str]:
     """{column: value} of the categories a row is reported under (BREAKDOWNS); a list value (LogicVista
     skills) is joined by ', ', a column the row lacks is left out."""
@@ -158,223 +155,8 @@ def breakdown(benchmark: str, row: dict) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring rules: each benchmark's official scorer, rule by rule (sources in docs/eval.md)
+# Scoring: the benchmark's rule (mmr1/benchmark_rules.py), in the scoring workers
 # ---------------------------------------------------------------------------------------------
-
-
-def tidy_math(text: str) -> str:
-    """Option and gold texts as the equivalence rules read them: '√{3}' -> '\\sqrt{3}', 'π' -> '\\pi',
-    LaTeX's non-breaking '~' -> ' ' ('$12 \\mathrm{~m}$' -> '12 m')."""
-    return text.replace("√", "\\sqrt").replace("π", "\\pi").replace("~", " ")
-
-
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance (insertions, deletions, substitutions) between two strings."""
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
-def most_similar_option(pred: str, choices: list[str]) -> int | None:
-    """Index of the option with the smallest Levenshtein distance to pred (both lower-cased and
-    whitespace-normalised; the first on a tie); None if pred or choices are empty.
-
-    MathVista's calculate_score.get_most_similar. Only MathVista grants this: it maps ANY answer to
-    some option, the gold one about 1 time in n.
-    """
-    if not pred or not pred.strip() or not choices:
-        return None
-    p = reward.normalise_text(pred)
-    distances = [levenshtein(p, reward.normalise_text(c)) for c in choices]
-    return distances.index(min(distances))
-
-
-def chosen_option(pred: str | None, choices: list[str], fallback: str | None = None) -> int | None:
-    """The option a multiple-choice prediction names: its exact option text (case-insensitive), else
-    its letter ('C', '(C)', 'C: 40°'); failing both, by `fallback`:
-    - None: no option (MathVision: the value is then compared with the gold option's text);
-    - 'equivalent': the first option whose text reward.is_equivalent holds equal (MathVerse's judge
-      counts an option's value as that option);
-    - 'similar': the most similar option (MathVista only, its official rule).
-    """
-    if pred is None or not choices:
-        return None
-    texts = [reward.normalise_text(c) for c in choices]
-    if reward.normalise_text(pred) in texts:
-        return texts.index(reward.normalise_text(pred))
-    letter = reward.choice_letter(pred, len(choices))
-    if letter is not None:
-        return reward.LETTERS.index(letter)
-    if fallback == "equivalent":
-        return next((i for i, c in enumerate(choices) if reward.is_equivalent(tidy_math(pred), tidy_math(c))), None)
-    if fallback == "similar":
-        return most_similar_option(pred, choices)
-    return None
-
-
-def choice_labels(text: str | None) -> list[str] | None:
-    """The option labels an answer names, sorted: 'A, C', 'C, A', 'AC', '(A) and (C)', 'C\\nD' ->
-    ['A', 'C'] / ['C', 'D']; 'C: 14' (a letter and its option text) -> ['C']; numbered options too
-    ('3' -> ['3']); None when the text is not a list of labels (a word, a decimal, a sentence)."""
-    if not text or not text.strip():
-        return None
-    s = reward.clean_answer(text)
-    if re.fullmatch(r"[A-Z]{2,8}", s):  # 'AC': letters run together
-        return sorted(s)
-    tokens = [t.strip("()[].:") for t in re.split(r"\s*(?:,|;|&|\band\b|\s)\s*", s) if t.strip("()[].:")]
-    if not tokens or not all(re.fullmatch(r"[A-Za-z]|\d+", t) for t in tokens):
-        return None
-    if tokens[0].isalpha() and any(t.isdigit() for t in tokens):  # 'C: 14': a letter, then its option's text
-        return [tokens[0].upper()] if sum(t.isalpha() for t in tokens) == 1 else None
-    return sorted(t.upper() for t in tokens)
-
-
-def final_value(text: str) -> str:
-    """The value after the last '=' or '\\approx' ('x = 5' -> '5'), as MathVision's find_math_answer
-    and MathVista's answer extractor take it; the text itself when it has neither."""
-    return re.split(r"=|\\approx|≈", text)[-1].strip() or text
-
-
-def mathvision_equal(pred: str, gold: str) -> bool:
-    """MathVision's is_equal: reward.is_equivalent (on the answer or its value after '='), or both
-    plain numbers equal after rounding to 2 decimals (MATH-V evaluation/utils.py rounds both to 2)."""
-    pred, gold = tidy_math(pred), tidy_math(gold)
-    if reward.is_equivalent(pred, gold) or reward.is_equivalent(final_value(pred), gold):
-        return True
-    p, g = reward.parse_number(final_value(pred)), reward.parse_number(gold)
-    return p is not None and g is not None and round(p[0], 2) == round(g[0], 2)
-
-
-def mathvista_text(pred: str, unit: str | None) -> str:
-    """The text of a free-form MathVista answer's number, its unit dropped as MathVista's answer extractor
-    drops it: the value after a last '=', the row's `unit` before or after it, '$' (linear time: plain
-    prefix / suffix tests, no pattern over the whitespace)."""
-    s = reward.clean_answer(final_value(pred)).replace("\\$", "$").strip()
-    if unit and unit.strip():
-        u = reward.clean_answer(unit).lower()
-        if u and s.lower().startswith(u):
-            s = s[len(u) :].strip()
-        if u and s.lower().endswith(u):
-            s = s[: len(s) - len(u)].strip()
-    return s.strip("$").strip()
-
-
-def mathvista_number(pred: str, unit: str | None) -> float | None:
-    """The number of a free-form MathVista answer ('1000 g', '$18', '7 years' -> 1000, 18, 7): mathvista_text
-    read by reward.parse_number (which strips its own units too); None when no number is left.
-    '45%' reads as 45 (MathVista's percentages are stored as plain numbers)."""
-    parsed = reward.parse_number(mathvista_text(pred, unit))
-    return parsed[0] if parsed is not None else None
-
-
-def parse_float(text: str) -> float | None:
-    """A number from text ('1,234', '1 234' with any space kind between groups of three digits, '12.5',
-    '45%' -> 0.45 as ChartQA reads it), else None."""
-    s = reward.clean_answer(text)
-    s = (s.replace(" ", "") if _SPACE_THOUSANDS.fullmatch(s) else s).replace(",", "")
-    try:
-        return float(s.rstrip("%")) / 100 if s.endswith("%") else float(s)
-    except ValueError:
-        return None
-
-
-_SPACE_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?: \d{3})+(?:\.\d*)?%?")  # '1 000' (NBSP etc. are ' ' after NFKC)
-
-
-def chartqa_relaxed(pred: str, gold: str) -> bool:
-    """ChartQA relaxed accuracy (pix2struct metrics.py relaxed_correctness, the ChartQA paper's metric):
-    5% relative tolerance for a non-zero numeric target ('x%' read as x/100), else case-insensitive
-    exact match (a target of 0 included). Thousands separators are dropped first ('1,000' is 1000)."""
-    p, g = parse_float(pred), parse_float(gold)
-    if p is not None and g is not None and g != 0:
-        return abs(p - g) / abs(g) <= 0.05
-    return reward.normalise_text(pred) == reward.normalise_text(gold)
-
-
-def score_mathverse(pred: str, gold: str, row: dict) -> bool:
-    """MathVerse (score_answer_s2.py, a GPT judge told "only when the [Model_answer] completely matches
-    the [Standard Answer]", whose examples count an option's value as that option and a wrong letter
-    with the right-looking text as wrong). No most-similar mapping: an answer that names no option is wrong.
-
-    multi-choice, gold letters: the option named (letter, option text, or a value equivalent to an
-    option's text, the options read from `question`, else `question_for_eval`) is the gold one; several
-    gold letters ('C\\nD'): the same set of letters. Gold not a letter: equivalent to it (a letter counts
-    through its option's text). free-form: reward.is_equivalent.
-    """
-    if row.get("question_type") != "multi-choice":
-        return reward.is_equivalent(pred, gold)
-    options = mathverse_options(str(row.get("question") or "")) or mathverse_options(
-        str(row.get("question_for_eval") or "")
-    )
-    gold_labels = choice_labels(gold)
-    if gold_labels and all(label.isalpha() for label in gold_labels):
-        if len(gold_labels) > 1:
-            return choice_labels(pred) == gold_labels
-        if options:
-            picked = chosen_option(pred, options, fallback="equivalent")
-            return picked is not None and reward.LETTERS[picked] == gold_labels[0]
-        return reward.choice_letter(pred) == gold_labels[0]  # options not in the text: only a letter can match
-    if reward.is_equivalent(tidy_math(pred), tidy_math(gold)):
-        return True
-    picked = chosen_option(pred, options, fallback="equivalent")
-    return picked is not None and reward.is_equivalent(tidy_math(options[picked]), tidy_math(gold))
-
-
-def score_mathvista(pred: str, gold: str, row: dict) -> bool:
-    """MathVista (calculate_score.py normalize_extracted_answer + safe_equal): multi_choice: the option
-    named (its text, its letter, else the MOST SIMILAR option, the official fallback) has the gold TEXT;
-    integer: the number (unit dropped) equals the gold exactly; float: both rounded to `precision` decimals;
-    list: equal without spaces; other: case-insensitive text."""
-    if row.get("question_type") == "multi_choice":
-        choices = list(row["choices"])
-        picked = chosen_option(pred, choices, fallback="similar")
-        return picked is not None and reward.normalise_text(choices[picked]) == reward.normalise_text(gold)
-    kind = row.get("answer_type")
-    if kind in ("integer", "float"):
-        if kind == "integer":  # exact, also beyond float precision (123456788 is not 123456789)
-            value, target = reward.exact_number(mathvista_text(pred, row.get("unit"))), reward.exact_number(gold)
-            return value is not None and value == (target if target is not None else int(float(gold)))
-        value = mathvista_number(pred, row.get("unit"))
-        if value is None:
-            return False
-        digits = int(float(row.get("precision") or 0))  # stored as a float, e.g. 1.0
-        return round(value, digits) == round(float(gold), digits)
-    if kind == "list":
-        return re.sub(r"\s", "", pred) == re.sub(r"\s", "", gold)
-    return reward.normalise_text(pred) == reward.normalise_text(gold)
-
-
-def score_mathvision(pred: str, gold: str, row: dict) -> bool:
-    """MathVision (MATH-V evaluation/evaluate.py: correct = is_equal(gold letter, answer) or
-    is_equal(gold option text, answer)): with options and a gold letter, the option named by its
-    exact text or letter is the gold one, or else the answer equals the gold option's text
-    (mathvision_equal); no most-similar mapping. Otherwise mathvision_equal with the gold."""
-    options = list(row.get("options") or [])
-    letter = gold.upper() if len(gold) == 1 and gold.isalpha() else None
-    if options and letter is not None and letter in reward.LETTERS[: len(options)]:
-        gold_index = reward.LETTERS.index(letter)
-        picked = chosen_option(pred, options)
-        return picked == gold_index if picked is not None else mathvision_equal(pred, options[gold_index])
-    return mathvision_equal(pred, gold)
-
-
-def score_logicvista(pred: str, gold: str) -> bool:
-    """LogicVista (eval/extract_accuracy_new.py: the gold split on ', ', lower-cased and sorted, equals the
-    sorted letters or numbers the answer chose): the same sorted labels ('C, A' == 'A, C'; '3' for a
-    numbered option); one gold label also matches an answer naming that letter ('C: 14'). A gold that is
-    no label list is compared by reward.is_equivalent."""
-    gold_labels = choice_labels(gold)
-    if gold_labels is None:
-        return reward.is_equivalent(pred, gold)
-    pred_labels = choice_labels(pred)
-    if pred_labels is None and len(gold_labels) == 1:
-        letter = reward.choice_letter(pred)
-        pred_labels = [letter] if letter is not None else None
-    return pred_labels == gold_labels
 
 
 def score_answer(benchmark: str, response: str, row: dict) -> bool:
@@ -401,7 +183,7 @@ def score_job(benchmark: str, response: str, row: dict) -> dict:
     return {"correct": bool(score_answer(benchmark, response, row)), "timed_out": False}
 
 
-def timed_out_job(job: tuple) -> dict:
+def timed_out_job(job: dict) -> dict:
     """The result of an answer whose scoring ran past the time limit: wrong, and counted as timed out."""
     return {"correct": False, "timed_out": True}
 
@@ -448,7 +230,7 @@ def read_benchmark_file(path: str | Path) -> list[dict]:
         rows = _parquet_rows(file)
     elif file.suffix == ".json" and file.read_bytes()[:4096].lstrip().startswith(b"["):
         try:
-            rows = json.loads(file.read_text(encoding="utf-8"))
+            rows = loads_json(file.read_text(encoding="utf-8"))  # deep nesting: a JSONDecodeError too
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             where = f" line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
             raise BadRowError(f"{file}{where}: not valid JSON ({first_line(e)})") from e
@@ -456,17 +238,24 @@ def read_benchmark_file(path: str | Path) -> list[dict]:
         if bad is not None:
             raise BadRowError(f"{file} row {bad}: a JSON {type(rows[bad]).__name__}, not an object")
     elif file.suffix in (".jsonl", ".json"):
-        rows = []
-        for _, where, row in reward.jsonl_objects(file):
-            if isinstance(row, str):
-                raise BadRowError(f"{where}: {row}")
-            rows.append(row)
+        rows = jsonl_rows(file)
     else:
         raise BadRowError(f"{file}: give a .parquet, .jsonl or .json file")
     if not rows:
         raise BadRowError(f"{file}: empty (no rows)")
     folder = file.resolve().parent
     return [resolve_image_paths(dict(r), folder) for r in rows]
+
+
+def jsonl_rows(file: Path) -> list[dict]:
+    """The objects of a jsonl file (reward.jsonl_objects); its first bad line is one BadRowError naming
+    the file and line: not UTF-8, not JSON (nested too deeply included), or not an object."""
+    rows = []
+    for _, where, row in reward.jsonl_objects(file):
+        if isinstance(row, str):
+            raise BadRowError(f"{where}: {row}")
+        rows.append(row)
+    return rows
 
 
 def _parquet_rows(file: Path) -> list[dict]:
@@ -491,7 +280,7 @@ def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
         raise InputError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
     if override:
         rows = read_benchmark_file(override)
-        return rows[:limit] if limit else rows
+        return check_fields(name, rows[:limit] if limit else rows, override)
     import datasets
 
     spec = BENCHMARKS[name]
@@ -512,7 +301,22 @@ def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
             f"download it and pass --bench-data {name}=<file.parquet>"
         )
     rows = [dict(r) for r in ds]
-    return rows[:limit] if limit else rows
+    return check_fields(name, rows[:limit] if limit else rows, hub_id)
+
+
+def check_fields(name: str, rows: list[dict], source: str) -> list[dict]:
+    """The rows, once every one carries the fields its benchmark's rule reads (the registry's `fields`:
+    e.g. MathVista's `question_type`, and `precision` for a float answer); BadRowError naming the
+    source, the row and the field otherwise: a rule reading an absent field would score silently wrong
+    (a float compared at 0 decimals), so the whole file is refused, not row by row."""
+    for i, row in enumerate(rows):
+        for field, why in BENCHMARKS[name].fields(row).items():
+            if row.get(field) is None:
+                row_id = row.get("id", row.get("pid", row.get("sample_index", i)))
+                raise BadRowError(
+                    f"{source} row {i} (id={row_id}): no {field!r}; {name}'s rule reads it ({why}), so every row needs it"
+                )
+    return rows
 
 
 def prompt_rows(name: str, raw: list[dict], min_pixels: int, max_pixels: int) -> tuple[list[dict], list[str]]:
@@ -527,65 +331,13 @@ def prompt_rows(name: str, raw: list[dict], min_pixels: int, max_pixels: int) ->
     for i, row in enumerate(raw):
         row_id = str(row.get("id", row.get("pid", row.get("sample_index", i))))
         try:
-            prompt = check_row(
+            prompt = checked_row(
                 {**to_prompt_row(name, row), "answer": str(row.get("answer"))}, "rl", min_pixels, max_pixels
             )
             usable.append({**prompt, "id": row_id, "benchmark_row": row})
         except (ValueError, TypeError, KeyError) as e:
             bad.append(f"{name} row {i} (id={row_id}): {e}")
     return usable, bad
-
-
-# ---------------------------------------------------------------------------------------------
-# What the scoring rules read in a row, checked at load (so score_answer never meets a row it cannot read)
-# ---------------------------------------------------------------------------------------------
-
-
-def _number(value) -> float | None:
-    """float(value) for a plain number or its text ('7', '2.5'), else None ('1,000', 'ten', None)."""
-    try:
-        return float(str(value).strip())
-    except ValueError:
-        return None
-
-
-def check_mathvista(row: dict) -> str | None:
-    """What score_mathvista cannot read in a row, or None: multiple choice needs its `choices` (a
-    list holding the gold text); an integer gold must be a plain integer ('1,000' is not), a float
-    gold a plain number, `precision` a number."""
-    gold = str(row.get("answer", "")).strip()
-    if row.get("question_type") == "multi_choice":
-        choices = row.get("choices")
-        if not isinstance(choices, (list, tuple)) or not choices:
-            return "multiple choice without choices"
-        if reward.normalise_text(gold) not in [reward.normalise_text(str(c)) for c in choices]:
-            return f"multiple choice whose answer {gold!r} is none of its choices"
-        return None
-    kind = row.get("answer_type")
-    if kind == "integer" and (_number(gold) is None or not _number(gold).is_integer()):
-        return f"integer answer {gold!r} is not a plain integer (write e.g. 1000, not 1,000)"
-    if kind == "float" and _number(gold) is None:
-        return f"float answer {gold!r} is not a plain number"
-    if kind == "float" and row.get("precision") is not None and _number(row["precision"]) is None:
-        return f"precision {row['precision']!r} is not a number"
-    return None
-
-
-def check_options(column: str) -> Callable[[dict], str | None]:
-    """A check that `column` (MathVision `options`, the toy's `choices`) is absent or a list of texts."""
-
-    def check(row: dict) -> str | None:
-        value = row.get(column)
-        if value is not None and not isinstance(value, (list, tuple)):
-            return f"{column!r} is a {type(value).__name__}; give a list of option texts"
-        return None
-
-    return check
-
-
-def no_check(row: dict) -> str | None:
-    """The rule reads only the answer text: nothing more to check."""
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,6 +357,7 @@ class Benchmark:
     system_prompt: str  # the system message it is asked under
     score: Callable[[str, str, dict], bool]  # (extracted answer, gold text, row) -> correct
     check: Callable[[dict], str | None]  # what `score` cannot read in a row (left out at load), or None
+    fields: Callable[[dict], dict[str, str]] = no_fields  # {field: why} `score` reads; a file lacking one is refused
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -614,7 +367,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     ),
     "mathvista": Benchmark(
         ("AI4Math/MathVista",), None, "testmini", mathvista_question, ("decoded_image", "image"),
-        EVAL_SYSTEM_PROMPT, score_mathvista, check_mathvista,
+        EVAL_SYSTEM_PROMPT, score_mathvista, check_mathvista, mathvista_fields,
     ),
     "mathvision": Benchmark(
         ("MathLLMs/MathVision",), None, "test", mathvision_question, ("decoded_image", "image"),

@@ -14,7 +14,7 @@ import eval as evaluation
 import reward
 from conftest import run_script
 from data import toy
-from mmr1 import benchmarks, dist
+from mmr1 import benchmark_rules, benchmarks, dist
 
 
 def boxed(answer: str) -> str:
@@ -128,9 +128,9 @@ def test_rules_without_an_answer_and_the_toy_rule():
 
 
 def test_most_similar_option():
-    assert benchmarks.most_similar_option("larger one", ["smaller", "larger"]) == 1
-    assert benchmarks.chosen_option("B", ["x", "y"]) == 1 and benchmarks.chosen_option("y", ["x", "y"]) == 1
-    assert benchmarks.most_similar_option("", ["x"]) is None
+    assert benchmark_rules.most_similar_option("larger one", ["smaller", "larger"]) == 1
+    assert benchmark_rules.chosen_option("B", ["x", "y"]) == 1 and benchmark_rules.chosen_option("y", ["x", "y"]) == 1
+    assert benchmark_rules.most_similar_option("", ["x"]) is None
 
 
 def png(colours=("red", "blue", "green", "yellow")) -> dict:
@@ -193,9 +193,12 @@ def test_eval_end_to_end_on_local_files(toy_dir, tmp_path):
 
 
 def test_mathverse_options_and_the_paper_settings():
-    assert benchmarks.mathverse_options(MV_QUESTION) == ["30°", "40°", "50°", "60°"]
-    assert benchmarks.mathverse_options("Choices:\n(A) 1\n(B) 2") == ["1", "2"]
-    assert benchmarks.mathverse_options("no options here") == [] and benchmarks.mathverse_options("Choices:\nB:1") == []
+    assert benchmark_rules.mathverse_options(MV_QUESTION) == ["30°", "40°", "50°", "60°"]
+    assert benchmark_rules.mathverse_options("Choices:\n(A) 1\n(B) 2") == ["1", "2"]
+    assert (
+        benchmark_rules.mathverse_options("no options here") == []
+        and benchmark_rules.mathverse_options("Choices:\nB:1") == []
+    )
     cfg = evaluation.EvalConfig()
     assert cfg.max_new_tokens >= 4096  # the RL stage's response length: a long answer keeps its \\boxed{}
     assert (

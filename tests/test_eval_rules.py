@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 import eval as evaluation
-from mmr1 import benchmarks
+from mmr1 import benchmark_rules, benchmarks
 
 
 def boxed(answer: str) -> str:
@@ -113,11 +113,11 @@ def test_mathverse_vision_only_prompt_says_the_question_is_in_the_image():
 
 
 def test_mathverse_options_inline_and_in_lines():
-    assert benchmarks.mathverse_options(MV_TEXT) == ["2", "2√{3}", "√{3}", "2√{2}"]
+    assert benchmark_rules.mathverse_options(MV_TEXT) == ["2", "2√{3}", "√{3}", "2√{2}"]
     inline = "Based on the image, what is y?\nChoices: A. 148^\\circ B. 152^\\circ C. 180^\\circ D. 32^\\circ"
-    assert benchmarks.mathverse_options(inline) == ["148^\\circ", "152^\\circ", "180^\\circ", "32^\\circ"]
-    assert benchmarks.mathverse_options("Find point A. Then B: 3") == []  # no "Choices:"
-    assert benchmarks.mathverse_options("Choices:\nB:1\nC:2") == []  # not from A
+    assert benchmark_rules.mathverse_options(inline) == ["148^\\circ", "152^\\circ", "180^\\circ", "32^\\circ"]
+    assert benchmark_rules.mathverse_options("Find point A. Then B: 3") == []  # no "Choices:"
+    assert benchmark_rules.mathverse_options("Choices:\nB:1\nC:2") == []  # not from A
 
 
 # --- MathVista (AI4Math/MathVista testmini) -----------------------------------------------------------
@@ -248,8 +248,10 @@ def test_mathvista_keeps_its_most_similar_option_rule():
     assert not score("mathvista", "136°", VISTA_3)  # nearest: 135°
     assert not score("mathvista", "144°", VISTA_3)  # 140° and 145° tie: the first wins, as in MathVista
     assert score("mathvista", "6 cm", VISTA_6) and not score("mathvista", "5 cm", VISTA_6)
-    assert benchmarks.most_similar_option("larger one", ["smaller", "larger"]) == 1
-    assert benchmarks.most_similar_option("", ["x"]) is None and benchmarks.levenshtein("kitten", "sitting") == 3
+    assert benchmark_rules.most_similar_option("larger one", ["smaller", "larger"]) == 1
+    assert (
+        benchmark_rules.most_similar_option("", ["x"]) is None and benchmark_rules.levenshtein("kitten", "sitting") == 3
+    )
 
 
 # --- MathVision (MathLLMs/MathVision) -----------------------------------------------------------------
@@ -344,7 +346,7 @@ def test_logicvista_labels():
     for wrong in ["14", "12", "B) 12", "7.5", "C and D"]:
         assert not score("logicvista", wrong, inline), wrong
     assert benchmarks.breakdown("logicvista", numbered) == {"skill": "deductive"}
-    assert benchmarks.choice_labels("C\nD") == ["C", "D"] and benchmarks.choice_labels("I think") is None
+    assert benchmark_rules.choice_labels("C\nD") == ["C", "D"] and benchmark_rules.choice_labels("I think") is None
 
 
 # --- ChartQA (lmms-lab/ChartQA) and loading --------------------------------------------------------------
