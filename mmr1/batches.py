@@ -9,6 +9,7 @@ import torch
 
 from .chat import PromptFormat, prompt_messages, sft_messages
 from .dist import Dist, all_reduce_max
+from .families import image_factor
 from .images import image_size, resized_size, row_images
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss
@@ -71,27 +72,16 @@ def plan_micro_batches(lengths: list[int], max_tokens: int, max_seqs: int, d: Di
     return sorted(bins, key=lambda b: -tokens(b)) if max_tokens > 0 else bins
 
 
-def prompt_texts(processor, rows: list[dict], fmt: PromptFormat = PromptFormat()) -> list[str]:
-    """Chat-templated prompt strings (ending in the assistant header) for RL/eval rows, one
-    <|image_pad|> per image (the form vLLM takes; build_prompt expands the pads)."""
-    return [
-        processor.apply_chat_template(prompt_messages(r, fmt), tokenize=False, add_generation_prompt=True) for r in rows
-    ]
-
-
 # ---------------------------------------------------------------------------------------------
 # The prompt builder: one row -> what every engine, the batch builder and the door see
 # ---------------------------------------------------------------------------------------------
-
-PATCH = 14  # Qwen2.5-VL's vision patch side, pixels
-MERGE = 2  # 2x2 patches merge into one image token
-
 
 @dataclass
 class Prompt:
     """One RL/eval row as the model sees it: messages, the chat-templated text (one <|image_pad|>
     per image), the images resized to the run's pixel range, and the prompt token ids with each
-    image's pad expanded to its (H/28) * (W/28) tokens. pixel_values (P, 3*2*14*14) and
+    image's pad expanded to its (H/f) * (W/f) tokens, f = patch x merge of the processor
+    (families.image_factor: 28 px for a 14-px patch). pixel_values (P, 3*2*patch*patch) and
     image_grid_thw (k, 3) are the image processor's patches; all three image fields are empty
     (and `ids` is counted from the image headers alone) for a prompt built with decode=False."""
 
@@ -116,15 +106,16 @@ def build_prompt(
     raw = row.get("images") or []
     if not raw:
         return Prompt(messages, text, [], ids)
+    factor = image_factor(processor)  # pixels per merged image token along a side
     if decode:
-        pictures = row_images(row, min_pixels, max_pixels)
+        pictures = row_images(row, min_pixels, max_pixels, factor)
         patched = processor.image_processor(images=pictures, return_tensors="pt")
         grids = patched["image_grid_thw"]
-        counts = (grids.prod(-1) // MERGE**2).tolist()
+        counts = (grids.prod(-1) // processor.image_processor.merge_size**2).tolist()
         prompt = Prompt(messages, text, pictures, [], patched["pixel_values"], grids)
     else:
-        sizes = [resized_size(*image_size(im), min_pixels, max_pixels) for im in raw]
-        counts = [(w // (PATCH * MERGE)) * (h // (PATCH * MERGE)) for w, h in sizes]
+        sizes = [resized_size(*image_size(im), min_pixels, max_pixels, factor) for im in raw]
+        counts = [(w // factor) * (h // factor) for w, h in sizes]
         prompt = Prompt(messages, text)
     prompt.ids = expand_image_pads(ids, processor.image_token_id, counts)
     return prompt
@@ -189,7 +180,7 @@ def sft_batch(processor, rows: list[dict], min_pixels: int, max_pixels: int, max
     Right-padded (B, T) tensors; sequences longer than max_length (if > 0) are cut on the right.
     """
     texts = [processor.apply_chat_template(sft_messages(r), tokenize=False) for r in rows]
-    images = [row_images(r, min_pixels, max_pixels) for r in rows]
+    images = [row_images(r, min_pixels, max_pixels, image_factor(processor)) for r in rows]
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
     try:
@@ -228,15 +219,6 @@ def collate(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
     return out
 
 
-def sft_cut_problem(inputs: dict[str, torch.Tensor], max_length: int, image_token_id: int) -> str | None:
-    """Why cutting one row's uncut sft_batch inputs at max_length would spoil it, or None (cut_problem)."""
-    ids, labels = inputs["input_ids"][0], inputs["labels"][0]
-    n = int(inputs["attention_mask"][0].sum())
-    images_at = (ids[:n] == image_token_id).nonzero().flatten().tolist()
-    labelled = (labels[:n] != IGNORE_INDEX).nonzero().flatten().tolist()
-    return cut_problem(n, images_at[-1] if images_at else None, labelled[0] if labelled else None, max_length)
-
-
 def cut_problem(n: int, last_image: int | None, first_label: int | None, max_length: int) -> str | None:
     """Why cutting an n-token SFT sequence at max_length would spoil it, or None.
 
@@ -265,8 +247,9 @@ def sft_layout(processor, row: dict, min_pixels: int, max_pixels: int) -> tuple[
 
     text = processor.apply_chat_template(sft_messages(row), tokenize=False)
     tokenizer = processor.tokenizer
-    sizes = [resized_size(*image_size(im), min_pixels, max_pixels) for im in row.get("images") or []]
-    counts = [(w // (PATCH * MERGE)) * (h // (PATCH * MERGE)) for w, h in sizes]
+    factor = image_factor(processor)  # pixels per merged image token along a side
+    sizes = [resized_size(*image_size(im), min_pixels, max_pixels, factor) for im in row.get("images") or []]
+    counts = [(w // factor) * (h // factor) for w, h in sizes]
     ids = np.asarray(
         expand_image_pads(tokenizer(text, add_special_tokens=False)["input_ids"], processor.image_token_id, counts)
     )

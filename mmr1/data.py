@@ -61,6 +61,8 @@ def open_sources(spec: str, kind: str, split: str) -> list[Source]:
     path = Path(name)
     if path.is_file():
         files = [path]
+    elif path.exists() and not path.is_dir():  # a FIFO would block the reader forever, a device never ends
+        raise BadRowError(f"{path}: not a regular file or folder (a FIFO, device or socket is never read)")
     elif path.is_dir():
         files = layouts.split_files(path, split, bool(at_split))
     else:

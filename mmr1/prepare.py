@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import batches, data, dist, layouts
+from . import batches, data, dist, families, layouts
 from .chat import PromptFormat, prompt_messages, sft_messages
 from .config import BadRowError, InputError
 from .images import check_image_shape, image_size
@@ -166,10 +166,10 @@ def image_path(image) -> str | None:
     return os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
 
 
-def image_problem(row: dict, min_pixels: int, max_pixels: int) -> tuple[str, str] | None:
+def image_problem(row: dict, min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[str, str] | None:
     """(reason, message) for an image that is missing, a folder or other non-regular file (a FIFO
     would block forever), unreadable from its header, or of a shape the processor refuses after
-    resizing (images.check_image_shape); else None. No image is decoded."""
+    resizing to multiples of `factor` (images.check_image_shape); else None. No image is decoded."""
     for j, image in enumerate(row.get("images") or []):
         path = image_path(image)
         if path is not None:
@@ -184,7 +184,7 @@ def image_problem(row: dict, min_pixels: int, max_pixels: int) -> tuple[str, str
         except Exception as e:  # noqa: BLE001 - whatever the header reader says, the image is unreadable
             return "unreadable image", f"image {j} is unreadable ({type(e).__name__}: {str(e)[:200]})"
         try:
-            check_image_shape(w, h, min_pixels, max_pixels)
+            check_image_shape(w, h, min_pixels, max_pixels, factor)
         except ValueError as e:
             return "image shape", f"image {j} {e}"
     return None
@@ -217,7 +217,8 @@ def judge(processor, raw: dict | str, door: Door, reserved: list[str]):
     except (ValueError, TypeError, KeyError) as e:
         return None, 0, ("bad fields", str(e))
     try:
-        problem = text_problem(row, door.kind, reserved) or image_problem(row, door.min_pixels, door.max_pixels)
+        factor = {"factor": families.image_factor(processor)} if processor is not None else {}  # the processor's resize
+        problem = text_problem(row, door.kind, reserved) or image_problem(row, door.min_pixels, door.max_pixels, **factor)
         tokens, problem = (0, problem) if problem else prompt_tokens(processor, row, door)
     except ValueError as e:  # the chat template or the image-pad count refused the row
         return None, 0, ("unbuildable prompt", str(e))
@@ -266,6 +267,7 @@ def _table_dir(sources, door: Door, processor, limit: int, d: dist.Dist) -> Path
             getattr(tokenizer, "name_or_path", None),
             len(tokenizer) if tokenizer is not None else 0,
             hashlib.sha256(str(getattr(processor, "chat_template", None)).encode()).hexdigest(),
+            families.image_factor(processor) if processor is not None else None,  # image token counts depend on it
         ],
         default=str,
     )

@@ -60,3 +60,31 @@ def toy_sft(toy_dir, tmp_path_factory) -> Path:
     import grpo_defaults
 
     return grpo_defaults.sft_model(toy_dir, tmp_path_factory.mktemp("toy-sft"))
+
+
+# ---------------------------------------------------------------------------------------------
+# References the tests compare the project's code with
+# ---------------------------------------------------------------------------------------------
+
+
+def prompt_texts(processor, rows: list[dict], fmt=None) -> list[str]:
+    """Chat-templated prompt strings (ending in the assistant header) for RL/eval rows, one
+    <|image_pad|> per image, straight from the chat template: what batches.build_prompt's text must be."""
+    from mmr1.chat import PromptFormat, prompt_messages
+
+    fmt = fmt or PromptFormat()
+    return [
+        processor.apply_chat_template(prompt_messages(r, fmt), tokenize=False, add_generation_prompt=True) for r in rows
+    ]
+
+
+def sft_cut_problem(inputs: dict, max_length: int, image_token_id: int) -> str | None:
+    """batches.cut_problem read off one row's real, uncut sft_batch inputs (token ids and labels),
+    the reference the door's header-only count (batches.sft_layout) is tested against."""
+    from mmr1.batches import IGNORE_INDEX, cut_problem
+
+    ids, labels = inputs["input_ids"][0], inputs["labels"][0]
+    n = int(inputs["attention_mask"][0].sum())
+    images_at = (ids[:n] == image_token_id).nonzero().flatten().tolist()
+    labelled = (labels[:n] != IGNORE_INDEX).nonzero().flatten().tolist()
+    return cut_problem(n, images_at[-1] if images_at else None, labelled[0] if labelled else None, max_length)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import prompt_texts
 from data import toy
 from mmr1 import batches, chat, images
 
@@ -29,7 +30,7 @@ def test_processor_inputs_for_one_and_two_images(toy_model, n_images):
         {"problem": "<image>" * n_images + "Compare.", "images": [grid_image()] * n_images},
         {"problem": "Short <image>" + "<image>" * (n_images - 1), "images": [grid_image()] * n_images},
     ]
-    texts = batches.prompt_texts(processor, rows)
+    texts = prompt_texts(processor, rows)
     pictures = [images.row_images(r, 3136, 50176) for r in rows]
     inputs = batches.processor_inputs(processor, texts, pictures)
     assert inputs["image_grid_thw"].shape == (2 * n_images, 3)
@@ -79,11 +80,11 @@ def test_recipe_prompts_are_placed_as_the_recipe_does(toy_model):
     assert user[0] == {"type": "text", "text": chat.RL_INSTRUCTION + " "} and user[1] == {"type": "image"}
     assert chat.RL_INSTRUCTION.startswith("A conversation between User and Assistant.")
     assert "the key result enclosed in \\boxed{} </answer>." in chat.RL_INSTRUCTION  # one backslash
-    (text,) = batches.prompt_texts(processor, [row], rl)
-    default_system = batches.prompt_texts(processor, [row])[0].split("<|im_start|>user")[0]
+    (text,) = prompt_texts(processor, [row], rl)
+    default_system = prompt_texts(processor, [row])[0].split("<|im_start|>user")[0]
     assert text.startswith(default_system) and "You are a helpful assistant." in default_system
     assert text.index(chat.RL_INSTRUCTION) < text.index("<|vision_start|>") < text.index("How many red")
-    (evaluation,) = batches.prompt_texts(processor, [row], chat.PromptFormat(system=chat.EVAL_SYSTEM_PROMPT))
+    (evaluation,) = prompt_texts(processor, [row], chat.PromptFormat(system=chat.EVAL_SYSTEM_PROMPT))
     assert evaluation.startswith("<|im_start|>system\n" + chat.EVAL_SYSTEM_PROMPT + "<|im_end|>")
     assert "You are a helpful assistant." not in evaluation
     assert evaluation.split("<|im_start|>user\n")[1].startswith("<|vision_start|><|image_pad|><|vision_end|>How many")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import prompt_texts
 from data import toy
 from mmr1 import batches, logprobs
 
@@ -23,7 +24,7 @@ def test_chunked_logprobs_match_naive(toy_model, padding_side, with_images, temp
             for q in ["How many red squares are there?", "Hi"]]  # fmt: skip
     processor.tokenizer.padding_side = padding_side
     try:
-        inputs = batches.processor_inputs(processor, batches.prompt_texts(processor, rows), [r["images"] for r in rows])
+        inputs = batches.processor_inputs(processor, prompt_texts(processor, rows), [r["images"] for r in rows])
     finally:
         processor.tokenizer.padding_side = "left"
     with torch.no_grad():
@@ -38,7 +39,7 @@ def test_chunked_logprobs_match_naive(toy_model, padding_side, with_images, temp
 def test_chunked_logprobs_gradient_matches_naive(toy_model):
     model, processor = toy_model
     rows = [{"problem": "<image>How many red squares are there?", "images": [grid_image()]}]
-    inputs = batches.processor_inputs(processor, batches.prompt_texts(processor, rows), [r["images"] for r in rows])
+    inputs = batches.processor_inputs(processor, prompt_texts(processor, rows), [r["images"] for r in rows])
     grads = []
     for naive in (True, False):
         model.zero_grad()

@@ -2,6 +2,7 @@
 
 import torch
 
+from conftest import prompt_texts
 from data import toy
 from mmr1 import batches
 
@@ -29,7 +30,7 @@ def test_toy_model_round_trip(toy_dir, toy_model):
     for (n, a), (_, b) in zip(model.state_dict().items(), toy_model[0].state_dict().items()):
         assert torch.equal(a, b), n
     row = {"problem": "<image>How many red squares are there?", "images": [grid_image()]}
-    texts = batches.prompt_texts(processor, [row])
+    texts = prompt_texts(processor, [row])
     assert texts[0].count("<|vision_start|><|image_pad|><|vision_end|>") == 1
     assert texts[0].endswith("<|im_start|>assistant\n")
     inputs = batches.processor_inputs(processor, texts, [[row["images"][0]]])

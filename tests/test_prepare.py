@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, prompt_texts, run_script, sft_cut_problem
 from data import toy
 from mmr1 import batches, chat, config, data, dist, modeling, prepare, rollout
 
@@ -137,9 +137,7 @@ def test_door_counts_tokens_as_the_prompt_builder(processor, tmp_path):
     headers = batches.build_prompts(processor, rows, fmt, 3136, 50176, decode=False)
     decoded = batches.build_prompts(processor, rows, fmt, 3136, 50176)
     assert [p.ids for p in headers] == [p.ids for p in decoded]
-    reference = batches.processor_inputs(
-        processor, batches.prompt_texts(processor, rows, fmt), [p.images for p in decoded]
-    )
+    reference = batches.processor_inputs(processor, prompt_texts(processor, rows, fmt), [p.images for p in decoded])
     padded = rollout.left_padded(decoded, processor.tokenizer.pad_token_id, processor.image_token_id)
     for key in reference:  # what HF generate gets equals the processor's batch, tensor for tensor
         assert torch.equal(reference[key], padded[key]), key
@@ -158,7 +156,7 @@ def test_sft_cut_rule_from_headers_equals_the_batch_rule(processor, tmp_path):
             uncut = batches.sft_batch(processor, [row], 3136, 50176, 0)
             n, last_image, first_label = batches.sft_layout(processor, row, 3136, 50176)
             assert n == int(uncut["attention_mask"].sum())
-            assert batches.cut_problem(n, last_image, first_label, max_length) == batches.sft_cut_problem(
+            assert batches.cut_problem(n, last_image, first_label, max_length) == sft_cut_problem(
                 uncut, max_length, processor.image_token_id
             )
 
@@ -193,11 +191,16 @@ def test_only_regular_files_are_read_as_images(processor, tmp_path):
 
     os.mkfifo(tmp_path / "pipe.png")
     for image in (str(tmp_path / "pipe.png"), "/dev/zero"):
-        path = write_jsonl(tmp_path / "rl.jsonl", [{"id": "x", "problem": "<image>Q", "answer": "1", "images": [image]}])
+        path = write_jsonl(
+            tmp_path / "rl.jsonl", [{"id": "x", "problem": "<image>Q", "answer": "1", "images": [image]}]
+        )
         with pytest.raises(config.BadRowError, match=rf"\(id=x\): image 0: {image} is not a regular file"):
             prepare.prepare_split(str(path), prepare.Door("rl", 3136, 50176, 96), processor, ONE)
         with pytest.raises(ValueError, match="is not a regular file"):
             data.decode_images({"images": [image]}, 3136, 50176)
+    os.mkfifo(tmp_path / "pipe.jsonl")  # nor as data
+    with pytest.raises(config.BadRowError, match="pipe.jsonl: not a regular file or folder"):
+        prepare.load_rows(str(tmp_path / "pipe.jsonl"), "rl")
 
 
 def test_a_decode_failure_at_use_follows_the_same_rule(processor, tmp_path):
