@@ -420,7 +420,9 @@ class Scoring:
     answer_rule: Callable[[str | None, str | None, list[str] | None], bool] = is_equivalent
 
 
-def score_one(response: str | None, gold: str | None, choices: list[str] | None = None, scoring=Scoring()) -> dict:
+def score_one(
+    response: str | None, gold: str | None, choices: list[str] | None = None, scoring: Scoring = Scoring()
+) -> dict:
     """{"overall", "format", "accuracy", "timed_out"} of one response under `scoring`."""
     fmt = format_reward(response)
     acc = 1.0 if scoring.answer_rule(extract_answer(response), gold, choices) else 0.0
@@ -448,7 +450,7 @@ class _OutOfTime(BaseException):  # a BaseException: no `except Exception` insid
     pass
 
 
-def _call_bounded(score_fn, job: dict, timeout_s: float) -> dict:
+def _call_bounded(score_fn: Callable[..., dict], job: dict, timeout_s: float) -> dict:
     """score_fn(**job) in this process, stopped by SIGALRM after timeout_s (_OutOfTime). Signals are
     delivered to the main thread only: elsewhere, or where a timer already runs, it runs unbounded."""
     if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0] > 0:
@@ -466,7 +468,9 @@ def _call_bounded(score_fn, job: dict, timeout_s: float) -> dict:
         signal.signal(signal.SIGALRM, previous)
 
 
-def score_in_process(jobs: list[dict], timeout_s: float, score_fn=score_one, timeout_result=None) -> list[dict]:
+def score_in_process(
+    jobs: list[dict], timeout_s: float, score_fn: Callable[..., dict] = score_one, timeout_result=None
+) -> list[dict]:
     """RewardPool.map without workers: each score_fn(**job) in this process under a timeout_s limit
     (_call_bounded); a job past it gets timeout_result(job); an exception is a ScoringError."""
     import math_verify  # noqa: F401 - imported before any time limit: an import cut short would stay broken
@@ -518,7 +522,8 @@ class RewardPool:
     its job sent again; a job whose worker dies under it twice counts as timed out.
     `score_fn(**job)` (a module-level function; default score_one, jobs {"response", "gold",
     "choices", "scoring"}) is what the workers run; `timeout_result(job)` is the result of a job that
-    ran out of time. eval.py passes benchmarks.score_job / benchmarks.timed_out_job.
+    ran out of time. eval.py passes benchmarks.score_job / benchmarks.timed_out_job. With 0 workers,
+    map scores in this process under the same limit (score_in_process).
     """
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0, score_fn=score_one, timeout_result=None):
@@ -550,6 +555,8 @@ class RewardPool:
         """score_fn(**job) of each job, in input order; a job past timeout_s (its worker killed and
         replaced), or whose worker died under it twice, gets timeout_result(job). ScoringError (after
         the jobs in flight) when score_fn raised, naming the response."""
+        if self.workers == 0:
+            return score_in_process(jobs, self.timeout_s, self.score_fn, self.timeout_result)
         results: list[dict | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))[::-1]
         deaths = [0] * len(jobs)

@@ -247,3 +247,14 @@ def test_predictions_nested_too_deeply_are_a_line_naming_file_and_line(tmp_path,
     captured = capsys.readouterr()
     assert "accuracy   1.0000" in captured.out and "Traceback" not in captured.err
     assert captured.err.splitlines()[0] == problems[0]
+
+
+def test_a_pool_of_0_workers_scores_in_process_under_its_limit():
+    """grpo.py --reward-workers 0 and vas.py score --reward-workers 0: no process, the same time limit."""
+    pool = reward.RewardPool(workers=0, timeout_s=0.5, score_fn=slow_in_python)
+    jobs = [{"response": r, "gold": "1", "choices": None, "scoring": reward.Scoring()} for r in ("\\boxed{1}", "SLOW")]
+    start = time.monotonic()
+    scores = pool.map(jobs)
+    pool.close()
+    assert pool.procs == [] and time.monotonic() - start < 5.0
+    assert [(s["accuracy"], s["timed_out"]) for s in scores] == [(1.0, False), (0.0, True)]
