@@ -4,6 +4,7 @@
     python eval.py --model runs/mmr1-7b-grpo/final --benchmarks mathverse,mathvista,mathvision,logicvista,chartqa
     torchrun --nproc_per_node 8 eval.py --model M --max-new-tokens 4096
     python eval.py --model M --benchmarks mathvista --bench-data mathvista=local/mathvista.parquet --limit 50
+    python eval.py --compare-official runs/eval          # a finished run's verdicts beside exact match
 
 Every answer is extracted with reward.extract_answer and scored by the benchmark's official rule
 (score_answer; the rules and their sources are in docs/eval.md), with reward.is_equivalent where the
@@ -14,7 +15,9 @@ a hard limit per answer (SCORE_TIMEOUT_S; past it: wrong, counted as timed out).
 per-category scores each benchmark reports (BREAKDOWNS).
 
 Departures from the official scorers (docs/eval.md):
-- no LLM judge or extractor: the last \boxed{} is the answer, and equivalence is rule-based;
+- no LLM judge or extractor: the last \boxed{} is the answer (MathVista, MathVerse and LogicVista have GPT
+  extract it; MATH-V extracts by rule), and equivalence is rule-based (MathVerse asks GPT); each case
+  where a rule credits more or less than the official script is in docs/eval.md's tables;
 - the most-similar-option fallback is kept for MathVista only (its calculate_score has it; MathVerse,
   MathVision and LogicVista do not grant it);
 - MathVista integers must equal the gold (calculate_score's int(float(x)) would pass 7.9 for 7);
