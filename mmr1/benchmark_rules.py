@@ -327,6 +327,19 @@ def mathvista_fields(row: dict) -> dict[str, str]:
     return fields
 
 
+def mathverse_fields(row: dict) -> dict[str, str]:
+    """{field: why} MathVerse's rule reads: `question_type` (without it every row would be free-form, and
+    an option's text would no longer name its option)."""
+    return {"question_type": "multi-choice (options read from the question) or free-form"}
+
+
+def check_mathverse(row: dict) -> str | None:
+    """What score_mathverse cannot read in a row, or None: `question_type` must be multi-choice or free-form."""
+    if row.get("question_type") not in ("multi-choice", "free-form"):
+        return f"question_type {row.get('question_type')!r} is neither multi-choice nor free-form"
+    return None
+
+
 def no_fields(row: dict) -> dict[str, str]:
     """The rule reads no field a row could lack beyond `answer` (checked for every row)."""
     return {}

@@ -17,8 +17,10 @@ import reward
 
 from .benchmark_rules import (
     chartqa_relaxed,
+    check_mathverse,
     check_mathvista,
     check_options,
+    mathverse_fields,
     mathvista_fields,
     no_check,
     no_fields,
@@ -363,7 +365,7 @@ class Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {
     "mathverse": Benchmark(
         ("AI4Math/MathVerse",), "testmini", "testmini", mathverse_question, ("image",), EVAL_SYSTEM_PROMPT,
-        score_mathverse, no_check,
+        score_mathverse, check_mathverse, mathverse_fields,
     ),
     "mathvista": Benchmark(
         ("AI4Math/MathVista",), None, "testmini", mathvista_question, ("decoded_image", "image"),

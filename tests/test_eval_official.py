@@ -294,9 +294,10 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return line
 
 
-def test_mathvista_rows_must_carry_the_fields_the_rule_reads(tmp_path):
-    """Without `question_type` a right letter answer was scored as free-form text (wrong); without
-    `precision` a float was compared at 0 decimals (1.3 == 1.4). The file is refused, naming the field."""
+def test_rows_must_carry_the_fields_the_rule_reads(tmp_path):
+    """MathVista: without `question_type` a right letter answer was scored as free-form text (wrong); without
+    `precision` a float was compared at 0 decimals (1.3 == 1.4). MathVerse: without `question_type` an
+    option's text no longer named its option. The file is refused, naming the row and the field."""
     float_row = {k: v for k, v in mathvista_row("1", "q", None, "1.4", "float", precision=1).items() if k != "image"}
     letter_row = {k: v for k, v in VISTA_168.items() if k != "image"}
     for row, field in [({k: v for k, v in letter_row.items() if k != "question_type"}, "question_type"),
@@ -308,6 +309,13 @@ def test_mathvista_rows_must_carry_the_fields_the_rule_reads(tmp_path):
     assert benchmarks.load_benchmark("mathvista", write_jsonl(tmp_path / "ok.jsonl", [letter_row, float_row]), 0)
     assert not evaluation.score_answer("mathvista", boxed("1.3"), float_row)  # at precision 1, not 0
     assert evaluation.score_answer("mathvista", boxed("1.44"), float_row)
+    bearing = {k: v for k, v in MATHVERSE_SINGULAR[0].items() if k != "question_type"}
+    assert not evaluation.score_answer("mathverse", boxed("A"), bearing)  # read as free-form: 'A' is no bearing
+    file = write_jsonl(tmp_path / "mathverse.jsonl", [MATHVERSE_SINGULAR[1], bearing])
+    with pytest.raises(config.BadRowError, match=rf"^{file} row 1 \(id=339\): no 'question_type'; mathverse's rule"):
+        benchmarks.load_benchmark("mathverse", file, 0)
+    _, bad = benchmarks.prompt_rows("mathverse", [{**MATHVERSE_SINGULAR[1], "question_type": "multiple"}], 3136, 50176)
+    assert bad == ["mathverse row 0 (id=340): question_type 'multiple' is neither multi-choice nor free-form"]
 
 
 def test_a_broken_model_record_is_one_error_line(tmp_path):
