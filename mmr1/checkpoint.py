@@ -1,11 +1,11 @@
 """Checkpoints: atomic folders of bf16 HF weights with the sharded fp32 trainer state beside them,
 pruning old ones, stopping cleanly on preemption, finding the checkpoint to resume from, and
-refusing a resume that could not continue the run exactly (layout and sizes: docs/checkpoints.md)."""
+refusing a resume that could not continue the run exactly (layout and sizes: docs/checkpoints.md).
+Reading a checkpoint's files safely and the damage scan live in checkpoint_checks."""
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -15,6 +15,7 @@ import shutil
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import CheckpointError, first_line
+from .checkpoint_checks import (
+    TRAINER_DIR,
+    checkpoint_problem,
+    load_trainer_state,
+    read_metadata,
+    safe_planner,
+    safe_reader,
+)
+from .config import CheckpointError, field_default, first_line
 from .dist import Dist, all_gather_list, all_reduce_max, cleanup_distributed
 from .modeling import full_state_dict
 
-TRAINER_DIR = "trainer"  # the sharded trainer state inside a checkpoint folder (torch.distributed.checkpoint)
 HF_DTYPE = torch.bfloat16  # dtype of the weights users load (the fp32 master weights are in TRAINER_DIR)
 
 
@@ -194,89 +202,6 @@ def sharded_state(model, optimizer, d: Dist) -> dict:
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading trainer/ without running anything from its files
-# ---------------------------------------------------------------------------------------------
-
-# What a trainer/.metadata written by save_checkpoint holds (torch 2.x): the dataclasses of
-# torch.distributed.checkpoint.metadata, the shard locations (_StorageInfo), torch.Size, dtypes,
-# layouts and the checkpoint's path. Nothing else may be named by its pickle.
-METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata",
-        "MetadataIndex",
-        "StorageMeta",
-        "TensorProperties",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "_MEM_FORMAT_ENCODING",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},  # a layout by its name
-    "torch": {"Size"},  # and dtypes (torch.float32, ...), checked by type below
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},  # StorageMeta.checkpoint_id
-    "collections": {"OrderedDict"},
-}
-
-
-class MetadataUnpickler(pickle.Unpickler):
-    """An unpickler that builds only METADATA_GLOBALS (and torch dtypes); any other global a pickle names
-    (os.system, builtins.eval, a class with a side effect) is refused with pickle.UnpicklingError."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if name in METADATA_GLOBALS.get(module, ()):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"refused {module}.{name} (not a checkpoint metadata type)")
-
-
-def read_metadata(path: str | Path):
-    """torch.distributed.checkpoint Metadata of the folder `path` (its .metadata), read by MetadataUnpickler
-    (torch's FileSystemReader would run any pickle); pickle.UnpicklingError for a foreign global."""
-    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-
-    with open(Path(path) / ".metadata", "rb") as f:
-        metadata = MetadataUnpickler(f).load()
-    if not isinstance(metadata, Metadata):
-        raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not a checkpoint Metadata")
-    if getattr(metadata, "storage_meta", None) is None:
-        metadata.storage_meta = StorageMeta()
-    return metadata
-
-
-def safe_reader(path: str | Path):
-    """A FileSystemReader of `path` whose metadata comes from read_metadata (the shards' tensors are
-    read by torch.load(weights_only=True), as torch does)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    class SafeFileSystemReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any):
-            metadata = read_metadata(self.path)
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeFileSystemReader(str(path))
-
-
-def safe_planner(**kwargs: Any):
-    """A DefaultLoadPlanner whose non-tensor entries (the optimizer's param_groups: floats, tuples, bools)
-    load with torch.load(weights_only=True); torch's default unpickles them freely."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._traverse import set_element
-
-    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value: io.BytesIO) -> None:  # DefaultLoadPlanner's, weights_only=True
-            loaded = torch.load(value, weights_only=True)
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
-            else:
-                self.state_dict[read_item.dest_index.fqn] = loaded
-
-    return WeightsOnlyLoadPlanner(**kwargs)
-
-
 def load_training_checkpoint(folder: str | Path, model, optimizer, d: Dist) -> dict:
     """Restores the fp32 parameters and the optimizer (each rank reading its own shard of
     folder/trainer/) and this rank's RNG states; returns trainer_state.pt (its "step" and the
@@ -329,78 +254,6 @@ def master_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     return {key.removeprefix("model."): value for key, value in target.items()}
 
 
-TRAINER_STATE_KEYS = ("step", "rng", "config")
-
-
-def load_trainer_state(folder: str | Path, mmap: bool = False) -> dict:
-    """folder/trainer_state.pt, unpickling plain types and tensors only (weights_only=True).
-
-    CheckpointError naming the file when it is missing, damaged or lacks an entry; mmap=True maps
-    the tensors instead of reading them (a cheap completeness check).
-    """
-    path = Path(folder) / "trainer_state.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        state = torch.load(path, weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - empty, truncated, or holding objects weights_only refuses
-        raise CheckpointError(f"{path} is unreadable ({first_line(e)})") from e
-    missing = [k for k in TRAINER_STATE_KEYS if k not in state] if isinstance(state, dict) else TRAINER_STATE_KEYS
-    if missing:
-        raise CheckpointError(f"{path} lacks {list(missing)}")
-    return state
-
-
-def checkpoint_problem(folder: str | Path) -> str | None:
-    """Why `folder` cannot be resumed from (the damaged or missing file, named), or None if it is complete.
-
-    Checks config.json, every safetensors weight file (header and size: a truncated file fails),
-    trainer_state.pt (loads with weights_only=True, memory-mapped, and holds every entry) and the
-    sharded trainer state (sharded_problem).
-    """
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        return f"{folder / 'config.json'} is missing"
-    index = folder / "model.safetensors.index.json"
-    try:
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else None
-    except (ValueError, KeyError, AttributeError) as e:
-        return f"{index} is unreadable ({first_line(e)})"
-    from safetensors import safe_open
-
-    for name in names or ["model.safetensors"]:
-        try:
-            with safe_open(str(folder / name), "pt") as f:
-                f.keys()
-        except Exception as e:  # noqa: BLE001 - missing, truncated or corrupt header
-            return f"{folder / name} is unreadable ({first_line(e)})"
-    try:
-        load_trainer_state(folder, mmap=True)
-    except CheckpointError as e:
-        return str(e)
-    return sharded_problem(folder / TRAINER_DIR)
-
-
-def sharded_problem(path: Path) -> str | None:
-    """Why the torch.distributed.checkpoint folder `path` is damaged, or None: its .metadata must
-    load with read_metadata (checkpoint metadata types only: a pickle naming anything else is damage, and
-    nothing of it runs), and every shard file it lists must exist and reach the last byte recorded for it."""
-    if not (path / ".metadata").is_file():
-        return f"{path / '.metadata'} is missing"
-    try:
-        metadata = read_metadata(path)
-        ends: dict[str, int] = {}  # shard file -> bytes it must hold
-        for info in metadata.storage_data.values():
-            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    except Exception as e:  # noqa: BLE001 - empty, truncated or foreign metadata
-        return f"{path / '.metadata'} is unreadable ({first_line(e)})"
-    for name, end in sorted(ends.items()):
-        size = (path / name).stat().st_size if (path / name).is_file() else -1
-        if size < end:
-            return f"{path / name} is {'missing' if size < 0 else f'truncated ({size} of {end} bytes)'}"
-    return None
-
-
 def latest_checkpoint(out_dir: str | Path, master: bool = True) -> Path | None:
     """The checkpoint to resume from: the complete one with the highest step, `final/` counted at the
     step its trainer_state.pt records (a finished run extended with a higher --max-steps and then
@@ -449,20 +302,23 @@ def check_resume(
 ) -> None:
     """Refuses a resume that could not continue the checkpoint's run exactly; records harmless changes.
 
-    Compares the checkpoint's config with this run's: a change to a field outside `may_change`
-    (data, batch shape, seeds, optimisation: what the trajectory depends on) is a CheckpointError
-    listing every difference; changes inside `may_change` (run length, logging, validation, memory
+    Compares the checkpoint's config with this run's (a setting its config lacks counts as that
+    setting's default, the behaviour from before the setting existed): a change to a field outside
+    `may_change` (data, batch shape, seeds, optimisation: what the trajectory depends on) is a
+    CheckpointError listing every difference; changes inside `may_change` (run length, logging, validation, memory
     knobs) are printed by the master and appended to out_dir/config_changes.jsonl. Also refuses
     data that now gives another number of rows, another number of processes (WORLD_SIZE) than the
     checkpoint's, and a run that would end before the checkpoint's step.
     """
     state = load_trainer_state(folder, mmap=True)
-    saved, new = state["config"], dataclasses.asdict(cfg)
-    changed = {k: (saved[k], v) for k, v in new.items() if k in saved and saved[k] != v}  # new fields: unchanged
+    # a setting the checkpoint's config lacks did not exist when it was written: that run had its default
+    # (an option is added with the default that keeps the behaviour before it), compared like any other
+    saved = {f.name: field_default(f) for f in dataclasses.fields(cfg)} | state["config"]
+    changed = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items() if saved[k] != v}
     refused = [f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in may_change]
     if state.get("rows") is not None and state["rows"] != n_rows:
         refused.append(f"the data now gives {n_rows} rows, the checkpoint was trained on {state['rows']}")
-    saved_world = state.get("world_size") or len(state["rng"])  # older checkpoints: one RNG state per rank
+    saved_world = state.get("world_size") or len(state["rng"])  # without world_size: one RNG state per rank
     world = int(os.environ.get("WORLD_SIZE", "1"))  # as dist.setup_distributed detects it
     if saved_world and saved_world != world:
         refused.append(
@@ -530,10 +386,11 @@ class Preemption:
         """True on every rank if any rank has received a signal (a max all-reduce; every rank calls it)."""
         return all_reduce_max(int(self.received is not None), d.device) > 0
 
-    def stop_before_training(self, d: Dist, stage: str, phase: str) -> None:
+    def stop_before_training(self, d: Dist, stage: str, phase: str, teardown: Callable[[], None] | None = None) -> None:
         """Between the long phases before the first step (a collective: every rank calls it at the same
         place): if any rank was signalled, says so and exits 0. Nothing is half-written then: no step
-        has run, so there is nothing new to save, and a resumed run's checkpoint is where it was."""
+        has run, so there is nothing new to save, and a resumed run's checkpoint is where it was.
+        `teardown` (default: the process group's) runs before the exit (run.Run.close: engines first)."""
         if not self.agreed(d):
             return
         if d.master:
@@ -542,5 +399,5 @@ class Preemption:
                 "first step with nothing saved (the same command continues from the latest checkpoint with --resume)",
                 flush=True,
             )
-        cleanup_distributed()
+        (teardown or cleanup_distributed)()
         raise SystemExit(0)

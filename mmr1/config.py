@@ -1,16 +1,22 @@
-"""The command line and the run's records: a config dataclass becomes the CLI, metrics go to
-metrics.jsonl and sampled rollouts to rollouts.jsonl, and bad input ends a stage in one `error: ...`
-line instead of a traceback."""
+"""The command line and the run's records: a config dataclass becomes the CLI (bounds, finite floats
+and the shared flags' rules checked before any work), metrics go to metrics.jsonl and sampled rollouts
+to rollouts.jsonl, files meant for later reading are written whole (atomic_file) and read back with
+one line naming file and line (read_jsonl, loads_json), and bad input ends a stage in one
+`error: ...` line instead of a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import operator
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 
 class Parser(argparse.ArgumentParser):
@@ -82,27 +88,53 @@ def field_default(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
+# Fields the stages share, checked by name wherever a config has them (the same rule in every stage).
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's np.random.seed accepts (dist.setup_distributed seeds it)
+LOG_SINKS = ("wandb", "tensorboard")  # what --report-to may name (MetricLogger mirrors to these)
+
+
 def check_bounds(config: Any) -> list[str]:
     """One line per field whose value is outside the bounds its metadata gives (`at_least`,
-    `above`, `at_most`), naming the flag: `--max-response-length must be >= 1, got 0`. A float
-    field with bounds must also be finite (NaN passes every comparison)."""
+    `above`, `at_most`), naming the flag: `--max-response-length must be >= 1, got 0`. Every float
+    field must be finite (NaN passes every comparison; no setting means anything at infinity), and
+    the shared fields obey one rule in every stage: `seed` within SEED_RANGE, `report_to` naming
+    only LOG_SINKS, `output_dir` not empty."""
     problems = []
     for f in dataclasses.fields(config):
-        value, meta = getattr(config, f.name), f.metadata
-        bounds = [(k, meta[k]) for k in ("at_least", "above", "at_most") if k in meta]
-        if not bounds or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if not math.isfinite(value):
-            problems.append(f"{flag} must be a finite number, got {value}")
-            continue
-        for kind, bound in bounds:
-            broken = {"at_least": value < bound, "above": value <= bound, "at_most": value > bound}[kind]
-            if broken:
-                sign = {"at_least": ">=", "above": ">", "at_most": "<="}[kind]
-                problems.append(f"{flag} must be {sign} {bound}, got {value}")
-                break
+        value = getattr(config, f.name)
+        problem = bound_problem(value, f.metadata) or shared_field_problem(f.name, value)
+        if problem:
+            problems.append(f"--{f.name.replace('_', '-')} {problem}")
     return problems
+
+
+def bound_problem(value: Any, meta: Any) -> str | None:
+    """`must be >= 1, got 0` for a number outside the bounds in its field's metadata, or not finite; else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    for kind, sign, broken in (
+        ("at_least", ">=", operator.lt),
+        ("above", ">", operator.le),
+        ("at_most", "<=", operator.gt),
+    ):
+        if kind in meta and broken(value, meta[kind]):
+            return f"must be {sign} {meta[kind]}, got {value}"
+    return None
+
+
+def shared_field_problem(name: str, value: Any) -> str | None:
+    """What is wrong with the value of a field every stage shares (seed, report_to, output_dir), or None."""
+    if name == "seed" and isinstance(value, int) and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        return f"must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (numpy's seed range), got {value}"
+    if name == "report_to" and isinstance(value, str):
+        unknown = [t for t in value.split(",") if t and t not in LOG_SINKS]
+        if unknown:
+            return f"names unknown metric sink(s) {unknown}; choose from {','.join(LOG_SINKS)} (or leave it empty)"
+    if name == "output_dir" and isinstance(value, str) and not value.strip():
+        return "is empty; give the folder the run writes into"
+    return None
 
 
 def field(default: Any, help: str, **meta: Any) -> Any:
@@ -162,34 +194,98 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:300]
 
 
+# ---------------------------------------------------------------------------------------------
+# Files written for later reading: whole or not at all; read back with one line naming file and line
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A temporary file beside `path`, open for writing in `mode`; when the block ends without an error
+    it is fsynced and renamed over `path`, so a reader (or a kill, or a full disk) sees the old file
+    or the whole new one, never a part. On an error the temporary file goes and `path` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def loads_json(text: str) -> Any:
+    """json.loads, where JSON nested deeper than Python's recursion allows (a line of 100,000 `[`) is a
+    json.JSONDecodeError like any other malformed JSON, never a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+
+
+def decode_json(decoder: json.JSONDecoder, text: str, start: int) -> tuple[Any, int]:
+    """decoder.raw_decode(text, start) -> (value, end), with loads_json's rule for deep nesting."""
+    try:
+        return decoder.raw_decode(text, start)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, start) from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The objects of a JSON-lines file the project wrote (metrics.jsonl, rollouts.jsonl), one per non-blank
+    line, in order. BadRowError naming the file and the line (from 1) for a missing file or a line that is
+    not UTF-8, not JSON or not an object; a run still writing has no torn line (each is one write)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDataError(f"{path} not found")
+    records = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            record = loads_json(raw.decode("utf-8")) if raw.strip() else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            why = f"not JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+            raise BadRowError(f"{path} line {number}: {why}") from e
+        if record is not None and not isinstance(record, dict):
+            raise BadRowError(f"{path} line {number}: a JSON {type(record).__name__}, not an object")
+        if record is not None:
+            records.append(record)
+    return records
+
+
 class MetricLogger:
-    """One JSON line per step in <out>/metrics.jsonl, one per logged rollout in <out>/rollouts.jsonl
-    (made by the first log_rollouts call); wandb / tensorboard mirrors when asked.
+    """Rank 0's records: one JSON line per step in <out>/metrics.jsonl, one per logged rollout in
+    <out>/rollouts.jsonl (made by the first log_rollouts call); wandb / tensorboard mirrors when asked.
+    The other ranks get a NullLogger (metric_logger picks).
 
     A fresh run starts both files anew; a run resumed from step N keeps the lines up to N and drops
-    those a killed run wrote after its last checkpoint, so every step appears once (trim_jsonl).
+    those a killed run wrote after its last checkpoint, so every step appears once (trim_jsonl). Each
+    record is one write of whole lines; a write that fails (a full disk, a quota) is recorded in
+    `failed` instead of raised, so the run can save the step it has just trained before it stops
+    (run.Run.end_step).
     """
 
     def __init__(
         self,
         out_dir: str | Path,
         config: Any,
-        enabled: bool,
         report_to: str = "",
         project: str = "mmr1",
         resume_from: int | None = None,
     ):
-        self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.rollouts_path = Path(out_dir) / "rollouts.jsonl"
+        self.failed: str | None = None  # the first write that failed: "could not write <file> (<error>)"
         self.wandb = self.tb = None
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for path in (self.path, self.rollouts_path):
-            trim_jsonl(path, resume_from)
-        self.path.touch()  # metrics.jsonl always exists; rollouts.jsonl once log_rollouts writes
-        targets = {t for t in report_to.split(",") if t}
+        try:  # before step 1: nothing to save yet, so a failure here stops the run at once
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            for path in (self.path, self.rollouts_path):
+                trim_jsonl(path, resume_from)
+            self.path.touch()  # metrics.jsonl always exists; rollouts.jsonl once log_rollouts writes
+        except OSError as e:
+            raise InputError(f"could not write the run's records in {self.path.parent} ({first_line(e)})") from e
+        targets = {t for t in report_to.split(",") if t}  # LOG_SINKS only (check_bounds)
         if "wandb" in targets:
             self.wandb = _optional_import("wandb", "pip install wandb")
             self.wandb.init(project=project, config=dataclasses.asdict(config), dir=str(out_dir))
@@ -198,12 +294,9 @@ class MetricLogger:
             self.tb = tb.SummaryWriter(str(Path(out_dir) / "tb"))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Appends {"step", "time", **metrics} (floats) to metrics.jsonl and mirrors it; rank 0 only."""
-        if not self.enabled:
-            return
+        """Appends {"step", "time", **metrics} (floats) to metrics.jsonl and mirrors it."""
         record = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append(self.path, [record])
         if self.wandb:
             self.wandb.log(metrics, step=step)
         if self.tb:
@@ -211,18 +304,24 @@ class MetricLogger:
                 self.tb.add_scalar(k, v, step)
 
     def log_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:
-        """Appends {"step": step, **record} per record to rollouts.jsonl, rank 0 only; with wandb, also a
-        Table "rollouts" at that step whose columns are the records' keys. A record is any JSON-serialisable
+        """Appends {"step": step, **record} per record to rollouts.jsonl; with wandb, also a Table
+        "rollouts" at that step whose columns are the records' keys. A record is any JSON-serialisable
         dict; grpo.py's hold prompt_id (int), response (str), the reward fields and advantage (floats)."""
-        if not self.enabled or not records:
+        if not records:
             return
-        with self.rollouts_path.open("a") as f:
-            for record in records:
-                f.write(json.dumps({"step": step, **record}) + "\n")
+        self._append(self.rollouts_path, [{"step": step, **record} for record in records])
         if self.wandb:
             columns = list(dict.fromkeys(k for record in records for k in record))  # first-seen order
             rows = [[record.get(k) for k in columns] for record in records]
             self.wandb.log({"rollouts": self.wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def _append(self, path: Path, records: list[dict[str, Any]]) -> None:
+        """Appends the records as JSON lines in one write; an OSError is kept in `failed` (the first one)."""
+        try:
+            with path.open("a") as f:
+                f.write("".join(json.dumps(record) + "\n" for record in records))
+        except OSError as e:
+            self.failed = self.failed or f"could not write {path} ({first_line(e)})"
 
     def close(self) -> None:
         """Flushes and closes the tensorboard / wandb mirrors."""
@@ -232,23 +331,51 @@ class MetricLogger:
             self.wandb.finish()
 
 
+class NullLogger:
+    """The logger of every rank but 0: the same calls as MetricLogger, nothing written."""
+
+    failed: str | None = None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Nothing: rank 0 logs the run's metrics."""
+
+    def log_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:
+        """Nothing: rank 0 logs the rollouts (gathered from every rank)."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def metric_logger(
+    out_dir: str | Path,
+    config: Any,
+    master: bool,
+    report_to: str = "",
+    project: str = "mmr1",
+    resume_from: int | None = None,
+) -> MetricLogger | NullLogger:
+    """Rank 0's MetricLogger (master), a NullLogger on the other ranks."""
+    return MetricLogger(out_dir, config, report_to, project, resume_from) if master else NullLogger()
+
+
 def trim_jsonl(path: Path, last_step: int | None) -> None:
     """Keeps the lines of a JSON-lines file whose "step" is <= last_step (a resumed run keeps its records
-    up to its checkpoint) and drops the rest, and a line that is not JSON (a write torn by a kill);
-    last_step None (a fresh run) removes the file. A missing file stays missing."""
+    up to its checkpoint) and drops the rest, and a line that is not JSON (a write torn by a kill); the
+    file is replaced atomically. last_step None (a fresh run) removes the file. A missing file stays missing."""
     if not path.exists():
         return
     if last_step is None:
         path.unlink()
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            if json.loads(line)["step"] <= last_step:
+            if loads_json(line)["step"] <= last_step:
                 kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
             continue
-    path.write_text("".join(x + "\n" for x in kept))
+    with atomic_file(path) as f:
+        f.write("".join(x + "\n" for x in kept))
 
 
 def _optional_import(module: str, how: str):

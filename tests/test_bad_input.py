@@ -1,4 +1,4 @@
-"""Bad input never crashes deep and never scores silently wrong (issue 15).
+"""Bad input never crashes deep and never scores silently wrong.
 
 Each test feeds one kind of bad input and asserts the promised outcome: a one-line error naming
 the file / row / flag, a counted skip, or the right score. docs/data.md's "What bad input gets"
@@ -20,7 +20,7 @@ import grpo
 import reward
 from conftest import ROOT, run_script
 from data import toy
-from mmr1 import checkpoint, checkpoint_checks, config, dist, images, modeling, prepare
+from mmr1 import checkpoint, checkpoint_checks, config, dist, families, images, modeling, prepare
 
 
 def write_jsonl(path, rows):
@@ -84,7 +84,7 @@ def test_number_and_list_answers_load_as_text_and_score(tmp_path, suffix):
     loaded = prepare.load_rows(str(path), "rl")
     golds = [r["answer"] for r in loaded]
     assert golds == (["1", "12", "40"] if suffix == ".parquet" else ["1", "2.5", "3, 4"])
-    for gold in golds:  # a right response now earns accuracy 1 (before: 0 for every non-string gold)
+    for gold in golds:  # a right response earns accuracy 1, whatever the type of the gold
         assert reward.accuracy_reward(f"<think>t</think><answer>\\boxed{{{gold}}}</answer>", gold) == 1.0
     assert reward.accuracy_reward("<answer>\\boxed{(3, 4)}</answer>", "3, 4") == 1.0  # a list answer, element-wise
 
@@ -132,7 +132,7 @@ def test_malformed_jsonl_lines_are_named_or_skipped_and_counted(tmp_path, capsys
     kept = prepare.load_rows(str(path), "rl", skip_bad_rows=True)
     assert [r["id"] for r in kept] == ["0", "5"]
     out = capsys.readouterr().out
-    assert "skipped 3 bad rows of 5" in out and "line 2: not valid JSON" in out
+    assert "5 rows, 3 left out (3 bad fields)" in out and "line 2: not valid JSON" in out
     for line, message in [(3, "not UTF-8 (byte 0xff at column 1)"), (5, "a JSON list, not an object")]:
         bad = tmp_path / f"bad{line}.jsonl"
         bad.write_bytes(b"\n".join([lines[0]] * (line - 1) + [lines[line - 1]]) + b"\n")
@@ -142,7 +142,7 @@ def test_malformed_jsonl_lines_are_named_or_skipped_and_counted(tmp_path, capsys
 
 def test_json_nested_too_deep_names_the_file_and_the_row(tmp_path):
     """A line of 100,000 `[` in an RL jsonl, an element nested as deep in an sft.json array: the same
-    one-line bad-row error as any JSON that does not parse (was: a RecursionError traceback)."""
+    one-line bad-row error as any JSON that does not parse, never a RecursionError."""
     img = image_file(tmp_path)
     deep = "[" * 100_000 + "]" * 100_000
     rl = tmp_path / "rows.jsonl"
@@ -262,11 +262,10 @@ def test_vas_score_with_bad_data_or_a_missing_split_is_one_line(toy_dir, tmp_pat
 def test_extreme_aspect_ratio_is_a_bad_row(tmp_path):
     good, thin = image_file(tmp_path), image_file(tmp_path, "thin.png", (20000, 1))
     path = write_jsonl(tmp_path / "rows.jsonl", [rl_row(0, good), rl_row(1, thin)])
-    rows = prepare.load_rows(str(path), "rl", min_pixels=3136, max_pixels=50176)
     with pytest.raises(config.BadRowError, match=r"line 2 \(id=1\): image 0 is 20000x1 pixels.*aspect ratio"):
-        rows[1]  # images are checked when the row is first used (issue 20), not when the data is opened
+        prepare.load_rows(str(path), "rl", min_pixels=3136, max_pixels=50176)  # the door reads the header's shape
     rows = prepare.load_rows(str(path), "rl", skip_bad_rows=True, min_pixels=3136, max_pixels=50176)
-    assert [r["id"] for r in rows] == ["0", "0"] and rows.skipped == 1  # replaced by the next usable row
+    assert [r["id"] for r in rows] == ["0"]  # left out by the door, counted in its report
 
 
 def test_row_check_accepts_exactly_what_the_image_processor_accepts(toy_dir):
@@ -275,14 +274,14 @@ def test_row_check_accepts_exactly_what_the_image_processor_accepts(toy_dir):
     sizes = [(20000, 1), (1900, 1), (1, 1900), (1700, 1), (1, 250), (6000, 20), (112, 112), (1, 1), (4000, 3000)]
     outcomes = []
     for w, h in sizes:
-        image = images.resize_image(Image.new("RGB", (w, h)), 3136, 50176)
+        image = images.resize_image(Image.new("RGB", (w, h)), 3136, 50176, families.image_factor(processor))
         try:
             processor.image_processor(images=[image], return_tensors="pt")
             processor_ok = True
         except ValueError:
             processor_ok = False
         try:
-            images.check_image_shape(w, h, 3136, 50176)
+            images.check_image_shape(w, h, 3136, 50176, families.image_factor(processor))
             check_ok = True
         except ValueError:
             check_ok = False
@@ -313,7 +312,7 @@ def test_sft_null_content_is_a_bad_row(tmp_path, capsys):
         with pytest.raises(config.BadRowError, match=rf"{where} \(id=n\): message 1 \(assistant\) has content null"):
             prepare.load_rows(str(path), "sft")
         assert [r["id"] for r in prepare.load_rows(str(path), "sft", skip_bad_rows=True)] == ["g"]
-    assert "skipped 1 bad rows of 2" in capsys.readouterr().out
+    assert "2 rows, 1 left out (1 bad fields)" in capsys.readouterr().out
 
 
 def test_relative_image_paths_resolve_against_the_data_file(tmp_path, monkeypatch):
@@ -389,7 +388,8 @@ def test_every_float_flag_of_every_stage_must_be_finite():
                 continue
             flag = "--" + f.name.replace("_", "-")
             for bad in ("nan", "inf", "-inf"):
-                assert refused(cls, presets, [flag, bad]) == f"error: {flag} must be a finite number, got {float(bad)}"
+                given = [f"{flag}={bad}"]  # `--x -inf` would read as two flags
+                assert refused(cls, presets, given) == f"error: {flag} must be a finite number, got {float(bad)}"
             checked.add(flag)
     assert {"--tis-cap", "--overlong-penalty", "--format-weight", "--accuracy-weight", "--warmup-ratio"} <= checked
 
@@ -456,12 +456,12 @@ def test_trainer_state_loads_with_weights_only_and_restores_rng(two_checkpoints)
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(two_checkpoints, capsys):
     out = two_checkpoints[0]
     assert checkpoint.latest_checkpoint(out) == out / "step-4"
-    (out / "step-4" / "trainer_state.pt").write_bytes(b"")  # an empty trainer state (was: EOFError)
+    (out / "step-4" / "trainer_state.pt").write_bytes(b"")  # an empty trainer state (EOFError inside torch.load)
     assert checkpoint.latest_checkpoint(out) == out / "step-2"
     assert f"passing over damaged checkpoint(s): {out / 'step-4' / 'trainer_state.pt'} is unreadable" in (
         capsys.readouterr().out
     )
-    weights = out / "step-2" / "model.safetensors"  # a truncated weight file (was: SafetensorError)
+    weights = out / "step-2" / "model.safetensors"  # a truncated weight file (SafetensorError)
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(config.CheckpointError) as error:
         checkpoint.latest_checkpoint(out)

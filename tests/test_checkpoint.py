@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import grpo
 from conftest import ROOT, TORCHRUN_VARIABLES, run_script
-from mmr1 import checkpoint, config, dist, modeling
+from mmr1 import checkpoint, checkpoint_checks, config, dist, modeling
 
 ONE = dist.Dist(0, 1, 0, torch.device("cpu"))
 
@@ -105,9 +105,9 @@ def test_damaged_sharded_state_is_passed_over(tmp_path, toy_dir, capsys):
     shard = out / "step-6" / "trainer" / "__0_0.distcp"
     size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[: size // 2])
-    assert checkpoint.checkpoint_problem(out / "step-6") == f"{shard} is truncated ({size // 2} of {size} bytes)"
+    assert checkpoint_checks.checkpoint_problem(out / "step-6") == f"{shard} is truncated ({size // 2} of {size} bytes)"
     (out / "step-4" / "trainer" / ".metadata").write_bytes(b"\x80")
-    assert checkpoint.checkpoint_problem(out / "step-4").startswith(
+    assert checkpoint_checks.checkpoint_problem(out / "step-4").startswith(
         f"{out / 'step-4' / 'trainer' / '.metadata'} is unreadable ("
     )
     assert checkpoint.latest_checkpoint(out) == out / "step-2"
@@ -182,7 +182,7 @@ def test_sft_sigterm_saves_and_exits_then_resumes_exactly(toy_dir, tmp_path):
     assert len(saved) == 1 and not (tmp_path / "cut" / "final").exists()  # --save-every 100: only the preemption's
     stopped = checkpoint.step_number(saved[0])
     assert 1 <= stopped < steps and f"[sft] SIGTERM: saved {saved[0]}, exiting" in output
-    assert checkpoint.checkpoint_problem(saved[0]) is None
+    assert checkpoint_checks.checkpoint_problem(saved[0]) is None
     assert [s for s, _ in step_metrics(tmp_path / "cut", "train/loss")] == list(range(1, stopped + 1))
     out = run_script(sft_args(toy_dir, tmp_path / "cut", steps, "--resume"))
     assert f"resumed from {saved[0]} at step {stopped}" in out.stdout
@@ -230,7 +230,7 @@ def test_torchrun_two_ranks_resume_from_sharded_checkpoint(toy_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 28: metadata never unpickled freely, pruning and resume keep the newest complete checkpoint,
+# Metadata never unpickled freely, pruning and resume keep the newest complete checkpoint,
 # every write error in one line with the temp folder removed, fsync before the rename
 # ---------------------------------------------------------------------------------------------
 
@@ -255,7 +255,7 @@ def test_crafted_trainer_metadata_runs_nothing_and_is_damage(tmp_path, toy_dir, 
     import pickle
 
     (out / "step-4" / "trainer" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
-    problem = checkpoint.checkpoint_problem(out / "step-4")
+    problem = checkpoint_checks.checkpoint_problem(out / "step-4")
     assert problem.startswith(f"{out / 'step-4' / 'trainer' / '.metadata'} is unreadable (") and "refused" in problem
     assert checkpoint.latest_checkpoint(out) == out / "step-2"  # the scan passes over it
     assert "passing over damaged" in capsys.readouterr().out
@@ -267,7 +267,49 @@ def test_crafted_trainer_metadata_runs_nothing_and_is_damage(tmp_path, toy_dir, 
     assert pickle.loads(pickle.dumps(Payload(marker))) == 0 and marker.exists()  # the payload does run when unpickled
     marker.unlink()
     # a real .metadata holds only the allowed types
-    assert checkpoint.read_metadata(out / "step-2" / "trainer").state_dict_metadata
+    assert checkpoint_checks.read_metadata(out / "step-2" / "trainer").state_dict_metadata
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "link"])
+def test_metadata_naming_shards_outside_the_checkpoint_is_damage(tmp_path, toy_dir, capsys, where):
+    """A .metadata of allowed types only, whose shard paths lead out of trainer/ (`../../../elsewhere/...`,
+    an absolute path, a shard that is a link to another run's file) to a real shard of the right size:
+    the scan names it as damage, --resume passes over it, and no reader opens the file outside."""
+    import dataclasses
+    import pickle
+
+    model, processor, optimizer = trained_toy(toy_dir)
+    out = tmp_path / "out"
+    for step in (2, 4):
+        checkpoint.save_training_checkpoint(
+            model, processor, optimizer, out / f"step-{step}", ONE, step, grpo.GRPOConfig()
+        )
+    trainer = out / "step-4" / "trainer"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(trainer / "__0_0.distcp", elsewhere / "__0_0.distcp")  # the right bytes: only the path is wrong
+    metadata = checkpoint_checks.read_metadata(trainer)
+    name = {"parent": "../../../elsewhere/__0_0.distcp", "absolute": str(elsewhere / "__0_0.distcp")}.get(where)
+    if name is None:  # a link inside the folder that resolves outside it
+        (trainer / "__0_0.distcp").unlink()
+        (trainer / "__0_0.distcp").symlink_to(elsewhere / "__0_0.distcp")
+        name = "__0_0.distcp"
+    else:
+        (trainer / "__0_0.distcp").unlink()
+        metadata.storage_data = {
+            k: dataclasses.replace(v, relative_path=name) for k, v in metadata.storage_data.items()
+        }
+        (trainer / ".metadata").write_bytes(pickle.dumps(metadata))
+    how = "links out of" if where == "link" else "leaves"
+    problem = checkpoint_checks.checkpoint_problem(out / "step-4")
+    assert problem == f"{trainer / '.metadata'} is unreadable (ValueError: a shard path {name!r} that {how} {trainer})"
+    assert checkpoint.latest_checkpoint(out) == out / "step-2"
+    assert "passing over damaged" in capsys.readouterr().out
+    with pytest.raises(config.CheckpointError, match=r"\.metadata is unreadable .*a shard path"):
+        checkpoint.load_training_checkpoint(out / "step-4", model, optimizer, ONE)
+    with pytest.raises(ValueError, match="a shard path"):
+        checkpoint.master_weights(out / "step-4")
+    assert checkpoint_checks.checkpoint_problem(out / "step-2") is None  # a real checkpoint stays complete
 
 
 def test_non_tensor_entries_of_the_shards_load_weights_only(tmp_path):
@@ -285,13 +327,21 @@ def test_non_tensor_entries_of_the_shards_load_weights_only(tmp_path):
         target = {"a": torch.zeros(3), "b": None}
         with pytest.raises(CheckpointException) as refused:
             dcp.load(
-                target, storage_reader=checkpoint.safe_reader(path), planner=checkpoint.safe_planner(), no_dist=True
+                target,
+                storage_reader=checkpoint_checks.safe_reader(path),
+                planner=checkpoint_checks.safe_planner(),
+                no_dist=True,
             )
         assert "posix.system" in str(next(iter(refused.value.failures.values()))[0])
         assert not marker.exists()
         ok, path = {"a": torch.zeros(3), "b": {"lr": None, "betas": None}}, tmp_path / "plain"
         dcp.save({"a": torch.arange(3.0), "b": {"lr": 1e-3, "betas": (0.9, 0.99)}}, checkpoint_id=path, no_dist=True)
-        dcp.load(ok, storage_reader=checkpoint.safe_reader(path), planner=checkpoint.safe_planner(), no_dist=True)
+        dcp.load(
+            ok,
+            storage_reader=checkpoint_checks.safe_reader(path),
+            planner=checkpoint_checks.safe_planner(),
+            no_dist=True,
+        )
     assert torch.equal(ok["a"], torch.arange(3.0)) and ok["b"] == {"lr": 1e-3, "betas": (0.9, 0.99)}
 
 

@@ -1,4 +1,4 @@
-"""Nothing silently wrong (issue 24): a diverged run, two runs into one folder, unusable --model /
+"""Nothing silently wrong: a diverged run, two runs into one folder, unusable --model /
 --output-dir / --bench-data, a full disk during a save, a resume on another world size, and a
 benchmark without a usable row each end in one `error: ...` line, a counted skip or a right result."""
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import grpo
-from conftest import ROOT, TORCHRUN_VARIABLES, run_script
-from mmr1 import checkpoint, config, dist, guards, modeling
+from conftest import ROOT, TORCHRUN_VARIABLES, run_script, sft_cut_problem
+from mmr1 import checkpoint, checkpoint_checks, config, dist, guards, modeling
 
 
 def run_failing(args: list[str], torchrun: int = 0, timeout: int = 300) -> str:
@@ -139,7 +139,7 @@ def test_resume_on_another_world_size_is_refused(tmp_path, monkeypatch):
     folder = tmp_path / "step-2"
     folder.mkdir()
     state = {"step": 2, "optimizer": {}, "rng": [{}, {}], "config": dataclasses.asdict(cfg), "rows": 16}
-    torch.save(state, folder / "trainer_state.pt")  # no world_size entry: an older checkpoint, 2 RNG states
+    torch.save(state, folder / "trainer_state.pt")  # no world_size entry: the world size is its 2 RNG states
     args = (folder, cfg, grpo.RESUME_MAY_CHANGE, 16, 30, tmp_path, True)
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(config.CheckpointError, match="trained on 2 process\\(es\\) and this run has 1"):
@@ -225,8 +225,8 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
         f"{folder.with_name('step-2.tmp')} was removed and the previous checkpoints are intact"
     )
     assert not folder.with_name("step-2.tmp").exists()
-    assert sorted(p.name for p in folder.iterdir()) == before and checkpoint.checkpoint_problem(folder) is None
-    assert checkpoint.load_trainer_state(folder)["step"] == 2
+    assert sorted(p.name for p in folder.iterdir()) == before and checkpoint_checks.checkpoint_problem(folder) is None
+    assert checkpoint_checks.load_trainer_state(folder)["step"] == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def test_sft_rows_spoiled_by_max_length_are_named_or_skipped(toy_dir, tmp_path):
     processor = modeling.load_processor(str(toy_dir / "model"), 3136, 50176)
     rows = sft_rows(str(image))
     uncut = [batches.sft_batch(processor, [r], 3136, 50176, 0) for r in rows]
-    problems = [batches.sft_cut_problem(u, 64, processor.image_token_id) for u in uncut]
+    problems = [sft_cut_problem(u, 64, processor.image_token_id) for u in uncut]
     assert problems[0] is None
     assert problems[1].startswith("--max-length 64 cuts away its whole assistant turn (it starts at token ")
     assert problems[2].startswith("--max-length 64 cuts inside its image tokens (last at position ")
@@ -361,9 +361,9 @@ def test_prompt_lengths_match_the_processor(toy_dir, tmp_path):
          "images": [str(tmp_path / "wide.png"), Image.new("RGB", (40, 700), "blue")]},
         {"problem": "No image " * 30, "answer": "1", "images": []},
     ]  # fmt: skip
-    encoded = batches.encode_prompts(processor, rows, 3136, 50176)
-    expected = [len(encoded[id(r)].ids) for r in rows]
-    assert batches.prompt_lengths(processor, rows, 3136, 50176) == expected
+    fmt = batches.PromptFormat()
+    expected = [len(p.ids) for p in batches.build_prompts(processor, rows, fmt, 3136, 50176)]  # decoded
+    assert [len(p.ids) for p in batches.build_prompts(processor, rows, fmt, 3136, 50176, decode=False)] == expected
     assert expected[1] > expected[0] > 16
 
 
