@@ -32,9 +32,11 @@ Where this GRPO departs from the textbook, and why:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,7 @@ import vas
 from data import toy
 from mmr1 import batches, benchmarks, chat, checkpoint, config, dist, logprobs, modeling, prepare, rollout, run
 from mmr1.config import field
+from mmr1.families import check_packing
 
 
 @dataclass
@@ -84,14 +87,53 @@ class GRPOConfig:
     rollout_batch_size: int = field(16, "prompts per step, all ranks together (paper: 512)", at_least=1)
     group_size: int = field(8, "n: responses sampled per prompt (the GRPO group)")
     temperature: float = field(0.6, "rollout sampling temperature (the log-probs use it too)", above=0.0)
-    top_p: float = field(1.0, "rollout nucleus sampling", above=0.0, at_most=1.0)
+    top_p: float = field(
+        1.0,
+        "rollout nucleus sampling; below 1 the engine's log-probs are renormalised over the nucleus while the "
+        "trainer's are not, so the rollout/logprob_abs_diff gap and --tis-cap are biased",
+        above=0.0,
+        at_most=1.0,
+    )
     max_prompt_length: int = field(2048, "prompt token limit (vLLM context = prompt + response)", at_least=1)
     max_response_length: int = field(64, "response token limit (paper: 4096)", at_least=1)
-    # --- loss ---
+    dynamic_sampling: bool = field(
+        False,
+        "DAPO dynamic sampling: drop groups whose accuracies are all equal and refill the batch from the sampler",
+    )
+    max_sampling_rounds: int = field(
+        3, "--dynamic-sampling: generation rounds per step at most (then train on the groups with signal)", at_least=1
+    )
+    # --- loss (clip and KL; then the variants of verl / TRL, all off by default and in --preset paper) ---
     clip_low: float = field(0.2, "PPO clip: ratio >= 1 - clip_low", at_least=0.0, at_most=1.0)
     clip_high: float = field(0.2, "PPO clip: ratio <= 1 + clip_high", at_least=0.0)
     kl_coef: float = field(0.01, "weight of the k3 KL to the frozen reference (0 = no reference model)", at_least=0.0)
     adv_eps: float = field(1e-6, "added to the group std when normalising advantages", at_least=0.0)
+    adv_norm: str = field(
+        "std",
+        "advantage scale in a group: std = (r - mean) / (std + eps); none = r - mean (Dr. GRPO)",
+        choices=["std", "none"],
+    )
+    loss_agg: str = field(
+        "token-mean",
+        "loss normaliser: token-mean = response tokens of the global batch; seq-mean = mean over tokens per "
+        "response, then over responses (original GRPO); constant = max-response-length x responses (Dr. GRPO)",
+        choices=["token-mean", "seq-mean", "constant"],
+    )
+    ratio_level: str = field(
+        "token",
+        "importance ratio: token = PPO's per token; sequence = GSPO's exp(mean over the response of "
+        "logp - old_logp), one per response, clipped per response (with --loss-agg token-mean a response "
+        "weighs by its length; GSPO's objective is the mean over responses: --loss-agg seq-mean)",
+        choices=["token", "sequence"],
+    )
+    mask_truncated: bool = field(
+        False, "leave responses cut at --max-response-length out of the loss (and its normaliser)"
+    )
+    tis_cap: float = field(
+        0.0,
+        "truncated importance sampling: each token's policy-gradient term x min(exp(trainer old - engine "
+        "log-prob), C), detached (0 = off)",
+    )
     # --- optimiser ---
     lr: float = field(1e-4, "AdamW learning rate, constant (paper: 1e-6)", above=0.0)
     weight_decay: float = field(0.01, "AdamW weight decay", at_least=0.0)
@@ -118,9 +160,15 @@ class GRPOConfig:
     format_weight: float = field(1.0, "weight of the format reward in the overall reward")
     accuracy_weight: float = field(1.0, "weight of the accuracy reward in the overall reward")
     reward_workers: int = field(
-        2, "reward scoring processes per rank (0 = score in this process, no hard timeout)", at_least=0
+        2, "reward scoring processes per rank (0 = score in this process, the same time limit)", at_least=0
     )
     reward_timeout_s: float = field(5.0, "hard time limit per response in reward scoring, seconds", above=0.0)
+    overlong_buffer: int = field(
+        0, "DAPO soft overlong punishment: responses longer than max-response-length - N are penalised (0 = off)"
+    )
+    overlong_penalty: float = field(
+        1.0, "the punishment at max-response-length, linear from 0 over the --overlong-buffer tokens (reward/overlong)"
+    )
     # --- Variance-Aware Sampling ---
     vas: bool = field(False, "Variance-Aware Sampling instead of uniform shuffling")
     vas_online: bool = field(False, "also refresh the VPS of each batch's prompts from its training rollouts")
@@ -155,11 +203,19 @@ class GRPOConfig:
     save_total_limit: int = field(
         0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)", at_least=0
     )
-    resume: bool = field(False, "continue from the latest <output-dir>/step-N")
+    resume: bool = field(
+        False, "continue from the latest <output-dir>/step-N (bit for bit on CPU; approximately on GPU: FA2's "
+        "backward and vLLM's batching are not deterministic)"
+    )
     stop_after: int = field(
         0, "exit after this many steps without the final save, as a preemption would (testing)", at_least=0
     )
     report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
+    log_rollouts: int = field(
+        0,
+        "write N of each step's rollouts (prompt id, text, rewards, advantage) to rollouts.jsonl (0 = off)",
+        at_least=0,
+    )
     # --- system ---
     seed: int = field(0, "seed of the sampler, the rollouts and the init", at_least=0)
     gpu_memory_utilization: float = field(
@@ -167,50 +223,6 @@ class GRPOConfig:
         "vLLM's share of GPU memory (0 = from the memory plan: what the trainer leaves; mmr1/memory.py)",
         at_least=0.0,
         at_most=1.0,
-    )
-    # --- loss variants and overlong handling (issue 30; all off by default and in --preset paper) ---
-    adv_norm: str = field(
-        "std",
-        "advantage scale in a group: std = (r - mean) / (std + eps); none = r - mean (Dr. GRPO)",
-        choices=["std", "none"],
-    )
-    loss_agg: str = field(
-        "token-mean",
-        "loss normaliser: token-mean = response tokens of the global batch; seq-mean = mean over tokens per "
-        "response, then over responses (original GRPO); constant = max-response-length x responses (Dr. GRPO)",
-        choices=["token-mean", "seq-mean", "constant"],
-    )
-    ratio_level: str = field(
-        "token",
-        "importance ratio: token = PPO's per token; sequence = GSPO's exp(mean over the response of "
-        "logp - old_logp), one per response, clipped per response",
-        choices=["token", "sequence"],
-    )
-    mask_truncated: bool = field(
-        False, "leave responses cut at --max-response-length out of the loss (and its normaliser)"
-    )
-    overlong_buffer: int = field(
-        0, "DAPO soft overlong punishment: responses longer than max-response-length - N are penalised (0 = off)"
-    )
-    overlong_penalty: float = field(
-        1.0, "the punishment at max-response-length, linear from 0 over the --overlong-buffer tokens (reward/overlong)"
-    )
-    dynamic_sampling: bool = field(
-        False,
-        "DAPO dynamic sampling: drop groups whose accuracies are all equal and refill the batch from the sampler",
-    )
-    max_sampling_rounds: int = field(
-        3, "--dynamic-sampling: generation rounds per step at most (then train on the groups with signal)", at_least=1
-    )
-    log_rollouts: int = field(
-        0,
-        "write N of each step's rollouts (prompt id, text, rewards, advantage) to rollouts.jsonl (0 = off)",
-        at_least=0,
-    )
-    tis_cap: float = field(
-        0.0,
-        "truncated importance sampling: each token's policy-gradient term x min(exp(trainer old - engine "
-        "log-prob), C), detached (0 = off)",
     )
 
 
@@ -252,16 +264,6 @@ PRESETS = {
         instruction="recipe",
     ),
 }
-
-METRICS = """
-    train/loss train/pg_loss train/kl train/grad_norm train/clip_frac train/entropy train/lr reward/overall
-    reward/accuracy reward/format reward/std_in_group rollout/response_len rollout/truncated_frac
-    reward/overlong vas/zero_var_frac vas/vps_mean vas/weighted_frac time/rollout_s time/update_s time/vas_s val/accuracy
-    rollout/generated_responses rollout/generated_tokens rollout/logprob_abs_diff rollout/mismatch_k3
-    rollout/logprob_abs_diff_max rollout/sampled_responses rollout/sampled_tokens reward/accuracy_sampled
-    rollout/zero_var_frac_sampled rollout/sampling_rounds rollout/trained_frac perf/rollout_tokens_per_s
-    perf/update_tokens_per_s
-""".split()  # every name logged to metrics.jsonl (docs/grpo.md: "Metrics")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,29 +346,56 @@ def sequence_ratio_loss(logp, old_logp, adv, mask, cfg: GRPOConfig):
 RATIO_LOSSES = {"token": token_ratio_loss, "sequence": sequence_ratio_loss}  # --ratio-level
 
 
-# Each aggregation: (per-token weight (B, T), the global divisor), loss = sum(weight * token loss) / divisor.
-# The divisor counts the GLOBAL batch (all ranks and micro-batches), so the sum of the micro-batches'
-# losses, and FSDP2's sum of the ranks' gradients, is the one-process full-batch loss and gradient.
+# Each aggregation picks the divisor of the GLOBAL batch (all ranks and micro-batches) and the per-token
+# weights of a micro-batch: loss = sum(weights(mask) * token loss) / divisor. With the divisor global, the
+# sum of the micro-batches' losses, and FSDP2's sum of the ranks' gradients, is the one-process full-batch
+# loss and gradient.
 
 
-def token_mean_weights(mask: torch.Tensor, totals: dict[str, float], cfg: GRPOConfig) -> tuple[torch.Tensor, float]:
+def token_weights(mask: torch.Tensor) -> torch.Tensor:
+    """Every response token weighs 1: the (B, T) mask itself."""
+    return mask
+
+
+def length_normalised_weights(mask: torch.Tensor) -> torch.Tensor:
+    """A token of response i weighs 1 / |o_i|, (B, T): the token mean within each response."""
+    return mask / mask.sum(1, keepdim=True).clamp(min=1)
+
+
+Weights = Callable[[torch.Tensor], torch.Tensor]
+
+
+def token_mean(totals: dict[str, float], cfg: GRPOConfig) -> tuple[float, Weights]:
     """--loss-agg token-mean: every response token of the global batch weighs 1 / (its tokens)."""
-    return mask, totals["tokens"]
+    return totals["tokens"], token_weights
 
 
-def seq_mean_weights(mask: torch.Tensor, totals: dict[str, float], cfg: GRPOConfig) -> tuple[torch.Tensor, float]:
+def seq_mean(totals: dict[str, float], cfg: GRPOConfig) -> tuple[float, Weights]:
     """--loss-agg seq-mean (original GRPO): the token mean within each response, then the mean over
     the global batch's responses: a token of response i weighs 1 / (|o_i| x responses)."""
-    return mask / mask.sum(1, keepdim=True).clamp(min=1), totals["responses"]
+    return totals["responses"], length_normalised_weights
 
 
-def constant_weights(mask: torch.Tensor, totals: dict[str, float], cfg: GRPOConfig) -> tuple[torch.Tensor, float]:
+def constant_divisor(totals: dict[str, float], cfg: GRPOConfig) -> tuple[float, Weights]:
     """--loss-agg constant (Dr. GRPO): the token sum over a fixed max-response-length x responses,
     so a response's weight does not depend on its length."""
-    return mask, cfg.max_response_length * totals["responses"]
+    return cfg.max_response_length * totals["responses"], token_weights
 
 
-LOSS_AGGREGATIONS = {"token-mean": token_mean_weights, "seq-mean": seq_mean_weights, "constant": constant_weights}
+LOSS_AGGREGATIONS = {"token-mean": token_mean, "seq-mean": seq_mean, "constant": constant_divisor}
+
+
+def global_totals(micro: list[dict], d: dist.Dist) -> dict[str, float]:
+    """Response tokens and responses of the GLOBAL batch (all ranks), each at least 1; a response
+    masked out entirely (filler, --mask-truncated) does not count."""
+    local = {
+        "tokens": sum(float(b["response_mask"].sum()) for b in micro),
+        "responses": sum(float((b["response_mask"].sum(1) > 0).sum()) for b in micro),
+    }
+    return {k: max(1.0, v) for k, v in dist.all_reduce_dict(local, d.device).items()}
+
+
+# --- the rollout-trainer gap: the engine sampled with its own numerics, the trainer scores with its own ---
 
 
 def tis_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> torch.Tensor:
@@ -375,17 +404,41 @@ def tis_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -
     return torch.clamp(torch.exp(old_logp - engine_logp), max=cap).detach()
 
 
-def mismatch_sums(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Sums over the masked tokens (B, T) of |trainer old - engine| and of k3 = exp(d) - d - 1 with
-    d = trainer - engine (the k3 estimate of KL(engine || trainer) under the engine's samples), their
-    max |d|, and the token count: the rollout-trainer log-prob gap."""
-    diff = (old_logp - engine_logp).detach() * mask
-    return {
-        "mismatch_tokens": float(mask.sum()),
-        "abs_diff": float(diff.abs().sum()),
-        "k3": float(((torch.exp(diff) - diff - 1) * mask).sum()),
-        "abs_diff_max": float(diff.abs().max()) if diff.numel() else 0.0,
-    }
+def no_tis(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> float:
+    """Without --tis-cap: every policy-gradient term keeps weight 1 (an exact factor)."""
+    return 1.0
+
+
+class RolloutGap:
+    """The rollout-trainer log-prob gap of one update, fed once per micro-batch: over the response
+    tokens the engine gave log-probs of, the sums of |d| and of k3 = exp(d) - d - 1 with d = trainer
+    old - engine log-prob (the k3 estimate of KL(engine || trainer) under the engine's samples), the
+    max |d| and the token count; and each micro-batch's TIS weights (--tis-cap, chosen once)."""
+
+    def __init__(self, cfg: GRPOConfig, device: torch.device):
+        self.cap, self.device = cfg.tis_cap, device
+        self.weights = tis_weights if cfg.tis_cap > 0 else no_tis
+        self.sums = {"tokens": 0.0, "abs_diff": 0.0, "k3": 0.0}
+        self.abs_diff_max = 0.0
+
+    def add(self, b: dict, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | float:
+        """Adds micro-batch b's gap; returns the factor of its (B, T-1) policy-gradient terms: the TIS
+        weights (1 where the engine gave no log-prob: none in a hand-built micro-batch), or 1.0."""
+        engine_mask = b.get("engine_mask", torch.zeros_like(mask)).to(self.device)  # (B, T-1)
+        engine_logp = torch.where(engine_mask > 0, b.get("engine_logp", old_logp).to(self.device), old_logp.detach())
+        diff = (old_logp - engine_logp).detach() * engine_mask  # (B, T-1), 0 off the engine's tokens
+        self.sums["tokens"] += float(engine_mask.sum())
+        self.sums["abs_diff"] += float(diff.abs().sum())
+        self.sums["k3"] += float(((torch.exp(diff) - diff - 1) * engine_mask).sum())
+        self.abs_diff_max = max(self.abs_diff_max, float(diff.abs().max()) if diff.numel() else 0.0)
+        return self.weights(old_logp, engine_logp, self.cap)
+
+    def metrics(self, d: dist.Dist) -> dict[str, float]:
+        """gap_abs_diff and gap_k3 (means over the global batch's engine tokens), gap_abs_diff_max."""
+        gap_max = max(dist.all_gather_list([self.abs_diff_max], d))
+        sums = dist.all_reduce_dict(self.sums, d.device)
+        tokens = max(1.0, sums["tokens"])
+        return {"gap_abs_diff": sums["abs_diff"] / tokens, "gap_k3": sums["k3"] / tokens, "gap_abs_diff_max": gap_max}
 
 
 def overlong_penalty(length: int, max_length: int, buffer: int, penalty: float) -> float:
@@ -396,22 +449,17 @@ def overlong_penalty(length: int, max_length: int, buffer: int, penalty: float) 
 
 
 def policy_loss_backward(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist) -> dict[str, float]:
-    """Forward + backward of the GRPO loss over this rank's micro-batches (one update); returns
-    the token means over the global batch of loss, pg, kl, clipped and entropy.
+    """Forward + backward of the GRPO loss over this rank's micro-batches (one update); returns the
+    loss as aggregated, the token means over the global batch of pg, kl, clipped and entropy, and the
+    rollout-trainer gap (RolloutGap.metrics).
 
-    Loss = sum over response tokens of (surrogate + kl_coef * k3) / (response tokens of the GLOBAL
-    batch): each micro-batch adds its share, and FSDP2 sums the ranks' gradients.
+    Loss = sum over response tokens of weight x (surrogate + kl_coef * k3) / divisor, both from
+    --loss-agg (token-mean: weight 1, divisor the response tokens of the GLOBAL batch): each
+    micro-batch adds its share, and FSDP2 sums the ranks' gradients.
     """
-    ratio_loss, aggregate = RATIO_LOSSES[cfg.ratio_level], LOSS_AGGREGATIONS[cfg.loss_agg]
-    local = {
-        "tokens": sum(float(b["response_mask"].sum()) for b in micro),
-        "responses": sum(float((b["response_mask"].sum(1) > 0).sum()) for b in micro),  # masked-out ones do not count
-    }
-    totals = {k: max(1.0, v) for k, v in dist.all_reduce_dict(local, d.device).items()}
-    total_tokens = totals["tokens"]
-    sums = {"loss": 0.0, "pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
-    divisor = total_tokens  # set by the aggregation in the loop (the same global value for every micro-batch)
-    gap = {"mismatch_tokens": 0.0, "abs_diff": 0.0, "k3": 0.0, "abs_diff_max": 0.0}  # rollout-trainer log-probs
+    ratio_loss, totals = RATIO_LOSSES[cfg.ratio_level], global_totals(micro, d)
+    divisor, weights = LOSS_AGGREGATIONS[cfg.loss_agg](totals, cfg)  # one global divisor for every micro-batch
+    gap, sums = RolloutGap(cfg, d.device), dict.fromkeys(("loss", "pg", "kl", "clipped", "entropy"), 0.0)
     for b in micro:
         mask = b["response_mask"].to(d.device)  # (B, T-1), 1 on response tokens
         logp, entropy = logprobs.batch_logprobs(
@@ -420,25 +468,15 @@ def policy_loss_backward(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist
         old_logp = b["old_logp"].to(d.device) if "old_logp" in b else logp.detach()  # (B, T-1); see the docstring
         adv = b["advantages"].to(d.device)[:, None]  # (B, 1): one advantage per response, every token
         pg, clipped = ratio_loss(logp, old_logp, adv, mask, cfg)  # (B, T-1) each
-        # (B, T-1) each: the response tokens the engine gave log-probs of (none in a hand-built micro-batch)
-        engine_mask = b.get("engine_mask", torch.zeros_like(mask)).to(d.device)
-        engine_logp = torch.where(engine_mask > 0, b.get("engine_logp", old_logp).to(d.device), old_logp.detach())
-        for name, value in mismatch_sums(old_logp, engine_logp, engine_mask).items():
-            gap[name] = max(gap[name], value) if name == "abs_diff_max" else gap[name] + value
-        if cfg.tis_cap > 0:  # TIS: weight 1 where the engine gave no log-prob (engine_logp = old there)
-            pg = pg * tis_weights(old_logp, engine_logp, cfg.tis_cap)
+        pg = pg * gap.add(b, old_logp, mask)  # x TIS weights (1 without --tis-cap); counts the gap
         kl = k3_kl(logp, b["ref_logp"].to(d.device)) if "ref_logp" in b else torch.zeros_like(logp)  # (B, T-1)
-        weight, divisor = aggregate(mask, totals, cfg)  # (B, T-1), global; token-mean: (mask, total tokens)
-        loss = ((pg + cfg.kl_coef * kl) * weight).sum()  # this micro-batch's weighted token sum
+        loss = ((pg + cfg.kl_coef * kl) * weights(mask)).sum()  # this micro-batch's weighted token sum
         (loss / divisor).backward()  # the global normaliser: ranks' grads SUM (modeling.shard_model), not average
         for name, value in (("loss", loss), ("pg", pg), ("kl", kl), ("clipped", clipped.float()), ("entropy", entropy)):
             sums[name] += float(value if name == "loss" else (value * mask).sum())
     # the loss as aggregated; the other stats are token means over the global batch whatever --loss-agg
-    stats = {k: v / (divisor if k == "loss" else total_tokens) for k, v in dist.all_reduce_dict(sums, d.device).items()}
-    gap_max = max(dist.all_gather_list([gap.pop("abs_diff_max")], d))
-    gap = dist.all_reduce_dict(gap, d.device)
-    tokens = max(1.0, gap.pop("mismatch_tokens"))
-    return stats | {f"gap_{k}": v / tokens for k, v in gap.items()} | {"gap_abs_diff_max": gap_max}
+    sums = dist.all_reduce_dict(sums, d.device)
+    return {k: v / (divisor if k == "loss" else totals["tokens"]) for k, v in sums.items()} | gap.metrics(d)
 
 
 @torch.no_grad()
@@ -495,6 +533,72 @@ class StepBatch:
     sampled: list[Group]
     rounds: int
 
+    @classmethod
+    def of(cls, kept: list[Group], fillers: list[Group], sampled: list[Group], rounds: int) -> StepBatch:
+        """The batch of the `kept` groups (trained) and the `fillers` (weightless), in that order."""
+        groups = kept + fillers
+        outs = [dataclasses.replace(o, row=g) for g, group in enumerate(groups) for o in group.outs]
+        trained = torch.tensor([g < len(kept) for g, group in enumerate(groups) for _ in group.outs])
+        rewards = [r for g in groups for r in g.rewards]
+        return cls([g.row for g in groups], [g.prompt for g in groups], [g.prompt_id for g in groups], outs,
+                   rewards, trained, sampled, rounds)  # fmt: skip
+
+
+def generation_round(
+    engine,
+    sampler: vas.MixedSampler,
+    rows: list[dict],
+    processor,
+    fmt: chat.PromptFormat,
+    pool,
+    cfg: GRPOConfig,
+    d: dist.Dist,
+    step: int,
+    round_: int,
+) -> list[Group]:
+    """One generation round: the sampler's next global batch, this rank's slice of it, n rollouts per
+    prompt (seeded by step and round) and their rewards; one Group per prompt, in batch order."""
+    prompt_ids, _ = dist.shard(sampler.next_batch(), d)  # this rank's slice of the global batch
+    part, n = [rows[i] for i in prompt_ids], cfg.group_size
+    prompts = batches.build_prompts(processor, part, fmt, cfg.min_pixels, cfg.max_pixels)
+    seed = dist.derive_seed(cfg.seed, "rollout", step, *([round_] if round_ else []))
+    sampling = rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed, logprobs=True)
+    outs = engine.generate(part, n, sampling, prompts)  # n per prompt, row-major
+    rewards = score(outs, part, pool, cfg)  # format + accuracy of each response, reward.py
+    return [
+        Group(i, part[g], prompts[g], outs[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n])
+        for g, i in enumerate(prompt_ids)
+    ]
+
+
+# --- the sampling variants: each wraps generation_round, selected once by its flag ---
+
+
+def one_round(generate: Callable[[int], list[Group]], cfg: GRPOConfig, d: dist.Dist) -> StepBatch:
+    """Without --dynamic-sampling: one round, every group trained."""
+    groups = generate(0)
+    return StepBatch.of(groups, [], groups, rounds=1)
+
+
+def dynamic_rounds(generate: Callable[[int], list[Group]], cfg: GRPOConfig, d: dist.Dist) -> StepBatch:
+    """--dynamic-sampling (DAPO): groups without accuracy variance are dropped and further rounds
+    generated (each a fresh global batch from the same sampler, seeded apart) until every rank holds
+    its share of --rollout-batch-size groups with signal, or --max-sampling-rounds; the ranks agree
+    after each round (one all-reduce), so all run the same rounds. A share still short then is filled
+    with dropped groups that carry no weight (`trained` False), so every rank keeps its shape."""
+    share, kept, dropped, sampled = cfg.rollout_batch_size // d.world_size, [], [], []
+    for round_ in range(cfg.max_sampling_rounds):
+        for group in generate(round_):
+            sampled.append(group)
+            (kept if has_signal(group) else dropped).append(group)
+        if int(dist.all_reduce_sum(min(len(kept), share), d.device)) == cfg.rollout_batch_size:
+            break  # every rank's share is full (all ranks see the same sum: the same rounds everywhere)
+    kept = kept[:share]  # a share over-full after the last round: the rest is dropped (its tokens counted)
+    return StepBatch.of(kept, dropped[: share - len(kept)], sampled, rounds=round_ + 1)
+
+
+SAMPLING = {False: one_round, True: dynamic_rounds}  # --dynamic-sampling
+
 
 def sample_batch(
     engine,
@@ -509,56 +613,24 @@ def sample_batch(
     step: int,
 ) -> StepBatch:
     """This rank's share of the step's global batch from the sampler, n rollouts per prompt from the
-    policy after `step` updates, scored.
-
-    With --dynamic-sampling, groups without accuracy variance are dropped and further global batches
-    are drawn from the same sampler and generated (a round each, seeded apart) until every rank
-    holds its share of --rollout-batch-size groups with signal, or --max-sampling-rounds; the ranks
-    agree after each round (one all-reduce), so all run the same rounds. A share still short then is
-    filled with dropped groups that carry no weight (`trained` False), so every rank keeps its shape."""
-    share, n = cfg.rollout_batch_size // d.world_size, cfg.group_size
-    kept, dropped, sampled = [], [], []
+    policy after `step` updates, scored: generation rounds as --dynamic-sampling selects (SAMPLING)."""
     engine.push_weights(model, version=step)  # the new policy -> the inference engine (vLLM: skipped if unchanged)
-    for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
-        prompt_ids, _ = dist.shard(sampler.next_batch(), d)  # this rank's slice of the global batch
-        part = [rows[i] for i in prompt_ids]
-        prompts = batches.build_prompts(processor, part, fmt, cfg.min_pixels, cfg.max_pixels)
-        seed = dist.derive_seed(cfg.seed, "rollout", step, *([round_] if round_ else []))
-        sampling = rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length, seed)
-        outs = engine.generate(part, cfg.group_size, sampling, prompts)  # n per prompt, row-major
-        rewards = score(outs, part, pool, cfg)  # format + accuracy of each response, reward.py
-        for g, i in enumerate(prompt_ids):
-            group = Group(i, part[g], prompts[g], outs[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n])
-            sampled.append(group)
-            (kept if not cfg.dynamic_sampling or has_signal(group) else dropped).append(group)
-        if not cfg.dynamic_sampling:
-            break
-        if int(dist.all_reduce_sum(min(len(kept), share), d.device)) == cfg.rollout_batch_size:
-            break  # every rank's share is full (all ranks see the same sum: the same rounds everywhere)
+    generate = functools.partial(generation_round, engine, sampler, rows, processor, fmt, pool, cfg, d, step)
+    batch = SAMPLING[cfg.dynamic_sampling](generate, cfg, d)
     engine.sleep()
-    kept = kept[:share]  # a share over-full after the last round: the rest is dropped (its tokens counted)
-    groups = kept + dropped[: share - len(kept)]
-    outs = [dataclasses.replace(o, row=g) for g, group in enumerate(groups) for o in group.outs]
-    trained = torch.tensor([g < len(kept) for g in range(len(groups)) for _ in range(n)])
-    return StepBatch(
-        [g.row for g in groups],
-        [g.prompt for g in groups],
-        [g.prompt_id for g in groups],
-        outs,
-        [r for g in groups for r in g.rewards],
-        trained,
-        sampled,
-        round_ + 1,
-    )
+    return batch
+
+
+def scoring(cfg: GRPOConfig) -> reward.Scoring:
+    """The run's one reward.Scoring: training rewards, validation and VAS scoring all score under it."""
+    return reward.Scoring(format_weight=cfg.format_weight, accuracy_weight=cfg.accuracy_weight)
 
 
 def score(outs: list[rollout.Rollout], rows: list[dict], pool, cfg: GRPOConfig) -> list[dict]:
     """reward.py's format, accuracy and overall reward of each rollout against its prompt's row, plus
     DAPO's overlong term (0 unless --overlong-buffer), added to the overall reward."""
     texts, prompt_rows = [o.text for o in outs], [rows[o.row] for o in outs]
-    scored = reward.score_responses(
-        texts, prompt_rows, pool=pool, format_weight=cfg.format_weight, accuracy_weight=cfg.accuracy_weight
-    )
+    scored = reward.score_responses(texts, prompt_rows, scoring(cfg), pool=pool, timeout_s=cfg.reward_timeout_s)
     for o, r in zip(outs, scored):  # DAPO's overlong term: in the overall reward, never in the 0/1 accuracy
         r["overlong"] = overlong_penalty(
             len(o.token_ids), cfg.max_response_length, cfg.overlong_buffer, cfg.overlong_penalty
@@ -570,32 +642,24 @@ def score(outs: list[rollout.Rollout], rows: list[dict], pool, cfg: GRPOConfig) 
 def micro_batches(
     processor,
     outs: list[rollout.Rollout],
-    rows: list[dict],
     prompts: list[batches.Prompt],
     advantages: torch.Tensor,
     cfg: GRPOConfig,
-    fmt: chat.PromptFormat,
     d: dist.Dist,
     trained: torch.Tensor | None = None,
 ) -> list[dict]:
     """Prompt + response sequences grouped by token budget, as many micro-batches on every rank
     (FSDP2's forwards are collectives): model inputs, the (B, T-1) response-token mask and the
-    (B,) advantages of each. The prompts are those the engine generated from (prompts[i] of rows[i]).
+    (B,) advantages of each. prompts[g] is the Prompt the engine generated group g from (outs[i].row = g).
     A response whose `trained` entry is False ((B*n,) bool; default all True), or one cut at the
     length limit under --mask-truncated, gets an all-zero mask: no weight, in no normaliser."""
-    prompt_rows, responses = [rows[o.row] for o in outs], [o.token_ids for o in outs]
-    built = {id(r): p for r, p in zip(rows, prompts)}
     planned = batches.rl_micro_batches(
         processor,
-        prompt_rows,
-        responses,
-        cfg.min_pixels,
-        cfg.max_pixels,
-        fmt,
+        [prompts[o.row] for o in outs],  # each response beside the prompt it was sampled from
+        [o.token_ids for o in outs],
         cfg.max_tokens_per_micro_batch,
         cfg.micro_batch_size,
         d,
-        built,
     )
     keep = torch.tensor([not (cfg.mask_truncated and o.finish_reason == "length") for o in outs])  # (B*n,)
     keep = keep if trained is None else keep & trained
@@ -647,40 +711,32 @@ def refresh_vps(
     step: int,
     out_dir: Path,
 ) -> dict[str, np.ndarray]:
-    """Re-scores every prompt with N fresh rollouts (sharded over ranks), re-weights the sampler
-    with the min-max normalised VPS, keeps the refresh for `vas.py plot`; returns the scores, (P,)
-    each. Every prompt passed the door, so every prompt is scored."""
+    """Re-scores every prompt with N fresh rollouts (vas.rollout_scores: rounds, ranks and seeds),
+    re-weights the sampler with the min-max normalised VPS, keeps the refresh for `vas.py plot`; returns
+    the scores, (P,) each. Every prompt passed the door, so every prompt is scored."""
     engine.push_weights(model, version=step)
-    sampling = rollout.Sampling(
-        cfg.temperature, cfg.top_p, cfg.max_response_length, dist.derive_seed(cfg.seed, "vas", step)
+    scores = vas.rollout_scores(
+        engine,
+        rows,
+        d,
+        n=cfg.vas_rollouts,
+        sampling=rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length),
+        seed=cfg.seed,
+        step=step,
+        pool=pool,
+        scoring=scoring(cfg),
+        alpha=cfg.vas_alpha,
+        beta=cfg.vas_beta,
+        tds_kind=cfg.vas_tds,
+        prompts_per_call=cfg.vas_prompts_per_call,
+        desc=f"vas refresh @{step}",
     )
-    # rounds of one call per rank, dealt round-robin over the data, each ending in an all-gather (dist.rounds)
-    order = dist.rounds(list(range(len(rows))), cfg.vas_prompts_per_call, d.world_size) or [[]]
-    parts = [
-        vas.rollout_scores(
-            engine,
-            rows,
-            part,
-            d,
-            n=cfg.vas_rollouts,
-            sampling=dataclasses.replace(sampling, seed=dist.derive_seed(sampling.seed, "round", r)),
-            pool=pool,
-            alpha=cfg.vas_alpha,
-            beta=cfg.vas_beta,
-            tds_kind=cfg.vas_tds,
-            prompts_per_call=cfg.vas_prompts_per_call,
-            desc=f"vas refresh @{step} ({r + 1}/{len(order)})",
-        )
-        for r, part in enumerate(order)
-    ]
     engine.sleep()
-    scores = {k: np.zeros(len(rows)) for k in parts[0]}  # every row passed the door: all are scored
-    for k in scores:
-        scores[k][[i for part in order for i in part]] = np.concatenate([p[k] for p in parts])
     sampler.update_weights(vas.normalise_weights(scores["vps"], sampler.weights, cfg.vas_momentum))
     if d.master:
         (out_dir / "vas").mkdir(parents=True, exist_ok=True)
-        np.savez(out_dir / "vas" / f"refresh-{step}.npz", **scores)
+        with config.atomic_file(out_dir / "vas" / f"refresh-{step}.npz", "wb") as f:  # whole or absent
+            np.savez(f, **scores)
     return scores
 
 
@@ -704,7 +760,113 @@ def refresh_vps_online(
     sampler.update_weights(vas.normalise_weights(vps, sampler.weights, cfg.vas_momentum))
 
 
-def step_metrics(
+def rescore(
+    engine, model, rows: list[dict], state: SamplerState, cfg: GRPOConfig, d: dist.Dist, pool, step: int, out_dir: Path
+) -> dict[str, np.ndarray]:
+    """refresh_vps after `step` updates, its VPS kept in `state` and its responses and tokens added
+    to the generation budget."""
+    scores = refresh_vps(engine, model, rows, state.sampler, cfg, d, pool, step, out_dir)
+    state.vps = scores["vps"]
+    state.generated.add(len(rows) * cfg.vas_rollouts, scores["tokens"].sum())
+    return scores
+
+
+def vas_phase(
+    engine, model, rows, batch: StepBatch, state: SamplerState, cfg: GRPOConfig, d, pool, done: int, total: int, out_dir
+) -> None:
+    """VAS after `done` of `total` updates: --vas-online re-scores the step's prompts from its rollouts
+    (dropped groups too); every --vas-update-every steps but the last, every prompt gets fresh ones."""
+    if cfg.vas and cfg.vas_online:
+        refresh_vps_online(state.vps, state.sampler, batch.sampled, cfg, d)
+    if cfg.vas and cfg.vas_update_every and done % cfg.vas_update_every == 0 and done < total:
+        rescore(engine, model, rows, state, cfg, d, pool, done, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bookkeeping: what the loop carries from step to step, and one step's metrics
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Generated:
+    """The generation budget so far: responses and response tokens generated for training rollouts
+    (refill rounds included) and VAS scoring, validation excluded (rollout/generated_*)."""
+
+    responses: float = 0.0
+    tokens: float = 0.0
+
+    def add(self, responses: float, tokens: float) -> None:
+        self.responses, self.tokens = self.responses + float(responses), self.tokens + float(tokens)
+
+
+@dataclass
+class SamplerState:
+    """What prompt sampling carries from step to step, saved in every checkpoint: the mixed sampler,
+    the raw VPS of every prompt ((P,), VAS) and the generation budget."""
+
+    sampler: vas.MixedSampler
+    vps: np.ndarray
+    generated: Generated = dataclasses.field(default_factory=Generated)
+
+    def state_dict(self) -> dict:
+        """The checkpoint's sampler, vps, rows (P, checked on resume) and generated [responses, tokens]."""
+        return {
+            "sampler": self.sampler.state_dict(),
+            "vps": self.vps.tolist(),
+            "rows": len(self.vps),
+            "generated": [self.generated.responses, self.generated.tokens],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict() captured."""
+        self.sampler.load_state_dict(state["sampler"])
+        self.vps, self.generated = np.asarray(state["vps"]), Generated(*state["generated"])
+
+
+class PhaseClock:
+    """Wall-clock seconds of one step's phases (time/<phase>_s): lap(phase) books the seconds since the
+    clock started or the last lap to `phase`; `seconds` may start with time spent before the step."""
+
+    def __init__(self, **seconds: float):
+        self.seconds, self.last = dict(seconds), time.time()
+
+    def lap(self, phase: str) -> None:
+        now = time.time()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
+NO_SIGNAL_STEPS = 3  # steps with no group with signal, from this process's first step, before the run says so
+
+
+class NoSignalWatch:
+    """Says once when every group of the first NO_SIGNAL_STEPS steps had equal rewards
+    (vas/zero_var_frac 1.0: advantages, loss and gradient all 0, so nothing trains); one step with a
+    group with signal silences it for the rest of the run."""
+
+    def __init__(self, steps: int = NO_SIGNAL_STEPS):
+        self.steps, self.accuracies = steps, []  # the dead steps' reward/accuracy; None once a step had signal
+
+    def update(self, metrics: dict[str, float], cfg: GRPOConfig) -> str | None:
+        """Reads one step's metrics; returns the one-line diagnosis at the step that completes the count."""
+        if self.accuracies is None or metrics["vas/zero_var_frac"] < 1.0:
+            self.accuracies = None
+            return None
+        self.accuracies.append(metrics["reward/accuracy"])
+        if len(self.accuracies) != self.steps:
+            return None
+        return (
+            f"no signal: in each of the first {self.steps} steps every group's {cfg.group_size} rewards were equal "
+            f"(vas/zero_var_frac 1.0, mean accuracy {np.mean(self.accuracies):.2f}), so advantages, loss and "
+            "gradient are 0 and nothing trains. Likely: the start model is too weak (accuracy near 0) or too "
+            f"strong (near 1) for the data, or --group-size {cfg.group_size} is too small to hold both outcomes. "
+            "What helps: a start model matched to the data (--model, e.g. after sft.py) or other --data, a larger "
+            "--group-size, a higher --temperature, a longer --max-response-length if responses are cut "
+            "(rollout/truncated_frac), --dynamic-sampling or --vas to find the prompts that do vary"
+        )
+
+
+def batch_metrics(
     batch: StepBatch, zero_var: torch.Tensor, stats: dict[str, float], grad_norm: float, cfg: GRPOConfig, d: dist.Dist
 ) -> dict[str, float]:
     """The train/ (but lr), reward/, rollout/ and vas/zero_var_frac metrics of one step, the
@@ -765,8 +927,7 @@ def perf_metrics(
 
     lengths = [len(batch.prompts[o.row].ids) + len(o.token_ids) for o in batch.outs]  # every sequence forwarded
     generated = [(len(g.prompt.ids), len(o.token_ids)) for g in batch.sampled for o in g.outs]
-    vllm = isinstance(engine, rollout.VLLMEngine)  # vLLM prefills a prompt once for its n responses, HF n times
-    prefill = [len(g.prompt.ids) for g in batch.sampled] if vllm else None
+    prefill = [len(g.prompt.ids) for g in batch.sampled] if engine.shares_prefill else None
     passes = int(cfg.kl_coef > 0) + int(cfg.updates_per_batch > 1)  # the reference, the old policy
     flops = perf.step_flops(model_config, lengths, generated, passes, prefill, cfg.updates_per_batch)
     local = {"tokens": sum(lengths), "generated": sum(n for _, n in generated), **flops}
@@ -780,6 +941,34 @@ def perf_metrics(
         out["perf/mfu"] = perf.mfu(sums["update"] + sums["rollout"], t_rollout + t_update, d.world_size, peak)
         out["perf/mfu_update"] = perf.mfu(sums["update"], t_update, d.world_size, peak)
     return out
+
+
+def step_metrics(
+    batch: StepBatch,
+    zero_var: torch.Tensor,
+    update: tuple[dict[str, float], float],
+    clock: PhaseClock,
+    state: SamplerState,
+    optimizer,
+    model,
+    engine,
+    cfg: GRPOConfig,
+    d: dist.Dist,
+) -> dict[str, float]:
+    """Every metric of one step but val/accuracy (docs/grpo.md "Metrics"): batch_metrics of the update's
+    (stats, grad norm), perf_metrics, lr, the VAS state, the phases' seconds and the generation budget,
+    to which this step's sampled responses and tokens (refills included) are added first."""
+    metrics = batch_metrics(batch, zero_var, *update, cfg, d)
+    metrics |= perf_metrics(model.config, batch, clock.seconds["rollout"], clock.seconds["update"], engine, cfg, d)
+    state.generated.add(metrics["rollout/sampled_responses"], metrics["rollout/sampled_tokens"])
+    return metrics | {
+        "train/lr": optimizer.param_groups[0]["lr"],
+        "vas/vps_mean": float(np.mean(state.vps)) if cfg.vas else 0.0,
+        "vas/weighted_frac": state.sampler.n_weighted / cfg.rollout_batch_size,
+        **{f"time/{phase}_s": seconds for phase, seconds in clock.seconds.items()},  # rollout, update, vas
+        "rollout/generated_responses": state.generated.responses,
+        "rollout/generated_tokens": state.generated.tokens,
+    }
 
 
 def rollout_records(batch: StepBatch, advantages: torch.Tensor, cfg: GRPOConfig, d: dist.Dist, step: int) -> list[dict]:
@@ -819,7 +1008,10 @@ def val_scorer(cfg: GRPOConfig, pool):
         return lambda texts, rows: [
             benchmarks.score_answer(cfg.val_benchmark, t, r["benchmark_row"]) for t, r in zip(texts, rows)
         ]
-    return lambda texts, rows: [s["accuracy"] for s in reward.score_responses(texts, rows, pool=pool)]
+    return lambda texts, rows: [
+        s["accuracy"]
+        for s in reward.score_responses(texts, rows, scoring(cfg), pool=pool, timeout_s=cfg.reward_timeout_s)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -847,8 +1039,6 @@ def load_data(cfg: GRPOConfig, processor, fmt: chat.PromptFormat, d: dist.Dist) 
         val_rows = prepare.prepare_rows(val_rows, door, processor, d, spec=spec, **common)
     elif cfg.val_data:
         val_rows = prepare.prepare_split(cfg.val_data, door, processor, d, split="val", limit=cfg.val_limit, **common)
-    if cfg.rollout_batch_size % d.world_size:
-        raise SystemExit(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by {d.world_size} ranks")
     return rows, val_rows, cfg.max_steps or math.ceil(cfg.episodes * len(rows) / cfg.rollout_batch_size)
 
 
@@ -864,7 +1054,7 @@ def load_models(policy_path: str, cfg: GRPOConfig, d: dist.Dist):
     ref_model = None
     if cfg.kl_coef > 0:
         ref_model = modeling.shard_model(modeling.load_model(cfg.model, d.device).eval().requires_grad_(False), d)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    optimizer = modeling.create_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, d.device)  # fused on CUDA
     return processor, model, ref_model, optimizer
 
 
@@ -1023,6 +1213,7 @@ def use_toy_defaults(cfg: GRPOConfig) -> None:
 def main() -> None:
     cfg, d, out_dir = run.setup(GRPOConfig, PRESETS, validate_config, use_toy_defaults, "grpo")
     fmt = chat.PromptFormat(instruction=chat.INSTRUCTIONS.get(cfg.instruction, cfg.instruction))
+    check_packing(cfg.model, cfg.pack)  # a family packed rows are not exact for: one line naming --no-pack
     processor = modeling.load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
     rows, val_rows, total_steps = load_data(cfg, processor, fmt, d)  # the door: the loop trusts these rows
 
@@ -1030,25 +1221,18 @@ def main() -> None:
     r = run.Run(cfg, d, out_dir, "grpo", RESUME_MAY_CHANGE, len(rows), total_steps)
     processor, model, ref_model, optimizer = load_models(r.policy_path, cfg, d)
     sampler = vas.MixedSampler(len(rows), cfg.rollout_batch_size, cfg.vas_mix_ratio if cfg.vas else 0.0, cfg.seed)
-    vps = np.zeros(len(rows))  # raw VPS per prompt (VAS)
-    generated = np.zeros(2)  # responses, tokens generated so far for training and VAS scoring (not validation)
+    state = SamplerState(sampler, np.zeros(len(rows)))  # the sampler, raw VPS per prompt, generation budget
 
-    def save(folder: Path, step: int) -> None:  # reads the current sampler and vps
-        extra = {
-            "sampler": sampler.state_dict(),
-            "vps": vps.tolist(),
-            "rows": len(rows),
-            "generated": generated.tolist(),
-        }
-        checkpoint.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg, **extra)
+    def save(folder: Path, step: int) -> None:  # reads the current sampler state
+        checkpoint.save_training_checkpoint(model, processor, optimizer, folder, d, step, cfg, **state.state_dict())
 
-    state = r.start(model, optimizer, save)
-    if state is not None:
-        sampler.load_state_dict(state["sampler"])
-        vps, generated = np.asarray(state["vps"]), np.asarray(state["generated"])
+    if (saved := r.start(model, optimizer, save)) is not None:
+        state.load_state_dict(saved)
     modeling.create_optimizer_state(optimizer)  # AdamW's state now: vLLM's start-up check sees the step-1 trainer
     engine = make_engine(model, processor, r.policy_path, r.start_step, fmt, cfg, d)
-    pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s) if cfg.reward_workers > 0 else None
+    r.close_on_exit(engine.close)  # on every exit (an error, a preemption before step 1), before the process group
+    pool = reward.RewardPool(cfg.reward_workers, cfg.reward_timeout_s)  # 0 workers: in this process, same limit
+    r.close_on_exit(pool.close)
     r.announce(
         f"{len(rows)} prompts, {total_steps} steps x {cfg.rollout_batch_size} prompts x {cfg.group_size} "
         f"responses, {d.world_size} rank(s), engine {type(engine).__name__}, vas={cfg.vas}"
@@ -1056,9 +1240,8 @@ def main() -> None:
     initial_vas_s = 0.0
     if cfg.vas and r.start_step == 0:  # initial scoring of every prompt before step 1
         t0 = time.time()
-        scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, 0, out_dir)
-        vps, initial_vas_s = scores["vps"], time.time() - t0
-        generated += [len(rows) * cfg.vas_rollouts, scores["tokens"].sum()]
+        scores = rescore(engine, model, rows, state, cfg, d, pool, 0, out_dir)
+        initial_vas_s = time.time() - t0
         r.print0(
             f"initial VPS of {len(rows)} prompts in {initial_vas_s:.0f}s: mean pass rate "
             f"{scores['pass_rate'].mean():.3f}, zero-variance share {np.mean(scores['ovs'] == 0):.3f}"
@@ -1069,54 +1252,39 @@ def main() -> None:
     # --- training loop ---
     r.stop_before_training("the initial scoring")  # later: save after this step, exit 0
     model.train()
+    no_signal = NoSignalWatch()  # a run whose groups never carry signal says so
     for step in (bar := r.steps()):
-        t0 = time.time()
-        # --- sample prompts, generate, score (--dynamic-sampling: drop groups without signal, refill) ---
+        done, clock = step + 1, PhaseClock(vas=initial_vas_s if step == r.start_step else 0.0)
+        # --- rollouts: the sampler's prompts, n responses each, rewards (--dynamic-sampling: refill) ---
         batch = sample_batch(engine, model, sampler, rows, processor, fmt, pool, cfg, d, step)
-        t_rollout, t0 = time.time() - t0, time.time()
+        clock.lap("rollout")
         # --- advantages: (r_i - mean_group) / (std_group + eps), zero-variance groups 0 (--adv-norm none: no std) ---
         overall = torch.tensor([x["overall"] for x in batch.rewards])
         advantages, zero_var = ADVANTAGES[cfg.adv_norm](overall, cfg.group_size, cfg.adv_eps)
-        # --- update ---
-        micro = micro_batches(processor, batch.outs, batch.rows, batch.prompts, advantages, cfg, fmt, d, batch.trained)
+        # --- update: clipped surrogate + k3 KL, token mean over the global batch, AdamW ---
+        micro = micro_batches(processor, batch.outs, batch.prompts, advantages, cfg, d, batch.trained)
         stats, grad_norm = update_policy(model, ref_model, optimizer, micro, cfg, d)
-        r.nonfinite.check(step + 1, stats["loss"], grad_norm)  # stops a diverged run before anything is saved
-        t_update, t0, done = time.time() - t0, time.time(), step + 1
-
-        # --- VAS refresh ---
-        if cfg.vas and cfg.vas_online:
-            refresh_vps_online(vps, sampler, batch.sampled, cfg, d)  # dropped groups too
-        if cfg.vas and cfg.vas_update_every and done % cfg.vas_update_every == 0 and done < total_steps:
-            scores = refresh_vps(engine, model, rows, sampler, cfg, d, pool, done, out_dir)
-            vps, generated = scores["vps"], generated + [len(rows) * cfg.vas_rollouts, scores["tokens"].sum()]
-        t_vas = time.time() - t0 + (initial_vas_s if step == r.start_step else 0.0)
-
+        r.nonfinite.check(done, stats["loss"], grad_norm)  # stops a diverged run before anything is saved
+        clock.lap("update")
+        # --- VAS: re-weight the sampler by VPS (--vas-online: this step's groups; every T_update steps: all) ---
+        vas_phase(engine, model, rows, batch, state, cfg, d, pool, done, total_steps, out_dir)
+        clock.lap("vas")
         # --- log, validate, save ---
-        metrics = step_metrics(batch, zero_var, stats, grad_norm, cfg, d)
-        metrics |= perf_metrics(model.config, batch, t_rollout, t_update, engine, cfg, d)  # tokens/s, MFU
-        generated += [metrics["rollout/sampled_responses"], metrics["rollout/sampled_tokens"]]  # refills included
-        metrics |= {
-            "train/lr": optimizer.param_groups[0]["lr"],
-            "vas/vps_mean": float(np.mean(vps)) if cfg.vas else 0.0,
-            "vas/weighted_frac": sampler.n_weighted / cfg.rollout_batch_size,
-            "time/rollout_s": t_rollout,
-            "time/update_s": t_update,
-            "time/vas_s": t_vas,
-            "rollout/generated_responses": generated[0],
-            "rollout/generated_tokens": generated[1],
-        }
+        metrics = step_metrics(batch, zero_var, (stats, grad_norm), clock, state, optimizer, model, engine, cfg, d)
         if cfg.log_rollouts:
             r.logger.log_rollouts(done, rollout_records(batch, advantages, cfg, d, done))
         if val_rows and ((cfg.val_every and done % cfg.val_every == 0) or done == total_steps):
             metrics["val/accuracy"] = validate(engine, model, val_rows, cfg, d, pool, done)
+        if warning := no_signal.update(metrics, cfg):
+            r.print0(warning)
         bar.set_postfix(acc=f"{metrics['reward/accuracy']:.2f}", zero_var=f"{metrics['vas/zero_var_frac']:.2f}")
         if r.end_step(done, metrics):  # log; save every N; preemption or --stop-after: stop here
             break
 
-    if isinstance(engine, rollout.VLLMEngine):
+    if engine.pushes:
         r.print0(f"vLLM weight pushes: {engine.pushes} (one per new set of weights; repeats skipped)")
-    r.finish(close=([pool.close] if pool is not None else []) + [engine.close])
+    r.finish()  # final save, summary, then the engine and pool, the logger, the process group
 
 
 if __name__ == "__main__":
-    config.exit_on_input_error(main)
+    run.main(main)  # an InputError -> one line, exit 1; any exit closes the engine before the process group

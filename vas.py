@@ -234,6 +234,19 @@ def edit_diversity(group: list[list[int]]) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
+def self_bleu_diversity(group: list[list[int]]) -> float:
+    """1 - self-BLEU-123: the paper's TDS and the recipe's measure (0 for fewer than 2 responses)."""
+    return 1.0 - self_bleu(group) if len(group) >= 2 else 0.0
+
+
+def distinct_2(group: list[list[int]]) -> float:
+    """Distinct bigrams / all bigrams of the group."""
+    return distinct_n(group, 2)
+
+
+TRAJECTORY_DIVERSITY = {"self_bleu": self_bleu_diversity, "distinct": distinct_2, "edit": edit_diversity}  # --vas-tds
+
+
 def trajectory_diversity(group: list[list[int]], kind: str = "self_bleu") -> float:
     """TDS of one prompt's responses, in [0, 1], higher = more diverse.
 
@@ -241,13 +254,9 @@ def trajectory_diversity(group: list[list[int]], kind: str = "self_bleu") -> flo
     released code weights raw self-BLEU instead, see the README's deviation table), 'distinct' (distinct-2),
     'edit' (mean normalised pairwise edit distance).
     """
-    if kind == "self_bleu":
-        return 1.0 - self_bleu(group) if len(group) >= 2 else 0.0
-    if kind == "distinct":
-        return distinct_n(group, 2)
-    if kind == "edit":
-        return edit_diversity(group)
-    raise ValueError(f"unknown TDS kind {kind!r}: self_bleu, distinct or edit")
+    if kind not in TRAJECTORY_DIVERSITY:
+        raise ValueError(f"unknown TDS kind {kind!r}: {', '.join(TRAJECTORY_DIVERSITY)}")
+    return TRAJECTORY_DIVERSITY[kind](group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +333,19 @@ class MixedSampler:
         self.pos = 0  # next position in perm
         self.epoch = 0  # completed passes of the uniform walk
 
+    @property
+    def weights(self) -> np.ndarray:
+        """The sampling weights (P,) of the weighted draws."""
+        return self._weights
+
+    @weights.setter
+    def weights(self, w: np.ndarray) -> None:
+        # The cumulative distribution the draws search, made once per re-weighting (O(P)) rather than
+        # in every step's rng.choice: a step's draws then cost O(B log P), the same draws bit for bit.
+        self._weights = w
+        cdf = (w / w.sum()).cumsum()
+        self._cdf = cdf / cdf[-1]
+
     def update_weights(self, weights) -> None:
         """New sampling weights (P,), >= 0; NaN / inf / negative / all-zero fall back to uniform."""
         w = np.asarray(weights, dtype=np.float64)
@@ -336,9 +358,8 @@ class MixedSampler:
 
     def next_batch(self) -> list[int]:
         """One global batch: B_w weighted draws, then B - B_w from the uniform walk."""
-        weighted = self.rng_weighted.choice(
-            self.num_prompts, self.n_weighted, replace=True, p=self.weights / self.weights.sum()
-        )
+        # = rng_weighted.choice(P, B_w, replace=True, p=weights / weights.sum()), its cdf made once
+        weighted = self._cdf.searchsorted(self.rng_weighted.random(self.n_weighted), side="right")
         uniform = []
         while len(uniform) < self.batch_size - self.n_weighted:
             if self.pos == self.num_prompts:
@@ -377,58 +398,74 @@ class MixedSampler:
 # ---------------------------------------------------------------------------------------------
 
 
+def scoring_seed(seed: int, step: int, round_: int) -> int:
+    """The sampling seed of round `round_` of the re-scoring after `step` updates (0: the initial
+    scoring, and vas.py score's) of a run seeded `seed`: derived by refresh, then round, then the
+    round's one generate call per rank."""
+    from mmr1 import dist
+
+    refresh = dist.derive_seed(seed, "vas", step)
+    return dist.derive_seed(dist.derive_seed(refresh, "round", round_), "call", 0)
+
+
 def rollout_scores(
     engine,
     rows: list[dict],
-    indices: list[int],
     d,
     *,
     n: int,
     sampling,
+    seed: int,
+    step: int,
     pool,
+    scoring,
     alpha: float = 0.8,
     beta: float = 0.2,
     tds_kind: str = "self_bleu",
     prompts_per_call: int = 64,
     desc: str = "vas scoring",
 ) -> dict[str, np.ndarray]:
-    """Pass rate, OVS, TDS, VPS (each (len(indices),), in `indices` order) from n fresh rollouts,
-    and `tokens`: the response tokens generated for each prompt (the cost of the scoring).
+    """Pass rate, OVS, TDS, VPS (each (len(rows),), in row order) from n fresh rollouts per row, and
+    `tokens`: the response tokens generated for each row (the cost of the scoring). Every rank returns
+    the full arrays.
 
-    Prompts are sharded over ranks (dist.shard), generated in calls of
-    `prompts_per_call` prompts, scored with reward.score_responses (accuracy only), then
-    all-gathered, so every rank returns the full arrays. Each call's seed is derived from
-    `sampling.seed` and the call number, so a refresh is reproducible.
+    The one place that orders the work: the rows are dealt in rounds of prompts_per_call per rank,
+    round-robin over the ranks (dist.rounds: every rank gets a slice of every part of the data, so rows
+    grouped by source, long answers first say, cost every rank alike, and no rank waits long at a
+    collective); each rank generates its share of a round in one call (padded to equal work: synced
+    generation), seeded by scoring_seed(seed, step, round), scores it with reward.score_responses under
+    `scoring` (a reward.Scoring; accuracy only), and the round ends in one all-gather. `sampling` gives
+    the temperature, top-p and length; its seed is replaced by each round's.
     """
+    import dataclasses
+
     from tqdm import tqdm
 
     import reward
     from mmr1 import dist
 
-    padded, n_real = dist.shard(list(indices), d)  # equal work on every rank (synced generation)
-    results = []
-    bar = tqdm(total=len(indices), disable=not d.master, desc=desc, leave=False)
-    for call, start in enumerate(range(0, len(padded), prompts_per_call)):
-        chunk = padded[start : start + prompts_per_call]
-        chunk_rows = [rows[i] for i in chunk]
-        call_sampling = type(sampling)(**{**sampling.__dict__, "seed": dist.derive_seed(sampling.seed, "call", call)})
-        outs = engine.generate(chunk_rows, n, call_sampling)
-        scores = reward.score_responses([o.text for o in outs], [chunk_rows[o.row] for o in outs], pool=pool)
-        groups: list[list[list[int]]] = [[] for _ in chunk]
-        accuracies: list[list[float]] = [[] for _ in chunk]
-        for o, s in zip(outs, scores):
+    scored: dict[int, tuple[float, ...]] = {}
+    bar = tqdm(total=len(rows), disable=not d.master, desc=desc, leave=False)
+    for round_, part in enumerate(dist.rounds(list(range(len(rows))), prompts_per_call, d.world_size)):
+        mine, n_real = dist.shard(part, d)  # this rank's share, padded to the same length on every rank
+        chunk = [rows[i] for i in mine]
+        outs = engine.generate(chunk, n, dataclasses.replace(sampling, seed=scoring_seed(seed, step, round_)))
+        accuracies = reward.score_responses([o.text for o in outs], [chunk[o.row] for o in outs], scoring, pool=pool)
+        groups: list[list[list[int]]] = [[] for _ in chunk]  # the n token-id responses of each prompt
+        outcomes: list[list[float]] = [[] for _ in chunk]
+        for o, s in zip(outs, accuracies):
             groups[o.row].append(o.token_ids)
-            accuracies[o.row].append(s["accuracy"])
-        stats = score_prompts(groups, accuracies, alpha, beta, tds_kind)
-        for j, index in enumerate(chunk):
-            if start + j < n_real:
-                scored = (float(stats[k][j]) for k in ("pass_rate", "ovs", "tds", "vps"))
-                results.append((index, *scored, float(sum(len(t) for t in groups[j]))))
-        bar.update(len(chunk) * d.world_size)
+            outcomes[o.row].append(s["accuracy"])
+        stats = score_prompts(groups, outcomes, alpha, beta, tds_kind)
+        local = [
+            (index, *(float(stats[k][j]) for k in ("pass_rate", "ovs", "tds", "vps")), float(sum(map(len, groups[j]))))
+            for j, index in enumerate(mine[:n_real])  # the padding is not counted
+        ]
+        scored.update((r[0], r[1:]) for r in dist.all_gather_list(local, d))
+        bar.update(len(part))
     bar.close()
-    gathered = {r[0]: r[1:] for r in dist.all_gather_list(results, d)}
-    table = np.array([gathered[i] for i in indices]).reshape(len(indices), 5)
-    return {k: table[:, j] for j, k in enumerate(("pass_rate", "ovs", "tds", "vps", "tokens"))}
+    table = np.array([scored[i] for i in range(len(rows))]).reshape(len(rows), 5)
+    return {k: table[:, j].copy() for j, k in enumerate(("pass_rate", "ovs", "tds", "vps", "tokens"))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,9 +474,22 @@ def rollout_scores(
 
 
 def load_refreshes(run_dir: str | Path) -> list[dict]:
-    """The VPS refreshes a grpo.py --vas run wrote to <run>/vas/refresh-<step>.npz, by step."""
-    files = sorted(Path(run_dir, "vas").glob("refresh-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
-    return [{"step": int(p.stem.split("-")[1]), **dict(np.load(p))} for p in files]
+    """The VPS refreshes a grpo.py --vas run wrote to <run>/vas/refresh-<step>.npz, by step; a BadRowError
+    naming the file for one that does not load (cut short, not an .npz, no `vps` array)."""
+    import zipfile
+
+    files = [p for p in Path(run_dir, "vas").glob("refresh-*.npz") if p.stem.split("-", 1)[1].isdigit()]
+    refreshes = []
+    for path in sorted(files, key=lambda p: int(p.stem.split("-")[1])):
+        try:
+            with np.load(path) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise config.BadRowError(f"{path} is unreadable ({config.first_line(e)})") from e
+        if "vps" not in arrays:
+            raise config.BadRowError(f"{path} holds no 'vps' array (not a grpo.py --vas refresh)")
+        refreshes.append({"step": int(path.stem.split("-")[1]), **arrays})
+    return refreshes
 
 
 def transition_matrix(before: np.ndarray, after: np.ndarray, bins: np.ndarray) -> np.ndarray:
@@ -512,7 +562,7 @@ class ScoreConfig:
     tds: str = field(
         "self_bleu",
         "TDS measure: self_bleu (the paper's), distinct (distinct-n) or edit",
-        choices=["self_bleu", "distinct", "edit"],
+        choices=list(TRAJECTORY_DIVERSITY),
     )
     engine: str = field(
         "auto", "generation engine: vllm, hf, or auto (vLLM on a GPU when installed)", choices=["auto", "hf", "vllm"]
@@ -551,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
     command = argv.pop(0) if argv and argv[0] in ("score", "plot") else "score"  # flags alone mean score
     if command == "plot":
         cfg = config.parse_config(PlotConfig, argv=argv, prog="vas.py plot")
-        print(f"wrote {plot_refreshes(cfg.run_dir, cfg.out or None, cfg.bins)}")
+        config.exit_on_input_error(lambda: print(f"wrote {plot_refreshes(cfg.run_dir, cfg.out or None, cfg.bins)}"))
         return
     cfg = config.parse_config(ScoreConfig, argv=argv, prog="vas.py score")
     config.exit_on_input_error(lambda: score_data_set(cfg))  # bad data: one line, exit 1
@@ -581,17 +631,18 @@ def score_data_set(args: ScoreConfig) -> None:
         prompt_format=prompt_format,
         max_model_len=args.max_prompt_length + args.max_new_tokens,
     )
-    seed = dist.derive_seed(args.seed, "vas", 0)  # the seed stream of grpo.py's initial scoring
-    sampling = rollout.Sampling(args.temperature, args.top_p, args.max_new_tokens, seed)
+    sampling = rollout.Sampling(args.temperature, args.top_p, args.max_new_tokens)
     with reward.RewardPool(args.reward_workers) as pool:
         scores = rollout_scores(
             engine,
             rows,
-            list(range(len(rows))),
             d,
             n=args.rollouts,
             sampling=sampling,
+            seed=args.seed,
+            step=0,  # the seeds of grpo.py's initial scoring (the same rounds with the same --prompts-per-call)
             pool=pool,
+            scoring=reward.Scoring(),  # grpo.py's with its default weights (VAS reads the accuracy only)
             alpha=args.alpha,
             beta=args.beta,
             tds_kind=args.tds,

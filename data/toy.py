@@ -18,10 +18,12 @@ so the question text alone predicts the answer no better than chance (tests chec
 Model. A randomly initialised Qwen2_5_VLForConditionalGeneration of about a million parameters,
 with a Qwen2_5_VLProcessor whose byte-level BPE tokenizer is trained on the toy corpus and carries
 Qwen's special tokens and chat template. Saved with save_pretrained and loaded back through the
-same from_pretrained / AutoProcessor calls as a real checkpoint.
+same from_pretrained / AutoProcessor calls as a real checkpoint. `--family qwen2_vl` / `qwen3_vl`
+builds the same toy (tokenizer, text sizes) as a Qwen2-VL or Qwen3-VL model instead (docs/models.md).
 
-    python -m data.toy                  # writes data/toy/{sft,rl}/*.parquet and runs/toy-init
-    python -m data.toy --variant slip   # the RL bench: data/toy-slip/{sft,rl}/*.parquet (see below)
+    python -m data.toy                     # writes data/toy/{sft,rl}/*.parquet and runs/toy-init
+    python -m data.toy --variant slip      # the RL bench: data/toy-slip/{sft,rl}/*.parquet (see below)
+    python -m data.toy --family qwen3_vl   # ... and the Qwen3-VL toy in runs/toy-init-qwen3_vl
 
 Variant `slip` (the bench where RL visibly learns; docs/rl-bench.md). The default toy's SFT model
 errs by perceptual guesses, which a right sample on one image does little to fix on another. Here
@@ -377,21 +379,34 @@ def build_tokenizer(vocab_size: int = 1024):
     )
 
 
-def build_toy_model(out_dir: Path = TOY_MODEL_DIR, seed: int = 0) -> Path:
-    """Builds, randomly initialises and saves a tiny Qwen2.5-VL + processor; returns out_dir.
+TOY_FAMILIES = (
+    "qwen2_5_vl",
+    "qwen2_vl",
+    "qwen3_vl",
+    "qwen3_5",
+)  # the model types a toy is built for (mmr1/families.py)
 
-    Text: hidden 128, 4 layers, 4 heads (2 KV heads), vocab = the toy tokenizer's.
-    Vision: hidden 64, 2 blocks, patch 14, merge 2, output projected to 128.
+
+def toy_model_dir(family: str = "qwen2_5_vl") -> Path:
+    """Where `python -m data.toy --family F` writes the toy model: runs/toy-init for the default
+    Qwen2.5-VL, runs/toy-init-<family> for the others."""
+    return TOY_MODEL_DIR if family == "qwen2_5_vl" else ROOT / "runs" / f"toy-init-{family}"
+
+
+def build_toy_model(out_dir: Path = TOY_MODEL_DIR, seed: int = 0, family: str = "qwen2_5_vl") -> Path:
+    """Builds, randomly initialises and saves a tiny model of `family` + its processor; returns out_dir.
+
+    Text (every family): hidden 128, 4 layers, 4 heads (2 KV heads) of 32, vocab = the toy tokenizer's;
+    Qwen3.5's layers 0-2 are Gated-DeltaNet linear attention (2 key heads, 4 value heads of 16), layer
+    3 full attention, as its 3-to-1 pattern. Vision: hidden 64, 2 blocks, merge 2, output projected
+    to 128; patch 14 (Qwen2-VL, Qwen2.5-VL) or 16 (Qwen3-VL, Qwen3.5), as in the released models.
+    The toy's 112 x 112 images are 16 merged tokens in every family (a 32-px factor resizes them to
+    128 x 128).
     """
     import torch
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
 
+    if family not in TOY_FAMILIES:
+        raise ValueError(f"no toy for model family {family!r}; choose from {TOY_FAMILIES}")
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
@@ -409,19 +424,15 @@ def build_toy_model(out_dir: Path = TOY_MODEL_DIR, seed: int = 0) -> Path:
         pad_token_id=pad,
         tie_word_embeddings=False,
     )
-    vision_config = dict(
-        depth=2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_heads=2,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        out_hidden_size=128,
-        fullatt_block_indexes=[1],
-    )
-    config = Qwen2_5_VLConfig(
+    config_class, model_class, processor_class, vision_config, patch = TOY_BUILDERS[family]()
+    if family in ("qwen3_vl", "qwen3_5"):  # their text config names the head size; the rotary sections interleave
+        text_config.update(head_dim=32)
+        text_config["rope_parameters"] = {**text_config["rope_parameters"], "mrope_interleaved": True}
+    if family == "qwen3_5":  # rotary on a quarter of each head (8 of 32: sections of 4 pairs); linear attention
+        text_config["rope_parameters"].update(mrope_section=[2, 1, 1], partial_rotary_factor=0.25)
+        text_config.update(linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                           linear_num_value_heads=4, linear_conv_kernel_dim=4)  # fmt: skip
+    config = config_class(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"],
@@ -434,15 +445,18 @@ def build_toy_model(out_dir: Path = TOY_MODEL_DIR, seed: int = 0) -> Path:
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = pad
     model.generation_config.bos_token_id = pad
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
     size = {"shortest_edge": TOY_MIN_PIXELS, "longest_edge": TOY_MAX_PIXELS}
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size),
+    geometry = {} if patch == 14 else {"patch_size": patch}  # the default family's processor: as always written
+    processor = processor_class(
+        image_processor=Qwen2VLImageProcessor(size=size, **geometry),
         tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(size=size),
+        video_processor=Qwen2VLVideoProcessor(size=size, **geometry),
         chat_template=CHAT_TEMPLATE,
     )
     out_dir = Path(out_dir)
@@ -450,6 +464,45 @@ def build_toy_model(out_dir: Path = TOY_MODEL_DIR, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def _qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=112, out_hidden_size=128, fullatt_block_indexes=[1])  # fmt: skip
+    return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, vision, 14
+
+
+def _qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    # Qwen2-VL's vision config: embed_dim is the tower's width, hidden_size the merger's output (the text width)
+    vision = dict(depth=2, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+    return Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, vision, 14
+
+
+def _qwen3_vl():
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    # 64 learned position embeddings (an 8 x 8 grid, interpolated to each image); block 0's features
+    # also go into the text model (deepstack), as blocks 8, 16, 24 of the released 27 do
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])  # fmt: skip
+    return Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, vision, 16
+
+
+def _qwen3_5():
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
+
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64)  # fmt: skip
+    return Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor, vision, 16
+
+
+TOY_BUILDERS = {"qwen2_5_vl": _qwen2_5_vl, "qwen2_vl": _qwen2_vl, "qwen3_vl": _qwen3_vl, "qwen3_5": _qwen3_5}
 
 
 def ensure_toy(
@@ -483,9 +536,17 @@ if __name__ == "__main__":
     parser.add_argument(
         "--data-dir", type=Path, default=None, help="where the parquet splits go (default: per variant)"
     )
-    parser.add_argument("--model-dir", type=Path, default=TOY_MODEL_DIR, help="where the toy model goes")
+    parser.add_argument(
+        "--family", choices=TOY_FAMILIES, default="qwen2_5_vl", help="model family of the toy model (docs/models.md)"
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="where the toy model goes (default: runs/toy-init[-<family>])"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the model init")
     args = parser.parse_args()
     data_dir = write_toy_data(args.data_dir, args.seed, variant=args.variant, slip_share=args.slip_share)
-    build_toy_model(args.model_dir, args.seed)  # the same model for every variant (tokenizer: the default corpus)
-    print(f"toy data ({args.variant}) in {data_dir}, toy model in {args.model_dir}")
+    model_dir = args.model_dir or toy_model_dir(args.family)
+    build_toy_model(
+        model_dir, args.seed, args.family
+    )  # the same model for every variant (tokenizer: the default corpus)
+    print(f"toy data ({args.variant}) in {data_dir}, toy model ({args.family}) in {model_dir}")

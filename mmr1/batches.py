@@ -76,6 +76,7 @@ def plan_micro_batches(lengths: list[int], max_tokens: int, max_seqs: int, d: Di
 # The prompt builder: one row -> what every engine, the batch builder and the door see
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Prompt:
     """One RL/eval row as the model sees it: messages, the chat-templated text (one <|image_pad|>

@@ -1,5 +1,6 @@
 """Images of a row: decoding any of the accepted forms, resizing into the run's pixel range the way
-Qwen2.5-VL's processor does, and the shape rules the processor would otherwise fail on."""
+the Qwen-VL processors do (to multiples of the processor's pixels per merged token,
+families.image_factor), and the shape rules the processor would otherwise fail on."""
 
 from __future__ import annotations
 
@@ -106,17 +107,18 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def resize_image(image, min_pixels: int, max_pixels: int, factor: int = 28):
-    """Resizes so that H*W lies in [min_pixels, max_pixels] and H, W are multiples of `factor`.
+def resize_image(image, min_pixels: int, max_pixels: int, factor: int):
+    """Resizes so that H*W lies in [min_pixels, max_pixels] and H, W are multiples of `factor` (the
+    processor's patch x merge, families.image_factor: then its own resize leaves the image as it is).
 
-    Keeps the aspect ratio (as Qwen2.5-VL's smart resize does), so HF and vLLM see the same pixels.
+    Keeps the aspect ratio (as the processor's smart resize does), so HF and vLLM see the same pixels.
     """
     w, h = image.size
     w_bar, h_bar = resized_size(w, h, min_pixels, max_pixels, factor)
     return image if (w_bar, h_bar) == (w, h) else image.resize((w_bar, h_bar))
 
 
-def resized_size(w: int, h: int, min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
+def resized_size(w: int, h: int, min_pixels: int, max_pixels: int, factor: int) -> tuple[int, int]:
     """(width, height) in pixels that resize_image gives a w x h image: the size the processor sees."""
     h_bar, w_bar = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
     if h_bar * w_bar > max_pixels:
@@ -132,15 +134,18 @@ def resized_size(w: int, h: int, min_pixels: int, max_pixels: int, factor: int =
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize raises "absolute aspect ratio must be smaller than 200"
 
 
-def check_image_shape(w: int, h: int, min_pixels: int, max_pixels: int) -> None:
-    """Raises ValueError for a w x h image the Qwen2-VL image processor would refuse.
+def check_image_shape(w: int, h: int, min_pixels: int, max_pixels: int, factor: int = 28) -> None:
+    """Raises ValueError for a w x h image the Qwen-VL image processor would refuse.
 
-    The processor (transformers' smart_resize) gets the image after resize_image and refuses it
-    when max(H, W) / min(H, W) > 200; an empty image would divide by zero there.
+    The processor (transformers' smart_resize) gets the image after resize_image (to multiples of
+    `factor`, families.image_factor of the processor) and refuses it when max(H, W) / min(H, W) >
+    200; an empty image would divide by zero there. Readers with no processor at hand
+    (prepare.load_rows, data.Rows) check at 28 px, the 14-px patch x 2 merge; the door with a
+    processor checks at its own factor.
     """
     if min(w, h) < 1:
         raise ValueError(f"is {w}x{h} pixels (empty)")
-    w_bar, h_bar = resized_size(w, h, min_pixels, max_pixels)
+    w_bar, h_bar = resized_size(w, h, min_pixels, max_pixels, factor)
     if max(w_bar, h_bar) / min(w_bar, h_bar) > MAX_ASPECT_RATIO:
         raise ValueError(
             f"is {w}x{h} pixels, resized to {w_bar}x{h_bar}: aspect ratio above the processor's limit of "
@@ -148,6 +153,6 @@ def check_image_shape(w: int, h: int, min_pixels: int, max_pixels: int) -> None:
         )
 
 
-def row_images(row: dict, min_pixels: int, max_pixels: int) -> list:
-    """The row's images as resized PIL images (see resize_image)."""
-    return [resize_image(load_image(im), min_pixels, max_pixels) for im in (row.get("images") or [])]
+def row_images(row: dict, min_pixels: int, max_pixels: int, factor: int) -> list:
+    """The row's images as PIL images resized to multiples of `factor` (see resize_image)."""
+    return [resize_image(load_image(im), min_pixels, max_pixels, factor) for im in (row.get("images") or [])]

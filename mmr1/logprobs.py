@@ -7,15 +7,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .modeling import PACKED_KERNELS, autocast, to_device
+from .attention import PACKED_KERNELS
+from .modeling import autocast, to_device
 
 
 def naive_token_logprobs(model, inputs: dict[str, torch.Tensor], temperature: float = 1.0):
     """The definition: log-probs (B, T-1) of input_ids[:, 1:] under log_softmax(logits / T), and the
     entropies (B, T-1) in nats of those distributions.
 
-    Materialises the (B, T, V) logits in fp32: 151,936 x 4 bytes per token for Qwen2.5 (0.6 GB for a
-    1k-token sequence), which is why the stages use token_logprobs below; the tests tie the two.
+    Materialises the (B, T, V) logits in fp32: vocabulary x 4 bytes per token (151,936 words: 0.6 GB
+    for a 1k-token sequence), which is why the stages use token_logprobs below; the tests tie the two.
     """
     logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
     logp_all = (logits[:, :-1].float() / temperature).log_softmax(-1)  # (B, T-1, V)
@@ -32,7 +33,7 @@ def naive_token_logprobs(model, inputs: dict[str, torch.Tensor], temperature: fl
 def hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, T, H) final (post-norm) hidden states of the decoder for the given model inputs.
 
-    Runs the whole model (so FSDP2's root hooks and Qwen2.5-VL's own rope-index computation over
+    Runs the whole model (so FSDP2's root hooks and the model's own rope-index computation over
     pixel_values / image_grid_thw / mm_token_type_ids run as usual) but asks for one logit only;
     the hidden states are caught on their way out of the inner model.
     """
@@ -133,16 +134,18 @@ def batch_logprobs(
 # A right-padded micro-batch (B, T) spends compute on B*T - sum(L_b) pad tokens. Packing puts the
 # B sequences back to back in ONE row of N = sum(L_b) tokens; two things keep each sequence blind
 # to its neighbours, so every real token sees exactly what it saw in the padded batch:
-#   positions restart per sequence: Qwen2.5-VL's 3-D rope positions are computed per sequence by
-#     the model's own get_rope_index (on the padded batch), gathered over the real tokens;
+#   positions restart per sequence: the 3-D (temporal, height, width) rope positions are computed
+#     per sequence by the model's own get_rope_index (on the padded batch), gathered over the real tokens;
 #   attention stays inside each sequence: transformers reads sequence starts from a fourth,
 #     1-D "text position" row put in front of the three rope rows (position_ids (4, 1, N), no
 #     attention_mask). From its restarts it builds a block-diagonal causal mask for SDPA / eager
 #     (masking_utils.find_packed_sequence_indices) and the cu_seqlens of flash-attention's varlen
 #     kernel (modeling_flash_attention_utils.prepare_fa_kwargs_from_position_ids). That mask is
 #     the readable reference; on CPU the models run VARLEN_SDPA, which reads the same restarts and
-#     attends within each sequence, never forming the (N, N) mask (see sdpa_varlen); on a GPU
-#     without flash-attn, TORCH_VARLEN passes the same boundaries to PyTorch's fused varlen kernel.
+#     attends within each sequence, never forming the (N, N) mask (see sdpa_varlen; its mask
+#     function, attention.packed_row_mask, builds none); on a GPU without flash-attn, TORCH_VARLEN
+#     passes the same boundaries to PyTorch's fused varlen kernel. The same for every family that
+#     packs (families.Family.packs; Qwen3.5's linear-attention layers would leak state: refused).
 # The vision tower is untouched: pixel_values / image_grid_thw pass through in the same order,
 # and the image tokens keep their order in the packed row, so image embeddings land where they did.
 
@@ -160,7 +163,7 @@ class Packed:
     """A padded micro-batch put into one row, and the way back.
 
     inputs: model inputs of the packed row: input_ids (1, N), position_ids (4, 1, N) (text
-    positions, then Qwen2.5-VL's temporal / height / width rope positions), mm_token_type_ids
+    positions, then the temporal / height / width rope positions), mm_token_type_ids
     (1, N), and pixel_values / image_grid_thw unchanged. valid: (B, T-1) bool, the positions of the
     padded layout whose target input_ids[:, t+1] is a real token of the same sequence. source: (M,)
     with M = valid.sum(), the packed position whose hidden state predicts each valid target, in
@@ -189,8 +192,8 @@ def pack(model, inputs: dict[str, torch.Tensor]) -> Packed:
     positions = torch.cat([text[None].to(rope.device), rope])[:, real]  # (4, N), sequences back to back
     packed = {"input_ids": ids[real][None], "position_ids": positions[:, None], "mm_token_type_ids": mm[real][None]}
     packed.update({k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs})
-    if implementation in PACKED_KERNELS:  # they find the sequences themselves: spare transformers the (N, N) mask
-        packed["attention_mask"] = {"full_attention": None, "sliding_attention": None}  # a prepared mask per layer type
+    # no attention_mask: the packed kernels' mask function then builds none (attention.packed_row_mask),
+    # flash-attention reads the boundaries from the text positions, SDPA / eager get the block-diagonal mask
     valid = real[:, :-1] & real[:, 1:]  # (B, T-1): token t and its target t + 1 both real
     index = real.flatten().long().cumsum(0).view_as(ids) - 1  # (B, T): packed position of each real token
     return Packed(packed, valid, index[:, :-1][valid])

@@ -37,9 +37,11 @@ CARDS_GIB = {"80GB": 79.1, "141GB": 139.7}  # what torch reports as total memory
 
 
 def shapes(config) -> dict[str, int]:
-    """The sizes the plan needs from a Qwen2.5-VL config (transformers Qwen2_5_VLConfig or its dict)."""
+    """The sizes the plan needs from a model config of a supported family (transformers config); the
+    vision tower's from families.vision_sizes, which knows where each family keeps them."""
+    from .families import vision_sizes
+
     text = config.text_config if hasattr(config, "text_config") else config
-    vision = config.vision_config
     heads = text.num_attention_heads
     return {
         "vocab": text.vocab_size,
@@ -50,25 +52,23 @@ def shapes(config) -> dict[str, int]:
         "kv_heads": text.num_key_value_heads,
         "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
         "tied": int(bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))),
-        "v_hidden": vision.hidden_size,
-        "v_intermediate": vision.intermediate_size,
-        "v_depth": vision.depth,
-        "v_out": vision.out_hidden_size,
-        "v_patch": vision.in_channels * vision.temporal_patch_size * vision.patch_size**2,  # values per patch
-        "v_merge": vision.spatial_merge_size**2,  # patches per image token
+        **vision_sizes(config),  # v_hidden, v_intermediate, v_depth, v_out, v_mlp, v_mergers, v_patch, v_merge
     }
 
 
 def parameter_counts(s: dict[str, int]) -> dict[str, int]:
-    """Parameters of Qwen2.5-VL by FSDP2 unit (modeling.shard_model): one text decoder layer, one
-    vision block, the vision unit (patch embedding + merger), the root (embeddings, lm_head unless
-    tied, final norm), and the total. Biases: q/k/v in the text attention; every vision linear."""
+    """Parameters by FSDP2 unit (modeling.shard_model): one text decoder layer, one vision block, the
+    vision unit (patch embedding + v_mergers mergers), the root (embeddings, lm_head unless tied,
+    final norm), and the total. Biases: q/k/v in the text attention; every vision linear. The vision
+    MLP has v_mlp matrices (3 gated, 2 plain)."""
     h, i, kv = s["hidden"], s["intermediate"], s["kv_heads"] * s["head_dim"]
     text_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h  # q, k+v, o, gate/up/down, 2 norms
     vh, vi = s["v_hidden"], s["v_intermediate"]
-    vision_block = (vh * 3 * vh + 3 * vh) + (vh * vh + vh) + 2 * (vh * vi + vi) + (vi * vh + vh) + 2 * vh
+    mlp = (s["v_mlp"] - 1) * (vh * vi + vi) + (vi * vh + vh)  # gate/up (or fc1), then down (fc2)
+    vision_block = (vh * 3 * vh + 3 * vh) + (vh * vh + vh) + mlp + 2 * vh  # qkv, proj, MLP, 2 norms
     merged = vh * s["v_merge"]  # a merged token: v_merge patches side by side
-    vision_unit = s["v_patch"] * vh + vh + (merged * merged + merged) + (merged * s["v_out"] + s["v_out"])
+    merger = vh + (merged * merged + merged) + (merged * s["v_out"] + s["v_out"])  # norm, MLP in, MLP out
+    vision_unit = s["v_patch"] * vh + s["v_mergers"] * merger
     root = s["vocab"] * h * (1 if s["tied"] else 2) + h
     total = s["layers"] * text_layer + s["v_depth"] * vision_block + vision_unit + root
     return {"text_layer": text_layer, "vision_block": vision_block, "vision_unit": vision_unit, "root": root,
@@ -87,6 +87,8 @@ class RunSettings:
     gradient_checkpointing: bool = True
     reference: bool = True  # kl_coef > 0
     reshard_reference: bool = True  # the reference's root resharded after its forward (grpo.update_policy)
+    fused_adamw: bool = True  # modeling.create_optimizer on CUDA; foreach AdamW makes a 4 B x params temporary
+    autocast_cache: bool = False  # modeling.autocast keeps none; with it, fp32 unsharded weights get a bf16 copy
 
 
 def plan(config, card_gib: float, run: RunSettings = RunSettings()) -> dict[str, float]:
@@ -124,11 +126,19 @@ def plan(config, card_gib: float, run: RunSettings = RunSettings()) -> dict[str,
     t["vision activations"] = ckpt_vision if run.gradient_checkpointing else s["v_depth"] * v_block
     t["log-prob chunk (fp32 logits, softmax, grad)"] = 3 * run.logprob_chunk * s["vocab"] * 4
     t["hidden states + targets"] = n * h * (2 + 4) + n * 8
-    out = {k: v / GIB for k, v in {**g, **t}.items()}
+    # autocast's cache: a bf16 copy of every fp32 weight it casts, kept for the whole forward (one process
+    # only: under FSDP2 the gathered weights are bf16 already and nothing is cast)
+    t["autocast weight cache"] = 2 * p["total"] if run.autocast_cache and w == 1 else 0.0
+    # the optimizer step runs after backward (activations freed, gradients and the gathered root still
+    # there): foreach AdamW's _foreach_sqrt of the second moments is one fp32 copy of the shard
+    step = {"AdamW step temporary (foreach)": 0.0 if run.fused_adamw else 4 * p["total"] / w}
+    out = {k: v / GIB for k, v in {**g, **t, **step}.items()}
     out["trainer resident"] = resident / GIB
     nccl = NCCL_GIB if w > 1 else 0.0  # one process: no communicator
     out["CUDA context"], out["NCCL buffers"], out["fragmentation margin"] = CUDA_CONTEXT_GIB, nccl, FRAGMENTATION_GIB
-    out["training peak"] = (resident + sum(t.values())) / GIB + VLLM_ASLEEP_GIB + CUDA_CONTEXT_GIB + nccl
+    kept = t["gradients fp32 shard"] + 2 * p["root"]  # what the step phase shares with backward
+    tensors = resident + max(sum(t.values()), kept + sum(step.values()))  # backward peak or step peak
+    out["training peak"] = tensors / GIB + VLLM_ASLEEP_GIB + CUDA_CONTEXT_GIB + nccl
     # --- rollout phase: what is left for vLLM, and its KV cache ---
     free = card_gib - out["trainer resident"] - CUDA_CONTEXT_GIB - nccl - FRAGMENTATION_GIB
     u = max(0.0, int(100 * free / card_gib) / 100)  # rounded down to 0.01
@@ -146,13 +156,37 @@ def plan(config, card_gib: float, run: RunSettings = RunSettings()) -> dict[str,
         "card": card_gib,
         "params (B)": p["total"] / 1e9,
     }  # fmt: skip
+    sequence = run.max_prompt_length + run.max_response_length
+    out["fits"] = float(out["training peak"] <= card_gib and out["KV tokens"] >= sequence)
     return out
+
+
+def what_fits(config, card_gib: float, run: RunSettings) -> str:
+    """What would fit when `run` does not (plan()'s `fits` is 0): the fewest ranks of this card, or
+    a smaller --max-tokens-per-micro-batch at this world size, in words."""
+    import dataclasses
+
+    ranks = next((w for w in (1, 2, 4, 8, 16, 32, 64) if w > run.world_size
+                  and plan(config, card_gib, dataclasses.replace(run, world_size=w))["fits"]), None)  # fmt: skip
+    tokens = next((t for t in (8192, 4096, 2048) if t < run.tokens_per_micro_batch
+                   and plan(config, card_gib, dataclasses.replace(run, tokens_per_micro_batch=t))["fits"]), None)  # fmt: skip
+    options = ([f"{ranks} GPUs of this card"] if ranks else []) + (
+        [f"--max-tokens-per-micro-batch {tokens}"] if tokens and tokens >= run.max_prompt_length else []
+    )
+    return " or ".join(options) if options else "a card with more memory (no world size up to 64 fits)"
 
 
 def gpu_memory_utilization(config, card_gib: float, run: RunSettings) -> float:
     """vLLM's share of the card that leaves the trainer of step 1 and later its room; stops with one
-    line when nothing useful is left for the KV cache (fewer tokens than one full sequence)."""
+    line (before vLLM starts) when the training peak exceeds the card, naming what would fit
+    (what_fits), or when nothing useful is left for the KV cache (fewer tokens than one full sequence)."""
     result = plan(config, card_gib, run)
+    if result["training peak"] > card_gib:
+        raise SystemExit(
+            f"error: memory plan: the training peak is {result['training peak']:.1f} GiB per GPU (trainer, CUDA "
+            f"context, sleeping vLLM) on a {card_gib:.1f} GiB card with {run.world_size} rank(s); would fit: "
+            f"{what_fits(config, card_gib, run)} (python scripts/plan_memory.py)"
+        )
     if result["KV tokens"] < run.max_prompt_length + run.max_response_length:
         raise SystemExit(
             f"error: memory plan: {card_gib:.1f} GiB per GPU leaves vLLM {result['vLLM KV cache']:.1f} GiB of KV cache after "
@@ -167,7 +201,10 @@ def table(configs: dict[str, object], cards: dict[str, float], run: RunSettings)
     rows = list(next(iter(plans.values())))
     out = ["| GiB per rank | " + " | ".join(plans) + " |", "| --- |" + " --- |" * len(plans)]
     for r in rows:
-        cells = [f"{v[r]:,.0f}" if r.startswith("KV tokens") else f"{v[r]:.2f}" for v in plans.values()]
+        if r == "fits":
+            cells = ["yes" if v[r] else "no" for v in plans.values()]
+        else:
+            cells = [f"{v[r]:,.0f}" if r.startswith("KV tokens") else f"{v[r]:.2f}" for v in plans.values()]
         out.append(f"| {r} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 

@@ -1,6 +1,6 @@
-"""The model and its processor: loading Qwen2.5-VL, choosing the attention kernel (flash-attn or
-PyTorch's varlen kernel on GPU, `sdpa_varlen` on CPU), FSDP2 sharding, the one precision context
-and the optimizer step."""
+"""The model and its processor: loading a model of a supported family (mmr1/families.py) with the
+attention kernel of this device (mmr1/attention.py), FSDP2 sharding, the one precision context, the
+optimizer and its step."""
 
 from __future__ import annotations
 
@@ -8,226 +8,14 @@ import math
 
 import torch
 
+from .attention import TORCH_VARLEN, attention_implementation, use_vision_varlen
 from .dist import Dist
-
-
-def attention_implementation(device: torch.device) -> str:
-    """The attention kernel models are loaded with, fastest first:
-
-    'flash_attention_2' on a GPU where flash-attn imports; else TORCH_VARLEN on a GPU whose torch
-    ships `torch.nn.attention.varlen` (the flash-attention-2 kernel compiled into PyTorch >= 2.10,
-    no flash-attn install needed); else VARLEN_SDPA (PyTorch SDPA run over each sequence of a packed
-    row on its own: the CPU, and the per-sequence fallback on GPU).
-    """
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-        if torch_varlen_available():
-            register_packed_attention()
-            return TORCH_VARLEN
-    register_packed_attention()
-    return VARLEN_SDPA
-
-
-VARLEN_SDPA = "sdpa_varlen"  # per-sequence SDPA on packed rows: the CPU kernel, and the GPU's last resort
-TORCH_VARLEN = "torch_varlen"  # torch.nn.attention.varlen.varlen_attn on packed rows (CUDA only)
-PACKED_KERNELS = (VARLEN_SDPA, TORCH_VARLEN)  # find the sequences of a packed row themselves; no (N, N) mask
-
-
-def torch_varlen_available() -> bool:
-    """Whether this torch ships varlen_attn (torch >= 2.10; it raises NotImplementedError off CUDA)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
-
-
-def packed_starts(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict) -> list[int] | None:
-    """Start offsets of the sequences of a packed row, then N: [0, s_1, ..., N]; None when this call
-    is no packed causal self-attention (a mask is given, batch > 1, no text position_ids, or keys of
-    another length: padded batches, generation with a KV cache, the vision tower).
-
-    query (B, heads, N, D), key (B, kv_heads, N_k, D); position_ids (1, N) text positions that
-    restart at 0 at the first token of each sequence (logprobs.pack writes them). Reading the
-    boundaries is a host sync; every decoder layer of one forward gets the same position tensor,
-    so they are read once per forward (BOUNDARIES)."""
-    positions = kwargs.get("position_ids")
-    n = query.shape[2]
-    if attention_mask is not None or positions is None or query.shape[0] != 1 or key.shape[2] != n:
-        return None
-    if positions.numel() != n:
-        return None
-    return BOUNDARIES.read(positions, lambda: (positions.reshape(-1) == 0).nonzero().flatten().tolist() + [n])
-
-
-class BoundaryCache:
-    """The last boundary read of a forward, keyed by the very tensor it was read from.
-
-    transformers hands the SAME position_ids tensor to every decoder layer (and the vision tower the
-    same cu_seqlens tensor to every block of one kind), and activation checkpointing replays the
-    forward with those same tensors; so one read (one device-to-host copy, a sync) per tensor and
-    forward replaces one per layer. The cache holds its key alive, so a later tensor can never be
-    mistaken for it, and a tensor written in place since (its version counter moved) is read again;
-    it keeps the last few keys (text positions and the boundary list read from them, vision windows,
-    whole images).
-    """
-
-    def __init__(self, size: int = 8):
-        self.size, self.entries = size, []
-
-    def read(self, key: object, compute):
-        """compute() the first time `key` is seen (of the last `size` keys), its stored result after."""
-        version = getattr(key, "_version", None)  # torch bumps it on every in-place write
-        for k, v, value in self.entries:
-            if k is key and v == version:
-                return value
-        value = compute()
-        self.entries = [(key, version, value)] + self.entries[: self.size - 1]
-        return value
-
-
-BOUNDARIES = BoundaryCache()
-
-
-def kernel_dtype(query: torch.Tensor) -> torch.dtype:
-    """The dtype a flash kernel gets q, k and v in: the autocast dtype when autocast is on, else the
-    query's own when it is fp16/bf16, else bf16 (the kernel takes fp16/bf16 only, all three equal).
-
-    Needed because with fp32 master weights under autocast Qwen2.5-VL's text rotary embedding
-    returns fp32 q and k while v stays bf16; transformers' flash_attention_2 path casts the same way
-    (integrations/flash_attention.get_target_dtype)."""
-    if torch.is_autocast_enabled(query.device.type):
-        return torch.get_autocast_dtype(query.device.type)
-    return query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-
-
-def sdpa_varlen(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
-    """transformers attention function: SDPA, but on a packed row (batch 1, no mask, text
-    position_ids restarting at 0 per sequence) causal attention runs over each sequence on its
-    own, as flash-attention's varlen kernel does on GPU.
-
-    query (1, heads, N, D), key / value (1, kv_heads, N, D); returns ((1, N, heads, D), None).
-    Exact: the same as SDPA under the block-diagonal causal mask transformers builds for packed
-    rows, at sum(L_i^2) rather than N^2 cost (with that mask a packed toy micro-batch took up to
-    2x the padded time on CPU). Everything else (padded batches, generation, the vision tower) goes
-    to transformers' SDPA unchanged.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    starts = packed_starts(query, key, attention_mask, kwargs)
-    if starts is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if len(starts) <= 2:  # one sequence: plain causal attention
-        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
-    parts = [
-        sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **kwargs)[0]
-        for s, e in zip(starts[:-1], starts[1:])
-    ]
-    return torch.cat(parts, dim=1), None
-
-
-def torch_varlen(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
-    """transformers attention function: a packed row through PyTorch's fused varlen kernel.
-
-    query (1, heads, N, D), key / value (1, kv_heads, N, D) -> ((1, N, heads, D), None). One call of
-    `varlen_attn(q, k, v, cu_seq, cu_seq, max_len, max_len, window_size=(-1, 0))` (causal) over
-    (N, heads, D) tensors in kernel_dtype, cu_seq (S + 1,) int32 the sequence boundaries
-    [0, L_1, L_1 + L_2, ..., N] read from the text positions (once per forward), as flash-attn's
-    varlen kernel gets them from transformers. What is not a packed row (padded batches,
-    generation) goes to SDPA as in sdpa_varlen; the vision tower has its own path (vision_varlen).
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    starts = packed_starts(query, key, attention_mask, kwargs)
-    if starts is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    # `starts` is the cached list itself, the same object in every layer: its device copy is made once too
-    cu_seq, max_len = BOUNDARIES.read(starts, lambda: boundary_tensor(starts, query.device))
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, heads, D) each
-    out = fused_varlen(q, k, v, cu_seq, max_len, getattr(module, "scaling", None), causal=True)
-    return out[None], None  # (1, N, heads, D)
-
-
-def boundary_tensor(starts: list[int], device: torch.device) -> tuple[torch.Tensor, int]:
-    """(cu_seq (S + 1,) int32 on `device`, longest sequence) of boundaries [0, ..., N] (host ints)."""
-    return torch.tensor(starts, dtype=torch.int32, device=device), max(e - s for s, e in zip(starts[:-1], starts[1:]))
-
-
-def fused_varlen(q, k, v, cu_seq: torch.Tensor, max_len: int, scale: float | None, causal: bool) -> torch.Tensor:
-    """torch.nn.attention.varlen.varlen_attn over (N, heads, D) q and (N, kv_heads, D) k, v, the same
-    boundaries for queries and keys; q, k, v cast to kernel_dtype (the kernel refuses fp32 or mixed
-    dtypes). Returns (N, heads, D), cast back to the query's dtype when autocast is off (fp32 in, fp32
-    out, so the next fp32 linear takes it)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    dtype = kernel_dtype(q)
-    out = varlen_attn(
-        q.to(dtype),
-        k.to(dtype),
-        v.to(dtype),
-        cu_seq,
-        cu_seq,
-        max_len,
-        max_len,
-        scale=scale,
-        window_size=(-1, 0) if causal else (-1, -1),  # causal: no key after the query; else every key of the segment
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
-    return out if torch.is_autocast_enabled(q.device.type) else out.to(q.dtype)
-
-
-def vision_varlen(module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings=None, **kwargs):
-    """Qwen2_5_VLVisionAttention.forward through ONE fused varlen call per block: every attention
-    window (or, in the full-attention blocks, every image) is a segment of cu_seqlens, attended in
-    both directions (window_size=(-1, -1)).
-
-    transformers hands cu_seqlens to the attention function only when its name says "flash"; any
-    other implementation gets one call per window (7B at 672x672: 1,012 SDPA calls per image and
-    forward). hidden_states (N, hidden) -> (N, hidden); cu_seqlens (segments + 1,) int32 on the device,
-    its longest segment read once per forward (BOUNDARIES). Installed by use_vision_varlen.
-    """
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-
-    n = hidden_states.shape[0]
-    q, k, v = (
-        module.qkv(hidden_states).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    )  # (N, heads, D)
-    cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    max_len = BOUNDARIES.read(cu_seqlens, lambda: int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
-    out = fused_varlen(q, k, v, cu_seqlens.to(torch.int32), max_len, module.scaling, causal=False)
-    return module.proj(out.reshape(n, -1))
-
-
-def use_vision_varlen(model) -> None:
-    """Routes every vision block's attention of a Qwen2.5-VL through vision_varlen (models loaded with
-    TORCH_VARLEN: CUDA without flash-attn; flash_attention_2 already gets one call per block)."""
-    import types
-
-    inner = model.model if hasattr(model, "model") else model
-    for block in inner.visual.blocks:
-        block.attn.forward = types.MethodType(vision_varlen, block.attn)
-
-
-def register_packed_attention() -> None:
-    """Makes VARLEN_SDPA and TORCH_VARLEN transformers attention implementations (their masks are
-    SDPA's, used where they fall back to SDPA)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    for name, function in ((VARLEN_SDPA, sdpa_varlen), (TORCH_VARLEN, torch_varlen)):
-        AttentionInterface.register(name, function)
-        AttentionMaskInterface.register(name, sdpa_mask)
+from .families import family_of
 
 
 def load_model(name_or_path: str, device: torch.device, gradient_checkpointing: bool = False, trainable: bool = False):
-    """Qwen2.5-VL from a hub id or a local folder, never with remote code.
+    """A model of a supported family (families.FAMILIES; any other stops with one line naming
+    them) from a hub id or a local folder, never with remote code.
 
     Frozen models (reference, evaluation) are bf16 on GPU. Trainable ones keep fp32 master
     weights everywhere (an AdamW step of lr 1e-6 vanishes in bf16) and compute in bf16 on GPU
@@ -235,6 +23,7 @@ def load_model(name_or_path: str, device: torch.device, gradient_checkpointing: 
     """
     from transformers import AutoModelForImageTextToText
 
+    family_of(name_or_path)  # an unsupported model type: one line before any weight is read
     dtype = torch.bfloat16 if device.type == "cuda" and not trainable else torch.float32
     implementation = attention_implementation(device)
     model = AutoModelForImageTextToText.from_pretrained(
@@ -252,9 +41,11 @@ def load_model(name_or_path: str, device: torch.device, gradient_checkpointing: 
 
 
 def load_processor(name_or_path: str, min_pixels: int | None = None, max_pixels: int | None = None):
-    """The model's processor, left padding (generation), pixel range overridden when given."""
+    """The model's processor, left padding (generation), pixel range overridden when given; a model
+    of an unsupported family stops here with one line (families.family_of), before any data is read."""
     from transformers import AutoProcessor
 
+    family_of(name_or_path)
     processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False)
     processor.tokenizer.padding_side = "left"
     if min_pixels or max_pixels:
@@ -353,9 +144,12 @@ def blank_vision(model) -> torch.Tensor:
     merge = vision.spatial_merge_size
     patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     device = inner.get_input_embeddings().weight.device
-    pixels = torch.zeros(merge * merge, patch, device=device)  # (4, 1176): one merged token's patches
+    pixels = torch.zeros(merge * merge, patch, device=device)  # (4, 1176 at a 14-px patch): one merged token
     grid = torch.tensor([[1, merge, merge]], device=device)  # (images, 3) t, h, w in patches
-    return inner.visual(pixels, grid_thw=grid).pooler_output
+    out = inner.visual(pixels, grid_thw=grid)
+    # mergers whose features feed the text layers directly (deepstack) take part in the step too
+    extra = sum(f.sum() for f in getattr(out, "deepstack_features", None) or [])
+    return out.pooler_output + 0.0 * extra
 
 
 def generate_encodes_images_first(model) -> bool:
@@ -407,8 +201,21 @@ def create_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 def autocast(device: torch.device) -> torch.autocast:
     """The one precision context of every forward: bf16 autocast on GPU (over fp32 master weights
-    or bf16 frozen ones), plain fp32 on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    or bf16 frozen ones), plain fp32 on CPU.
+
+    Without autocast's weight cache: with fp32 weights that are not sharded (one process) the cache
+    keeps a bf16 copy of every weight for the whole context, 2 bytes x parameters (6.9 GiB at 3B, the
+    difference between fitting an 80 GB card and not; docs/paper-scale.md); a weight cast again at
+    each use costs one elementwise pass. Under FSDP2 the gathered weights are bf16 already and the
+    cache would hold nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
+
+
+def create_optimizer(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.999) over `params`; fused on CUDA (one kernel per step, and no full-size
+    fp32 temporary: foreach AdamW's step makes one, 4 bytes x parameters on a rank, from
+    `_foreach_sqrt` of the second moments), foreach on CPU (the numbers the CPU tests pin)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), fused=device.type == "cuda")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -217,8 +217,9 @@ def judge(processor, raw: dict | str, door: Door, reserved: list[str]):
     except (ValueError, TypeError, KeyError) as e:
         return None, 0, ("bad fields", str(e))
     try:
-        factor = {"factor": families.image_factor(processor)} if processor is not None else {}  # the processor's resize
-        problem = text_problem(row, door.kind, reserved) or image_problem(row, door.min_pixels, door.max_pixels, **factor)
+        factor = {"factor": families.image_factor(processor)} if processor is not None else {}  # its resize
+        pixels = (door.min_pixels, door.max_pixels)
+        problem = text_problem(row, door.kind, reserved) or image_problem(row, *pixels, **factor)
         tokens, problem = (0, problem) if problem else prompt_tokens(processor, row, door)
     except ValueError as e:  # the chat template or the image-pad count refused the row
         return None, 0, ("unbuildable prompt", str(e))

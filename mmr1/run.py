@@ -5,11 +5,14 @@ the non-finite guard, the save of step-N / final, preemption, the loop tail and 
     cfg, d, out_dir = run.setup(Config, PRESETS, validate_config, use_toy_defaults, "grpo")
     r = run.Run(cfg, d, out_dir, "grpo", RESUME_MAY_CHANGE, n_rows, total_steps)  # finds the resume point
     state = r.start(model, optimizer, save)          # restores a checkpoint (or None), opens the logger
+    r.close_on_exit(engine.close)                    # at every exit, before the process group goes
     for step in r.steps():
         ...                                          # the algorithm
         if r.end_step(step + 1, metrics):            # log, save every N, preemption, --stop-after
             break
-    r.finish(close=[engine.close])                   # final save, summary, closers, logger, process group
+    r.finish()                                       # final save, summary, closers, logger, process group
+
+    run.main(main)                                   # the script's entry: an error still closes the run
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from . import checkpoint, config, dist, guards
@@ -68,13 +72,43 @@ class Run:
         self.nonfinite = guards.NonFiniteGuard(cfg.skip_nonfinite, self.ckpt)
         self.start_step = self.done = 0
         self.stopped = ""  # why the loop ended before total_steps
-        self.logger: config.MetricLogger | None = None
+        self.logger: config.MetricLogger | config.NullLogger | None = None
         self._save: Callable[[Path, int], None] | None = None
+        self.closers: list[Callable[[], None]] = []  # engines, pools: closed before the process group
+        OPEN.append(self)
+
+    def close_on_exit(self, closer: Callable[[], None]) -> None:
+        """Registers `closer` (an engine's or a pool's close) for the teardown: the closers run in the
+        order registered, before the metric logger and the process group go (vLLM's teardown uses the
+        group), on every exit: the end of the loop (finish), a preemption before training
+        (stop_before_training), an error (main)."""
+        self.closers.append(closer)
+
+    def close(self, barrier: bool = True) -> None:
+        """The teardown's end, once: the closers in order, the metric logger, the process group (after a
+        barrier; barrier=False on an error, whose peers may never reach one). A closer that fails is
+        named in one line and the rest still run."""
+        if self in OPEN:
+            OPEN.remove(self)
+        closers, self.closers = self.closers, []
+        for closer in closers:
+            try:
+                closer()
+            except Exception as e:  # noqa: BLE001 - the teardown goes on; the line names what failed
+                print(f"[{self.stage}] rank {self.d.rank}: closing {getattr(closer, '__qualname__', closer)} failed: "
+                      f"{config.first_line(e)}", flush=True)  # fmt: skip
+        if self.logger is not None:
+            self.logger.close()
+        if barrier:
+            dist.cleanup_distributed()
+        elif torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     def stop_before_training(self, phase: str) -> None:
         """Between the long phases before step 1 (every rank calls it at the same place): exits 0 with
-        nothing saved if any rank was signalled during `phase` (checkpoint.Preemption)."""
-        self.preemption.stop_before_training(self.d, self.stage, phase)
+        nothing saved if any rank was signalled during `phase` (checkpoint.Preemption), the closers
+        run before the process group goes (close)."""
+        self.preemption.stop_before_training(self.d, self.stage, phase, teardown=self.close)
 
     def print0(self, message: str) -> None:
         """`[stage] message` on rank 0."""
@@ -92,7 +126,7 @@ class Run:
         self.stop_before_training("loading")  # a signal so far: exit 0 before the logger writes anything
         self._save = save
         resume_from = self.start_step if self.ckpt is not None else None
-        self.logger = config.MetricLogger(
+        self.logger = config.metric_logger(
             self.out_dir, self.cfg, self.d.master, self.cfg.report_to, resume_from=resume_from
         )
         return state
@@ -104,7 +138,8 @@ class Run:
             import json
 
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+            with config.atomic_file(self.out_dir / "config.json") as f:  # whole or the previous one
+                f.write(json.dumps(dataclasses.asdict(self.cfg), indent=2))
         self.print0(summary)
 
     def steps(self):
@@ -133,6 +168,8 @@ class Run:
         saved = bool(cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps)
         if saved:
             self.save(f"step-{done}", done)
+        if dist.all_reduce_max(int(self.logger.failed is not None), self.d.device):  # rank 0 could not write
+            self.stop_on_write_failure(done, saved)
         if done < self.total_steps and self.preemption.agreed(self.d):  # any rank signalled: all stop here
             if not saved:
                 self.save(f"step-{done}", done)
@@ -144,17 +181,39 @@ class Run:
             return True
         return False
 
-    def finish(self, close: list[Callable[[], None]] = (), summary: str = "") -> None:
+    def stop_on_write_failure(self, done: int, saved: bool) -> None:
+        """Rank 0 could not write its records (metrics.jsonl, rollouts.jsonl: a full disk, a quota): keeps
+        the step just trained by saving step-N where it can, then stops with one line (an InputError)
+        saying what failed and what was saved. Every rank calls it."""
+        folder = self.out_dir / f"step-{done}"
+        try:
+            if not saved:
+                self.save(folder.name, done)
+            kept = f"step {done} is saved in {folder}; free space, then continue with --resume"
+        except config.CheckpointError as e:
+            kept = f"step {done} could not be saved either ({e})"
+        raise config.InputError(f"{self.logger.failed or 'rank 0 could not write its records'}; {kept}")
+
+    def finish(self, summary: str = "") -> None:
         """The teardown, whatever ended the loop: final/ saved when every step ran, one line saying
-        how the run ended, then `close` (engines, pools; before the process group goes: vLLM's
-        teardown uses it), the metric logger and the process group."""
+        how the run ended, then close(): the closers (close_on_exit), the logger, the process group."""
         if self.done == self.total_steps and not self.stopped:
             self.save("final", self.total_steps)
             self.print0(f"done: {self.total_steps} steps, model in {self.out_dir / 'final'}{summary}")
         else:
             self.print0(self.stopped)
-        for closer in close:
-            closer()
-        if self.logger is not None:
-            self.logger.close()
-        dist.cleanup_distributed()
+        self.close()
+
+
+OPEN: list[Run] = []  # the runs of this process not closed yet (main closes them on an error)
+
+
+def main(stage_main: Callable[[], None]) -> None:
+    """Runs a stage script's main(): an InputError (bad input, a diverged run, a failed write) becomes
+    one line and exit status 1 (config.exit_on_input_error); whatever else ends it (an exception,
+    an exit), every Run still open is closed: its engines and pools before the process group."""
+    try:
+        config.exit_on_input_error(stage_main)
+    finally:
+        while OPEN:
+            OPEN[-1].close(barrier=False)

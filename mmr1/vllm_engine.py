@@ -16,20 +16,11 @@ import warnings
 
 import torch
 
-from . import batches, chat, dist
+from . import batches, chat, dist, families
 from .rollout import Rollout, Sampling, forbidden_token_ids
 
 MAX_IMAGES = 4  # images per prompt vLLM reserves room for (limit_mm_per_prompt)
 CPU_KV_CACHE_GIB = 1.0  # the CPU build's KV cache (it would read gpu_memory_utilization as a share of RAM)
-
-def checkpoint_name(name: str) -> str:
-    """The on-disk Qwen2.5-VL checkpoint name of an in-memory transformers-5 parameter name
-    ('model.visual.x' -> 'visual.x', 'model.language_model.x' -> 'model.x'), the layout that
-    `save_pretrained` writes and vLLM's loader reads with is_checkpoint_format=True."""
-    for prefix, on_disk in (("model.visual.", "visual."), ("model.language_model.", "model.")):
-        if name.startswith(prefix):
-            return on_disk + name[len(prefix) :]
-    return name
 
 
 def _free_port() -> int:
@@ -68,6 +59,8 @@ class VLLMEngine:
         weights_version: int | None = 0,
         sleep_mode: bool = True,
     ):
+        if d.device.type != "cuda":
+            families.check_vllm_cpu(model_path)  # a family the CPU build refuses: one line, before vLLM starts
         try:
             from vllm import LLM
         except ImportError as e:
@@ -171,10 +164,12 @@ class VLLMEngine:
     def _reload_weights(self, model, version: int | None) -> None:
         """The push itself: (name, full tensor) pairs into vLLM's loader, then the stale caches dropped."""
 
+        family = families.family(model.config)  # its on-disk names: what vLLM's loader reads
+
         def weights():  # (name, full bf16 tensor), one at a time: never the whole model gathered at once
             for name, tensor in model.state_dict().items():
                 full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-                yield checkpoint_name(name), full.detach().to(torch.bfloat16)  # fp32 master weights -> bf16
+                yield families.checkpoint_name(family, name), full.detach().to(torch.bfloat16)  # fp32 -> bf16
 
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
         # Stale state computed with the old weights: the prefix (KV) cache, and the scheduler's record of

@@ -5,7 +5,8 @@
 
 `logprobs` loads the model as the trainer does (fp32 master weights, the attention kernel of this
 device) and compares the log-probs of three prompt + response sequences of very different lengths
-packed into one row against the padded batch, under the one precision context (bf16 autocast on GPU);
+(one image of 256 patches: the vision tower's full-attention call past 128 queries, the branch torch
+may send to cuDNN) packed into one row against the padded batch, under the one precision context (bf16 autocast on GPU);
 it exits 1 when they differ by more than the bound. `plan` prints what mmr1/memory.py predicts for
 the smoke run's grpo.py settings, the numbers gpu_smoke.sh puts beside the measured peaks.
 """
@@ -33,18 +34,24 @@ def check_logprobs(model_dir: str, device: str) -> float:
 
     from data import toy
     from mmr1 import batches, logprobs, modeling
+    from mmr1.chat import PromptFormat
 
     dev = torch.device(device)
     model = modeling.load_model(model_dir, dev, trainable=True)  # fp32 master weights: the one-GPU crash case
     processor = modeling.load_processor(model_dir, 3136, 50176)
-    picture = toy.draw_grid(["red", "blue", "red", "green"])
+    picture = toy.draw_grid(["red", "blue", "red", "green"])  # 112 x 112 px: 8 x 8 = 64 patches
+    large = picture.resize((224, 224))  # 16 x 16 = 256 patches: past 128, where torch 2.14 may pick cuDNN
     rows = [
         {"problem": "<image><image>Compare the squares.", "images": [picture, picture]},
         {"problem": "Hi"},
-        {"problem": "<image>How many red squares are there?", "images": [picture]},
+        {"problem": "<image>How many red squares are there?", "images": [large]},
     ]
     text = processor.tokenizer.encode("the answer is four because I count them one by one " * 40)
-    inputs, mask = batches.rl_batch(processor, rows, [text[:320], text[:1], text[:50]], 3136, 50176)
+    inputs, mask = batches.rl_batch(
+        processor,
+        batches.build_prompts(processor, rows, PromptFormat(), 3136, 50176),
+        [text[:320], text[:1], text[:50]],
+    )
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     with torch.no_grad():
@@ -56,9 +63,10 @@ def check_logprobs(model_dir: str, device: str) -> float:
     bound = BOUND_BF16 if bf16 else BOUND_FP32
     peak = f", peak {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB allocated" if bf16 else ""
     kernel = model.config._attn_implementation
+    patches = int(inputs["image_grid_thw"].prod(-1).max())  # the vision tower's longest full-attention segment
     print(
         f"packed vs padded log-probs on {dev} ({kernel}, {'bf16 autocast' if bf16 else 'fp32'}): max |diff| "
-        f"{diff:.2e} over {int(valid.sum())} positions (bound {bound:g}){peak}"
+        f"{diff:.2e} over {int(valid.sum())} positions (bound {bound:g}), images up to {patches} patches{peak}"
     )
     return diff if diff <= bound else float("inf")
 

@@ -75,5 +75,5 @@ if [ "$flash" = 1 ]; then
     CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-8} \
         "$py" -m pip install "flash-attn==2.8.3" --no-build-isolation
 fi
-"$py" -c "import torch; from mmr1 import modeling; print('attention:', modeling.attention_implementation(torch.device('cuda', 0)))"
+"$py" -c "import torch; from mmr1 import attention; print('attention:', attention.attention_implementation(torch.device('cuda', 0)))"
 echo "done: . $venv/bin/activate && bash scripts/gpu_smoke.sh"

@@ -5,7 +5,7 @@ import torch
 
 from conftest import prompt_texts
 from data import toy
-from mmr1 import batches, chat, images
+from mmr1 import batches, chat, families, images
 
 
 def grid_image(colours=("red", "blue", "green", "yellow")):
@@ -31,7 +31,7 @@ def test_processor_inputs_for_one_and_two_images(toy_model, n_images):
         {"problem": "Short <image>" + "<image>" * (n_images - 1), "images": [grid_image()] * n_images},
     ]
     texts = prompt_texts(processor, rows)
-    pictures = [images.row_images(r, 3136, 50176) for r in rows]
+    pictures = [images.row_images(r, 3136, 50176, families.image_factor(processor)) for r in rows]
     inputs = batches.processor_inputs(processor, texts, pictures)
     assert inputs["image_grid_thw"].shape == (2 * n_images, 3)
     assert inputs["pixel_values"].shape[0] == 64 * 2 * n_images

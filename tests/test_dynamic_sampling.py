@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_grpo import METRICS  # the names docs/grpo.md documents
 
 import grpo
 import vas
@@ -84,7 +85,7 @@ def test_perf_metrics_count_every_token_of_both_phases(policy):
     tokens of the trained sequences per update second (hand-summed); no MFU off CUDA."""
     model, _, _ = policy
     batch, _, cfg = sample(policy, dynamic_sampling=True, max_sampling_rounds=4)
-    got = grpo.perf_metrics(model.config, batch, 2.0, 4.0, None, cfg, CPU)
+    got = grpo.perf_metrics(model.config, batch, 2.0, 4.0, rollout.HFEngine, cfg, CPU)  # no shared prefill
     generated = sum(len(o.token_ids) for g in batch.sampled for o in g.outs)
     trained = sum(len(batch.prompts[o.row].ids) + len(o.token_ids) for o in batch.outs)
     assert got == {"perf/rollout_tokens_per_s": generated / 2.0, "perf/update_tokens_per_s": trained / 4.0}
@@ -97,14 +98,13 @@ def test_filler_groups_weigh_nothing(policy):
     model, processor, _ = policy
     batch, _, cfg = sample(policy, dynamic_sampling=True, max_sampling_rounds=1)
     cfg = dataclasses.replace(cfg, kl_coef=0.0, updates_per_batch=1)
-    fmt = chat.PromptFormat()
     overall = torch.tensor([r["overall"] for r in batch.rewards])
     adv, _ = grpo.group_advantages(overall, N)
     kept = int(batch.trained.sum()) // N
 
     def grads(outs, rows, prompts, advantages, trained):
         model.zero_grad()
-        micro = grpo.micro_batches(processor, outs, rows, prompts, advantages, cfg, fmt, CPU, trained)
+        micro = grpo.micro_batches(processor, outs, prompts, advantages, cfg, CPU, trained)
         stats = grpo.policy_loss_backward(model, micro, cfg, CPU)
         return stats["loss"], [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -149,7 +149,7 @@ def metrics(out):
 
 
 def test_grpo_torchrun_dynamic_sampling_with_vas_online(toy_dir, toy_sft, tmp_path):
-    """Two ranks (gloo), every issue-30 option on: the rounds are agreed (a disagreement would hang the all-reduce), the
+    """Two ranks (gloo), every GRPO option on: the rounds are agreed (a disagreement would hang the all-reduce), the
     generation budget counts every sampled response (VAS's initial scoring of 16 x 2 included), the
     trained share is at most 1 and, when the batch was filled, the trained groups all have signal."""
     flags = ["--vas", "--vas-online", "--vas-rollouts", "2", "--vas-update-every", "0", "--log-rollouts", "3",
@@ -158,7 +158,7 @@ def test_grpo_torchrun_dynamic_sampling_with_vas_online(toy_dir, toy_sft, tmp_pa
              "--overlong-buffer", "8", "--tis-cap", "2"]  # fmt: skip
     run_script(dynamic_args(toy_dir, toy_sft, tmp_path / "run", 3, *flags), torchrun=2)
     lines = [r for r in metrics(tmp_path / "run") if "train/loss" in r]
-    assert len(lines) == 3 and set(grpo.METRICS) - {"val/accuracy"} <= set(lines[0])
+    assert len(lines) == 3 and METRICS - {"val/accuracy"} <= set(lines[0])
     sampled = np.cumsum([r["rollout/sampled_responses"] for r in lines])
     assert [r["rollout/generated_responses"] for r in lines] == (16 * 2 + sampled).tolist()
     for r in lines:

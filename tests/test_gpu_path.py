@@ -16,27 +16,29 @@ from test_rollout import install_fake_vllm
 
 import grpo
 from conftest import ROOT, run_script
-from mmr1 import dist, logprobs, memory, modeling, rollout
+from mmr1 import attention, dist, logprobs, memory, modeling, rollout, vllm_engine
 
 # ---------------------------------------------------------------------------------------------
 # torch_varlen: PyTorch's fused varlen kernel on packed rows
 # ---------------------------------------------------------------------------------------------
 
 
-def sdpa_per_segment(calls):
-    """A CPU stand-in for torch.nn.attention.varlen.varlen_attn with its signature: SDPA over each
-    segment that cu_seq_q delimits (causal for window_size (-1, 0), both ways for (-1, -1)), (N, heads,
-    D) in and out. Like the CUDA kernel it refuses q, k, v that are not all fp16 or all bf16, and
-    computes in fp32, returning the input dtype. Records what it receives."""
+def sdpa_per_segment(calls, enable_gqa_keyword: bool = True):
+    """A CPU stand-in for torch.nn.attention.varlen.varlen_attn with its signature (torch 2.14's, or
+    with enable_gqa_keyword=False torch 2.11's, which has no `enable_gqa` and takes fewer key / value
+    heads as they are): SDPA over each segment that cu_seq_q delimits, causal for window_size (-1, 0),
+    both ways for (-1, -1) or a window that covers the longest segment, (N, heads, D) in and out. Like
+    the CUDA kernel it refuses q, k, v that are not all fp16 or all bf16, and computes in fp32,
+    returning the input dtype. Records what it receives."""
 
-    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-                    enable_gqa=False, return_aux=None, seqused_k=None, block_table=None, num_splits=None):  # fmt: skip
+    def attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, enable_gqa):
         calls.append({"cu_q": cu_seq_q.tolist(), "cu_k": cu_seq_k.tolist(), "max": (max_q, max_k),
                       "window": window_size, "dtype": cu_seq_q.dtype, "gqa": enable_gqa, "scale": scale,
                       "qkv": (query.dtype, key.dtype, value.dtype)})  # fmt: skip
         if not (query.dtype == key.dtype == value.dtype and query.dtype in (torch.float16, torch.bfloat16)):
             raise RuntimeError(f"FlashAttention only supports fp16 and bf16, equal dtypes: {calls[-1]['qkv']}")
-        assert window_size in ((-1, 0), (-1, -1))  # causal, or full attention within each segment
+        covers = min(window_size) >= max_q - 1  # every key of the query's segment lies inside the window
+        assert window_size in ((-1, 0), (-1, -1)) or covers  # causal, or full attention within each segment
         bounds = cu_seq_q.tolist()
         parts = []
         for s, e in zip(bounds[:-1], bounds[1:]):
@@ -47,11 +49,20 @@ def sdpa_per_segment(calls):
             parts.append(out.transpose(0, 1))
         return torch.cat(parts).to(query.dtype)
 
-    return varlen_attn
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                    enable_gqa=False, return_aux=None, seqused_k=None, block_table=None, num_splits=None):  # fmt: skip
+        return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, enable_gqa)
+
+    def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                         window_size=(-1, -1)):  # fmt: skip
+        gqa = query.shape[1] != key.shape[1]  # FA2 reads the head counts itself
+        return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, gqa)
+
+    return varlen_attn if enable_gqa_keyword else varlen_attn_2_11
 
 
-class CountingCache(modeling.BoundaryCache):
-    """modeling.BOUNDARIES that counts its reads of boundaries (each one a host sync on GPU)."""
+class CountingCache(attention.BoundaryCache):
+    """attention.BOUNDARIES that counts its reads of boundaries (each one a host sync on GPU)."""
 
     def __init__(self):
         super().__init__()
@@ -69,11 +80,11 @@ class CountingCache(modeling.BoundaryCache):
 def varlen_model(toy_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    modeling.register_packed_attention()
+    attention.register_packed_attention()
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        toy_dir / "model", attn_implementation=modeling.TORCH_VARLEN
+        toy_dir / "model", attn_implementation=attention.TORCH_VARLEN
     )
-    modeling.use_vision_varlen(model)  # what load_model does for TORCH_VARLEN
+    attention.use_vision_varlen(model)  # what load_model does for TORCH_VARLEN
     return model  # fp32 weights, as a trainable model's master weights
 
 
@@ -98,7 +109,7 @@ def test_torch_varlen_packed_equals_padded(toy_model, varlen_model, monkeypatch)
     calls = []
     monkeypatch.setattr(varlen, "varlen_attn", sdpa_per_segment(calls))
     counting = CountingCache()
-    monkeypatch.setattr(modeling, "BOUNDARIES", counting)
+    monkeypatch.setattr(attention, "BOUNDARIES", counting)
     _, processor = toy_model
     inputs, mask = rl_micro_batch(processor, [2, 1, 0])
     lengths = inputs["attention_mask"].sum(1).tolist()
@@ -140,11 +151,36 @@ def test_torch_varlen_casts_fp32_without_autocast(monkeypatch):
     q, k, v = (torch.randn(1, h, 10, 8, generator=gen) for h in (4, 2, 2))  # (1, heads, N, D)
     positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
     module = types.SimpleNamespace(scaling=8**-0.5)
-    out, _ = modeling.torch_varlen(module, q, k, v, None, position_ids=positions)
+    out, _ = attention.torch_varlen(module, q, k, v, None, position_ids=positions)
     assert calls[-1]["qkv"] == (torch.bfloat16,) * 3 and out.dtype == torch.float32 and out.shape == (1, 10, 4, 8)
     with torch.autocast("cpu", dtype=torch.float16):
-        modeling.torch_varlen(module, q, k, v.half(), None, position_ids=positions)
+        attention.torch_varlen(module, q, k, v.half(), None, position_ids=positions)
     assert calls[-1]["qkv"] == (torch.float16,) * 3 and calls[-1]["cu_q"] == [0, 4, 10]
+
+
+@pytest.mark.parametrize("newer", [True, False], ids=["torch-2.14-signature", "torch-2.11-signature"])
+def test_fused_varlen_passes_enable_gqa_only_where_taken(monkeypatch, newer):
+    """torch 2.11's varlen_attn has no `enable_gqa` (a TypeError at the first packed forward if passed):
+    fused_varlen passes it only where the installed signature takes it, and both give the same GQA
+    attention (4 query heads over 2 key / value heads), causal and full, equal to SDPA per segment."""
+    import torch.nn.attention.varlen as varlen
+
+    calls = []
+    monkeypatch.setattr(varlen, "varlen_attn", sdpa_per_segment(calls, enable_gqa_keyword=newer))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(10, h, 8, generator=gen).bfloat16() for h in (4, 2, 2))  # (N, heads, D)
+    cu_seq = torch.tensor([0, 4, 10], dtype=torch.int32)
+    for causal in (True, False):
+        out = attention.fused_varlen(q, k, v, cu_seq, 6, None, causal=causal)
+        expected = torch.cat([
+            torch.nn.functional.scaled_dot_product_attention(
+                *(t[s:e].transpose(0, 1).float() for t in (q, k, v)), is_causal=causal, enable_gqa=True
+            ).transpose(0, 1)
+            for s, e in ((0, 4), (4, 10))
+        ])  # fmt: skip
+        assert torch.allclose(out.float(), expected, atol=1e-2, rtol=0)  # one bf16 rounding of the output
+    assert [c["gqa"] for c in calls] == [True, True] and [c["window"] for c in calls] == [(-1, 0), (6, 6)]
+    assert attention.takes_keyword(varlen.varlen_attn, "enable_gqa") is newer
 
 
 def test_vision_tower_one_varlen_call_per_block(toy_model, varlen_model, monkeypatch):
@@ -169,7 +205,13 @@ def test_vision_tower_one_varlen_call_per_block(toy_model, varlen_model, monkeyp
         expected = stock.model.visual(pixels, grid_thw=grid).pooler_output.float()
         got = varlen_model.model.visual(pixels, grid_thw=grid).pooler_output.float()
     assert [c["cu_q"] for c in calls] == [windows, whole] and all(c["cu_k"] == c["cu_q"] for c in calls)
-    assert [c["max"] for c in calls] == [(64, 64), (256, 256)] and all(c["window"] == (-1, -1) for c in calls)
+    # both directions through a window covering the longest segment, never (-1, -1): on sm90 / sm100 torch
+    # sends a (-1, -1) call with max_q > 128 (here the 256-patch image of the full-attention block) to cuDNN
+    assert [c["max"] for c in calls] == [(64, 64), (256, 256)] and [c["window"] for c in calls] == [
+        (64, 64),
+        (256, 256),
+    ]
+    assert not [c for c in calls if c["window"] == (-1, -1) and c["max"][0] > 128]
     assert all(c["dtype"] == torch.int32 and c["qkv"] == (torch.bfloat16,) * 3 for c in calls)
     scale = expected.abs().max()
     assert torch.allclose(got, expected, atol=BF16_VISION_RTOL * scale, rtol=0)
@@ -178,12 +220,12 @@ def test_vision_tower_one_varlen_call_per_block(toy_model, varlen_model, monkeyp
 def test_attention_choice(monkeypatch):
     """CPU: per-sequence SDPA. A GPU without flash-attn: torch's varlen kernel (torch 2.14 has it).
     With flash-attn importable: flash_attention_2."""
-    assert modeling.attention_implementation(torch.device("cpu")) == modeling.VARLEN_SDPA
+    assert attention.attention_implementation(torch.device("cpu")) == attention.VARLEN_SDPA
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # `import flash_attn` raises ImportError
-    assert modeling.torch_varlen_available()
-    assert modeling.attention_implementation(torch.device("cuda", 0)) == modeling.TORCH_VARLEN
+    assert attention.torch_varlen_available()
+    assert attention.attention_implementation(torch.device("cuda", 0)) == attention.TORCH_VARLEN
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
-    assert modeling.attention_implementation(torch.device("cuda", 0)) == "flash_attention_2"
+    assert attention.attention_implementation(torch.device("cuda", 0)) == "flash_attention_2"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +250,7 @@ def test_engine_arguments_eval_grpo(monkeypatch, toy_model, toy_dir):
     engine = evaluation.make_engine(cfg, str(toy_dir / "model"), None, processor, gpu)
     kwargs = log[0][1]
     assert kwargs["enable_sleep_mode"] is False and not engine.sleep_mode
-    assert kwargs["max_model_len"] == 4096 == rollout.max_positions(str(toy_dir / "model"))
+    assert kwargs["max_model_len"] == 4096 == vllm_engine.max_positions(str(toy_dir / "model"))
     assert kwargs["mm_processor_kwargs"] == {"min_pixels": 3136, "max_pixels": 50176}
     engine.sleep()
     assert log[-1][0] == "LLM"  # no sleep call without sleep mode
@@ -374,6 +416,7 @@ sys.path.insert(0, {root!r})
 import torch
 from data import toy
 from mmr1 import batches, dist, logprobs, modeling
+from mmr1.chat import PromptFormat
 
 d = dist.setup_distributed(0)
 model_dir = {model!r}
@@ -393,12 +436,12 @@ total = 7.0  # response tokens of both ranks
 # the reference: one process, both rows, the unsharded model
 reference = modeling.load_model(model_dir, d.device, trainable=True)
 for row, response in zip(rows, responses):
-    inputs, mask = batches.rl_batch(processor, [row], [response], 3136, 50176)
+    inputs, mask = batches.rl_batch(processor, batches.build_prompts(processor, [row], PromptFormat(), 3136, 50176), [response])
     loss_of(reference, inputs, mask, total).backward()
 expected = {{n: p.grad.clone() for n, p in reference.named_parameters()}}
 
 model = modeling.shard_model(modeling.load_model(model_dir, d.device, trainable=True), d)
-inputs, mask = batches.rl_batch(processor, [rows[d.rank]], [responses[d.rank]], 3136, 50176)
+inputs, mask = batches.rl_batch(processor, batches.build_prompts(processor, [rows[d.rank]], PromptFormat(), 3136, 50176), [responses[d.rank]])
 assert ("pixel_values" in inputs) == (d.rank == 0)
 for _ in range(2):  # twice: the second forward after a backward must line up as well
     model.zero_grad()
@@ -478,12 +521,31 @@ def test_gpu_smoke_commands_parse_and_bad_arguments_stop():
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("gpu_smoke.sh: "), bad
 
 
+def test_gpu_smoke_no_install_runs_hf_and_refuses_vllm():
+    """--no-install (preinstalled torch + transformers, no vLLM): every stage on HF generate, the toy
+    stage able to build the model without pyarrow; asking for vLLM with it stops with exit code 2."""
+    import shlex
+
+    def smoke(*args):
+        return subprocess.run(["bash", "scripts/gpu_smoke.sh", *args], cwd=ROOT, capture_output=True, text=True)
+
+    proc = smoke("--dry-run", "--no-install", "--gpus", "1")
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
+    assert list(lines) == ["toy", "plan", "sft", "logprobs", "grpo", "eval"]  # no vLLM V1 rerun
+    assert "--engine hf" in lines["grpo"] and "--engine hf" in lines["eval"] and "--engine hf" in lines["plan"]
+    assert "toy.build_toy_model()" in shlex.split(lines["toy"])[2]
+    proc = smoke("--dry-run", "--no-install", "--engine", "vllm")
+    assert proc.returncode == 2 and "--no-install runs without vLLM" in proc.stderr
+
+
 def test_gpu_checks_run_on_the_cpu(toy_dir):
     """gpu_smoke.sh's two checks on the toy, here on the CPU: packed and padded log-probs agree (fp32:
     within 1e-4); the plan prints the peaks the smoke table puts beside the measured ones."""
     out = run_script(["scripts/gpu_checks.py", "logprobs", "--model", str(toy_dir / "model"), "--device", "cpu"]).stdout
     line = next(x for x in out.splitlines() if x.startswith("packed vs padded"))
     assert "(sdpa_varlen, fp32)" in line and float(line.split("max |diff| ")[1].split()[0]) < 1e-4
+    assert "images up to 256 patches" in line  # the vision tower's full-attention call past 128 queries
     args = ["scripts/gpu_checks.py", "plan", "--model", str(toy_dir / "model"), "--gpus", "2", "--card-gib", "139.7"]
     out = run_script(args + ["--", "--vas", "--max-steps", "3"]).stdout
     line = next(x for x in out.splitlines() if x.startswith("plan:"))
@@ -585,7 +647,7 @@ def test_vllm_engine_keeps_the_global_rngs(monkeypatch, toy_model, toy_dir):
     random.seed(123)
     np.random.seed(123)
     torch.manual_seed(123)
-    rollout.VLLMEngine(str(toy_dir / "model"), processor, dist.Dist(0, 1, 0, torch.device("cpu")), min_pixels=3136,
+    vllm_engine.VLLMEngine(str(toy_dir / "model"), processor, dist.Dist(0, 1, 0, torch.device("cpu")), min_pixels=3136,
                        max_pixels=50176)  # fmt: skip
     assert log[0][0] == "LLM" and (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     assert log[0][1]["limit_mm_per_prompt"] == {"image": 4, "video": 0}  # no video budget reserved
@@ -632,7 +694,7 @@ def test_setup_gpu_checks_python_and_nvcc_first(tmp_path):
 
 
 def test_boundary_cache_reads_each_tensor_once_and_again_after_a_write():
-    cache, reads = modeling.BoundaryCache(size=2), []
+    cache, reads = attention.BoundaryCache(size=2), []
     positions = torch.tensor([0, 1, 0, 1, 2])
 
     def boundaries(t):

@@ -1,4 +1,4 @@
-"""grpo.py's options of issue 30: the loss variants (--adv-norm, --loss-agg, --ratio-level), --mask-truncated
+"""grpo.py's GRPO options: the loss variants (--adv-norm, --loss-agg, --ratio-level), --mask-truncated
 and DAPO's overlong punishment, each against a naive per-response reference or hand-computed numbers.
 
 The loss tests use a stand-in policy: the log-prob of token t of response i is theta[ids[i, t]], a
@@ -146,7 +146,7 @@ def test_the_variants_differ():
 
 
 def old_policy_loss_backward(model, micro, cfg, d):
-    """policy_loss_backward as it was before issue 30 (a copy): the global token mean of PPO's token loss."""
+    """policy_loss_backward before the options (a copy): the global token mean of PPO's token loss."""
     from mmr1 import logprobs
 
     local_tokens = sum(float(b["response_mask"].sum()) for b in micro)
@@ -227,9 +227,8 @@ def test_micro_batches_mask_truncated(toy_model):
     adv = torch.tensor([1.0, -1.0])
     for on in (False, True):
         cfg = grpo.GRPOConfig(mask_truncated=on, max_tokens_per_micro_batch=0, micro_batch_size=4)
-        (b,) = grpo.micro_batches(processor, outs, rows, prompts, adv, cfg, fmt, CPU)
-        [(_, _, plain)] = batches.rl_micro_batches(processor, [rows[0]] * 2, [o.token_ids for o in outs], 3136, 50176,
-                                                   fmt, 0, 4, CPU, {id(rows[0]): prompts[0]})  # fmt: skip
+        (b,) = grpo.micro_batches(processor, outs, prompts, adv, cfg, CPU)
+        [(_, _, plain)] = batches.rl_micro_batches(processor, [prompts[0]] * 2, [o.token_ids for o in outs], 0, 4, CPU)
         assert b["response_mask"].dtype == plain.dtype
         assert b["response_mask"][0].equal(plain[0]) and plain[1].sum() == 4
         assert b["response_mask"][1].sum() == (0 if on else 4)
@@ -258,7 +257,7 @@ def test_score_adds_the_overlong_term_to_overall_not_accuracy():
 
 
 def test_option_flags_are_off_by_default_and_not_in_the_paper_preset():
-    """The issue-30 fields keep today's behaviour by default and --preset paper leaves them alone."""
+    """The option fields keep the plain GRPO behaviour by default and --preset paper leaves them alone."""
     defaults = grpo.GRPOConfig()
     assert (defaults.adv_norm, defaults.loss_agg, defaults.ratio_level) == ("std", "token-mean", "token")
     assert not defaults.mask_truncated and defaults.overlong_buffer == 0
@@ -341,9 +340,9 @@ def test_hf_engine_logprobs_equal_the_trainers(toy_model, monkeypatch):
     engine = rollout.HFEngine(model, processor, CPU, min_pixels=3136, max_pixels=50176, batch_size=8)
 
     def gap_trainer_minus_engine():
-        outs = engine.generate(rows, 2, rollout.Sampling(temperature=0.7, max_new_tokens=12, seed=3))
+        outs = engine.generate(rows, 2, rollout.Sampling(temperature=0.7, max_new_tokens=12, seed=3, logprobs=True))
         assert all(len(o.logprobs) == len(o.token_ids) for o in outs)
-        micro = grpo.micro_batches(processor, outs, rows, prompts, torch.zeros(len(outs)), cfg, fmt, CPU)
+        micro = grpo.micro_batches(processor, outs, prompts, torch.zeros(len(outs)), cfg, CPU)
         gaps = []
         for b, trainer in zip(micro, grpo.frozen_token_logprobs(model, micro, cfg, CPU)):
             m = b["engine_mask"] > 0
@@ -367,6 +366,8 @@ def test_grpo_script_with_the_options_on(toy_dir, tmp_path):
     import json
     import math
 
+    from test_grpo import METRICS
+
     from conftest import run_script
 
     data, out = toy_dir / "data" / "rl", tmp_path / "run"
@@ -378,7 +379,7 @@ def test_grpo_script_with_the_options_on(toy_dir, tmp_path):
                 "--tis-cap", "2"])  # fmt: skip
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "train/loss" in r]
-    assert len(steps) == 2 and set(grpo.METRICS) - {"val/accuracy"} <= set(steps[0])
+    assert len(steps) == 2 and METRICS - {"val/accuracy"} <= set(steps[0])
     assert all(math.isfinite(v) for r in steps for v in r.values())
     for r in steps:
         assert 0 <= r["rollout/logprob_abs_diff"] <= r["rollout/logprob_abs_diff_max"] < 0.02

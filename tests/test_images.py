@@ -1,6 +1,7 @@
 """mmr1.images: decoding every accepted image form and resizing into the pixel range."""
 
 import io
+import itertools
 
 from PIL import Image
 
@@ -19,10 +20,10 @@ def image_file(tmp_path, name="img.png"):
 
 
 def test_resize_image_keeps_pixels_in_range():
-    for w, h in [(30, 20), (112, 112), (4000, 3000), (50, 2000)]:
-        out = images.resize_image(Image.new("RGB", (w, h)), 3136, 200_000)
+    for (w, h), factor in itertools.product([(30, 20), (112, 112), (4000, 3000), (50, 2000)], (28, 32)):
+        out = images.resize_image(Image.new("RGB", (w, h)), 3136, 200_000, factor)  # 14- and 16-px patches x 2
         ow, oh = out.size
-        assert ow % 28 == 0 and oh % 28 == 0
+        assert ow % factor == 0 and oh % factor == 0
         assert 3136 <= ow * oh <= 200_000, (w, h, out.size)
 
 

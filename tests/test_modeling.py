@@ -4,7 +4,7 @@ import torch
 
 from conftest import prompt_texts
 from data import toy
-from mmr1 import batches
+from mmr1 import batches, modeling
 
 
 def grid_image(colours=("red", "blue", "green", "yellow")):
@@ -39,3 +39,18 @@ def test_toy_model_round_trip(toy_dir, toy_model):
     torch.manual_seed(0)
     out = model.generate(**inputs, max_new_tokens=5, do_sample=True, pad_token_id=tok.pad_token_id)
     assert out.shape[0] == 1 and inputs["input_ids"].shape[1] < out.shape[1] <= inputs["input_ids"].shape[1] + 5
+
+
+def test_optimizer_fused_on_cuda_and_autocast_without_weight_cache():
+    """The one-GPU 3B launch's two memory terms: AdamW is fused on CUDA (no foreach temporary of
+    4 B x params at the step) and foreach on CPU (the numbers the CPU tests pin); the precision
+    context keeps no bf16 copy of the fp32 weights (autocast's cache, 2 B x params)."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    cuda = modeling.create_optimizer(params, 1e-3, 0.01, torch.device("cuda", 0))
+    cpu = modeling.create_optimizer(params, 1e-3, 0.01, torch.device("cpu"))
+    assert cuda.defaults["fused"] is True and not cpu.defaults["fused"]
+    assert cuda.defaults["betas"] == (0.9, 0.999) and cuda.defaults["weight_decay"] == 0.01
+    for device in (torch.device("cuda", 0), torch.device("cpu")):  # (torch turns CUDA autocast off without a GPU)
+        context = modeling.autocast(device)
+        assert context._cache_enabled is False and context.fast_dtype == torch.bfloat16
+    assert modeling.autocast(torch.device("cpu"))._enabled is False  # fp32 on CPU

@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 
+from conftest import prompt_texts
 from data import toy
 from mmr1 import batches, dist, logprobs
+from mmr1.chat import PromptFormat
 
 # fp32 on CPU. Packed and padded runs do the same arithmetic on every real token, only through
 # matmuls of other shapes (N x H instead of B*T x H), so results differ by summation order alone:
@@ -39,7 +41,7 @@ def rl_micro_batch(processor, pattern: list[int]):
         for k, q in zip(pattern, ["Compare the squares.", "Hi", "How many red squares are there?"])
     ]
     responses = [text_ids(processor, 320), text_ids(processor, 1), text_ids(processor, 50)]
-    return batches.rl_batch(processor, rows, responses, 3136, 50176)
+    return batches.rl_batch(processor, batches.build_prompts(processor, rows, PromptFormat(), 3136, 50176), responses)
 
 
 def logprobs_and_grads(model, inputs, mask, packed: bool):
@@ -193,7 +195,7 @@ def test_packed_equals_padded_with_left_padding(toy_model):
     rows = [{"problem": "<image><image>Which one has more red?", "images": [grid(), grid(("red",) * 4)]},
             {"problem": "Hi"}, {"problem": "<image>Count.", "images": [grid()]}]  # fmt: skip
     inputs = batches.processor_inputs(
-        processor, batches.prompt_texts(processor, rows), [r.get("images", []) for r in rows]
+        processor, prompt_texts(processor, rows), [r.get("images", []) for r in rows]
     )
     assert (inputs["attention_mask"][:, 0] == 0).any()  # left padding
     with torch.no_grad():

@@ -1,13 +1,14 @@
 """sft.py end to end on the toy: one process, torchrun x2 (same weights as one process), resume."""
 
 import json
+import random
 
 import pytest
 import torch
 
 import sft
 from conftest import run_script
-from mmr1 import checkpoint, modeling
+from mmr1 import checkpoint, dist, modeling
 
 
 def toy_args(toy_dir, out, steps, *extra):
@@ -43,6 +44,29 @@ def test_global_batches_walk_a_permutation_per_epoch():
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
     assert flat[:10] != flat[10:]
     assert seen == [sft.global_batch(s, 10, 4, seed=1) for s in range(5)]
+
+
+def shuffled_per_position(step: int, n_rows: int, batch_size: int, seed: int) -> list[int]:
+    """The order's definition, naively: each position's epoch permutation rebuilt from scratch."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, n_rows)
+        perm = list(range(n_rows))
+        random.Random(dist.derive_seed(seed, "sft-order", epoch)).shuffle(perm)
+        out.append(perm[offset])
+    return out
+
+
+def test_global_batch_builds_each_epoch_order_once():
+    """The same batches as rebuilding the permutation per position (so resume and every run made
+    before keep their order), with one permutation built per epoch: 9 steps of 5 over 13 rows cross
+    3 epoch boundaries and make 4 orders, not 45."""
+    sft.epoch_order.cache_clear()
+    fast = [sft.global_batch(s, 13, 5, seed=3) for s in range(9)]
+    assert sft.epoch_order.cache_info().misses == 4
+    assert fast == [shuffled_per_position(s, 13, 5, seed=3) for s in range(9)]
+    assert all(type(i) is int for b in fast for i in b)
+    assert sft.global_batch(7, 13, 5, seed=3) == fast[7]  # a resumed run: any step, from nothing but (step, seed)
 
 
 def test_sft_script_trains_and_saves(toy_dir, tmp_path):
@@ -127,10 +151,10 @@ def test_paper_preset_is_table_5():
 def train_toy_steps(toy_dir, packed: bool) -> tuple[dict, dict]:
     """(initial, final) state dicts of STEPS AdamW steps of sft_loss on 8 toy rows each: packed
     micro-batches by a 200-token budget, or right-padded ones of 4 rows (grouped differently)."""
-    from mmr1 import batches, data, dist, modeling
+    from mmr1 import batches, dist, modeling, prepare
 
     d = dist.Dist(0, 1, 0, torch.device("cpu"))
-    rows = data.load_rows(f"{toy_dir / 'data' / 'sft'}@train", "sft")[: 8 * STEPS]
+    rows = prepare.load_rows(f"{toy_dir / 'data' / 'sft'}@train", "sft")[: 8 * STEPS]
     processor = modeling.load_processor(str(toy_dir / "model"))
     model = modeling.load_model(str(toy_dir / "model"), d.device, trainable=True)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -4,6 +4,7 @@ import collections
 import io
 import random
 
+import pytest
 from PIL import Image
 
 from data import toy
@@ -86,3 +87,13 @@ def test_answer_not_predictable_from_question_text():
             hits += guess == r["answer"]
         accuracy = hits / len(rows)
         assert accuracy < chance + 0.08, (family, accuracy)
+
+
+def test_toy_model_folder_and_family_per_family(tmp_path):
+    """`python -m data.toy --family F` writes runs/toy-init-F (the default Qwen2.5-VL toy stays in
+    runs/toy-init, where every toy run reads it); a family without a toy is a one-line error."""
+    assert toy.toy_model_dir() == toy.TOY_MODEL_DIR == toy.ROOT / "runs" / "toy-init"
+    assert toy.toy_model_dir("qwen3_vl") == toy.ROOT / "runs" / "toy-init-qwen3_vl"
+    assert set(toy.TOY_BUILDERS) == set(toy.TOY_FAMILIES)
+    with pytest.raises(ValueError, match=r"^no toy for model family 'llava'; choose from \('qwen2_5_vl', "):
+        toy.build_toy_model(tmp_path, family="llava")

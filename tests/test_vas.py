@@ -177,6 +177,9 @@ def test_sampler_is_deterministic_and_resumes_exactly():
     resumed = vas.MixedSampler(13, 6, mix_ratio=0.5, seed=99)
     resumed.load_state_dict(state)
     assert take(resumed, 9) == expected
+    # the public iterator (DESIGN.md's names): the same batches as next_batch, forever
+    batches = iter(fresh(1))
+    assert [next(batches) for _ in range(7)] == take(fresh(1), 7)
 
 
 def test_degenerate_weights_fall_back_to_uniform():
@@ -203,6 +206,35 @@ def test_rank_shares_are_disjoint_and_cover_the_batch():
     uneven = [dist.shard(batch, dist.Dist(r, 5, r, torch.device("cpu"))) for r in range(5)]
     assert all(len(p) == 3 for p, _ in uneven)  # equal work on every rank: padded
     assert sum((p[:n] for p, n in uneven), []) == batch  # the real items, once each
+
+
+def test_rollout_scores_owns_rounds_and_seeds():
+    """vas.rollout_scores: rounds of prompts_per_call prompts, each generated in one call seeded by
+    scoring_seed(seed, step, round) at the given temperature, and every score back on its own row."""
+    import torch
+
+    import reward
+    from mmr1 import dist, rollout
+
+    class Engine:  # answers "4" with 1-3 tokens by row, and records each call
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, rows, n, sampling):
+            self.calls.append((len(rows), sampling.seed, sampling.temperature))
+            return [rollout.Rollout(i, [1] * (1 + int(r["problem"][1:]) % 3), "<answer>4</answer>", "stop")
+                    for i, r in enumerate(rows) for _ in range(n)]  # fmt: skip
+
+    rows = [{"problem": f"q{i}", "answer": "4" if i % 3 else "5"} for i in range(17)]
+    engine, one = Engine(), dist.Dist(0, 1, 0, torch.device("cpu"))
+    scores = vas.rollout_scores(engine, rows, one, n=2, sampling=rollout.Sampling(temperature=0.9), seed=7, step=5,
+                                pool=None, scoring=reward.Scoring(), prompts_per_call=5)  # fmt: skip
+    seeds = [vas.scoring_seed(7, 5, k) for k in range(4)]  # step 5's refresh, rounds 0-3
+    assert engine.calls == [(5, seeds[0], 0.9), (5, seeds[1], 0.9), (5, seeds[2], 0.9), (2, seeds[3], 0.9)]
+    assert scores["pass_rate"].tolist() == [0.0 if i % 3 == 0 else 1.0 for i in range(17)]
+    assert scores["tokens"].tolist() == [2.0 * (1 + i % 3) for i in range(17)]
+    assert np.allclose(scores["vps"], 0.8 * scores["ovs"] + 0.2 * scores["tds"])
+    assert len({vas.scoring_seed(7, step, k) for step in range(4) for k in range(4)}) == 16  # all streams apart
 
 
 def test_transition_matrix_rows_are_shares():
