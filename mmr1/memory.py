@@ -171,7 +171,9 @@ def what_fits(config, card_gib: float, run: RunSettings) -> str:
     tokens = next((t for t in (8192, 4096, 2048) if t < run.tokens_per_micro_batch
                    and plan(config, card_gib, dataclasses.replace(run, tokens_per_micro_batch=t))["fits"]), None)  # fmt: skip
     options = ([f"{ranks} GPUs of this card"] if ranks else []) + (
-        [f"--max-tokens-per-micro-batch {tokens}"] if tokens and tokens >= run.max_prompt_length else []
+        [f"--max-tokens-per-micro-batch {tokens}"]
+        if tokens and tokens >= run.max_prompt_length + run.max_response_length  # a sequence fits a pass
+        else []
     )
     return " or ".join(options) if options else "a card with more memory (no world size up to 64 fits)"
 

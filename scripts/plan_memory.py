@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-size", type=int, default=8, help="ranks (GPUs) of the run")
     parser.add_argument("--tokens-per-micro-batch", type=int, default=16384, help="--max-tokens-per-micro-batch")
+    parser.add_argument("--logprob-chunk", type=int, default=1024, help="--logprob-chunk")
     parser.add_argument("--reshard-reference", action=argparse.BooleanOptionalAction, default=True,
                         help="the reference root resharded after its forward (what grpo.py does)")  # fmt: skip
     parser.add_argument("--measure", action="append", default=[], metavar="SIZE:RANKS",
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> str:
     run = memory.RunSettings(
         world_size=args.world_size,
         tokens_per_micro_batch=args.tokens_per_micro_batch,
+        logprob_chunk=args.logprob_chunk,
         reshard_reference=args.reshard_reference,
         fused_adamw=not args.foreach_adamw,
         autocast_cache=args.autocast_cache,
