@@ -2,7 +2,8 @@
 
 dist        process group, reductions over ranks, a rank's share of a batch, seed streams
 config      dataclass -> CLI, metrics.jsonl logger, atomic files, one-line input errors
-modeling    loading Qwen2.5-VL + processor, FSDP2, precision, optimizer step
+families    the supported model families and every place they differ (one adapter)
+modeling    loading a model + processor, FSDP2, precision, optimizer step
 attention   attention kernel choice, packed-row attention (per-sequence SDPA, torch varlen), vision tower
 logprobs    per-token log-probs: the naive definition, then chunked and packed
 chat        the recipe's prompts, rows -> chat messages

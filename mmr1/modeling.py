@@ -111,7 +111,7 @@ def keep_vision_in_step(model) -> None:
     inner = model.model
     call = {"images": False, "vision_ran": False}  # this forward's images; the tower ran since the last text forward
 
-    def note_images(module, args, kwargs):  # Qwen2_5_VLModel.forward: were images given to this call?
+    def note_images(module, args, kwargs):  # the VL model's forward: were images given to this call?
         encoded = kwargs.get("mm_encoder_outputs") or {}  # generate() encodes the images before the prefill
         call["images"] = (
             kwargs.get("pixel_values") is not None

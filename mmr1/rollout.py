@@ -218,7 +218,7 @@ class HFEngine:
             # runs it on a blank image at that same place, so the ranks' all-gathers keep their order
             modeling.blank_vision(self.model)
         recorder = SampledLogprobs(1.0 if greedy else sampling.temperature) if sampling.logprobs else None
-        with torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.d.device.type == "cuda"):
+        with modeling.autocast(self.d.device):  # the one precision context (no weight cache: docs/paper-scale.md)
             generated = self.model.generate(
                 **inputs,
                 do_sample=not greedy,

@@ -1,9 +1,11 @@
 """Model families (mmr1/families.py): the adapter's facts checked against tiny random models of each
 family built from config (`data.toy.build_toy_model(..., family=F)`), and Qwen2-VL and Qwen3-VL run
 end to end on the CPU paths: packed log-probs equal the padded and naive ones, the door counts the
-tokens the processor makes, SFT (packed), one GRPO step (HF engine, packed) and eval. Qwen2.5-VL, the
-default toy, is covered by the rest of the suite; it appears here where a fact is compared across
-families."""
+tokens the processor makes, the GPU kernels' logic (CPU stand-in), SFT (packed), one GRPO step (HF
+engine, packed), FSDP2 under torchrun x2 and eval; Qwen3.5 (hybrid linear attention) refused packing
+and the CPU vLLM engine in one line, run with --no-pack. Qwen2.5-VL, the default toy, is covered by
+the rest of the suite; it appears here where a fact is compared across families. The vLLM CPU
+engine on Qwen3-VL: tests/test_vllm.py."""
 
 import json
 import subprocess
@@ -239,16 +241,16 @@ def grpo_args(model, data, out) -> list[str]:
 @pytest.mark.parametrize("family", END_TO_END)
 def test_sft_grpo_eval_end_to_end(family, toy_dir, tmp_path):
     """SFT (2 packed steps), one GRPO step from its model (HF engine, packed reference and update
-    passes; Qwen3-VL's under torchrun x2: FSDP2 over gloo) and eval of the result on a local ChartQA
-    file, each a real stage-script run on the family's toy; the trained weights move and stay of the
-    family."""
+    passes) and eval of the result on a local ChartQA file, each a real stage-script run on the
+    family's toy; Qwen2-VL's SFT and Qwen3-VL's GRPO step under torchrun x2 (FSDP2 over gloo). The
+    trained weights move and stay of the family."""
     from test_eval import local_benchmarks
 
     init = toy.build_toy_model(tmp_path / "init", seed=0, family=family)
     data = toy_dir / "data"
     run_script(["sft.py", "--model", str(init), "--data", f"{data / 'sft'}@train", "--output-dir", str(tmp_path / "sft"),
                 "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--acc-limit", "-1",
-                "--lr", "2e-3"])  # fmt: skip
+                "--lr", "2e-3"], torchrun=2 if family == "qwen2_vl" else 0)  # fmt: skip
     run_script(["grpo.py", *grpo_args(tmp_path / "sft" / "final", data, tmp_path / "grpo")],
                torchrun=2 if family == "qwen3_vl" else 0)  # fmt: skip
     (step,) = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
