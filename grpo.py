@@ -204,8 +204,9 @@ class GRPOConfig:
         0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)", at_least=0
     )
     resume: bool = field(
-        False, "continue from the latest <output-dir>/step-N (bit for bit on CPU; approximately on GPU: FA2's "
-        "backward and vLLM's batching are not deterministic)"
+        False,
+        "continue from the latest <output-dir>/step-N (bit for bit on CPU; approximately on GPU: FA2's "
+        "backward and vLLM's batching are not deterministic)",
     )
     stop_after: int = field(
         0, "exit after this many steps without the final save, as a preemption would (testing)", at_least=0

@@ -84,8 +84,9 @@ class SFTConfig:
     )
     seed: int = field(0, "seed of the data order and the init", at_least=0)
     resume: bool = field(
-        False, "continue from the latest <output-dir>/step-N (bit for bit on CPU; approximately on GPU: FA2's "
-        "backward is not deterministic)"
+        False,
+        "continue from the latest <output-dir>/step-N (bit for bit on CPU; approximately on GPU: FA2's "
+        "backward is not deterministic)",
     )
     stop_after: int = field(
         0, "exit after this many steps without the final save, as a preemption would (testing)", at_least=0

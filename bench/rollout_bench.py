@@ -85,7 +85,13 @@ def main() -> None:
     for name, batch_rows in (("once per response (before)", copies), ("once per prompt (now)", shared)):
         seconds, _ = timed(
             lambda rs=batch_rows: [
-                batches.rl_batch(processor, batches.build_prompts(processor, rs[s : s + micro], PromptFormat(), pixels["min_pixels"], pixels["max_pixels"]), responses[s : s + micro])
+                batches.rl_batch(
+                    processor,
+                    batches.build_prompts(
+                        processor, rs[s : s + micro], PromptFormat(), pixels["min_pixels"], pixels["max_pixels"]
+                    ),
+                    responses[s : s + micro],
+                )
                 for s in range(0, len(rs), micro)
             ]
         )

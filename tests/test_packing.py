@@ -194,9 +194,7 @@ def test_packed_equals_padded_with_left_padding(toy_model):
     model, processor = toy_model
     rows = [{"problem": "<image><image>Which one has more red?", "images": [grid(), grid(("red",) * 4)]},
             {"problem": "Hi"}, {"problem": "<image>Count.", "images": [grid()]}]  # fmt: skip
-    inputs = batches.processor_inputs(
-        processor, prompt_texts(processor, rows), [r.get("images", []) for r in rows]
-    )
+    inputs = batches.processor_inputs(processor, prompt_texts(processor, rows), [r.get("images", []) for r in rows])
     assert (inputs["attention_mask"][:, 0] == 0).any()  # left padding
     with torch.no_grad():
         padded, _ = logprobs.token_logprobs(model, inputs)
