@@ -125,9 +125,10 @@ def _first_rank_first(build):
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_images(row: dict, min_pixels: int, max_pixels: int) -> dict:
+def decode_images(row: dict, min_pixels: int, max_pixels: int, factor: int = 28) -> dict:
     """The row with its images decoded (PIL RGB); ValueError for an image that does not decode or that
-    the processor would refuse after resizing into [min_pixels, max_pixels] pixels."""
+    the processor would refuse after resizing into [min_pixels, max_pixels] pixels (to multiples of
+    `factor` px, the processor's patch x merge)."""
     decoded = []
     for j, image in enumerate(row.get("images") or []):
         try:
@@ -136,7 +137,7 @@ def decode_images(row: dict, min_pixels: int, max_pixels: int) -> dict:
         except Exception as e:  # noqa: BLE001 - any decoder failure means an unreadable image
             raise ValueError(f"image {j} is unreadable ({type(e).__name__}: {e})") from e
         try:
-            check_image_shape(*loaded.size, min_pixels, max_pixels)
+            check_image_shape(*loaded.size, min_pixels, max_pixels, factor)
         except ValueError as e:
             raise ValueError(f"image {j} {e}") from e
         decoded.append(loaded)
@@ -158,9 +159,9 @@ class Rows(Sequence):
     the rows passed over so far on this rank.
     """
 
-    def __init__(self, table, sources: list, spec: str, skip_bad_rows: bool, pixels: tuple[int, int]):
+    def __init__(self, table, sources: list, spec: str, skip_bad_rows: bool, pixels: tuple[int, int], factor: int):
         self.table, self.sources, self.spec, self.skip_bad_rows = table, sources, spec, skip_bad_rows
-        self.min_pixels, self.max_pixels = pixels
+        self.min_pixels, self.max_pixels, self.factor = *pixels, factor
         self.image_skips: set[int] = set()  # positions k whose images failed to decode
 
     def __len__(self) -> int:
@@ -188,7 +189,7 @@ class Rows(Sequence):
                 continue
             row = self.undecoded(j)
             try:
-                return decode_images(row, self.min_pixels, self.max_pixels)
+                return decode_images(row, self.min_pixels, self.max_pixels, self.factor)
             except ValueError as e:
                 message = f"{self.where(j)} (id={row.get('id')}): {e}"
                 if not self.skip_bad_rows:

@@ -139,9 +139,9 @@ def check_image_shape(w: int, h: int, min_pixels: int, max_pixels: int, factor: 
 
     The processor (transformers' smart_resize) gets the image after resize_image (to multiples of
     `factor`, families.image_factor of the processor) and refuses it when max(H, W) / min(H, W) >
-    200; an empty image would divide by zero there. Readers with no processor at hand
-    (prepare.load_rows, data.Rows) check at 28 px, the 14-px patch x 2 merge; the door with a
-    processor checks at its own factor.
+    200; an empty image would divide by zero there. A reader with no processor at hand
+    (prepare.load_rows) checks at 28 px, the 14-px patch x 2 merge; the door with a processor, and
+    the loop's rows after it, at the processor's own factor.
     """
     if min(w, h) < 1:
         raise ValueError(f"is {w}x{h} pixels (empty)")

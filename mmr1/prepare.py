@@ -306,16 +306,18 @@ def _read_table(folder: Path):
     return pa.concat_tables([layouts.read_arrow(p) for p in parts])
 
 
-def _write_part(path: Path, records: list[tuple]) -> None:
+def _part_writer(path: Path):
+    """A writer of the table's records (source, index, row JSON, prompt tokens, image files JSON):
+    `write(records)` appends one batch, `close()` finishes the file."""
     import pyarrow as pa
 
     schema = pa.schema(
         [("source", pa.int32()), ("index", pa.int64()), ("row", pa.large_string()), ("tokens", pa.int32()),
          ("files", pa.large_string())]
     )  # fmt: skip
-    columns = list(zip(*records)) if records else [[] for _ in schema]
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        writer.write_table(pa.table([list(c) for c in columns], schema=schema))
+    writer = pa.ipc.new_file(pa.OSFile(str(path), "wb"), schema)
+    writer.write = lambda records: writer.write_batch(pa.record_batch([list(c) for c in zip(*records)], schema=schema))
+    return writer
 
 
 def _check_sources(sources, door: Door, processor, d: dist.Dist, folder: Path, n: int) -> list[tuple[int, str, str]]:
@@ -330,7 +332,7 @@ def _check_sources(sources, door: Door, processor, d: dist.Dist, folder: Path, n
         offsets.append(offsets[-1] + len(s))
     lo, hi = _bounds(n, d)
     records, found, files = [], [], []
-    s = 0
+    part, s = _part_writer(folder / f"part-{d.rank:05d}.arrow"), 0
     for k in tqdm(range(lo, hi), desc="[data] checking rows", disable=not d.master or hi - lo < 10_000):
         while k >= offsets[s + 1]:
             s += 1
@@ -339,11 +341,16 @@ def _check_sources(sources, door: Door, processor, d: dist.Dist, folder: Path, n
         row, tokens, problem = judge(processor, raw, door, reserved)
         if problem is None:
             records.append((s, i, _stored(row), tokens, json.dumps(file_stats(row))))
+            if len(records) == 10_000:  # memory: one batch of rows, not the rank's share
+                part.write(records)
+                records = []
         else:
             named = f" (id={raw.get('id')})" if isinstance(raw, dict) and raw.get("id") is not None else ""
             found.append((k, problem[0], f"{source.where(i)}{named}: {problem[1]}"))
             files += file_stats(raw)
-    _write_part(folder / f"part-{d.rank:05d}.arrow", records)
+    if records:
+        part.write(records)
+    part.close()
     gathered = dist.all_gather_list([(found, files)], d)  # also the barrier: every part is written
     bad = sorted(x for rank_found, _ in gathered for x in rank_found)
     if d.master:
@@ -398,7 +405,8 @@ def prepare_split(
     table = _read_table(folder)
     if not table.num_rows:
         raise BadRowError(f"{spec}: no usable rows ({len(bad)} left out; first: {bad[0][2]})")
-    return data.Rows(table, sources, spec, skip_bad_rows, (door.min_pixels, door.max_pixels))
+    factor = families.image_factor(processor) if processor is not None else 28  # no processor: the 14-px patch x 2
+    return data.Rows(table, sources, spec, skip_bad_rows, (door.min_pixels, door.max_pixels), factor)
 
 
 def prepare_rows(rows: list[dict], door: Door, processor, d: dist.Dist, *, skip_bad_rows: bool, spec: str):
