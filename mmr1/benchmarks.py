@@ -31,7 +31,8 @@ from .benchmark_rules import (
 )
 from .chat import EVAL_SYSTEM_PROMPT
 from .config import BadRowError, InputError, MissingDataError, first_line, loads_json
-from .prepare import checked_row
+from .data import decode_images
+from .prepare import normalise
 
 # The columns each benchmark reports its score by (its own paper / scorer); looked up in the row, then in
 # its `metadata` dict (MathVerse `subject`, MathVista `task` live there)
@@ -333,9 +334,8 @@ def prompt_rows(name: str, raw: list[dict], min_pixels: int, max_pixels: int) ->
     for i, row in enumerate(raw):
         row_id = str(row.get("id", row.get("pid", row.get("sample_index", i))))
         try:
-            prompt = checked_row(
-                {**to_prompt_row(name, row), "answer": str(row.get("answer"))}, "rl", min_pixels, max_pixels
-            )
+            prompt = normalise({**to_prompt_row(name, row), "answer": str(row.get("answer"))}, "rl")
+            prompt = decode_images(prompt, min_pixels, max_pixels)
             usable.append({**prompt, "id": row_id, "benchmark_row": row})
         except (ValueError, TypeError, KeyError) as e:
             bad.append(f"{name} row {i} (id={row_id}): {e}")

@@ -2,23 +2,16 @@
 
     rows = prepare.prepare_split(spec, door, processor, d, split="train", skip_bad_rows=..., limit=...)
 
-A row is kept when its fields are right (normalise: answers become text, ShareGPT turns become
-`messages`), its text is valid (no lone surrogate, none of the model's own special tokens typed in),
-every image is a regular file (or bytes) whose header decodes to a shape the processor takes after
-resizing, and its tokens fit: the prompt within --max-prompt-length (GRPO), or a --max-length cut
-that keeps its image tokens and an assistant token (SFT). Images are read by their headers only (a
-1.6M-row SFT set cannot be decoded up front).
+A row is kept when its fields are right (normalise), its text is valid, every image is a regular
+file (or bytes) whose header decodes to a shape the processor takes, and its tokens fit
+(--max-prompt-length, or SFT's --max-length cut). Images are read by their headers only.
 
-The product is a memory-mapped Arrow table of the kept rows, normalised (absolute image paths,
-prompt token counts: data.Rows), written once per data content and settings under
-HF_DATASETS_CACHE/mmr1_door/<key>/: the key covers the data's fingerprint and every setting the
-checks read, and the table records the size and mtime of every image file the door read, so a
-replaced image makes the door look again. The check is sharded over ranks (each writes its share's
-part of the table) and the verdicts are agreed with one all-gather.
-
-One report ("N rows, K left out: reasons with counts, first rows named"), then a one-line error
-naming the first bad row, or with --skip-bad-rows the rows left out: the loop never sees them. The
-one check left for the loop is decoding an image (data.Rows.__getitem__), with the same rule.
+The product is a memory-mapped Arrow table of the kept rows, normalised (data.Rows), written once
+per data content and settings under HF_DATASETS_CACHE/mmr1_door/<key>/ (the key covers the data's
+fingerprint and every setting the checks read; the table records the size and mtime of each image
+file read, so a replaced image makes the door look again), each rank writing its share. One report,
+then a one-line error naming the first bad row, or with --skip-bad-rows the rows left out. The one
+check left for the loop is decoding an image (data.Rows.__getitem__), with the same rule.
 """
 
 from __future__ import annotations
@@ -453,9 +446,3 @@ def load_rows(
     one = dist.Dist(0, 1, 0, torch.device("cpu"))
     door = Door(kind, min_pixels, max_pixels)
     return prepare_split(spec, door, None, one, split=split, skip_bad_rows=skip_bad_rows, limit=limit)
-
-
-def checked_row(row: dict, kind: str, min_pixels: int = 3136, max_pixels: int = 1048576) -> dict:
-    """One row in memory normalised and its images decoded; ValueError saying what is wrong (a
-    benchmark row turned into a prompt, before the door's report over all of them)."""
-    return data.decode_images(normalise(row, kind), min_pixels, max_pixels)
