@@ -7,19 +7,16 @@
     python eval.py --compare-official runs/eval          # a finished run's verdicts beside exact match
 
 Every answer is extracted with reward.extract_answer and scored by the benchmark's official rule
-(score_answer; the rules and their sources are in docs/eval.md), with reward.is_equivalent where the
-official scorer asks an LLM judge whether two values mean the same. Every row of a published file is
-asked (MathVerse Vision Only rows through their `query_cot`). Answers are scored in worker processes with
-a hard limit per answer (SCORE_TIMEOUT_S; past it: wrong, counted as timed out). Writes
-<output-dir>/<model>/<benchmark>.jsonl (one line per sample; <model> unique per model, output_folders) and results.md / results.json: the paper's rows beside the evaluated model, and the
-per-category scores each benchmark reports (BREAKDOWNS).
+(score_answer; rules and sources in docs/eval.md), with reward.is_equivalent where the official scorer
+asks an LLM judge, in worker processes with a hard limit per answer (SCORE_TIMEOUT_S; past it: wrong,
+timed out). Every row of a published file is asked (MathVerse Vision Only rows through `query_cot`).
+Writes <output-dir>/<model>/<benchmark>.jsonl (one line per sample; output_folders) and results.md /
+results.json: the paper's rows beside the evaluated models, and each benchmark's BREAKDOWNS.
 
-Departures from the official scorers (docs/eval.md):
+Departures from the official scorers (docs/eval.md tables each case a rule credits differently):
 - no LLM judge or extractor: the last \boxed{} is the answer (MathVista, MathVerse and LogicVista have GPT
-  extract it; MATH-V extracts by rule), and equivalence is rule-based (MathVerse asks GPT); each case
-  where a rule credits more or less than the official script is in docs/eval.md's tables;
-- the most-similar-option fallback is kept for MathVista only (its calculate_score has it; MathVerse,
-  MathVision and LogicVista do not grant it);
+  extract it; MATH-V extracts by rule), and equivalence is rule-based (MathVerse asks GPT);
+- the most-similar-option fallback for MathVista only (its calculate_score has it; the other three not);
 - MathVista integers must equal the gold (calculate_score's int(float(x)) would pass 7.9 for 7);
 - MathVista free-form prompts carry its `query` hint (answer type, precision) and unit; its
   multiple-choice hint is left to the Table 8 system prompt.
@@ -81,14 +78,8 @@ class EvalConfig:
 
 # The paper's rows, for comparison in the results table
 PAPER_ROWS = {
-    "Qwen2.5-VL-7B (paper)": {
-        "mathverse": 50.4,
-        "mathvista": 69.3,
-        "mathvision": 28.7,
-        "logicvista": 44.0,
-        "chartqa": 82.4,
-    },
-    "MMR1-7B (paper)": {"mathverse": 55.4, "mathvista": 72.0, "mathvision": 31.8, "logicvista": 48.9, "chartqa": 83.7},
+    "Qwen2.5-VL-7B (paper)": dict(mathverse=50.4, mathvista=69.3, mathvision=28.7, logicvista=44.0, chartqa=82.4),
+    "MMR1-7B (paper)": dict(mathverse=55.4, mathvista=72.0, mathvision=31.8, logicvista=48.9, chartqa=83.7),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -111,29 +102,20 @@ SCORE_TIMEOUT_S = 10.0  # hard limit per answer: one pathological prediction can
 
 
 def scoring_pool() -> reward.RewardPool:
-    """Worker processes that score answers by the benchmarks' rules (benchmarks.score_job), each answer
-    under SCORE_TIMEOUT_S; an answer past it scores wrong and counts as timed out."""
-    return reward.RewardPool(
-        SCORE_WORKERS, SCORE_TIMEOUT_S, score_fn=benchmarks.score_job, timeout_result=benchmarks.timed_out_job
-    )
+    """Worker processes scoring answers by the benchmarks' rules (benchmarks.score_job) under SCORE_TIMEOUT_S."""
+    return reward.RewardPool(SCORE_WORKERS, SCORE_TIMEOUT_S, benchmarks.score_job, benchmarks.timed_out_job)
 
 
 def score_outputs(name: str, part: list[dict], outs: list, pool: reward.RewardPool) -> list[dict]:
     """{"correct", "timed_out"} of each generated answer against its prompt's benchmark row, in the pool."""
-    jobs = [
-        {"benchmark": name, "response": out.text, "row": benchmarks.scoring_row(prompt["benchmark_row"])}
-        for prompt, out in zip(part, outs)
-    ]
-    return pool.map(jobs)
+    rows = [benchmarks.scoring_row(prompt["benchmark_row"]) for prompt in part]
+    return pool.map([{"benchmark": name, "response": out.text, "row": row} for row, out in zip(rows, outs)])
 
 
 def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: dist.Dist, pool=None):
-    """Generates for every usable row (sharded over ranks), scores it; returns (records, bad).
-
-    Each benchmark is asked under its registry entry's system prompt (the paper's Table 8 prompt; none
-    for the toy, asked in its own format), the question (with its options) in the user turn.
-    Scoring runs in `pool` (scoring_pool; one of its own when None) with a hard limit per answer.
-    """
+    """Generates for every usable row (sharded over ranks) and scores it in `pool` (scoring_pool; one of
+    its own when None); returns (records, bad). Asked under the registry entry's system prompt (the
+    paper's Table 8; none for the toy, asked in its own format), the question and options as the user turn."""
     if pool is None:
         with scoring_pool() as own:
             return evaluate_benchmark(engine, name, raw, cfg, d, own)
@@ -147,11 +129,11 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: d
         part = padded[s : s + cfg.batch_size]
         outs = engine.generate(part, 1, sampling)
         for prompt, out, scored in zip(part, outs, score_outputs(name, part, outs, pool)):
-            row_id, row = prompt["id"], prompt["benchmark_row"]
+            row = prompt["benchmark_row"]
             records.append(
                 {
                     "benchmark": name,
-                    "id": row_id,
+                    "id": prompt["id"],
                     "response": out.text,
                     "extracted": reward.extract_answer(out.text),
                     "gold": str(row["answer"]),
@@ -163,8 +145,7 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: d
             )
         bar.update(len(part) * d.world_size)
     bar.close()
-    records = dist.all_gather_list(records[:n_real], d)
-    return records, bad
+    return dist.all_gather_list(records[:n_real], d), bad
 
 
 NO_USABLE_ROWS = "no usable rows"  # a benchmark's cell when every row was skipped: not scored, not 0.0
@@ -192,20 +173,37 @@ def summarise(records: list[dict]) -> dict:
     }
 
 
+def summary_line(s: dict) -> str:
+    """One benchmark's summarise() (with "skipped") as the progress line eval.py prints."""
+    if s["accuracy"] is None:
+        return f"{NO_USABLE_ROWS} ({s['skipped']} skipped); not scored"
+    groups = "; ".join(
+        f"{column}: " + ", ".join(f"{v} {g['accuracy']:.1f}" for v, g in values.items())
+        for column, values in s["breakdown"].items()
+    )
+    late = f"; {s['timed_out']} scored wrong after the {SCORE_TIMEOUT_S:.0f}s limit" if s["timed_out"] else ""
+    return f"{s['accuracy']:.1f}% of {s['n']} ({groups}); {s['skipped']} skipped{late}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: the header, its `| --- |` rule, then one line per row of cells."""
+    return ["| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows]]
+
+
 def results_table(results: dict[str, dict[str, dict]], names: list[str], with_paper: bool) -> str:
     """Markdown table: one row per evaluated model (plus the paper's rows), one column per benchmark."""
-    header = "| model | " + " | ".join(names) + (" | avg |" if len(names) > 1 else " |")
-    lines = [header, "|" + " --- |" * (len(names) + 1 + (len(names) > 1))]
     rows = {m: {b: r[b]["accuracy"] for b in names if b in r} for m, r in results.items()}
     cell = lambda v: NO_USABLE_ROWS if v is None else f"{v:.1f}"  # noqa: E731
     if with_paper:
-        rows.update({m: v for m, v in PAPER_ROWS.items()})
+        rows.update(PAPER_ROWS)
+    body = []
     for model, scores in rows.items():
-        cells = [cell(scores[b]) if b in scores else "-" for b in names]
-        complete = all(scores.get(b) is not None for b in names)
-        avg = [f"{sum(scores[b] for b in names) / len(names):.1f}" if complete else "-"]
-        lines.append(f"| {model} | " + " | ".join(cells + (avg if len(names) > 1 else [])) + " |")
-    return "\n".join(lines)
+        cells = [model, *(cell(scores[b]) if b in scores else "-" for b in names)]
+        if len(names) > 1:  # the average, over complete rows only
+            complete = all(scores.get(b) is not None for b in names)
+            cells.append(f"{sum(scores[b] for b in names) / len(names):.1f}" if complete else "-")
+        body.append(cells)
+    return "\n".join(markdown_table(["model", *names, *(["avg"] if len(names) > 1 else [])], body))
 
 
 def breakdown_tables(results: dict[str, dict[str, dict]], names: list[str]) -> str:
@@ -215,13 +213,12 @@ def breakdown_tables(results: dict[str, dict[str, dict]], names: list[str]) -> s
     for name in names:
         columns = {c: v for r in results.values() if name in r for c, v in r[name].get("breakdown", {}).items()}
         for column, values in columns.items():
-            header = "| model | " + " | ".join(f"{v} (n={s['n']})" for v, s in values.items()) + " |"
-            lines = [f"{name} by {column}:", "", header, "|" + " --- |" * (len(values) + 1)]
+            body = []
             for model, r in results.items():
                 scores = r.get(name, {}).get("breakdown", {}).get(column, {})
-                cells = [f"{scores[v]['accuracy']:.1f}" if v in scores else "-" for v in values]
-                lines.append(f"| {model} | " + " | ".join(cells) + " |")
-            blocks.append("\n".join(lines))
+                body.append([model, *(f"{scores[v]['accuracy']:.1f}" if v in scores else "-" for v in values)])
+            header = ["model", *(f"{v} (n={s['n']})" for v, s in values.items())]
+            blocks.append("\n".join([f"{name} by {column}:", "", *markdown_table(header, body)]))
     return "\n\n".join(blocks)
 
 
@@ -238,12 +235,10 @@ MODEL_RECORD = "model.json"  # in each model's folder: the --model it holds the 
 
 
 def output_folders(models: list[str], output_dir: str | Path) -> dict[str, Path]:
-    """{model: its folder under output_dir}, one per model and never shared: run_name when that is free,
-    else with more of the model's path in front (exp1/toy/final, exp2/toy/final -> exp1-toy, exp2-toy),
-    else a number appended. A folder is free unless this call gave it to another model or its
-    MODEL_RECORD names another model (an earlier evaluation's); the same model gets its folder back."""
+    """{model: its folder under output_dir}, never shared: run_name if free, else with more of the path in
+    front (exp1/toy/final, exp2/toy/final -> exp1-toy, exp2-toy), else numbered. Free: not given to another
+    model by this call, and its MODEL_RECORD (an earlier evaluation's) names no other model."""
     folders: dict[str, Path] = {}
-    taken: set[str] = set()
     for model in models:
         path = Path(model)
         used = 2 if path.name == "final" or path.name.startswith("step-") else 1  # the parts run_name reads
@@ -253,10 +248,9 @@ def output_folders(models: list[str], output_dir: str | Path) -> dict[str, Path]
         key = model_key(model)
         numbered = (f"{candidates[-1]}-{i}" for i in itertools.count(2))
         for name in itertools.chain(candidates, numbered):
-            holder = model_record(Path(output_dir) / name)
-            if name not in taken and holder in (None, key):
-                folders[model] = Path(output_dir) / name
-                taken.add(name)
+            folder = Path(output_dir) / name
+            if folder not in folders.values() and model_record(folder) in (None, key):
+                folders[model] = folder
                 break
     return folders
 
@@ -295,9 +289,8 @@ def write_samples(folder: Path, model: str, name: str, records: list[dict]) -> N
 
 
 def make_engine(cfg: EvalConfig, path: str, model, processor, d: dist.Dist):
-    """The engine that answers the benchmarks for the checkpoint at `path`; vLLM without sleep mode
-    (nothing trains beside it, and vLLM allows one sleep-mode allocator per process, which a second
-    model of `--model a,b` would trip)."""
+    """The engine answering the benchmarks for the checkpoint at `path`; vLLM without sleep mode (nothing
+    trains beside it, and a second model of `--model a,b` would trip vLLM's one sleep-mode allocator)."""
     return rollout.make_engine(
         cfg.engine,
         model,
@@ -317,16 +310,15 @@ def models_and_benchmarks(cfg: EvalConfig) -> tuple[dict[str, str], list[str]]:
     """({label: checkpoint}, benchmark names) of the run. --model alone: those models on --benchmarks;
     no --model: the toy's SFT and GRPO checkpoints on its test split; --toy NAME with --model: those
     models on that toy's test split. Refuses (one `error:` line) a benchmark the registry lacks."""
+    models = {m: m for m in cfg.model.split(",") if m}
     if cfg.model and cfg.toy == "default":
         names = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
         unknown = [n for n in names if n not in benchmarks.BENCHMARKS]
         if unknown:
             config.fail(f"--benchmarks: unknown {', '.join(unknown)}; choose from {', '.join(benchmarks.BENCHMARKS)}")
-        return {m: m for m in cfg.model.split(",") if m}, names
+        return models, names
     toy.ensure_toy(variant=cfg.toy)
-    if cfg.model:
-        models = {m: m for m in cfg.model.split(",") if m}
-    else:  # compare the SFT and GRPO toy checkpoints
+    if not cfg.model:  # compare the SFT and GRPO toy checkpoints
         runs = [toy.run_dir(stage, cfg.toy) for stage in ("sft", "grpo")]
         models = {r.name: str(r / "final") for r in runs if (r / "final").exists()}
         if not models:
@@ -367,30 +359,19 @@ def bench_files(bench_data: str, names: list[str]) -> dict[str, str]:
 SAMPLE_FIELDS = ("extracted", "gold", "correct")  # what the comparison reads in each per-sample line
 
 
-def sample_files(path: str) -> list[Path]:
-    """The per-sample files --compare-official reads: the file itself, or every *.jsonl under a folder
-    (sorted); InputError when there is none."""
+def compare_official(path: str, examples: int = 3) -> str:
+    """Markdown: one table row per per-sample file (`path`, or each *.jsonl under it; none: InputError):
+    n, accuracy by the benchmark's rule, by strict exact match (benchmark_rules.strict_correct), and how
+    many verdicts differ each way; then up to `examples` answers per file credited by the rule only. The
+    gap bounds what the rules' leniency (equivalence, units, rounding, tolerance, the most-similar
+    option) added. A line that is no JSON object or lacks SAMPLE_FIELDS: BadRowError naming it."""
     target = Path(path)
     files = [target] if target.is_file() else sorted(target.rglob("*.jsonl")) if target.is_dir() else []
     if not files:
         where = "no *.jsonl file in this folder" if target.is_dir() else "no such file or folder"
         raise config.InputError(f"--compare-official {path}: {where}")
-    return files
-
-
-def compare_official(path: str, examples: int = 3) -> str:
-    """Markdown: one table row per per-sample file under `path` (n answers, accuracy by the benchmark's
-    rule, accuracy by the strict exact-match reading benchmark_rules.strict_correct, and how many
-    verdicts differ each way), then up to `examples` answers per file credited by the rule and not by
-    exact match. The first accuracy minus the second bounds what the rules' leniency (value equivalence,
-    units, rounding, tolerance, the most-similar option) added. A line that is no JSON object or lacks
-    SAMPLE_FIELDS: BadRowError naming the file and line."""
-    table = [
-        "| file | n | accuracy | exact match | right here only | right by exact match only |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    shown, no_options = [], 0
-    for file in sample_files(path):
+    rows, shown, no_options = [], [], 0
+    for file in files:
         records, here_only, exact_only, right, exact = benchmarks.jsonl_rows(file), [], 0, 0, 0
         for line, record in enumerate(records, 1):
             missing = [k for k in SAMPLE_FIELDS if k not in record]
@@ -403,7 +384,7 @@ def compare_official(path: str, examples: int = 3) -> str:
                 here_only.append(record)
             no_options += "options" not in record
         pct = [f"{100 * k / len(records):.1f}" if records else "-" for k in (right, exact)]
-        table.append(f"| {file} | {len(records)} | {pct[0]} | {pct[1]} | {len(here_only)} | {exact_only} |")
+        rows.append([str(file), str(len(records)), *pct, str(len(here_only)), str(exact_only)])
         shown += [
             f"- {file} id={r.get('id', '?')}: answer {r['extracted']!r}, gold {r['gold']!r}"
             for r in here_only[:examples]
@@ -411,7 +392,8 @@ def compare_official(path: str, examples: int = 3) -> str:
     notes = ["", f"Right by the rule only (up to {examples} per file):", *shown] if shown else []
     if no_options:
         notes.append(f"({no_options} lines carry no `options`: a letter answer to a gold option text counts as wrong)")
-    return "\n".join(table + notes)
+    header = ["file", "n", "accuracy", "exact match", "right here only", "right by exact match only"]
+    return "\n".join(markdown_table(header, rows) + notes)
 
 
 def main() -> None:
@@ -432,9 +414,7 @@ def main() -> None:
     pool = scoring_pool()  # scoring with a hard limit per answer, as training's rewards
     for label, path in models.items():
         processor = modeling.load_processor(path, cfg.min_pixels, cfg.max_pixels)
-        model = None
-        if cfg.engine != "vllm":
-            model = modeling.shard_model(modeling.load_model(path, d.device), d).eval()
+        model = None if cfg.engine == "vllm" else modeling.shard_model(modeling.load_model(path, d.device), d).eval()
         engine = make_engine(cfg, path, model, processor, d)
         results[label] = {}
         for name in names:
@@ -443,36 +423,19 @@ def main() -> None:
                 write_samples(folders[label], label, name, records)
                 for line in bad:
                     print(f"[eval] skipped malformed {line}")
-                results[label][name] = {**summarise(records), "skipped": len(bad)}
-                s = results[label][name]
-                groups = "; ".join(
-                    f"{column}: " + ", ".join(f"{v} {g['accuracy']:.1f}" for v, g in values.items())
-                    for column, values in s["breakdown"].items()
-                )
-                if s["accuracy"] is None:
-                    print(f"[eval] {label} {name}: {NO_USABLE_ROWS} ({len(bad)} skipped); not scored")
-                else:
-                    print(
-                        f"[eval] {label} {name}: {s['accuracy']:.1f}% of {s['n']} ({groups}); {len(bad)} skipped"
-                        + (
-                            f"; {s['timed_out']} scored wrong after the {SCORE_TIMEOUT_S:.0f}s limit"
-                            if s["timed_out"]
-                            else ""
-                        )
-                    )
+                s = results[label][name] = {**summarise(records), "skipped": len(bad)}
+                print(f"[eval] {label} {name}: {summary_line(s)}")
         engine.close()  # frees vLLM before the next model's engine starts
         del model, engine
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     pool.close()
     if d.master:
-        table = results_table(results, names, with_paper="toy" not in names)
-        table += "\n\n" + breakdown_tables(results, names)
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "results.md").write_text(table + "\n")
-        (Path(cfg.output_dir) / "results.json").write_text(
-            json.dumps({"config": dataclasses.asdict(cfg), "results": results}, indent=2)
-        )
+        table = results_table(results, names, with_paper="toy" not in names) + "\n\n" + breakdown_tables(results, names)
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(table + "\n")
+        (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "results": results}, indent=2))
         print(table)
     dist.cleanup_distributed()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,23 +42,15 @@ _FLOAT_MAX = Fraction(sys.float_info.max)  # a number beyond float's range is no
 # ---------------------------------------------------------------------------------------------
 
 
-def _matching_braces(text: str) -> dict[int, int]:
-    """{index of '{': index of its matching '}'} for every balanced pair, one linear pass."""
-    stack, pairs = [], {}
-    for i, ch in enumerate(text):
+def last_boxed(text: str) -> str | None:
+    """Content of the last closed `\\boxed{...}` in text (nested braces allowed), else None."""
+    starts = [m.end() - 1 for m in re.finditer(r"\\boxed\s*\{", text)]
+    stack, pairs = [], {}  # {index of '{': index of its matching '}'}, one linear pass
+    for i, ch in enumerate(text if starts else ""):
         if ch == "{":
             stack.append(i)
         elif ch == "}" and stack:
             pairs[stack.pop()] = i
-    return pairs
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last closed `\\boxed{...}` in text (nested braces allowed), else None."""
-    starts = [m.end() - 1 for m in re.finditer(r"\\boxed\s*\{", text)]
-    if not starts:
-        return None
-    pairs = _matching_braces(text)
     for s in reversed(starts):
         if s in pairs:
             return text[s + 1 : pairs[s]].strip()
@@ -73,13 +66,10 @@ def _answer_block(text: str) -> str | None:
 
 
 def extract_answer(text: str | None) -> str | None:
-    """The final answer of a response, as a string, or None when there is none.
-
-    Order: the last `\\boxed{}` inside the last `<answer>...</answer>`; else the last `\\boxed{}`
-    anywhere; else the stripped `<answer>` content (if non-empty and with no `\\boxed` in it); else
-    None. An answer block whose `\\boxed{` is never closed is malformed, not a bare answer:
-    `<answer>\\boxed{3</answer>` extracts nothing (and earns accuracy 0, like format 0).
-    """
+    """The final answer of a response as a string: the last `\\boxed{}` inside the last
+    `<answer>...</answer>`; else the last `\\boxed{}` anywhere; else the stripped `<answer>` content (if
+    non-empty and with no `\\boxed` in it); else None. An answer block whose `\\boxed{` is never closed
+    is malformed, not a bare answer: `<answer>\\boxed{3</answer>` extracts nothing."""
     if not isinstance(text, str):
         return None
     block = _answer_block(text)
@@ -100,9 +90,8 @@ def format_reward(text: str | None) -> float:
     """
     if not isinstance(text, str):
         return 0.0
-    for tag in ("<think>", "</think>", "<answer>", "</answer>"):
-        if text.count(tag) != 1:
-            return 0.0
+    if any(text.count(tag) != 1 for tag in ("<think>", "</think>", "<answer>", "</answer>")):
+        return 0.0
     body = text.strip()
     if not (body.startswith("<think>") and body.endswith("</answer>")):
         return 0.0
@@ -199,8 +188,7 @@ def read_number(s: str) -> Number | None:
 
 
 def parse_number(s: str) -> tuple[float, bool] | None:
-    """(value, had_percent_sign) of a plain number (read_number), the value as a float; None when s is
-    not a single number."""
+    """(value as a float, had_percent_sign) of a plain number (read_number), else None."""
     number = read_number(s)
     return (float(number.value), number.percent) if number is not None else None
 
@@ -214,8 +202,7 @@ def exact_number(s: str) -> Fraction | None:
 def _round_half_up(x: Fraction, places: int) -> Fraction:
     """x rounded to `places` decimals, halves away from zero (as a written decimal is read)."""
     scale = Fraction(10) ** places
-    scaled = abs(x) * scale
-    rounded = math.floor(scaled + Fraction(1, 2))
+    rounded = math.floor(abs(x) * scale + Fraction(1, 2))
     return Fraction(rounded if x >= 0 else -rounded) / scale
 
 
@@ -277,10 +264,7 @@ def _math_verify(pred: str, gold: str) -> bool:
         return False
     from math_verify import parse, verify
 
-    # Math-Verify's timeouts use SIGALRM: only in the main thread, and only where no deadline of the
-    # caller's (in-process scoring, _call_bounded) already runs on it.
-    free = threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_REAL)[0] == 0
-    timeout = 3 if free else None
+    timeout = 3 if _alarm_free() else None  # Math-Verify's timeouts use SIGALRM too
     try:
         gold_parsed = parse("\\boxed{" + gold.replace("°", "^{\\circ}") + "}", parsing_timeout=timeout)
         pred_parsed = parse("\\boxed{" + pred.replace("°", "^{\\circ}") + "}", parsing_timeout=timeout)
@@ -289,6 +273,12 @@ def _math_verify(pred: str, gold: str) -> bool:
     except Exception:  # noqa: BLE001 - a parser failure means "not shown equal"
         return False
     return not _sign_flipped(pred_parsed[0], gold_parsed[0])
+
+
+def _alarm_free() -> bool:
+    """Whether SIGALRM may bound a call here: the main thread (signals reach it only), no timer running
+    (a caller's deadline, _call_bounded's)."""
+    return threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_REAL)[0] == 0
 
 
 def _sign_flipped(pred, gold) -> bool:
@@ -305,16 +295,11 @@ def _sign_flipped(pred, gold) -> bool:
 
 
 def answer_text(value) -> str:
-    """The gold answer as the string is_equivalent compares; ValueError when there is no usable one.
-
-    Data sets store answers as JSON / parquet values, and is_equivalent takes strings only:
-    - str: itself; int: its digits (`1` -> '1'); float: shortest round-trip text, integral values
-      without '.0' (`2.5` -> '2.5', `3.0` -> '3');
-    - a list of these: ONE answer with several ordered parts, joined by ', ' (`[3, 4]` -> '3, 4'),
-      which is_equivalent compares element by element (a list is not "any of these answers");
-      a one-item list is that item;
-    - bool (ambiguous: 'True' or 'Yes'?), NaN / infinity, empty or nested lists, dicts, None: rejected.
-    """
+    """The gold answer (a JSON / parquet value) as the string is_equivalent compares; ValueError when
+    there is no usable one. str: itself; int: its digits; float: shortest round-trip text, integral
+    values without '.0' (3.0 -> '3'); a list: ONE answer of ordered parts joined by ', ' ([3, 4] ->
+    '3, 4', compared element by element, not "any of these"). Rejected: bool (ambiguous: 'True' or
+    'Yes'?), NaN / infinity, empty or nested lists, dicts, None."""
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
@@ -339,22 +324,17 @@ def answer_text(value) -> str:
 
 
 def is_equivalent(pred: str | None, gold: str | None, choices: list[str] | None = None) -> bool:
-    """Whether a predicted answer matches the gold answer.
-
-    Checked in order, the first family that applies decides:
-    1. multiple choice (gold is a letter, or `choices` given): the letter the prediction names
-       ('C', '(C)', 'C.', 'C: 40°') against the gold letter; with `choices`, option text works
-       on either side (a letter maps to its option, text compares case-insensitively);
-    2. plain numbers on both sides (integers, decimals, fractions, '%', thousands separators ',' or
-       a space kind between groups of three digits, units and degree signs stripped), compared
-       exactly: 1000001 is not 1000000, 0.5 is 1/2; a fraction against a decimal gold is rounded
-       to the gold's written places (1/3 is 0.33), a decimal against a fraction gold is within
-       REL_TOL = 1e-6 relative; '12.5%' matches 0.125 as well as 12.5;
+    """Whether a predicted answer matches the gold answer; the first family that applies decides
+    (docs/reward.md has the tables):
+    1. multiple choice (gold a letter, or `choices` given): the letter the prediction names ('C', '(C)',
+       'C.', 'C: 40°'); with `choices`, option text on either side (case-insensitive);
+    2. plain numbers on both sides (read_number), exactly: 1000001 is not 1000000, 0.5 is 1/2; a
+       fraction against a decimal gold rounded to its written places (1/3 is 0.33), a decimal against
+       a fraction gold within REL_TOL; '12.5%' matches 0.125 as well as 12.5;
     3. comma-separated lists / tuples: element by element with these same rules;
     4. case-insensitive string equality after whitespace and LaTeX-wrapper cleanup;
     5. Math-Verify on `\\boxed{gold}` and `\\boxed{pred}` (expressions, intervals, sets).
-    None or empty on either side is never equivalent.
-    """
+    None or empty on either side is never equivalent."""
     if not isinstance(pred, str) or not isinstance(gold, str):
         return False
     if not unicode_clean(pred).strip() or not unicode_clean(gold).strip():
@@ -381,8 +361,7 @@ def is_equivalent(pred: str | None, gold: str | None, choices: list[str] | None 
 def _choice_equal(pred: str, gold: str, choices: list[str]) -> bool:
     texts = [normalise_text(c) for c in choices]
 
-    def as_index(s: str) -> int | None:
-        """The option s names: by its text, else by its letter; None if neither."""
+    def as_index(s: str) -> int | None:  # the option s names: by its text, else by its letter
         t = normalise_text(s)
         if t in texts:
             return texts.index(t)
@@ -407,13 +386,10 @@ def accuracy_reward(text: str | None, gold: str | None, choices: list[str] | Non
 
 @dataclass(frozen=True)
 class Scoring:
-    """How a response is scored: one value that every caller of score_responses (training rewards,
-    validation, VAS pass rates, SFT accuracy) is given, so no caller's rule can differ from another's.
-
-    overall = format_weight * format + accuracy_weight * accuracy (the paper: 1 and 1); accuracy is 1.0
-    when answer_rule(extracted answer, gold, choices) holds. answer_rule is a module-level function
-    (the workers receive it by name), is_equivalent unless a fork sets its own.
-    """
+    """How a response is scored, one value given to every caller of score_responses (training rewards,
+    validation, VAS pass rates, SFT accuracy), so no caller's rule can differ: overall = format_weight *
+    format + accuracy_weight * accuracy (the paper: 1 and 1), accuracy 1.0 when answer_rule(extracted,
+    gold, choices) holds (a module-level function: the workers receive it by name)."""
 
     format_weight: float = 1.0
     accuracy_weight: float = 1.0
@@ -447,13 +423,13 @@ def _failure(index: int, job: dict, error: str) -> str:
 
 
 class _OutOfTime(BaseException):  # a BaseException: no `except Exception` inside a parser swallows it
-    pass
+    """A response's in-process scoring ran past its limit (raised by SIGALRM's handler)."""
 
 
 def _call_bounded(score_fn: Callable[..., dict], job: dict, timeout_s: float) -> dict:
-    """score_fn(**job) in this process, stopped by SIGALRM after timeout_s (_OutOfTime). Signals are
-    delivered to the main thread only: elsewhere, or where a timer already runs, it runs unbounded."""
-    if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+    """score_fn(**job) in this process, stopped by SIGALRM after timeout_s (_OutOfTime); unbounded where
+    no alarm may be set (_alarm_free)."""
+    if not _alarm_free():
         return score_fn(**job)
 
     def out_of_time(signum, frame):
@@ -512,18 +488,13 @@ def _worker(conn, score_fn) -> None:
 
 
 class RewardPool:
-    """Worker processes that score jobs, each killed and replaced if it runs past timeout_s.
+    """Worker processes running score_fn(**job) (module-level; default score_one on {"response", "gold",
+    "choices", "scoring"}), each killed and replaced past timeout_s; such a job gets timeout_result(job).
 
-    Reuse one pool across calls (a context manager) to pay the process start-up once. A job's time
-    limit counts from its dispatch to a worker that has started: a fresh worker (at the start, or
-    replacing a killed one) first reports ready, so a slow start-up on a loaded machine (spawn,
-    imports) is never charged to a response as a timeout. Workers ignore the signals their parent
-    handles (PARENT_SIGNALS); one found dead (killed while idle, or while starting) is replaced and
-    its job sent again; a job whose worker dies under it twice counts as timed out.
-    `score_fn(**job)` (a module-level function; default score_one, jobs {"response", "gold",
-    "choices", "scoring"}) is what the workers run; `timeout_result(job)` is the result of a job that
-    ran out of time. eval.py passes benchmarks.score_job / benchmarks.timed_out_job. With 0 workers,
-    map scores in this process under the same limit (score_in_process).
+    Reuse one (a context manager) to pay the start-up once. A job's clock starts at its dispatch to a
+    worker that reported ready, so a slow spawn is never a timeout. Workers ignore PARENT_SIGNALS; a
+    dead one is replaced and its job sent again (twice dead under it: timed out). docs/reward.md has
+    the full table. With 0 workers, map scores in this process under the same limit (score_in_process).
     """
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0, score_fn=score_one, timeout_result=None):
@@ -608,16 +579,15 @@ class RewardPool:
         return results  # type: ignore[return-value]
 
     def _started(self, slot: int, ok: bool) -> None:
+        self.start_failures[slot] = 0 if ok else self.start_failures[slot] + 1
         if ok:
             self.ready.add(slot)
-            self.start_failures[slot] = 0
-            return
-        self.start_failures[slot] += 1
-        if self.start_failures[slot] >= MAX_START_FAILURES:
+        elif self.start_failures[slot] < MAX_START_FAILURES:
+            self._restart(slot)
+        else:
             raise RuntimeError(
                 f"a reward worker died while starting, {MAX_START_FAILURES} times in a row (see its error above)"
             )
-        self._restart(slot)
 
     def _restart(self, slot: int) -> None:
         proc, conn = self.procs[slot]
@@ -630,10 +600,8 @@ class RewardPool:
     def close(self) -> None:
         """Asks every worker to exit, then kills any that has not within a second."""
         for proc, conn in self.procs:
-            try:
+            with contextlib.suppress(OSError):  # already gone (BrokenPipeError)
                 conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
             proc.join(timeout=1)
             if proc.is_alive():
                 proc.kill()
@@ -657,21 +625,16 @@ def compute_rewards(
     scoring: Scoring = Scoring(),
     pool: RewardPool | None = None,
 ) -> list[dict]:
-    """Per response {"overall", "format", "accuracy", "timed_out"} under `scoring`, in input order.
-
-    Every response has a hard limit of timeout_s seconds (a pool's own limit with a pool): in worker
-    processes with workers > 0 or a pool, in this process with workers = 0 (SIGALRM; main thread
-    only). A response that runs out of time gets accuracy 0 and timed_out True.
-    """
+    """Per response {"overall", "format", "accuracy", "timed_out"} under `scoring`, in input order, each
+    under a hard limit of timeout_s seconds (a pool's own with a pool; past it: accuracy 0, timed_out
+    True): in worker processes with workers > 0 or a pool, in this process (SIGALRM) with workers = 0."""
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
     choices = choices if choices is not None else [None] * len(responses)
     jobs = [{"response": r, "gold": g, "choices": c, "scoring": scoring} for r, g, c in zip(responses, golds, choices)]
     if pool is not None:
         return pool.map(jobs)
-    if workers <= 0:
-        return score_in_process(jobs, timeout_s)
-    with RewardPool(workers, timeout_s) as own_pool:
+    with RewardPool(max(0, workers), timeout_s) as own_pool:  # 0 workers: score_in_process
         return own_pool.map(jobs)
 
 
@@ -691,10 +654,9 @@ def score_responses(
 
 
 def jsonl_objects(path: Path):
-    """Yields (line number from 1, "<path> line <n>", the line's JSON object) for every non-blank
-    line of a jsonl file; where a line is not UTF-8, not JSON, or not an object, the third item is
-    a string saying so instead (JSON nested too deeply for the parser included), and reading goes on.
-    Shared with mmr1.layouts."""
+    """Yields (line number from 1, "<path> line <n>", the line's JSON object) per non-blank line of a
+    jsonl file; for a line not UTF-8, not JSON (too deeply nested included) or not an object, the third
+    item is a string saying so, and reading goes on."""
     from mmr1.config import loads_json  # json.loads, with deep nesting a JSONDecodeError
 
     for n, raw in enumerate(path.read_bytes().splitlines(), 1):
@@ -762,23 +724,17 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.preds}: no scorable rows"
             + (f" ({len(problems)} unreadable lines, listed above)" if problems else "")
         )
-    scores = compute_rewards(
-        [r["response"] for r in rows],
-        [r["answer"] for r in rows],
-        [r.get("choices") for r in rows],
-        workers=args.workers,
-        timeout_s=args.timeout_s,
-    )
+    responses, golds, choices = ([r.get(k) for r in rows] for k in ("response", "answer", "choices"))
+    scores = compute_rewards(responses, golds, choices, workers=args.workers, timeout_s=args.timeout_s)
     out = args.out or args.preds.with_suffix(".scores.jsonl")
     replaced = out.exists()
     with out.open("w") as f:
         for row, score in zip(rows, scores):
             record = {"id": row.get("id"), "line": row["line"], "extracted": extract_answer(row["response"]), **score}
             f.write(json.dumps(record) + "\n")
-    n = max(1, len(scores))
     print(f"rows       {len(scores)}")
-    print(f"accuracy   {sum(s['accuracy'] for s in scores) / n:.4f}")
-    print(f"format     {sum(s['format'] for s in scores) / n:.4f}")
+    for key in ("accuracy", "format"):  # mean rewards
+        print(f"{key:<11}{sum(s[key] for s in scores) / max(1, len(scores)):.4f}")
     print(f"timeouts   {sum(s['timed_out'] for s in scores)}")
     print(f"skipped    {len(problems)}" + (" unreadable lines (listed on stderr)" if problems else ""))
     print(f"scores  -> {out}" + (" (replaced the previous file)" if replaced else ""))

@@ -19,7 +19,9 @@ import itertools
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +59,6 @@ def reference_sentence_bleu(hypothesis: list[int], references: list[list[int]], 
           exp(1 - r / c); 0 for an empty hypothesis.  BLEU = BP * exp(mean_n log p_n), and 0 when
           no unigram matches at all.
     """
-    from collections import Counter
-
     log_p = []
     for n in range(1, max_n + 1):
         grams = Counter(tuple(hypothesis[i : i + n]) for i in range(len(hypothesis) - n + 1))
@@ -89,15 +89,13 @@ def reference_self_bleu(group: list[list[int]], max_n: int = 3) -> float:
 def _clipped_matches(
     flat: np.ndarray, owner: np.ndarray, n_resp: int, max_n: int, token_bits: int, owner_bits: int
 ) -> np.ndarray:
-    """(max_n, N): per n and response, the sum over its distinct n-grams of
-    min(own count, max count in any OTHER response), i.e. NLTK's clipped match count.
+    """(max_n, N): per n and response, the sum over its distinct n-grams of min(own count, max count in
+    any OTHER response), i.e. NLTK's clipped match count. flat: (T,) all responses' token ids
+    concatenated (each < 2**token_bits); owner: (T,) response index (< 2**owner_bits).
 
-    flat: (T,) all responses' token ids concatenated (each < 2**token_bits); owner: (T,) response
-    index (< 2**owner_bits). Each n-gram becomes one exact int64 key (n | token ids as bit fields |
-    owner; no hashing), so ONE sort groups equal (n-gram, owner) pairs and, within an n-gram, its
-    owners. The max over the other responses is the n-gram's top-1 count, or its top-2 for the one
-    response credited with top-1.
-    """
+    Each n-gram becomes one exact int64 key (n | token ids as bit fields | owner; no hashing), so ONE
+    sort groups equal (n-gram, owner) pairs and, within an n-gram, its owners. The max over the other
+    responses is the n-gram's top-1 count, or its top-2 for the one response credited with top-1."""
     order_shift = token_bits * max_n  # the n-gram order n sits above the token fields
     keys, n_straddling = [], 0
     for n in range(1, max_n + 1):
@@ -151,14 +149,8 @@ def _clipped_matches(
 
 
 def sentence_bleus(group: list[list[int]], max_n: int = 3) -> np.ndarray:
-    """(N,) BLEU of each response against the other N-1 as references, NLTK semantics.
-
-    Exactly `nltk.translate.bleu_score.sentence_bleu(others, y_i, weights=(1/max_n,)*max_n,
-    smoothing_function=SmoothingFunction().method1)`: clipped n-gram precisions against all
-    references at once, brevity penalty from the closest reference length (ties: the shorter),
-    0 when no unigram matches, a zero higher-order match count smoothed to EPSILON.
-    Cost: O(total tokens * log) numpy work per n, no Python loop over reference pairs.
-    """
+    """(N,) BLEU of each response against the other N-1 as references: reference_sentence_bleu (NLTK's
+    sentence_bleu, smoothing method 1) for all at once, O(total tokens * log) numpy work per n."""
     n_resp = len(group)
     if n_resp < 2:
         return np.zeros(n_resp)
@@ -193,10 +185,8 @@ def sentence_bleus(group: list[list[int]], max_n: int = 3) -> np.ndarray:
 
 
 def self_bleu(group: list[list[int]], max_n: int = 3) -> float:
-    """Self-BLEU of a group of token-id responses: mean over i of BLEU(y_i | others), in [0, 1].
-
-    Groups of fewer than 2 responses have self-BLEU 0. TDS = 1 - self_bleu.
-    """
+    """Self-BLEU of a group of token-id responses: mean over i of BLEU(y_i | others), in [0, 1]; 0 for
+    fewer than 2 responses. TDS = 1 - self_bleu."""
     scores = sentence_bleus(group, max_n)
     return float(scores.mean()) if len(scores) else 0.0
 
@@ -229,31 +219,21 @@ def edit_distance(a: list[int], b: list[int]) -> int:
 
 def edit_diversity(group: list[list[int]]) -> float:
     """Mean over pairs of edit distance / max length, in [0, 1]; 0 for groups of fewer than 2."""
-    pairs = [(i, j) for i in range(len(group)) for j in range(i + 1, len(group))]
-    values = [edit_distance(group[i], group[j]) / max(1, len(group[i]), len(group[j])) for i, j in pairs]
+    values = [edit_distance(a, b) / max(1, len(a), len(b)) for a, b in itertools.combinations(group, 2)]
     return float(np.mean(values)) if values else 0.0
 
 
-def self_bleu_diversity(group: list[list[int]]) -> float:
-    """1 - self-BLEU-123: the paper's TDS and the recipe's measure (0 for fewer than 2 responses)."""
-    return 1.0 - self_bleu(group) if len(group) >= 2 else 0.0
-
-
-def distinct_2(group: list[list[int]]) -> float:
-    """Distinct bigrams / all bigrams of the group."""
-    return distinct_n(group, 2)
-
-
-TRAJECTORY_DIVERSITY = {"self_bleu": self_bleu_diversity, "distinct": distinct_2, "edit": edit_diversity}  # --vas-tds
+TRAJECTORY_DIVERSITY = {  # --vas-tds
+    "self_bleu": lambda group: 1.0 - self_bleu(group) if len(group) >= 2 else 0.0,  # 1 - self-BLEU-123
+    "distinct": lambda group: distinct_n(group, 2),
+    "edit": edit_diversity,
+}
 
 
 def trajectory_diversity(group: list[list[int]], kind: str = "self_bleu") -> float:
-    """TDS of one prompt's responses, in [0, 1], higher = more diverse.
-
-    kind: 'self_bleu' (1 - self-BLEU-123: the paper's definition and the recipe's measure; the
-    released code weights raw self-BLEU instead, see the README's deviation table), 'distinct' (distinct-2),
-    'edit' (mean normalised pairwise edit distance).
-    """
+    """TDS of one prompt's responses, in [0, 1], higher = more diverse. kind: 'self_bleu' (1 - self-BLEU-123:
+    the paper's definition; the released code weights raw self-BLEU, see the README's deviation table),
+    'distinct' (distinct-2), 'edit' (mean normalised pairwise edit distance)."""
     if kind not in TRAJECTORY_DIVERSITY:
         raise ValueError(f"unknown TDS kind {kind!r}: {', '.join(TRAJECTORY_DIVERSITY)}")
     return TRAJECTORY_DIVERSITY[kind](group)
@@ -270,10 +250,8 @@ def variance_promotion_score(ovs, tds, alpha: float = 0.8, beta: float = 0.2) ->
 
 
 def normalise_weights(vps, old: np.ndarray | None = None, momentum: float = 0.0) -> np.ndarray:
-    """Sampling weights from VPS: min-max normalised to [0, 1], then w = m * old + (1 - m) * new.
-
-    Degenerate input (NaN / inf, or all values equal) gives uniform weights (all ones).
-    """
+    """Sampling weights (P,) from VPS (P,): min-max normalised to [0, 1] (all ones for NaN / inf or all
+    values equal), then w = m * old + (1 - m) * new."""
     v = np.asarray(vps, dtype=np.float64)
     if len(v) == 0 or not np.all(np.isfinite(v)) or v.max() == v.min():
         new = np.ones_like(v)
@@ -291,11 +269,8 @@ def score_prompts(
     beta: float = 0.2,
     tds_kind: str = "self_bleu",
 ) -> dict[str, np.ndarray]:
-    """Per prompt: pass rate, OVS, TDS, VPS, each (P,).
-
-    responses[p] is the list of N token-id responses of prompt p; accuracies[p] their 0/1
-    verifier outcomes (accuracy only, not format).
-    """
+    """Per prompt: pass rate, OVS, TDS, VPS, each (P,), from responses[p] (the N token-id responses of
+    prompt p) and accuracies[p] (their 0/1 verifier outcomes: accuracy only, not format)."""
     if len(responses) != len(accuracies):
         raise ValueError(f"{len(responses)} prompts of responses but {len(accuracies)} of accuracies")
     pass_rate = np.array([float(np.mean(a)) if len(a) else 0.0 for a in accuracies])
@@ -310,14 +285,11 @@ def score_prompts(
 
 
 class MixedSampler:
-    """Yields global batches of prompt indices forever: floor(mix_ratio * B) drawn with
-    replacement proportionally to the weights, the rest taken in order from a seeded shuffled
-    permutation (reshuffled each pass, so the uniform part covers every prompt once per pass).
-
-    Every rank builds the same global batch from the same seed; `dist.shard` picks a rank's part.
-    `state_dict()` / `load_state_dict()` capture everything, so a resumed run yields exactly the
-    batches the uninterrupted run would have.
-    """
+    """Yields global batches of prompt indices forever: floor(mix_ratio * B) drawn with replacement
+    proportionally to the weights, the rest in order from a seeded permutation reshuffled each pass (the
+    uniform part covers every prompt once per pass). Every rank builds the same global batch from the
+    same seed (`dist.shard` picks a rank's part); state_dict() captures everything, so a resumed run
+    yields exactly the batches the uninterrupted run would have."""
 
     def __init__(self, num_prompts: int, batch_size: int, mix_ratio: float = 0.5, seed: int = 0):
         if num_prompts <= 0 or batch_size <= 0:
@@ -330,8 +302,7 @@ class MixedSampler:
         self.rng_weighted = np.random.default_rng([seed, 0])
         self.rng_uniform = np.random.default_rng([seed, 1])
         self.perm = self.rng_uniform.permutation(num_prompts)
-        self.pos = 0  # next position in perm
-        self.epoch = 0  # completed passes of the uniform walk
+        self.pos, self.epoch = 0, 0  # next position in perm, completed passes of the uniform walk
 
     @property
     def weights(self) -> np.ndarray:
@@ -425,20 +396,15 @@ def rollout_scores(
     prompts_per_call: int = 64,
     desc: str = "vas scoring",
 ) -> dict[str, np.ndarray]:
-    """Pass rate, OVS, TDS, VPS (each (len(rows),), in row order) from n fresh rollouts per row, and
-    `tokens`: the response tokens generated for each row (the cost of the scoring). Every rank returns
-    the full arrays.
+    """Pass rate, OVS, TDS, VPS and `tokens` (response tokens generated: the scoring's cost), each
+    (len(rows),) in row order, from n fresh rollouts per row; every rank returns the full arrays.
 
-    The one place that orders the work: the rows are dealt in rounds of prompts_per_call per rank,
-    round-robin over the ranks (dist.rounds: every rank gets a slice of every part of the data, so rows
-    grouped by source, long answers first say, cost every rank alike, and no rank waits long at a
-    collective); each rank generates its share of a round in one call (padded to equal work: synced
-    generation), seeded by scoring_seed(seed, step, round), scores it with reward.score_responses under
-    `scoring` (a reward.Scoring; accuracy only), and the round ends in one all-gather. `sampling` gives
-    the temperature, top-p and length; its seed is replaced by each round's.
+    The one place that orders the work: rounds of prompts_per_call rows per rank, dealt round-robin
+    (dist.rounds: every rank gets a slice of every part of the data, so no rank waits long at a
+    collective); a rank's share of a round is one generate call (padded to equal work), seeded by
+    scoring_seed(seed, step, round) (replacing `sampling`'s seed), scored by reward.score_responses
+    under `scoring` (accuracy only); each round ends in one all-gather.
     """
-    import dataclasses
-
     from tqdm import tqdm
 
     import reward
@@ -449,7 +415,7 @@ def rollout_scores(
     for round_, part in enumerate(dist.rounds(list(range(len(rows))), prompts_per_call, d.world_size)):
         mine, n_real = dist.shard(part, d)  # this rank's share, padded to the same length on every rank
         chunk = [rows[i] for i in mine]
-        outs = engine.generate(chunk, n, dataclasses.replace(sampling, seed=scoring_seed(seed, step, round_)))
+        outs = engine.generate(chunk, n, replace(sampling, seed=scoring_seed(seed, step, round_)))
         accuracies = reward.score_responses([o.text for o in outs], [chunk[o.row] for o in outs], scoring, pool=pool)
         groups: list[list[list[int]]] = [[] for _ in chunk]  # the n token-id responses of each prompt
         outcomes: list[list[float]] = [[] for _ in chunk]
@@ -476,11 +442,9 @@ def rollout_scores(
 def load_refreshes(run_dir: str | Path) -> list[dict]:
     """The VPS refreshes a grpo.py --vas run wrote to <run>/vas/refresh-<step>.npz, by step; a BadRowError
     naming the file for one that does not load (cut short, not an .npz, no `vps` array)."""
-    import zipfile
-
-    files = [p for p in Path(run_dir, "vas").glob("refresh-*.npz") if p.stem.split("-", 1)[1].isdigit()]
+    files = [(int(p.stem[8:]), p) for p in Path(run_dir, "vas").glob("refresh-*.npz") if p.stem[8:].isdigit()]
     refreshes = []
-    for path in sorted(files, key=lambda p: int(p.stem.split("-")[1])):
+    for step, path in sorted(files, key=lambda f: f[0]):
         try:
             with np.load(path) as npz:
                 arrays = {k: npz[k] for k in npz.files}
@@ -488,15 +452,14 @@ def load_refreshes(run_dir: str | Path) -> list[dict]:
             raise config.BadRowError(f"{path} is unreadable ({config.first_line(e)})") from e
         if "vps" not in arrays:
             raise config.BadRowError(f"{path} holds no 'vps' array (not a grpo.py --vas refresh)")
-        refreshes.append({"step": int(path.stem.split("-")[1]), **arrays})
+        refreshes.append({"step": step, **arrays})
     return refreshes
 
 
 def transition_matrix(before: np.ndarray, after: np.ndarray, bins: np.ndarray) -> np.ndarray:
     """(K, K) row-normalised share of prompts moving from VPS bin i (before) to bin j (after)."""
     k = len(bins) - 1
-    a = np.clip(np.digitize(before, bins) - 1, 0, k - 1)
-    b = np.clip(np.digitize(after, bins) - 1, 0, k - 1)
+    a, b = (np.clip(np.digitize(x, bins) - 1, 0, k - 1) for x in (before, after))  # bin of each prompt
     counts = np.zeros((k, k))
     np.add.at(counts, (a, b), 1)
     return counts / np.maximum(counts.sum(1, keepdims=True), 1)
@@ -528,10 +491,9 @@ def plot_refreshes(run_dir: str | Path, out: str | Path | None = None, n_bins: i
             m = transition_matrix(r["vps"], refreshes[i + 1]["vps"], bins)
             axes[1, i].imshow(m, vmin=0, vmax=1, cmap="viridis")
             axes[1, i].set_title(f"bins {r['step']} -> {refreshes[i + 1]['step']}")
+            axes[1, i].set(xlabel="bin after", ylabel="bin before")
             for (a, b), v in np.ndenumerate(m):
                 axes[1, i].text(b, a, f"{v:.2f}", ha="center", va="center", color="w", fontsize=7)
-            axes[1, i].set_xlabel("bin after")
-            axes[1, i].set_ylabel("bin before")
         else:
             axes[1, i].axis("off")
     fig.tight_layout()
@@ -652,8 +614,8 @@ def score_data_set(args: ScoreConfig) -> None:
     if d.master:
         import datasets
 
-        table = {"id": [str(r.get("id", i)) for i, r in enumerate(rows)], "index": list(range(len(rows)))}
-        table.update({k: v.tolist() for k, v in scores.items()})
+        ids = [str(r.get("id", i)) for i, r in enumerate(rows)]
+        table = {"id": ids, "index": list(range(len(rows))), **{k: v.tolist() for k, v in scores.items()}}
         datasets.Dataset.from_dict(table).to_parquet(args.out)
         zero = float(np.mean(scores["ovs"] == 0))
         print(
