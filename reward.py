@@ -132,8 +132,7 @@ def unicode_clean(s: str) -> str:
 
 
 def clean_answer(s: str) -> str:
-    """Strips `$`, `\\text{}`/`\\mathrm{}` wrappers, `\\left/\\right`, `\\!`, trailing period, after
-    Unicode normalisation (unicode_clean)."""
+    """unicode_clean(s) without `$`, `\\text{}`/`\\mathrm{}` wrappers, `\\left/\\right`, `\\!` or a trailing period."""
     s = unicode_clean(s).strip().strip("$").strip()
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "")
@@ -469,9 +468,8 @@ MAX_START_FAILURES = 3  # a slot whose worker dies this many times in a row befo
 
 
 def _worker(conn, score_fn) -> None:
-    """A scoring process: ignores PARENT_SIGNALS (blocked since its start, see RewardPool._start), says
-    "ready", then answers each (index, job) with (index, score_fn(**job), None) or (index, None, error)
-    until None, or until its parent is gone."""
+    """A scoring process: ignores PARENT_SIGNALS (blocked since its start: RewardPool._start), says "ready",
+    then answers each (index, job) with (index, score_fn(**job), None) or (index, None, error) until None."""
     for sig in PARENT_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)  # one sent meanwhile is dropped
@@ -641,9 +639,8 @@ def compute_rewards(
 def score_responses(
     responses: list[str], rows: list[dict], scoring: Scoring, *, pool: RewardPool | None = None, timeout_s: float = 5.0
 ) -> list[dict]:
-    """compute_rewards of responses[i] against rows[i]["answer"] (and rows[i]["choices"]) under
-    `scoring`: the rewards of rollouts, each against the data row of its prompt. In the pool's workers
-    when given, else in this process, timeout_s per response either way (the pool's own limit)."""
+    """compute_rewards of responses[i] against rows[i]["answer"] (and ["choices"]) under `scoring`: rollouts'
+    rewards, each against its prompt's row; in the pool when given (its own limit), else in this process."""
     golds, choices = [r["answer"] for r in rows], [r.get("choices") for r in rows]
     return compute_rewards(responses, golds, choices, workers=0, timeout_s=timeout_s, scoring=scoring, pool=pool)
 
@@ -702,10 +699,8 @@ def read_predictions(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: scores a jsonl of predictions, prints accuracy / format rate / timeouts, writes per-row scores.
-
-    Unreadable lines are listed (file and line) on stderr and counted; every other row is scored.
-    """
+    """CLI: scores a jsonl of predictions, prints accuracy / format rate / timeouts, writes per-row scores;
+    unreadable lines are listed (file and line) on stderr and counted, every other row is scored."""
     parser = argparse.ArgumentParser(
         allow_abbrev=False, description="Score a predictions file with the format + accuracy rewards."
     )
