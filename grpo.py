@@ -227,44 +227,22 @@ class GRPOConfig:
     )
 
 
+# fmt: off
 PRESETS = {
     # Table 6 of the paper (and its VAS settings): lr 1e-6 constant, KL k3 0.01, clip 0.2/0.2,
     # n 8 at temperature 0.6, 2048/4096 tokens, rollout and actor batch 512, micro-batch 8,
     # images in [7056, 1048576] pixels, 10 episodes, VAS N = 16, lambda 0.5, alpha/beta 0.8/0.2,
     # T 56; the Table 7 RL prompt before every problem.
     "paper": dict(
-        max_steps=0,
-        episodes=10.0,
-        rollout_batch_size=512,
-        group_size=8,
-        temperature=0.6,
-        top_p=1.0,
-        max_prompt_length=2048,
-        max_response_length=4096,
-        micro_batch_size=8,
-        max_tokens_per_micro_batch=16384,
-        updates_per_batch=1,
-        lr=1e-6,
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        clip_low=0.2,
-        clip_high=0.2,
-        kl_coef=0.01,
-        vas_mix_ratio=0.5,
-        vas_alpha=0.8,
-        vas_beta=0.2,
-        vas_update_every=56,
-        vas_rollouts=16,
-        val_every=20,
-        val_limit=0,
-        save_every=50,
-        gradient_checkpointing=True,
-        min_pixels=7056,
-        max_pixels=1048576,
-        reward_workers=8,
-        instruction="recipe",
+        max_steps=0, episodes=10.0, rollout_batch_size=512, group_size=8, temperature=0.6, top_p=1.0,
+        max_prompt_length=2048, max_response_length=4096, micro_batch_size=8, max_tokens_per_micro_batch=16384,
+        updates_per_batch=1, lr=1e-6, weight_decay=0.01, max_grad_norm=1.0, clip_low=0.2, clip_high=0.2, kl_coef=0.01,
+        vas_mix_ratio=0.5, vas_alpha=0.8, vas_beta=0.2, vas_update_every=56, vas_rollouts=16,
+        val_every=20, val_limit=0, save_every=50, gradient_checkpointing=True,
+        min_pixels=7056, max_pixels=1048576, reward_workers=8, instruction="recipe",
     ),
 }
+# fmt: on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,12 +251,9 @@ PRESETS = {
 
 
 def group_advantages(rewards: torch.Tensor, n: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """GRPO advantages A_i = (r_i - mean_g) / (std_g + eps) within each group of n responses.
-
-    rewards: (G*n,) ordered group by group. Returns (advantages (G*n,), zero_var (G,) bool);
-    a group whose rewards are all equal gets advantage 0 (it carries no signal). std is the
-    unbiased sample std, as in the common GRPO implementations.
-    """
+    """GRPO advantages A_i = (r_i - mean_g) / (std_g + eps) within each group of n responses, std unbiased.
+    rewards: (G*n,) group by group. Returns (advantages (G*n,), zero_var (G,) bool); a group whose
+    rewards are all equal gets advantage 0 (it carries no signal)."""
     r = rewards.view(-1, n).double()
     mean = r.mean(1, keepdim=True)
     std = r.std(1, keepdim=True) if n > 1 else torch.zeros_like(mean)
@@ -296,29 +271,21 @@ def centred_advantages(rewards: torch.Tensor, n: int, eps: float = 1e-6) -> tupl
 
 
 ADVANTAGES = {"std": group_advantages, "none": centred_advantages}  # --adv-norm
-
-
 KL_CLAMP = 10.0  # the recipe's bound on the per-token k3 value
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(pi || pi_ref): exp(d) - d - 1 with d = ref_logp - logp, clamped
-    to [-KL_CLAMP, KL_CLAMP] as the recipe's "low_var_kl" does.
-
-    Unbiased for the KL under samples from pi and >= 0 everywhere (low variance); the clamp stops
-    one token whose reference log-prob is far above the policy's (exp(d) ~ 3e8 at d = 20) from
-    swamping the batch.
-    """
+    """Per-token k3 estimator of KL(pi || pi_ref): exp(d) - d - 1 with d = ref_logp - logp, unbiased
+    under samples from pi and >= 0; clamped to [-KL_CLAMP, KL_CLAMP] as the recipe's "low_var_kl" does,
+    so one token far above the policy (exp(d) ~ 3e8 at d = 20) cannot swamp the batch."""
     d = ref_logp - logp
     return torch.clamp(torch.exp(d) - d - 1, -KL_CLAMP, KL_CLAMP)
 
 
 def clipped_surrogate(logp, old_logp, adv, clip_low: float, clip_high: float):
     """Per-token PPO loss max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), r = pi / pi_old.
-
     logp, old_logp: (B, T); adv: (B, 1) or (B, T). Returns (loss (B, T), clipped (B, T) bool:
-    where the clipped branch is the active, larger one).
-    """
+    where the clipped branch is the active, larger one)."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
@@ -335,10 +302,9 @@ def token_ratio_loss(logp, old_logp, adv, mask, cfg: GRPOConfig):
 
 
 def sequence_ratio_loss(logp, old_logp, adv, mask, cfg: GRPOConfig):
-    """--ratio-level sequence (GSPO): s_i = exp(mean over response i's tokens of logp - old_logp),
-    clipped per response; every token of response i carries the same loss, so grad = s_i x the mean
-    of grad logp over its tokens (GSPO's gradient; its GSPO-token form with sg[s_i] equals it).
-    Shapes as token_ratio_loss."""
+    """--ratio-level sequence (GSPO): s_i = exp(mean over response i's tokens of logp - old_logp), clipped
+    per response; every token of response i carries the same loss, so grad = s_i x the mean of grad logp
+    over its tokens (GSPO's gradient; its GSPO-token form with sg[s_i] equals it). Shapes as above."""
     log_ratio = ((logp - old_logp) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
     loss, clipped = clipped_surrogate(log_ratio, torch.zeros_like(log_ratio), adv, cfg.clip_low, cfg.clip_high)
     return loss.expand_as(logp), clipped.expand_as(logp)  # (B, T): the response's loss on each of its tokens
@@ -347,40 +313,28 @@ def sequence_ratio_loss(logp, old_logp, adv, mask, cfg: GRPOConfig):
 RATIO_LOSSES = {"token": token_ratio_loss, "sequence": sequence_ratio_loss}  # --ratio-level
 
 
-# Each aggregation picks the divisor of the GLOBAL batch (all ranks and micro-batches) and the per-token
-# weights of a micro-batch: loss = sum(weights(mask) * token loss) / divisor. With the divisor global, the
-# sum of the micro-batches' losses, and FSDP2's sum of the ranks' gradients, is the one-process full-batch
-# loss and gradient.
-
-
-def token_weights(mask: torch.Tensor) -> torch.Tensor:
-    """Every response token weighs 1: the (B, T) mask itself."""
-    return mask
-
-
-def length_normalised_weights(mask: torch.Tensor) -> torch.Tensor:
-    """A token of response i weighs 1 / |o_i|, (B, T): the token mean within each response."""
-    return mask / mask.sum(1, keepdim=True).clamp(min=1)
-
-
+# Each aggregation picks the divisor of the GLOBAL batch (all ranks and micro-batches) and the (B, T)
+# per-token weights of a micro-batch: loss = sum(weights(mask) * token loss) / divisor. With the divisor
+# global, the micro-batches' losses and FSDP2's sum of the ranks' gradients add up to the one-process
+# full-batch loss and gradient.
 Weights = Callable[[torch.Tensor], torch.Tensor]
 
 
 def token_mean(totals: dict[str, float], cfg: GRPOConfig) -> tuple[float, Weights]:
     """--loss-agg token-mean: every response token of the global batch weighs 1 / (its tokens)."""
-    return totals["tokens"], token_weights
+    return totals["tokens"], lambda mask: mask
 
 
 def seq_mean(totals: dict[str, float], cfg: GRPOConfig) -> tuple[float, Weights]:
     """--loss-agg seq-mean (original GRPO): the token mean within each response, then the mean over
     the global batch's responses: a token of response i weighs 1 / (|o_i| x responses)."""
-    return totals["responses"], length_normalised_weights
+    return totals["responses"], lambda mask: mask / mask.sum(1, keepdim=True).clamp(min=1)
 
 
 def constant_divisor(totals: dict[str, float], cfg: GRPOConfig) -> tuple[float, Weights]:
     """--loss-agg constant (Dr. GRPO): the token sum over a fixed max-response-length x responses,
     so a response's weight does not depend on its length."""
-    return cfg.max_response_length * totals["responses"], token_weights
+    return cfg.max_response_length * totals["responses"], lambda mask: mask
 
 
 LOSS_AGGREGATIONS = {"token-mean": token_mean, "seq-mean": seq_mean, "constant": constant_divisor}
@@ -411,10 +365,9 @@ def no_tis(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> flo
 
 
 class RolloutGap:
-    """The rollout-trainer log-prob gap of one update, fed once per micro-batch: over the response
-    tokens the engine gave log-probs of, the sums of |d| and of k3 = exp(d) - d - 1 with d = trainer
-    old - engine log-prob (the k3 estimate of KL(engine || trainer) under the engine's samples), the
-    max |d| and the token count; and each micro-batch's TIS weights (--tis-cap, chosen once)."""
+    """The rollout-trainer log-prob gap of one update, fed once per micro-batch: over the engine's
+    response tokens, the sums of |d| and of k3 = exp(d) - d - 1 (KL(engine || trainer)), d = trainer
+    old - engine log-prob, the max |d| and the token count; and each micro-batch's TIS weights."""
 
     def __init__(self, cfg: GRPOConfig, device: torch.device):
         self.cap, self.device = cfg.tis_cap, device
@@ -450,14 +403,9 @@ def overlong_penalty(length: int, max_length: int, buffer: int, penalty: float) 
 
 
 def policy_loss_backward(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist) -> dict[str, float]:
-    """Forward + backward of the GRPO loss over this rank's micro-batches (one update); returns the
-    loss as aggregated, the token means over the global batch of pg, kl, clipped and entropy, and the
-    rollout-trainer gap (RolloutGap.metrics).
-
-    Loss = sum over response tokens of weight x (surrogate + kl_coef * k3) / divisor, both from
-    --loss-agg (token-mean: weight 1, divisor the response tokens of the GLOBAL batch): each
-    micro-batch adds its share, and FSDP2 sums the ranks' gradients.
-    """
+    """Forward + backward of the GRPO loss sum(weight x (surrogate + kl_coef * k3)) / divisor over this
+    rank's micro-batches (one update; weight and divisor from --loss-agg); returns the loss as aggregated,
+    the global token means of pg, kl, clipped and entropy, and the gap (RolloutGap.metrics)."""
     ratio_loss, totals = RATIO_LOSSES[cfg.ratio_level], global_totals(micro, d)
     divisor, weights = LOSS_AGGREGATIONS[cfg.loss_agg](totals, cfg)  # one global divisor for every micro-batch
     gap, sums = RolloutGap(cfg, d.device), dict.fromkeys(("loss", "pg", "kl", "clipped", "entropy"), 0.0)
@@ -484,13 +432,8 @@ def policy_loss_backward(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist
 def frozen_token_logprobs(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist) -> list[torch.Tensor]:
     """Per-token log-probs (B, T-1) of each micro-batch at the rollout temperature, without
     gradient, on the CPU: those of the reference model, or of the old policy."""
-    out = []
-    for b in micro:
-        logp, _ = logprobs.batch_logprobs(
-            model, b["inputs"], d.device, cfg.logprob_chunk, False, cfg.temperature, cfg.pack
-        )
-        out.append(logp.float().cpu())
-    return out
+    args = (d.device, cfg.logprob_chunk, False, cfg.temperature, cfg.pack)  # False: no entropy
+    return [logprobs.batch_logprobs(model, b["inputs"], *args)[0].float().cpu() for b in micro]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,12 +461,10 @@ def has_signal(group: Group) -> bool:
 
 @dataclass
 class StepBatch:
-    """What one step trains on, on this rank, and what it sampled to get it.
-
-    rows / prompts / prompt_ids: one per group; outs / rewards: n per group, row-major (Rollout.row
-    indexes rows); trained: (len(outs),) bool, False on the responses of a filler group (dynamic
-    sampling out of rounds: present for equal shapes on every rank, no weight in the loss); sampled:
-    every group generated this step, kept or not, all rounds; rounds: generation rounds (all ranks)."""
+    """What one step trains on, on this rank, and what it sampled to get it. rows / prompts / prompt_ids:
+    one per group; outs / rewards: n per group, row-major (Rollout.row indexes rows); trained: (len(outs),)
+    bool, False on a filler group's responses (dynamic sampling out of rounds: equal shapes on every rank,
+    no weight in the loss); sampled: every group generated this step, all rounds; rounds: rounds run."""
 
     rows: list[dict]
     prompts: list[batches.Prompt]
@@ -545,18 +486,8 @@ class StepBatch:
                    rewards, trained, sampled, rounds)  # fmt: skip
 
 
-def generation_round(
-    engine,
-    sampler: vas.MixedSampler,
-    rows: list[dict],
-    processor,
-    fmt: chat.PromptFormat,
-    pool,
-    cfg: GRPOConfig,
-    d: dist.Dist,
-    step: int,
-    round_: int,
-) -> list[Group]:
+def generation_round(engine, sampler: vas.MixedSampler, rows: list[dict], processor, fmt: chat.PromptFormat, pool,
+                     cfg: GRPOConfig, d: dist.Dist, step: int, round_: int) -> list[Group]:  # fmt: skip
     """One generation round: the sampler's next global batch, this rank's slice of it, n rollouts per
     prompt (seeded by step and round) and their rewards; one Group per prompt, in batch order."""
     prompt_ids, _ = dist.shard(sampler.next_batch(), d)  # this rank's slice of the global batch
@@ -582,11 +513,10 @@ def one_round(generate: Callable[[int], list[Group]], cfg: GRPOConfig, d: dist.D
 
 
 def dynamic_rounds(generate: Callable[[int], list[Group]], cfg: GRPOConfig, d: dist.Dist) -> StepBatch:
-    """--dynamic-sampling (DAPO): groups without accuracy variance are dropped and further rounds
-    generated (each a fresh global batch from the same sampler, seeded apart) until every rank holds
-    its share of --rollout-batch-size groups with signal, or --max-sampling-rounds; the ranks agree
-    after each round (one all-reduce), so all run the same rounds. A share still short then is filled
-    with dropped groups that carry no weight (`trained` False), so every rank keeps its shape."""
+    """--dynamic-sampling (DAPO): groups without accuracy variance are dropped and further rounds generated
+    (each a fresh global batch from the same sampler, seeded apart) until every rank holds its share of
+    --rollout-batch-size groups with signal, or --max-sampling-rounds (one all-reduce a round: the same rounds
+    on all ranks). A share still short is filled with weightless dropped groups (`trained` False)."""
     share, kept, dropped, sampled = cfg.rollout_batch_size // d.world_size, [], [], []
     for round_ in range(cfg.max_sampling_rounds):
         for group in generate(round_):
@@ -601,18 +531,8 @@ def dynamic_rounds(generate: Callable[[int], list[Group]], cfg: GRPOConfig, d: d
 SAMPLING = {False: one_round, True: dynamic_rounds}  # --dynamic-sampling
 
 
-def sample_batch(
-    engine,
-    model,
-    sampler: vas.MixedSampler,
-    rows: list[dict],
-    processor,
-    fmt: chat.PromptFormat,
-    pool,
-    cfg: GRPOConfig,
-    d: dist.Dist,
-    step: int,
-) -> StepBatch:
+def sample_batch(engine, model, sampler: vas.MixedSampler, rows: list[dict], processor, fmt: chat.PromptFormat, pool,
+                 cfg: GRPOConfig, d: dist.Dist, step: int) -> StepBatch:  # fmt: skip
     """This rank's share of the step's global batch from the sampler, n rollouts per prompt from the
     policy after `step` updates, scored: generation rounds as --dynamic-sampling selects (SAMPLING)."""
     engine.push_weights(model, version=step)  # the new policy -> the inference engine (vLLM: skipped if unchanged)
@@ -640,27 +560,15 @@ def score(outs: list[rollout.Rollout], rows: list[dict], pool, cfg: GRPOConfig) 
     return scored
 
 
-def micro_batches(
-    processor,
-    outs: list[rollout.Rollout],
-    prompts: list[batches.Prompt],
-    advantages: torch.Tensor,
-    cfg: GRPOConfig,
-    d: dist.Dist,
-    trained: torch.Tensor | None = None,
-) -> list[dict]:
-    """Prompt + response sequences grouped by token budget, as many micro-batches on every rank
-    (FSDP2's forwards are collectives): model inputs, the (B, T-1) response-token mask and the
-    (B,) advantages of each. prompts[g] is the Prompt the engine generated group g from (outs[i].row = g).
-    A response whose `trained` entry is False ((B*n,) bool; default all True), or one cut at the
-    length limit under --mask-truncated, gets an all-zero mask: no weight, in no normaliser."""
+def micro_batches(processor, outs: list[rollout.Rollout], prompts: list[batches.Prompt], advantages: torch.Tensor,
+                  cfg: GRPOConfig, d: dist.Dist, trained: torch.Tensor | None = None) -> list[dict]:  # fmt: skip
+    """Prompt + response sequences grouped by token budget, as many micro-batches on every rank (FSDP2's
+    forwards are collectives): model inputs, the (B, T-1) response-token mask and the (B,) advantages of each.
+    prompts[g]: the Prompt group g was generated from (outs[i].row = g). A response whose `trained` entry is
+    False ((B*n,) bool; default all True), or cut under --mask-truncated, gets an all-zero mask."""
+    paired, tokens = [prompts[o.row] for o in outs], [o.token_ids for o in outs]  # each response beside its prompt
     planned = batches.rl_micro_batches(
-        processor,
-        [prompts[o.row] for o in outs],  # each response beside the prompt it was sampled from
-        [o.token_ids for o in outs],
-        cfg.max_tokens_per_micro_batch,
-        cfg.micro_batch_size,
-        d,
+        processor, paired, tokens, cfg.max_tokens_per_micro_batch, cfg.micro_batch_size, d
     )
     keep = torch.tensor([not (cfg.mask_truncated and o.finish_reason == "length") for o in outs])  # (B*n,)
     keep = keep if trained is None else keep & trained
@@ -701,37 +609,17 @@ def update_policy(model, ref_model, optimizer, micro: list[dict], cfg: GRPOConfi
     return stats, grad_norm
 
 
-def refresh_vps(
-    engine,
-    model,
-    rows: list[dict],
-    sampler: vas.MixedSampler,
-    cfg: GRPOConfig,
-    d: dist.Dist,
-    pool,
-    step: int,
-    out_dir: Path,
-) -> dict[str, np.ndarray]:
-    """Re-scores every prompt with N fresh rollouts (vas.rollout_scores: rounds, ranks and seeds),
-    re-weights the sampler with the min-max normalised VPS, keeps the refresh for `vas.py plot`; returns
-    the scores, (P,) each. Every prompt passed the door, so every prompt is scored."""
+def refresh_vps(engine, model, rows: list[dict], sampler: vas.MixedSampler, cfg: GRPOConfig, d: dist.Dist, pool,
+                step: int, out_dir: Path) -> dict[str, np.ndarray]:  # fmt: skip
+    """Re-scores every prompt with N fresh rollouts (vas.rollout_scores: rounds, ranks, seeds), re-weights the
+    sampler by the min-max normalised VPS, keeps the refresh for `vas.py plot`; returns the scores, (P,) each."""
     engine.push_weights(model, version=step)
+    sampling = rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length)
     scores = vas.rollout_scores(
-        engine,
-        rows,
-        d,
-        n=cfg.vas_rollouts,
-        sampling=rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length),
-        seed=cfg.seed,
-        step=step,
-        pool=pool,
-        scoring=scoring(cfg),
-        alpha=cfg.vas_alpha,
-        beta=cfg.vas_beta,
-        tds_kind=cfg.vas_tds,
-        prompts_per_call=cfg.vas_prompts_per_call,
-        desc=f"vas refresh @{step}",
-    )
+        engine, rows, d, n=cfg.vas_rollouts, sampling=sampling, seed=cfg.seed, step=step, pool=pool,
+        scoring=scoring(cfg), alpha=cfg.vas_alpha, beta=cfg.vas_beta, tds_kind=cfg.vas_tds,
+        prompts_per_call=cfg.vas_prompts_per_call, desc=f"vas refresh @{step}",
+    )  # fmt: skip
     engine.sleep()
     sampler.update_weights(vas.normalise_weights(scores["vps"], sampler.weights, cfg.vas_momentum))
     if d.master:
@@ -768,7 +656,7 @@ def rescore(
     to the generation budget."""
     scores = refresh_vps(engine, model, rows, state.sampler, cfg, d, pool, step, out_dir)
     state.vps = scores["vps"]
-    state.generated.add(len(rows) * cfg.vas_rollouts, scores["tokens"].sum())
+    state.add_generated(len(rows) * cfg.vas_rollouts, scores["tokens"].sum())
     return scores
 
 
@@ -789,39 +677,29 @@ def vas_phase(
 
 
 @dataclass
-class Generated:
-    """The generation budget so far: responses and response tokens generated for training rollouts
-    (refill rounds included) and VAS scoring, validation excluded (rollout/generated_*)."""
-
-    responses: float = 0.0
-    tokens: float = 0.0
-
-    def add(self, responses: float, tokens: float) -> None:
-        self.responses, self.tokens = self.responses + float(responses), self.tokens + float(tokens)
-
-
-@dataclass
 class SamplerState:
     """What prompt sampling carries from step to step, saved in every checkpoint: the mixed sampler,
-    the raw VPS of every prompt ((P,), VAS) and the generation budget."""
+    the raw VPS of every prompt ((P,), VAS) and the generation budget: responses and response tokens
+    generated for training rollouts (refills included) and VAS scoring, not validation (rollout/generated_*)."""
 
     sampler: vas.MixedSampler
     vps: np.ndarray
-    generated: Generated = dataclasses.field(default_factory=Generated)
+    responses: float = 0.0
+    tokens: float = 0.0
+
+    def add_generated(self, responses: float, tokens: float) -> None:
+        """Adds to the generation budget."""
+        self.responses, self.tokens = self.responses + float(responses), self.tokens + float(tokens)
 
     def state_dict(self) -> dict:
         """The checkpoint's sampler, vps, rows (P, checked on resume) and generated [responses, tokens]."""
-        return {
-            "sampler": self.sampler.state_dict(),
-            "vps": self.vps.tolist(),
-            "rows": len(self.vps),
-            "generated": [self.generated.responses, self.generated.tokens],
-        }
+        return {"sampler": self.sampler.state_dict(), "vps": self.vps.tolist(), "rows": len(self.vps),
+                "generated": [self.responses, self.tokens]}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         """Restores what state_dict() captured."""
         self.sampler.load_state_dict(state["sampler"])
-        self.vps, self.generated = np.asarray(state["vps"]), Generated(*state["generated"])
+        self.vps, (self.responses, self.tokens) = np.asarray(state["vps"]), state["generated"]
 
 
 class PhaseClock:
@@ -841,9 +719,8 @@ NO_SIGNAL_STEPS = 3  # steps with no group with signal, from this process's firs
 
 
 class NoSignalWatch:
-    """Says once when every group of the first NO_SIGNAL_STEPS steps had equal rewards
-    (vas/zero_var_frac 1.0: advantages, loss and gradient all 0, so nothing trains); one step with a
-    group with signal silences it for the rest of the run."""
+    """Says once when every group of the first NO_SIGNAL_STEPS steps had equal rewards (vas/zero_var_frac
+    1.0: advantages, loss and gradient all 0); one step with a group with signal silences it for the run."""
 
     def __init__(self, steps: int = NO_SIGNAL_STEPS):
         self.steps, self.accuracies = steps, []  # the dead steps' reward/accuracy; None once a step had signal
@@ -870,10 +747,9 @@ class NoSignalWatch:
 def batch_metrics(
     batch: StepBatch, zero_var: torch.Tensor, stats: dict[str, float], grad_norm: float, cfg: GRPOConfig, d: dist.Dist
 ) -> dict[str, float]:
-    """The train/ (but lr), reward/, rollout/ and vas/zero_var_frac metrics of one step, the
-    per-rollout ones averaged over all ranks: of the trained batch, and (`_sampled`, rounds, this
-    step's generated responses and tokens) of everything sampled, dropped groups and refills included.
-    A filler group (dynamic sampling out of rounds) counts as zero-variance in vas/zero_var_frac."""
+    """The train/ (but lr), reward/, rollout/ and vas/zero_var_frac metrics of one step, averaged over all
+    ranks: of the trained batch (a filler group counts as zero-variance), and (`_sampled`, rounds, generated
+    responses and tokens) of everything this step sampled, dropped groups and refills included."""
     outs, rewards, n = batch.outs, batch.rewards, cfg.group_size
     overall = torch.tensor([r["overall"] for r in rewards], dtype=torch.float64)
     per_sequence = {
@@ -920,10 +796,9 @@ def batch_metrics(
 def perf_metrics(
     model_config, batch: StepBatch, t_rollout: float, t_update: float, engine, cfg: GRPOConfig, d: dist.Dist
 ) -> dict[str, float]:
-    """Throughput of the step, all ranks together (docs/grpo.md "Throughput and MFU"): generated
-    response tokens per rollout second, prompt + response tokens of the trained sequences per update
-    second; on CUDA with a known peak also perf/mfu (rollout + update FLOPs of mmr1.perf.step_flops
-    over both phases' seconds x ranks x peak) and perf/mfu_update."""
+    """Throughput of the step, all ranks together (docs/grpo.md "Throughput and MFU"): generated tokens per
+    rollout second, trained prompt + response tokens per update second; on CUDA with a known peak also
+    perf/mfu (mmr1.perf.step_flops of both phases over their seconds x ranks x peak) and perf/mfu_update."""
     from mmr1 import perf
 
     lengths = [len(batch.prompts[o.row].ids) + len(o.token_ids) for o in batch.outs]  # every sequence forwarded
@@ -944,31 +819,22 @@ def perf_metrics(
     return out
 
 
-def step_metrics(
-    batch: StepBatch,
-    zero_var: torch.Tensor,
-    update: tuple[dict[str, float], float],
-    clock: PhaseClock,
-    state: SamplerState,
-    optimizer,
-    model,
-    engine,
-    cfg: GRPOConfig,
-    d: dist.Dist,
-) -> dict[str, float]:
+def step_metrics(batch: StepBatch, zero_var: torch.Tensor, update: tuple[dict[str, float], float],
+                 clock: PhaseClock, state: SamplerState, optimizer, model, engine, cfg: GRPOConfig,
+                 d: dist.Dist) -> dict[str, float]:  # fmt: skip
     """Every metric of one step but val/accuracy (docs/grpo.md "Metrics"): batch_metrics of the update's
     (stats, grad norm), perf_metrics, lr, the VAS state, the phases' seconds and the generation budget,
     to which this step's sampled responses and tokens (refills included) are added first."""
     metrics = batch_metrics(batch, zero_var, *update, cfg, d)
     metrics |= perf_metrics(model.config, batch, clock.seconds["rollout"], clock.seconds["update"], engine, cfg, d)
-    state.generated.add(metrics["rollout/sampled_responses"], metrics["rollout/sampled_tokens"])
+    state.add_generated(metrics["rollout/sampled_responses"], metrics["rollout/sampled_tokens"])
     return metrics | {
         "train/lr": optimizer.param_groups[0]["lr"],
         "vas/vps_mean": float(np.mean(state.vps)) if cfg.vas else 0.0,
         "vas/weighted_frac": state.sampler.n_weighted / cfg.rollout_batch_size,
         **{f"time/{phase}_s": seconds for phase, seconds in clock.seconds.items()},  # rollout, update, vas
-        "rollout/generated_responses": state.generated.responses,
-        "rollout/generated_tokens": state.generated.tokens,
+        "rollout/generated_responses": state.responses,
+        "rollout/generated_tokens": state.tokens,
     }
 
 
@@ -994,9 +860,8 @@ def rollout_records(batch: StepBatch, advantages: torch.Tensor, cfg: GRPOConfig,
 def validate(engine, model, val_rows: list[dict], cfg: GRPOConfig, d: dist.Dist, pool, step: int) -> float:
     """Validation accuracy after `step` updates: one sample per prompt at val_temperature."""
     engine.push_weights(model, version=step)
-    sampling = rollout.Sampling(
-        cfg.val_temperature, 1.0, cfg.max_response_length, dist.derive_seed(cfg.seed, "val", step)
-    )
+    seed = dist.derive_seed(cfg.seed, "val", step)
+    sampling = rollout.Sampling(cfg.val_temperature, 1.0, cfg.max_response_length, seed)
     accuracy = rollout.validation_accuracy(engine, val_rows, d, sampling, val_scorer(cfg, pool))
     engine.sleep()
     return accuracy
@@ -1044,10 +909,9 @@ def load_data(cfg: GRPOConfig, processor, fmt: chat.PromptFormat, d: dist.Dist) 
 
 
 def load_models(policy_path: str, cfg: GRPOConfig, d: dist.Dist):
-    """(processor, policy, frozen reference or None, AdamW) for a run starting from policy_path.
-
-    The policy keeps fp32 master weights (FSDP2-sharded under torchrun); the reference is the
-    STARTING model (cfg.model, also on resume), sharded the same way, only when kl_coef > 0."""
+    """(processor, policy, frozen reference or None, AdamW) for a run starting from policy_path. The policy
+    keeps fp32 master weights (FSDP2-sharded under torchrun); the reference is the STARTING model
+    (cfg.model, also on resume), sharded the same way, only when kl_coef > 0."""
     processor = modeling.load_processor(policy_path, cfg.min_pixels, cfg.max_pixels)
     model = modeling.shard_model(
         modeling.load_model(policy_path, d.device, cfg.gradient_checkpointing, trainable=True), d
@@ -1062,26 +926,17 @@ def load_models(policy_path: str, cfg: GRPOConfig, d: dist.Dist):
 def make_engine(
     model, processor, policy_path: str, version: int, fmt: chat.PromptFormat, cfg: GRPOConfig, d: dist.Dist
 ):
-    """The rollout engine: HF generate on the policy, or vLLM started from policy_path, whose
-    weights are those after `version` steps. On a GPU vLLM's share of memory is the plan's (see
-    memory_plan_utilization) unless --gpu-memory-utilization gives one."""
+    """The rollout engine: HF generate on the policy, or vLLM started from policy_path (weights after `version`
+    steps); on a GPU vLLM's memory share is memory_plan_utilization's unless --gpu-memory-utilization gives one."""
     utilization = cfg.gpu_memory_utilization
     if not utilization and d.device.type == "cuda" and cfg.engine != "hf":
         utilization = memory_plan_utilization(policy_path, cfg, d)
     return rollout.make_engine(
-        cfg.engine,
-        model,
-        processor,
-        d,
-        model_path=policy_path,
-        min_pixels=cfg.min_pixels,
-        max_pixels=cfg.max_pixels,
-        prompt_format=fmt,
-        batch_size=cfg.micro_batch_size * 2,
+        cfg.engine, model, processor, d, model_path=policy_path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+        prompt_format=fmt, batch_size=cfg.micro_batch_size * 2, weights_version=version,
         gpu_memory_utilization=utilization or 0.75,  # (CPU: unused, its KV cache has a size of its own)
         max_model_len=cfg.max_prompt_length + cfg.max_response_length,
-        weights_version=version,
-    )
+    )  # fmt: skip
 
 
 def memory_settings(cfg: GRPOConfig, world_size: int):
@@ -1089,16 +944,12 @@ def memory_settings(cfg: GRPOConfig, world_size: int):
     lengths, log-prob chunk, recompute, and whether a reference model is held (KL on)."""
     from mmr1 import memory
 
+    tokens = cfg.max_tokens_per_micro_batch or cfg.micro_batch_size * (cfg.max_prompt_length + cfg.max_response_length)
     return memory.RunSettings(
-        world_size=world_size,
-        tokens_per_micro_batch=cfg.max_tokens_per_micro_batch
-        or cfg.micro_batch_size * (cfg.max_prompt_length + cfg.max_response_length),
-        max_prompt_length=cfg.max_prompt_length,
-        max_response_length=cfg.max_response_length,
-        logprob_chunk=cfg.logprob_chunk,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        reference=cfg.kl_coef > 0,
-    )
+        world_size=world_size, tokens_per_micro_batch=tokens, max_prompt_length=cfg.max_prompt_length,
+        max_response_length=cfg.max_response_length, logprob_chunk=cfg.logprob_chunk,
+        gradient_checkpointing=cfg.gradient_checkpointing, reference=cfg.kl_coef > 0,
+    )  # fmt: skip
 
 
 def memory_plan_utilization(policy_path: str, cfg: GRPOConfig, d: dist.Dist) -> float:
@@ -1121,29 +972,14 @@ def memory_plan_utilization(policy_path: str, cfg: GRPOConfig, d: dist.Dist) -> 
 
 # Settings a --resume may change without breaking the exact continuation (recorded in
 # config_changes.jsonl); any other change is refused. Validation seeds its own sampling.
+# fmt: off
 RESUME_MAY_CHANGE = {
-    "max_steps",
-    "episodes",
-    "output_dir",
-    "preset",
-    "resume",
-    "stop_after",
-    "report_to",
-    "save_every",
-    "save_total_limit",
-    "val_every",
-    "val_limit",
-    "val_data",
-    "val_benchmark",
-    "val_temperature",
-    "reward_workers",
-    "reward_timeout_s",
-    "gpu_memory_utilization",
-    "gradient_checkpointing",
-    "logprob_chunk",
-    "skip_bad_rows",
+    "max_steps", "episodes", "output_dir", "preset", "resume", "stop_after", "report_to", "save_every",
+    "save_total_limit", "val_every", "val_limit", "val_data", "val_benchmark", "val_temperature", "reward_workers",
+    "reward_timeout_s", "gpu_memory_utilization", "gradient_checkpointing", "logprob_chunk", "skip_bad_rows",
     "skip_nonfinite",
 }
+# fmt: on
 
 
 def validate_config(cfg: GRPOConfig) -> None:
