@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.vas_experiment import interval  # noqa: E402  (mean, 95% t half-width) over seeds
+from mmr1.config import exit_on_input_error, read_jsonl  # noqa: E402
 
 ARMS = {  # name -> grpo.py flags on top of the shared ones
     "baseline": [],
@@ -103,7 +104,7 @@ def train_all(args) -> None:
 def load_run(run: Path) -> dict:
     """The validation curve (steps, accuracies), the cumulative generated tokens at every logged step
     (step 0 = 0), the per-step metrics of PER_STEP (NaN where missing) and the wall seconds (NaN if unknown)."""
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = read_jsonl(run / "metrics.jsonl")  # one line naming file and line for a cut or broken file
     val = [(r["step"], r["val/accuracy"]) for r in lines if "val/accuracy" in r]
     tokens = {0: 0.0} | {r["step"]: r["rollout/generated_tokens"] for r in lines if "rollout/generated_tokens" in r}
     wall = run / "wall_s.txt"
@@ -275,4 +276,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)  # a broken record file: one line, exit 1

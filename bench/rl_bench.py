@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data import toy  # noqa: E402
+from mmr1.config import exit_on_input_error, read_jsonl  # noqa: E402
 
 DATA = toy.VARIANT_DATA_DIRS["slip"]
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
@@ -123,7 +124,7 @@ def train_all(args) -> None:
 
 def metrics(path: Path) -> list[dict]:
     """The JSON lines of a run's metrics.jsonl."""
-    return [json.loads(x) for x in path.read_text().splitlines()]
+    return read_jsonl(path)  # one line naming file and line for a cut or broken file
 
 
 def slip_stats(records: list[dict], rows: dict[str, dict]) -> dict[str, float]:
@@ -268,4 +269,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)  # a broken record file: one line, exit 1

@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mmr1.config import exit_on_input_error, read_jsonl  # noqa: E402
+
 SLIP = ROOT / "data" / "toy-slip"
 
 
@@ -102,7 +104,7 @@ def evaluate(models: list[str], out: Path) -> dict[str, dict]:
     results = {}
     for m in models:
         name = Path(m).parent.name if Path(m).name == "final" else Path(m).name  # eval.py's run_name
-        records = [json.loads(x) for x in (out / name / "toy.jsonl").read_text().splitlines()]
+        records = read_jsonl(out / name / "toy.jsonl")
         results[m] = slip_stats(records, rows)
     return results
 
@@ -143,4 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)  # a broken record file: one line, exit 1

@@ -50,6 +50,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mmr1.config import exit_on_input_error, read_jsonl  # noqa: E402
+
 ARMS = {  # name -> grpo.py flags on top of the shared ones
     "uniform": [],
     "vas": ["--vas"],
@@ -249,7 +251,7 @@ def hard_pool(args) -> str:
 
 def load_run(run: Path) -> dict:
     """Curves (steps, values) per metric and the cumulative generated responses / tokens per step."""
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = read_jsonl(run / "metrics.jsonl")  # one line naming file and line for a cut or broken file
     out = {}
     for name in CURVES + ["rollout/generated_tokens", "rollout/generated_responses"]:
         points = [(r["step"], r[name]) for r in lines if name in r]
@@ -407,4 +409,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)  # a broken record file: one line, exit 1

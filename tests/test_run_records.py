@@ -98,3 +98,21 @@ def test_vas_plot_reads_whole_refresh_files_and_names_a_cut_one(tmp_path, capsys
         vas.main(["plot", str(tmp_path)])
     message = str(stop.value.code)
     assert message.startswith(f"error: {cut} is unreadable (BadZipFile: ") and "\n" not in message
+
+
+def test_every_bench_reader_of_metrics_names_a_cut_file_and_line(tmp_path):
+    """The bench scripts read metrics.jsonl through config.read_jsonl: a record cut mid-line (a run
+    killed while writing elsewhere, a copy cut short) is one error naming the file and the line."""
+    import bench.grpo_variants
+    import bench.rl_bench
+    import bench.vas_experiment
+
+    run = tmp_path / "run"
+    write_run(run, [0.5, 0.6])
+    path = run / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 2, "val/acc')  # the last line cut
+    readers = [bench.rl_bench.metrics, lambda p: bench.vas_experiment.load_run(p.parent),
+               lambda p: bench.grpo_variants.load_run(p.parent)]  # fmt: skip
+    for read in readers:
+        with pytest.raises(config.BadRowError, match=rf"{path} line 3: not JSON"):
+            read(path)
