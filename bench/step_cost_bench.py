@@ -94,7 +94,9 @@ def repeated(rows, n: int):
     import pyarrow as pa
 
     table = pa.concat_tables([rows.table] * -(-n // len(rows))).slice(0, n)
-    return type(rows)(table, rows.sources, rows.spec, rows.skip_bad_rows, (rows.min_pixels, rows.max_pixels))
+    return type(rows)(
+        table, rows.sources, rows.spec, rows.skip_bad_rows, (rows.min_pixels, rows.max_pixels), rows.factor
+    )
 
 
 def median_ms(times: list[float]) -> float:

@@ -145,10 +145,10 @@ def test_vllm_adapter_calls(monkeypatch, toy_model, toy_dir):
 def test_score_responses_without_a_pool_stays_in_process(monkeypatch):
     import reward
 
-    def no_pool(*args, **kwargs):
-        raise AssertionError("no worker pool may be started when none is given (--reward-workers 0)")
+    def no_worker(*args, **kwargs):
+        raise AssertionError("no worker process may be started when no pool is given (--reward-workers 0)")
 
-    monkeypatch.setattr(reward, "RewardPool", no_pool)
+    monkeypatch.setattr(reward.RewardPool, "_start", no_worker)
     rows = [{"answer": "4"}, {"answer": "B", "choices": ["x", "y"]}]
     texts = ["<think>t</think><answer>\\boxed{4}</answer>", "<think>t</think><answer>\\boxed{y}</answer>", "\\boxed{A}"]
     scores = reward.score_responses(texts, [rows[0], rows[1], rows[1]], reward.Scoring(format_weight=0.5))
