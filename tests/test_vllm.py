@@ -131,16 +131,18 @@ def test_grpo_with_vllm_one_process(toy_dir, tmp_path):
     assert "Invalid process group" not in out.stderr
 
 
-def test_grpo_with_vllm_on_qwen3_vl(toy_dir, tmp_path):
-    """Qwen3-VL on the real engine (a toy of the family, mmr1/families.py): its weights are pushed
-    under the names it saves (no legacy renaming, which made reload_weights fail: "There is no module
-    or parameter named 'model'"), and step 2's rollouts come from the pushed weights: step 1 moved the
-    policy (KL to the reference ~0.5 at lr 1e-3), yet the engine's log-probs of its samples stay
-    within bf16 rounding of the trainer's (measured 0.012 before the push, 0.014 after; an engine
-    still on the old weights would be off by the policy's move)."""
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_vl"])
+def test_grpo_with_vllm_on_other_families(family, toy_dir, tmp_path):
+    """Qwen3-VL and Qwen2-VL on the real engine (toys of the families, mmr1/families.py): the weights
+    are pushed under the names vLLM loads (Qwen3-VL's own, no legacy renaming, which made
+    reload_weights fail: "There is no module or parameter named 'model'"; Qwen2-VL's the legacy
+    layout), and step 2's rollouts come from the pushed weights: step 1 moved the policy (KL to the
+    reference ~0.2-0.5 at lr 1e-3), yet the engine's log-probs of its samples stay within bf16 rounding
+    of the trainer's (Qwen3-VL: 0.012 before the push, 0.014 after; Qwen2-VL: 0.009 and 0.010; an
+    engine still on the old weights would be off by the policy's move)."""
     from data import toy
 
-    model = toy.build_toy_model(tmp_path / "init", seed=0, family="qwen3_vl")
+    model = toy.build_toy_model(tmp_path / "init", seed=0, family=family)
     data_dir = toy_dir / "data" / "rl"
     out = run_script(["grpo.py", "--model", str(model), "--data", f"{data_dir}@train", "--output-dir",
                       str(tmp_path / "run"), "--max-steps", "2", "--train-limit", "8", "--rollout-batch-size", "2",
