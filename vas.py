@@ -32,22 +32,14 @@ from mmr1.config import field
 EPSILON = 0.1  # Chen & Cherry smoothing method 1: a zero n-gram match count becomes 0.1
 
 
-# ---------------------------------------------------------------------------------------------
-# OVS
-# ---------------------------------------------------------------------------------------------
-
-
+# --- OVS ---
 def outcome_variance(pass_rates) -> np.ndarray:
     """OVS = p (1 - p) per prompt; pass_rates: (P,) in [0, 1] -> (P,) in [0, 0.25]."""
     p = np.asarray(pass_rates, dtype=np.float64)
     return p * (1.0 - p)
 
 
-# ---------------------------------------------------------------------------------------------
-# TDS: self-BLEU-123 (NLTK sentence_bleu semantics), distinct-n, edit distance
-# ---------------------------------------------------------------------------------------------
-
-
+# --- TDS: self-BLEU-123 (NLTK sentence_bleu semantics), distinct-n, edit distance ---
 def reference_sentence_bleu(hypothesis: list[int], references: list[list[int]], max_n: int = 3) -> float:
     """BLEU of one token sequence against several references, exactly as NLTK's `sentence_bleu`
     with uniform weights (1/max_n each) and smoothing method 1. The readable definition; the fast
@@ -75,17 +67,7 @@ def reference_sentence_bleu(hypothesis: list[int], references: list[list[int]], 
     return bp * math.exp(sum(log_p) / max_n)
 
 
-def reference_self_bleu(group: list[list[int]], max_n: int = 3) -> float:
-    """Mean over responses of BLEU(response | the other N-1); 0 for fewer than 2 responses."""
-    if len(group) < 2:
-        return 0.0
-    scores = [reference_sentence_bleu(y, group[:i] + group[i + 1 :], max_n) for i, y in enumerate(group)]
-    return float(np.mean(scores))
-
-
 # --- fast path, tested equal to the reference: every response against the others in O(T log T) ---
-
-
 def _clipped_matches(
     flat: np.ndarray, owner: np.ndarray, n_resp: int, max_n: int, token_bits: int, owner_bits: int
 ) -> np.ndarray:
@@ -122,9 +104,7 @@ def _clipped_matches(
         return out
     boundary = np.flatnonzero(keys[1:] != keys[:-1]) + 1
     pair_start = np.concatenate(([0], boundary))
-    counts = np.empty(len(pair_start), dtype=np.int64)  # occurrences of each (n-gram, owner)
-    np.subtract(pair_start[1:], pair_start[:-1], out=counts[:-1])
-    counts[-1] = len(keys) - pair_start[-1]
+    counts = np.diff(pair_start, append=len(keys))  # occurrences of each (n-gram, owner)
     keys = keys[pair_start]
     gram = keys >> owner_bits
     same_as_next = gram[1:] == gram[:-1]
@@ -239,11 +219,7 @@ def trajectory_diversity(group: list[list[int]], kind: str = "self_bleu") -> flo
     return TRAJECTORY_DIVERSITY[kind](group)
 
 
-# ---------------------------------------------------------------------------------------------
-# VPS and sampling weights
-# ---------------------------------------------------------------------------------------------
-
-
+# --- VPS and sampling weights ---
 def variance_promotion_score(ovs, tds, alpha: float = 0.8, beta: float = 0.2) -> np.ndarray:
     """VPS = alpha * OVS + beta * TDS per prompt; (P,) arrays in, (P,) out."""
     return alpha * np.asarray(ovs, dtype=np.float64) + beta * np.asarray(tds, dtype=np.float64)
@@ -262,13 +238,8 @@ def normalise_weights(vps, old: np.ndarray | None = None, momentum: float = 0.0)
     return new
 
 
-def score_prompts(
-    responses: list[list[list[int]]],
-    accuracies: list[list[float]],
-    alpha: float = 0.8,
-    beta: float = 0.2,
-    tds_kind: str = "self_bleu",
-) -> dict[str, np.ndarray]:
+def score_prompts(responses: list[list[list[int]]], accuracies: list[list[float]], alpha: float = 0.8,
+                  beta: float = 0.2, tds_kind: str = "self_bleu") -> dict[str, np.ndarray]:  # fmt: skip
     """Per prompt: pass rate, OVS, TDS, VPS, each (P,), from responses[p] (the N token-id responses of
     prompt p) and accuracies[p] (their 0/1 verifier outcomes: accuracy only, not format)."""
     if len(responses) != len(accuracies):
@@ -279,11 +250,7 @@ def score_prompts(
     return {"pass_rate": pass_rate, "ovs": ovs, "tds": tds, "vps": variance_promotion_score(ovs, tds, alpha, beta)}
 
 
-# ---------------------------------------------------------------------------------------------
-# The mixed sampler (Algorithm 1)
-# ---------------------------------------------------------------------------------------------
-
-
+# --- The mixed sampler (Algorithm 1) ---
 class MixedSampler:
     """Yields global batches of prompt indices forever: floor(mix_ratio * B) drawn with replacement
     proportionally to the weights, the rest in order from a seeded permutation reshuffled each pass (the
@@ -364,11 +331,7 @@ class MixedSampler:
         self.rng_uniform.bit_generator.state = state["rng_uniform"]
 
 
-# ---------------------------------------------------------------------------------------------
-# Scoring prompts with fresh rollouts (grpo.py's refresh and the offline CLI share this)
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Scoring prompts with fresh rollouts (grpo.py's refresh and the offline CLI share this) ---
 def scoring_seed(seed: int, step: int, round_: int) -> int:
     """The sampling seed of round `round_` of the re-scoring after `step` updates (0: the initial
     scoring, and vas.py score's) of a run seeded `seed`: derived by refresh, then round, then the
@@ -379,32 +342,14 @@ def scoring_seed(seed: int, step: int, round_: int) -> int:
     return dist.derive_seed(dist.derive_seed(refresh, "round", round_), "call", 0)
 
 
-def rollout_scores(
-    engine,
-    rows: list[dict],
-    d,
-    *,
-    n: int,
-    sampling,
-    seed: int,
-    step: int,
-    pool,
-    scoring,
-    alpha: float = 0.8,
-    beta: float = 0.2,
-    tds_kind: str = "self_bleu",
-    prompts_per_call: int = 64,
-    desc: str = "vas scoring",
-) -> dict[str, np.ndarray]:
+def rollout_scores(engine, rows: list[dict], d, *, n: int, sampling, seed: int, step: int, pool, scoring,
+                   alpha: float = 0.8, beta: float = 0.2, tds_kind: str = "self_bleu", prompts_per_call: int = 64,
+                   desc: str = "vas scoring") -> dict[str, np.ndarray]:  # fmt: skip
     """Pass rate, OVS, TDS, VPS and `tokens` (response tokens generated: the scoring's cost), each
     (len(rows),) in row order, from n fresh rollouts per row; every rank returns the full arrays.
-
-    The one place that orders the work: rounds of prompts_per_call rows per rank, dealt round-robin
-    (dist.rounds: every rank gets a slice of every part of the data, so no rank waits long at a
-    collective); a rank's share of a round is one generate call (padded to equal work), seeded by
-    scoring_seed(seed, step, round) (replacing `sampling`'s seed), scored by reward.score_responses
-    under `scoring` (accuracy only); each round ends in one all-gather.
-    """
+    Rounds of prompts_per_call rows per rank dealt round-robin (dist.rounds; docs/vas.md "Re-scoring
+    every prompt"), one generate call per rank and round seeded by scoring_seed(seed, step, round),
+    scored by reward.score_responses under `scoring` (accuracy only), one all-gather per round."""
     from tqdm import tqdm
 
     import reward
@@ -434,11 +379,7 @@ def rollout_scores(
     return {k: table[:, j].copy() for j, k in enumerate(("pass_rate", "ovs", "tds", "vps", "tokens"))}
 
 
-# ---------------------------------------------------------------------------------------------
-# Figure 3: VPS histograms per refresh and bin-to-bin transition matrices
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Figure 3: VPS histograms per refresh and bin-to-bin transition matrices ---
 def load_refreshes(run_dir: str | Path) -> list[dict]:
     """The VPS refreshes a grpo.py --vas run wrote to <run>/vas/refresh-<step>.npz, by step; a BadRowError
     naming the file for one that does not load (cut short, not an .npz, no `vps` array)."""
@@ -503,11 +444,7 @@ def plot_refreshes(run_dir: str | Path, out: str | Path | None = None, n_bins: i
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-
+# --- CLI ---
 @dataclass
 class ScoreConfig:
     """vas.py score: pass rate, OVS, TDS and VPS of every prompt of a data set, to a parquet file."""
@@ -521,11 +458,8 @@ class ScoreConfig:
     max_new_tokens: int = field(64, "response length limit (paper: 4096)")
     alpha: float = field(0.8, "weight of OVS in VPS")
     beta: float = field(0.2, "weight of TDS in VPS")
-    tds: str = field(
-        "self_bleu",
-        "TDS measure: self_bleu (the paper's), distinct (distinct-n) or edit",
-        choices=list(TRAJECTORY_DIVERSITY),
-    )
+    tds: str = field("self_bleu", "TDS measure: self_bleu (the paper's), distinct (distinct-n) or edit",
+                     choices=list(TRAJECTORY_DIVERSITY))  # fmt: skip
     engine: str = field(
         "auto", "generation engine: vllm, hf, or auto (vLLM on a GPU when installed)", choices=["auto", "hf", "vllm"]
     )
@@ -583,33 +517,17 @@ def score_data_set(args: ScoreConfig) -> None:
     rows = prepare.prepare_split(args.data, door, processor, d, skip_bad_rows=args.skip_bad_rows, limit=args.limit)
     model = None if args.engine == "vllm" else modeling.shard_model(modeling.load_model(args.model, d.device), d)
     engine = rollout.make_engine(
-        args.engine,
-        model,
-        processor,
-        d,
-        model_path=args.model,
-        min_pixels=args.min_pixels,
-        max_pixels=args.max_pixels,
-        prompt_format=prompt_format,
-        max_model_len=args.max_prompt_length + args.max_new_tokens,
-    )
+        args.engine, model, processor, d, model_path=args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        prompt_format=prompt_format, max_model_len=args.max_prompt_length + args.max_new_tokens,
+    )  # fmt: skip
     sampling = rollout.Sampling(args.temperature, args.top_p, args.max_new_tokens)
+    # step 0: the seeds of grpo.py's initial scoring; Scoring(): grpo.py's default weights (VAS reads accuracy only)
     with reward.RewardPool(args.reward_workers) as pool:
         scores = rollout_scores(
-            engine,
-            rows,
-            d,
-            n=args.rollouts,
-            sampling=sampling,
-            seed=args.seed,
-            step=0,  # the seeds of grpo.py's initial scoring (the same rounds with the same --prompts-per-call)
-            pool=pool,
-            scoring=reward.Scoring(),  # grpo.py's with its default weights (VAS reads the accuracy only)
-            alpha=args.alpha,
-            beta=args.beta,
-            tds_kind=args.tds,
+            engine, rows, d, n=args.rollouts, sampling=sampling, seed=args.seed, step=0, pool=pool,
+            scoring=reward.Scoring(), alpha=args.alpha, beta=args.beta, tds_kind=args.tds,
             prompts_per_call=args.prompts_per_call,
-        )
+        )  # fmt: skip
     engine.close()
     if d.master:
         import datasets
