@@ -41,14 +41,9 @@ HF_DTYPE = torch.bfloat16  # dtype of the weights users load (the fp32 master we
 def save_checkpoint(
     model, processor, out_dir: str | Path, d: Dist, trainer_state: dict | None = None, sharded: dict | None = None
 ) -> None:
-    """Writes out_dir atomically: an HF model folder of bf16 weights (+ processor), plus
-    trainer_state.pt and, with `sharded`, the sharded trainer state in out_dir/trainer/.
-
-    Every rank must call it: the full weights are gathered to rank 0 (a collective under FSDP2) and
-    every rank writes its own shard of `sharded` (torch.distributed.checkpoint; out_dir must be
-    on a file system all ranks see). Everything goes into out_dir.tmp first; rank 0 renames it
-    over out_dir once every rank has written, so a kill mid-save leaves the old one intact.
-    """
+    """Writes out_dir atomically: an HF model folder of bf16 weights (+ processor), trainer_state.pt and,
+    with `sharded`, the sharded trainer state in out_dir/trainer/. Every rank calls it (a collective) and
+    writes its shard; all goes into out_dir.tmp, renamed over out_dir once complete (docs/checkpoints.md)."""
     full = full_state_dict(model, d)  # rank 0: every tensor, fp32, on the CPU (33 GB at 7B); other ranks: {}
     weights = {}  # the bf16 copies; each fp32 tensor is dropped once cast, so rank 0 never holds both in full
     for name in list(full):
@@ -58,7 +53,8 @@ def save_checkpoint(
     tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
     if d.master:
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
-    barrier(d)
+    if d.enabled:
+        dist.barrier()  # under the long save timeout of dist.TIMEOUT
     from safetensors import SafetensorError
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -96,50 +92,35 @@ def save_checkpoint(
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)
-        fsync_dir(out_dir.parent)  # the rename itself
+        fsync(out_dir.parent)  # the rename itself
         shutil.rmtree(old, ignore_errors=True)
-    barrier(d)
+    if d.enabled:
+        dist.barrier()
 
 
 def fsync_tree(folder: Path) -> None:
     """fsync of every file under `folder`, then of every folder in it (their entries), deepest first.
     Other ranks' shard files are fsynced by their writers too (torch.distributed.checkpoint's sync_files)."""
-    folders = [folder] + [p for p in sorted(folder.rglob("*")) if p.is_dir()]
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for path in reversed(folders):
-        fsync_dir(path)
+    paths = [folder, *sorted(folder.rglob("*"))]
+    for path in [p for p in paths if p.is_file()] + [p for p in reversed(paths) if p.is_dir()]:
+        fsync(path)
 
 
-def fsync_dir(folder: Path) -> None:
-    """fsync of a folder's entries (a file created or renamed in it survives a power loss)."""
-    fd = os.open(folder, os.O_RDONLY)
+def fsync(path: Path) -> None:
+    """fsync of a file, or of a folder's entries (a file created or renamed in it survives a power loss)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def barrier(d: Dist) -> None:
-    """Waits for every rank (nothing on one process); under the long save timeout of dist.TIMEOUT."""
-    if d.enabled:
-        dist.barrier()
-
-
 def save_training_checkpoint(
     model, processor, optimizer, folder: str | Path, d: Dist, step: int, config: Any, **extra: Any
 ) -> None:
     """save_checkpoint of a training run, then (rank 0) pruning to config.save_total_limit step-* folders.
-
-    trainer_state.pt holds the step, every rank's RNG states, the config and any script-specific
-    `extra` (scheduler, sampler, VPS); trainer/ holds the fp32 model parameters and the AdamW
-    state, each rank writing only its FSDP2 shard (sharded_state).
-    """
+    trainer_state.pt holds the step, every rank's RNG states, the config and the script's `extra`
+    (scheduler, sampler, VPS); trainer/ the fp32 parameters and AdamW state, each rank its FSDP2 shard."""
     state = {
         "step": step,
         "rng": all_gather_list([rng_state()], d),
@@ -153,14 +134,9 @@ def save_training_checkpoint(
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
-    """Deletes all but the `keep` newest COMPLETE out_dir/step-N folders; returns the deleted ones.
-    Called by rank 0 after a complete save.
-
-    A damaged step folder (checkpoint_problem) never takes one of the `keep` places, so the newest
-    complete checkpoint always survives; a damaged one older than the newest kept is deleted too
-    (no resume would ever pick it), a damaged NEWER one is left for the run's own save at that step
-    to replace. final/ and temp folders (step-N.tmp, a save killed half-way) are never touched.
-    """
+    """Deletes all but the `keep` newest COMPLETE out_dir/step-N folders, and the damaged ones older than
+    the newest complete one; returns the deleted ones. final/ and step-N.tmp are never touched (rank 0,
+    after a complete save; the rule: docs/checkpoints.md)."""
     out_dir = Path(out_dir)
     steps = sorted(step_folders(out_dir), key=step_number, reverse=True)
     problems = {folder: checkpoint_problem(folder) for folder in steps}
@@ -188,12 +164,9 @@ def step_number(folder: Path) -> int:
 
 
 def sharded_state(model, optimizer, d: Dist) -> dict:
-    """{"model": fp32 parameters, "optimizer": AdamW state} as torch.distributed.checkpoint state
-    dicts: this rank's FSDP2 shards (DTensors) under torchrun, the whole tensors on one process.
-
-    At 7B on 8 ranks each rank holds ~1/8 of 33 GB of parameters and 66 GB of moments; nothing is
-    gathered. A fresh optimizer gets its (zero) state first, so the dict is also the target of a load.
-    """
+    """{"model": fp32 parameters, "optimizer": AdamW state} as torch.distributed.checkpoint state dicts:
+    this rank's FSDP2 shards (DTensors) under torchrun, the whole tensors on one process; nothing is
+    gathered. A fresh optimizer gets its (zero) state first, so the dict is also the target of a load."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     if d.enabled:
@@ -203,14 +176,9 @@ def sharded_state(model, optimizer, d: Dist) -> dict:
 
 
 def load_training_checkpoint(folder: str | Path, model, optimizer, d: Dist) -> dict:
-    """Restores the fp32 parameters and the optimizer (each rank reading its own shard of
-    folder/trainer/) and this rank's RNG states; returns trainer_state.pt (its "step" and the
-    script-specific entries).
-
-    The model may have been loaded from the folder's bf16 HF weights: the fp32 master weights
-    replace them here, so the run continues exactly. A parameter that had no AdamW state yet when
-    saved (no gradient so far, e.g. the vision tower after text-only batches) gets none now either.
-    """
+    """Restores the fp32 parameters (over the bf16 HF weights the model may have been loaded from) and the
+    optimizer, each rank reading its shard of folder/trainer/, and this rank's RNG states; returns
+    trainer_state.pt. A parameter without AdamW state when saved gets none now either."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -255,13 +223,9 @@ def master_weights(folder: str | Path) -> dict[str, torch.Tensor]:
 
 
 def latest_checkpoint(out_dir: str | Path, master: bool = True) -> Path | None:
-    """The checkpoint to resume from: the complete one with the highest step, `final/` counted at the
-    step its trainer_state.pt records (a finished run extended with a higher --max-steps and then
-    interrupted has a step-N newer than final/), final/ on a tie; None if there is none.
-
-    A damaged candidate (checkpoint_problem) is passed over for the previous complete one, and
-    the master says so; CheckpointError names the damage when no candidate is complete.
-    """
+    """The checkpoint to resume from: the complete one with the highest step, `final/` counted at the step its
+    trainer_state.pt records, final/ on a tie; None if there is none. A damaged one is passed over (the
+    master says so); CheckpointError names the damage when no candidate is complete."""
     out_dir = Path(out_dir)
     candidates = [(step_number(f), 0, f) for f in step_folders(out_dir)]
     if (out_dir / "final").is_dir():
@@ -300,19 +264,11 @@ def resume_point(
 def check_resume(
     folder: Path, cfg: Any, may_change: set[str], n_rows: int, total_steps: int, out_dir: Path, master: bool
 ) -> None:
-    """Refuses a resume that could not continue the checkpoint's run exactly; records harmless changes.
-
-    Compares the checkpoint's config with this run's (a setting its config lacks counts as that
-    setting's default, the behaviour from before the setting existed): a change to a field outside
-    `may_change` (data, batch shape, seeds, optimisation: what the trajectory depends on) is a
-    CheckpointError listing every difference; changes inside `may_change` (run length, logging, validation, memory
-    knobs) are printed by the master and appended to out_dir/config_changes.jsonl. Also refuses
-    data that now gives another number of rows, another number of processes (WORLD_SIZE) than the
-    checkpoint's, and a run that would end before the checkpoint's step.
-    """
+    """Refuses a resume that could not continue the checkpoint's run exactly: a changed setting outside
+    `may_change` (a setting the checkpoint lacks counts as its default), another row count or WORLD_SIZE,
+    or an end before the checkpoint's step (one CheckpointError listing all). Changes inside `may_change`
+    are printed by the master and appended to out_dir/config_changes.jsonl."""
     state = load_trainer_state(folder, mmap=True)
-    # a setting the checkpoint's config lacks did not exist when it was written: that run had its default
-    # (an option is added with the default that keeps the behaviour before it), compared like any other
     saved = {f.name: field_default(f) for f in dataclasses.fields(cfg)} | state["config"]
     changed = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items() if saved[k] != v}
     refused = [f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in may_change]
@@ -356,16 +312,10 @@ def set_rng_state(state: dict) -> None:
 
 
 class Preemption:
-    """SIGTERM and SIGUSR1 (a cluster's notice of preemption or of the time limit) become a request
-    to finish the current step, save step-N and exit 0, instead of dying and losing up to
-    --save-every steps.
-
-    The handler only records the signal; `agreed` is a collective every rank calls once per step,
-    so all ranks stop after the same step even when only some of them were signalled. The stage
-    scripts install it first thing in main(), so a signal during the long work before step 1
-    (data, model loading, the initial VAS scoring) is not lost either: `stop_before_training`,
-    called between those phases, ends the run there with exit 0.
-    """
+    """SIGTERM and SIGUSR1 (a cluster's notice of preemption or of the time limit) become a request to
+    finish the current step, save step-N and exit 0. The handler only records the signal; `agreed`, a
+    collective once per step, makes all ranks stop after the same step; `stop_before_training` ends the
+    run with exit 0 between the long phases before step 1 (docs/checkpoints.md)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -387,10 +337,8 @@ class Preemption:
         return all_reduce_max(int(self.received is not None), d.device) > 0
 
     def stop_before_training(self, d: Dist, stage: str, phase: str, teardown: Callable[[], None] | None = None) -> None:
-        """Between the long phases before the first step (a collective: every rank calls it at the same
-        place): if any rank was signalled, says so and exits 0. Nothing is half-written then: no step
-        has run, so there is nothing new to save, and a resumed run's checkpoint is where it was.
-        `teardown` (default: the process group's) runs before the exit (run.Run.close: engines first)."""
+        """Between the long phases before the first step (a collective): if any rank was signalled, says so
+        and exits 0 with nothing to save, after `teardown` (default: the process group's; run.Run.close)."""
         if not self.agreed(d):
             return
         if d.master:

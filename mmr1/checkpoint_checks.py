@@ -1,8 +1,5 @@
-"""Reading a checkpoint's files without running anything from them, and judging whether a checkpoint
-folder is complete: the trainer state loads with weights_only=True, the sharded state's metadata with
-an unpickler that builds checkpoint metadata types only and whose shard paths must stay inside the
-checkpoint, and the damage scan that --resume and pruning use to pass over a folder that a kill, a
-full disk or a hand left incomplete (docs/checkpoints.md)."""
+"""Reading a checkpoint's files without running anything from them or reading outside the checkpoint,
+and the damage scan that --resume and pruning use to pass over an incomplete folder (docs/checkpoints.md)."""
 
 from __future__ import annotations
 
@@ -17,13 +14,9 @@ from .config import CheckpointError, first_line, loads_json
 
 TRAINER_DIR = "trainer"  # the sharded trainer state inside a checkpoint folder (torch.distributed.checkpoint)
 
-# ---------------------------------------------------------------------------------------------
-# Reading trainer/ without running anything from its files, and nothing outside the checkpoint
-# ---------------------------------------------------------------------------------------------
+# --- reading trainer/ ---
 
-# What a trainer/.metadata written by save_checkpoint holds (torch 2.x): the dataclasses of
-# torch.distributed.checkpoint.metadata, the shard locations (_StorageInfo), torch.Size, dtypes,
-# layouts and the checkpoint's path. Nothing else may be named by its pickle.
+# What a trainer/.metadata written by save_checkpoint holds (torch 2.x); nothing else may be named by its pickle.
 METADATA_GLOBALS = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata",
@@ -58,30 +51,24 @@ class MetadataUnpickler(pickle.Unpickler):
 def read_metadata(path: str | Path):
     """torch.distributed.checkpoint Metadata of the folder `path` (its .metadata), read by MetadataUnpickler
     (torch's FileSystemReader would run any pickle); pickle.UnpicklingError for a foreign global,
-    ValueError for a shard file named outside `path` (shards_inside)."""
+    ValueError for a shard file named outside `path` (relative, no `..`, no link out)."""
     from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-    with open(Path(path) / ".metadata", "rb") as f:
+    path = Path(path)
+    with open(path / ".metadata", "rb") as f:
         metadata = MetadataUnpickler(f).load()
     if not isinstance(metadata, Metadata):
         raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not a checkpoint Metadata")
-    shards_inside(Path(path), metadata)
-    if getattr(metadata, "storage_meta", None) is None:
-        metadata.storage_meta = StorageMeta()
-    return metadata
-
-
-def shards_inside(path: Path, metadata: Any) -> None:
-    """ValueError unless every shard file the metadata names is a relative path that stays inside `path`
-    once resolved (no `..`, no absolute path, no link out): the readers open `path / relative_path`, and
-    a checkpoint must never make them read another run's (or any other) file."""
-    root = path.resolve()
+    root = path.resolve()  # the readers open path / relative_path: never another run's (or any other) file
     for info in (metadata.storage_data or {}).values():
         name = getattr(info, "relative_path", None)
         if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
             raise ValueError(f"a shard path {name!r} that leaves {path}")
         if not (root / name).resolve().is_relative_to(root):
             raise ValueError(f"a shard path {name!r} that links out of {path}")
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
 
 
 def safe_reader(path: str | Path):
@@ -115,20 +102,12 @@ def safe_planner(**kwargs: Any):
     return WeightsOnlyLoadPlanner(**kwargs)
 
 
-# ---------------------------------------------------------------------------------------------
-# The trainer state and the damage scan
-# ---------------------------------------------------------------------------------------------
-
-
-TRAINER_STATE_KEYS = ("step", "rng", "config")
+# --- the trainer state and the damage scan ---
 
 
 def load_trainer_state(folder: str | Path, mmap: bool = False) -> dict:
-    """folder/trainer_state.pt, unpickling plain types and tensors only (weights_only=True).
-
-    CheckpointError naming the file when it is missing, damaged or lacks an entry; mmap=True maps
-    the tensors instead of reading them (a cheap completeness check).
-    """
+    """folder/trainer_state.pt, unpickling plain types and tensors only (weights_only=True); CheckpointError
+    naming the file when it is missing, damaged or lacks an entry. mmap=True maps the tensors (a cheap check)."""
     path = Path(folder) / "trainer_state.pt"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
@@ -136,19 +115,16 @@ def load_trainer_state(folder: str | Path, mmap: bool = False) -> dict:
         state = torch.load(path, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - empty, truncated, or holding objects weights_only refuses
         raise CheckpointError(f"{path} is unreadable ({first_line(e)})") from e
-    missing = [k for k in TRAINER_STATE_KEYS if k not in state] if isinstance(state, dict) else TRAINER_STATE_KEYS
+    keys = ("step", "rng", "config")
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else keys
     if missing:
         raise CheckpointError(f"{path} lacks {list(missing)}")
     return state
 
 
 def checkpoint_problem(folder: str | Path) -> str | None:
-    """Why `folder` cannot be resumed from (the damaged or missing file, named), or None if it is complete.
-
-    Checks config.json, every safetensors weight file (header and size: a truncated file fails),
-    trainer_state.pt (loads with weights_only=True, memory-mapped, and holds every entry) and the
-    sharded trainer state (sharded_problem).
-    """
+    """Why `folder` cannot be resumed from (the damaged or missing file, named), or None if it is complete:
+    config.json, every safetensors file (header and size), trainer_state.pt and trainer/ (sharded_problem)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         return f"{folder / 'config.json'} is missing"
@@ -173,9 +149,8 @@ def checkpoint_problem(folder: str | Path) -> str | None:
 
 
 def sharded_problem(path: Path) -> str | None:
-    """Why the torch.distributed.checkpoint folder `path` is damaged, or None: its .metadata must
-    load with read_metadata (checkpoint metadata types only: a pickle naming anything else is damage, and
-    nothing of it runs), and every shard file it lists must exist and reach the last byte recorded for it."""
+    """Why the torch.distributed.checkpoint folder `path` is damaged, or None: its .metadata must load
+    with read_metadata, and every shard file it lists must exist and reach the last byte recorded for it."""
     if not (path / ".metadata").is_file():
         return f"{path / '.metadata'} is missing"
     try:

@@ -15,19 +15,14 @@ import torch.distributed as dist
 
 
 def derive_seed(seed: int, stream: str, *counters: int) -> int:
-    """A 31-bit seed for one random stream, distinct for every (seed, stream, counters).
-
-    stream names the consumer ("rollout", "val", "vas", "sft-order", ...); counters are the step,
-    the rank, a call number. Seeds of different streams never coincide by arithmetic accident
-    (as `seed * K + step` schemes do at seed 0): the inputs go through numpy's SeedSequence hash.
-    """
+    """A 31-bit seed for one random stream, distinct for every (seed, stream, counters): stream names the
+    consumer ("rollout", "val", "vas", ...), counters are the step, the rank, a call number. The inputs go
+    through numpy's SeedSequence hash, so streams never coincide by arithmetic (as `seed * K + step` can)."""
     words = [seed & 0xFFFFFFFF, *stream.encode(), *(c & 0xFFFFFFFF for c in counters)]
     return int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)
 
 
-# Collective timeout of the process group. NCCL's default, 10 minutes, is shorter than a save at 7B
-# can keep the other ranks waiting in a barrier (rank 0 writing the bf16 HF weights, every rank its
-# shard of the trainer state; docs/checkpoints.md); a hung collective then takes this long to fail.
+# Collective timeout of the process group: NCCL's 10 minutes can be shorter than a save at 7B (docs/checkpoints.md)
 TIMEOUT = datetime.timedelta(minutes=60)
 
 
@@ -52,12 +47,9 @@ class Dist:
 
 
 def setup_distributed(seed: int = 0) -> Dist:
-    """Initialises torch.distributed when launched by torchrun (nccl on GPU, gloo on CPU).
-
-    The process group's collectives time out after TIMEOUT (60 minutes: checkpoint saves).
-    Without RANK in the environment it is a single process on cuda:0 or the CPU. Seeds python,
-    numpy and torch with `seed` on every rank (per-rank streams are derived where needed).
-    """
+    """Initialises torch.distributed (timeout TIMEOUT) when launched by torchrun: nccl on GPU, gloo on CPU;
+    without RANK in the environment a single process on cuda:0 or the CPU. Seeds python, numpy and
+    torch with `seed` on every rank (per-rank streams are derived where needed)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -93,8 +85,7 @@ def cleanup_distributed() -> None:
 
 def all_reduce_sum(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     """Sum of a scalar or tensor over all ranks (identity on one process); returns a new tensor."""
-    t = torch.as_tensor(value, dtype=torch.float64 if not torch.is_tensor(value) else value.dtype, device=device)
-    t = t.clone()
+    t = torch.as_tensor(value, dtype=value.dtype if torch.is_tensor(value) else torch.float64, device=device).clone()
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
@@ -109,12 +100,9 @@ def all_reduce_dict(values: dict[str, float], device: torch.device) -> dict[str,
 
 
 def shard(items: list, d: Dist) -> tuple[list, int]:
-    """This rank's contiguous share of `items`, padded to the same length on every rank.
-
-    Returns (padded share, number of real items in it). Padding repeats items from the start, so
-    every rank does equal work, which FSDP2 forwards and synced generation need; drop the padding
-    (everything past the real count) before counting results.
-    """
+    """(this rank's contiguous share of `items`, the number of real items in it): padded to the same length
+    on every rank by repeating items from the start (equal work for FSDP2 forwards and synced generation);
+    drop the padding before counting results."""
     per_rank = math.ceil(len(items) / d.world_size)
     mine = items[d.rank * per_rank : (d.rank + 1) * per_rank]
     padding = [items[i % len(items)] for i in range(per_rank - len(mine))] if items else []
@@ -122,13 +110,9 @@ def shard(items: list, d: Dist) -> tuple[list, int]:
 
 
 def interleave(items: list, world_size: int) -> list:
-    """`items` reordered so that shard() hands them out round-robin: rank r's contiguous share of the
-    result holds items r, r + W, r + 2W, ... (exactly so when W divides the length; else the last
-    ranks, whose shares shard() makes shorter, drop out of the deal when full).
-
-    For work that must finish together on every rank (VAS re-scoring): a contiguous block of rows
-    grouped by source (long-answer sources first, say) would give some ranks far more tokens to
-    generate than others; dealt round-robin, every rank gets a slice of every part of the data."""
+    """`items` reordered so that shard() hands them out round-robin: rank r's share holds items r, r + W,
+    r + 2W, ... (when W divides the length; else ranks whose share is full drop out of the deal). Every
+    rank then gets a slice of every part of the data (rows grouped by source cost all ranks alike)."""
     per_rank = math.ceil(len(items) / world_size) if items else 0
     sizes = [max(0, min(per_rank, len(items) - r * per_rank)) for r in range(world_size)]  # shard()'s share sizes
     shares: list[list] = [[] for _ in range(world_size)]
@@ -141,10 +125,8 @@ def interleave(items: list, world_size: int) -> list:
 
 
 def rounds(items: list, per_rank: int, world_size: int) -> list[list]:
-    """`items` cut into rounds of per_rank x world_size, each interleaved: one round is one call of
-    per_rank items on every rank, then one collective (the caller's all-gather). Ranks then never drift
-    further apart than one round, progress is known to all after each, and no rank waits for hours
-    at a single all-gather at the end (the process group times out after TIMEOUT)."""
+    """`items` cut into rounds of per_rank x world_size, each interleaved: one call of per_rank items on
+    every rank, then the caller's all-gather, so no rank waits past TIMEOUT at a single gather at the end."""
     size = per_rank * world_size
     return [interleave(items[s : s + size], world_size) for s in range(0, len(items), size)]
 

@@ -27,7 +27,7 @@ class NonFiniteGuard:
     def __init__(self, allowed: int, last_good: Path | None = None):
         self.allowed = allowed
         self.skipped = 0
-        self.last_good = last_good  # the newest checkpoint known to hold finite weights
+        self.last_good = last_good  # the newest checkpoint known to hold finite weights (Run.save sets it)
 
     def check(self, step: int, loss: float, grad_norm: float) -> bool:
         """True for a finite step; False for a skipped one; DivergedError past the allowance."""
@@ -42,10 +42,6 @@ class NonFiniteGuard:
                 "--skip-nonfinite N to skip up to N such steps)"
             )
         return False
-
-    def saved(self, folder: Path) -> None:
-        """Records a checkpoint written after a finite step."""
-        self.last_good = folder
 
 
 def check_output_dir(out_dir: str | Path, flag: str = "--output-dir") -> Path:
@@ -91,9 +87,6 @@ def lock_output_dir(out_dir: str | Path, master: bool = True) -> None:
     _HELD_LOCKS.append(handle)
 
 
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
-
-
 def check_model_dir(path: str, flag: str = "--model") -> None:
     """InputError for a --model that names a local folder without a loadable model: missing,
     empty, no config.json, no weight files, or no tokenizer. A hub id (not on disk) is left to the loader."""
@@ -111,7 +104,7 @@ def check_model_dir(path: str, flag: str = "--model") -> None:
     missing = []
     if "config.json" not in names:
         missing.append("config.json")
-    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+    if not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "pytorch_model*.bin")):
         missing.append("weights (*.safetensors)")
     if not names & {"tokenizer.json", "tokenizer_config.json", "vocab.json"}:
         missing.append("a tokenizer (tokenizer.json)")

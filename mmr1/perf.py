@@ -1,17 +1,9 @@
-"""Throughput and model FLOPs utilisation (MFU) of a GRPO step, as arithmetic from the model config.
+"""Throughput and model FLOPs utilisation (MFU) of a GRPO step, as arithmetic from the model config
+(text decoder only; pure functions, no CUDA). The formulas and what is left out: docs/grpo.md
+("Throughput and MFU").
 
-A token through the text decoder costs 2 FLOPs per matmul parameter it passes through (N), plus the
-attention scores and their weighted sum, which grow with the positions it attends to:
-
-    N        = layers x (q + k + v + o + SwiGLU MLP) + lm_head        (matmul weights, no embeddings)
-    forward  = 2 N + 4 x layers x heads x head_dim x context          FLOPs per token
-    train    = 3 x forward                                            (backward = 2 x forward)
-    generate = forward                                                (one token, KV cache of `context`)
-
-MFU = achieved FLOPs / (seconds x ranks x peak), the peak being the card's dense bf16 tensor-core
-rate (PEAK_BF16_TFLOPS). Only the text decoder is counted: the vision tower's FLOPs on image
-patches are left out, so MFU slightly underestimates a step with images. docs/grpo.md ("Throughput
-and MFU") lists the formulas and the metrics grpo.py logs from them. Pure functions; no CUDA here.
+    forward = 2 N + 4 x layers x heads x head_dim x context   FLOPs per token; train = 3 x forward
+    MFU     = FLOPs / (seconds x ranks x peak)                 peak: the card's dense bf16 rate
 """
 
 from __future__ import annotations
@@ -30,13 +22,8 @@ def _text_sizes(config) -> tuple[int, int, int, int, int, int, int]:
 
 
 def matmul_params(config) -> int:
-    """N: the matmul weights one token passes through in the text decoder (count, not bytes).
-
-    Per layer: q and o (hidden x heads*head_dim each), k and v (hidden x kv_heads*head_dim each:
-    GQA), the SwiGLU MLP (gate, up, down: 3 x hidden x intermediate); times layers; plus the lm_head
-    (hidden x vocab). Embedding lookups and norms are not matmuls, biases are additions: both are left
-    out. Tied embeddings do not change N: the lm_head matmul runs whether or not it shares its weight.
-    """
+    """N: the matmul weights one token passes through in the text decoder (a count): per layer q, k, v, o
+    (GQA) and the SwiGLU MLP, plus the lm_head (tied or not); no embeddings, norms or biases."""
     hidden, layers, intermediate, heads, kv_heads, head_dim, vocab = _text_sizes(config)
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim  # q, o + k, v
     mlp = 3 * hidden * intermediate  # gate, up, down
@@ -44,14 +31,9 @@ def matmul_params(config) -> int:
 
 
 def flops_per_token(config, context: float, train: bool) -> float:
-    """FLOPs of one token through the text decoder of a Qwen2.5-VL (or Qwen2) config.
-
-    forward = 2 N + 4 x layers x heads x head_dim x context, where N = matmul_params(config) and
-    `context` is the number of positions the token attends to (scores q.k and the weighted sum of v:
-    two matmuls of 2 x heads x head_dim x context FLOPs per layer). train=True gives forward +
-    backward = 3 x forward; train=False one forward (a prefill token or a generated token alike).
-    The vision tower is not counted: MFU is then a slight underestimate on image tokens.
-    """
+    """FLOPs of one token through the text decoder that attends to `context` positions:
+    forward = 2 N + 4 x layers x heads x head_dim x context (N = matmul_params: the q.k scores and the
+    weighted sum of v are the 4 x ...); train=True gives forward + backward = 3 x forward."""
     _, layers, _, heads, _, head_dim, _ = _text_sizes(config)
     forward = 2 * matmul_params(config) + 4 * layers * heads * head_dim * context
     return 3 * forward if train else forward
@@ -64,10 +46,8 @@ def causal_context_sum(lengths: list[int]) -> int:
 
 
 def mean_causal_context(lengths: list[int]) -> float:
-    """Mean over all tokens of sequences of these lengths of the positions each attends to under a
-    causal mask (T (T + 1) / 2 over T tokens per sequence). The attention FLOPs are linear in the
-    context, so a batch's total is tokens x flops_per_token(config, mean_causal_context(lengths), ...).
-    0.0 for no tokens."""
+    """Mean over all tokens of sequences of these lengths of the positions each attends to under a causal
+    mask (0.0 for no tokens): attention FLOPs are linear in it, so a batch costs tokens x flops_per_token."""
     tokens = sum(lengths)
     return causal_context_sum(lengths) / tokens if tokens else 0.0
 
@@ -80,20 +60,12 @@ def step_flops(
     prefill_lengths: list[int] | None = None,
     updates: int = 1,
 ) -> dict[str, float]:
-    """FLOPs of one GRPO step, {"update": ..., "rollout": ...}, over the sequences given.
-
-    update: `updates` policy forward + backward passes (3 x forward each; --updates-per-batch) over every
-    token of the trained sequences (`train_lengths`: prompt + response tokens of each), plus
-    `forward_passes` forward-only passes over the same tokens (the reference model, the old policy:
-    the caller counts those it runs).
-    rollout: for each response in `generated` (prompt_length P, response_length R), its R tokens at
-    positions P .. P+R-1, the one at position p attending to p + 1 positions, one forward each; plus
-    the prefill of its prompt (P tokens, causal). That counts a prompt once per response (HF
-    `generate` with the prompt repeated n times); an engine that prefills a shared prompt once for its
-    n samples (vLLM's prefix cache) is described by `prefill_lengths`, the prompt lengths actually
-    prefilled (one per prompt). Sums over whatever sequences are given: pass every rank's to get the
-    step's total.
-    """
+    """FLOPs of one GRPO step, {"update": ..., "rollout": ...}, over the sequences given (every rank's for
+    the step's total). update: `updates` forward + backward passes and `forward_passes` forward-only ones
+    (reference, old policy) over every token of `train_lengths` (prompt + response of each sequence).
+    rollout: for each (prompt length P, response length R) in `generated`, its R tokens at positions
+    P .. P+R-1, one forward each, plus the causal prefill of its prompt; `prefill_lengths` gives the
+    prompt lengths actually prefilled when an engine shares a prompt's prefill (vLLM's prefix cache)."""
     prompts = [p for p, _ in generated] if prefill_lengths is None else prefill_lengths
     # --- update: the trained sequences, causal ---
     tokens, context = sum(train_lengths), mean_causal_context(train_lengths)
@@ -109,10 +81,8 @@ def step_flops(
     return {"update": float(update), "rollout": float(prefill + decode)}
 
 
-# Dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s per GPU, from NVIDIA's data sheets (which
-# print the sparse figure, twice these, with an asterisk). Keys are fragments of the name
-# torch.cuda.get_device_name() reports, matched as whole words, the longest first ("H100 PCIe"
-# before "H100"). Plain H100 / H200 / H800 are the SXM parts.
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s per GPU from NVIDIA's data sheets, keyed by
+# fragments of torch.cuda.get_device_name(), matched as whole words, the longest first ("H100 PCIe" first).
 PEAK_BF16_TFLOPS: dict[str, float] = {
     "B200": 2250.0,  # HGX B200 (1,000 W); GB200's B200 runs at 1,200 W: its own entry
     "GB200": 2500.0,

@@ -17,6 +17,8 @@ the non-finite guard, the save of step-N / final, preemption, the loop tail and 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,20 +28,13 @@ from tqdm import tqdm
 
 from . import checkpoint, config, dist, guards
 
-
-def print0(d: dist.Dist, message: str) -> None:
-    """Prints on rank 0 only (the one print helper of the stages)."""
-    if d.master:
-        print(message, flush=True)
-
-
 PREEMPTION: checkpoint.Preemption | None = None  # installed by setup() before any long work; Run takes it
 
 
 def setup(cls: type, presets: dict, validate: Callable, use_toy_defaults: Callable, stage: str):
-    """The SIGTERM / SIGUSR1 handlers installed (PREEMPTION), the config parsed and checked (validate, then the toy defaults), the --model folder checked,
-    the process group up, --preset paper's CUDA check, and rank 0 holding --output-dir's lock (which
-    also proves it writable): everything that can refuse the run before any data is read.
+    """Everything that can refuse the run before any data is read: the SIGTERM / SIGUSR1 handlers installed
+    (PREEMPTION), the config parsed and checked (validate, then the toy defaults), the --model folder, the
+    process group, --preset paper's CUDA check, rank 0 holding --output-dir's lock (proves it writable).
     Returns (cfg, dist.Dist, output folder)."""
     global PREEMPTION
     PREEMPTION = PREEMPTION or checkpoint.Preemption()  # first: a signal during loading is not lost
@@ -56,11 +51,9 @@ def setup(cls: type, presets: dict, validate: Callable, use_toy_defaults: Callab
 
 
 class Run:
-    """One training run's bookkeeping around the loop. Construction finds the resume point
-    (checkpoint.resume_point: the latest complete step-N, its settings checked against these) and
-    installs the preemption handlers (SIGTERM / SIGUSR1 -> save after the step, exit 0); `start`
-    restores the checkpoint and opens the metric logger; `end_step` is the loop's tail; `finish`
-    the teardown (the same for both stages: the logger is always closed)."""
+    """One training run's bookkeeping around the loop. Construction finds the resume point (its settings
+    checked against these) and takes the preemption handlers; `start` restores the checkpoint and opens
+    the metric logger; `end_step` is the loop's tail; `finish` the teardown."""
 
     def __init__(
         self, cfg: Any, d: dist.Dist, out_dir: Path, stage: str, may_change: set[str], n_rows: int, total_steps: int
@@ -78,16 +71,14 @@ class Run:
         OPEN.append(self)
 
     def close_on_exit(self, closer: Callable[[], None]) -> None:
-        """Registers `closer` (an engine's or a pool's close) for the teardown: the closers run in the
-        order registered, before the metric logger and the process group go (vLLM's teardown uses the
-        group), on every exit: the end of the loop (finish), a preemption before training
-        (stop_before_training), an error (main)."""
+        """Registers `closer` (an engine's or a pool's close): the closers run in order before the metric
+        logger and the process group go (vLLM's teardown uses the group), on every exit (finish,
+        stop_before_training, an error in main)."""
         self.closers.append(closer)
 
     def close(self, barrier: bool = True) -> None:
-        """The teardown's end, once: the closers in order, the metric logger, the process group (after a
-        barrier; barrier=False on an error, whose peers may never reach one). A closer that fails is
-        named in one line and the rest still run."""
+        """The teardown's end, once: the closers in order (one that fails is named in one line), the metric
+        logger, the process group (after a barrier; barrier=False on an error, whose peers may never reach one)."""
         if self in OPEN:
             OPEN.remove(self)
         closers, self.closers = self.closers, []
@@ -105,19 +96,18 @@ class Run:
             torch.distributed.destroy_process_group()
 
     def stop_before_training(self, phase: str) -> None:
-        """Between the long phases before step 1 (every rank calls it at the same place): exits 0 with
-        nothing saved if any rank was signalled during `phase` (checkpoint.Preemption), the closers
-        run before the process group goes (close)."""
+        """Between the long phases before step 1 (a collective): exits 0 with nothing saved if any rank was
+        signalled during `phase`, after close()."""
         self.preemption.stop_before_training(self.d, self.stage, phase, teardown=self.close)
 
     def print0(self, message: str) -> None:
-        """`[stage] message` on rank 0."""
-        print0(self.d, f"[{self.stage}] {message}")
+        """`[stage] message` on rank 0 (the one print helper of the stages)."""
+        if self.d.master:
+            print(f"[{self.stage}] {message}", flush=True)
 
     def start(self, model, optimizer, save: Callable[[Path, int], None]) -> dict | None:
-        """Restores model and optimizer from the resume point (returning the trainer state, None on a
-        fresh start), remembers `save(folder, step)` (the stage's checkpoint writer) and opens the
-        metric logger (a resumed run keeps metrics.jsonl up to its step)."""
+        """Restores model and optimizer from the resume point (returns the trainer state, None on a fresh
+        start), remembers `save(folder, step)`, the stage's writer, and opens the metric logger."""
         state = None
         if self.ckpt is not None:
             state = checkpoint.load_training_checkpoint(self.ckpt, model, optimizer, self.d)
@@ -125,7 +115,7 @@ class Run:
             self.print0(f"resumed from {self.ckpt} at step {self.start_step}")
         self.stop_before_training("loading")  # a signal so far: exit 0 before the logger writes anything
         self._save = save
-        resume_from = self.start_step if self.ckpt is not None else None
+        resume_from = self.start_step if self.ckpt is not None else None  # keeps metrics.jsonl up to its step
         self.logger = config.metric_logger(
             self.out_dir, self.cfg, self.d.master, self.cfg.report_to, resume_from=resume_from
         )
@@ -134,9 +124,6 @@ class Run:
     def announce(self, summary: str) -> None:
         """Rank 0: writes <out>/config.json (the whole config) and prints what the run will do."""
         if self.d.master:
-            import dataclasses
-            import json
-
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with config.atomic_file(self.out_dir / "config.json") as f:  # whole or the previous one
                 f.write(json.dumps(dataclasses.asdict(self.cfg), indent=2))
@@ -144,23 +131,17 @@ class Run:
 
     def steps(self):
         """The remaining step numbers with a progress bar on rank 0."""
-        return tqdm(
-            range(self.start_step, self.total_steps),
-            disable=not self.d.master,
-            desc=self.stage,
-            initial=self.start_step,
-            total=self.total_steps,
-        )
+        steps = range(self.start_step, self.total_steps)
+        return tqdm(steps, desc=self.stage, initial=self.start_step, total=self.total_steps, disable=not self.d.master)
 
     def save(self, name: str, step: int) -> None:
         """<out>/<name> (step-N or final) through the stage's save; recorded as the last good checkpoint."""
         self._save(self.out_dir / name, step)
-        self.nonfinite.saved(self.out_dir / name)
+        self.nonfinite.last_good = self.out_dir / name  # written after a finite step
 
     def end_step(self, done: int, metrics: dict[str, float]) -> bool:
-        """The loop's tail after step `done`: log the metrics, save step-N every --save-every, and
-        True when the loop must stop now (a preemption signal on any rank: step-N saved; or
-        --stop-after). Every rank calls it (the preemption check is a collective)."""
+        """The loop's tail after step `done` (a collective): logs the metrics, saves step-N every --save-every;
+        True when the loop must stop now (a preemption signal on any rank: step-N saved; or --stop-after)."""
         cfg, self.done = self.cfg, done
         if cfg.skip_nonfinite:
             metrics["train/skipped_nonfinite"] = self.nonfinite.skipped
@@ -182,9 +163,8 @@ class Run:
         return False
 
     def stop_on_write_failure(self, done: int, saved: bool) -> None:
-        """Rank 0 could not write its records (metrics.jsonl, rollouts.jsonl: a full disk, a quota): keeps
-        the step just trained by saving step-N where it can, then stops with one line (an InputError)
-        saying what failed and what was saved. Every rank calls it."""
+        """Rank 0 could not write its records (a full disk, a quota): saves step-N where it can, then stops
+        with one line (an InputError) saying what failed and what was saved. Every rank calls it."""
         folder = self.out_dir / f"step-{done}"
         try:
             if not saved:
@@ -195,8 +175,8 @@ class Run:
         raise config.InputError(f"{self.logger.failed or 'rank 0 could not write its records'}; {kept}")
 
     def finish(self, summary: str = "") -> None:
-        """The teardown, whatever ended the loop: final/ saved when every step ran, one line saying
-        how the run ended, then close(): the closers (close_on_exit), the logger, the process group."""
+        """The teardown, whatever ended the loop: final/ saved when every step ran, one line saying how the
+        run ended, then close()."""
         if self.done == self.total_steps and not self.stopped:
             self.save("final", self.total_steps)
             self.print0(f"done: {self.total_steps} steps, model in {self.out_dir / 'final'}{summary}")
@@ -209,9 +189,8 @@ OPEN: list[Run] = []  # the runs of this process not closed yet (main closes the
 
 
 def main(stage_main: Callable[[], None]) -> None:
-    """Runs a stage script's main(): an InputError (bad input, a diverged run, a failed write) becomes
-    one line and exit status 1 (config.exit_on_input_error); whatever else ends it (an exception,
-    an exit), every Run still open is closed: its engines and pools before the process group."""
+    """Runs a stage script's main(): an InputError becomes one line and exit status 1
+    (config.exit_on_input_error); whatever ends it, every Run still open is closed (engines first)."""
     try:
         config.exit_on_input_error(stage_main)
     finally:

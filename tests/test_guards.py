@@ -53,7 +53,7 @@ def test_nonfinite_guard_counts_then_stops():
     guard = guards.NonFiniteGuard(allowed=1)
     assert guard.check(1, 2.5, 0.3) is True
     assert guard.check(2, math.nan, 0.3) is False and guard.skipped == 1
-    guard.saved(ROOT / "out" / "step-2")
+    guard.last_good = ROOT / "out" / "step-2"
     with pytest.raises(guards.DivergedError) as e:
         guard.check(3, 1.0, math.inf)
     assert str(e.value).startswith("step 3: loss 1.0, grad norm inf: the run diverged (after skipping 1)")
