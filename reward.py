@@ -37,11 +37,7 @@ MAX_EXPONENT = 400  # '1e400' is read, '1e401' is no number: refused before 10^n
 _FLOAT_MAX = Fraction(sys.float_info.max)  # a number beyond float's range is no number (parse_number is a float)
 
 
-# ---------------------------------------------------------------------------------------------
-# Extraction and format
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Extraction and format ---
 def last_boxed(text: str) -> str | None:
     """Content of the last closed `\\boxed{...}` in text (nested braces allowed), else None."""
     starts = [m.end() - 1 for m in re.finditer(r"\\boxed\s*\{", text)]
@@ -101,10 +97,7 @@ def format_reward(text: str | None) -> float:
     return 1.0 if last_boxed(_answer_block(body) or "") is not None else 0.0
 
 
-# ---------------------------------------------------------------------------------------------
-# Equivalence
-# ---------------------------------------------------------------------------------------------
-
+# --- Equivalence ---
 _UNITS = r"(?:cm|mm|km|m|kg|g|mg|s|sec|seconds|minutes|min|hours|h|units?|degrees?|dollars?|cents?|inch(?:es)?|ft|feet|meters?|°)"
 _UNIT_SUFFIX = re.compile(r"\s{0,4}" + _UNITS + r"$")  # '5 cm', '145°' (a bounded run: linear time)
 # Digits with optional thousands separators: ',' or one space (NBSP, narrow NBSP and thin space are spaces
@@ -255,10 +248,8 @@ def _as_list(s: str) -> tuple[str, list[str]] | None:
 
 
 def _math_verify(pred: str, gold: str) -> bool:
-    """Math-Verify with both sides wrapped in \\boxed{} (bare strings parse badly), gold first, and no
-    sign lost: '°' goes back to '^{\\circ}' (Math-Verify reads '-(x°)' as x), and "equal" sides whose
-    ratio is negative are not (its numeric check chops a difference below its precision: it holds
-    -(3^1008-1)/3^1009 and -1/3^40 equal to their negations)."""
+    """Math-Verify on both sides wrapped in \\boxed{} (bare strings parse badly), gold first, with no sign
+    lost (docs/reward.md "Signs"): '°' back to '^{\\circ}', and "equal" sides of negative ratio refused."""
     if len(pred) > MAX_MATH_VERIFY_CHARS or len(gold) > MAX_MATH_VERIFY_CHARS:
         return False
     from math_verify import parse, verify
@@ -294,11 +285,9 @@ def _sign_flipped(pred, gold) -> bool:
 
 
 def answer_text(value) -> str:
-    """The gold answer (a JSON / parquet value) as the string is_equivalent compares; ValueError when
-    there is no usable one. str: itself; int: its digits; float: shortest round-trip text, integral
-    values without '.0' (3.0 -> '3'); a list: ONE answer of ordered parts joined by ', ' ([3, 4] ->
-    '3, 4', compared element by element, not "any of these"). Rejected: bool (ambiguous: 'True' or
-    'Yes'?), NaN / infinity, empty or nested lists, dicts, None."""
+    """The gold answer (a JSON / parquet value) as the string is_equivalent compares: str itself, int its
+    digits, float its shortest round-trip text (3.0 -> '3'), a list ONE answer of ordered parts joined by
+    ', '. ValueError for bool (ambiguous), NaN / infinity, empty or nested lists, dicts, None."""
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
@@ -323,17 +312,10 @@ def answer_text(value) -> str:
 
 
 def is_equivalent(pred: str | None, gold: str | None, choices: list[str] | None = None) -> bool:
-    """Whether a predicted answer matches the gold answer; the first family that applies decides
-    (docs/reward.md has the tables):
-    1. multiple choice (gold a letter, or `choices` given): the letter the prediction names ('C', '(C)',
-       'C.', 'C: 40°'); with `choices`, option text on either side (case-insensitive);
-    2. plain numbers on both sides (read_number), exactly: 1000001 is not 1000000, 0.5 is 1/2; a
-       fraction against a decimal gold rounded to its written places (1/3 is 0.33), a decimal against
-       a fraction gold within REL_TOL; '12.5%' matches 0.125 as well as 12.5;
-    3. comma-separated lists / tuples: element by element with these same rules;
-    4. case-insensitive string equality after whitespace and LaTeX-wrapper cleanup;
-    5. Math-Verify on `\\boxed{gold}` and `\\boxed{pred}` (expressions, intervals, sets).
-    None or empty on either side is never equivalent."""
+    """Whether a predicted answer matches the gold answer; the first rule that applies decides (docs/reward.md
+    has the tables): 1. multiple choice (gold a letter, or `choices`: the letter or option text named);
+    2. plain numbers on both sides, exactly (_numbers_equal); 3. lists / tuples element by element;
+    4. case-insensitive text after cleanup; 5. Math-Verify. None or empty on either side never matches."""
     if not isinstance(pred, str) or not isinstance(gold, str):
         return False
     if not unicode_clean(pred).strip() or not unicode_clean(gold).strip():
@@ -378,11 +360,7 @@ def accuracy_reward(text: str | None, gold: str | None, choices: list[str] | Non
     return 1.0 if is_equivalent(extract_answer(text), gold, choices) else 0.0
 
 
-# ---------------------------------------------------------------------------------------------
-# Batched scoring with a hard per-response timeout
-# ---------------------------------------------------------------------------------------------
-
-
+# --- Batched scoring with a hard per-response timeout ---
 @dataclass(frozen=True)
 class Scoring:
     """How a response is scored, one value given to every caller of score_responses (training rewards,
@@ -488,12 +466,9 @@ def _worker(conn, score_fn) -> None:
 class RewardPool:
     """Worker processes running score_fn(**job) (module-level; default score_one on {"response", "gold",
     "choices", "scoring"}), each killed and replaced past timeout_s; such a job gets timeout_result(job).
-
     Reuse one (a context manager) to pay the start-up once. A job's clock starts at its dispatch to a
-    worker that reported ready, so a slow spawn is never a timeout. Workers ignore PARENT_SIGNALS; a
-    dead one is replaced and its job sent again (twice dead under it: timed out). docs/reward.md has
-    the full table. With 0 workers, map scores in this process under the same limit (score_in_process).
-    """
+    ready worker; workers ignore PARENT_SIGNALS; a dead one is replaced, its job sent again (docs/reward.md
+    "Workers"). With 0 workers, map scores in this process under the same limit (score_in_process)."""
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0, score_fn=score_one, timeout_result=None):
         self.workers, self.timeout_s, self.score_fn = workers, timeout_s, score_fn
@@ -613,16 +588,9 @@ class RewardPool:
         self.close()
 
 
-def compute_rewards(
-    responses: list[str],
-    golds: list[str],
-    choices: list | None = None,
-    *,
-    workers: int = 2,
-    timeout_s: float = 5.0,
-    scoring: Scoring = Scoring(),
-    pool: RewardPool | None = None,
-) -> list[dict]:
+def compute_rewards(responses: list[str], golds: list[str], choices: list | None = None, *, workers: int = 2,
+                    timeout_s: float = 5.0, scoring: Scoring = Scoring(),
+                    pool: RewardPool | None = None) -> list[dict]:  # fmt: skip
     """Per response {"overall", "format", "accuracy", "timed_out"} under `scoring`, in input order, each
     under a hard limit of timeout_s seconds (a pool's own with a pool; past it: accuracy 0, timed_out
     True): in worker processes with workers > 0 or a pool, in this process (SIGALRM) with workers = 0."""
@@ -645,11 +613,7 @@ def score_responses(
     return compute_rewards(responses, golds, choices, workers=0, timeout_s=timeout_s, scoring=scoring, pool=pool)
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-
+# --- CLI ---
 def jsonl_objects(path: Path):
     """Yields (line number from 1, "<path> line <n>", the line's JSON object) per non-blank line of a
     jsonl file; for a line not UTF-8, not JSON (too deeply nested included) or not an object, the third
