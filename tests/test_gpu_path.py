@@ -222,7 +222,7 @@ def test_attention_choice(monkeypatch):
     With flash-attn importable: flash_attention_2."""
     assert attention.attention_implementation(torch.device("cpu")) == attention.VARLEN_SDPA
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # `import flash_attn` raises ImportError
-    assert attention.torch_varlen_available()
+    assert attention.importable("torch.nn.attention.varlen", "varlen_attn")
     assert attention.attention_implementation(torch.device("cuda", 0)) == attention.TORCH_VARLEN
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
     assert attention.attention_implementation(torch.device("cuda", 0)) == "flash_attention_2"
