@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -25,7 +24,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -218,7 +217,7 @@ def _numbers_equal(pred: Number, gold: Number) -> bool:
     if pred.percent and not gold.percent:
         return _values_equal(p / 100, pred, g, gold)
     if gold.percent and not pred.percent:
-        return _values_equal(p, pred, g / 100, dataclasses.replace(gold, places=gold.places + 2, percent=False))
+        return _values_equal(p, pred, g / 100, replace(gold, places=gold.places + 2, percent=False))
     return False
 
 
@@ -373,9 +372,8 @@ class Scoring:
     answer_rule: Callable[[str | None, str | None, list[str] | None], bool] = is_equivalent
 
 
-def score_one(
-    response: str | None, gold: str | None, choices: list[str] | None = None, scoring: Scoring = Scoring()
-) -> dict:
+def score_one(response: str | None, gold: str | None, choices: list[str] | None = None,
+              scoring: Scoring = Scoring()) -> dict:  # fmt: skip
     """{"overall", "format", "accuracy", "timed_out"} of one response under `scoring`."""
     fmt = format_reward(response)
     acc = 1.0 if scoring.answer_rule(extract_answer(response), gold, choices) else 0.0
@@ -421,9 +419,8 @@ def _call_bounded(score_fn: Callable[..., dict], job: dict, timeout_s: float) ->
         signal.signal(signal.SIGALRM, previous)
 
 
-def score_in_process(
-    jobs: list[dict], timeout_s: float, score_fn: Callable[..., dict] = score_one, timeout_result=None
-) -> list[dict]:
+def score_in_process(jobs: list[dict], timeout_s: float, score_fn: Callable[..., dict] = score_one,
+                     timeout_result=None) -> list[dict]:  # fmt: skip
     """RewardPool.map without workers: each score_fn(**job) in this process under a timeout_s limit
     (_call_bounded); a job past it gets timeout_result(job); an exception is a ScoringError."""
     import math_verify  # noqa: F401 - imported before any time limit: an import cut short would stay broken
@@ -642,23 +639,19 @@ def read_predictions(path: Path) -> tuple[list[dict], list[str]]:
     line that could not be used (not UTF-8, not JSON, no 'response' / 'answer', unusable answer)."""
     rows, problems = [], []
     for n, where, row in jsonl_objects(path):
-        if isinstance(row, str):
-            problems.append(f"{where}: {row}")
-            continue
-        if "response" not in row or "answer" not in row:
-            problems.append(f"{where}: needs an object with 'response' and 'answer'")
-            continue
-        choices = row.get("choices")
         try:
-            if choices is not None and not isinstance(choices, list):
+            if isinstance(row, str):  # what jsonl_objects found wrong with the line
+                raise ValueError(row)
+            if "response" not in row or "answer" not in row:
+                raise ValueError("needs an object with 'response' and 'answer'")
+            if (choices := row.get("choices")) is not None and not isinstance(choices, list):
                 raise ValueError(f"'choices' is a {type(choices).__name__}; give a list of option texts")
             row = {**row, "answer": answer_text(row["answer"]), "line": n}
             if choices:
                 row["choices"] = [answer_text(c) for c in choices]
+            rows.append(row)
         except ValueError as e:
             problems.append(f"{where}: {e}")
-            continue
-        rows.append(row)
     return rows, problems
 
 
@@ -679,10 +672,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(problems) > 20:
         print(f"... and {len(problems) - 20} more unreadable lines", file=sys.stderr)
     if not rows:
-        sys.exit(
-            f"{args.preds}: no scorable rows"
-            + (f" ({len(problems)} unreadable lines, listed above)" if problems else "")
-        )
+        listed = f" ({len(problems)} unreadable lines, listed above)" if problems else ""
+        sys.exit(f"{args.preds}: no scorable rows{listed}")
     responses, golds, choices = ([r.get(k) for r in rows] for k in ("response", "answer", "choices"))
     scores = compute_rewards(responses, golds, choices, workers=args.workers, timeout_s=args.timeout_s)
     out = args.out or args.preds.with_suffix(".scores.jsonl")

@@ -41,16 +41,11 @@ def outcome_variance(pass_rates) -> np.ndarray:
 
 # --- TDS: self-BLEU-123 (NLTK sentence_bleu semantics), distinct-n, edit distance ---
 def reference_sentence_bleu(hypothesis: list[int], references: list[list[int]], max_n: int = 3) -> float:
-    """BLEU of one token sequence against several references, exactly as NLTK's `sentence_bleu`
-    with uniform weights (1/max_n each) and smoothing method 1. The readable definition; the fast
-    path below (`sentence_bleus`) is tested equal to it.
-
-    p_n = sum over the hypothesis's n-grams of min(its count, its max count in any one reference)
-          / number of hypothesis n-grams (at least 1); a zero numerator becomes EPSILON
-    BP  = 1 if the hypothesis is longer than the closest reference length (ties: the shorter), else
-          exp(1 - r / c); 0 for an empty hypothesis.  BLEU = BP * exp(mean_n log p_n), and 0 when
-          no unigram matches at all.
-    """
+    """BLEU of one token sequence against several references, exactly as NLTK's `sentence_bleu` with
+    uniform weights (1/max_n each) and smoothing method 1: BP * exp(mean_n log p_n), p_n the clipped n-gram
+    precision (a zero match count becomes EPSILON), BP = 1 if longer than the closest reference length r
+    (ties: the shorter) else exp(1 - r / c), 0 for an empty hypothesis; 0 when no unigram matches. The
+    readable definition; the fast path below (`sentence_bleus`) is tested equal to it."""
     log_p = []
     for n in range(1, max_n + 1):
         grams = Counter(tuple(hypothesis[i : i + n]) for i in range(len(hypothesis) - n + 1))
@@ -73,11 +68,9 @@ def _clipped_matches(
 ) -> np.ndarray:
     """(max_n, N): per n and response, the sum over its distinct n-grams of min(own count, max count in
     any OTHER response), i.e. NLTK's clipped match count. flat: (T,) all responses' token ids
-    concatenated (each < 2**token_bits); owner: (T,) response index (< 2**owner_bits).
-
-    Each n-gram becomes one exact int64 key (n | token ids as bit fields | owner; no hashing), so ONE
-    sort groups equal (n-gram, owner) pairs and, within an n-gram, its owners. The max over the other
-    responses is the n-gram's top-1 count, or its top-2 for the one response credited with top-1."""
+    concatenated (each < 2**token_bits); owner: (T,) response index (< 2**owner_bits). One exact int64
+    key per n-gram (n | token ids | owner), ONE sort; the max over the other responses is the n-gram's
+    top-1 count, or its top-2 for the one response credited with top-1 (docs/vas.md)."""
     order_shift = token_bits * max_n  # the n-gram order n sits above the token fields
     keys, n_straddling = [], 0
     for n in range(1, max_n + 1):
@@ -253,7 +246,7 @@ def score_prompts(responses: list[list[list[int]]], accuracies: list[list[float]
 # --- The mixed sampler (Algorithm 1) ---
 class MixedSampler:
     """Yields global batches of prompt indices forever: floor(mix_ratio * B) drawn with replacement
-    proportionally to the weights, the rest in order from a seeded permutation reshuffled each pass (the
+    proportionally to `weights` (P,), the rest in order from a seeded permutation reshuffled each pass (the
     uniform part covers every prompt once per pass). Every rank builds the same global batch from the
     same seed (`dist.shard` picks a rank's part); state_dict() captures everything, so a resumed run
     yields exactly the batches the uninterrupted run would have."""
@@ -265,24 +258,11 @@ class MixedSampler:
             raise ValueError(f"mix_ratio must be in [0, 1], got {mix_ratio}")
         self.num_prompts, self.batch_size, self.mix_ratio = num_prompts, batch_size, mix_ratio
         self.n_weighted = math.floor(mix_ratio * batch_size)  # B_w = floor(lambda B)
-        self.weights = np.ones(num_prompts)
+        self.update_weights(np.ones(num_prompts))
         self.rng_weighted = np.random.default_rng([seed, 0])
         self.rng_uniform = np.random.default_rng([seed, 1])
         self.perm = self.rng_uniform.permutation(num_prompts)
         self.pos, self.epoch = 0, 0  # next position in perm, completed passes of the uniform walk
-
-    @property
-    def weights(self) -> np.ndarray:
-        """The sampling weights (P,) of the weighted draws."""
-        return self._weights
-
-    @weights.setter
-    def weights(self, w: np.ndarray) -> None:
-        # The cumulative distribution the draws search, made once per re-weighting (O(P)) rather than
-        # in every step's rng.choice: a step's draws then cost O(B log P), the same draws bit for bit.
-        self._weights = w
-        cdf = (w / w.sum()).cumsum()
-        self._cdf = cdf / cdf[-1]
 
     def update_weights(self, weights) -> None:
         """New sampling weights (P,), >= 0; NaN / inf / negative / all-zero fall back to uniform."""
@@ -292,7 +272,10 @@ class MixedSampler:
         if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
             warnings.warn("degenerate VAS weights (NaN, inf, negative or all zero): sampling uniformly", stacklevel=2)
             w = np.ones(self.num_prompts)
-        self.weights = w
+        # The cumulative distribution the draws search, made once per re-weighting (O(P)) rather than
+        # in every step's rng.choice: a step's draws then cost O(B log P), the same draws bit for bit.
+        self.weights, cdf = w, (w / w.sum()).cumsum()
+        self._cdf = cdf / cdf[-1]
 
     def next_batch(self) -> list[int]:
         """One global batch: B_w weighted draws, then B - B_w from the uniform walk."""
@@ -324,7 +307,7 @@ class MixedSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores what state_dict() captured; the next batch is the one the saved sampler would draw."""
-        self.weights = np.asarray(state["weights"], dtype=np.float64)
+        self.update_weights(state["weights"])
         self.perm = np.asarray(state["perm"], dtype=np.int64)
         self.pos, self.epoch = state["pos"], state["epoch"]
         self.rng_weighted.bit_generator.state = state["rng_weighted"]
@@ -460,9 +443,8 @@ class ScoreConfig:
     beta: float = field(0.2, "weight of TDS in VPS")
     tds: str = field("self_bleu", "TDS measure: self_bleu (the paper's), distinct (distinct-n) or edit",
                      choices=list(TRAJECTORY_DIVERSITY))  # fmt: skip
-    engine: str = field(
-        "auto", "generation engine: vllm, hf, or auto (vLLM on a GPU when installed)", choices=["auto", "hf", "vllm"]
-    )
+    engine: str = field("auto", "generation engine: vllm, hf, or auto (vLLM on a GPU when installed)",
+                        choices=["auto", "hf", "vllm"])  # fmt: skip
     limit: int = field(0, "score only the first N prompts (0 = all)")
     prompts_per_call: int = field(64, "prompts per generation call")
     min_pixels: int = field(3136, "images resized to at least this many pixels")
