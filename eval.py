@@ -6,12 +6,10 @@
     python eval.py --model M --benchmarks mathvista --bench-data mathvista=local/mathvista.parquet --limit 50
     python eval.py --compare-official runs/eval          # a finished run's verdicts beside exact match
 
-Every answer is extracted with reward.extract_answer and scored by the benchmark's official rule
-(score_answer; rules and sources in docs/eval.md), with reward.is_equivalent where the official scorer
-asks an LLM judge, in worker processes with a hard limit per answer (SCORE_TIMEOUT_S; past it: wrong,
-timed out). Every row of a published file is asked (MathVerse Vision Only rows through `query_cot`).
-Writes <output-dir>/<model>/<benchmark>.jsonl (one line per sample; output_folders) and results.md /
-results.json: the paper's rows beside the evaluated models, and each benchmark's BREAKDOWNS.
+Every answer is extracted with reward.extract_answer and scored by its benchmark's official rule
+(score_answer; docs/eval.md) in worker processes with a hard limit per answer (SCORE_TIMEOUT_S). Writes
+<output-dir>/<model>/<benchmark>.jsonl (one line per sample) and results.md / results.json: the paper's
+rows beside the evaluated models, and each benchmark's BREAKDOWNS.
 
 Departures from the official scorers (docs/eval.md tables each case a rule credits differently):
 - no LLM judge or extractor: the last \boxed{} is the answer (MathVista, MathVerse and LogicVista have GPT
@@ -83,17 +81,8 @@ PAPER_ROWS = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Loading and generation
+# Generation and scoring
 # ---------------------------------------------------------------------------------------------
-
-
-def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
-    """Raw rows of a benchmark in its own columns (benchmarks.load_benchmark: a local file, its relative
-    image paths resolved against the file's folder, or the hub copy); the toy's test split for `toy`."""
-    if name == "toy" and not override:
-        override = str(toy.TOY_DATA_DIR / "rl" / "test.parquet")
-    return benchmarks.load_benchmark(name, override, limit)
-
 
 score_answer = benchmarks.score_answer  # eval.score_answer(benchmark, response, row): the one scoring entry point
 
@@ -107,18 +96,16 @@ def scoring_pool() -> reward.RewardPool:
 
 
 def score_outputs(name: str, part: list[dict], outs: list, pool: reward.RewardPool) -> list[dict]:
-    """{"correct", "timed_out"} of each generated answer against its prompt's benchmark row, in the pool."""
-    rows = [benchmarks.scoring_row(prompt["benchmark_row"]) for prompt in part]
+    """{"correct", "timed_out"} of each generated answer against its prompt's benchmark row, in the pool
+    (sent without the image columns: no rule reads them)."""
+    rows = [{k: v for k, v in p["benchmark_row"].items() if k not in benchmarks.IMAGE_COLUMNS} for p in part]
     return pool.map([{"benchmark": name, "response": out.text, "row": row} for row, out in zip(rows, outs)])
 
 
-def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: dist.Dist, pool=None):
-    """Generates for every usable row (sharded over ranks) and scores it in `pool` (scoring_pool; one of
-    its own when None); returns (records, bad). Asked under the registry entry's system prompt (the
-    paper's Table 8; none for the toy, asked in its own format), the question and options as the user turn."""
-    if pool is None:
-        with scoring_pool() as own:
-            return evaluate_benchmark(engine, name, raw, cfg, d, own)
+def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: dist.Dist, pool):
+    """Generates for every usable row (sharded over ranks) and scores it in `pool` (scoring_pool); returns
+    (records, bad). Asked under the registry entry's system prompt (the paper's Table 8; none for the toy),
+    the question and options as the user turn."""
     usable, bad = benchmarks.prompt_rows(name, raw, cfg.min_pixels, cfg.max_pixels)
     padded, n_real = dist.shard(usable, d)
     engine.prompt_format = chat.PromptFormat(system=benchmarks.BENCHMARKS[name].system_prompt)
@@ -407,7 +394,8 @@ def main() -> None:
     for path in models.values():
         guards.check_model_dir(path)
     guards.lock_output_dir(cfg.output_dir, d.master)  # writable before anything is generated; one eval per folder
-    raw = {n: load_benchmark(n, files.get(n), cfg.limit) for n in names}
+    files.setdefault("toy", str(toy.TOY_DATA_DIR / "rl" / "test.parquet"))  # --benchmarks toy: the toy's test split
+    raw = {n: benchmarks.load_benchmark(n, files.get(n), cfg.limit) for n in names}
 
     results: dict[str, dict[str, dict]] = {}
     folders = output_folders(list(models), cfg.output_dir)  # one per model, never shared

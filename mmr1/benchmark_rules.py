@@ -37,11 +37,8 @@ def levenshtein(a: str, b: str) -> int:
 
 def most_similar_option(pred: str, choices: list[str]) -> int | None:
     """Index of the option with the smallest Levenshtein distance to pred (both lower-cased and
-    whitespace-normalised; the first on a tie); None if pred or choices are empty.
-
-    MathVista's calculate_score.get_most_similar. Only MathVista grants this: it maps ANY answer to
-    some option, the gold one about 1 time in n.
-    """
+    whitespace-normalised; the first on a tie); None if pred or choices are empty. MathVista's
+    calculate_score.get_most_similar, granted only there (docs/eval.md)."""
     if not pred or not pred.strip() or not choices:
         return None
     p = reward.normalise_text(pred)
@@ -50,13 +47,9 @@ def most_similar_option(pred: str, choices: list[str]) -> int | None:
 
 
 def chosen_option(pred: str | None, choices: list[str], fallback: str | None = None) -> int | None:
-    """The option a multiple-choice prediction names: its exact option text (case-insensitive), else
-    its letter ('C', '(C)', 'C: 40°'); failing both, by `fallback`:
-    - None: no option (MathVision: the value is then compared with the gold option's text);
-    - 'equivalent': the first option whose text is the same value (mathverse_equal; MathVerse's judge
-      counts an option's value as that option);
-    - 'similar': the most similar option (MathVista only, its official rule).
-    """
+    """The option a multiple-choice prediction names: its exact option text (case-insensitive), else its
+    letter ('C', '(C)', 'C: 40°'); failing both, by `fallback`: None, no option; 'equivalent', the first
+    option of the same value (mathverse_equal, MathVerse); 'similar', the most similar option (MathVista)."""
     if pred is None or not choices:
         return None
     texts = [reward.normalise_text(c) for c in choices]
@@ -163,20 +156,13 @@ def mathverse_options(question: str) -> list[str]:
 
 
 def score_mathverse(pred: str, gold: str, row: dict) -> bool:
-    """MathVerse (score_answer_s2.py, a GPT judge told "only when the [Model_answer] completely matches
-    the [Standard Answer]", whose examples count an option's value as that option and a wrong letter
-    with the right-looking text as wrong). No most-similar mapping: an answer that names no option is wrong.
-
-    multi-choice, gold letters: the option named (letter, option text, or a value equivalent to an
-    option's text, the options read from `question`, else `question_for_eval`) is the gold one; several
-    gold letters ('C\\nD'): the same set of letters. Gold not a letter: the same value (mathverse_equal;
-    a letter counts through its option's text). free-form: mathverse_equal.
-    """
+    """MathVerse (score_answer_s2.py's GPT judge; docs/eval.md). multi-choice, gold letters: the option
+    named (letter, option text, or a value equivalent to an option's text; row_options) is the gold one;
+    several gold letters ('C\\nD'): the same set. Gold not a letter: the same value (mathverse_equal; a
+    letter counts through its option's text). free-form: mathverse_equal. No most-similar mapping."""
     if row.get("question_type") != "multi-choice":
         return mathverse_equal(pred, gold)
-    options = mathverse_options(str(row.get("question") or "")) or mathverse_options(
-        str(row.get("question_for_eval") or "")
-    )
+    options = row_options("mathverse", row)
     gold_labels = choice_labels(gold)
     if gold_labels and all(label.isalpha() for label in gold_labels):
         if len(gold_labels) > 1:
@@ -205,14 +191,6 @@ def mathvista_text(pred: str, unit: str | None) -> str:
     return s.strip("$").strip()
 
 
-def mathvista_number(pred: str, unit: str | None) -> float | None:
-    """The number of a free-form MathVista answer ('1000 g', '$18', '7 years' -> 1000, 18, 7): mathvista_text
-    read by reward.parse_number (which strips its own units too); None when no number is left.
-    '45%' reads as 45 (MathVista's percentages are stored as plain numbers)."""
-    parsed = reward.parse_number(mathvista_text(pred, unit))
-    return parsed[0] if parsed is not None else None
-
-
 def mathvista_letter(pred: str, n_choices: int) -> int | None:
     """The option a MathVista answer names by letter, read first as calculate_score reads it: the first
     letter in parentheses anywhere, either case ('(E)', '(e)'), else the whole answer an upper-case
@@ -239,10 +217,10 @@ def score_mathvista(pred: str, gold: str, row: dict) -> bool:
     if kind == "integer":  # exact, also beyond float precision (123456788 is not 123456789)
         value, target = reward.exact_number(mathvista_text(pred, row.get("unit"))), reward.exact_number(gold)
         return value is not None and value == (target if target is not None else int(float(gold)))
-    if kind == "float":
-        value = mathvista_number(pred, row.get("unit"))
+    if kind == "float":  # reward.parse_number drops its own units too; '45%' reads as 45 (stored so)
+        value = reward.parse_number(mathvista_text(pred, row.get("unit")))
         digits = int(float(row["precision"]))  # stored as a float, e.g. 1.0
-        return value is not None and round(value, digits) == round(float(gold), digits)
+        return value is not None and round(value[0], digits) == round(float(gold), digits)
     if kind == "list":
         return re.sub(r"\s", "", pred) == re.sub(r"\s", "", gold)
     return reward.normalise_text(pred) == reward.normalise_text(gold)
@@ -317,8 +295,7 @@ def chartqa_relaxed(pred: str, gold: str) -> bool:
 
 
 def mathvista_fields(row: dict) -> dict[str, str]:
-    """{field: what MathVista's rule reads it for} of the fields its rule needs in this row; a row
-    without one (absent or null) is refused when the file is loaded."""
+    """{field: why} MathVista's rule reads in this row; a file with a row lacking one is refused at load."""
     fields = {"question_type": "multiple choice or free-form"}
     if row.get("question_type") == "free_form":
         fields["answer_type"] = "an integer, float, list or text comparison"
@@ -328,8 +305,7 @@ def mathvista_fields(row: dict) -> dict[str, str]:
 
 
 def mathverse_fields(row: dict) -> dict[str, str]:
-    """{field: why} MathVerse's rule reads: `question_type` (without it every row would be free-form, and
-    an option's text would no longer name its option)."""
+    """{field: why} MathVerse's rule reads: `question_type` (without it every row would be free-form)."""
     return {"question_type": "multi-choice (options read from the question) or free-form"}
 
 
@@ -338,11 +314,6 @@ def check_mathverse(row: dict) -> str | None:
     if row.get("question_type") not in ("multi-choice", "free-form"):
         return f"question_type {row.get('question_type')!r} is neither multi-choice nor free-form"
     return None
-
-
-def no_fields(row: dict) -> dict[str, str]:
-    """The rule reads no field a row could lack beyond `answer` (checked for every row)."""
-    return {}
 
 
 def _number(value) -> float | None:
@@ -390,7 +361,7 @@ def check_options(column: str) -> Callable[[dict], str | None]:
 
 
 def no_check(row: dict) -> str | None:
-    """The rule reads only the answer text: nothing more to check."""
+    """The rule reads only the answer text: nothing more to check (and no field a row could lack)."""
     return None
 
 
@@ -402,7 +373,7 @@ def no_check(row: dict) -> str | None:
 def row_options(benchmark: str, row: dict) -> list[str]:
     """The option texts a row offers, in order: MathVista `choices`, MathVision `options`, the options in
     a MathVerse question (mathverse_options), the toy's `choices`; [] for a row without options."""
-    if benchmark == "mathverse":
+    if benchmark == "mathverse":  # `question_for_eval` holds them where `question` is empty (Vision Only)
         return mathverse_options(str(row.get("question") or "")) or mathverse_options(
             str(row.get("question_for_eval") or "")
         )

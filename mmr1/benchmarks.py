@@ -23,7 +23,6 @@ from .benchmark_rules import (
     mathverse_fields,
     mathvista_fields,
     no_check,
-    no_fields,
     score_logicvista,
     score_mathverse,
     score_mathvision,
@@ -87,12 +86,6 @@ def mathvista_hint(row: dict) -> str:
             "and provide the final value at the end.",
         )
     return MATHVISTA_HINTS.get(kind, "")
-
-
-def question_text(benchmark: str, row: dict) -> str:
-    """The user-turn text of a benchmark row (the image goes before it): the registry's `question`
-    rule of the benchmark (BENCHMARKS)."""
-    return BENCHMARKS[benchmark].question(row)
 
 
 def plain_question(row: dict) -> str:
@@ -189,11 +182,6 @@ def score_job(benchmark: str, response: str, row: dict) -> dict:
 def timed_out_job(job: dict) -> dict:
     """The result of an answer whose scoring ran past the time limit: wrong, and counted as timed out."""
     return {"correct": False, "timed_out": True}
-
-
-def scoring_row(row: dict) -> dict:
-    """The row without its image columns (the scoring rules read only text columns), for the workers."""
-    return {k: v for k, v in row.items() if k not in IMAGE_COLUMNS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +347,9 @@ class Benchmark:
     system_prompt: str  # the system message it is asked under
     score: Callable[[str, str, dict], bool]  # (extracted answer, gold text, row) -> correct
     check: Callable[[dict], str | None]  # what `score` cannot read in a row (left out at load), or None
-    fields: Callable[[dict], dict[str, str]] = no_fields  # {field: why} `score` reads; a file lacking one is refused
+    fields: Callable[[dict], dict[str, str]] = (
+        lambda row: {}
+    )  # {field: why} `score` reads: a file lacking one is refused
 
 
 BENCHMARKS: dict[str, Benchmark] = {

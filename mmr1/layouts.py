@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -103,19 +104,14 @@ def file_fingerprint(file: Path) -> str:
     return digest.hexdigest()
 
 
-def json_cache_path(file: Path, kind: str, cache_dir: Path) -> Path:
-    """The Arrow cache of a JSON / jsonl file for rows of `kind`: named by the file's absolute path
-    and its fingerprint (file_fingerprint), so an edited or replaced file gets a new cache."""
-    key = f"{CACHE_VERSION}|{file.resolve()}|{file_fingerprint(file)}|{kind}"
-    return cache_dir / f"{file.stem}-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.arrow"
-
-
 def json_cache(file: Path, kind: str, cache_dir: Path) -> Path:
-    """The Arrow cache of `file` in `cache_dir` (built by build_json_cache when missing). An
+    """The Arrow cache of `file`'s rows of `kind` in `cache_dir` (built by build_json_cache when missing),
+    named by the file's absolute path and fingerprint, so an edited or replaced file gets a new cache. An
     unwritable cache folder is one InputError naming it and the variable that moves it."""
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        cache = json_cache_path(file, kind, cache_dir)
+        key = f"{CACHE_VERSION}|{file.resolve()}|{file_fingerprint(file)}|{kind}"
+        cache = cache_dir / f"{file.stem}-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.arrow"
         if not cache.exists():
             build_json_cache(file, cache)
     except OSError as e:
@@ -138,20 +134,14 @@ def build_json_cache(file: Path, out: Path, batch_rows: int = 50_000) -> None:
 
     schema = pa.schema([("n", pa.int64()), ("json", pa.large_string()), ("problem", pa.string())])
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    count = 0
+    count, records = 0, _json_records(file)
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            cols: tuple[list, list, list] = ([], [], [])
-            for n, text, row in _json_records(file):
-                problem = row if isinstance(row, str) else None
-                for col, value in zip(cols, (n, text if not isinstance(row, str) else None, problem)):
-                    col.append(value)
-                count += 1
-                if len(cols[0]) >= batch_rows:
-                    writer.write_batch(pa.record_batch(list(cols), schema=schema))
-                    cols = ([], [], [])
-            if cols[0]:
-                writer.write_batch(pa.record_batch(list(cols), schema=schema))
+            while batch := list(itertools.islice(records, batch_rows)):
+                problems = [row if isinstance(row, str) else None for _, _, row in batch]
+                texts = [None if problem is not None else text for (_, text, _), problem in zip(batch, problems)]
+                writer.write_batch(pa.record_batch([[n for n, _, _ in batch], texts, problems], schema=schema))
+                count += len(batch)
         if not count:
             raise BadRowError(f"{file}: empty (no rows)")
         tmp.replace(out)  # atomic: a reader sees the whole cache or none

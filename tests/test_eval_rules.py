@@ -103,12 +103,12 @@ def test_mathverse_several_gold_letters_and_free_form():
 
 def test_mathverse_vision_only_prompt_says_the_question_is_in_the_image():
     row = mathverse_row("Vision Only", "")
-    text = benchmarks.question_text("mathverse", row)
+    text = benchmarks.mathverse_question(row)
     assert text == row["query_cot"] and text.startswith("According to the question shown in the image")
     assert benchmarks.to_prompt_row("mathverse", {**row, "image": "png"})["problem"] == "<image>" + text
     bare = {k: v for k, v in row.items() if k not in ("query_cot", "query_wo")}
-    assert benchmarks.question_text("mathverse", bare) == benchmarks.QUESTION_IN_IMAGE
-    assert benchmarks.question_text("mathverse", MATHVERSE_MC[0]) == MV_TEXT  # other versions: the question
+    assert benchmarks.mathverse_question(bare) == benchmarks.QUESTION_IN_IMAGE
+    assert benchmarks.mathverse_question(MATHVERSE_MC[0]) == MV_TEXT  # other versions: the question
     assert benchmarks.breakdown("mathverse", row) == {"problem_version": "Vision Only", "subject": "Plane Geometry"}
 
 
@@ -219,13 +219,13 @@ def test_mathvista_precision_and_the_prompt_hint():
     )
     assert not score("mathvista", "1.3", VISTA_1) and not score("mathvista", "12", VISTA_1)
     # the free-form prompt is the benchmark's own query; multiple choice keeps the Table 8 letter instruction only
-    assert benchmarks.question_text("mathvista", VISTA_2) == VISTA_2["query"]
-    assert benchmarks.question_text("mathvista", VISTA_1) == VISTA_1["query"]
+    assert benchmarks.mathvista_question(VISTA_2) == VISTA_2["query"]
+    assert benchmarks.mathvista_question(VISTA_1) == VISTA_1["query"]
     assert (
-        benchmarks.question_text("mathvista", VISTA_3)
+        benchmarks.mathvista_question(VISTA_3)
         == VISTA_3["question"] + "\nChoices:\n(A) 135°\n(B) 140°\n(C) 145°\n(D) 150°"
     )
-    assert MC_HINT not in benchmarks.question_text("mathvista", VISTA_3)
+    assert MC_HINT not in benchmarks.mathvista_question(VISTA_3)
     assert benchmarks.mathvista_hint(
         {"question_type": "free_form", "answer_type": "float", "precision": 2.0}
     ).startswith("Hint: Please answer the question requiring a floating-point number with two decimal places")
@@ -309,7 +309,7 @@ def test_mathvision_values_units_and_free_form():
     assert score("mathvision", "0.33", third)  # MATH-V compares numbers rounded to 2 decimals
     assert not score("mathvision", "0.3", third) and not score("mathvision", "0.34", third)
     assert benchmarks.breakdown("mathvision", digits) == {"subject": "counting", "level": "1"}
-    assert benchmarks.question_text("mathvision", MATHVISION_MC[1]).endswith("\nChoices:\n(A) KNAO\n(B) KNGO\n(C) KNR\n(D) AGRO\n(E) KAO")  # fmt: skip
+    assert benchmarks.mathvision_question(MATHVISION_MC[1]).endswith("\nChoices:\n(A) KNAO\n(B) KNGO\n(C) KNR\n(D) AGRO\n(E) KAO")  # fmt: skip
 
 
 # --- LogicVista (lscpku/LogicVista) ---------------------------------------------------------------------
@@ -379,7 +379,7 @@ def test_hub_fallback_tries_the_next_id(monkeypatch, capsys):
         return datasets.Dataset.from_list([{"type": "human_test", "question": "q", "answer": "1", "image": None}])
 
     monkeypatch.setattr(datasets, "load_dataset", load)
-    rows = evaluation.load_benchmark("chartqa", None, 0)
+    rows = benchmarks.load_benchmark("chartqa", None, 0)
     assert tried == ["lmms-lab/ChartQA", "lmms-lab-encoder/ChartQA"] and rows[0]["answer"] == "1"
     assert (
         "could not load lmms-lab/ChartQA (FileNotFoundError); trying lmms-lab-encoder/ChartQA"
@@ -390,7 +390,7 @@ def test_hub_fallback_tries_the_next_id(monkeypatch, capsys):
     with pytest.raises(
         benchmarks.InputError, match="lmms-lab-encoder/ChartQA: ConnectionError: offline.*--bench-data chartqa="
     ):
-        evaluation.load_benchmark("chartqa", None, 0)
+        benchmarks.load_benchmark("chartqa", None, 0)
 
 
 def test_summaries_and_breakdown_tables():
