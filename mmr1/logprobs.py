@@ -8,16 +8,15 @@ from dataclasses import dataclass
 import torch
 
 from .attention import PACKED_KERNELS
-from .modeling import autocast, to_device
+from .modeling import autocast
 
 
 def naive_token_logprobs(model, inputs: dict[str, torch.Tensor], temperature: float = 1.0):
     """The definition: log-probs (B, T-1) of input_ids[:, 1:] under log_softmax(logits / T), and the
     entropies (B, T-1) in nats of those distributions.
 
-    Materialises the (B, T, V) logits in fp32: vocabulary x 4 bytes per token (151,936 words: 0.6 GB
-    for a 1k-token sequence), which is why the stages use token_logprobs below; the tests tie the two.
-    """
+    Materialises the (B, T, V) logits in fp32 (0.6 GB for a 1k-token sequence at 151,936 words), which
+    is why the stages use token_logprobs below; the tests tie the two."""
     logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
     logp_all = (logits[:, :-1].float() / temperature).log_softmax(-1)  # (B, T-1, V)
     logp = logp_all.gather(-1, inputs["input_ids"][:, 1:, None]).squeeze(-1)
@@ -52,9 +51,7 @@ def _chunk_logprobs(
     logits = torch.nn.functional.linear(hidden, weight).float() / temperature  # (B, C, V), C positions at a time
     lse = logits.logsumexp(-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    if not entropy:
-        return logp, torch.zeros_like(logp)
-    ent = lse - (logits.softmax(-1) * logits).sum(-1)  # H = logsumexp - E_p[logit]
+    ent = lse - (logits.softmax(-1) * logits).sum(-1) if entropy else torch.zeros_like(logp)  # H = lse - E_p[logit]
     return logp, ent
 
 
@@ -103,59 +100,37 @@ def token_logprobs(
 
     The decoder runs once to hidden states; the vocabulary projection is chunked (see
     logprobs_from_hidden), so the full (T, V) log-softmax never exists. packed=True runs the same
-    computation on the micro-batch's sequences packed into one row (packed_token_logprobs): equal
-    values on every real target, zeros on padding, no compute spent on pad tokens.
+    computation on the micro-batch's sequences packed into one row (pack): equal values on every
+    real target, zeros on padding, no decoder or lm_head compute on a single pad token.
     """
-    if packed:
-        return packed_token_logprobs(model, inputs, chunk_size, entropy, temperature)
-    hidden = hidden_states(model, inputs)[:, :-1]
     targets = inputs["input_ids"][:, 1:]
-    return logprobs_from_hidden(hidden, model.lm_head.weight, targets, chunk_size, entropy, temperature)
+    if not packed:
+        hidden = hidden_states(model, inputs)[:, :-1]
+        return logprobs_from_hidden(hidden, model.lm_head.weight, targets, chunk_size, entropy, temperature)
+    rows = pack(model, inputs)
+    hidden = hidden_states(model, rows.inputs)[0, rows.source]  # (M, H): positions that predict a real target
+    targets = targets[rows.valid][None]  # (1, M) in the same order
+    logp, ent = logprobs_from_hidden(hidden[None], model.lm_head.weight, targets, chunk_size, entropy, temperature)
+    return unpack(logp[0], rows), unpack(ent[0], rows)
 
 
-def batch_logprobs(
-    model,
-    inputs: dict[str, torch.Tensor],
-    device: torch.device,
-    chunk_size: int = 1024,
-    entropy: bool = False,
-    temperature: float = 1.0,
-    packed: bool = False,
-):
-    """token_logprobs of a CPU batch: moved to `device`, run under the precision context, packed
-    (padding-free) or padded. Every training and scoring forward of the stages goes through here."""
+def batch_logprobs(model, inputs: dict[str, torch.Tensor], device: torch.device, *args, **kwargs):
+    """token_logprobs(model, inputs, *args, **kwargs) of a CPU batch: moved to `device`, run under the
+    precision context. Every training and scoring forward of the stages goes through here."""
     with autocast(device):
-        return token_logprobs(model, to_device(inputs, device), chunk_size, entropy, temperature, packed)
+        return token_logprobs(model, {k: v.to(device) for k, v in inputs.items()}, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
 # Packed (padding-free) sequences
 # ---------------------------------------------------------------------------------------------
-# A right-padded micro-batch (B, T) spends compute on B*T - sum(L_b) pad tokens. Packing puts the
-# B sequences back to back in ONE row of N = sum(L_b) tokens; two things keep each sequence blind
-# to its neighbours, so every real token sees exactly what it saw in the padded batch:
-#   positions restart per sequence: the 3-D (temporal, height, width) rope positions are computed
-#     per sequence by the model's own get_rope_index (on the padded batch), gathered over the real tokens;
-#   attention stays inside each sequence: transformers reads sequence starts from a fourth,
-#     1-D "text position" row put in front of the three rope rows (position_ids (4, 1, N), no
-#     attention_mask). From its restarts it builds a block-diagonal causal mask for SDPA / eager
-#     (masking_utils.find_packed_sequence_indices) and the cu_seqlens of flash-attention's varlen
-#     kernel (modeling_flash_attention_utils.prepare_fa_kwargs_from_position_ids). That mask is
-#     the readable reference; on CPU the models run VARLEN_SDPA, which reads the same restarts and
-#     attends within each sequence, never forming the (N, N) mask (see sdpa_varlen; its mask
-#     function, attention.packed_row_mask, builds none); on a GPU without flash-attn, TORCH_VARLEN
-#     passes the same boundaries to PyTorch's fused varlen kernel. The same for every family that
-#     packs (families.Family.packs; Qwen3.5's linear-attention layers would leak state: refused).
-# The vision tower is untouched: pixel_values / image_grid_thw pass through in the same order,
-# and the image tokens keep their order in the packed row, so image embeddings land where they did.
+# A right-padded micro-batch (B, T) spends compute on B*T - sum(L_b) pad tokens; packing puts the B
+# sequences back to back in ONE row of N = sum(L_b) tokens. Rope positions are the model's own per
+# sequence; attention stays inside each sequence through a fourth, 1-D "text position" row that
+# restarts at 0 per sequence (position_ids (4, 1, N), no attention_mask), from which transformers and
+# the packed kernels (attention.py) read the sequence boundaries. Why this is exact: docs/grpo.md.
 
-PACKED_ATTENTION = (
-    *PACKED_KERNELS,
-    "sdpa",
-    "eager",
-    "flash_attention_2",
-    "flash_attention_3",
-)  # those with a packed path
+PACKED_ATTENTION = (*PACKED_KERNELS, "sdpa", "eager", "flash_attention_2", "flash_attention_3")  # with a packed path
 
 
 @dataclass
@@ -202,19 +177,4 @@ def pack(model, inputs: dict[str, torch.Tensor]) -> Packed:
 def unpack(values: torch.Tensor, packed: Packed) -> torch.Tensor:
     """(B, T-1) padded layout of per-target values (M,) given in the order of packed.valid; zeros
     where there is no target (padding). Differentiable."""
-    out = values.new_zeros(packed.valid.shape)
-    return out.masked_scatter(packed.valid, values)
-
-
-def packed_token_logprobs(
-    model, inputs: dict[str, torch.Tensor], chunk_size: int = 1024, entropy: bool = False, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """token_logprobs computed on the packed row: the same (B, T-1) log-probs and entropies (zero
-    on padding), without running the decoder or lm_head on a single pad token."""
-    packed = pack(model, inputs)
-    hidden = hidden_states(model, packed.inputs)[0, packed.source]  # (M, H): positions that predict a real target
-    targets = inputs["input_ids"][:, 1:][packed.valid]  # (M,) in the same order
-    logp, ent = logprobs_from_hidden(
-        hidden[None], model.lm_head.weight, targets[None], chunk_size, entropy, temperature
-    )
-    return unpack(logp[0], packed), unpack(ent[0], packed)
+    return values.new_zeros(packed.valid.shape).masked_scatter(packed.valid, values)

@@ -79,10 +79,8 @@ def shard_model(model, d: Dist):
         fully_shard(layer, **kwargs)
     fully_shard(model.model.visual, **kwargs)  # patch embed + merger: a unit of its own, callable by itself
     fully_shard(model, reshard_after_forward=False, **kwargs)  # root: lm_head stays gathered for chunked log-probs
-    # Sum the ranks' gradients instead of averaging them: each rank's loss is already its share of the
-    # GLOBAL token mean (token sum / global token count; grpo.policy_loss_backward, sft.sft_loss), so the
-    # sum is the full-batch gradient.
-    # (A plain SUM collective: gloo has no pre-multiplied sum, and a factor of 1 needs none.)
+    # Sum the ranks' gradients (a plain SUM collective): each rank's loss is already its share of the
+    # GLOBAL token mean (grpo.policy_loss_backward, sft.sft_loss), so the sum is the full-batch gradient.
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -98,15 +96,9 @@ def shard_model(model, d: Dist):
 
 def keep_vision_in_step(model) -> None:
     """Under FSDP2, makes every forward that is not a one-token decoding step run the vision tower,
-    on a tiny blank image whose output is added times 0 when the call has no image.
-
-    Every FSDP2 unit all-gathers its parameters in forward (and reduce-scatters in backward) as a
-    collective: a rank whose micro-batch holds no image would skip the vision tower's 33 units
-    while another rank runs them, and the ranks' collectives stop lining up (gloo: "Received data
-    size doesn't match expected size"; NCCL: a hang). The dummy costs 4 patches through the tower;
-    its zero contribution leaves values and gradients unchanged (the gradients it adds are zeros).
-    A forward whose vision tower already ran (generate() encodes the images before the prefill, and
-    the HF engine then runs blank_vision at that same place on an image-less rank) gets no second run.
+    on a tiny blank image whose output is added times 0 when the call has no image, so the ranks'
+    FSDP2 collectives line up (docs/gpu.md); values and gradients are unchanged. A forward whose tower
+    already ran (generate() encodes the images before the prefill) gets no second run.
     """
     inner = model.model
     call = {"images": False, "vision_ran": False}  # this forward's images; the tower ran since the last text forward
@@ -166,7 +158,6 @@ def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     model.reshard()  # the root keeps gathered tensors after a forward; state dicts want the shards
-
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
 
@@ -174,13 +165,9 @@ def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
 def create_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Creates AdamW's state now (step 0, exp_avg and exp_avg_sq zeros shaped like each parameter,
     also max_exp_avg_sq with amsgrad) for every trainable parameter that has none yet, exactly as
-    AdamW creates it lazily in its first step, so the update is bit for bit the same.
-
-    Why: at 7B the state is 2 x fp32 per parameter (7.7 GiB per rank on 8 GPUs). Created lazily it
-    first exists in step 1, after vLLM has sized its KV cache against the memory free at its start;
-    created before vLLM starts, vLLM's start-up check sees the trainer's real footprint and a plan
-    that does not fit fails in seconds, not hours into a run. Parameters that already have state
-    (a resumed optimizer) keep it."""
+    AdamW creates it lazily in its first step, so the update is bit for bit the same; made before vLLM
+    starts, so its start-up check sees the trainer's real footprint (docs/paper-scale.md). Parameters
+    that already have state (a resumed optimizer) keep it."""
     scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32  # AdamW's step dtype
     for group in optimizer.param_groups:
         on_device = group.get("fused") or group.get("capturable")  # else AdamW keeps `step` on the host
@@ -201,13 +188,8 @@ def create_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 def autocast(device: torch.device) -> torch.autocast:
     """The one precision context of every forward: bf16 autocast on GPU (over fp32 master weights
-    or bf16 frozen ones), plain fp32 on CPU.
-
-    Without autocast's weight cache: with fp32 weights that are not sharded (one process) the cache
-    keeps a bf16 copy of every weight for the whole context, 2 bytes x parameters (6.9 GiB at 3B, the
-    difference between fitting an 80 GB card and not; docs/paper-scale.md); a weight cast again at
-    each use costs one elementwise pass. Under FSDP2 the gathered weights are bf16 already and the
-    cache would hold nothing."""
+    or bf16 frozen ones), plain fp32 on CPU. Without autocast's weight cache, which on one process keeps
+    a bf16 copy of every fp32 weight, 2 bytes x parameters (6.9 GiB at 3B; docs/paper-scale.md)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
 
 
@@ -216,11 +198,6 @@ def create_optimizer(params, lr: float, weight_decay: float, device: torch.devic
     fp32 temporary: foreach AdamW's step makes one, 4 bytes x parameters on a rank, from
     `_foreach_sqrt` of the second moments), foreach on CPU (the numbers the CPU tests pin)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), fused=device.type == "cuda")
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The same dict with every tensor moved to `device`."""
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def clip_and_step(params, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
