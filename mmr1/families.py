@@ -4,27 +4,15 @@ A model's family is its config's `model_type`; the stages look it up here once, 
 unknown one stops with one line naming the supported families), and ask the Family what they
 need; no other module decides anything by family (the published sizes to plan without a
 download, memory.qwen25_vl_config and qwen3_vl_8b_config below, and the toy builders of
-data/toy.py name theirs). What differs (transformers 5.20.2, vllm 0.32 / 0.33; checked
-with the tiny random models `python -m data.toy --family F` builds, tests/test_families.py):
-
-- checkpoint names: Qwen2-VL and Qwen2.5-VL save the legacy layout (`model.x` for the text model,
-  `visual.x` for the vision tower) and vLLM's loader reads that layout; Qwen3-VL saves the names it
-  has in memory (`model.language_model.x`, `model.visual.x`), which is what vLLM reads for it.
-- packing: Qwen3.5 is hybrid (Gated-DeltaNet linear attention beside full attention); its
-  linear-attention layers see sequence boundaries only through flash-attention's kwargs, so on a
-  packed row they would carry their recurrent state from one sequence into the next (0.035 nats
-  on the Qwen3.5 toy, no error): packing is refused for it, --no-pack runs it. vLLM's CPU build needs
-  chunked prefill for its linear-attention (mamba) cache ("Chunked prefill is required for mamba
-  cache mode 'align'"), which the CPU engine turns off: --engine vllm on a CPU is refused for it.
-- the vision tower's memory: Qwen2.5-VL's vision MLP is gated (3 matrices), Qwen2-VL's and
-  Qwen3-VL's are not (2); Qwen3-VL feeds the text model from extra mergers (deepstack); Qwen2-VL's
-  vision config names its width `embed_dim` and its output `hidden_size`.
+data/toy.py name theirs). What differs (checkpoint names, packing: refused for Qwen3.5, whose
+linear-attention layers would carry state across the sequences of a packed row, vLLM's CPU build,
+the vision tower's sizes), and why, is in docs/models.md, each checked on a tiny random model of
+the family (`python -m data.toy --family F`, tests/test_families.py).
 
 What does not differ, so needs no entry: the packed forward (attention_mask None, 4-row position
-ids restarting per sequence; the packed kernels' mask function skips the (N, N) mask,
-mmr1/attention.py), `get_rope_index`'s signature, the `visual` / `language_model` attributes, the
-vision special tokens, the vision attention's qkv + rotary + proj layout that vision_varlen
-replaces. Patch size and merge size are read from the processor (image_factor), never stored.
+ids restarting per sequence), `get_rope_index`'s signature, the `visual` / `language_model`
+attributes, the vision special tokens, the vision attention's qkv + rotary + proj layout that
+vision_varlen replaces. Patch size and merge size are read from the processor (image_factor).
 """
 
 from __future__ import annotations
@@ -48,21 +36,14 @@ class Family:
     vision_output: str = "out_hidden_size"  # ... of the merger's output width
 
 
-FAMILIES = {
-    "qwen2_vl": Family(
-        "Qwen2-VL",
-        legacy_checkpoint_names=True,
-        packs=True,
-        vision_varlen=True,
-        vision_width="embed_dim",
-        vision_output="hidden_size",
-    ),
-    "qwen2_5_vl": Family(
-        "Qwen2.5-VL", legacy_checkpoint_names=True, packs=True, vision_varlen=True, vision_mlp_matrices=3
-    ),
+FAMILIES = {  # model_type -> Family
+    "qwen2_vl": Family("Qwen2-VL", legacy_checkpoint_names=True, packs=True, vision_varlen=True,
+                       vision_width="embed_dim", vision_output="hidden_size"),
+    "qwen2_5_vl": Family("Qwen2.5-VL", legacy_checkpoint_names=True, packs=True, vision_varlen=True,
+                         vision_mlp_matrices=3),
     "qwen3_vl": Family("Qwen3-VL", legacy_checkpoint_names=False, packs=True, vision_varlen=True),
     "qwen3_5": Family("Qwen3.5", legacy_checkpoint_names=False, packs=False, vision_varlen=False, vllm_cpu=False),
-}
+}  # fmt: skip
 
 
 def family(config) -> Family:

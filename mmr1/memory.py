@@ -21,16 +21,12 @@ from dataclasses import dataclass
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = 1.0  # CUDA context, cuBLAS/cuDNN workspaces per process (CUDA 13 loads kernels lazily)
-# NCCL's communicators per rank: channel buffers for each peer and, on NVSwitch nodes, NVLS buffers:
-# 1-2 GB per rank on 8-GPU H100/H200 nodes (issue 29's review); the plan takes the upper end.
+# NCCL's communicators per rank (channel buffers per peer, NVLS buffers on NVSwitch nodes): 1-2 GB per
+# rank on 8-GPU H100/H200 nodes; the plan takes the upper end.
 NCCL_GIB = 2.0
-# The caching allocator's reserved-but-unused blocks: a free block inside a segment can only serve a
-# request that fits it, so after a training phase a few GiB stay reserved that neither the trainer nor
-# vLLM can use (empty_cache returns whole free segments only). AdamW's state, made before vLLM starts
-# (modeling.create_optimizer_state), is no longer one of the late allocations that split segments;
-# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True shrinks the rest (docs/paper-scale.md).
+# The caching allocator's reserved-but-unused blocks: a free block inside a segment serves only a request
+# that fits it, and empty_cache returns whole free segments only (expandable segments: docs/paper-scale.md).
 FRAGMENTATION_GIB = 3.0
-MARGIN_GIB = NCCL_GIB + FRAGMENTATION_GIB  # kept free in the rollout phase beside the CUDA context (W > 1)
 VLLM_ACTIVATION_GIB = 3.0  # vLLM's profiled activation peak + CUDA graphs (sampler over 152k vocab, ViT encoder)
 VLLM_ASLEEP_GIB = 1.0  # what a level-1 sleeping vLLM keeps on the card (CUDA graph pools, buffers)
 CARDS_GIB = {"80GB": 79.1, "141GB": 139.7}  # what torch reports as total memory of an H100 80GB / H200 141GB
