@@ -9,7 +9,7 @@
 Every answer is extracted with reward.extract_answer and scored by its benchmark's official rule
 (score_answer; docs/eval.md) in worker processes with a hard limit per answer (SCORE_TIMEOUT_S). Writes
 <output-dir>/<model>/<benchmark>.jsonl (one line per sample) and results.md / results.json: the paper's
-rows beside the evaluated models, and each benchmark's BREAKDOWNS.
+rows beside the evaluated models, and each benchmark's breakdowns (its registry entry).
 
 Departures from the official scorers (docs/eval.md tables each case a rule credits differently):
 - no LLM judge or extractor: the last \boxed{} is the answer (MathVista, MathVerse and LogicVista have GPT
@@ -140,7 +140,7 @@ NO_USABLE_ROWS = "no usable rows"  # a benchmark's cell when every row was skipp
 
 def summarise(records: list[dict]) -> dict:
     """{'accuracy': %, 'n': rows, 'timed_out': rows, 'breakdown': {column: {value: {'accuracy': %, 'n': rows}}}}
-    of one benchmark's records (the columns of BREAKDOWNS its rows have); accuracy None (null in
+    of one benchmark's records (the breakdown columns its rows have); accuracy None (null in
     results.json, "no usable rows" in the table) when no row was usable, never 0.0."""
     if not records:
         return {"accuracy": None, "n": 0, "breakdown": {}, "note": NO_USABLE_ROWS}
@@ -232,20 +232,16 @@ def output_folders(models: list[str], output_dir: str | Path) -> dict[str, Path]
         above = [p for p in path.parts[: len(path.parts) - used] if p not in ("/", ".", "..")]
         base = run_name(model) or "model"
         candidates = [base] + ["-".join(above[-k:] + [base]) for k in range(1, len(above) + 1)]
-        key = model_key(model)
         numbered = (f"{candidates[-1]}-{i}" for i in itertools.count(2))
-        for name in itertools.chain(candidates, numbered):
-            folder = Path(output_dir) / name
-            if folder not in folders.values() and model_record(folder) in (None, key):
-                folders[model] = folder
-                break
+        tried = (Path(output_dir) / name for name in itertools.chain(candidates, numbered))
+        key = model_key(model)
+        folders[model] = next(f for f in tried if f not in folders.values() and model_record(f) in (None, key))
     return folders
 
 
 def model_record(folder: Path) -> str | None:
-    """The model a folder's MODEL_RECORD names, None when the folder has none; InputError (one line
-    naming the file) when the record is not a JSON object naming a model: empty, cut short, nested
-    too deeply, or a folder, so no later evaluation writes into a folder it cannot tell is its own."""
+    """The model a folder's MODEL_RECORD names, None when there is none; InputError (one line naming the
+    file) when it is no JSON object naming a model, so no evaluation writes into a folder it cannot tell is its own."""
     record = folder / MODEL_RECORD
     if not record.exists():
         return None

@@ -178,9 +178,8 @@ def score_mathverse(pred: str, gold: str, row: dict) -> bool:
 
 
 def mathvista_text(pred: str, unit: str | None) -> str:
-    """The text of a free-form MathVista answer's number, its unit dropped as MathVista's answer extractor
-    drops it: the value after a last '=', the row's `unit` before or after it, '$' (linear time: plain
-    prefix / suffix tests, no pattern over the whitespace)."""
+    """A free-form MathVista answer's number as text, dropping as its answer extractor does the value before a
+    last '=', the row's `unit` before or after it, and '$' (plain prefix / suffix tests: linear time)."""
     s = reward.clean_answer(final_value(pred)).replace("\\$", "$").strip()
     if unit and unit.strip():
         u = reward.clean_answer(unit).lower()
@@ -202,11 +201,10 @@ def mathvista_letter(pred: str, n_choices: int) -> int | None:
 
 
 def score_mathvista(pred: str, gold: str, row: dict) -> bool:
-    """MathVista (calculate_score.py normalize_extracted_answer + safe_equal): multi_choice: the option
-    named (a letter first, mathvista_letter; then its text, its letter as 'C: text', else the MOST
-    SIMILAR option, the official fallback) has the gold TEXT; integer: the number (unit dropped) equals
-    the gold exactly; float: both rounded to `precision` decimals; list: equal without spaces; other:
-    case-insensitive text. The row carries the fields this reads (mathvista_fields, checked at load)."""
+    """MathVista (calculate_score.py normalize_extracted_answer + safe_equal): multi_choice: the option named
+    (mathvista_letter, else chosen_option with the official most-similar fallback) has the gold TEXT;
+    integer: the number (unit dropped) equals the gold exactly; float: both rounded to `precision`
+    decimals; list: equal without spaces; other: case-insensitive text. Fields: mathvista_fields."""
     if row["question_type"] == "multi_choice":
         choices = list(row["choices"])
         picked = mathvista_letter(pred, len(choices))
@@ -237,10 +235,9 @@ def mathvision_equal(pred: str, gold: str) -> bool:
 
 
 def score_mathvision(pred: str, gold: str, row: dict) -> bool:
-    """MathVision (MATH-V evaluation/evaluate.py: correct = is_equal(gold letter, answer) or
-    is_equal(gold option text, answer)): with options and a gold letter, the option named by its
-    exact text or letter is the gold one, or else the answer equals the gold option's text
-    (mathvision_equal); no most-similar mapping. Otherwise mathvision_equal with the gold."""
+    """MathVision (MATH-V evaluation/evaluate.py: is_equal with the gold letter or the gold option's text):
+    with options and a gold letter, the option named by its exact text or letter is the gold one, else the
+    answer equals the gold option's text (mathvision_equal); otherwise mathvision_equal with the gold."""
     options = list(row.get("options") or [])
     letter = gold.upper() if len(gold) == 1 and gold.isalpha() else None
     if options and letter is not None and letter in reward.LETTERS[: len(options)]:
@@ -251,10 +248,9 @@ def score_mathvision(pred: str, gold: str, row: dict) -> bool:
 
 
 def score_logicvista(pred: str, gold: str) -> bool:
-    """LogicVista (eval/extract_accuracy_new.py: the gold split on ', ', lower-cased and sorted, equals the
-    sorted letters or numbers the answer chose): the same sorted labels ('C, A' == 'A, C'; '3' for a
-    numbered option); one gold label also matches an answer naming that letter ('C: 14'). A gold that is
-    no label list is compared by reward.is_equivalent."""
+    """LogicVista (eval/extract_accuracy_new.py): the same sorted labels (choice_labels: 'C, A' == 'A, C'; '3'
+    for a numbered option); one gold label also matches an answer naming that letter ('C: 14'). A gold
+    that is no label list is compared by reward.is_equivalent."""
     gold_labels = choice_labels(gold)
     if gold_labels is None:
         return reward.is_equivalent(pred, gold)

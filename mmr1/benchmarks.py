@@ -31,18 +31,8 @@ from .benchmark_rules import (
 from .chat import EVAL_SYSTEM_PROMPT
 from .config import BadRowError, InputError, MissingDataError, first_line, loads_json
 from .data import decode_images
+from .layouts import is_json_array
 from .prepare import normalise
-
-# The columns each benchmark reports its score by (its own paper / scorer); looked up in the row, then in
-# its `metadata` dict (MathVerse `subject`, MathVista `task` live there)
-BREAKDOWNS = {
-    "mathverse": ("problem_version", "subject"),
-    "mathvista": ("question_type", "task"),
-    "mathvision": ("subject", "level"),
-    "logicvista": ("skill",),
-    "chartqa": ("type",),
-    "toy": ("family",),
-}
 
 # MathVerse "Vision Only" rows have question == "": the problem, its choices included, is drawn in the image.
 # Their `query_cot` says so; this is the same instruction for a file without that column.
@@ -137,11 +127,12 @@ def to_prompt_row(benchmark: str, row: dict) -> dict:
 
 
 def breakdown(benchmark: str, row: dict) -> dict[str, str]:
-    """{column: value} of the categories a row is reported under (BREAKDOWNS); a list value (LogicVista
-    skills) is joined by ', ', a column the row lacks is left out."""
+    """{column: value} of the categories a row is reported under (the registry's `breakdowns`, looked up
+    in the row, then in its `metadata` dict); a list value (LogicVista skills) is joined by ', ', a column
+    the row lacks is left out."""
     metadata = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
     out = {}
-    for key in BREAKDOWNS.get(benchmark, ()):
+    for key in BENCHMARKS[benchmark].breakdowns:
         value = row.get(key, metadata.get(key))
         if isinstance(value, (list, tuple)):
             value = ", ".join(str(v) for v in value)
@@ -156,11 +147,8 @@ def breakdown(benchmark: str, row: dict) -> dict[str, str]:
 
 
 def score_answer(benchmark: str, response: str, row: dict) -> bool:
-    """Whether `response` answers `row` (in the benchmark's own column layout) correctly, by the
-    benchmark's official rule (docs/eval.md has the table and the sources).
-
-    benchmark: mathverse, mathvista, mathvision, logicvista, chartqa or toy.
-    """
+    """Whether `response` answers `row` (in the benchmark's own columns) correctly, by the benchmark's
+    official rule (a name of BENCHMARKS; docs/eval.md has the rules and their sources)."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose from {list(BENCHMARKS)}")
     pred = reward.extract_answer(response)
@@ -210,16 +198,16 @@ def resolve_image_paths(row: dict, folder: Path) -> dict:
 
 
 def read_benchmark_file(path: str | Path) -> list[dict]:
-    """The rows of a local benchmark file (parquet, jsonl, or a .json array), every way it can fail
-    said in one line naming the file (and the line, for jsonl / JSON): MissingDataError when it is
-    not there, BadRowError when it does not parse, has a line that is no JSON object, or has no rows.
-    Relative image paths are made relative to the file's folder (resolve_image_paths)."""
+    """The rows of a local benchmark file (parquet, jsonl, or a .json array), image paths resolved
+    (resolve_image_paths). Every failure is one line naming the file (and the line, for jsonl / JSON):
+    MissingDataError when it is not there, BadRowError when it does not parse, has a line that is no
+    JSON object, or has no rows."""
     file = Path(path)
     if not file.is_file():
         raise MissingDataError(f"{file}: no such file" if not file.exists() else f"{file}: a folder, not a file")
     if file.suffix == ".parquet":
         rows = _parquet_rows(file)
-    elif file.suffix == ".json" and file.read_bytes()[:4096].lstrip().startswith(b"["):
+    elif is_json_array(file):
         try:
             rows = loads_json(file.read_text(encoding="utf-8"))  # deep nesting: a JSONDecodeError too
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -283,7 +271,7 @@ def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
             ds = datasets.load_dataset(hub_id, spec.subset, split=spec.split)
             break
         except Exception as e:  # noqa: BLE001 - any failure to resolve or read: try the next copy
-            failures.append(f"{hub_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            failures.append(f"{hub_id}: {first_line(e)}")
             more = f"; trying {spec.hub_ids[len(failures)]}" if len(failures) < len(spec.hub_ids) else ""
             print(f"[bench] {name}: could not load {hub_id} ({type(e).__name__}){more}")
     if ds is None:
@@ -296,28 +284,24 @@ def load_benchmark(name: str, override: str | None, limit: int) -> list[dict]:
 
 
 def check_fields(name: str, rows: list[dict], source: str) -> list[dict]:
-    """The rows, once every one carries the fields its benchmark's rule reads (the registry's `fields`:
-    e.g. MathVista's `question_type`, and `precision` for a float answer); BadRowError naming the
-    source, the row and the field otherwise: a rule reading an absent field would score silently wrong
-    (a float compared at 0 decimals), so the whole file is refused, not row by row."""
+    """The rows, once every one carries the fields its benchmark's rule reads (the registry's `fields`);
+    otherwise BadRowError naming the source, the row and the field: the whole file is refused, since a
+    rule reading an absent field would score silently wrong (docs/eval.md)."""
     for i, row in enumerate(rows):
         for field, why in BENCHMARKS[name].fields(row).items():
             if row.get(field) is None:
                 row_id = row.get("id", row.get("pid", row.get("sample_index", i)))
                 raise BadRowError(
-                    f"{source} row {i} (id={row_id}): no {field!r}; {name}'s rule reads it ({why}), so every row needs it"
+                    f"{source} row {i} (id={row_id}): no {field!r}; {name}'s rule reads it ({why}), "
+                    "so every row needs it"
                 )
     return rows
 
 
 def prompt_rows(name: str, raw: list[dict], min_pixels: int, max_pixels: int) -> tuple[list[dict], list[str]]:
-    """The usable rows of a benchmark as prompt rows, and a line per unusable one.
-
-    Each usable row is {"problem", "images", "answer", "id", "benchmark_row"}: the prompt the engine
-    generates from (to_prompt_row, checked like training rows against [min_pixels, max_pixels]) and
-    the raw row in the benchmark's columns that score_answer needs. Unusable rows (no image, no
-    question or answer, an image the processor would refuse) are named in the second list.
-    """
+    """The usable rows of a benchmark as {"problem", "images", "answer", "id", "benchmark_row"}: the prompt
+    (to_prompt_row, checked like training rows against [min_pixels, max_pixels]) and the raw row that
+    score_answer reads; and a line naming each unusable row (no image, question or answer, a bad image)."""
     usable, bad = [], []
     for i, row in enumerate(raw):
         row_id = str(row.get("id", row.get("pid", row.get("sample_index", i))))
@@ -347,36 +331,37 @@ class Benchmark:
     system_prompt: str  # the system message it is asked under
     score: Callable[[str, str, dict], bool]  # (extracted answer, gold text, row) -> correct
     check: Callable[[dict], str | None]  # what `score` cannot read in a row (left out at load), or None
-    fields: Callable[[dict], dict[str, str]] = (
-        lambda row: {}
-    )  # {field: why} `score` reads: a file lacking one is refused
+    breakdowns: tuple[str, ...] = ()  # the columns its score is reported by (its own paper / scorer)
+    # {field: why} `score` reads in a row (benchmark_rules.*_fields): a file with a row lacking one is refused
+    fields: Callable[[dict], dict[str, str]] = lambda row: {}
 
 
 BENCHMARKS: dict[str, Benchmark] = {
     "mathverse": Benchmark(
         ("AI4Math/MathVerse",), "testmini", "testmini", mathverse_question, ("image",), EVAL_SYSTEM_PROMPT,
-        score_mathverse, check_mathverse, mathverse_fields,
+        score_mathverse, check_mathverse, ("problem_version", "subject"), mathverse_fields,
     ),
     "mathvista": Benchmark(
         ("AI4Math/MathVista",), None, "testmini", mathvista_question, ("decoded_image", "image"),
-        EVAL_SYSTEM_PROMPT, score_mathvista, check_mathvista, mathvista_fields,
+        EVAL_SYSTEM_PROMPT, score_mathvista, check_mathvista, ("question_type", "task"), mathvista_fields,
     ),
     "mathvision": Benchmark(
         ("MathLLMs/MathVision",), None, "test", mathvision_question, ("decoded_image", "image"),
-        EVAL_SYSTEM_PROMPT, score_mathvision, check_options("options"),
+        EVAL_SYSTEM_PROMPT, score_mathvision, check_options("options"), ("subject", "level"),
     ),
     "logicvista": Benchmark(
         ("lscpku/LogicVista",), None, "test", plain_question, ("image",), EVAL_SYSTEM_PROMPT,
-        lambda pred, gold, row: score_logicvista(pred, gold), no_check,
+        lambda pred, gold, row: score_logicvista(pred, gold), no_check, ("skill",),
     ),
     "chartqa": Benchmark(
         ("lmms-lab/ChartQA", "lmms-lab-encoder/ChartQA"), None, "test", plain_question, ("image",),
-        EVAL_SYSTEM_PROMPT, lambda pred, gold, row: chartqa_relaxed(pred, gold), no_check,
+        EVAL_SYSTEM_PROMPT, lambda pred, gold, row: chartqa_relaxed(pred, gold), no_check, ("type",),
     ),
     # the toy's test split, asked in its own format (no system prompt), no hub copy
     "toy": Benchmark(
         (), None, "test", None, ("images",), "",
         lambda pred, gold, row: reward.is_equivalent(pred, gold, row.get("choices")), check_options("choices"),
+        ("family",),
     ),
 }  # fmt: skip
 PAPER_BENCHMARKS = [name for name in BENCHMARKS if name != "toy"]  # the five of the paper's tables
