@@ -28,18 +28,11 @@ def _longest_first(lengths: list[int], order: list[int], k: int, max_seqs: int) 
 
 
 def plan_micro_batches(lengths: list[int], max_tokens: int, max_seqs: int, d: Dist | None = None) -> list[list[int]]:
-    """Groups this rank's sequences (token counts `lengths`) into micro-batches; returns lists of
-    indices, each in increasing order.
-
-    max_tokens > 0: at most max_tokens tokens per micro-batch (a longer sequence goes alone) and at
-    most max_seqs sequences (0 = no cap); max_tokens = 0: max_seqs sequences per micro-batch in
-    order (the fixed-count recipe). Every rank returns the SAME number of micro-batches, because
-    under FSDP2 each forward/backward is a collective: the count is the largest any rank needs
-    (first-fit decreasing on each rank, then an all-reduce max), and each rank spreads its
-    sequences over that many, longest first into the lightest (balanced loads; when that would
-    break the budget, the first-fit micro-batches are split instead). Every rank must hold at
-    least that many sequences (grpo and sft give every rank the same number).
-    """
+    """Groups this rank's sequences (token counts `lengths`) into micro-batches: lists of indices,
+    each increasing. max_tokens > 0: at most max_tokens tokens (a longer sequence goes alone) and
+    max_seqs sequences (0 = no cap) each; max_tokens = 0: max_seqs sequences each, in order. Every
+    rank returns the SAME count (FSDP2's passes are collectives): the most any rank needs by first-fit
+    decreasing, loads then balanced longest-first (docs/grpo.md, "Micro-batches by token budget")."""
     n = len(lengths)
 
     def tokens(b: list[int]) -> int:
@@ -72,19 +65,16 @@ def plan_micro_batches(lengths: list[int], max_tokens: int, max_seqs: int, d: Di
     return sorted(bins, key=lambda b: -tokens(b)) if max_tokens > 0 else bins
 
 
-# ---------------------------------------------------------------------------------------------
-# The prompt builder: one row -> what every engine, the batch builder and the door see
-# ---------------------------------------------------------------------------------------------
+# --- The prompt builder: one row -> what every engine, the batch builder and the door see ---
 
 
 @dataclass
 class Prompt:
     """One RL/eval row as the model sees it: messages, the chat-templated text (one <|image_pad|>
     per image), the images resized to the run's pixel range, and the prompt token ids with each
-    image's pad expanded to its (H/f) * (W/f) tokens, f = patch x merge of the processor
-    (families.image_factor: 28 px for a 14-px patch). pixel_values (P, 3*2*patch*patch) and
-    image_grid_thw (k, 3) are the image processor's patches; all three image fields are empty
-    (and `ids` is counted from the image headers alone) for a prompt built with decode=False."""
+    image's pad expanded to its image tokens (image_tokens). pixel_values (P, 3*2*patch*patch) and
+    image_grid_thw (k, 3) are the image processor's patches; the three image fields are empty for a
+    prompt built with decode=False."""
 
     messages: list[dict]
     text: str
@@ -97,29 +87,33 @@ class Prompt:
 def build_prompt(
     processor, row: dict, fmt: PromptFormat, min_pixels: int, max_pixels: int, decode: bool = True
 ) -> Prompt:
-    """The one prompt builder: a row -> Prompt (see there). With decode=True the images are decoded,
-    resized (images.resize_image) and patched by the processor's image processor; with
-    decode=False (the door's length check) only their headers are read, and `ids` is the same list
-    the decoded prompt would have (the token count of an image depends on its resized size only)."""
+    """The one prompt builder: a row -> Prompt. decode=True: images decoded, resized
+    (images.resize_image) and patched; decode=False (the door's length check): only their headers are
+    read, and `ids` is the list the decoded prompt would have (an image's tokens depend on its size)."""
     messages = prompt_messages(row, fmt)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-    raw = row.get("images") or []
-    if not raw:
+    if not row.get("images"):
         return Prompt(messages, text, [], ids)
-    factor = image_factor(processor)  # pixels per merged image token along a side
     if decode:
-        pictures = row_images(row, min_pixels, max_pixels, factor)
+        pictures = row_images(row, min_pixels, max_pixels, image_factor(processor))
         patched = processor.image_processor(images=pictures, return_tensors="pt")
         grids = patched["image_grid_thw"]
         counts = (grids.prod(-1) // processor.image_processor.merge_size**2).tolist()
         prompt = Prompt(messages, text, pictures, [], patched["pixel_values"], grids)
     else:
-        sizes = [resized_size(*image_size(im), min_pixels, max_pixels, factor) for im in raw]
-        counts = [(w // factor) * (h // factor) for w, h in sizes]
+        counts = image_tokens(processor, row["images"], min_pixels, max_pixels)
         prompt = Prompt(messages, text)
     prompt.ids = expand_image_pads(ids, processor.image_token_id, counts)
     return prompt
+
+
+def image_tokens(processor, images: list, min_pixels: int, max_pixels: int) -> list[int]:
+    """Tokens of each image, from its header: (H/f) * (W/f) of its resized H x W pixels, f the
+    processor's pixels per merged token along a side (families.image_factor: 28 for a 14-px patch)."""
+    f = image_factor(processor)
+    sizes = [resized_size(*image_size(im), min_pixels, max_pixels, f) for im in images]
+    return [(w // f) * (h // f) for w, h in sizes]
 
 
 def expand_image_pads(ids: list[int], pad_id: int, counts: list[int]) -> list[int]:
@@ -155,11 +149,8 @@ def processor_inputs(processor, texts: list[str], images: list[list]) -> dict[st
 
 
 def assistant_mask(input_ids: torch.Tensor, header: list[int], end_id: int) -> torch.Tensor:
-    """(B, T) bool: True on the tokens of each assistant turn, its closing <|im_end|> included.
-
-    `header` is the token ids of "<|im_start|>assistant\\n"; the span runs from just after it to
-    the next `end_id`.
-    """
+    """(B, T) bool: True on the tokens of each assistant turn, from just after `header` (the ids of
+    "<|im_start|>assistant\\n") to the next `end_id` (<|im_end|>) included."""
     mask = torch.zeros_like(input_ids, dtype=torch.bool)
     h = len(header)
     for b, seq in enumerate(input_ids.tolist()):
@@ -176,10 +167,8 @@ def assistant_mask(input_ids: torch.Tensor, header: list[int], end_id: int) -> t
 
 
 def sft_batch(processor, rows: list[dict], min_pixels: int, max_pixels: int, max_length: int = 0) -> dict:
-    """Model inputs + `labels` for SFT rows; labels are IGNORE_INDEX outside assistant turns.
-
-    Right-padded (B, T) tensors; sequences longer than max_length (if > 0) are cut on the right.
-    """
+    """Model inputs + `labels` for SFT rows (IGNORE_INDEX outside assistant turns): right-padded (B, T)
+    tensors, cut on the right at max_length (0 = no cut)."""
     texts = [processor.apply_chat_template(sft_messages(r), tokenize=False) for r in rows]
     images = [row_images(r, min_pixels, max_pixels, image_factor(processor)) for r in rows]
     tokenizer = processor.tokenizer
@@ -192,11 +181,6 @@ def sft_batch(processor, rows: list[dict], min_pixels: int, max_pixels: int, max
     mask = assistant_mask(inputs["input_ids"], header, tokenizer.convert_tokens_to_ids("<|im_end|>"))
     labels = inputs["input_ids"].masked_fill(~mask | (inputs["attention_mask"] == 0), IGNORE_INDEX)
     inputs["labels"] = labels
-    return _cut(inputs, max_length)
-
-
-def _cut(inputs: dict[str, torch.Tensor], max_length: int) -> dict[str, torch.Tensor]:
-    """The (B, T) token tensors cut to max_length on the right (0 = no cut)."""
     if max_length and inputs["input_ids"].shape[1] > max_length:
         for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
             if key in inputs:
@@ -221,13 +205,9 @@ def collate(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
 
 
 def cut_problem(n: int, last_image: int | None, first_label: int | None, max_length: int) -> str | None:
-    """Why cutting an n-token SFT sequence at max_length would spoil it, or None.
-
-    Two cuts are bad: one that drops image tokens (last_image: position of its last image token;
-    the processor's image features would no longer match the image tokens left: transformers refuses
-    the batch), and one that leaves no assistant token to learn from (first_label: position of its
-    first labelled token; the row would train on nothing: loss 0, silently).
-    """
+    """Why cutting an n-token SFT sequence at max_length would spoil it, or None: a cut at or before
+    last_image (its last image token: transformers refuses image features without their tokens), or
+    at or before first_label (its first assistant token, None if none: the row would train on nothing)."""
     if not max_length or n <= max_length:
         return None
     if last_image is not None and last_image >= max_length:
@@ -248,9 +228,7 @@ def sft_layout(processor, row: dict, min_pixels: int, max_pixels: int) -> tuple[
 
     text = processor.apply_chat_template(sft_messages(row), tokenize=False)
     tokenizer = processor.tokenizer
-    factor = image_factor(processor)  # pixels per merged image token along a side
-    sizes = [resized_size(*image_size(im), min_pixels, max_pixels, factor) for im in row.get("images") or []]
-    counts = [(w // factor) * (h // factor) for w, h in sizes]
+    counts = image_tokens(processor, row.get("images") or [], min_pixels, max_pixels)
     ids = np.asarray(
         expand_image_pads(tokenizer(text, add_special_tokens=False)["input_ids"], processor.image_token_id, counts)
     )
@@ -284,13 +262,10 @@ def sft_micro_batches(
 def rl_batch(
     processor, prompts: list[Prompt], responses: list[list[int]]
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Model inputs for prompt + sampled response sequences, and the response-token mask.
-
-    prompts[i] is the Prompt (build_prompt, decoded) responses[i] (token ids) was sampled from: the
-    one the engine generated from, so nothing is built again. Returns right-padded (B, T) inputs with
-    the prompts' pixel_values / image_grid_thw / mm_token_type_ids, and a (B, T-1) float mask that is
-    1 where the TARGET token input_ids[:, 1:] is a response token (aligned with token_logprobs).
-    """
+    """Model inputs for prompt + sampled response sequences, and the response-token mask. prompts[i]
+    is the decoded Prompt the engine sampled responses[i] (token ids) from. Returns right-padded (B, T)
+    inputs with the prompts' pixel_values / image_grid_thw / mm_token_type_ids, and a (B, T-1) float
+    mask, 1 where the TARGET token input_ids[:, 1:] is a response token (aligned with token_logprobs)."""
     length = max(len(p.ids) + len(resp) for p, resp in zip(prompts, responses))
     input_ids = torch.full((len(prompts), length), processor.tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
@@ -312,12 +287,7 @@ def rl_batch(
 
 
 def rl_micro_batches(
-    processor,
-    prompts: list[Prompt],
-    responses: list[list[int]],
-    max_tokens: int,
-    max_seqs: int,
-    d: Dist | None = None,
+    processor, prompts: list[Prompt], responses: list[list[int]], max_tokens: int, max_seqs: int, d: Dist | None = None
 ) -> list[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:
     """This rank's sequences (prompts[i] + responses[i]) as micro-batches planned by token budget
     (plan_micro_batches; the same count on every rank): a list of (indices into the sequences,

@@ -46,11 +46,8 @@ class PromptFormat:
 
 
 def user_content(text: str, n_images: int) -> list[dict]:
-    """Typed chat content: text split at `<image>` markers, images placed there.
-
-    With images and no marker at all, the images go before the text. Raises ValueError when the
-    markers and images disagree in number.
-    """
+    """Typed chat content: text split at `<image>` markers, images placed there (with no marker, before
+    the text). ValueError when the markers and images disagree in number."""
     n_markers = text.count(IMAGE_MARKER)
     if n_markers == 0:
         parts: list[dict] = [{"type": "image"} for _ in range(n_images)]
@@ -75,26 +72,19 @@ def prompt_messages(row: dict, fmt: PromptFormat = PromptFormat()) -> list[dict]
 
 
 def sft_messages(row: dict) -> list[dict]:
-    """Chat messages of an SFT row with `<image>` markers of the user turns turned into parts.
-
-    Images are handed out in order to the markers of successive user turns; a turn without
-    markers takes no image, except that with no marker anywhere all images go to the first turn.
-    """
+    """Chat messages of an SFT row with the `<image>` markers of the user turns turned into parts:
+    images in order to the markers of successive user turns (no marker anywhere: all to the first)."""
     images = list(row.get("images") or [])
     any_marker = any(IMAGE_MARKER in m["content"] for m in row["messages"] if isinstance(m["content"], str))
+    first_user = next((i for i, m in enumerate(row["messages"]) if m["role"] == "user"), None)
     used, out = 0, []
     for i, m in enumerate(row["messages"]):
         content = m["content"]
         if m["role"] == "user" and isinstance(content, str):
-            k = content.count(IMAGE_MARKER) if any_marker else (len(images) if i == first_user(row) else 0)
+            k = content.count(IMAGE_MARKER) if any_marker else (len(images) if i == first_user else 0)
             content = user_content(content, k) if k or IMAGE_MARKER in content else content
             used += k
         out.append({"role": m["role"], "content": content})
     if used != len(images):
         raise ValueError(f"{used} <image> markers but {len(images)} images")
     return out
-
-
-def first_user(row: dict) -> int:
-    """Index of the first user turn in an SFT row's messages."""
-    return next(i for i, m in enumerate(row["messages"]) if m["role"] == "user")

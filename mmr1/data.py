@@ -1,12 +1,6 @@
-"""Opening rows: local parquet / jsonl / json files or folders and hub data sets, memory-mapped.
-
-A data set is opened as `Source`s (memory-mapped Arrow: `datasets`' cache of a parquet file or hub
-split; for JSON and jsonl, layouts.build_json_cache's cache of the raw rows). Nothing here checks a
-row: the door (mmr1/prepare.py) checks every row once and writes the kept rows, normalised, to its
-own memory-mapped table; `Rows` indexes that table and decodes a row's images when `rows[k]` is
-asked for. Decoding is the one check left at use, with the door's rule: a row whose images fail is
-named by file and row, or with `--skip-bad-rows` passed over and counted.
-"""
+"""Opening rows: local parquet / jsonl / json files or folders and hub data sets, memory-mapped
+(`Source`), and the door's kept rows (`Rows`, mmr1/prepare.py), whose images are decoded at use: the
+one check left inside the loop (docs/data.md). Nothing here checks a row's fields."""
 
 from __future__ import annotations
 
@@ -20,17 +14,15 @@ from . import layouts
 from .config import BadRowError, first_line
 from .images import check_image_shape, load_image
 
-# ---------------------------------------------------------------------------------------------
-# Sources: one file or hub split, memory-mapped
-# ---------------------------------------------------------------------------------------------
+# --- Sources: one file or hub split, memory-mapped ---
 
 
 class Source:
     """The rows of one data file (or hub split) in memory-mapped Arrow.
 
-    `table` holds either the data set's own columns (parquet, hub) or, for JSON / jsonl, `n` /
-    `json` / `problem` (layouts.build_json_cache: `problem` names a line that is no JSON object). `raw(i)` is row i as a dict with image paths made
-    absolute (images not decoded), or a string saying why it is no row; `where(i)` names it.
+    `table` holds either the data set's own columns (parquet, hub) or, for JSON / jsonl, `n` / `json` /
+    `problem` (layouts.build_json_cache: `problem` says why a line is no JSON object). `raw(i)` is row i
+    as a dict with image paths made absolute (images not decoded), or that string; `where(i)` names it.
     """
 
     def __init__(self, name: str, table, json_rows: bool, folder: Path | None, unit: str, fingerprint: str = ""):
@@ -120,9 +112,7 @@ def _first_rank_first(build):
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Rows: the door's kept rows, indexed lazily; images decoded at use
-# ---------------------------------------------------------------------------------------------
+# --- Rows: the door's kept rows, indexed lazily; images decoded at use ---
 
 
 def decode_images(row: dict, min_pixels: int, max_pixels: int, factor: int = 28) -> dict:
@@ -148,15 +138,10 @@ class Rows(Sequence):
     """The rows the door kept (prepare.prepare_split), read from disk when indexed.
 
     `table` is the door's memory-mapped Arrow table, one record per kept row: `source` / `index`
-    (where the row lives), `row` (the normalised row as JSON: answers as text, `messages`, absolute
-    image paths; an image held as bytes in its source is null there and read from the source) and
-    `tokens` (the prompt's token count, as the prompt builder counts it). `rows[k]` is row k with
-    its images decoded; resident memory is the table's index, not the rows.
-
-    A row whose images fail to decode raises BadRowError naming its file and row, or with
-    `skip_bad_rows` it is passed over as if the door had removed it: the next row takes its place
-    (k+1, k+2, ... wrapping), the same on every rank, so batches keep their size. `skipped` counts
-    the rows passed over so far on this rank.
+    (where the row lives), `row` (the normalised row as JSON; an image held as bytes in its source is
+    null and read from there) and `tokens` (the prompt's token count). `rows[k]` is row k with its
+    images decoded. A row whose images fail raises BadRowError naming its file and row, or with
+    `skip_bad_rows` the next row takes its place (k+1, k+2, ... wrapping, the same on every rank).
     """
 
     def __init__(self, table, sources: list, spec: str, skip_bad_rows: bool, pixels: tuple[int, int], factor: int):

@@ -4,7 +4,6 @@ families.image_factor), and the shape rules the processor would otherwise fail o
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import os
@@ -26,12 +25,9 @@ def open_regular(path: str | os.PathLike):
 
 
 def load_image(image: Any):
-    """PIL RGB image from a PIL image, a path, raw bytes or a `{"bytes": ..., "path": ...}` dict.
-
-    The EXIF orientation is applied (as the hub's image decoding does: a phone photo stored sideways
-    is seen upright) and every mode becomes 8-bit RGB with the right values (to_rgb).
-    """
-    from PIL import Image
+    """PIL RGB image from a PIL image, a path, raw bytes or a `{"bytes": ..., "path": ...}` dict, turned
+    upright by its EXIF orientation (as the hub's decoding does) and in 8-bit RGB (to_rgb)."""
+    from PIL import Image, ImageOps
 
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
@@ -42,7 +38,7 @@ def load_image(image: Any):
             image = Image.open(io.BytesIO(f.read()))
     elif not isinstance(image, Image.Image):
         raise TypeError(f"cannot read an image from {type(image).__name__}")
-    return to_rgb(upright(image))
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 EXIF_ORIENTATION = 0x0112  # values 5-8 turn the image by 90 degrees: width and height swap
@@ -55,38 +51,25 @@ def image_size(image: Any) -> tuple[int, int]:
 
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
+    if isinstance(image, Image.Image):
+        return image.size[::-1] if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else image.size
     if isinstance(image, (bytes, bytearray)):
         image = io.BytesIO(image)
-    if isinstance(image, Image.Image):
-        return upright(image).size if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else image.size
-    if not isinstance(image, (str, os.PathLike, io.BytesIO)):
-        raise TypeError(f"cannot read an image from {type(image).__name__}")
-    if isinstance(image, (str, os.PathLike)):
+    elif isinstance(image, (str, os.PathLike)):
         image = open_regular(image)
-    with image if not isinstance(image, io.BytesIO) else contextlib.nullcontext(), Image.open(image) as opened:
+    else:
+        raise TypeError(f"cannot read an image from {type(image).__name__}")
+    with image, Image.open(image) as opened:
         w, h = opened.size
         # a PNG's EXIF may follow its pixels (PIL would decode them to find it): read only one found in the header
         tagged = opened.format != "PNG" or "exif" in opened.info
         return (h, w) if tagged and opened.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
 
 
-def upright(image):
-    """The image turned as its EXIF orientation tag says (a no-op without one)."""
-    from PIL import ImageOps
-
-    return ImageOps.exif_transpose(image)
-
-
 def to_rgb(image):
-    """8-bit RGB with the values the image means, whatever its mode.
-
-    - 16-bit grey (`I;16*`, and `I` holding 0..65535): scaled to 0..255 by /257 (PIL's own
-      convert("RGB") clips them at 255, so nearly every 16-bit image became white);
-    - float grey (`F`): values in [0, 1] scaled by 255, others clipped to 0..255;
-    - transparency (`RGBA`, `LA`, `PA`, `P` / `L` / `RGB` with a transparency entry): composited over
-      white, as Qwen's own loader does (a plain convert would show the colour under alpha 0, often black);
-    - everything else (`L`, `1`, `P`, `CMYK`, `YCbCr`, ...): PIL's conversion.
-    """
+    """8-bit RGB with the values the image means, whatever its mode: 16-bit grey (`I;16*`, `I`) / 257
+    (PIL's convert clips at 255: white), float grey (`F`) in [0, 1] times 255 (else clipped), transparency
+    composited over white as Qwen's loader does (not the colour under alpha 0); others by PIL's convert."""
     import numpy as np
     from PIL import Image
 
@@ -108,11 +91,9 @@ def to_rgb(image):
 
 
 def resize_image(image, min_pixels: int, max_pixels: int, factor: int):
-    """Resizes so that H*W lies in [min_pixels, max_pixels] and H, W are multiples of `factor` (the
-    processor's patch x merge, families.image_factor: then its own resize leaves the image as it is).
-
-    Keeps the aspect ratio (as the processor's smart resize does), so HF and vLLM see the same pixels.
-    """
+    """Resizes so that H*W lies in [min_pixels, max_pixels] and H, W are multiples of `factor`
+    (families.image_factor: the processor's own resize then leaves it as it is), keeping the aspect
+    ratio as the processor's smart resize does, so HF and vLLM see the same pixels."""
     w, h = image.size
     w_bar, h_bar = resized_size(w, h, min_pixels, max_pixels, factor)
     return image if (w_bar, h_bar) == (w, h) else image.resize((w_bar, h_bar))
@@ -135,14 +116,9 @@ MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize raises "absolute aspect ratio 
 
 
 def check_image_shape(w: int, h: int, min_pixels: int, max_pixels: int, factor: int = 28) -> None:
-    """Raises ValueError for a w x h image the Qwen-VL image processor would refuse.
-
-    The processor (transformers' smart_resize) gets the image after resize_image (to multiples of
-    `factor`, families.image_factor of the processor) and refuses it when max(H, W) / min(H, W) >
-    200; an empty image would divide by zero there. A reader with no processor at hand
-    (prepare.load_rows) checks at 28 px, the 14-px patch x 2 merge; the door with a processor, and
-    the loop's rows after it, at the processor's own factor.
-    """
+    """Raises ValueError for a w x h image the Qwen-VL image processor would refuse: after resize_image
+    (to multiples of `factor` px, families.image_factor; 28 without a processor) transformers'
+    smart_resize refuses max(H, W) / min(H, W) > 200, and an empty image would divide by zero there."""
     if min(w, h) < 1:
         raise ValueError(f"is {w}x{h} pixels (empty)")
     w_bar, h_bar = resized_size(w, h, min_pixels, max_pixels, factor)

@@ -2,21 +2,17 @@
 
     rows = prepare.prepare_split(spec, door, processor, d, split="train", skip_bad_rows=..., limit=...)
 
-A row is kept when its fields are right (normalise), its text is valid, every image is a regular
-file (or bytes) whose header decodes to a shape the processor takes, and its tokens fit
-(--max-prompt-length, or SFT's --max-length cut). Images are read by their headers only.
-
-The product is a memory-mapped Arrow table of the kept rows, normalised (data.Rows), written once
-per data content and settings under HF_DATASETS_CACHE/mmr1_door/<key>/ (the key covers the data's
-fingerprint and every setting the checks read; the table records the size and mtime of each image
-file read, so a replaced image makes the door look again), each rank writing its share. One report,
-then a one-line error naming the first bad row, or with --skip-bad-rows the rows left out. The one
-check left for the loop is decoding an image (data.Rows.__getitem__), with the same rule.
+A row is kept when its fields are right (normalise), its text is valid, its images' headers give a
+shape the processor takes, and its tokens fit. The kept rows, normalised, are written once per data
+content and settings as a memory-mapped Arrow table under HF_DATASETS_CACHE/mmr1_door/<key>/ (data.Rows
+reads it); one report, then a one-line error naming the first bad row, or with --skip-bad-rows the rows
+left out. Cache key, reuse and sharding: docs/data.md, "Checked at the door, trusted inside".
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -48,40 +44,13 @@ class Door:
     fmt: PromptFormat = PromptFormat()
 
 
-@dataclass
-class Report:
-    """What the door found in one split: rows looked at, and (global position, reason, message)
-    of each row left out, in position order."""
-
-    spec: str
-    rows: int
-    bad: list[tuple[int, str, str]]
-
-    def line(self, named: int = 3) -> str:
-        """`[data] SPEC: N rows, K left out (count reason, ...); first: MESSAGE; ...` (or all usable)."""
-        if not self.bad:
-            return f"[data] {self.spec}: {self.rows} rows, all usable"
-        counts = Counter(reason for _, reason, _ in self.bad)
-        reasons = ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
-        first = "; ".join(message for _, _, message in self.bad[:named])
-        return f"[data] {self.spec}: {self.rows} rows, {len(self.bad)} left out ({reasons}); first: {first}"
-
-
-# ---------------------------------------------------------------------------------------------
-# The checks of one row
-# ---------------------------------------------------------------------------------------------
+# --- The checks of one row ---
 
 
 def normalise(row: dict, kind: str) -> dict:
-    """The fields of an 'rl' or 'sft' row, normalised; ValueError saying what is wrong. Decodes no
-    image: only the number of images is looked at.
-
-    RL rows: `problem` a non-empty str, `answer` given (numbers and lists become text through
-    reward.answer_text), `choices` absent or a list (its items through answer_text). SFT rows:
-    `messages` (or ShareGPT `conversations`, layouts.as_messages) a list of {"role": str,
-    "content": str} with an assistant turn. Both: `images` absent or a list, with as many `<image>`
-    markers as images.
-    """
+    """The fields of an 'rl' or 'sft' row, normalised (answers and choices as text, reward.answer_text;
+    ShareGPT turns as `messages`, layouts.as_messages); ValueError saying what is wrong. Decodes no
+    image: only the number of `<image>` markers is compared with it. The layouts: docs/data.md."""
     from reward import answer_text  # the gold-answer rule lives beside the equivalence rules
 
     images = row.get("images")
@@ -125,17 +94,14 @@ def reserved_tokens(tokenizer) -> list[str]:
     return sorted(t for t in tokenizer.all_special_tokens if t.startswith("<|") and t.endswith("|>"))
 
 
-def row_texts(row: dict, kind: str) -> list[tuple[str, str]]:
-    """(name, text) of each text of a normalised row that the tokenizer reads."""
-    if kind == "rl":
-        return [("'problem'", row["problem"])]
-    return [(f"message {j} ({m['role']})", m["content"]) for j, m in enumerate(row["messages"])]
-
-
 def text_problem(row: dict, kind: str, reserved: list[str]) -> tuple[str, str] | None:
-    """(reason, message) for a text that is no valid Unicode (a lone surrogate such as "\\ud83d",
-    which JSON's escapes can make and no tokenizer takes) or that holds a reserved token; else None."""
-    for name, text in row_texts(row, kind):
+    """(reason, message) for a text the tokenizer reads that is no valid Unicode (a lone surrogate such
+    as "\\ud83d", which JSON's escapes can make and no tokenizer takes) or that holds a reserved token; else None."""
+    if kind == "rl":
+        texts = [("'problem'", row["problem"])]
+    else:
+        texts = [(f"message {j} ({m['role']})", m["content"]) for j, m in enumerate(row["messages"])]
+    for name, text in texts:
         if not text.isascii():
             try:
                 text.encode("utf-8")
@@ -210,18 +176,20 @@ def judge(processor, raw: dict | str, door: Door, reserved: list[str]):
     except (ValueError, TypeError, KeyError) as e:
         return None, 0, ("bad fields", str(e))
     try:
-        factor = {"factor": families.image_factor(processor)} if processor is not None else {}  # its resize
         pixels = (door.min_pixels, door.max_pixels)
-        problem = text_problem(row, door.kind, reserved) or image_problem(row, *pixels, **factor)
+        problem = text_problem(row, door.kind, reserved) or image_problem(row, *pixels, _image_factor(processor))
         tokens, problem = (0, problem) if problem else prompt_tokens(processor, row, door)
     except ValueError as e:  # the chat template or the image-pad count refused the row
         return None, 0, ("unbuildable prompt", str(e))
     return (None, 0, problem) if problem else (row, tokens, None)
 
 
-# ---------------------------------------------------------------------------------------------
-# The door over a split: sharded, agreed once, written as the loop's table, reported
-# ---------------------------------------------------------------------------------------------
+def _image_factor(processor) -> int:
+    """Pixels per merged image token of the processor's resize (families.image_factor); 28 without one."""
+    return families.image_factor(processor) if processor is not None else 28
+
+
+# --- The door over a split: sharded, agreed once, written as the loop's table, reported ---
 
 
 def file_stats(row) -> list:
@@ -251,21 +219,18 @@ def _table_dir(sources, door: Door, processor, limit: int, d: dist.Dist) -> Path
     tokenizer = getattr(processor, "tokenizer", None)
     fingerprints = [s.fingerprint for s in sources]
     unknown = dist.all_gather_list([os.getpid()], d)[0] if not all(fingerprints) else 0  # never reused
-    key = json.dumps(
-        [
-            DOOR_VERSION,
-            fingerprints,
-            unknown,
-            limit,
-            asdict(door),
-            getattr(tokenizer, "name_or_path", None),
-            len(tokenizer) if tokenizer is not None else 0,
-            hashlib.sha256(str(getattr(processor, "chat_template", None)).encode()).hexdigest(),
-            families.image_factor(processor) if processor is not None else None,  # image token counts depend on it
-        ],
-        default=str,
-    )
-    return Path(datasets.config.HF_DATASETS_CACHE) / "mmr1_door" / hashlib.sha256(key.encode()).hexdigest()[:32]
+    template = hashlib.sha256(str(getattr(processor, "chat_template", None)).encode()).hexdigest()
+    model = [getattr(tokenizer, "name_or_path", None), len(tokenizer) if tokenizer is not None else 0, template]
+    settings = [
+        DOOR_VERSION,
+        fingerprints,
+        unknown,
+        limit,
+        asdict(door),
+        _image_factor(processor),
+    ]  # factor: image tokens
+    key = hashlib.sha256(json.dumps(settings + model, default=str).encode()).hexdigest()[:32]
+    return Path(datasets.config.HF_DATASETS_CACHE) / "mmr1_door" / key
 
 
 def _unchanged(folder: Path, d: dist.Dist) -> bool:
@@ -295,37 +260,26 @@ def _bounds(n: int, d: dist.Dist) -> tuple[int, int]:
 def _read_table(folder: Path):
     import pyarrow as pa
 
-    parts = sorted(folder.glob("part-*.arrow"))
-    return pa.concat_tables([layouts.read_arrow(p) for p in parts])
+    return pa.concat_tables([layouts.read_arrow(p) for p in sorted(folder.glob("part-*.arrow"))])
 
 
-def _part_writer(path: Path):
-    """A writer of the table's records (source, index, row JSON, prompt tokens, image files JSON):
-    `write(records)` appends one batch, `close()` finishes the file."""
+def _check_sources(sources, door: Door, processor, d: dist.Dist, folder: Path, n: int) -> list[tuple[int, str, str]]:
+    """The door over the first n rows of `sources`, this rank its contiguous share: its kept rows
+    written as one part of the table in `folder` (records: source, index, row JSON, prompt tokens,
+    image files JSON); returns every rank's left-out rows (position, reason, message), agreed by one
+    all-gather."""
     import pyarrow as pa
+    from tqdm.auto import tqdm
 
     schema = pa.schema(
         [("source", pa.int32()), ("index", pa.int64()), ("row", pa.large_string()), ("tokens", pa.int32()),
          ("files", pa.large_string())]
     )  # fmt: skip
-    writer = pa.ipc.new_file(pa.OSFile(str(path), "wb"), schema)
-    writer.write = lambda records: writer.write_batch(pa.record_batch([list(c) for c in zip(*records)], schema=schema))
-    return writer
-
-
-def _check_sources(sources, door: Door, processor, d: dist.Dist, folder: Path, n: int) -> list[tuple[int, str, str]]:
-    """The door over the first n rows of `sources`, this rank its contiguous share: its kept rows
-    written as one part of the table in `folder` (a temporary folder renamed when all are done);
-    returns every rank's left-out rows (position, reason, message), agreed by one all-gather."""
-    from tqdm.auto import tqdm
-
+    part = pa.ipc.new_file(pa.OSFile(str(folder / f"part-{d.rank:05d}.arrow"), "wb"), schema)
     reserved = reserved_tokens(processor.tokenizer) if processor is not None else []
-    offsets = [0]
-    for s in sources:
-        offsets.append(offsets[-1] + len(s))
+    offsets = [0, *itertools.accumulate(len(s) for s in sources)]
     lo, hi = _bounds(n, d)
-    records, found, files = [], [], []
-    part, s = _part_writer(folder / f"part-{d.rank:05d}.arrow"), 0
+    records, found, files, s = [], [], [], 0
     for k in tqdm(range(lo, hi), desc="[data] checking rows", disable=not d.master or hi - lo < 10_000):
         while k >= offsets[s + 1]:
             s += 1
@@ -334,15 +288,13 @@ def _check_sources(sources, door: Door, processor, d: dist.Dist, folder: Path, n
         row, tokens, problem = judge(processor, raw, door, reserved)
         if problem is None:
             records.append((s, i, _stored(row), tokens, json.dumps(file_stats(row))))
-            if len(records) == 10_000:  # memory: one batch of rows, not the rank's share
-                part.write(records)
-                records = []
         else:
             named = f" (id={raw.get('id')})" if isinstance(raw, dict) and raw.get("id") is not None else ""
             found.append((k, problem[0], f"{source.where(i)}{named}: {problem[1]}"))
             files += file_stats(raw)
-    if records:
-        part.write(records)
+        if records and (len(records) == 10_000 or k == hi - 1):  # memory: one batch, not the rank's share
+            part.write_batch(pa.record_batch([list(c) for c in zip(*records)], schema=schema))
+            records = []
     part.close()
     gathered = dist.all_gather_list([(found, files)], d)  # also the barrier: every part is written
     bad = sorted(x for rank_found, _ in gathered for x in rank_found)
@@ -353,14 +305,7 @@ def _check_sources(sources, door: Door, processor, d: dist.Dist, folder: Path, n
 
 
 def prepare_split(
-    spec: str,
-    door: Door,
-    processor,
-    d: dist.Dist,
-    *,
-    split: str = "train",
-    skip_bad_rows: bool = False,
-    limit: int = 0,
+    spec: str, door: Door, processor, d: dist.Dist, *, split: str = "train", skip_bad_rows: bool = False, limit: int = 0
 ) -> data.Rows:
     """The door for a data set (a file, folder or hub id; `name@split` picks the split): the kept rows
     of its first `limit` rows (0 = all) as data.Rows over the door's table, built now or found from
@@ -394,12 +339,9 @@ def prepare_split(
             if d.master:
                 shutil.rmtree(building, ignore_errors=True)
         dist.all_gather_list([0], d)  # the table is in place before any rank reads it
-    _apply_rule(Report(spec, n, bad), skip_bad_rows, d)
-    table = _read_table(folder)
-    if not table.num_rows:
-        raise BadRowError(f"{spec}: no usable rows ({len(bad)} left out; first: {bad[0][2]})")
-    factor = families.image_factor(processor) if processor is not None else 28  # no processor: the 14-px patch x 2
-    return data.Rows(table, sources, spec, skip_bad_rows, (door.min_pixels, door.max_pixels), factor)
+    _apply_rule(spec, n, bad, skip_bad_rows, d)
+    pixels = (door.min_pixels, door.max_pixels)
+    return data.Rows(_read_table(folder), sources, spec, skip_bad_rows, pixels, _image_factor(processor))
 
 
 def prepare_rows(rows: list[dict], door: Door, processor, d: dist.Dist, *, skip_bad_rows: bool, spec: str):
@@ -414,22 +356,26 @@ def prepare_rows(rows: list[dict], door: Door, processor, d: dist.Dist, *, skip_
             named = f" (id={rows[k].get('id')})" if rows[k].get("id") is not None else ""
             found.append((k, problem[0], f"{spec} row {k}{named}: {problem[1]}"))
     bad = sorted(x for part in dist.all_gather_list([found], d) for x in part)
-    _apply_rule(Report(spec, len(rows), bad), skip_bad_rows, d)
+    _apply_rule(spec, len(rows), bad, skip_bad_rows, d)
     left_out = {k for k, _, _ in bad}
-    kept = [normalise(r, door.kind) for k, r in enumerate(rows) if k not in left_out]
-    if not kept:
+    return [normalise(r, door.kind) for k, r in enumerate(rows) if k not in left_out]
+
+
+def _apply_rule(spec: str, rows: int, bad: list[tuple[int, str, str]], skip_bad_rows: bool, d: dist.Dist) -> None:
+    """The door's one report and the one skip rule. Rank 0 prints `[data] SPEC: N rows, K left out (count
+    reason, ...); first: MESSAGE; ...` (or all usable); then BadRowError naming the first bad row (`bad`:
+    position, reason, message) unless skip_bad_rows (then they are simply not in the product), or none is left."""
+    if d.master and not bad:
+        print(f"[data] {spec}: {rows} rows, all usable", flush=True)
+    elif d.master:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in Counter(reason for _, reason, _ in bad).most_common())
+        first = "; ".join(message for _, _, message in bad[:3])
+        what = "removed: --skip-bad-rows" if skip_bad_rows else "--skip-bad-rows leaves them out"
+        print(f"[data] {spec}: {rows} rows, {len(bad)} left out ({reasons}); first: {first} ({what})", flush=True)
+    if bad and not skip_bad_rows:
+        raise BadRowError(bad[0][2])
+    if len(bad) == rows:
         raise BadRowError(f"{spec}: no usable rows ({len(bad)} left out; first: {bad[0][2]})")
-    return kept
-
-
-def _apply_rule(report: Report, skip_bad_rows: bool, d: dist.Dist) -> None:
-    """The one skip rule: the report printed by rank 0, then BadRowError naming the first bad row
-    unless skip_bad_rows (then the bad rows are simply not in the product)."""
-    what = " (removed: --skip-bad-rows)" if skip_bad_rows else " (--skip-bad-rows leaves them out)"
-    if d.master:
-        print(report.line() + (what if report.bad else ""), flush=True)
-    if report.bad and not skip_bad_rows:
-        raise BadRowError(report.bad[0][2])
 
 
 def load_rows(
