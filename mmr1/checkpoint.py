@@ -1,6 +1,5 @@
-"""Checkpoints: atomic folders of bf16 HF weights with the sharded fp32 trainer state beside them,
-pruning old ones, stopping cleanly on preemption, finding the checkpoint to resume from, and
-refusing a resume that could not continue the run exactly (layout and sizes: docs/checkpoints.md).
+"""Checkpoints: atomic folders of bf16 HF weights with the sharded fp32 trainer state beside them, pruning,
+preemption, the checkpoint to resume from and the refusal of an inexact resume (docs/checkpoints.md).
 Reading a checkpoint's files safely and the damage scan live in checkpoint_checks."""
 
 from __future__ import annotations
@@ -78,8 +77,7 @@ def save_checkpoint(
     except CheckpointException as e:  # torch.distributed.checkpoint wraps each rank's error: name the first
         failed = next(iter(e.failures.values()))[0] if e.failures else e
     except (OSError, SafetensorError, RuntimeError, ValueError, pickle.PicklingError) as e:
-        failed = e  # disk full, quota, permissions: OSError (json, processor files), SafetensorError (the
-        # weights), RuntimeError (torch.save's "PytorchStreamWriter failed writing file")
+        failed = e  # a full disk, a quota: SafetensorError (weights), RuntimeError (torch.save), OSError (the rest)
     if all_reduce_max(int(failed is not None), d.device):  # every rank learns of a failed write
         if d.master:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -247,20 +245,6 @@ def latest_checkpoint(out_dir: str | Path, master: bool = True) -> Path | None:
     return None
 
 
-def resume_point(
-    cfg: Any, may_change: set[str], out_dir: Path, n_rows: int, total_steps: int, master: bool, stage: str
-) -> Path | None:
-    """With cfg.resume: the latest complete checkpoint in out_dir (damaged ones passed over), its
-    settings checked against this run's (check_resume: an exact continuation or an error); None
-    for a fresh start (and without --resume)."""
-    ckpt = latest_checkpoint(out_dir, master) if cfg.resume else None
-    if cfg.resume and ckpt is None and master:
-        print(f"[{stage}] --resume: no checkpoint in {out_dir}, starting from {cfg.model}")
-    if ckpt is not None:
-        check_resume(ckpt, cfg, may_change, n_rows, total_steps, out_dir, master)
-    return ckpt
-
-
 def check_resume(
     folder: Path, cfg: Any, may_change: set[str], n_rows: int, total_steps: int, out_dir: Path, master: bool
 ) -> None:
@@ -317,12 +301,10 @@ class Preemption:
     collective once per step, makes all ranks stop after the same step; `stop_before_training` ends the
     run with exit 0 between the long phases before step 1 (docs/checkpoints.md)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
     def __init__(self) -> None:
         self.received: str | None = None  # name of the first signal, e.g. "SIGTERM"
         self.pid = os.getpid()
-        for sig in self.SIGNALS:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self.handle)
 
     def handle(self, signum: int, frame: Any) -> None:

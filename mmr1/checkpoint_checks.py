@@ -18,22 +18,14 @@ TRAINER_DIR = "trainer"  # the sharded trainer state inside a checkpoint folder 
 
 # What a trainer/.metadata written by save_checkpoint holds (torch 2.x); nothing else may be named by its pickle.
 METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata",
-        "MetadataIndex",
-        "StorageMeta",
-        "TensorProperties",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "_MEM_FORMAT_ENCODING",
-    },
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+        "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},  # a layout by its name
     "torch": {"Size"},  # and dtypes (torch.float32, ...), checked by type below
     "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},  # StorageMeta.checkpoint_id
     "collections": {"OrderedDict"},
-}
+}  # fmt: skip
 
 
 class MetadataUnpickler(pickle.Unpickler):

@@ -95,18 +95,15 @@ def check_model_dir(path: str, flag: str = "--model") -> None:
     if not looks_local:
         return
     if not folder.is_dir():
-        raise InputError(
-            f"{flag} {path}: " + ("is a file, not a model folder" if folder.exists() else "no such folder")
-        )
+        raise InputError(f"{flag} {path}: {'is a file, not a model folder' if folder.exists() else 'no such folder'}")
     names = {p.name for p in folder.iterdir()}
     if not names:
         raise InputError(f"{flag} {path}: an empty folder, not a model (config.json, weights, tokenizer)")
-    missing = []
-    if "config.json" not in names:
-        missing.append("config.json")
-    if not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "pytorch_model*.bin")):
-        missing.append("weights (*.safetensors)")
-    if not names & {"tokenizer.json", "tokenizer_config.json", "vocab.json"}:
-        missing.append("a tokenizer (tokenizer.json)")
+    found = {
+        "config.json": "config.json" in names,
+        "weights (*.safetensors)": any(any(folder.glob(p)) for p in ("*.safetensors", "pytorch_model*.bin")),
+        "a tokenizer (tokenizer.json)": bool(names & {"tokenizer.json", "tokenizer_config.json", "vocab.json"}),
+    }
+    missing = [what for what, present in found.items() if not present]
     if missing:
         raise InputError(f"{flag} {path}: not a model folder, it has no {', '.join(missing)}")

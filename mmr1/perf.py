@@ -1,10 +1,6 @@
-"""Throughput and model FLOPs utilisation (MFU) of a GRPO step, as arithmetic from the model config
-(text decoder only; pure functions, no CUDA). The formulas and what is left out: docs/grpo.md
-("Throughput and MFU").
-
-    forward = 2 N + 4 x layers x heads x head_dim x context   FLOPs per token; train = 3 x forward
-    MFU     = FLOPs / (seconds x ranks x peak)                 peak: the card's dense bf16 rate
-"""
+"""Throughput and model FLOPs utilisation (MFU = FLOPs / (seconds x ranks x peak)) of a GRPO step, as
+arithmetic from the model config: the text decoder only, pure functions, no CUDA. The formulas and what
+is left out: docs/grpo.md ("Throughput and MFU")."""
 
 from __future__ import annotations
 
@@ -52,14 +48,8 @@ def mean_causal_context(lengths: list[int]) -> float:
     return causal_context_sum(lengths) / tokens if tokens else 0.0
 
 
-def step_flops(
-    config,
-    train_lengths: list[int],
-    generated: list[tuple[int, int]],
-    forward_passes: int,
-    prefill_lengths: list[int] | None = None,
-    updates: int = 1,
-) -> dict[str, float]:
+def step_flops(config, train_lengths: list[int], generated: list[tuple[int, int]], forward_passes: int,
+               prefill_lengths: list[int] | None = None, updates: int = 1) -> dict[str, float]:  # fmt: skip
     """FLOPs of one GRPO step, {"update": ..., "rollout": ...}, over the sequences given (every rank's for
     the step's total). update: `updates` forward + backward passes and `forward_passes` forward-only ones
     (reference, old policy) over every token of `train_lengths` (prompt + response of each sequence).

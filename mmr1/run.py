@@ -59,7 +59,11 @@ class Run:
         self, cfg: Any, d: dist.Dist, out_dir: Path, stage: str, may_change: set[str], n_rows: int, total_steps: int
     ):
         self.cfg, self.d, self.out_dir, self.stage, self.total_steps = cfg, d, out_dir, stage, total_steps
-        self.ckpt = checkpoint.resume_point(cfg, may_change, out_dir, n_rows, total_steps, d.master, stage)
+        self.ckpt = checkpoint.latest_checkpoint(out_dir, d.master) if cfg.resume else None  # damaged: passed over
+        if cfg.resume and self.ckpt is None:
+            self.print0(f"--resume: no checkpoint in {out_dir}, starting from {cfg.model}")
+        if self.ckpt is not None:  # an exact continuation of its run, or a CheckpointError
+            checkpoint.check_resume(self.ckpt, cfg, may_change, n_rows, total_steps, out_dir, d.master)
         self.policy_path = str(self.ckpt or cfg.model)  # where the trainable model is loaded from
         self.preemption = PREEMPTION or checkpoint.Preemption()  # installed by setup() in the stages
         self.nonfinite = guards.NonFiniteGuard(cfg.skip_nonfinite, self.ckpt)
