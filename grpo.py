@@ -52,7 +52,7 @@ from mmr1.families import check_packing
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(config.TrainingFlags):
     """GRPO training of Qwen2.5-VL with optional Variance-Aware Sampling (toy task by default)."""
 
     # --- data ---
@@ -66,12 +66,6 @@ class GRPOConfig:
         choices=["", *benchmarks.BENCHMARKS],  # the registry eval.py reads too
     )
     train_limit: int = field(0, "use only the first N training prompts (0 = all; the toy uses 512)", at_least=0)
-    skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
-    skip_nonfinite: int = field(
-        0, "skip (and count) up to N steps with a non-finite loss or grad norm; 0 = stop at the first", at_least=0
-    )
-    min_pixels: int = field(3136, "images are resized to at least this many pixels", at_least=1)
-    max_pixels: int = field(50176, "images are resized to at most this many pixels", at_least=1)
     instruction: str = field(
         "",
         "text put before every problem in the user turn, joined by a space; 'recipe' = the paper's Table 7 RL "
@@ -137,7 +131,6 @@ class GRPOConfig:
     # --- optimiser ---
     lr: float = field(1e-4, "AdamW learning rate, constant (paper: 1e-6)", above=0.0)
     weight_decay: float = field(0.01, "AdamW weight decay", at_least=0.0)
-    max_grad_norm: float = field(1.0, "gradient clipping norm", above=0.0)
     updates_per_batch: int = field(
         2, "optimizer steps per rollout batch (> 1 recomputes old log-probs; paper: 1)", at_least=1
     )
@@ -146,16 +139,6 @@ class GRPOConfig:
         "sequences per forward/backward on one rank: the count with --max-tokens-per-micro-batch 0, else a cap",
         at_least=1,
     )
-    max_tokens_per_micro_batch: int = field(
-        4096, "tokens per forward/backward on one rank (0 = fixed --micro-batch-size sequences)", at_least=0
-    )
-    pack: bool = field(
-        True,
-        "padding-free log-prob passes: each micro-batch's sequences packed into one row "
-        "(--no-pack: right-padded, for comparison)",
-    )
-    logprob_chunk: int = field(1024, "positions per lm_head chunk in the log-prob pass", at_least=1)
-    gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
     # --- reward ---
     format_weight: float = field(1.0, "weight of the format reward in the overall reward")
     accuracy_weight: float = field(1.0, "weight of the accuracy reward in the overall reward")
@@ -200,18 +183,6 @@ class GRPOConfig:
         choices=list(toy.VARIANTS),
     )
     save_every: int = field(10, "checkpoint every N steps (0 = only final)", at_least=0)
-    save_total_limit: int = field(
-        0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)", at_least=0
-    )
-    resume: bool = field(
-        False,
-        "continue from the latest <output-dir>/step-N (bit for bit on CPU; approximately on GPU: FA2's "
-        "backward and vLLM's batching are not deterministic)",
-    )
-    stop_after: int = field(
-        0, "exit after this many steps without the final save, as a preemption would (testing)", at_least=0
-    )
-    report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
     log_rollouts: int = field(
         0,
         "write N of each step's rollouts (prompt id, text, rewards, advantage) to rollouts.jsonl (0 = off)",
@@ -970,16 +941,11 @@ def memory_plan_utilization(policy_path: str, cfg: GRPOConfig, d: dist.Dist) -> 
     return utilization
 
 
-# Settings a --resume may change without breaking the exact continuation (recorded in
-# config_changes.jsonl); any other change is refused. Validation seeds its own sampling.
-# fmt: off
-RESUME_MAY_CHANGE = {
-    "max_steps", "episodes", "output_dir", "preset", "resume", "stop_after", "report_to", "save_every",
-    "save_total_limit", "val_every", "val_limit", "val_data", "val_benchmark", "val_temperature", "reward_workers",
-    "reward_timeout_s", "gpu_memory_utilization", "gradient_checkpointing", "logprob_chunk", "skip_bad_rows",
-    "skip_nonfinite",
-}
-# fmt: on
+# Validation seeds its own sampling, so its settings may change on --resume too.
+RESUME_MAY_CHANGE = config.RESUME_MAY_CHANGE | {
+    "episodes", "val_every", "val_benchmark", "val_temperature", "reward_workers", "reward_timeout_s",
+    "gpu_memory_utilization",
+}  # fmt: skip
 
 
 def validate_config(cfg: GRPOConfig) -> None:

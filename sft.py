@@ -31,7 +31,7 @@ from mmr1.families import check_packing
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(config.TrainingFlags):
     """Cold-start supervised fine-tuning of Qwen2.5-VL (toy task when --model/--data are not given)."""
 
     model: str = field("", "hub id or local folder of the initial model (default: the toy model)")
@@ -55,71 +55,34 @@ class SFTConfig:
         "rows per forward/backward on one rank: the count with --max-tokens-per-micro-batch 0, else a cap",
         at_least=1,
     )
-    max_tokens_per_micro_batch: int = field(
-        4096, "tokens per forward/backward on one rank (0 = fixed --micro-batch-size rows)", at_least=0
-    )
-    pack: bool = field(
-        True,
-        "padding-free forward: each micro-batch's rows packed into one row (--no-pack: right-padded, for comparison)",
-    )
     lr: float = field(2e-3, "peak AdamW learning rate", above=0.0)
     warmup_ratio: float = field(
         0.1, "share of steps with linear warm-up, then cosine decay to 0", at_least=0.0, at_most=1.0
     )
     weight_decay: float = field(0.0, "AdamW weight decay", at_least=0.0)
-    max_grad_norm: float = field(1.0, "gradient clipping norm", above=0.0)
     max_length: int = field(0, "cut sequences to this many tokens (0 = no cut)", at_least=0)
-    gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
     freeze_vision: bool = field(False, "keep the vision tower frozen")
-    min_pixels: int = field(3136, "images are resized to at least this many pixels", at_least=1)
-    max_pixels: int = field(50176, "images are resized to at most this many pixels", at_least=1)
-    logprob_chunk: int = field(1024, "positions per lm_head chunk in the loss (memory vs speed)", at_least=1)
     eval_every: int = field(100, "validation loss every N steps (0 = only at the end)", at_least=0)
     val_limit: int = field(200, "rows used for the validation loss (0 = all)", at_least=0)
     acc_limit: int = field(200, "rows used for the final validation accuracy (0 = all, -1 = skip)", at_least=-1)
     acc_max_new_tokens: int = field(64, "generation budget of the validation accuracy", at_least=1)
     save_every: int = field(100, "checkpoint every N steps (0 = only final)", at_least=0)
-    save_total_limit: int = field(
-        0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)", at_least=0
-    )
     seed: int = field(0, "seed of the data order and the init", at_least=0)
-    resume: bool = field(
-        False,
-        "continue from the latest <output-dir>/step-N (bit for bit on CPU; approximately on GPU: FA2's "
-        "backward is not deterministic)",
-    )
-    stop_after: int = field(
-        0, "exit after this many steps without the final save, as a preemption would (testing)", at_least=0
-    )
-    skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
-    skip_nonfinite: int = field(
-        0, "skip (and count) up to N steps with a non-finite loss or grad norm; 0 = stop at the first", at_least=0
-    )
-    report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
 
 
+# fmt: off
 PRESETS = {
-    # Table 5 of the paper: 3 epochs, lr 1e-5 cosine, warm-up 0.1, wd 0, clip 1.0, batch 32, cutoff 16384
+    # Table 5 of the paper: 3 epochs, lr 1e-5 cosine, warm-up 0.1, wd 0, clip 1.0, batch 32, cutoff 16384.
+    # The micro-batch is a cap: each of 8 ranks holds 4 rows of a step, packed up to 16384 tokens a pass (= the
+    # cut-off: the longest row still fits a pass by itself). ~152 saves of ~116 GB would fill 17.5 TB: newest 3
+    # + final/ (~0.5 TB).
     "paper": dict(
-        epochs=3.0,
-        max_steps=0,
-        lr=1e-5,
-        warmup_ratio=0.1,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        batch_size=32,
-        micro_batch_size=4,  # a cap: each of 8 ranks holds 4 rows of a step, packed up to 16384 tokens a pass
-        max_tokens_per_micro_batch=16384,  # = the cut-off: the longest row still fits a pass by itself
-        max_length=16384,
-        gradient_checkpointing=True,
-        min_pixels=7056,
-        max_pixels=1048576,
-        eval_every=500,
-        save_every=1000,
-        save_total_limit=3,  # ~152 saves of ~116 GB would fill 17.5 TB; newest 3 + final/: ~0.5 TB
-        acc_limit=-1,
+        epochs=3.0, max_steps=0, lr=1e-5, warmup_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0, batch_size=32,
+        micro_batch_size=4, max_tokens_per_micro_batch=16384, max_length=16384, gradient_checkpointing=True,
+        min_pixels=7056, max_pixels=1048576, eval_every=500, save_every=1000, save_total_limit=3, acc_limit=-1,
     ),
 }
+# fmt: on
 
 
 def lr_lambda(step: int, total: int, warmup: int) -> float:
@@ -194,29 +157,8 @@ def val_loss(model, processor, rows: list[dict], cfg: SFTConfig, d: dist.Dist) -
     return dist.all_reduce_sum(nll, d.device).item() / max(1, dist.all_reduce_sum(count, d.device).item())
 
 
-# Settings a --resume may change without breaking the exact continuation (recorded in
-# config_changes.jsonl; a new run length also re-shapes the cosine schedule); others are refused.
-RESUME_MAY_CHANGE = {
-    "max_steps",
-    "epochs",
-    "output_dir",
-    "preset",
-    "resume",
-    "stop_after",
-    "report_to",
-    "save_every",
-    "save_total_limit",
-    "eval_every",
-    "val_limit",
-    "val_data",
-    "acc_data",
-    "acc_limit",
-    "acc_max_new_tokens",
-    "gradient_checkpointing",
-    "logprob_chunk",
-    "skip_bad_rows",
-    "skip_nonfinite",
-}
+# A new run length also re-shapes the cosine schedule.
+RESUME_MAY_CHANGE = config.RESUME_MAY_CHANGE | {"epochs", "eval_every", "acc_data", "acc_limit", "acc_max_new_tokens"}
 
 
 def validate_config(cfg: SFTConfig) -> None:

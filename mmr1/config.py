@@ -51,7 +51,7 @@ def parse_config(
     (`check_bounds`); a value out of bounds stops the script with `error: --flag must be ..., got x`.
     """
     parser = Parser(prog=prog, description=cls.__doc__)
-    for f in dataclasses.fields(cls):
+    for f in flag_order(cls):
         flag = "--" + f.name.replace("_", "-")
         default = field_default(f)
         shown = str(default).replace("%", "%%")  # argparse %-formats help texts
@@ -143,11 +143,61 @@ def field(default: Any, help: str, **meta: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
+@dataclasses.dataclass
+class TrainingFlags:
+    """The flags sft.py and grpo.py share, defined once; each stage's config adds its own after these."""
+
+    min_pixels: int = field(3136, "images are resized to at least this many pixels", at_least=1)
+    max_pixels: int = field(50176, "images are resized to at most this many pixels", at_least=1)
+    max_tokens_per_micro_batch: int = field(
+        4096, "tokens per forward/backward on one rank (0 = fixed --micro-batch-size sequences)", at_least=0
+    )
+    pack: bool = field(
+        True,
+        "padding-free forward: each micro-batch's sequences packed into one row (--no-pack: right-padded, "
+        "for comparison)",
+    )
+    logprob_chunk: int = field(1024, "positions per lm_head chunk in the log-prob pass (memory vs speed)", at_least=1)
+    gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
+    max_grad_norm: float = field(1.0, "gradient clipping norm", above=0.0)
+    skip_bad_rows: bool = field(False, "skip and count malformed rows instead of stopping")
+    skip_nonfinite: int = field(
+        0, "skip (and count) up to N steps with a non-finite loss or grad norm; 0 = stop at the first", at_least=0
+    )
+    resume: bool = field(
+        False,
+        "continue from the latest <output-dir>/step-N (bit for bit on CPU; approximately on GPU: FA2's "
+        "backward, and in grpo.py vLLM's batching, are not deterministic)",
+    )
+    stop_after: int = field(
+        0, "exit after this many steps without the final save, as a preemption would (testing)", at_least=0
+    )
+    save_total_limit: int = field(
+        0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)", at_least=0
+    )
+    report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
+
+
+def flag_order(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config in --help order: the stage's own first, then those it shares (TrainingFlags)."""
+    shared = {f.name for f in dataclasses.fields(TrainingFlags)} if issubclass(cls, TrainingFlags) else set()
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name not in shared] + [f for f in fields if f.name in shared]
+
+
+# The TrainingFlags and common settings a --resume may change without breaking the exact continuation
+# (recorded in config_changes.jsonl); each stage adds its own, and any other change is refused.
+RESUME_MAY_CHANGE = {
+    "resume", "stop_after", "report_to", "save_total_limit", "gradient_checkpointing", "logprob_chunk",
+    "skip_bad_rows", "skip_nonfinite", "max_steps", "output_dir", "preset", "save_every", "val_data", "val_limit",
+}  # fmt: skip
+
+
 def flag_table(cls: type) -> str:
     """The markdown table (flag, default, meaning) of a config dataclass: what docs/ shows of its
     --help. scripts/flag_tables.py writes it into the docs; a test keeps the two the same."""
     out = ["| flag | default | meaning |", "| --- | --- | --- |"]
-    for f in dataclasses.fields(cls):
+    for f in flag_order(cls):
         default = field_default(f)
         name = f.name.replace("_", "-")
         if f.metadata.get("positional"):
