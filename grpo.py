@@ -7,26 +7,25 @@
 
 SIGTERM or SIGUSR1 (preemption): finish the step, save step-N, exit 0 (docs/checkpoints.md).
 
-One step: sample the global prompt batch (uniform, or VAS-mixed) -> n rollouts per prompt ->
-format + accuracy rewards -> group-normalised advantages -> clipped surrogate + k3 KL to a frozen
-reference, token mean over the global batch -> AdamW -> (VAS) refresh VPS -> log / validate / save.
-The GRPO options of verl / TRL (dynamic sampling, Dr. GRPO, GSPO, overlong handling, TIS) are flags,
-all off by default and in --preset paper (docs/grpo.md "Loss variants and overlong handling").
+One step: sample the global prompt batch (uniform, or VAS-mixed) -> n rollouts per prompt -> format + accuracy
+rewards -> group-normalised advantages -> clipped surrogate + k3 KL to a frozen reference, token mean over the
+global batch -> AdamW -> (VAS) refresh VPS -> log / validate / save. The GRPO options of verl / TRL (dynamic
+sampling, Dr. GRPO, GSPO, overlong handling, TIS) are flags, all off by default and in --preset paper
+(docs/grpo.md "Loss variants and overlong handling").
 
 Where this GRPO departs from the textbook, and why:
-- The loss is the token mean over the GLOBAL batch (every response token of every rank and
-  micro-batch weighs the same), not a per-sequence or per-micro-batch mean; FSDP2 sums the ranks'
-  gradients, so the result is the one-process full-batch gradient.
-- Advantages use the unbiased group std, and a group whose rewards are all equal gets advantage 0
-  (no signal; counted in vas/zero_var_frac) rather than 0 / eps.
-- The KL is a loss term, k3 = exp(ref - logp) - (ref - logp) - 1 to a FROZEN reference (the
-  starting model), clamped to [-10, 10] per token as the recipe does; it is not in the reward.
-- Log-probs (policy, old, reference) and the entropy are those of softmax(logits / T), T the
-  rollout temperature: the ratio and the KL are those of the distribution that was sampled.
-- With one update per rollout batch (the recipe), pi_old IS the current policy, so its log-probs
-  are the detached current ones: ratio = 1 in value and grad(ratio) = grad(logp), exactly what a
-  separate forward would give, without the forward. With --updates-per-batch > 1 they are
-  recomputed once, before the first update.
+- The loss is the token mean over the GLOBAL batch (every response token of every rank and micro-batch weighs
+  the same), not a per-sequence or per-micro-batch mean; FSDP2 sums the ranks' gradients, so the result is the
+  one-process full-batch gradient.
+- Advantages use the unbiased group std, and a group whose rewards are all equal gets advantage 0 (no signal;
+  counted in vas/zero_var_frac) rather than 0 / eps.
+- The KL is a loss term, k3 = exp(ref - logp) - (ref - logp) - 1 to a FROZEN reference (the starting model),
+  clamped to [-10, 10] per token as the recipe does; it is not in the reward.
+- Log-probs (policy, old, reference) and the entropy are those of softmax(logits / T), T the rollout
+  temperature: the ratio and the KL are those of the distribution that was sampled.
+- With one update per rollout batch (the recipe), pi_old IS the current policy, so its log-probs are the
+  detached current ones: ratio = 1 in value and grad(ratio) = grad(logp), as a separate forward would give.
+  With --updates-per-batch > 1 they are recomputed once, before the first update.
 """
 
 from __future__ import annotations
@@ -216,9 +215,7 @@ PRESETS = {
 # fmt: on
 
 
-# ---------------------------------------------------------------------------------------------
-# The GRPO math
-# ---------------------------------------------------------------------------------------------
+# --- The GRPO math ----------------------------------------------------------------------------------
 
 
 def group_advantages(rewards: torch.Tensor, n: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,11 +327,6 @@ def tis_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -
     return torch.clamp(torch.exp(old_logp - engine_logp), max=cap).detach()
 
 
-def no_tis(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> float:
-    """Without --tis-cap: every policy-gradient term keeps weight 1 (an exact factor)."""
-    return 1.0
-
-
 class RolloutGap:
     """The rollout-trainer log-prob gap of one update, fed once per micro-batch: over the engine's
     response tokens, the sums of |d| and of k3 = exp(d) - d - 1 (KL(engine || trainer)), d = trainer
@@ -342,7 +334,7 @@ class RolloutGap:
 
     def __init__(self, cfg: GRPOConfig, device: torch.device):
         self.cap, self.device = cfg.tis_cap, device
-        self.weights = tis_weights if cfg.tis_cap > 0 else no_tis
+        self.weights = tis_weights if cfg.tis_cap > 0 else lambda *_: 1.0  # no --tis-cap: weight 1, exactly
         self.sums = {"tokens": 0.0, "abs_diff": 0.0, "k3": 0.0}
         self.abs_diff_max = 0.0
 
@@ -407,9 +399,7 @@ def frozen_token_logprobs(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dis
     return [logprobs.batch_logprobs(model, b["inputs"], *args)[0].float().cpu() for b in micro]
 
 
-# ---------------------------------------------------------------------------------------------
-# The phases of one step
-# ---------------------------------------------------------------------------------------------
+# --- The phases of one step -------------------------------------------------------------------------
 
 
 @dataclass
@@ -580,10 +570,11 @@ def update_policy(model, ref_model, optimizer, micro: list[dict], cfg: GRPOConfi
     return stats, grad_norm
 
 
-def refresh_vps(engine, model, rows: list[dict], sampler: vas.MixedSampler, cfg: GRPOConfig, d: dist.Dist, pool,
+def refresh_vps(engine, model, rows: list[dict], state: SamplerState, cfg: GRPOConfig, d: dist.Dist, pool,
                 step: int, out_dir: Path) -> dict[str, np.ndarray]:  # fmt: skip
-    """Re-scores every prompt with N fresh rollouts (vas.rollout_scores: rounds, ranks, seeds), re-weights the
-    sampler by the min-max normalised VPS, keeps the refresh for `vas.py plot`; returns the scores, (P,) each."""
+    """Re-scores every prompt with N fresh rollouts after `step` updates (vas.rollout_scores: rounds, ranks,
+    seeds): the VPS kept in `state` and the sampler re-weighted by its min-max normalised values, the responses
+    and tokens added to the generation budget, the refresh kept for `vas.py plot`. Returns the scores, (P,) each."""
     engine.push_weights(model, version=step)
     sampling = rollout.Sampling(cfg.temperature, cfg.top_p, cfg.max_response_length)
     scores = vas.rollout_scores(
@@ -592,7 +583,9 @@ def refresh_vps(engine, model, rows: list[dict], sampler: vas.MixedSampler, cfg:
         prompts_per_call=cfg.vas_prompts_per_call, desc=f"vas refresh @{step}",
     )  # fmt: skip
     engine.sleep()
-    sampler.update_weights(vas.normalise_weights(scores["vps"], sampler.weights, cfg.vas_momentum))
+    state.vps = scores["vps"]
+    state.sampler.update_weights(vas.normalise_weights(state.vps, state.sampler.weights, cfg.vas_momentum))
+    state.add_generated(len(rows) * cfg.vas_rollouts, scores["tokens"].sum())
     if d.master:
         (out_dir / "vas").mkdir(parents=True, exist_ok=True)
         with config.atomic_file(out_dir / "vas" / f"refresh-{step}.npz", "wb") as f:  # whole or absent
@@ -620,17 +613,6 @@ def refresh_vps_online(
     sampler.update_weights(vas.normalise_weights(vps, sampler.weights, cfg.vas_momentum))
 
 
-def rescore(
-    engine, model, rows: list[dict], state: SamplerState, cfg: GRPOConfig, d: dist.Dist, pool, step: int, out_dir: Path
-) -> dict[str, np.ndarray]:
-    """refresh_vps after `step` updates, its VPS kept in `state` and its responses and tokens added
-    to the generation budget."""
-    scores = refresh_vps(engine, model, rows, state.sampler, cfg, d, pool, step, out_dir)
-    state.vps = scores["vps"]
-    state.add_generated(len(rows) * cfg.vas_rollouts, scores["tokens"].sum())
-    return scores
-
-
 def vas_phase(
     engine, model, rows, batch: StepBatch, state: SamplerState, cfg: GRPOConfig, d, pool, done: int, total: int, out_dir
 ) -> None:
@@ -639,12 +621,10 @@ def vas_phase(
     if cfg.vas and cfg.vas_online:
         refresh_vps_online(state.vps, state.sampler, batch.sampled, cfg, d)
     if cfg.vas and cfg.vas_update_every and done % cfg.vas_update_every == 0 and done < total:
-        rescore(engine, model, rows, state, cfg, d, pool, done, out_dir)
+        refresh_vps(engine, model, rows, state, cfg, d, pool, done, out_dir)
 
 
-# ---------------------------------------------------------------------------------------------
-# Bookkeeping: what the loop carries from step to step, and one step's metrics
-# ---------------------------------------------------------------------------------------------
+# --- Bookkeeping: what the loop carries from step to step, and one step's metrics -------------------
 
 
 @dataclass
@@ -706,13 +686,20 @@ class NoSignalWatch:
             return None
         return (
             f"no signal: in each of the first {self.steps} steps every group's {cfg.group_size} rewards were equal "
-            f"(vas/zero_var_frac 1.0, mean accuracy {np.mean(self.accuracies):.2f}), so advantages, loss and "
-            "gradient are 0 and nothing trains. Likely: the start model is too weak (accuracy near 0) or too "
-            f"strong (near 1) for the data, or --group-size {cfg.group_size} is too small to hold both outcomes. "
-            "What helps: a start model matched to the data (--model, e.g. after sft.py) or other --data, a larger "
-            "--group-size, a higher --temperature, a longer --max-response-length if responses are cut "
-            "(rollout/truncated_frac), --dynamic-sampling or --vas to find the prompts that do vary"
+            f"(vas/zero_var_frac 1.0, mean accuracy {np.mean(self.accuracies):.2f}): nothing trains. The start model "
+            f"is too weak (accuracy near 0) or too strong (near 1) for the data, or --group-size {cfg.group_size} "
+            "is too small to hold both outcomes. Try a start model matched to the data (--model, e.g. after sft.py) "
+            "or other --data, a larger --group-size, a higher --temperature, a longer --max-response-length if "
+            "responses are cut (rollout/truncated_frac), --dynamic-sampling or --vas"
         )
+
+
+# The update's stats (policy_loss_backward's, and the gradient norm) -> their metric names
+STAT_METRICS = {
+    "loss": "train/loss", "pg": "train/pg_loss", "kl": "train/kl", "grad_norm": "train/grad_norm",
+    "clipped": "train/clip_frac", "entropy": "train/entropy", "gap_abs_diff": "rollout/logprob_abs_diff",
+    "gap_k3": "rollout/mismatch_k3", "gap_abs_diff_max": "rollout/logprob_abs_diff_max",
+}  # fmt: skip
 
 
 def batch_metrics(
@@ -744,16 +731,8 @@ def batch_metrics(
     }
     sums = dist.all_reduce_dict({**per_sequence, **per_group, **sampled, "sequences": len(outs)}, d.device)
     sequences, groups = sums["sequences"], sums["sequences"] / n
-    train = {
-        "train/loss": stats["loss"],
-        "train/pg_loss": stats["pg"],
-        "train/kl": stats["kl"],
-        "train/grad_norm": grad_norm,
-        "train/clip_frac": stats["clipped"],
-        "train/entropy": stats["entropy"],
-        "rollout/logprob_abs_diff": stats["gap_abs_diff"],
-        "rollout/mismatch_k3": stats["gap_k3"],
-        "rollout/logprob_abs_diff_max": stats["gap_abs_diff_max"],
+    update = stats | {"grad_norm": grad_norm}
+    train = {name: update[key] for key, name in STAT_METRICS.items()} | {
         "rollout/sampled_responses": sums["rollout/sampled_responses"],
         "rollout/sampled_tokens": sums["rollout/sampled_tokens"],
         "reward/accuracy_sampled": sums["sampled_accuracy"] / sums["rollout/sampled_responses"],
@@ -851,9 +830,7 @@ def val_scorer(cfg: GRPOConfig, pool):
     ]
 
 
-# ---------------------------------------------------------------------------------------------
-# Setup
-# ---------------------------------------------------------------------------------------------
+# --- Setup ------------------------------------------------------------------------------------------
 
 
 def load_data(cfg: GRPOConfig, processor, fmt: chat.PromptFormat, d: dist.Dist) -> tuple[list[dict], list[dict], int]:
@@ -954,13 +931,12 @@ def validate_config(cfg: GRPOConfig) -> None:
     problems = []
     if cfg.group_size < 2:
         problems.append(
-            f"--group-size {cfg.group_size}: advantages compare the responses of a group, so a group "
-            "of fewer than 2 has no signal; use at least 2 (paper: 8)"
+            f"--group-size {cfg.group_size}: a group of fewer than 2 has no signal; use at least 2 (paper: 8)"
         )
     if cfg.vas and cfg.vas_rollouts < 2:
         problems.append(
-            f"--vas-rollouts {cfg.vas_rollouts}: the pass-rate variance of fewer than 2 rollouts is 0, "
-            "so VAS would sample uniformly; use at least 2 (paper: 16)"
+            f"--vas-rollouts {cfg.vas_rollouts}: fewer than 2 rollouts have no pass-rate variance (VAS would sample "
+            "uniformly); use at least 2 (paper: 16)"
         )
     if cfg.max_steps == 0 and cfg.episodes <= 0:
         problems.append(
@@ -987,14 +963,9 @@ def validate_config(cfg: GRPOConfig) -> None:
 
 def use_toy_defaults(cfg: GRPOConfig) -> None:
     """Takes what --model / --data leave out from the toy (--toy NAME, the default toy when neither
-    is given): its SFT checkpoint, its RL splits (train, first 512 prompts; val). Given only one of
-    the two without --toy, stops: half a real run on the toy is more likely a typo than a plan."""
-    if cfg.model and cfg.data:
+    is given): its SFT checkpoint, its RL splits (train, first 512 prompts; val)."""
+    if not config.toy_fills_in(cfg):
         return
-    if (cfg.model or cfg.data) and cfg.toy == "default":
-        config.fail(
-            "give both --model and --data (or neither, for the toy task; or --toy NAME to take the other from that toy)"
-        )
     folder = toy.VARIANT_DATA_DIRS[cfg.toy]
     if not cfg.model:
         sft_model = toy.run_dir("sft", cfg.toy) / "final"
@@ -1043,7 +1014,7 @@ def main() -> None:
     initial_vas_s = 0.0
     if cfg.vas and r.start_step == 0:  # initial scoring of every prompt before step 1
         t0 = time.time()
-        scores = rescore(engine, model, rows, state, cfg, d, pool, 0, out_dir)
+        scores = refresh_vps(engine, model, rows, state, cfg, d, pool, 0, out_dir)
         initial_vas_s = time.time() - t0
         r.print0(
             f"initial VPS of {len(rows)} prompts in {initial_vas_s:.0f}s: mean pass rate "

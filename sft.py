@@ -94,11 +94,8 @@ def lr_lambda(step: int, total: int, warmup: int) -> float:
 
 
 def global_batch(step: int, n_rows: int, batch_size: int, seed: int) -> list[int]:
-    """Row indices of optimizer step `step`: a seeded permutation per epoch, walked in order.
-
-    A pure function of (step, seed), so a resumed run sees exactly the batches it would have. Costs
-    O(batch_size) per step: each epoch's permutation is built once (epoch_order, cached).
-    """
+    """Row indices of optimizer step `step`: a seeded permutation per epoch, walked in order. A pure function
+    of (step, seed), so a resumed run sees exactly the batches it would have; O(batch_size) per step."""
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(pos, n_rows)
@@ -118,12 +115,9 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def sft_loss(model, micro: list[dict], d: dist.Dist, chunk: int, packed: bool = False) -> float:
-    """Forward + backward over this rank's micro-batches; loss = token mean over the global batch.
-
-    Each micro-batch's summed NLL is divided by the assistant-token count of the whole global batch
-    (all ranks), and FSDP2 sums the ranks' gradients (shard_model), so the gradient is that of
-    the global token mean. Returns the global mean loss (a float).
-    """
+    """Forward + backward over this rank's micro-batches: each one's summed NLL over the assistant-token count
+    of the global batch (all ranks; FSDP2 sums the ranks' gradients), so the gradient is that of the global
+    token mean. Returns that mean loss (a float)."""
     n_tokens = sum(int((b["labels"][:, 1:] != batches.IGNORE_INDEX).sum()) for b in micro)
     total_tokens = max(1.0, dist.all_reduce_sum(n_tokens, d.device).item())
     loss_sum = 0.0
@@ -181,14 +175,9 @@ def validate_config(cfg: SFTConfig) -> None:
 
 def use_toy_defaults(cfg: SFTConfig) -> None:
     """Takes what --model / --data leave out from the toy (--toy NAME, the default toy when neither
-    is given): the toy model, its SFT splits (train, val) and its RL val split for the accuracy.
-    Given only one of the two without --toy, stops: half a real run on the toy is more likely a typo."""
-    if cfg.model and cfg.data:
+    is given): the toy model, its SFT splits (train, val) and its RL val split for the accuracy."""
+    if not config.toy_fills_in(cfg):
         return
-    if (cfg.model or cfg.data) and cfg.toy == "default":
-        config.fail(
-            "give both --model and --data (or neither, for the toy task; or --toy NAME to take the other from that toy)"
-        )
     toy.ensure_toy(variant=cfg.toy)
     folder = toy.VARIANT_DATA_DIRS[cfg.toy]
     cfg.model = cfg.model or str(toy.TOY_MODEL_DIR)

@@ -41,15 +41,11 @@ def fail(*problems: str) -> NoReturn:
 def parse_config(
     cls: type, presets: dict[str, dict[str, Any]] | None = None, argv: list[str] | None = None, prog: str | None = None
 ):
-    """Builds an argparse CLI from a config dataclass and returns a filled, checked instance.
-
-    Every field becomes `--field-name` (or a positional argument when its metadata says
-    positional=True); its `help` metadata is the --help text. `--preset NAME` (when presets are
-    given) sets the fields the preset names, except those given on the command line: every default
-    is a sentinel, so what was typed (`--no-gradient-checkpointing` included) is read from the
-    parsed arguments themselves. Then each value is checked against its field's bounds
-    (`check_bounds`); a value out of bounds stops the script with `error: --flag must be ..., got x`.
-    """
+    """Builds an argparse CLI from a config dataclass and returns a filled, checked instance. Every field
+    becomes `--field-name` (a positional argument with metadata positional=True), its `help` metadata the
+    --help text. `--preset NAME` sets the fields the preset names but those typed: every default is a sentinel,
+    so what was typed (`--no-gradient-checkpointing` included) is read from the parsed arguments. A value out of
+    its field's bounds (check_bounds) stops the script with `error: --flag must be ..., got x`."""
     parser = Parser(prog=prog, description=cls.__doc__)
     for f in flag_order(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -178,6 +174,18 @@ class TrainingFlags:
     report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
 
 
+def toy_fills_in(cfg: Any) -> bool:
+    """Whether the toy (--toy) is to supply what --model / --data leave out: not when both are given. Only one
+    of the two without --toy NAME stops: half a real run on the toy is more likely a typo than a plan."""
+    if cfg.model and cfg.data:
+        return False
+    if (cfg.model or cfg.data) and cfg.toy == "default":
+        fail(
+            "give both --model and --data (or neither, for the toy task; or --toy NAME to take the other from that toy)"
+        )
+    return True
+
+
 def flag_order(cls: type) -> list[dataclasses.Field]:
     """The fields of a config in --help order: the stage's own first, then those it shares (TrainingFlags)."""
     shared = {f.name for f in dataclasses.fields(TrainingFlags)} if issubclass(cls, TrainingFlags) else set()
@@ -212,10 +220,8 @@ def flag_table(cls: type) -> str:
 
 
 class InputError(ValueError):
-    """Bad input the user must fix (data, checkpoint, settings); its message names what and where.
-
-    Stage scripts print it as one line and exit 1 (see exit_on_input_error), never as a traceback.
-    """
+    """Bad input the user must fix (data, checkpoint, settings); its message names what and where. Stage
+    scripts print it as one line and exit 1 (exit_on_input_error), never as a traceback."""
 
 
 class MissingDataError(InputError, FileNotFoundError):
@@ -307,14 +313,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 class MetricLogger:
     """Rank 0's records: one JSON line per step in <out>/metrics.jsonl, one per logged rollout in
     <out>/rollouts.jsonl (made by the first log_rollouts call); wandb / tensorboard mirrors when asked.
-    The other ranks get a NullLogger (metric_logger picks).
-
-    A fresh run starts both files anew; a run resumed from step N keeps the lines up to N and drops
-    those a killed run wrote after its last checkpoint, so every step appears once (trim_jsonl). Each
-    record is one write of whole lines; a write that fails (a full disk, a quota) is recorded in
-    `failed` instead of raised, so the run can save the step it has just trained before it stops
-    (run.Run.end_step).
-    """
+    A fresh run starts both files anew; a run resumed from step N keeps the lines up to N (trim_jsonl), so
+    every step appears once. Each record is one write of whole lines; a failed write (a full disk) is kept in
+    `failed`, not raised, so the run can save the step it has just trained before it stops (run.Run.end_step)."""
 
     def __init__(
         self,

@@ -352,9 +352,9 @@ def test_vas_rescoring_uses_prompts_per_call(tmp_path):
     engine = CountingEngine()
     cfg = grpo.GRPOConfig(vas_rollouts=2)
     assert cfg.vas_prompts_per_call == 256
-    sampler = grpo.vas.MixedSampler(len(rows), 16, 0.5, 0)
+    state = grpo.SamplerState(grpo.vas.MixedSampler(len(rows), 16, 0.5, 0), grpo.np.zeros(len(rows)))
     one = dist.Dist(0, 1, 0, torch.device("cpu"))
-    scores = grpo.refresh_vps(engine, None, rows, sampler, cfg, one, None, 0, tmp_path)
+    scores = grpo.refresh_vps(engine, None, rows, state, cfg, one, None, 0, tmp_path)
     assert engine.calls == [256, 256, 88] and scores["pass_rate"].tolist() == [1.0] * 600
 
 
@@ -390,9 +390,9 @@ def test_vas_rescoring_puts_each_score_on_its_row(tmp_path):
     rows = [{"problem": f"q{i}", "answer": "4" if i % 3 else "5"} for i in range(30)]
     engine = AnsweringEngine()
     cfg = grpo.GRPOConfig(vas_rollouts=2, vas_prompts_per_call=7)
-    sampler = grpo.vas.MixedSampler(len(rows), 16, 0.5, 0)
+    state = grpo.SamplerState(grpo.vas.MixedSampler(len(rows), 16, 0.5, 0), grpo.np.zeros(len(rows)))
     one = dist.Dist(0, 1, 0, torch.device("cpu"))
-    scores = grpo.refresh_vps(engine, None, rows, sampler, cfg, one, None, 0, tmp_path)
+    scores = grpo.refresh_vps(engine, None, rows, state, cfg, one, None, 0, tmp_path)
     assert engine.calls == [7, 7, 7, 7, 2]
     expected = [0.0 if i % 3 == 0 else 1.0 for i in range(30)]
     assert scores["pass_rate"].tolist() == expected and scores["tokens"].tolist() == [6.0] * 30
