@@ -1,8 +1,7 @@
 """The memory plan of a colocated GRPO run on one GPU, as arithmetic from the model config and the
 run's settings: what the trainer holds in each phase, what is left for vLLM, and the
-`gpu_memory_utilization` that fits. Printed by scripts/plan_memory.py; grpo.py takes its share for
-vLLM from here unless --gpu-memory-utilization is given. Static estimates, to be measured
-(scripts/gpu_smoke.sh prints the peaks); docs/paper-scale.md holds the table.
+`gpu_memory_utilization` that fits. Printed by scripts/plan_memory.py (docs/paper-scale.md holds the
+table); grpo.py takes its share for vLLM from here unless --gpu-memory-utilization is given.
 
 The two phases on every rank (FSDP2 over W ranks, vLLM in sleep mode between rollouts):
   rollout:  trainer resident (fp32 param shard, AdamW shard, bf16 reference shard) + vLLM awake

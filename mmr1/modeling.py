@@ -27,10 +27,7 @@ def load_model(name_or_path: str, device: torch.device, gradient_checkpointing: 
     dtype = torch.bfloat16 if device.type == "cuda" and not trainable else torch.float32
     implementation = attention_implementation(device)
     model = AutoModelForImageTextToText.from_pretrained(
-        name_or_path,
-        dtype=dtype,
-        attn_implementation=implementation,
-        trust_remote_code=False,
+        name_or_path, dtype=dtype, attn_implementation=implementation, trust_remote_code=False
     ).to(device)
     if implementation == TORCH_VARLEN:
         use_vision_varlen(model)
@@ -105,11 +102,8 @@ def keep_vision_in_step(model) -> None:
 
     def note_images(module, args, kwargs):  # the VL model's forward: were images given to this call?
         encoded = kwargs.get("mm_encoder_outputs") or {}  # generate() encodes the images before the prefill
-        call["images"] = (
-            kwargs.get("pixel_values") is not None
-            or kwargs.get("pixel_values_videos") is not None
-            or any(v is not None for v in encoded.values())
-        )
+        given = (kwargs.get("pixel_values"), kwargs.get("pixel_values_videos"), *encoded.values())
+        call["images"] = any(v is not None for v in given)
 
     def note_vision(module, args, output):  # the tower ran (inside this forward, or before a prefill)
         call["vision_ran"] = True
@@ -175,15 +169,12 @@ def create_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             if not p.requires_grad or optimizer.state[p]:
                 continue
             state = optimizer.state[p]
-            state["step"] = (
-                torch.zeros((), dtype=torch.float32 if group.get("fused") else scalar, device=p.device)
-                if on_device
-                else torch.tensor(0.0, dtype=scalar)
-            )
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group.get("amsgrad"):
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if on_device:
+                state["step"] = torch.zeros((), dtype=torch.float32 if group.get("fused") else scalar, device=p.device)
+            else:
+                state["step"] = torch.tensor(0.0, dtype=scalar)
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ()):
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def autocast(device: torch.device) -> torch.autocast:

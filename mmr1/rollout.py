@@ -148,11 +148,8 @@ class HFEngine:
     ) -> list[Rollout]:
         """n sampled responses for each row, ordered row-major (row 0's n first). `prompts`: the
         rows' batches.build_prompts (built here when not given), so a caller that trains on the
-        same prompts builds them once.
-
-        Under torchrun every rank must pass the same number of rows (FSDP2 needs every rank in
-        every forward; `synced_gpus` keeps ranks stepping together until all are done).
-        """
+        same prompts builds them once. Under torchrun every rank must pass the same number of rows
+        (FSDP2 needs every rank in every forward; `synced_gpus` keeps ranks stepping together)."""
         from transformers import GenerationConfig
 
         if prompts is None:
@@ -176,10 +173,8 @@ class HFEngine:
         return out
 
     def _generate_batch(self, prompts: list[batches.Prompt], batch: list[int], sampling: Sampling) -> list[Rollout]:
-        picked = [prompts[i] for i in batch]
-        inputs = {
-            k: v.to(self.d.device) for k, v in left_padded(picked, self.pad_id, self.processor.image_token_id).items()
-        }
+        padded = left_padded([prompts[i] for i in batch], self.pad_id, self.processor.image_token_id)
+        inputs = {k: v.to(self.d.device) for k, v in padded.items()}
         greedy = sampling.temperature <= 0
         if self.d.enabled and "pixel_values" not in inputs and modeling.generate_encodes_images_first(self.model):
             # FSDP2: a rank with images runs the vision tower in generate() before the prefill; this rank
