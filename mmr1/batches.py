@@ -266,23 +266,18 @@ def rl_batch(
     is the decoded Prompt the engine sampled responses[i] (token ids) from. Returns right-padded (B, T)
     inputs with the prompts' pixel_values / image_grid_thw / mm_token_type_ids, and a (B, T-1) float
     mask, 1 where the TARGET token input_ids[:, 1:] is a response token (aligned with token_logprobs)."""
-    length = max(len(p.ids) + len(resp) for p, resp in zip(prompts, responses))
-    input_ids = torch.full((len(prompts), length), processor.tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    response_mask = torch.zeros((len(prompts), length), dtype=torch.float32)
-    pixel_parts, grid_parts = [], []
-    for b, (prompt, resp) in enumerate(zip(prompts, responses)):
-        n = len(prompt.ids)
-        input_ids[b, : n + len(resp)] = torch.tensor(prompt.ids + list(resp), dtype=torch.long)
-        attention_mask[b, : n + len(resp)] = 1
-        response_mask[b, n : n + len(resp)] = 1
-        if prompt.pixel_values is not None:
-            pixel_parts.append(prompt.pixel_values)
-            grid_parts.append(prompt.image_grid_thw)
+    pad, pairs = torch.nn.utils.rnn.pad_sequence, list(zip(prompts, responses))
+    ids = [torch.tensor(p.ids + list(resp), dtype=torch.long) for p, resp in pairs]
+    input_ids = pad(ids, batch_first=True, padding_value=processor.tokenizer.pad_token_id)
+    attention_mask = pad([torch.ones_like(x) for x in ids], batch_first=True)
+    masks = [torch.tensor([0.0] * len(p.ids) + [1.0] * len(resp), dtype=torch.float32) for p, resp in pairs]
+    response_mask = pad(masks, batch_first=True)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     inputs["mm_token_type_ids"] = (input_ids == processor.image_token_id).long()  # 1 = image token
-    if pixel_parts:
-        inputs["pixel_values"], inputs["image_grid_thw"] = torch.cat(pixel_parts), torch.cat(grid_parts)
+    with_images = [p for p in prompts if p.pixel_values is not None]
+    if with_images:
+        inputs["pixel_values"] = torch.cat([p.pixel_values for p in with_images])
+        inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images])
     return inputs, response_mask[:, 1:]
 
 

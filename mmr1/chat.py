@@ -34,15 +34,10 @@ INSTRUCTIONS = {"recipe": RL_INSTRUCTION}  # names a --instruction flag may use 
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """How a row's problem becomes a chat prompt.
+    """How a row's problem becomes a chat prompt."""
 
-    instruction: text put before the problem in the user turn, joined by one space (RL_INSTRUCTION
-    for the recipe's RL runs; empty for the toy). system: the system message (EVAL_SYSTEM_PROMPT
-    for evaluation); empty keeps the chat template's default system message.
-    """
-
-    instruction: str = ""
-    system: str = ""
+    instruction: str = ""  # before the problem in the user turn, one space between (RL_INSTRUCTION; toy: empty)
+    system: str = ""  # the system message (EVAL_SYSTEM_PROMPT for evaluation); empty: the chat template's default
 
 
 def user_content(text: str, n_images: int) -> list[dict]:

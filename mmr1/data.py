@@ -18,12 +18,10 @@ from .images import check_image_shape, load_image
 
 
 class Source:
-    """The rows of one data file (or hub split) in memory-mapped Arrow.
-
-    `table` holds either the data set's own columns (parquet, hub) or, for JSON / jsonl, `n` / `json` /
-    `problem` (layouts.build_json_cache: `problem` says why a line is no JSON object). `raw(i)` is row i
-    as a dict with image paths made absolute (images not decoded), or that string; `where(i)` names it.
-    """
+    """The rows of one data file (or hub split) in memory-mapped Arrow: `table` holds the data set's own
+    columns (parquet, hub) or, for JSON / jsonl, `n` / `json` / `problem` (layouts.build_json_cache:
+    `problem` says why a line is no JSON object). `raw(i)` is row i as a dict with image paths made
+    absolute (images not decoded), or that string; `where(i)` names it."""
 
     def __init__(self, name: str, table, json_rows: bool, folder: Path | None, unit: str, fingerprint: str = ""):
         self.name, self.table, self.json_rows, self.folder, self.unit = name, table, json_rows, folder, unit
@@ -135,14 +133,12 @@ def decode_images(row: dict, min_pixels: int, max_pixels: int, factor: int = 28)
 
 
 class Rows(Sequence):
-    """The rows the door kept (prepare.prepare_split), read from disk when indexed.
-
-    `table` is the door's memory-mapped Arrow table, one record per kept row: `source` / `index`
-    (where the row lives), `row` (the normalised row as JSON; an image held as bytes in its source is
-    null and read from there) and `tokens` (the prompt's token count). `rows[k]` is row k with its
-    images decoded. A row whose images fail raises BadRowError naming its file and row, or with
-    `skip_bad_rows` the next row takes its place (k+1, k+2, ... wrapping, the same on every rank).
-    """
+    """The rows the door kept (prepare.prepare_split), read from disk when indexed. `table` is the door's
+    memory-mapped Arrow table, one record per kept row: `source` / `index` (where the row lives), `row`
+    (the normalised row as JSON; an image held as bytes in its source is null and read from there) and
+    `tokens` (the prompt's token count). `rows[k]` is row k with its images decoded. A row whose images
+    fail raises BadRowError naming its file and row, or with `skip_bad_rows` the next row takes its
+    place (k+1, k+2, ... wrapping, the same on every rank)."""
 
     def __init__(self, table, sources: list, spec: str, skip_bad_rows: bool, pixels: tuple[int, int], factor: int):
         self.table, self.sources, self.spec, self.skip_bad_rows = table, sources, spec, skip_bad_rows

@@ -221,14 +221,8 @@ def _table_dir(sources, door: Door, processor, limit: int, d: dist.Dist) -> Path
     unknown = dist.all_gather_list([os.getpid()], d)[0] if not all(fingerprints) else 0  # never reused
     template = hashlib.sha256(str(getattr(processor, "chat_template", None)).encode()).hexdigest()
     model = [getattr(tokenizer, "name_or_path", None), len(tokenizer) if tokenizer is not None else 0, template]
-    settings = [
-        DOOR_VERSION,
-        fingerprints,
-        unknown,
-        limit,
-        asdict(door),
-        _image_factor(processor),
-    ]  # factor: image tokens
+    # the image factor: image token counts depend on it
+    settings = [DOOR_VERSION, fingerprints, unknown, limit, asdict(door), _image_factor(processor)]
     key = hashlib.sha256(json.dumps(settings + model, default=str).encode()).hexdigest()[:32]
     return Path(datasets.config.HF_DATASETS_CACHE) / "mmr1_door" / key
 
