@@ -124,8 +124,7 @@ def evaluate_benchmark(engine, name: str, raw: list[dict], cfg: EvalConfig, d: d
                     "response": out.text,
                     "extracted": reward.extract_answer(out.text),
                     "gold": str(row["answer"]),
-                    "correct": scored["correct"],
-                    "timed_out": scored["timed_out"],
+                    **scored,  # correct, timed_out
                     "groups": benchmarks.breakdown(name, row),
                     "options": benchmark_rules.row_options(name, row),  # for --compare-official's letters
                 }

@@ -30,14 +30,10 @@ def file_split(path: Path) -> tuple[str, bool]:
 
 
 def split_files(folder: Path, split: str, asked: bool) -> list[Path]:
-    """The data files of `folder` that hold `split` (`asked`: named with name@split).
-
-    A file named for the split (`train.parquet`, or its hub shards `train-00000-of-00002.parquet`;
-    `val` also finds `validation`) is used; files named for another known split (val, validation,
-    test, ...) never are. With no file named for the split, a folder of unnamed data files gives all
-    of them, unless the split was asked for by name. Two files for one split in different forms
-    (train.parquet + train.jsonl, or train.parquet + train-00000-of-00001.parquet) are refused.
-    """
+    """The data files of `folder` that hold `split` (`asked`: named with name@split): those named for it
+    (`train.parquet`, or its hub shards; `val` also finds `validation`), never those named for another
+    known split; with none, all unnamed data files, unless the split was asked for by name. Two forms for
+    one split (train.parquet + train.jsonl, or + train-00000-of-00001.parquet) are refused."""
     candidates = sorted(p for p in folder.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
     names = SPLIT_ALIASES.get(split, (split,))
     for name in names:
@@ -124,12 +120,10 @@ def json_cache(file: Path, kind: str, cache_dir: Path) -> Path:
 
 
 def build_json_cache(file: Path, out: Path, batch_rows: int = 50_000) -> None:
-    """Streams `file` (a JSON array, or jsonl) into an Arrow file at `out`: one record per row or
-    non-blank line with `n` (row from 0 / line from 1), `json` (the row's raw JSON text, null where
-    it is no object) and `problem` (null for an object, else why the line is no row; the fields are
-    the door's to check, mmr1/prepare.py). Memory stays at one batch of rows. Raises BadRowError for a JSON
-    array that does not parse and for a file without rows; on any failure the temporary file is
-    removed (a reader sees the whole cache or none)."""
+    """Streams `file` (a JSON array, or jsonl) into an Arrow file at `out`, one batch of rows in memory: per
+    row or non-blank line `n` (row from 0 / line from 1), `json` (its raw text; null if no object) and
+    `problem` (why it is no object, else null; fields are the door's to check, mmr1/prepare.py). BadRowError
+    for a JSON array that does not parse and for a file without rows; written atomically."""
     import pyarrow as pa
 
     schema = pa.schema([("n", pa.int64()), ("json", pa.large_string()), ("problem", pa.string())])
