@@ -301,10 +301,12 @@ class Preemption:
     collective once per step, makes all ranks stop after the same step; `stop_before_training` ends the
     run with exit 0 between the long phases before step 1 (docs/checkpoints.md)."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self) -> None:
         self.received: str | None = None  # name of the first signal, e.g. "SIGTERM"
         self.pid = os.getpid()
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self.handle)
 
     def handle(self, signum: int, frame: Any) -> None:
