@@ -47,9 +47,8 @@ def packed_starts(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs
     restart at 0 at the first token of each sequence (logprobs.pack writes them), read once per forward."""
     positions = kwargs.get("position_ids")
     n = query.shape[2]
-    if attention_mask is not None or positions is None or query.shape[0] != 1 or key.shape[2] != n:
-        return None
-    if positions.numel() != n:
+    packed = attention_mask is None and positions is not None and query.shape[0] == 1 and key.shape[2] == n
+    if not packed or positions.numel() != n:
         return None
     return BOUNDARIES.read(positions, lambda: (positions.reshape(-1) == 0).nonzero().flatten().tolist() + [n])
 

@@ -30,12 +30,9 @@ def naive_token_logprobs(model, inputs: dict[str, torch.Tensor], temperature: fl
 
 
 def hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T, H) final (post-norm) hidden states of the decoder for the given model inputs.
-
-    Runs the whole model (so FSDP2's root hooks and the model's own rope-index computation over
-    pixel_values / image_grid_thw / mm_token_type_ids run as usual) but asks for one logit only;
-    the hidden states are caught on their way out of the inner model.
-    """
+    """(B, T, H) final (post-norm) hidden states of the decoder for the given model inputs: the whole
+    model runs (FSDP2's root hooks, the model's own rope index over the image inputs) but makes one
+    logit only; the hidden states are caught on their way out of the inner model."""
     caught = {}
     hook = model.model.register_forward_hook(lambda m, a, out: caught.__setitem__("h", out.last_hidden_state))
     try:
@@ -65,23 +62,19 @@ def logprobs_from_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (B, T) in fp32 of `targets` (B, T) under softmax(hidden (B, T, H) @ weight.T (V, H) / temperature).
 
-    temperature: that of the sampler (GRPO's rollouts sample from softmax(logits / T), so the ratio,
-    the KL and the entropy must be those of that distribution). lm_head + logsumexp run over chunks
-    of `chunk_size` positions, each under activation checkpointing, so peak memory grows with
-    chunk_size x V instead of T x V, forward and backward. Entropies (B, T), in nats, are zeros
-    unless entropy=True (they carry no gradient).
-    """
+    temperature: that of the sampler (the ratio, the KL and the entropy are those of the distribution
+    the rollouts sample from). lm_head + logsumexp run over chunks of `chunk_size` positions, each under
+    activation checkpointing, so peak memory grows with chunk_size x V instead of T x V. Entropies
+    (B, T), in nats, are zeros unless entropy=True (they carry no gradient)."""
     if temperature <= 0:
         raise ValueError(f"log-probs need a positive temperature, got {temperature}")
     logps, ents = [], []
     for s in range(0, hidden.shape[1], chunk_size):
-        h, t = hidden[:, s : s + chunk_size], targets[:, s : s + chunk_size]
+        chunk = (weight, hidden[:, s : s + chunk_size], targets[:, s : s + chunk_size], entropy, temperature)
         if torch.is_grad_enabled():
-            lp, ent = torch.utils.checkpoint.checkpoint(
-                _chunk_logprobs, weight, h, t, entropy, temperature, use_reentrant=False
-            )
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *chunk, use_reentrant=False)
         else:
-            lp, ent = _chunk_logprobs(weight, h, t, entropy, temperature)
+            lp, ent = _chunk_logprobs(*chunk)
         logps.append(lp)
         ents.append(ent.detach())
     return torch.cat(logps, 1), torch.cat(ents, 1)

@@ -14,13 +14,10 @@ from .families import family_of
 
 
 def load_model(name_or_path: str, device: torch.device, gradient_checkpointing: bool = False, trainable: bool = False):
-    """A model of a supported family (families.FAMILIES; any other stops with one line naming
-    them) from a hub id or a local folder, never with remote code.
-
-    Frozen models (reference, evaluation) are bf16 on GPU. Trainable ones keep fp32 master
-    weights everywhere (an AdamW step of lr 1e-6 vanishes in bf16) and compute in bf16 on GPU
-    through FSDP2's mixed precision (shard_model) or autocast. CPU: fp32 throughout.
-    """
+    """A model of a supported family (families.FAMILIES; any other stops with one line naming them)
+    from a hub id or a local folder, never with remote code. Frozen models (reference, evaluation) are
+    bf16 on GPU; trainable ones keep fp32 master weights (an AdamW step of lr 1e-6 vanishes in bf16)
+    and compute in bf16 on GPU through FSDP2's mixed precision (shard_model) or autocast. CPU: fp32."""
     from transformers import AutoModelForImageTextToText
 
     family_of(name_or_path)  # an unsupported model type: one line before any weight is read

@@ -141,27 +141,16 @@ class VLLMEngine:
             torch.cuda.empty_cache()  # the trainer's cached free blocks (activations) back to the driver for vLLM
             self.llm.wake_up(tags=["weights"])
         if version is None or version != self.version:
-            self._reload_weights(model, version)
+            weights = {"weights_iterator": on_disk_weights(model), "is_checkpoint_format": True}
+            self.llm.collective_rpc("reload_weights", kwargs=weights)
+            # Stale state computed with the old weights: the prefix (KV) cache, and the scheduler's record
+            # of cached image encodings, which reload_weights leaves ("Encoder cache miss": docs/grpo.md).
+            self.llm.reset_prefix_cache()
+            self.llm.llm_engine.reset_encoder_cache()
+            self.version, self.pushes = version, self.pushes + 1
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
-
-    def _reload_weights(self, model, version: int | None) -> None:
-        """The push itself: (name, full tensor) pairs into vLLM's loader, then the stale caches dropped."""
-
-        family = families.family(model.config)  # its on-disk names: what vLLM's loader reads
-
-        def weights():  # (name, full bf16 tensor), one at a time: never the whole model gathered at once
-            for name, tensor in model.state_dict().items():
-                full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-                yield families.checkpoint_name(family, name), full.detach().to(torch.bfloat16)  # fp32 -> bf16
-
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
-        # Stale state computed with the old weights: the prefix (KV) cache, and the scheduler's record of
-        # cached image encodings, which reload_weights leaves ("Encoder cache miss": docs/grpo.md).
-        self.llm.reset_prefix_cache()
-        self.llm.llm_engine.reset_encoder_cache()
-        self.version, self.pushes = version, self.pushes + 1
 
     def sleep(self) -> None:
         """Frees the KV cache and offloads the weights (level 1) while the trainer runs (GPU only)."""
@@ -177,6 +166,15 @@ class VLLMEngine:
             llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
+
+
+def on_disk_weights(model):
+    """(on-disk name, full bf16 tensor) of every weight of the (FSDP2-sharded) model, one at a time,
+    never the whole model gathered at once: the names vLLM's loader reads (families.checkpoint_name)."""
+    family = families.family(model.config)
+    for name, tensor in model.state_dict().items():
+        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        yield families.checkpoint_name(family, name), full.detach().to(torch.bfloat16)  # fp32 -> bf16
 
 
 def model_runner(llm, device: torch.device) -> str:
