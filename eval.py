@@ -354,18 +354,17 @@ def compare_official(path: str, examples: int = 3) -> str:
         raise config.InputError(f"--compare-official {path}: {where}")
     rows, shown, no_options = [], [], 0
     for file in files:
-        records, here_only, exact_only, right, exact = benchmarks.jsonl_rows(file), [], 0, 0, 0
+        records = benchmarks.jsonl_rows(file)
         for line, record in enumerate(records, 1):
             missing = [k for k in SAMPLE_FIELDS if k not in record]
             if missing:
                 raise config.BadRowError(f"{file} record {line}: no {missing[0]!r}; give a per-sample file of eval.py")
-            strict = benchmark_rules.strict_correct(record["extracted"], str(record["gold"]), record.get("options"))
-            right, exact = right + bool(record["correct"]), exact + strict
-            exact_only += strict and not record["correct"]
-            if record["correct"] and not strict:
-                here_only.append(record)
-            no_options += "options" not in record
-        pct = [f"{100 * k / len(records):.1f}" if records else "-" for k in (right, exact)]
+        rule = [bool(r["correct"]) for r in records]
+        exact = [benchmark_rules.strict_correct(r["extracted"], str(r["gold"]), r.get("options")) for r in records]
+        here_only = [r for r, right, strict in zip(records, rule, exact) if right and not strict]
+        exact_only = sum(strict and not right for right, strict in zip(rule, exact))
+        no_options += sum("options" not in r for r in records)
+        pct = [f"{100 * sum(v) / len(records):.1f}" if records else "-" for v in (rule, exact)]
         rows.append([str(file), str(len(records)), *pct, str(len(here_only)), str(exact_only)])
         shown += [
             f"- {file} id={r.get('id', '?')}: answer {r['extracted']!r}, gold {r['gold']!r}"
