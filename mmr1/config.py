@@ -1,5 +1,6 @@
 """The command line and the run's records: a config dataclass becomes the CLI (bounds, finite floats
-and the shared flags' rules checked before any work), metrics go to metrics.jsonl and sampled rollouts
+and the shared flags' rules checked before any work; the flags sft.py and grpo.py share are one dataclass,
+TrainingFlags), metrics go to metrics.jsonl and sampled rollouts
 to rollouts.jsonl, files meant for later reading are written whole (atomic_file) and read back with
 one line naming file and line (read_jsonl, loads_json), and bad input ends a stage in one
 `error: ...` line instead of a traceback."""
