@@ -935,8 +935,8 @@ def validate_config(cfg: GRPOConfig) -> None:
         )
     if cfg.vas and cfg.vas_rollouts < 2:
         problems.append(
-            f"--vas-rollouts {cfg.vas_rollouts}: fewer than 2 rollouts have no pass-rate variance (VAS would sample "
-            "uniformly); use at least 2 (paper: 16)"
+            f"--vas-rollouts {cfg.vas_rollouts}: the pass-rate variance of fewer than 2 rollouts is 0, "
+            "so VAS would sample uniformly; use at least 2 (paper: 16)"
         )
     if cfg.max_steps == 0 and cfg.episodes <= 0:
         problems.append(
