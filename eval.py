@@ -80,9 +80,7 @@ PAPER_ROWS = {
     "MMR1-7B (paper)": dict(mathverse=55.4, mathvista=72.0, mathvision=31.8, logicvista=48.9, chartqa=83.7),
 }
 
-# ---------------------------------------------------------------------------------------------
-# Generation and scoring
-# ---------------------------------------------------------------------------------------------
+# --- Generation and scoring ---
 
 score_answer = benchmarks.score_answer  # eval.score_answer(benchmark, response, row): the one scoring entry point
 
@@ -334,9 +332,7 @@ def bench_files(bench_data: str, names: list[str]) -> dict[str, str]:
     return files
 
 
-# ---------------------------------------------------------------------------------------------
-# --compare-official: a finished run's verdicts beside a strict exact-match reading
-# ---------------------------------------------------------------------------------------------
+# --- --compare-official: a finished run's verdicts beside a strict exact-match reading ---
 
 SAMPLE_FIELDS = ("extracted", "gold", "correct")  # what the comparison reads in each per-sample line
 

@@ -13,9 +13,7 @@ from collections.abc import Callable
 
 import reward
 
-# ---------------------------------------------------------------------------------------------
-# Shared readings: option texts, the option an answer names, labels, a value's text
-# ---------------------------------------------------------------------------------------------
+# --- Shared readings: option texts, the option an answer names, labels, a value's text ---
 
 
 def tidy_math(text: str) -> str:
@@ -132,9 +130,7 @@ def mathverse_equal(pred: str, gold: str) -> bool:
     return reward.is_equivalent(p, g)
 
 
-# ---------------------------------------------------------------------------------------------
-# The rules, one per benchmark
-# ---------------------------------------------------------------------------------------------
+# --- The rules, one per benchmark ---
 
 _CHOICES_HEADER = re.compile(r"Choices?:")  # both spellings are in the published questions
 
@@ -285,9 +281,7 @@ def chartqa_relaxed(pred: str, gold: str) -> bool:
     return reward.normalise_text(pred) == reward.normalise_text(gold)
 
 
-# ---------------------------------------------------------------------------------------------
-# What the rules read in a row, checked at load (so a rule never meets a row it cannot read)
-# ---------------------------------------------------------------------------------------------
+# --- What the rules read in a row, checked at load (so a rule never meets a row it cannot read) ---
 
 
 def mathvista_fields(row: dict) -> dict[str, str]:
@@ -361,9 +355,7 @@ def no_check(row: dict) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# A strict reading beside the rules: what their leniency adds (eval.py --compare-official)
-# ---------------------------------------------------------------------------------------------
+# --- A strict reading beside the rules: what their leniency adds (eval.py --compare-official) ---
 
 
 def row_options(benchmark: str, row: dict) -> list[str]:

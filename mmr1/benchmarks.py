@@ -52,9 +52,7 @@ MATHVISTA_HINTS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Rows of each benchmark -> prompt rows (problem, images), and the breakdown keys
-# ---------------------------------------------------------------------------------------------
+# --- Rows of each benchmark -> prompt rows (problem, images), and the breakdown keys ---
 
 
 def options_text(choices: list[str]) -> str:
@@ -141,9 +139,7 @@ def breakdown(benchmark: str, row: dict) -> dict[str, str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Scoring: the benchmark's rule (mmr1/benchmark_rules.py), in the scoring workers
-# ---------------------------------------------------------------------------------------------
+# --- Scoring: the benchmark's rule (mmr1/benchmark_rules.py), in the scoring workers ---
 
 
 def score_answer(benchmark: str, response: str, row: dict) -> bool:
@@ -172,9 +168,7 @@ def timed_out_job(job: dict) -> dict:
     return {"correct": False, "timed_out": True}
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
+# --- Loading ---
 
 
 def resolve_image_paths(row: dict, folder: Path) -> dict:
@@ -314,9 +308,7 @@ def prompt_rows(name: str, raw: list[dict], min_pixels: int, max_pixels: int) ->
     return usable, bad
 
 
-# ---------------------------------------------------------------------------------------------
-# The registry: one entry per benchmark, read by eval.py and grpo.py --val-benchmark
-# ---------------------------------------------------------------------------------------------
+# --- The registry: one entry per benchmark, read by eval.py and grpo.py --val-benchmark ---
 
 
 @dataclass(frozen=True)

@@ -251,9 +251,7 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:300]
 
 
-# ---------------------------------------------------------------------------------------------
-# Files written for later reading: whole or not at all; read back with one line naming file and line
-# ---------------------------------------------------------------------------------------------
+# --- Files written for later reading: whole or not at all; read back with one line naming file and line ---
 
 
 @contextlib.contextmanager

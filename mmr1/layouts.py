@@ -52,9 +52,7 @@ def split_files(folder: Path, split: str, asked: bool) -> list[Path]:
     return unnamed
 
 
-# ---------------------------------------------------------------------------------------------
-# ShareGPT (MMR1-SFT as published) -> messages
-# ---------------------------------------------------------------------------------------------
+# --- ShareGPT (MMR1-SFT as published) -> messages ---
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -78,9 +76,7 @@ def as_messages(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("conversations", "system")} | {"messages": messages}
 
 
-# ---------------------------------------------------------------------------------------------
-# JSON array / jsonl -> memory-mapped Arrow, once
-# ---------------------------------------------------------------------------------------------
+# --- JSON array / jsonl -> memory-mapped Arrow, once ---
 
 CACHE_VERSION = 3  # bump when what the cache holds, or how it is keyed, changes
 FINGERPRINT_BYTES = 1 << 20  # the head and the tail of the file that are hashed into its cache key

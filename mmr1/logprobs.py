@@ -24,9 +24,7 @@ def naive_token_logprobs(model, inputs: dict[str, torch.Tensor], temperature: fl
     return logp, entropy
 
 
-# ---------------------------------------------------------------------------------------------
-# Chunked: the same numbers without the (T, V) log-softmax
-# ---------------------------------------------------------------------------------------------
+# --- Chunked: the same numbers without the (T, V) log-softmax ---
 
 
 def hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -114,9 +112,7 @@ def batch_logprobs(model, inputs: dict[str, torch.Tensor], device: torch.device,
         return token_logprobs(model, {k: v.to(device) for k, v in inputs.items()}, *args, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Packed (padding-free) sequences
-# ---------------------------------------------------------------------------------------------
+# --- Packed (padding-free) sequences ---
 # A right-padded micro-batch (B, T) spends compute on B*T - sum(L_b) pad tokens; packing puts the B
 # sequences back to back in ONE row of N = sum(L_b) tokens. Rope positions are the model's own per
 # sequence; attention stays inside each sequence through a fourth, 1-D "text position" row that
