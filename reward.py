@@ -33,7 +33,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 REL_TOL = 1e-6  # a decimal prediction matches a fraction gold when |pred - gold| <= REL_TOL * max(1, |gold|)
 MAX_MATH_VERIFY_CHARS = 500  # longer answers skip symbolic checking (cost, not correctness)
 MAX_EXPONENT = 400  # '1e400' is read, '1e401' is no number: refused before 10^n is built
-_FLOAT_MAX = Fraction(sys.float_info.max)  # a number beyond float's range is no number (parse_number is a float)
+_FLOAT_MAX = Fraction(sys.float_info.max)  # a number beyond float's range is no number (callers take its float)
 
 
 # --- Extraction and format ---
@@ -176,18 +176,6 @@ def read_number(s: str) -> Number | None:
     if abs(value) > _FLOAT_MAX:
         return None
     return Number(value, percent, kind, max(0, decimals - int(exponent or 0)))
-
-
-def parse_number(s: str) -> tuple[float, bool] | None:
-    """(value as a float, had_percent_sign) of a plain number (read_number), else None."""
-    number = read_number(s)
-    return (float(number.value), number.percent) if number is not None else None
-
-
-def exact_number(s: str) -> Fraction | None:
-    """The exact value of a plain number (read_number; '%' not applied), else None."""
-    number = read_number(s)
-    return number.value if number is not None else None
 
 
 def _round_half_up(x: Fraction, places: int) -> Fraction:

@@ -209,12 +209,12 @@ def score_mathvista(pred: str, gold: str, row: dict) -> bool:
         return picked is not None and reward.normalise_text(choices[picked]) == reward.normalise_text(gold)
     kind = row["answer_type"]
     if kind == "integer":  # exact, also beyond float precision (123456788 is not 123456789)
-        value, target = reward.exact_number(mathvista_text(pred, row.get("unit"))), reward.exact_number(gold)
-        return value is not None and value == (target if target is not None else int(float(gold)))
-    if kind == "float":  # reward.parse_number drops its own units too; '45%' reads as 45 (stored so)
-        value = reward.parse_number(mathvista_text(pred, row.get("unit")))
+        value, target = reward.read_number(mathvista_text(pred, row.get("unit"))), reward.read_number(gold)
+        return value is not None and value.value == (target.value if target is not None else int(float(gold)))
+    if kind == "float":  # reward.read_number drops its own units too; '45%' reads as 45 (stored so)
+        value = reward.read_number(mathvista_text(pred, row.get("unit")))
         digits = int(float(row["precision"]))  # stored as a float, e.g. 1.0
-        return value is not None and round(value[0], digits) == round(float(gold), digits)
+        return value is not None and round(float(value.value), digits) == round(float(gold), digits)
     if kind == "list":
         return re.sub(r"\s", "", pred) == re.sub(r"\s", "", gold)
     return reward.normalise_text(pred) == reward.normalise_text(gold)
@@ -226,8 +226,8 @@ def mathvision_equal(pred: str, gold: str) -> bool:
     pred, gold = tidy_math(pred), tidy_math(gold)
     if reward.is_equivalent(pred, gold) or reward.is_equivalent(final_value(pred), gold):
         return True
-    p, g = reward.parse_number(final_value(pred)), reward.parse_number(gold)
-    return p is not None and g is not None and round(p[0], 2) == round(g[0], 2)
+    p, g = reward.read_number(final_value(pred)), reward.read_number(gold)
+    return p is not None and g is not None and round(float(p.value), 2) == round(float(g.value), 2)
 
 
 def score_mathvision(pred: str, gold: str, row: dict) -> bool:

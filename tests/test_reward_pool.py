@@ -186,7 +186,7 @@ def test_an_exception_in_a_worker_is_an_error_naming_the_response_never_a_timeou
 @pytest.mark.parametrize("text", ["1e400", "-1e400", "1e401", "9e308", "1.8e308", "1e99999999", "1e-99999999"])
 def test_numbers_with_huge_exponents_are_refused_before_any_arithmetic(text):
     start = time.monotonic()
-    assert reward.read_number(text) is None and reward.parse_number(text) is None
+    assert reward.read_number(text) is None
     scores = reward.compute_rewards([f"\\boxed{{{text}}}"], ["1"], workers=0)
     assert scores[0]["accuracy"] == 0.0 and not scores[0]["timed_out"]
     assert time.monotonic() - start < 5.0  # 10^99999999 alone takes minutes to build
@@ -195,7 +195,7 @@ def test_numbers_with_huge_exponents_are_refused_before_any_arithmetic(text):
 def test_numbers_at_the_exponent_limit_still_read():
     assert reward.read_number("1e300").value == 10**300
     assert reward.read_number("1.5e-400").places == 401
-    assert reward.parse_number("1.7e308") == (1.7e308, False)
+    assert float(reward.read_number("1.7e308").value) == 1.7e308
     assert reward.is_equivalent("2.5e3", "2500")
 
 
