@@ -30,7 +30,7 @@ from .benchmark_rules import (
 )
 from .chat import EVAL_SYSTEM_PROMPT
 from .config import BadRowError, InputError, MissingDataError, first_line, loads_json
-from .data import decode_images
+from .data import decode_images, resolve_image_paths
 from .layouts import is_json_array
 from .prepare import normalise
 
@@ -171,29 +171,9 @@ def timed_out_job(job: dict) -> dict:
 # --- Loading ---
 
 
-def resolve_image_paths(row: dict, folder: Path) -> dict:
-    """The row with relative image paths (a str, or a {"path"} dict without bytes, in `image`,
-    `decoded_image` or `images`) made relative to `folder`, the data file's folder, as training does."""
-
-    def resolve(image):
-        if isinstance(image, str) and image and not Path(image).is_absolute():
-            return str(folder / image)
-        if isinstance(image, dict) and not image.get("bytes") and isinstance(image.get("path"), str):
-            return {**image, "path": str(folder / image["path"])} if not Path(image["path"]).is_absolute() else image
-        return image
-
-    out = dict(row)
-    for key in ("image", "decoded_image"):
-        if key in out:
-            out[key] = resolve(out[key])
-    if isinstance(out.get("images"), (list, tuple)):
-        out["images"] = [resolve(im) for im in out["images"]]
-    return out
-
-
 def read_benchmark_file(path: str | Path) -> list[dict]:
-    """The rows of a local benchmark file (parquet, jsonl, or a .json array), image paths resolved
-    (resolve_image_paths). Every failure is one line naming the file (and the line, for jsonl / JSON):
+    """The rows of a local benchmark file (parquet, jsonl, or a .json array), image paths resolved as training
+    does (data.resolve_image_paths). Every failure is one line naming the file (and the line, for jsonl / JSON):
     MissingDataError when it is not there, BadRowError when it does not parse, has a line that is no
     JSON object, or has no rows."""
     file = Path(path)
@@ -217,7 +197,7 @@ def read_benchmark_file(path: str | Path) -> list[dict]:
     if not rows:
         raise BadRowError(f"{file}: empty (no rows)")
     folder = file.resolve().parent
-    return [resolve_image_paths(dict(r), folder) for r in rows]
+    return [resolve_image_paths(r, folder) for r in rows]
 
 
 def jsonl_rows(file: Path) -> list[dict]:

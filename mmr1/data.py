@@ -40,7 +40,7 @@ class Source:
             row = json.loads(text) if text is not None else self.table.column("problem")[i].as_py()
         else:
             row = self.table.slice(i, 1).to_pylist()[0]  # image bytes stay raw: nothing decodes here
-        return _absolute_image_paths(row, self.folder) if isinstance(row, dict) and self.folder else row
+        return resolve_image_paths(row, self.folder) if isinstance(row, dict) and self.folder else row
 
 
 def open_sources(spec: str, kind: str, split: str) -> list[Source]:
@@ -198,16 +198,21 @@ class Rows(Sequence):
         return self.sources[self.table.column("source")[k].as_py()], self.table.column("index")[k].as_py()
 
 
-def _absolute_image_paths(row: dict, folder: Path) -> dict:
-    """The row with relative image paths (str, or {"path"} without bytes) made relative to `folder`."""
-    images = row.get("images")
-    if not isinstance(images, (list, tuple)):
-        return row
-    out = []
-    for image in images:
-        if isinstance(image, str) and not os.path.isabs(image):
-            image = str(folder / image)
-        elif isinstance(image, dict) and not image.get("bytes") and isinstance(image.get("path"), str):
-            image = {**image, "path": image["path"] if os.path.isabs(image["path"]) else str(folder / image["path"])}
-        out.append(image)
-    return {**row, "images": out}
+def resolve_image_paths(row: dict, folder: Path) -> dict:
+    """A copy of the row with relative image paths (a non-empty str, or a {"path"} dict without bytes, in `image`,
+    `decoded_image` or `images`) made relative to `folder`, the data file's folder."""
+
+    def resolve(image):
+        if isinstance(image, str) and image and not os.path.isabs(image):
+            return str(folder / image)
+        if isinstance(image, dict) and not image.get("bytes") and isinstance(image.get("path"), str):
+            return image if os.path.isabs(image["path"]) else {**image, "path": str(folder / image["path"])}
+        return image
+
+    out = dict(row)
+    for key in ("image", "decoded_image"):
+        if key in out:
+            out[key] = resolve(out[key])
+    if isinstance(out.get("images"), (list, tuple)):
+        out["images"] = [resolve(image) for image in out["images"]]
+    return out
