@@ -45,7 +45,7 @@ import torch
 import reward
 import vas
 from data import toy
-from mmr1 import batches, benchmarks, chat, checkpoint, config, dist, logprobs, modeling, prepare, rollout, run
+from mmr1 import batches, benchmarks, chat, checkpoint, config, dist, logprobs, memory, modeling, prepare, rollout, run
 from mmr1.config import field
 from mmr1.families import check_packing
 
@@ -887,28 +887,13 @@ def make_engine(
     )  # fmt: skip
 
 
-def memory_settings(cfg: GRPOConfig, world_size: int):
-    """The memory plan's view of this run (mmr1.memory.RunSettings): ranks, tokens per micro-batch,
-    lengths, log-prob chunk, recompute, and whether a reference model is held (KL on)."""
-    from mmr1 import memory
-
-    tokens = cfg.max_tokens_per_micro_batch or cfg.micro_batch_size * (cfg.max_prompt_length + cfg.max_response_length)
-    return memory.RunSettings(
-        world_size=world_size, tokens_per_micro_batch=tokens, max_prompt_length=cfg.max_prompt_length,
-        max_response_length=cfg.max_response_length, logprob_chunk=cfg.logprob_chunk,
-        gradient_checkpointing=cfg.gradient_checkpointing, reference=cfg.kl_coef > 0,
-    )  # fmt: skip
-
-
 def memory_plan_utilization(policy_path: str, cfg: GRPOConfig, d: dist.Dist) -> float:
     """vLLM's gpu_memory_utilization from the memory plan of this run (model config, world size,
     token budget, this card's total memory): vLLM sizes its KV cache once, when the trainer is
     still small, so the share must leave room for the trainer after step 1 (AdamW state)."""
     from transformers import AutoConfig
 
-    from mmr1 import memory
-
-    run = memory_settings(cfg, d.world_size)
+    run = memory.run_settings(cfg, d.world_size)
     card = torch.cuda.get_device_properties(d.device).total_memory / memory.GIB
     utilization = memory.gpu_memory_utilization(AutoConfig.from_pretrained(policy_path), card, run)
     if d.master:

@@ -86,6 +86,16 @@ class RunSettings:
     autocast_cache: bool = False  # modeling.autocast keeps none; with it, fp32 unsharded weights get a bf16 copy
 
 
+def run_settings(cfg, world_size: int) -> RunSettings:
+    """The RunSettings of a grpo.py run (its GRPOConfig `cfg`) on `world_size` ranks."""
+    tokens = cfg.max_tokens_per_micro_batch or cfg.micro_batch_size * (cfg.max_prompt_length + cfg.max_response_length)
+    return RunSettings(
+        world_size=world_size, tokens_per_micro_batch=tokens, max_prompt_length=cfg.max_prompt_length,
+        max_response_length=cfg.max_response_length, logprob_chunk=cfg.logprob_chunk,
+        gradient_checkpointing=cfg.gradient_checkpointing, reference=cfg.kl_coef > 0,
+    )  # fmt: skip
+
+
 def plan(config, card_gib: float, run: RunSettings = RunSettings()) -> dict[str, float]:
     """The memory plan of one rank, in GiB (and the vLLM share u, KV tokens): see the module docstring.
 

@@ -80,7 +80,7 @@ def memory_plan(model_dir: str, gpus: int, card_gib: float | None, grpo_args: li
     from mmr1 import config, memory
 
     cfg = config.parse_config(grpo.GRPOConfig, grpo.PRESETS, ["--model", model_dir, *grpo_args])
-    run = grpo.memory_settings(cfg, gpus)
+    run = memory.run_settings(cfg, gpus)
     if card_gib is None:
         card_gib = torch.cuda.get_device_properties(0).total_memory / memory.GIB
     p = memory.plan(AutoConfig.from_pretrained(model_dir), card_gib, run)
