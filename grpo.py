@@ -60,15 +60,12 @@ class GRPOConfig(config.TrainingFlags):
     val_data: str = field("", "RL rows for validation accuracy (default: toy val split)")
     val_benchmark: str = field(
         "",
-        "read --val-data in this benchmark's columns and score it by its rule (e.g. mathvista with a MathVista "
-        "testmini parquet, or the hub copy when --val-data is empty); MMR1-RL has no validation split",
-        choices=["", *benchmarks.BENCHMARKS],  # the registry eval.py reads too
+        "read --val-data in this benchmark's columns and score it by its rule (no --val-data: the hub copy)",
+        choices=["", *benchmarks.BENCHMARKS],
     )
     train_limit: int = field(0, "use only the first N training prompts (0 = all; the toy uses 512)", at_least=0)
     instruction: str = field(
-        "",
-        "text put before every problem in the user turn, joined by a space; 'recipe' = the paper's Table 7 RL "
-        "prompt (what --preset paper sets; the toy needs none)",
+        "", "text put before each problem (user turn, joined by a space); 'recipe' = the paper's Table 7 RL prompt"
     )
     preset: str = field("", "'paper' = Table 6 hyper-parameters of the paper", choices=["", "paper"])
     # --- rollouts ---
@@ -81,51 +78,33 @@ class GRPOConfig(config.TrainingFlags):
     group_size: int = field(8, "n: responses sampled per prompt (the GRPO group)")
     temperature: float = field(0.6, "rollout sampling temperature (the log-probs use it too)", above=0.0)
     top_p: float = field(
-        1.0,
-        "rollout nucleus sampling; below 1 the engine's log-probs are renormalised over the nucleus while the "
-        "trainer's are not, so the rollout/logprob_abs_diff gap and --tis-cap are biased",
-        above=0.0,
-        at_most=1.0,
+        1.0, "nucleus sampling; below 1 biases the logprob gap and --tis-cap (docs/grpo.md)", above=0.0, at_most=1.0
     )
     max_prompt_length: int = field(2048, "prompt token limit (vLLM context = prompt + response)", at_least=1)
     max_response_length: int = field(64, "response token limit (paper: 4096)", at_least=1)
-    dynamic_sampling: bool = field(
-        False,
-        "DAPO dynamic sampling: drop groups whose accuracies are all equal and refill the batch from the sampler",
-    )
-    max_sampling_rounds: int = field(
-        3, "--dynamic-sampling: generation rounds per step at most (then train on the groups with signal)", at_least=1
-    )
+    dynamic_sampling: bool = field(False, "DAPO: drop groups whose accuracies are all equal, refill from the sampler")
+    max_sampling_rounds: int = field(3, "--dynamic-sampling: generation rounds per step at most", at_least=1)
     # --- loss (clip and KL; then the variants of verl / TRL, all off by default and in --preset paper) ---
     clip_low: float = field(0.2, "PPO clip: ratio >= 1 - clip_low", at_least=0.0, at_most=1.0)
     clip_high: float = field(0.2, "PPO clip: ratio <= 1 + clip_high", at_least=0.0)
     kl_coef: float = field(0.01, "weight of the k3 KL to the frozen reference (0 = no reference model)", at_least=0.0)
     adv_eps: float = field(1e-6, "added to the group std when normalising advantages", at_least=0.0)
     adv_norm: str = field(
-        "std",
-        "advantage scale in a group: std = (r - mean) / (std + eps); none = r - mean (Dr. GRPO)",
-        choices=["std", "none"],
+        "std", "group advantage: std = (r - mean) / (std + eps); none = r - mean (Dr. GRPO)", choices=["std", "none"]
     )
     loss_agg: str = field(
         "token-mean",
-        "loss normaliser: token-mean = response tokens of the global batch; seq-mean = mean over tokens per "
-        "response, then over responses (original GRPO); constant = max-response-length x responses (Dr. GRPO)",
+        "loss normaliser: token-mean (the batch's response tokens), seq-mean (per response, GRPO), constant (Dr. GRPO)",
         choices=["token-mean", "seq-mean", "constant"],
     )
     ratio_level: str = field(
         "token",
-        "importance ratio: token = PPO's per token; sequence = GSPO's exp(mean over the response of "
-        "logp - old_logp), one per response, clipped per response (with --loss-agg token-mean a response "
-        "weighs by its length; GSPO's objective is the mean over responses: --loss-agg seq-mean)",
+        "importance ratio: token = PPO's per token; sequence = GSPO's per response (GSPO's loss: --loss-agg seq-mean)",
         choices=["token", "sequence"],
     )
-    mask_truncated: bool = field(
-        False, "leave responses cut at --max-response-length out of the loss (and its normaliser)"
-    )
+    mask_truncated: bool = field(False, "drop responses cut at --max-response-length from the loss and its normaliser")
     tis_cap: float = field(
-        0.0,
-        "truncated importance sampling: each token's policy-gradient term x min(exp(trainer old - engine "
-        "log-prob), C), detached (0 = off)",
+        0.0, "TIS: each token's policy-gradient term x min(exp(trainer old - engine log-prob), C), detached (0 = off)"
     )
     # --- optimiser ---
     lr: float = field(1e-4, "AdamW learning rate, constant (paper: 1e-6)", above=0.0)
@@ -134,23 +113,15 @@ class GRPOConfig(config.TrainingFlags):
         2, "optimizer steps per rollout batch (> 1 recomputes old log-probs; paper: 1)", at_least=1
     )
     micro_batch_size: int = field(
-        32,
-        "sequences per forward/backward on one rank: the count with --max-tokens-per-micro-batch 0, else a cap",
-        at_least=1,
+        32, "sequences per forward/backward on one rank (a cap when --max-tokens-per-micro-batch > 0)", at_least=1
     )
     # --- reward ---
     format_weight: float = field(1.0, "weight of the format reward in the overall reward")
     accuracy_weight: float = field(1.0, "weight of the accuracy reward in the overall reward")
-    reward_workers: int = field(
-        2, "reward scoring processes per rank (0 = score in this process, the same time limit)", at_least=0
-    )
+    reward_workers: int = field(2, "reward processes per rank (0 = score in this process, same time limit)", at_least=0)
     reward_timeout_s: float = field(5.0, "hard time limit per response in reward scoring, seconds", above=0.0)
-    overlong_buffer: int = field(
-        0, "DAPO soft overlong punishment: responses longer than max-response-length - N are penalised (0 = off)"
-    )
-    overlong_penalty: float = field(
-        1.0, "the punishment at max-response-length, linear from 0 over the --overlong-buffer tokens (reward/overlong)"
-    )
+    overlong_buffer: int = field(0, "DAPO: responses longer than --max-response-length - N are penalised (0 = off)")
+    overlong_penalty: float = field(1.0, "penalty at --max-response-length, linear from 0 over the --overlong-buffer")
     # --- Variance-Aware Sampling ---
     vas: bool = field(False, "Variance-Aware Sampling instead of uniform shuffling")
     vas_online: bool = field(False, "also refresh the VPS of each batch's prompts from its training rollouts")
@@ -164,36 +135,26 @@ class GRPOConfig(config.TrainingFlags):
         0.0, "weights <- m * old + (1 - m) * new at each refresh (paper: 0)", at_least=0.0, at_most=1.0
     )
     vas_prompts_per_call: int = field(
-        256,
-        "prompts per generation call when re-scoring (x --vas-rollouts responses; vLLM batches them all)",
-        at_least=1,
+        256, "prompts per generation call when re-scoring (each x --vas-rollouts responses)", at_least=1
     )
     # --- validation and saving ---
     val_every: int = field(10, "validation accuracy every N steps (0 = only at the end)", at_least=0)
     val_limit: int = field(200, "validation prompts (0 = all)", at_least=0)
     val_temperature: float = field(0.5, "validation sampling temperature (n = 1)", at_least=0.0)
-    output_dir: str = field(
-        "runs/toy-grpo", "where checkpoints, metrics.jsonl and final/ go (toy slip: runs/toy-slip-grpo)"
-    )
+    output_dir: str = field("runs/toy-grpo", "checkpoints, metrics.jsonl and final/ (toy slip: runs/toy-slip-grpo)")
     toy: str = field(
         "default",
-        toy.VARIANT_HELP + " (given with only one of --model / --data, it supplies the other: "
-        "--toy slip --model M trains M on the slip RL rows)",
+        toy.VARIANT_HELP + " (given with only one of --model / --data, it supplies the other)",
         choices=list(toy.VARIANTS),
     )
     save_every: int = field(10, "checkpoint every N steps (0 = only final)", at_least=0)
     log_rollouts: int = field(
-        0,
-        "write N of each step's rollouts (prompt id, text, rewards, advantage) to rollouts.jsonl (0 = off)",
-        at_least=0,
+        0, "N rollouts per step (prompt id, text, rewards, advantage) to rollouts.jsonl (0 = off)", at_least=0
     )
     # --- system ---
     seed: int = field(0, "seed of the sampler, the rollouts and the init", at_least=0)
     gpu_memory_utilization: float = field(
-        0.0,
-        "vLLM's share of GPU memory (0 = from the memory plan: what the trainer leaves; mmr1/memory.py)",
-        at_least=0.0,
-        at_most=1.0,
+        0.0, "vLLM's share of GPU memory (0 = from the memory plan, mmr1/memory.py)", at_least=0.0, at_most=1.0
     )
 
 
