@@ -41,9 +41,7 @@ from mmr1.config import field
 class EvalConfig:
     """Scores a model on the five benchmarks of the paper (or the toy test split by default)."""
 
-    model: str = field(
-        "", "hub ids or local folders to evaluate, comma-separated (default: the toy SFT and GRPO checkpoints)"
-    )
+    model: str = field("", "comma-separated hub ids or local folders (default: the toy SFT and GRPO checkpoints)")
     benchmarks: str = field(
         ",".join(benchmarks.PAPER_BENCHMARKS), "comma-separated names from mmr1/benchmarks.py's registry (BENCHMARKS)"
     )
@@ -56,9 +54,7 @@ class EvalConfig:
     )
     engine: str = field("auto", "generation engine: vllm (GPU), hf, or auto", choices=["auto", "hf", "vllm"])
     temperature: float = field(0.0, "sampling temperature (0 = greedy)", at_least=0.0)
-    max_new_tokens: int = field(
-        4096, "response token limit (the RL stage trains 4096-token responses; the toy uses 64)", at_least=1
-    )
+    max_new_tokens: int = field(4096, "response token limit (as RL trains: 4096; the toy uses 64)", at_least=1)
     max_prompt_length: int = field(4096, "prompt token limit (vLLM context = prompt + response)", at_least=1)
     limit: int = field(0, "evaluate only the first N rows of each benchmark (0 = all)", at_least=0)
     batch_size: int = field(32, "prompts per generation call", at_least=1)
@@ -68,9 +64,8 @@ class EvalConfig:
     seed: int = field(0, "sampling seed", at_least=0)
     compare_official: str = field(
         "",
-        "instead of evaluating: a per-sample file of an earlier run (<output-dir>/<model>/<benchmark>.jsonl) or a "
-        "folder of them; prints per file how many verdicts differ from a strict exact-match reading "
-        "(what the rules' leniency added to the score) and exits",
+        "instead of evaluating: per file of an earlier run (<output-dir>/<model>/<benchmark>.jsonl or a folder of "
+        "them), how many verdicts differ from a strict exact-match reading; prints and exits",
     )
 
 

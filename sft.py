@@ -38,9 +38,7 @@ class SFTConfig(config.TrainingFlags):
     data: str = field("", "SFT rows: hub id, parquet/jsonl file or folder, name@split (default: toy)")
     val_data: str = field("", "SFT rows for the validation loss (default: toy val split)")
     acc_data: str = field("", "RL-format rows for the final validation accuracy (default: toy val split)")
-    output_dir: str = field(
-        "runs/toy-sft", "where checkpoints, metrics.jsonl and final/ go (toy slip: runs/toy-slip-sft)"
-    )
+    output_dir: str = field("runs/toy-sft", "checkpoints, metrics.jsonl and final/ (toy slip: runs/toy-slip-sft)")
     toy: str = field(
         "default",
         toy.VARIANT_HELP + " (given with only one of --model / --data, it supplies the other)",
@@ -51,14 +49,10 @@ class SFTConfig(config.TrainingFlags):
     max_steps: int = field(300, "optimizer steps; 0 = derived from --epochs", at_least=0)
     batch_size: int = field(32, "effective global batch (rows per optimizer step, all ranks)", at_least=1)
     micro_batch_size: int = field(
-        16,
-        "rows per forward/backward on one rank: the count with --max-tokens-per-micro-batch 0, else a cap",
-        at_least=1,
+        16, "rows per forward/backward on one rank (a cap when --max-tokens-per-micro-batch > 0)", at_least=1
     )
     lr: float = field(2e-3, "peak AdamW learning rate", above=0.0)
-    warmup_ratio: float = field(
-        0.1, "share of steps with linear warm-up, then cosine decay to 0", at_least=0.0, at_most=1.0
-    )
+    warmup_ratio: float = field(0.1, "share of steps warming up linearly, then cosine to 0", at_least=0.0, at_most=1.0)
     weight_decay: float = field(0.0, "AdamW weight decay", at_least=0.0)
     max_length: int = field(0, "cut sequences to this many tokens (0 = no cut)", at_least=0)
     freeze_vision: bool = field(False, "keep the vision tower frozen")

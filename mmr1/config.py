@@ -149,11 +149,7 @@ class TrainingFlags:
     max_tokens_per_micro_batch: int = field(
         4096, "tokens per forward/backward on one rank (0 = fixed --micro-batch-size sequences)", at_least=0
     )
-    pack: bool = field(
-        True,
-        "padding-free forward: each micro-batch's sequences packed into one row (--no-pack: right-padded, "
-        "for comparison)",
-    )
+    pack: bool = field(True, "padding-free forward: a micro-batch's sequences packed into one row (--no-pack: padded)")
     logprob_chunk: int = field(1024, "positions per lm_head chunk in the log-prob pass (memory vs speed)", at_least=1)
     gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
     max_grad_norm: float = field(1.0, "gradient clipping norm", above=0.0)
@@ -162,16 +158,10 @@ class TrainingFlags:
         0, "skip (and count) up to N steps with a non-finite loss or grad norm; 0 = stop at the first", at_least=0
     )
     resume: bool = field(
-        False,
-        "continue from the latest <output-dir>/step-N (bit for bit on CPU; approximately on GPU: FA2's "
-        "backward, and in grpo.py vLLM's batching, are not deterministic)",
+        False, "continue from the latest <output-dir>/step-N (bit for bit on CPU, approximately on GPU: docs/grpo.md)"
     )
-    stop_after: int = field(
-        0, "exit after this many steps without the final save, as a preemption would (testing)", at_least=0
-    )
-    save_total_limit: int = field(
-        0, "keep only the newest N step-* checkpoints (final/ is always kept; 0 = all)", at_least=0
-    )
+    stop_after: int = field(0, "exit after N steps without the final save, as a preemption would (testing)", at_least=0)
+    save_total_limit: int = field(0, "keep the newest N step-* checkpoints (final/ always kept; 0 = all)", at_least=0)
     report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
 
 
