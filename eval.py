@@ -11,13 +11,8 @@ Every answer is extracted with reward.extract_answer and scored by its benchmark
 <output-dir>/<model>/<benchmark>.jsonl (one line per sample) and results.md / results.json: the paper's
 rows beside the evaluated models, and each benchmark's breakdowns (its registry entry).
 
-Departures from the official scorers (docs/eval.md tables each case a rule credits differently):
-- no LLM judge or extractor: the last \boxed{} is the answer (MathVista, MathVerse and LogicVista have GPT
-  extract it; MATH-V extracts by rule), and equivalence is rule-based (MathVerse asks GPT);
-- the most-similar-option fallback for MathVista only (its calculate_score has it; the other three not);
-- MathVista integers must equal the gold (calculate_score's int(float(x)) would pass 7.9 for 7);
-- MathVista free-form prompts carry its `query` hint (answer type, precision) and unit; its
-  multiple-choice hint is left to the Table 8 system prompt.
+Departures from the official scorers (no LLM judge or extractor; the most-similar-option fallback for MathVista
+only; exact MathVista integers; its `query` hint in free-form prompts): docs/eval.md, case by case.
 """
 
 from __future__ import annotations

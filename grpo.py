@@ -13,19 +13,8 @@ global batch -> AdamW -> (VAS) refresh VPS -> log / validate / save. The GRPO op
 sampling, Dr. GRPO, GSPO, overlong handling, TIS) are flags, all off by default and in --preset paper
 (docs/grpo.md "Loss variants and overlong handling").
 
-Where this GRPO departs from the textbook, and why:
-- The loss is the token mean over the GLOBAL batch (every response token of every rank and micro-batch weighs
-  the same), not a per-sequence or per-micro-batch mean; FSDP2 sums the ranks' gradients, so the result is the
-  one-process full-batch gradient.
-- Advantages use the unbiased group std, and a group whose rewards are all equal gets advantage 0 (no signal;
-  counted in vas/zero_var_frac) rather than 0 / eps.
-- The KL is a loss term, k3 = exp(ref - logp) - (ref - logp) - 1 to a FROZEN reference (the starting model),
-  clamped to [-10, 10] per token as the recipe does; it is not in the reward.
-- Log-probs (policy, old, reference) and the entropy are those of softmax(logits / T), T the rollout
-  temperature: the ratio and the KL are those of the distribution that was sampled.
-- With one update per rollout batch (the recipe), pi_old IS the current policy, so its log-probs are the
-  detached current ones: ratio = 1 in value and grad(ratio) = grad(logp), as a separate forward would give.
-  With --updates-per-batch > 1 they are recomputed once, before the first update.
+Where this GRPO departs from the textbook, and why (the token mean over the global batch, the unbiased
+group std, the clamped k3 KL to a frozen reference, log-probs at the rollout temperature, pi_old): docs/grpo.md.
 """
 
 from __future__ import annotations
