@@ -4,15 +4,9 @@ A model's family is its config's `model_type`; the stages look it up here once, 
 unknown one stops with one line naming the supported families), and ask the Family what they
 need; no other module decides anything by family (the published sizes to plan without a
 download, memory.qwen25_vl_config and qwen3_vl_8b_config below, and the toy builders of
-data/toy.py name theirs). What differs (checkpoint names, packing: refused for Qwen3.5, whose
-linear-attention layers would carry state across the sequences of a packed row, vLLM's CPU build,
-the vision tower's sizes), and why, is in docs/models.md, each checked on a tiny random model of
-the family (`python -m data.toy --family F`, tests/test_families.py).
-
-What does not differ, so needs no entry: the packed forward (attention_mask None, 4-row position
-ids restarting per sequence), `get_rope_index`'s signature, the `visual` / `language_model`
-attributes, the vision special tokens, the vision attention's qkv + rotary + proj layout that
-vision_varlen replaces. Patch size and merge size are read from the processor (image_factor).
+data/toy.py name theirs). What differs (checkpoint names, packing, vLLM's CPU build, the vision
+tower's sizes), what does not, and why: docs/models.md, each checked on a tiny random model of the family
+(`python -m data.toy --family F`, tests/test_families.py).
 """
 
 from __future__ import annotations
