@@ -240,16 +240,8 @@ def sft_layout(processor, row: dict, min_pixels: int, max_pixels: int) -> tuple[
     return len(ids), int(images_at[-1]) if len(images_at) else None, first
 
 
-def sft_micro_batches(
-    processor,
-    rows: list[dict],
-    min_pixels: int,
-    max_pixels: int,
-    max_length: int,
-    max_tokens: int,
-    max_seqs: int,
-    d: Dist | None = None,
-) -> list[dict[str, torch.Tensor]]:
+def sft_micro_batches(processor, rows: list[dict], min_pixels: int, max_pixels: int, max_length: int, max_tokens: int,
+                      max_seqs: int, d: Dist | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
     """This rank's SFT rows as micro-batches (sft_batch inputs + labels, cut at max_length) planned
     by token budget (plan_micro_batches; the same count on every rank). Each row is processed once,
     on its own. The rows are trusted: the door (prepare.py) left out any row the cut would spoil."""

@@ -306,14 +306,8 @@ class MetricLogger:
     every step appears once. Each record is one write of whole lines; a failed write (a full disk) is kept in
     `failed`, not raised, so the run can save the step it has just trained before it stops (run.Run.end_step)."""
 
-    def __init__(
-        self,
-        out_dir: str | Path,
-        config: Any,
-        report_to: str = "",
-        project: str = "mmr1",
-        resume_from: int | None = None,
-    ):
+    def __init__(self, out_dir: str | Path, config: Any, report_to: str = "", project: str = "mmr1",
+                 resume_from: int | None = None):  # fmt: skip
         self.path = Path(out_dir) / "metrics.jsonl"
         self.rollouts_path = Path(out_dir) / "rollouts.jsonl"
         self.failed: str | None = None  # the first write that failed: "could not write <file> (<error>)"
@@ -386,14 +380,8 @@ class NullLogger:
         """Nothing to close."""
 
 
-def metric_logger(
-    out_dir: str | Path,
-    config: Any,
-    master: bool,
-    report_to: str = "",
-    project: str = "mmr1",
-    resume_from: int | None = None,
-) -> MetricLogger | NullLogger:
+def metric_logger(out_dir: str | Path, config: Any, master: bool, report_to: str = "", project: str = "mmr1",
+                  resume_from: int | None = None) -> MetricLogger | NullLogger:  # fmt: skip
     """Rank 0's MetricLogger (master), a NullLogger on the other ranks."""
     return MetricLogger(out_dir, config, report_to, project, resume_from) if master else NullLogger()
 

@@ -78,14 +78,8 @@ def logprobs_from_hidden(
     return torch.cat(logps, 1), torch.cat(ents, 1)
 
 
-def token_logprobs(
-    model,
-    inputs: dict[str, torch.Tensor],
-    chunk_size: int = 1024,
-    entropy: bool = False,
-    temperature: float = 1.0,
-    packed: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, inputs: dict[str, torch.Tensor], chunk_size: int = 1024, entropy: bool = False,
+                   temperature: float = 1.0, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Log-probs (B, T-1) in fp32 of input_ids[:, 1:] given the prefix under softmax(logits /
     temperature), and entropies (B, T-1) of that distribution.
 

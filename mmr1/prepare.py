@@ -372,15 +372,8 @@ def _apply_rule(spec: str, rows: int, bad: list[tuple[int, str, str]], skip_bad_
         raise BadRowError(f"{spec}: no usable rows ({len(bad)} left out; first: {bad[0][2]})")
 
 
-def load_rows(
-    spec: str,
-    kind: str,
-    split: str = "train",
-    skip_bad_rows: bool = False,
-    limit: int = 0,
-    min_pixels: int = 3136,
-    max_pixels: int = 1048576,
-) -> data.Rows:
+def load_rows(spec: str, kind: str, split: str = "train", skip_bad_rows: bool = False, limit: int = 0,
+              min_pixels: int = 3136, max_pixels: int = 1048576) -> data.Rows:  # fmt: skip
     """A data set's rows through the door without a model (fields, text, image headers; no token
     counts), in one process: for tools, benchmarks and tests that read data as the stages do."""
     one = dist.Dist(0, 1, 0, torch.device("cpu"))

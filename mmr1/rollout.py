@@ -70,19 +70,9 @@ class SampledLogprobs:
         return torch.stack(self.steps, 1) if self.steps else torch.zeros(len(generated), 0)
 
 
-def make_engine(
-    kind: str,
-    model,
-    processor,
-    d: dist.Dist,
-    *,
-    model_path: str,
-    min_pixels: int,
-    max_pixels: int,
-    prompt_format: chat.PromptFormat = chat.PromptFormat(),
-    batch_size: int = 32,
-    **vllm_options,
-):
+def make_engine(kind: str, model, processor, d: dist.Dist, *, model_path: str, min_pixels: int, max_pixels: int,
+                prompt_format: chat.PromptFormat = chat.PromptFormat(), batch_size: int = 32,
+                **vllm_options):  # fmt: skip
     """'hf', 'vllm', or 'auto' (vLLM when it imports and a GPU is there, else HF).
 
     model: the live model (HF engine; may be None for vLLM); model_path: the checkpoint vLLM loads.
@@ -124,17 +114,8 @@ class HFEngine:
     shares_prefill = False  # each of a prompt's n responses is prefilled on its own (FLOP counts, mmr1/perf.py)
     pushes = 0  # weight pushes: none, it generates with the training model
 
-    def __init__(
-        self,
-        model,
-        processor,
-        d: dist.Dist,
-        *,
-        min_pixels: int,
-        max_pixels: int,
-        batch_size: int = 32,
-        prompt_format: chat.PromptFormat = chat.PromptFormat(),
-    ):
+    def __init__(self, model, processor, d: dist.Dist, *, min_pixels: int, max_pixels: int, batch_size: int = 32,
+                 prompt_format: chat.PromptFormat = chat.PromptFormat()):  # fmt: skip
         self.model, self.processor, self.d = model, processor, d
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.batch_size, self.prompt_format = batch_size, prompt_format

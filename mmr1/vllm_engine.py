@@ -40,20 +40,9 @@ class VLLMEngine:
 
     shares_prefill = True  # a prompt is prefilled once for its n responses (FLOP counts, mmr1/perf.py)
 
-    def __init__(
-        self,
-        model_path: str,
-        processor,
-        d: dist.Dist,
-        *,
-        min_pixels: int,
-        max_pixels: int,
-        prompt_format: chat.PromptFormat = chat.PromptFormat(),
-        gpu_memory_utilization: float = 0.75,
-        max_model_len: int = 8192,
-        weights_version: int | None = 0,
-        sleep_mode: bool = True,
-    ):
+    def __init__(self, model_path: str, processor, d: dist.Dist, *, min_pixels: int, max_pixels: int,
+                 prompt_format: chat.PromptFormat = chat.PromptFormat(), gpu_memory_utilization: float = 0.75,
+                 max_model_len: int = 8192, weights_version: int | None = 0, sleep_mode: bool = True):  # fmt: skip
         if d.device.type != "cuda":
             families.check_vllm_cpu(model_path)  # a family the CPU build refuses: one line, before vLLM starts
         try:
@@ -206,15 +195,8 @@ def kept_rng(device: torch.device):
             torch.cuda.set_rng_state(cuda, device)
 
 
-def vllm_engine_args(
-    model_path: str,
-    d: dist.Dist,
-    min_pixels: int,
-    max_pixels: int,
-    max_model_len: int,
-    gpu_memory_utilization: float,
-    sleep_mode: bool,
-) -> dict:
+def vllm_engine_args(model_path: str, d: dist.Dist, min_pixels: int, max_pixels: int, max_model_len: int,
+                     gpu_memory_utilization: float, sleep_mode: bool) -> dict:  # fmt: skip
     """Every keyword argument of the `LLM(...)` a VLLMEngine builds (tests check them against the
     installed vLLM's signature). max_model_len (tokens) is clamped to the model's max_position_embeddings
     (vLLM refuses a longer context)."""
