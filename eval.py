@@ -262,18 +262,10 @@ def make_engine(cfg: EvalConfig, path: str, model, processor, d: dist.Dist):
     """The engine answering the benchmarks for the checkpoint at `path`; vLLM without sleep mode (nothing
     trains beside it, and a second model of `--model a,b` would trip vLLM's one sleep-mode allocator)."""
     return rollout.make_engine(
-        cfg.engine,
-        model,
-        processor,
-        d,
-        model_path=path,
-        min_pixels=cfg.min_pixels,
-        max_pixels=cfg.max_pixels,
-        batch_size=cfg.batch_size,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        max_model_len=cfg.max_new_tokens + cfg.max_prompt_length,
-        sleep_mode=False,
-    )
+        cfg.engine, model, processor, d, model_path=path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+        batch_size=cfg.batch_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_model_len=cfg.max_new_tokens + cfg.max_prompt_length, sleep_mode=False,
+    )  # fmt: skip
 
 
 def models_and_benchmarks(cfg: EvalConfig) -> tuple[dict[str, str], list[str]]:
