@@ -88,6 +88,7 @@ def field_default(f: dataclasses.Field) -> Any:
 # Fields the stages share, checked by name wherever a config has them (the same rule in every stage).
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's np.random.seed accepts (dist.setup_distributed seeds it)
 LOG_SINKS = ("wandb", "tensorboard")  # what --report-to may name (MetricLogger mirrors to these)
+BOUNDS = (("at_least", ">=", operator.lt), ("above", ">", operator.le), ("at_most", "<=", operator.gt))  # field()'s
 
 
 def check_bounds(config: Any) -> list[str]:
@@ -111,11 +112,7 @@ def bound_problem(value: Any, meta: Any) -> str | None:
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
-    for kind, sign, broken in (
-        ("at_least", ">=", operator.lt),
-        ("above", ">", operator.le),
-        ("at_most", "<=", operator.gt),
-    ):
+    for kind, sign, broken in BOUNDS:
         if kind in meta and broken(value, meta[kind]):
             return f"must be {sign} {meta[kind]}, got {value}"
     return None
