@@ -543,9 +543,8 @@ def refresh_vps(engine, model, rows: list[dict], state: SamplerState, cfg: GRPOC
     return scores
 
 
-def refresh_vps_online(
-    vps: np.ndarray, sampler: vas.MixedSampler, groups: list[Group], cfg: GRPOConfig, d: dist.Dist
-) -> None:
+def refresh_vps_online(vps: np.ndarray, sampler: vas.MixedSampler, groups: list[Group], cfg: GRPOConfig,
+                       d: dist.Dist) -> None:  # fmt: skip
     """--vas-online: the VPS of the prompts of `groups` (every group the step sampled, dropped ones
     too) from their training rollouts (no extra generation), gathered over ranks into `vps` (P,),
     then the sampler re-weighted. A prompt sampled twice in a step is scored on all its responses."""
@@ -563,9 +562,8 @@ def refresh_vps_online(
     sampler.update_weights(vas.normalise_weights(vps, sampler.weights, cfg.vas_momentum))
 
 
-def vas_phase(
-    engine, model, rows, batch: StepBatch, state: SamplerState, cfg: GRPOConfig, d, pool, done: int, total: int, out_dir
-) -> None:
+def vas_phase(engine, model, rows, batch: StepBatch, state: SamplerState, cfg: GRPOConfig, d, pool, done: int,
+              total: int, out_dir) -> None:  # fmt: skip
     """VAS after `done` of `total` updates: --vas-online re-scores the step's prompts from its rollouts
     (dropped groups too); every --vas-update-every steps but the last, every prompt gets fresh ones."""
     if cfg.vas and cfg.vas_online:
@@ -652,9 +650,8 @@ STAT_METRICS = {
 }  # fmt: skip
 
 
-def batch_metrics(
-    batch: StepBatch, zero_var: torch.Tensor, stats: dict[str, float], grad_norm: float, cfg: GRPOConfig, d: dist.Dist
-) -> dict[str, float]:
+def batch_metrics(batch: StepBatch, zero_var: torch.Tensor, stats: dict[str, float], grad_norm: float, cfg: GRPOConfig,
+                  d: dist.Dist) -> dict[str, float]:  # fmt: skip
     """The train/ (but lr), reward/, rollout/ and vas/zero_var_frac metrics of one step, averaged over all
     ranks: of the trained batch (a filler group counts as zero-variance), and (`_sampled`, rounds, generated
     responses and tokens) of everything this step sampled, dropped groups and refills included."""
@@ -693,9 +690,8 @@ def batch_metrics(
     return train | {k: sums[k] / (sequences if k in per_sequence else groups) for k in per_sequence | per_group}
 
 
-def perf_metrics(
-    model_config, batch: StepBatch, t_rollout: float, t_update: float, engine, cfg: GRPOConfig, d: dist.Dist
-) -> dict[str, float]:
+def perf_metrics(model_config, batch: StepBatch, t_rollout: float, t_update: float, engine, cfg: GRPOConfig,
+                 d: dist.Dist) -> dict[str, float]:  # fmt: skip
     """Throughput of the step, all ranks together (docs/grpo.md "Throughput and MFU"): generated tokens per
     rollout second, trained prompt + response tokens per update second; on CUDA with a known peak also
     perf/mfu (mmr1.perf.step_flops of both phases over their seconds x ranks x peak) and perf/mfu_update."""
@@ -821,9 +817,8 @@ def load_models(policy_path: str, cfg: GRPOConfig, d: dist.Dist):
     return processor, model, ref_model, optimizer
 
 
-def make_engine(
-    model, processor, policy_path: str, version: int, fmt: chat.PromptFormat, cfg: GRPOConfig, d: dist.Dist
-):
+def make_engine(model, processor, policy_path: str, version: int, fmt: chat.PromptFormat, cfg: GRPOConfig,
+                d: dist.Dist):  # fmt: skip
     """The rollout engine: HF generate on the policy, or vLLM started from policy_path (weights after `version`
     steps); on a GPU vLLM's memory share is memory_plan_utilization's unless --gpu-memory-utilization gives one."""
     utilization = cfg.gpu_memory_utilization

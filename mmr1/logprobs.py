@@ -50,14 +50,9 @@ def _chunk_logprobs(
     return logp, ent
 
 
-def logprobs_from_hidden(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_size: int = 1024,
-    entropy: bool = False,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
+                         entropy: bool = False,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Log-probs (B, T) in fp32 of `targets` (B, T) under softmax(hidden (B, T, H) @ weight.T (V, H) / temperature).
 
     temperature: that of the sampler (the ratio, the KL and the entropy are those of the distribution
