@@ -149,10 +149,7 @@ class GRPOConfig(config.TrainingFlags):
 
 # fmt: off
 PRESETS = {
-    # Table 6 of the paper (and its VAS settings): lr 1e-6 constant, KL k3 0.01, clip 0.2/0.2,
-    # n 8 at temperature 0.6, 2048/4096 tokens, rollout and actor batch 512, micro-batch 8,
-    # images in [7056, 1048576] pixels, 10 episodes, VAS N = 16, lambda 0.5, alpha/beta 0.8/0.2,
-    # T 56; the Table 7 RL prompt before every problem.
+    # Table 6 of the paper and its VAS settings, the Table 7 RL prompt before every problem (docs/grpo.md)
     "paper": dict(
         max_steps=0, episodes=10.0, rollout_batch_size=512, group_size=8, temperature=0.6, top_p=1.0,
         max_prompt_length=2048, max_response_length=4096, micro_batch_size=8, max_tokens_per_micro_batch=16384,

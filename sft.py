@@ -66,10 +66,7 @@ class SFTConfig(config.TrainingFlags):
 
 # fmt: off
 PRESETS = {
-    # Table 5 of the paper: 3 epochs, lr 1e-5 cosine, warm-up 0.1, wd 0, clip 1.0, batch 32, cutoff 16384.
-    # The micro-batch is a cap: each of 8 ranks holds 4 rows of a step, packed up to 16384 tokens a pass (= the
-    # cut-off: the longest row still fits a pass by itself). ~152 saves of ~116 GB would fill 17.5 TB: newest 3
-    # + final/ (~0.5 TB).
+    # Table 5 of the paper; the micro-batch cap and the save limit: docs/sft.md
     "paper": dict(
         epochs=3.0, max_steps=0, lr=1e-5, warmup_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0, batch_size=32,
         micro_batch_size=4, max_tokens_per_micro_batch=16384, max_length=16384, gradient_checkpointing=True,
