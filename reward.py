@@ -97,7 +97,8 @@ def format_reward(text: str | None) -> float:
 
 
 # --- Equivalence ---
-_UNITS = r"(?:cm|mm|km|m|kg|g|mg|s|sec|seconds|minutes|min|hours|h|units?|degrees?|dollars?|cents?|inch(?:es)?|ft|feet|meters?|°)"
+_UNITS = (r"(?:cm|mm|km|m|kg|g|mg|s|sec|seconds|minutes|min|hours|h|units?|degrees?|dollars?|cents?|inch(?:es)?"
+          r"|ft|feet|meters?|°)")  # fmt: skip
 _UNIT_SUFFIX = re.compile(r"\s{0,4}" + _UNITS + r"$")  # '5 cm', '145°' (a bounded run: linear time)
 # Digits with optional thousands separators: ',' or one space (NBSP, narrow NBSP and thin space are spaces
 # after NFKC) between groups of exactly three digits, the same separator throughout; or a bare '.5'.

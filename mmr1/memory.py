@@ -3,20 +3,14 @@ run's settings: what the trainer holds in each phase, what is left for vLLM, and
 `gpu_memory_utilization` that fits. Printed by scripts/plan_memory.py (docs/paper-scale.md holds the
 table); grpo.py takes its share for vLLM from here unless --gpu-memory-utilization is given.
 
-The two phases on every rank (FSDP2 over W ranks, vLLM in sleep mode between rollouts):
-  rollout:  trainer resident (fp32 param shard, AdamW shard, bf16 reference shard) + vLLM awake
-            (its share u of the card: weights, activations, KV cache)
-  training: trainer resident + gradients + gathered blocks + activations + log-prob chunk, with
-            vLLM asleep (weights offloaded to the host, KV cache freed)
-vLLM sizes its KV cache ONCE, at creation, as u * card - (its weights + activations), and refuses to
-start when less than u * card is free. grpo.py creates AdamW's state before vLLM starts, so the
-trainer holds its step-1 footprint then and a plan that does not fit fails at start-up; u leaves room
-for that trainer, the CUDA context, NCCL's buffers and allocator fragmentation (the constants below).
+Two phases on every rank: rollout (trainer resident + vLLM awake, its share u of the card) and training
+(trainer resident + gradients, gathered blocks, activations, log-prob chunk; vLLM asleep). vLLM sizes its KV
+cache once, at creation, so u is planned for the trainer of step 1 (docs/paper-scale.md "Memory plan").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = 1.0  # CUDA context, cuBLAS/cuDNN workspaces per process (CUDA 13 loads kernels lazily)
@@ -150,18 +144,18 @@ def plan(config, card_gib: float, run: RunSettings = RunSettings()) -> dict[str,
     weights = 2 * p["total"] / GIB
     kv_per_token = 2 * s["layers"] * s["kv_heads"] * s["head_dim"] * 2  # K and V, bf16, bytes
     kv_cache = u * card_gib - weights - VLLM_ACTIVATION_GIB
+    sequence = run.max_prompt_length + run.max_response_length
     out |= {
         "vLLM weights bf16": weights,
         "vLLM activations": VLLM_ACTIVATION_GIB,
         "gpu_memory_utilization": u,
         "vLLM KV cache": kv_cache,
         "KV tokens": kv_cache * GIB / kv_per_token,
-        "KV sequences (prompt + response)": kv_cache * GIB / kv_per_token / (run.max_prompt_length + run.max_response_length),
+        "KV sequences (prompt + response)": kv_cache * GIB / kv_per_token / sequence,
         "rollout peak": out["trainer resident"] + u * card_gib + CUDA_CONTEXT_GIB + nccl,
         "card": card_gib,
         "params (B)": p["total"] / 1e9,
     }  # fmt: skip
-    sequence = run.max_prompt_length + run.max_response_length
     out["fits"] = float(out["training peak"] <= card_gib and out["KV tokens"] >= sequence)
     return out
 
@@ -169,12 +163,10 @@ def plan(config, card_gib: float, run: RunSettings = RunSettings()) -> dict[str,
 def what_fits(config, card_gib: float, run: RunSettings) -> str:
     """What would fit when `run` does not (plan()'s `fits` is 0): the fewest ranks of this card, or
     a smaller --max-tokens-per-micro-batch at this world size, in words."""
-    import dataclasses
-
     ranks = next((w for w in (1, 2, 4, 8, 16, 32, 64) if w > run.world_size
-                  and plan(config, card_gib, dataclasses.replace(run, world_size=w))["fits"]), None)  # fmt: skip
+                  and plan(config, card_gib, replace(run, world_size=w))["fits"]), None)  # fmt: skip
     tokens = next((t for t in (8192, 4096, 2048) if t < run.tokens_per_micro_batch
-                   and plan(config, card_gib, dataclasses.replace(run, tokens_per_micro_batch=t))["fits"]), None)  # fmt: skip
+                   and plan(config, card_gib, replace(run, tokens_per_micro_batch=t))["fits"]), None)  # fmt: skip
     options = ([f"{ranks} GPUs of this card"] if ranks else []) + (
         [f"--max-tokens-per-micro-batch {tokens}"]
         if tokens and tokens >= run.max_prompt_length + run.max_response_length  # a sequence fits a pass
@@ -196,8 +188,8 @@ def gpu_memory_utilization(config, card_gib: float, run: RunSettings) -> float:
         )
     if result["KV tokens"] < run.max_prompt_length + run.max_response_length:
         raise SystemExit(
-            f"error: memory plan: {card_gib:.1f} GiB per GPU leaves vLLM {result['vLLM KV cache']:.1f} GiB of KV cache after "
-            f"the trainer's {result['trainer resident']:.1f} GiB; use more GPUs or --engine hf"
+            f"error: memory plan: {card_gib:.1f} GiB per GPU leaves vLLM {result['vLLM KV cache']:.1f} GiB of KV cache "
+            f"after the trainer's {result['trainer resident']:.1f} GiB; use more GPUs or --engine hf"
         )
     return result["gpu_memory_utilization"]
 
