@@ -43,9 +43,7 @@ class EvalConfig:
     bench_data: str = field("", "local overrides, name=path[,name=path]: parquet/jsonl in the benchmark's columns")
     output_dir: str = field("runs/eval", "where per-sample jsonl files and the results table go")
     toy: str = field(
-        "default",
-        toy.VARIANT_HELP + " (given with --model: those models on this toy's test split)",
-        choices=list(toy.VARIANTS),
+        "default", toy.VARIANT_HELP + " (with --model: those models on its test split)", choices=list(toy.VARIANTS)
     )
     engine: str = field("auto", "generation engine: vllm (GPU), hf, or auto", choices=["auto", "hf", "vllm"])
     temperature: float = field(0.0, "sampling temperature (0 = greedy)", at_least=0.0)

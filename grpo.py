@@ -48,9 +48,7 @@ class GRPOConfig(config.TrainingFlags):
     data: str = field("", "RL rows: hub id, parquet/jsonl file or folder, name@split (default: toy train)")
     val_data: str = field("", "RL rows for validation accuracy (default: toy val split)")
     val_benchmark: str = field(
-        "",
-        "read --val-data in this benchmark's columns and score it by its rule (no --val-data: the hub copy)",
-        choices=["", *benchmarks.BENCHMARKS],
+        "", "validate on this benchmark: --val-data (its columns) or its hub copy", choices=["", *benchmarks.BENCHMARKS]
     )
     train_limit: int = field(0, "use only the first N training prompts (0 = all; the toy uses 512)", at_least=0)
     instruction: str = field(
@@ -132,9 +130,7 @@ class GRPOConfig(config.TrainingFlags):
     val_temperature: float = field(0.5, "validation sampling temperature (n = 1)", at_least=0.0)
     output_dir: str = field("runs/toy-grpo", "checkpoints, metrics.jsonl and final/ (toy slip: runs/toy-slip-grpo)")
     toy: str = field(
-        "default",
-        toy.VARIANT_HELP + " (given with only one of --model / --data, it supplies the other)",
-        choices=list(toy.VARIANTS),
+        "default", toy.VARIANT_HELP + " (supplies whichever of --model / --data is missing)", choices=list(toy.VARIANTS)
     )
     save_every: int = field(10, "checkpoint every N steps (0 = only final)", at_least=0)
     log_rollouts: int = field(

@@ -40,9 +40,7 @@ class SFTConfig(config.TrainingFlags):
     acc_data: str = field("", "RL-format rows for the final validation accuracy (default: toy val split)")
     output_dir: str = field("runs/toy-sft", "checkpoints, metrics.jsonl and final/ (toy slip: runs/toy-slip-sft)")
     toy: str = field(
-        "default",
-        toy.VARIANT_HELP + " (given with only one of --model / --data, it supplies the other)",
-        choices=list(toy.VARIANTS),
+        "default", toy.VARIANT_HELP + " (supplies whichever of --model / --data is missing)", choices=list(toy.VARIANTS)
     )
     preset: str = field("", "'paper' = Table 5 hyper-parameters of the paper", choices=["", "paper"])
     epochs: float = field(1.0, "passes over the training rows (ignored when --max-steps > 0)", at_least=0.0)
