@@ -3,7 +3,12 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+# Each test process (one per pytest-xdist worker) gets its own datasets cache, inherited by the stage
+# scripts it runs, before anything imports `datasets`: the door's tables of one worker never meet another's.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="mmr1-tests-datasets-")
 
 import pytest
 import torch

@@ -268,13 +268,15 @@ def test_sft_grpo_eval_end_to_end(family, toy_dir, tmp_path):
     assert results["chartqa"]["n"] == 2
 
 
-def test_a_resumed_qwen3_vl_run_equals_the_uninterrupted_one(toy_dir, tmp_path):
-    """Resume on a family other than Qwen2.5-VL: GRPO on the Qwen3-VL toy stopped after step 1
-    (--stop-after, a checkpoint at step-1) and resumed to step 2 ends with the uninterrupted run's
-    weights and metrics bit for bit (CPU, fp32: the same operations in the same order)."""
+@pytest.mark.parametrize("family", END_TO_END)
+def test_a_resumed_run_equals_the_uninterrupted_one(family, toy_dir, tmp_path):
+    """Resume on the families other than Qwen2.5-VL (tests/test_grpo.py has its own): GRPO on the
+    family's toy stopped after step 1 (--stop-after, a checkpoint at step-1) and resumed to step 2 ends
+    with the uninterrupted run's weights and metrics bit for bit (CPU, fp32: the same operations in the
+    same order)."""
     from safetensors.torch import load_file
 
-    init = toy.build_toy_model(tmp_path / "init", seed=0, family="qwen3_vl")
+    init = toy.build_toy_model(tmp_path / "init", seed=0, family=family)
     common = ["--model", str(init), "--data", f"{toy_dir / 'data' / 'rl'}@train", "--max-steps", "2",
               "--train-limit", "8", "--rollout-batch-size", "2", "--group-size", "4", "--max-response-length", "8",
               "--val-limit", "0", "--reward-workers", "0", "--lr", "1e-3", "--save-every", "1"]  # fmt: skip
