@@ -6,6 +6,7 @@ bench/results/sampler-budget/PROTOCOL.md (docs/vas-study.md, "The equal-budget s
     python -m data.toy --variant spread
     mkdir -p /tmp/sb-code && git archive HEAD | tar -x -C /tmp/sb-code && git rev-parse HEAD > /tmp/sb-code/COMMIT
     nohup setsid nice -n 19 python bench/sampler_budget.py --code /tmp/sb-code > /tmp/sampler-budget.log 2>&1 &
+    echo 19 > /proc/$!/autogroup  # setsid makes a scheduler autogroup: without this, nice alone gets it half the CPU
     python bench/sampler_budget.py --skip-train        # tables and plot from the archive alone
 
 Training: each run is grpo.py (of --code: a snapshot of the repository at one commit, made with
