@@ -158,7 +158,7 @@ PRESETS = {
 # fmt: on
 
 
-# --- The GRPO math ----------------------------------------------------------------------------------
+# --- The GRPO math ---
 
 
 def group_advantages(rewards: torch.Tensor, n: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,7 +342,7 @@ def frozen_token_logprobs(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dis
     return [logprobs.batch_logprobs(model, b["inputs"], *args)[0].float().cpu() for b in micro]
 
 
-# --- The phases of one step -------------------------------------------------------------------------
+# --- The phases of one step ---
 
 
 @dataclass
@@ -565,7 +565,7 @@ def vas_phase(engine, model, rows, batch: StepBatch, state: SamplerState, cfg: G
         refresh_vps(engine, model, rows, state, cfg, d, pool, done, out_dir)
 
 
-# --- Bookkeeping: what the loop carries from step to step, and one step's metrics -------------------
+# --- Bookkeeping: what the loop carries from step to step, and one step's metrics ---
 
 
 @dataclass
@@ -769,7 +769,7 @@ def val_scorer(cfg: GRPOConfig, pool):
     ]
 
 
-# --- Setup ------------------------------------------------------------------------------------------
+# --- Setup ---
 
 
 def load_data(cfg: GRPOConfig, processor, fmt: chat.PromptFormat, d: dist.Dist) -> tuple[list[dict], list[dict], int]:

@@ -274,7 +274,8 @@ class MixedSampler:
             w = np.ones(self.num_prompts)
         # The cumulative distribution the draws search, made once per re-weighting (O(P)) rather than
         # in every step's rng.choice: a step's draws then cost O(B log P), the same draws bit for bit.
-        self.weights, cdf = w, (w / w.sum()).cumsum()
+        self.weights = w
+        cdf = (w / w.sum()).cumsum()
         self._cdf = cdf / cdf[-1]
 
     def next_batch(self) -> list[int]:

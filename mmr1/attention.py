@@ -132,7 +132,8 @@ def fused_varlen(q, k, v, cu_seq: torch.Tensor, max_len: int, scale: float | Non
     `enable_gqa` goes only to a varlen_attn that takes it (torch 2.13 and later)."""
     from torch.nn.attention import varlen
 
-    dtype, window = kernel_dtype(q), (-1, 0) if causal else (max_len, max_len)
+    dtype = kernel_dtype(q)
+    window = (-1, 0) if causal else (max_len, max_len)
     gqa = {"enable_gqa": q.shape[1] != k.shape[1]} if takes_keyword(varlen.varlen_attn, "enable_gqa") else {}
     cast = [t.to(dtype) for t in (q, k, v)]  # the kernel refuses fp32 or mixed dtypes
     out = varlen.varlen_attn(*cast, cu_seq, cu_seq, max_len, max_len, scale=scale, window_size=window, **gqa)
@@ -174,18 +175,18 @@ def use_vision_varlen(model) -> None:
         block.attn.forward = types.MethodType(vision_varlen, block.attn)
 
 
-def packed_row_mask(**kwargs):
-    """The mask function of VARLEN_SDPA and TORCH_VARLEN (transformers' sdpa_mask keywords: batch_size,
-    q_length, kv_length, q_offset, attention_mask, ...): None for one row with no padding mask and no
-    cache (a packed row, or one whole sequence), whose sequences the kernel reads from the text
-    positions itself (packed_starts); SDPA's mask for everything else (padded batches, generation)."""
+def packed_row_mask(*, batch_size: int, q_length: int, kv_length: int, q_offset=0, attention_mask=None, **kwargs):
+    """The mask function of VARLEN_SDPA and TORCH_VARLEN (transformers' sdpa_mask keywords): None for one
+    row with no padding mask and no cache (a packed row, or one whole sequence), whose sequences the
+    kernel reads from the text positions itself (packed_starts); SDPA's mask for everything else
+    (padded batches, generation)."""
     from transformers.masking_utils import sdpa_mask
 
-    q_offset = kwargs.get("q_offset", 0)
-    no_cache = isinstance(q_offset, int) and q_offset == 0 and kwargs["kv_length"] == kwargs["q_length"]
-    if kwargs["batch_size"] == 1 and kwargs.get("attention_mask") is None and no_cache:
+    no_cache = isinstance(q_offset, int) and q_offset == 0 and kv_length == q_length
+    if batch_size == 1 and attention_mask is None and no_cache:
         return None
-    return sdpa_mask(**kwargs)
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     attention_mask=attention_mask, **kwargs)  # fmt: skip
 
 
 def register_packed_attention() -> None:

@@ -258,7 +258,8 @@ def rl_batch(
     is the decoded Prompt the engine sampled responses[i] (token ids) from. Returns right-padded (B, T)
     inputs with the prompts' pixel_values / image_grid_thw / mm_token_type_ids, and a (B, T-1) float
     mask, 1 where the TARGET token input_ids[:, 1:] is a response token (aligned with token_logprobs)."""
-    pad, pairs = torch.nn.utils.rnn.pad_sequence, list(zip(prompts, responses))
+    pad = torch.nn.utils.rnn.pad_sequence
+    pairs = list(zip(prompts, responses))
     ids = [torch.tensor(p.ids + list(resp), dtype=torch.long) for p, resp in pairs]
     input_ids = pad(ids, batch_first=True, padding_value=processor.tokenizer.pad_token_id)
     attention_mask = pad([torch.ones_like(x) for x in ids], batch_first=True)

@@ -155,7 +155,7 @@ class TrainingFlags:
         0, "skip (and count) up to N steps with a non-finite loss or grad norm; 0 = stop at the first", at_least=0
     )
     resume: bool = field(
-        False, "continue from the latest <output-dir>/step-N (bit for bit on CPU, approximately on GPU: docs/grpo.md)"
+        False, "continue from the latest <output-dir>/step-N (bit for bit on CPU; on GPU approximately: FA2, vLLM)"
     )
     stop_after: int = field(0, "exit after N steps without the final save, as a preemption would (testing)", at_least=0)
     save_total_limit: int = field(0, "keep the newest N step-* checkpoints (final/ always kept; 0 = all)", at_least=0)

@@ -129,7 +129,7 @@ def build_json_cache(file: Path, out: Path, batch_rows: int = 50_000) -> None:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             while batch := list(itertools.islice(records, batch_rows)):
                 problems = [row if isinstance(row, str) else None for _, _, row in batch]
-                texts = [None if problem is not None else text for (_, text, _), problem in zip(batch, problems)]
+                texts = [text if problem is None else None for (_, text, _), problem in zip(batch, problems)]
                 writer.write_batch(pa.record_batch([[n for n, _, _ in batch], texts, problems], schema=schema))
                 count += len(batch)
         if not count:

@@ -369,7 +369,8 @@ def _apply_rule(spec: str, rows: int, bad: list[tuple[int, str, str]], skip_bad_
     if bad and not skip_bad_rows:
         raise BadRowError(bad[0][2])
     if len(bad) == rows:
-        raise BadRowError(f"{spec}: no usable rows ({len(bad)} left out; first: {bad[0][2]})")
+        first = f"; first: {bad[0][2]}" if bad else ""
+        raise BadRowError(f"{spec}: no usable rows ({len(bad)} left out{first})")
 
 
 def load_rows(spec: str, kind: str, split: str = "train", skip_bad_rows: bool = False, limit: int = 0,

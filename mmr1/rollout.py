@@ -78,6 +78,9 @@ def make_engine(kind: str, model, processor, d: dist.Dist, *, model_path: str, m
     model: the live model (HF engine; may be None for vLLM); model_path: the checkpoint vLLM loads.
     vllm_options: VLLMEngine's gpu_memory_utilization, max_model_len, weights_version, sleep_mode
     (the HF engine has none of them)."""
+    unknown = set(vllm_options) - {"gpu_memory_utilization", "max_model_len", "weights_version", "sleep_mode"}
+    if unknown:
+        raise TypeError(f"make_engine: unknown vLLM option(s) {sorted(unknown)}")
     if kind == "auto":
         kind = "vllm" if d.device.type == "cuda" and importable("vllm") else "hf"
     prompts = dict(min_pixels=min_pixels, max_pixels=max_pixels, prompt_format=prompt_format)
