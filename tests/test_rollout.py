@@ -6,6 +6,7 @@ import sys
 import types
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from data import toy
@@ -181,3 +182,11 @@ def test_hf_engine_ignores_the_checkpoints_sampling_defaults(toy_dir, tmp_path, 
     assert tokens(shipped) == tokens(plain)
     assert len({tuple(t) for t in tokens(plain)}) > 1  # really sampled: top_k 1 would give one answer
     assert shipped.generation_config.top_k == 1  # restored after the call
+
+
+def test_make_engine_refuses_an_unknown_vllm_option():
+    """The vLLM options pass through **vllm_options; a misspelt one is an error for either engine, not
+    silently dropped by the HF engine (which takes none of them)."""
+    one = dist.Dist(0, 1, 0, torch.device("cpu"))
+    with pytest.raises(TypeError, match=r"unknown vLLM option\(s\) \['max_model_length'\]"):
+        rollout.make_engine("hf", None, None, one, model_path="m", min_pixels=1, max_pixels=2, max_model_length=8)
