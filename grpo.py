@@ -866,8 +866,7 @@ def validate_config(cfg: GRPOConfig) -> None:
             f"--max-steps {cfg.max_steps} --episodes {cfg.episodes}: no step would run and final/ "
             "would be the untrained model; give --max-steps > 0, or 0 with --episodes > 0"
         )
-    if cfg.min_pixels > cfg.max_pixels:
-        problems.append(f"--min-pixels {cfg.min_pixels} is above --max-pixels {cfg.max_pixels}")
+    problems += cfg.range_problems()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the batch is split evenly over ranks
     if cfg.rollout_batch_size % world_size:
         problems.append(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by {world_size} ranks")

@@ -153,8 +153,7 @@ def validate_config(cfg: SFTConfig) -> None:
             f"--max-steps {cfg.max_steps} --epochs {cfg.epochs}: no step would run and final/ "
             "would be the untrained model; give --max-steps > 0, or 0 with --epochs > 0"
         )
-    if cfg.min_pixels > cfg.max_pixels:
-        problems.append(f"--min-pixels {cfg.min_pixels} is above --max-pixels {cfg.max_pixels}")
+    problems += cfg.range_problems()
     per_step = (1 if cfg.max_tokens_per_micro_batch else cfg.micro_batch_size) * int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % per_step:
         problems.append(f"--batch-size {cfg.batch_size} must be a multiple of {per_step} (micro-batch x ranks)")

@@ -161,6 +161,13 @@ class TrainingFlags:
     save_total_limit: int = field(0, "keep the newest N step-* checkpoints (final/ always kept; 0 = all)", at_least=0)
     report_to: str = field("", "extra metric sinks, comma-separated: wandb,tensorboard")
 
+    def range_problems(self) -> list[str]:
+        """What is wrong between these flags (each one's own bounds are parse_config's): one message per
+        problem, [] when none; a pixel range whose minimum is above its maximum."""
+        if self.min_pixels > self.max_pixels:
+            return [f"--min-pixels {self.min_pixels} is above --max-pixels {self.max_pixels}"]
+        return []
+
 
 def toy_fills_in(cfg: Any) -> bool:
     """Whether the toy (--toy) is to supply what --model / --data leave out: not when both are given. Only one

@@ -340,6 +340,7 @@ def test_relative_image_paths_resolve_against_the_data_file(tmp_path, monkeypatc
         (["--vas", "--vas-rollouts", "1"], "--vas-rollouts 1: .* use at least 2"),
         (["--max-steps", "0", "--episodes", "0"], "--max-steps 0 --episodes 0.0: no step would run"),
         (["--rollout-batch-size", "0"], "error: --rollout-batch-size must be >= 1, got 0"),  # its own bound
+        (["--min-pixels", "60000", "--max-pixels", "50000"], "--min-pixels 60000 is above --max-pixels 50000"),
     ],
 )
 def test_useless_grpo_settings_are_refused(flags, message):
@@ -353,6 +354,10 @@ def test_useless_sft_settings_are_refused():
 
     with pytest.raises(SystemExit, match="--max-steps 0 --epochs 0.0: no step would run"):
         sft.validate_config(config.parse_config(sft.SFTConfig, sft.PRESETS, ["--max-steps", "0", "--epochs", "0"]))
+    with pytest.raises(SystemExit, match="--min-pixels 60000 is above --max-pixels 50000"):
+        sft.validate_config(
+            config.parse_config(sft.SFTConfig, sft.PRESETS, ["--min-pixels", "60000", "--max-pixels", "50000"])
+        )
 
 
 def stage_configs() -> list[tuple[type, dict | None]]:
