@@ -7,8 +7,9 @@
 2. batches.rl_batch with each prompt processed once vs once per response (copies of the rows);
 3. the weight pushes of a toy grpo.py --vas run (30 steps, validation and VPS refresh every 10) with
    and without the version check, and the time of one push.
-Prints a markdown table per part. Model: runs/toy-sft/final when it exists (python sft.py), else the
-untrained toy model.
+Prints a markdown table per part, with the vLLM engine's start-up time. Model: runs/toy-sft/final when
+it exists (python sft.py), else the untrained toy model. --compiled starts vLLM with torch.compile (its
+default) instead of the CPU build's eager mode (vllm_engine.vllm_platform_args), to compare the two.
 """
 
 import argparse
@@ -47,9 +48,13 @@ def timed(fn, repeats=REPEATS):
 
 
 def main() -> None:
-    argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    ).parse_args()  # no options: --help says what it measures
+    )
+    parser.add_argument("--compiled", action="store_true", help="vLLM with torch.compile, not eager (CPU)")
+    if parser.parse_args().compiled:
+        platform_args = vllm_engine.vllm_platform_args
+        vllm_engine.vllm_platform_args = lambda *a, **k: {**platform_args(*a, **k), "enforce_eager": False}
     toy.ensure_toy()
     sft = ROOT / "runs" / "toy-sft" / "final"
     path = str(sft if (sft / "config.json").exists() else toy.TOY_MODEL_DIR)
@@ -62,11 +67,15 @@ def main() -> None:
 
     # --- 1. throughput ---
     hf = rollout.HFEngine(model, processor, d, batch_size=64, **pixels)  # grpo.py: 2 x micro-batch
+    start = time.perf_counter()
     vllm = vllm_engine.VLLMEngine(path, processor, d, max_model_len=1024, **pixels)
-    vllm.generate(rows[:2], 1, sampling)  # warm-up: the first call compiles / allocates
+    start = time.perf_counter() - start
+    vllm.generate(rows[:2], 1, sampling)  # warm-up: the first call allocates
     print(
-        f"model {path}; {PROMPTS} prompts x {N} responses, <= {TOKENS} tokens, T = 0.6, {torch.get_num_threads()} thread(s)\n"
+        f"model {path}; {PROMPTS} prompts x {N} responses, <= {TOKENS} tokens, T = 0.6, {torch.get_num_threads()} thread(s)"
     )
+    eager = vllm.engine_args.get("enforce_eager", False)
+    print(f"vLLM engine start ({'eager' if eager else 'torch.compile'}): {start:.1f} s\n")
     print("| engine | s per batch | responses / s | generated tokens / s |")
     print("| --- | --- | --- | --- |")
     for name, engine in (("HF generate", hf), ("vLLM (CPU build)", vllm)):

@@ -59,12 +59,20 @@ def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, torchrun: 
 
 @pytest.fixture(scope="session")
 def toy_sft(toy_dir, tmp_path_factory) -> Path:
-    """The toy model after 150 SFT steps (tests/golden/grpo_defaults.py:sft_model, ~6 s): in format and
-    right about a quarter of the time, so GRPO groups have reward variance (the untrained toy has none)."""
+    """The toy model after 150 SFT steps (tests/golden/grpo_defaults.py:sft_model, ~20 s): in format and
+    right about a quarter of the time, so GRPO groups have reward variance (the untrained toy has none).
+    Built once per test run: pytest-xdist's workers share it, the first to ask builds it under a lock."""
+    import fcntl
+
     sys.path.insert(0, str(ROOT / "tests" / "golden"))
     import grpo_defaults
 
-    return grpo_defaults.sft_model(toy_dir, tmp_path_factory.mktemp("toy-sft"))
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this run's folder, above the workers' own
+    with open(shared / "toy-sft.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return grpo_defaults.sft_model(toy_dir, shared / "toy-sft")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,43 +173,84 @@ def assert_same_final(a, b):
     assert all(torch.equal(hf_a[k], hf_b[k]) for k in hf_a)
 
 
-def test_sft_sigterm_saves_and_exits_then_resumes_exactly(toy_dir, tmp_path):
+def records(out) -> list[dict]:
+    """metrics.jsonl without the clock and throughput keys, which differ between any two runs."""
+    return [{k: v for k, v in r.items() if not k.startswith(("time", "perf"))} for r in config.read_jsonl(out / "metrics.jsonl")]  # fmt: skip
+
+
+def test_sft_stopped_or_signalled_then_resumed_equals_uninterrupted(toy_dir, tmp_path):
+    """Two ways a run ends early, each resumed to the end of one uninterrupted 6-step run, which it
+    then equals bit for bit (weights and every logged number): killed after step 3, one step past its
+    last checkpoint (step 2; step 3 is dropped, then redone once), and SIGTERM (a checkpoint at the
+    signal, the only one with --save-every 100)."""
     steps = 6
     run_script(sft_args(toy_dir, tmp_path / "full", steps))
+    stopped = sft_args(toy_dir, tmp_path / "killed", steps, "--save-every", "2", "--stop-after", "3")
+    run_script(stopped)
+    assert (tmp_path / "killed" / "step-2" / "trainer_state.pt").exists() and not (
+        tmp_path / "killed" / "final"
+    ).exists()
+    out = run_script(stopped[:-2] + ["--resume"])
+    assert f"resumed from {tmp_path / 'killed' / 'step-2'} at step 2" in out.stdout
+
     code, output = run_until_signalled(sft_args(toy_dir, tmp_path / "cut", steps), tmp_path / "cut", signal.SIGTERM)
     assert code == 0, output[-4000:]
-    saved = checkpoint.step_folders(tmp_path / "cut")
-    assert len(saved) == 1 and not (tmp_path / "cut" / "final").exists()  # --save-every 100: only the preemption's
-    stopped = checkpoint.step_number(saved[0])
-    assert 1 <= stopped < steps and f"[sft] SIGTERM: saved {saved[0]}, exiting" in output
-    assert checkpoint_checks.checkpoint_problem(saved[0]) is None
-    assert [s for s, _ in step_metrics(tmp_path / "cut", "train/loss")] == list(range(1, stopped + 1))
+    (saved,) = checkpoint.step_folders(tmp_path / "cut")  # --save-every 100: only the preemption's
+    assert not (tmp_path / "cut" / "final").exists()
+    at = checkpoint.step_number(saved)
+    assert 1 <= at < steps and f"[sft] SIGTERM: saved {saved}, exiting" in output
+    assert checkpoint_checks.checkpoint_problem(saved) is None
+    assert [s for s, _ in step_metrics(tmp_path / "cut", "train/loss")] == list(range(1, at + 1))
     out = run_script(sft_args(toy_dir, tmp_path / "cut", steps, "--resume"))
-    assert f"resumed from {saved[0]} at step {stopped}" in out.stdout
-    assert_same_final(tmp_path / "full", tmp_path / "cut")
-    assert step_metrics(tmp_path / "cut", "train/loss") == step_metrics(tmp_path / "full", "train/loss")
+    assert f"resumed from {saved} at step {at}" in out.stdout
+
+    for run in ("killed", "cut"):
+        assert_same_final(tmp_path / "full", tmp_path / run)
+        assert records(tmp_path / run) == records(tmp_path / "full"), run
+    assert [r["step"] for r in records(tmp_path / "full") if "train/loss" in r] == list(range(1, steps + 1))
 
 
-def test_grpo_sigusr1_saves_and_exits_then_resumes_exactly(toy_dir, tmp_path):
+def grpo_args(toy_sft, toy_dir, out, *extra):
+    """4 steps from the toy SFT model (groups with signal) with VAS (re-scored after step 2) and
+    dynamic sampling (up to 3 rounds), a checkpoint every 2 steps."""
     data = toy_dir / "data" / "rl"
-    args = ["grpo.py", "--model", str(toy_dir / "model"), "--data", f"{data}@train", "--val-data", "",
-            "--max-steps", "4", "--train-limit", "8", "--rollout-batch-size", "2", "--group-size", "4",
-            "--max-response-length", "8", "--vas", "--vas-rollouts", "2", "--vas-update-every", "2",
-            "--reward-workers", "0", "--lr", "1e-3", "--save-every", "100", "--save-total-limit", "1"]  # fmt: skip
-    run_script(args + ["--output-dir", str(tmp_path / "full")])
-    code, output = run_until_signalled(args + ["--output-dir", str(tmp_path / "cut")], tmp_path / "cut", signal.SIGUSR1)
+    return ["grpo.py", "--model", str(toy_sft), "--data", f"{data}@train", "--val-data", f"{data}@val",
+            "--output-dir", str(out), "--max-steps", "4", "--train-limit", "16", "--rollout-batch-size", "4",
+            "--group-size", "4", "--max-response-length", "48", "--val-limit", "4", "--val-every", "0",
+            "--reward-workers", "0", "--engine", "hf", "--lr", "1e-3", "--vas", "--vas-rollouts", "2",
+            "--vas-update-every", "2", "--dynamic-sampling", "--max-sampling-rounds", "3", "--save-every", "2",
+            *extra]  # fmt: skip
+
+
+def test_grpo_stopped_or_signalled_then_resumed_equals_uninterrupted(toy_dir, toy_sft, tmp_path):
+    """The same two early ends for GRPO with VAS and dynamic sampling on, resumed to the end of one
+    uninterrupted run and then equal to it bit for bit: weights, every logged number (rewards, the
+    refill rounds, VAS's scores, the generation counters) and the sampler's state. A resume that
+    would not continue the run (another --train-limit) is refused in one line before any model loads."""
+    run_script(grpo_args(toy_sft, toy_dir, tmp_path / "full"))
+    run_script(grpo_args(toy_sft, toy_dir, tmp_path / "killed", "--stop-after", "3"))
+    assert (tmp_path / "killed" / "step-2").is_dir() and not (tmp_path / "killed" / "final").exists()
+    refused = subprocess.run([sys.executable, *grpo_args(toy_sft, toy_dir, tmp_path / "killed", "--resume",
+                              "--train-limit", "12")], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "--train-limit 16 -> 12" in refused.stderr.strip().splitlines()[-1]
+    run_script(grpo_args(toy_sft, toy_dir, tmp_path / "killed", "--resume"))
+
+    cut = grpo_args(toy_sft, toy_dir, tmp_path / "cut", "--save-every", "100", "--save-total-limit", "1")
+    code, output = run_until_signalled(cut, tmp_path / "cut", signal.SIGUSR1)
     assert code == 0, output[-4000:]
     (saved,) = checkpoint.step_folders(tmp_path / "cut")
-    stopped = checkpoint.step_number(saved)
-    assert 1 <= stopped < 4 and f"[grpo] SIGUSR1: saved {saved}, exiting" in output
-    run_script(args + ["--output-dir", str(tmp_path / "cut"), "--resume"])
-    assert_same_final(tmp_path / "full", tmp_path / "cut")
-    for key in ("reward/overall", "train/loss", "vas/vps_mean"):
-        assert step_metrics(tmp_path / "cut", key) == step_metrics(tmp_path / "full", key), key
-    full, cut = (
-        torch.load(tmp_path / run / "final" / "trainer_state.pt", weights_only=True) for run in ("full", "cut")
-    )
-    assert full["sampler"] == cut["sampler"] and full["vps"] == cut["vps"]
+    assert 1 <= checkpoint.step_number(saved) < 4 and f"[grpo] SIGUSR1: saved {saved}, exiting" in output
+    run_script([*cut, "--resume"])
+
+    full = torch.load(tmp_path / "full" / "final" / "trainer_state.pt", weights_only=True)
+    for run in ("killed", "cut"):
+        assert_same_final(tmp_path / "full", tmp_path / run)
+        assert records(tmp_path / run) == records(tmp_path / "full"), run
+        state = torch.load(tmp_path / run / "final" / "trainer_state.pt", weights_only=True)
+        assert state["sampler"] == full["sampler"] and state["vps"] == full["vps"], run
+    lines = [r for r in records(tmp_path / "full") if "train/loss" in r]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and max(r["rollout/sampling_rounds"] for r in lines) > 1
 
 
 def test_torchrun_two_ranks_resume_from_sharded_checkpoint(toy_dir, tmp_path):

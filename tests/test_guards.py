@@ -368,53 +368,9 @@ def test_prompt_lengths_match_the_processor(toy_dir, tmp_path):
 
 
 def test_grpo_prompt_above_max_prompt_length_is_a_bad_row(toy_dir, tmp_path):
-    from data import toy
-
-    toy.draw_grid(["red", "blue", "green", "yellow"]).save(tmp_path / "img.png")
-    rows = [{"id": "short", "problem": "<image>How many red squares?", "answer": "1", "images": ["img.png"]},
-            {"id": "long", "problem": "<image>" + "How many red squares? " * 40, "answer": "1",
-             "images": ["img.png"]}]  # fmt: skip
-    path = tmp_path / "rl.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["grpo.py", "--model", str(toy_dir / "model"), "--data", str(path), "--max-prompt-length", "96",
-            "--rollout-batch-size", "2", "--group-size", "2", "--max-steps", "1", "--val-every", "0",
-            "--reward-workers", "0", "--max-response-length", "4", "--updates-per-batch", "1",
-            "--output-dir", str(tmp_path / "run")]  # fmt: skip
-    line = last_line(run_failing(args))
-    assert line.startswith(f"error: {path} line 2 (id=long): the prompt is ")
-    assert line.endswith("tokens, above --max-prompt-length 96")
-    proc = run_script(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")])
-    assert f"[data] {path}: 2 rows, 1 left out (1 prompt too long); first: {path} line 2 (id=long)" in proc.stdout
-    (step,) = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
-    assert step["rollout/generated_responses"] == 2 * 2  # the kept prompt fills the batch
-
-
-def test_grpo_validation_prompt_above_max_prompt_length_is_a_bad_row(toy_dir, tmp_path):
-    """Validation prompts obey --max-prompt-length too: checked once at startup, an error naming the
-    val row, or with --skip-bad-rows left out of the validation set."""
-    from data import toy
-
-    toy.draw_grid(["red", "blue", "green", "yellow"]).save(tmp_path / "img.png")
-    short = {"id": "short", "problem": "<image>How many red squares?", "answer": "1", "images": ["img.png"]}
-    long = {"id": "long", "problem": "<image>" + "How many red squares? " * 40, "answer": "1", "images": ["img.png"]}
-    train, val = tmp_path / "rl.jsonl", tmp_path / "val.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in [short, short]))
-    val.write_text("".join(json.dumps(r) + "\n" for r in [short, long]))
-    args = ["grpo.py", "--model", str(toy_dir / "model"), "--data", str(train), "--val-data", str(val),
-            "--max-prompt-length", "96", "--rollout-batch-size", "2", "--group-size", "2", "--max-steps", "1",
-            "--val-every", "1", "--reward-workers", "0", "--max-response-length", "4", "--updates-per-batch", "1",
-            "--output-dir", str(tmp_path / "run")]  # fmt: skip
-    line = last_line(run_failing(args))
-    assert line.startswith(f"error: {val} line 2 (id=long): the prompt is ")
-    proc = run_script(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")])
-    assert f"[data] {val}: 2 rows, 1 left out (1 prompt too long)" in proc.stdout
-    steps = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["val/accuracy"] in (0.0, 1.0) for r in steps if "val/accuracy" in r] == [True, True]  # one val row
-
-
-def test_vas_scoring_obeys_max_prompt_length(toy_dir, tmp_path):
-    """--vas scores every training prompt before step 1: a prompt above --max-prompt-length is an
-    error naming it at the door, or with --skip-bad-rows it is removed there (never scored, never trained)."""
+    """--max-prompt-length is checked once at the door, for the training rows (which --vas scores
+    before step 1) and the validation rows alike: a prompt above it is an error naming its row, or with
+    --skip-bad-rows the row is removed there (never scored, trained or validated on)."""
     import numpy as np
 
     from data import toy
@@ -422,17 +378,31 @@ def test_vas_scoring_obeys_max_prompt_length(toy_dir, tmp_path):
     toy.draw_grid(["red", "blue", "green", "yellow"]).save(tmp_path / "img.png")
     short = {"id": "short", "problem": "<image>How many red squares?", "answer": "1", "images": ["img.png"]}
     long = {"id": "long", "problem": "<image>" + "How many red squares? " * 40, "answer": "1", "images": ["img.png"]}
-    train = tmp_path / "rl.jsonl"
+    train, val, clean = tmp_path / "rl.jsonl", tmp_path / "val.jsonl", tmp_path / "clean.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in [short, long, short]))
-    args = ["grpo.py", "--model", str(toy_dir / "model"), "--data", str(train), "--max-prompt-length", "96", "--vas",
-            "--vas-rollouts", "2", "--rollout-batch-size", "2", "--group-size", "2", "--max-steps", "1",
-            "--val-every", "0", "--reward-workers", "0", "--max-response-length", "4", "--updates-per-batch", "1",
-            "--output-dir", str(tmp_path / "run")]  # fmt: skip
-    line = last_line(run_failing(args))
-    assert (
-        line.startswith(f"error: {train} line 2 (id=long): the prompt is ") and "above --max-prompt-length 96" in line
+    val.write_text("".join(json.dumps(r) + "\n" for r in [short, long]))
+    clean.write_text("".join(json.dumps(r) + "\n" for r in [short, short]))
+    args = ["grpo.py", "--model", str(toy_dir / "model"), "--max-prompt-length", "96", "--vas", "--vas-rollouts",
+            "2", "--rollout-batch-size", "2", "--group-size", "2", "--max-steps", "1", "--val-every", "1",
+            "--reward-workers", "0", "--max-response-length", "4", "--updates-per-batch", "1"]  # fmt: skip
+    line = last_line(
+        run_failing(args + ["--data", str(train), "--val-data", str(clean), "--output-dir", str(tmp_path / "a")])
     )
-    proc = run_script(args + ["--skip-bad-rows", "--output-dir", str(tmp_path / "skip")])
-    assert f"[data] {train}: 3 rows, 1 left out (1 prompt too long)" in proc.stdout
-    refresh = np.load(tmp_path / "skip" / "vas" / "refresh-0.npz")
+    assert line.startswith(f"error: {train} line 2 (id=long): the prompt is ")
+    assert line.endswith("tokens, above --max-prompt-length 96")
+    line = last_line(
+        run_failing(args + ["--data", str(clean), "--val-data", str(val), "--output-dir", str(tmp_path / "b")])
+    )
+    assert line.startswith(f"error: {val} line 2 (id=long): the prompt is ")
+
+    skip = tmp_path / "skip"
+    proc = run_script(
+        args + ["--data", str(train), "--val-data", str(val), "--skip-bad-rows", "--output-dir", str(skip)]
+    )
+    assert f"[data] {train}: 3 rows, 1 left out (1 prompt too long); first: {train} line 2 (id=long)" in proc.stdout
+    assert f"[data] {val}: 2 rows, 1 left out (1 prompt too long)" in proc.stdout
+    refresh = np.load(skip / "vas" / "refresh-0.npz")
     assert len(refresh["tokens"]) == 2 and (refresh["tokens"] > 0).all()  # the two kept prompts, both scored
+    steps = [json.loads(x) for x in (skip / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout/generated_responses"] for r in steps if "train/loss" in r] == [2 * 2 + 2 * 2]  # scoring + step
+    assert [r["val/accuracy"] in (0.0, 1.0) for r in steps if "val/accuracy" in r] == [True, True]  # one val row

@@ -156,28 +156,24 @@ def test_grpo_with_vllm_on_other_families(family, toy_dir, tmp_path):
     assert 0 < first["rollout/logprob_abs_diff"] < 0.05 and 0 < second["rollout/logprob_abs_diff"] < 0.05
 
 
-def test_grpo_with_vllm_under_torchrun_two_ranks(toy_dir, tmp_path):
-    out = run_script(grpo_args(toy_dir, tmp_path / "run", 2), timeout=600, torchrun=2)
-    assert [r["step"] for r in metrics(tmp_path / "run")] == [0, 1, 2]
-    assert "Invalid process group" not in out.stderr  # the engines shut down before the process group
-
-
-def test_grpo_options_with_vllm_under_torchrun_two_ranks(toy_dir, toy_sft, tmp_path):
-    """Issue 30's options on the real engine, two ranks: dynamic sampling (rounds agreed by the ranks'
-    all-reduce), Dr. GRPO's advantages with the per-response mean, GSPO's ratio, --mask-truncated, TIS
-    against vLLM's own log-probs, rollout logs. The gap is measured (bf16 engine vs fp32 trainer: > 0,
-    small) and every sampled response is counted."""
+def test_grpo_with_vllm_under_torchrun_two_ranks(toy_dir, toy_sft, tmp_path):
+    """Two ranks, VAS and issue 30's options on the real engine: dynamic sampling (rounds agreed by the
+    ranks' all-reduce), Dr. GRPO's advantages with the per-response mean, GSPO's ratio,
+    --mask-truncated, TIS against vLLM's own log-probs, rollout logs. The gap is measured (bf16 engine
+    vs fp32 trainer: > 0, small) and every sampled response is counted, VAS's scoring included."""
     data_dir = toy_dir / "data" / "rl"
     args = ["grpo.py", "--model", str(toy_sft), "--data", f"{data_dir}@train", "--val-data", f"{data_dir}@val",
             "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--train-limit", "16", "--rollout-batch-size",
             "4", "--group-size", "4", "--max-response-length", "48", "--max-prompt-length", "500", "--val-every", "0",
-            "--val-limit", "4", "--reward-workers", "1", "--engine", "vllm", "--dynamic-sampling",
-            "--max-sampling-rounds", "2", "--adv-norm", "none", "--loss-agg", "seq-mean", "--ratio-level", "sequence",
-            "--mask-truncated", "--tis-cap", "2", "--log-rollouts", "2"]  # fmt: skip
+            "--val-limit", "4", "--reward-workers", "1", "--engine", "vllm", "--vas", "--vas-rollouts", "2",
+            "--vas-update-every", "2", "--dynamic-sampling", "--max-sampling-rounds", "2", "--adv-norm", "none",
+            "--loss-agg", "seq-mean", "--ratio-level", "sequence", "--mask-truncated", "--tis-cap", "2",
+            "--log-rollouts", "2"]  # fmt: skip
     out = run_script(args, timeout=600, torchrun=2)
     assert "engine VLLMEngine" in out.stdout
+    assert "Invalid process group" not in out.stderr  # the engines shut down before the process group
     lines = [r for r in metrics(tmp_path / "run") if "train/loss" in r]
-    assert len(lines) == 2
+    assert [r["step"] for r in lines] == [1, 2]
     for r in lines:
         assert (
             0 < r["rollout/logprob_abs_diff"] <= r["rollout/logprob_abs_diff_max"]
@@ -187,9 +183,10 @@ def test_grpo_options_with_vllm_under_torchrun_two_ranks(toy_dir, toy_sft, tmp_p
             r["rollout/sampled_responses"] == 16 * r["rollout/sampling_rounds"] and 0 <= r["rollout/trained_frac"] <= 1
         )
         assert r["perf/rollout_tokens_per_s"] > 0 and r["perf/update_tokens_per_s"] > 0
+    scoring = 16 * 2  # VAS scores the 16 training prompts x 2 rollouts before step 1 (no refresh after the last step)
     assert [r["rollout/generated_responses"] for r in lines] == [
-        lines[0]["rollout/sampled_responses"],
-        lines[0]["rollout/sampled_responses"] + lines[1]["rollout/sampled_responses"],
+        scoring + lines[0]["rollout/sampled_responses"],
+        scoring + lines[0]["rollout/sampled_responses"] + lines[1]["rollout/sampled_responses"],
     ]
     logged = (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in logged] == [1, 1, 2, 2]
@@ -199,16 +196,18 @@ def test_eval_two_checkpoints_two_engines_one_process(toy_dir, tmp_path):
     """Two checkpoints, one engine each, one after the other in one process. They hold the same
     weights, but the second ships Qwen's sampling defaults in generation_config.json (top_k 1,
     top_p 0.001, repetition_penalty 1.05): sampled at T = 1 with the same seed, every response must
-    still be the same, because vLLM samples with our Sampling alone."""
+    still be the same, because vLLM samples with our Sampling alone. The context asked for (4,096
+    prompt + 64 response tokens) is longer than the toy's 4,096 positions, which vLLM refused before
+    max_model_len was clamped."""
     shipped = tmp_path / "shipped" / "final"
     with_shipped_defaults(toy_dir / "model", shipped)
     test_split = toy_dir / "data" / "rl" / "test.parquet"
     run_script(["eval.py", "--model", f"{toy_dir / 'model'},{shipped}", "--benchmarks", "toy", "--bench-data",
-                f"toy={test_split}", "--engine", "vllm", "--temperature", "1.0", "--max-new-tokens", "16",
-                "--max-prompt-length", "500", "--min-pixels", "3136", "--max-pixels", "50176",
+                f"toy={test_split}", "--engine", "vllm", "--temperature", "1.0", "--max-new-tokens", "64",
+                "--max-prompt-length", "4096", "--min-pixels", "3136", "--max-pixels", "50176", "--limit", "8",
                 "--output-dir", str(tmp_path / "eval")], timeout=600)  # fmt: skip
     results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
-    assert [r["toy"]["n"] for r in results.values()] == [len(toy_split_rows(test_split))] * 2
+    assert [r["toy"]["n"] for r in results.values()] == [8, 8]
     plain, other = ([json.loads(x)["response"] for x in (tmp_path / "eval" / name / "toy.jsonl").open()]
                     for name in ("model", "shipped"))  # fmt: skip
     assert plain == other and len(set(plain)) > 1  # identical, and really sampled (top_k 1 would repeat itself)
@@ -225,12 +224,6 @@ def with_shipped_defaults(model_dir, out):
         out
     )
     return out
-
-
-def toy_split_rows(path):
-    import datasets
-
-    return datasets.load_dataset("parquet", data_files=str(path), split="train")
 
 
 def test_vas_score_with_vllm(toy_dir, tmp_path):
@@ -269,15 +262,3 @@ def test_llm_arguments_of_every_engine_match_the_installed_vllm(toy_dir):
         assert engine_args.max_model_len == 4096  # clamped to the toy's positions
         assert engine_args.mm_processor_kwargs == {"min_pixels": 3136, "max_pixels": 50176}
     assert [k["enable_sleep_mode"] for k in built] == [True, False, False, False]
-
-
-def test_eval_toy_context_longer_than_the_model(toy_dir, tmp_path):
-    """eval's toy settings ask for 4,096 prompt + 64 response tokens; the toy model has 4,096
-    positions, which vLLM refused before max_model_len was clamped."""
-    test_split = toy_dir / "data" / "rl" / "test.parquet"
-    run_script(["eval.py", "--model", str(toy_dir / "model"), "--benchmarks", "toy", "--bench-data",
-                f"toy={test_split}", "--engine", "vllm", "--max-new-tokens", "64", "--max-prompt-length", "4096",
-                "--min-pixels", "3136", "--max-pixels", "50176", "--limit", "8",
-                "--output-dir", str(tmp_path / "eval")], timeout=600)  # fmt: skip
-    results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
-    assert [r["toy"]["n"] for r in results.values()] == [8]
