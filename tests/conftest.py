@@ -1,9 +1,12 @@
 """Shared fixtures: a toy model and small toy data sets built once per test session."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Each test process (one per pytest-xdist worker) gets its own datasets cache, inherited by the stage
@@ -41,8 +44,10 @@ def toy_model(toy_dir):
     return model, processor
 
 
-def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, torchrun: int = 0) -> subprocess.CompletedProcess:
-    """Runs a stage script (optionally under torchrun with N CPU processes); fails with its output."""
+def launch(args: list[str], cwd: Path = ROOT, timeout: int = 300, torchrun: int = 0) -> subprocess.CompletedProcess:
+    """Runs a stage script, `python script.py ...` or under torchrun with N CPU processes, with one
+    thread; returns its exit status and output, whatever they are. Without torchrun the run is
+    forked from tests/forkserver.py (MMR1_TESTS_FORK=0: a fresh interpreter)."""
     # a fresh launch: no torchrun variables inherited (an in-process vLLM engine of the test process
     # sets them for its own external launcher, and its port is taken)
     inherited = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
@@ -52,9 +57,62 @@ def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, torchrun: 
                "--master_port", str(29500 + os.getpid() % 1000)] + args  # fmt: skip
     else:
         cmd = [sys.executable] + args
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    if torchrun or os.environ.get("MMR1_TESTS_FORK") == "0":
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if not _SERVER or _SERVER[0].proc.poll() is not None:
+        _SERVER[:] = [ForkServer(env)]
+    return _SERVER[0].run(cmd, cwd, env, timeout)
+
+
+def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, torchrun: int = 0) -> subprocess.CompletedProcess:
+    """launch(...) that must succeed; fails with its output."""
+    proc = launch(args, cwd, timeout, torchrun)
+    assert proc.returncode == 0, f"{' '.join(proc.args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+class ForkServer:
+    """tests/forkserver.py, started once per test process: `python script.py ...` runs forked from a
+    process that has imported torch and transformers (about 5 s of each run's start-up). Set
+    MMR1_TESTS_FORK=0 to start every run as a fresh interpreter instead."""
+
+    def __init__(self, env: dict):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py")], cwd=ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        self.pending = b""
+        assert self.reply(timeout=120) == "ready", "tests/forkserver.py did not start"
+
+    def reply(self, timeout: float) -> str | None:
+        """The server's next line (unbuffered reads: select sees every byte), None after `timeout` s."""
+        import select
+
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            assert chunk, "tests/forkserver.py exited"
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return line.decode()
+
+    def run(self, cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            request = {"argv": cmd[1:], "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
+            pid = json.loads(self.reply(timeout=60))["pid"]
+            done = self.reply(timeout)
+            if done is None:
+                os.killpg(pid, signal.SIGKILL)
+                self.reply(timeout=60)
+                raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(cmd, json.loads(done)["status"], out.read_text(), err.read_text())
+
+
+_SERVER: list[ForkServer] = []  # this test process's server, started at its first launch
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,6 @@ import dataclasses
 import json
 import math
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from PIL import Image
 
 import grpo
 import reward
-from conftest import ROOT, run_script
+from conftest import launch, run_script
 from data import toy
 from mmr1 import checkpoint, checkpoint_checks, config, dist, families, images, modeling, prepare
 
@@ -202,21 +200,8 @@ def test_a_bad_data_file_stops_grpo_with_one_line(toy_dir, tmp_path):
     """End to end: the stage script prints `error: <file> line <n>: ...`, no traceback, exit 1."""
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(rl_row(0, image_file(tmp_path))) + "\n{oops\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "grpo.py",
-            "--model",
-            str(toy_dir / "model"),
-            "--data",
-            str(path),
-            "--output-dir",
-            str(tmp_path / "run"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = launch(
+        ["grpo.py", "--model", str(toy_dir / "model"), "--data", str(path), "--output-dir", str(tmp_path / "run")]
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {path} line 2: not valid JSON")
@@ -231,9 +216,8 @@ def test_vas_score_with_bad_data_or_a_missing_split_is_one_line(toy_dir, tmp_pat
         (str(path), f"error: {path} line 2: not valid JSON"),
         (f"{folder}@nosuchsplit", f"error: {folder} has no nosuchsplit.parquet/.jsonl"),
     ):
-        proc = subprocess.run(
+        proc = launch(
             [
-                sys.executable,
                 "vas.py",
                 "score",
                 "--model",
@@ -244,11 +228,7 @@ def test_vas_score_with_bad_data_or_a_missing_split_is_one_line(toy_dir, tmp_pat
                 "hf",
                 "--out",
                 str(tmp_path / "v.parquet"),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
+            ]
         )
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1].startswith(message)
@@ -581,13 +561,7 @@ def test_sft_resume_with_another_batch_size_is_refused_and_a_longer_run_allowed(
         "1",
     ]
     run_script(args + ["--max-steps", "2"])
-    proc = subprocess.run(
-        [sys.executable] + args + ["--max-steps", "2", "--resume", "--batch-size", "8"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = launch(args + ["--max-steps", "2", "--resume", "--batch-size", "8"])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert (

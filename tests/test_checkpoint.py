@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import grpo
-from conftest import ROOT, TORCHRUN_VARIABLES, run_script
+from conftest import ROOT, TORCHRUN_VARIABLES, launch, run_script
 from mmr1 import checkpoint, checkpoint_checks, config, dist, modeling
 
 ONE = dist.Dist(0, 1, 0, torch.device("cpu"))
@@ -230,8 +230,7 @@ def test_grpo_stopped_or_signalled_then_resumed_equals_uninterrupted(toy_dir, to
     run_script(grpo_args(toy_sft, toy_dir, tmp_path / "full"))
     run_script(grpo_args(toy_sft, toy_dir, tmp_path / "killed", "--stop-after", "3"))
     assert (tmp_path / "killed" / "step-2").is_dir() and not (tmp_path / "killed" / "final").exists()
-    refused = subprocess.run([sys.executable, *grpo_args(toy_sft, toy_dir, tmp_path / "killed", "--resume",
-                              "--train-limit", "12")], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    refused = launch(grpo_args(toy_sft, toy_dir, tmp_path / "killed", "--resume", "--train-limit", "12"))
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "--train-limit 16 -> 12" in refused.stderr.strip().splitlines()[-1]
     run_script(grpo_args(toy_sft, toy_dir, tmp_path / "killed", "--resume"))

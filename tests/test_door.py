@@ -14,7 +14,7 @@ import pytest
 import eval as evaluation
 import grpo
 import sft
-from conftest import ROOT
+from conftest import ROOT, launch
 from mmr1 import benchmarks, config, layouts, prepare
 
 
@@ -160,9 +160,8 @@ def test_the_environment_refusals_are_the_same_form(tmp_path, monkeypatch):
     assert cfg.bench_data == f"toy={evaluation.toy.VARIANT_DATA_DIRS['slip'] / 'rl' / 'test.parquet'}"
 
 
-def run(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=full)
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    return launch(args)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import eval as evaluation
-from conftest import ROOT
+from conftest import ROOT, launch
 from mmr1 import benchmark_rules, benchmarks, config
 
 
@@ -283,8 +283,7 @@ def write_jsonl(path, rows: list[dict]) -> str:
 
 def eval_cli(*args: str) -> subprocess.CompletedProcess:
     """eval.py with a hub model id (nothing is downloaded: every check here comes first)."""
-    return subprocess.run([sys.executable, "eval.py", "--model", "nobody/no-model", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return launch(["eval.py", "--model", "nobody/no-model", *args], timeout=120)
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:

@@ -8,14 +8,12 @@ the rest of the suite; it appears here where a fact is compared across families.
 engine on Qwen3-VL: tests/test_vllm.py."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import launch, run_script
 from data import toy
 from mmr1 import attention, batches, config, dist, families, logprobs, memory, modeling, vllm_engine
 from mmr1.chat import PromptFormat
@@ -93,11 +91,8 @@ def test_hybrid_linear_attention_is_refused_packing_in_one_line(hybrid_toy, toy_
     assert torch.allclose(packed[0, :first], padded[0, :first], atol=ATOL)
     assert (packed - padded)[valid].abs().max() > 1e-3  # measured 0.035 nats on this toy
     data = toy_dir / "data"
-    proc = subprocess.run(
-        [sys.executable, "sft.py", "--model", str(folder), "--data", f"{data / 'sft'}@train",
-         "--output-dir", str(tmp_path / "sft")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = launch(["sft.py", "--model", str(folder), "--data", f"{data / 'sft'}@train",
+                   "--output-dir", str(tmp_path / "sft")])  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {folder} is Qwen3.5: its linear-attention layers would carry state across the sequences of a "

@@ -15,19 +15,13 @@ import pytest
 import torch
 
 import grpo
-from conftest import ROOT, TORCHRUN_VARIABLES, run_script, sft_cut_problem
+from conftest import ROOT, launch, run_script, sft_cut_problem
 from mmr1 import checkpoint, checkpoint_checks, config, dist, guards, modeling
 
 
 def run_failing(args: list[str], torchrun: int = 0, timeout: int = 300) -> str:
     """Runs a stage script that must fail with exit 1 and no traceback; returns its stderr."""
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
-    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    launch = [sys.executable]
-    if torchrun:
-        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
-                   "--master_port", str(29500 + (os.getpid() + 7) % 1000)]  # fmt: skip
-    proc = subprocess.run(launch + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = launch(args, timeout=timeout, torchrun=torchrun)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
     if not torchrun:  # torchrun adds its own report of the failed ranks
         assert "Traceback" not in proc.stderr, proc.stderr[-4000:]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, prompt_texts, run_script, sft_cut_problem
+from conftest import ROOT, launch, prompt_texts, run_script, sft_cut_problem
 from data import toy
 from mmr1 import batches, chat, config, data, dist, modeling, prepare, rollout
 
@@ -229,10 +229,8 @@ def grpo_args(toy_dir, data_path, out, *extra):
 
 
 def run_failing(args):
-    import subprocess
-    import sys
 
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = launch(args)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc
