@@ -1,5 +1,6 @@
 """Shared fixtures: a toy model and small toy data sets built once per test session."""
 
+import atexit
 import json
 import os
 import signal
@@ -113,6 +114,14 @@ class ForkServer:
 
 
 _SERVER: list[ForkServer] = []  # this test process's server, started at its first launch
+
+
+@atexit.register
+def _stop_server() -> None:
+    for server in _SERVER:  # end of input: the server's loop ends and it exits
+        server.proc.stdin.close()
+        server.proc.wait(timeout=30)
+        server.proc.stdout.close()
 
 
 @pytest.fixture(scope="session")
