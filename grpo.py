@@ -328,7 +328,7 @@ def policy_loss_backward(model, micro: list[dict], cfg: GRPOConfig, d: dist.Dist
         loss = ((pg + cfg.kl_coef * kl) * weights(mask)).sum()  # this micro-batch's weighted token sum
         (loss / divisor).backward()  # the global normaliser: ranks' grads SUM (modeling.shard_model), not average
         for name, value in (("loss", loss), ("pg", pg), ("kl", kl), ("clipped", clipped.float()), ("entropy", entropy)):
-            sums[name] += float(value if name == "loss" else (value * mask).sum())
+            sums[name] += float((value if name == "loss" else value * mask).detach().sum())
     # the loss as aggregated; the other stats are token means over the global batch whatever --loss-agg
     sums = dist.all_reduce_dict(sums, d.device)
     return {k: v / (divisor if k == "loss" else totals["tokens"]) for k, v in sums.items()} | gap.metrics(d)
