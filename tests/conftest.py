@@ -1,6 +1,7 @@
 """Shared fixtures: a toy model and small toy data sets built once per test session."""
 
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -99,18 +100,27 @@ class ForkServer:
         return line.decode()
 
     def run(self, cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        """One run; on anything unexpected (an interrupt, a lost reply) the server is killed, so the
+        next launch starts a new one rather than reading this run's late reply as its own."""
         with tempfile.TemporaryDirectory() as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
             request = {"argv": cmd[1:], "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
-            self.proc.stdin.write((json.dumps(request) + "\n").encode())
-            self.proc.stdin.flush()
-            pid = json.loads(self.reply(timeout=60))["pid"]
-            done = self.reply(timeout)
-            if done is None:
-                os.killpg(pid, signal.SIGKILL)
-                self.reply(timeout=60)
-                raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text())
-            return subprocess.CompletedProcess(cmd, json.loads(done)["status"], out.read_text(), err.read_text())
+            try:
+                self.proc.stdin.write((json.dumps(request) + "\n").encode())
+                self.proc.stdin.flush()
+                pid = json.loads(self.reply(timeout=60))["pid"]
+                done = self.reply(timeout)
+                if done is None:
+                    with contextlib.suppress(ProcessLookupError):  # it may end just now
+                        os.killpg(pid, signal.SIGKILL)
+                    self.reply(timeout=60)
+                    raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text())
+                return subprocess.CompletedProcess(cmd, json.loads(done)["status"], out.read_text(), err.read_text())
+            except BaseException as e:
+                if not isinstance(e, subprocess.TimeoutExpired):
+                    self.proc.kill()
+                    self.proc.wait()  # so that launch sees it gone
+                raise
 
 
 _SERVER: list[ForkServer] = []  # this test process's server, started at its first launch
@@ -118,9 +128,13 @@ _SERVER: list[ForkServer] = []  # this test process's server, started at its fir
 
 @atexit.register
 def _stop_server() -> None:
-    for server in _SERVER:  # end of input: the server's loop ends and it exits
-        server.proc.stdin.close()
-        server.proc.wait(timeout=30)
+    for server in _SERVER:  # end of input: the server's loop ends and it exits (or is killed)
+        with contextlib.suppress(OSError):
+            server.proc.stdin.close()
+        try:
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
         server.proc.stdout.close()
 
 
@@ -139,7 +153,11 @@ def toy_sft(toy_dir, tmp_path_factory) -> Path:
         shared = shared.parent  # this run's folder, above the workers' own
     with open(shared / "toy-sft.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return grpo_defaults.sft_model(toy_dir, shared / "toy-sft")
+        if not (shared / "toy-sft").is_dir():  # built aside and renamed: a failed build leaves nothing here
+            building = shared / f"toy-sft-building-{os.getpid()}"
+            grpo_defaults.sft_model(toy_dir, building)
+            os.rename(building, shared / "toy-sft")
+        return shared / "toy-sft" / "final"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,18 @@
 """Runs stage scripts in forked copies of one Python process that has already imported their libraries.
 
 A stage-script run on the toy spends about 5 of its ~10 s importing torch and transformers. The
-server (one per test process) imports them once, never computes anything (no thread pool to
-break across a fork), and forks a child per run. The child becomes that run: its own working
-directory, environment, argv and stdout / stderr files, the script executed as `__main__`
-(runpy), and Python's normal exit (atexit, flushes, the exit status). What differs from
-`python script.py` is only that the imports were done before the fork, with this environment:
-the runs share it (the variables a library reads at import are the test process's).
+server (one per test process) imports them once and computes nothing before it forks (no torch
+thread pool exists yet; pyarrow's allocator starts one background thread, which fork does not copy
+and which jemalloc handles). It forks a child per run, which becomes that run: its own working
+directory, environment, argv and stdout / stderr files, the script executed as `__main__` (runpy),
+and Python's normal exit (atexit, flushes, the exit status).
+
+What differs from `python script.py`: the imports were done before the fork, with the environment of
+the server's start (the variables a library reads at import are the test process's); state those
+imports created is the same in every run of one server (the string hash seed, numpy's global
+random state before a script seeds it, warnings already shown at import); argv[0] is absolute. The
+stage scripts and `mmr1` are not imported before the fork. Tests that need a fresh interpreter (the
+golden runs, torchrun, the signal tests) start one.
 
 Protocol, one JSON line each way: {"argv", "cwd", "env", "stdout", "stderr"} in; {"pid"} back at
 once (so a run past its timeout can be killed), then {"status"} (the exit status as subprocess

@@ -182,10 +182,13 @@ def test_sft_stopped_or_signalled_then_resumed_equals_uninterrupted(toy_dir, tmp
     """Two ways a run ends early, each resumed to the end of one uninterrupted 6-step run, which it
     then equals bit for bit (weights and every logged number): killed after step 3, one step past its
     last checkpoint (step 2; step 3 is dropped, then redone once), and SIGTERM (a checkpoint at the
-    signal, the only one with --save-every 100)."""
+    signal, the only one with --save-every 100). With validation every 2 steps and two micro-batches a
+    step, so the validation records and the accumulation carry over too."""
     steps = 6
-    run_script(sft_args(toy_dir, tmp_path / "full", steps))
-    stopped = sft_args(toy_dir, tmp_path / "killed", steps, "--save-every", "2", "--stop-after", "3")
+    val = ["--val-data", f"{toy_dir / 'data' / 'sft'}@val", "--val-limit", "8", "--eval-every", "2",
+           "--micro-batch-size", "2"]  # fmt: skip
+    run_script(sft_args(toy_dir, tmp_path / "full", steps, *val))
+    stopped = sft_args(toy_dir, tmp_path / "killed", steps, *val, "--save-every", "2", "--stop-after", "3")
     run_script(stopped)
     assert (tmp_path / "killed" / "step-2" / "trainer_state.pt").exists() and not (
         tmp_path / "killed" / "final"
@@ -193,7 +196,9 @@ def test_sft_stopped_or_signalled_then_resumed_equals_uninterrupted(toy_dir, tmp
     out = run_script(stopped[:-2] + ["--resume"])
     assert f"resumed from {tmp_path / 'killed' / 'step-2'} at step 2" in out.stdout
 
-    code, output = run_until_signalled(sft_args(toy_dir, tmp_path / "cut", steps), tmp_path / "cut", signal.SIGTERM)
+    code, output = run_until_signalled(
+        sft_args(toy_dir, tmp_path / "cut", steps, *val), tmp_path / "cut", signal.SIGTERM
+    )
     assert code == 0, output[-4000:]
     (saved,) = checkpoint.step_folders(tmp_path / "cut")  # --save-every 100: only the preemption's
     assert not (tmp_path / "cut" / "final").exists()
@@ -201,23 +206,24 @@ def test_sft_stopped_or_signalled_then_resumed_equals_uninterrupted(toy_dir, tmp
     assert 1 <= at < steps and f"[sft] SIGTERM: saved {saved}, exiting" in output
     assert checkpoint_checks.checkpoint_problem(saved) is None
     assert [s for s, _ in step_metrics(tmp_path / "cut", "train/loss")] == list(range(1, at + 1))
-    out = run_script(sft_args(toy_dir, tmp_path / "cut", steps, "--resume"))
+    out = run_script(sft_args(toy_dir, tmp_path / "cut", steps, *val, "--resume"))
     assert f"resumed from {saved} at step {at}" in out.stdout
 
     for run in ("killed", "cut"):
         assert_same_final(tmp_path / "full", tmp_path / run)
         assert records(tmp_path / run) == records(tmp_path / "full"), run
     assert [r["step"] for r in records(tmp_path / "full") if "train/loss" in r] == list(range(1, steps + 1))
+    assert [r["step"] for r in records(tmp_path / "full") if "val/loss" in r] == [2, 4, 6]
 
 
 def grpo_args(toy_sft, toy_dir, out, *extra):
     """4 steps from the toy SFT model (groups with signal) with VAS (re-scored after step 2) and
-    dynamic sampling (up to 3 rounds), a checkpoint every 2 steps."""
+    dynamic sampling (up to 3 rounds), validation every 2 steps, a reward worker, a checkpoint every 2 steps."""
     data = toy_dir / "data" / "rl"
     return ["grpo.py", "--model", str(toy_sft), "--data", f"{data}@train", "--val-data", f"{data}@val",
             "--output-dir", str(out), "--max-steps", "4", "--train-limit", "16", "--rollout-batch-size", "4",
-            "--group-size", "4", "--max-response-length", "48", "--val-limit", "4", "--val-every", "0",
-            "--reward-workers", "0", "--engine", "hf", "--lr", "1e-3", "--vas", "--vas-rollouts", "2",
+            "--group-size", "4", "--max-response-length", "48", "--val-limit", "4", "--val-every", "2",
+            "--reward-workers", "1", "--engine", "hf", "--lr", "1e-3", "--vas", "--vas-rollouts", "2",
             "--vas-update-every", "2", "--dynamic-sampling", "--max-sampling-rounds", "3", "--save-every", "2",
             *extra]  # fmt: skip
 
@@ -250,6 +256,7 @@ def test_grpo_stopped_or_signalled_then_resumed_equals_uninterrupted(toy_dir, to
         assert state["sampler"] == full["sampler"] and state["vps"] == full["vps"], run
     lines = [r for r in records(tmp_path / "full") if "train/loss" in r]
     assert [r["step"] for r in lines] == [1, 2, 3, 4] and max(r["rollout/sampling_rounds"] for r in lines) > 1
+    assert [r["step"] for r in records(tmp_path / "full") if "val/accuracy" in r] == [0, 2, 4]
 
 
 def test_torchrun_two_ranks_resume_from_sharded_checkpoint(toy_dir, tmp_path):

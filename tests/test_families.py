@@ -265,7 +265,7 @@ def test_sft_grpo_eval_end_to_end(family, toy_dir, tmp_path):
 
 @pytest.mark.parametrize("family", END_TO_END)
 def test_a_resumed_run_equals_the_uninterrupted_one(family, toy_dir, tmp_path):
-    """Resume on the families other than Qwen2.5-VL (tests/test_grpo.py has its own): GRPO on the
+    """Resume on the families other than Qwen2.5-VL (tests/test_checkpoint.py has its own): GRPO on the
     family's toy stopped after step 1 (--stop-after, a checkpoint at step-1) and resumed to step 2 ends
     with the uninterrupted run's weights and metrics bit for bit (CPU, fp32: the same operations in the
     same order)."""

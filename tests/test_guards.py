@@ -373,7 +373,7 @@ def test_grpo_prompt_above_max_prompt_length_is_a_bad_row(toy_dir, tmp_path):
     short = {"id": "short", "problem": "<image>How many red squares?", "answer": "1", "images": ["img.png"]}
     long = {"id": "long", "problem": "<image>" + "How many red squares? " * 40, "answer": "1", "images": ["img.png"]}
     train, val, clean = tmp_path / "rl.jsonl", tmp_path / "val.jsonl", tmp_path / "clean.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in [short, long, short]))
+    train.write_text("".join(json.dumps(r) + "\n" for r in [short, long]))
     val.write_text("".join(json.dumps(r) + "\n" for r in [short, long]))
     clean.write_text("".join(json.dumps(r) + "\n" for r in [short, short]))
     args = ["grpo.py", "--model", str(toy_dir / "model"), "--max-prompt-length", "96", "--vas", "--vas-rollouts",
@@ -393,10 +393,11 @@ def test_grpo_prompt_above_max_prompt_length_is_a_bad_row(toy_dir, tmp_path):
     proc = run_script(
         args + ["--data", str(train), "--val-data", str(val), "--skip-bad-rows", "--output-dir", str(skip)]
     )
-    assert f"[data] {train}: 3 rows, 1 left out (1 prompt too long); first: {train} line 2 (id=long)" in proc.stdout
+    assert f"[data] {train}: 2 rows, 1 left out (1 prompt too long); first: {train} line 2 (id=long)" in proc.stdout
     assert f"[data] {val}: 2 rows, 1 left out (1 prompt too long)" in proc.stdout
     refresh = np.load(skip / "vas" / "refresh-0.npz")
-    assert len(refresh["tokens"]) == 2 and (refresh["tokens"] > 0).all()  # the two kept prompts, both scored
+    assert len(refresh["tokens"]) == 1 and (refresh["tokens"] > 0).all()  # the kept prompt, scored
     steps = [json.loads(x) for x in (skip / "metrics.jsonl").read_text().splitlines()]
-    assert [r["rollout/generated_responses"] for r in steps if "train/loss" in r] == [2 * 2 + 2 * 2]  # scoring + step
+    # VAS scores the kept prompt (x 2), then it fills the step's batch of 2 prompts (x 2 responses)
+    assert [r["rollout/generated_responses"] for r in steps if "train/loss" in r] == [1 * 2 + 2 * 2]
     assert [r["val/accuracy"] in (0.0, 1.0) for r in steps if "val/accuracy" in r] == [True, True]  # one val row

@@ -164,7 +164,7 @@ def test_grpo_with_vllm_under_torchrun_two_ranks(toy_dir, toy_sft, tmp_path):
     data_dir = toy_dir / "data" / "rl"
     args = ["grpo.py", "--model", str(toy_sft), "--data", f"{data_dir}@train", "--val-data", f"{data_dir}@val",
             "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--train-limit", "16", "--rollout-batch-size",
-            "4", "--group-size", "4", "--max-response-length", "48", "--max-prompt-length", "500", "--val-every", "0",
+            "4", "--group-size", "4", "--max-response-length", "48", "--max-prompt-length", "500", "--val-every", "2",
             "--val-limit", "4", "--reward-workers", "1", "--engine", "vllm", "--vas", "--vas-rollouts", "2",
             "--vas-update-every", "2", "--dynamic-sampling", "--max-sampling-rounds", "2", "--adv-norm", "none",
             "--loss-agg", "seq-mean", "--ratio-level", "sequence", "--mask-truncated", "--tis-cap", "2",
@@ -172,6 +172,7 @@ def test_grpo_with_vllm_under_torchrun_two_ranks(toy_dir, toy_sft, tmp_path):
     out = run_script(args, timeout=600, torchrun=2)
     assert "engine VLLMEngine" in out.stdout
     assert "Invalid process group" not in out.stderr  # the engines shut down before the process group
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [0, 1, 2]  # validation at 0 and 2
     lines = [r for r in metrics(tmp_path / "run") if "train/loss" in r]
     assert [r["step"] for r in lines] == [1, 2]
     for r in lines:
