@@ -484,14 +484,14 @@ class RewardPool:
     def map(self, jobs: list[dict]) -> list[dict]:
         """score_fn(**job) of each job, in input order; a job past timeout_s (its worker killed and
         replaced), or whose worker died under it twice, gets timeout_result(job). ScoringError (after
-        the jobs in flight) when score_fn raised, naming the response."""
+        the jobs in flight) when score_fn raised, naming the first such response in input order."""
         if self.workers == 0:
             return score_in_process(jobs, self.timeout_s, self.score_fn, self.timeout_result)
         results: list[dict | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))[::-1]
         deaths = [0] * len(jobs)
         busy: dict[int, tuple[int, float]] = {}  # worker slot -> (job index, start time)
-        errors: list[str] = []
+        errors: list[tuple[int, str]] = []  # (job index, message): whichever worker answers first
         while pending or busy:
             for slot in range(self.workers):
                 if slot in self.ready and slot not in busy and pending:
@@ -525,7 +525,7 @@ class RewardPool:
                     continue
                 _, results[index], error = message
                 if error is not None:
-                    errors.append(_failure(index, jobs[index], error))
+                    errors.append((index, _failure(index, jobs[index], error)))
                     pending.clear()  # finish the jobs in flight, so the pool stays usable, then raise
             now = time.monotonic()
             for slot, (index, started) in list(busy.items()):
@@ -534,7 +534,8 @@ class RewardPool:
                     self._restart(slot)
                     del busy[slot]
         if errors:
-            raise ScoringError(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+            first = min(errors)[1]
+            raise ScoringError(first + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
         return results  # type: ignore[return-value]
 
     def _started(self, slot: int, ok: bool) -> None:

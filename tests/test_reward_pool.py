@@ -33,12 +33,19 @@ def wait_dead(proc, timeout_s: float = 10.0) -> None:
 def test_workers_ignore_the_signals_their_parent_handles():
     with reward.RewardPool(workers=2, timeout_s=5.0) as pool:
         assert accuracies(pool) == EXPECTED
+        deadline = time.monotonic() + 120
+        while len(pool.ready) < pool.workers:  # both started: the jobs above may all have gone to one
+            assert time.monotonic() < deadline  # (a worker signalled while starting: the test below)
+            time.sleep(0.05)
+            accuracies(pool)  # map() reads a starting worker's "ready"
         pids = [proc.pid for proc, _ in pool.procs]
         for proc, _ in pool.procs:
             for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
                 os.kill(proc.pid, sig)
         time.sleep(0.5)  # a default disposition ends a process within milliseconds
-        assert all(proc.is_alive() for proc, _ in pool.procs)
+        assert all(proc.is_alive() for proc, _ in pool.procs), [
+            (p.pid, p.exitcode, s in pool.ready) for s, (p, _) in enumerate(pool.procs)
+        ]
         assert accuracies(pool) == EXPECTED
         assert [proc.pid for proc, _ in pool.procs] == pids  # the same workers: none was replaced
 
