@@ -66,6 +66,13 @@ def launch(args: list[str], cwd: Path = ROOT, timeout: int = 300, torchrun: int 
     return _SERVER[0].run(cmd, cwd, env, timeout)
 
 
+def metric_records(out: Path) -> list[dict]:
+    """A run's metrics.jsonl without the clock and throughput keys, which differ between any two runs."""
+    from mmr1.config import read_jsonl
+
+    return [{k: v for k, v in r.items() if not k.startswith(("time", "perf"))} for r in read_jsonl(out / "metrics.jsonl")]  # fmt: skip
+
+
 def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, torchrun: int = 0) -> subprocess.CompletedProcess:
     """launch(...) that must succeed; fails with its output."""
     proc = launch(args, cwd, timeout, torchrun)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import grpo
-from conftest import ROOT, TORCHRUN_VARIABLES, launch, run_script
+from conftest import ROOT, TORCHRUN_VARIABLES, launch, metric_records, run_script
 from mmr1 import checkpoint, checkpoint_checks, config, dist, modeling
 
 ONE = dist.Dist(0, 1, 0, torch.device("cpu"))
@@ -173,11 +173,6 @@ def assert_same_final(a, b):
     assert all(torch.equal(hf_a[k], hf_b[k]) for k in hf_a)
 
 
-def records(out) -> list[dict]:
-    """metrics.jsonl without the clock and throughput keys, which differ between any two runs."""
-    return [{k: v for k, v in r.items() if not k.startswith(("time", "perf"))} for r in config.read_jsonl(out / "metrics.jsonl")]  # fmt: skip
-
-
 def test_sft_stopped_or_signalled_then_resumed_equals_uninterrupted(toy_dir, tmp_path):
     """Two ways a run ends early, each resumed to the end of one uninterrupted 6-step run, which it
     then equals bit for bit (weights and every logged number): killed after step 3, one step past its
@@ -211,9 +206,9 @@ def test_sft_stopped_or_signalled_then_resumed_equals_uninterrupted(toy_dir, tmp
 
     for run in ("killed", "cut"):
         assert_same_final(tmp_path / "full", tmp_path / run)
-        assert records(tmp_path / run) == records(tmp_path / "full"), run
-    assert [r["step"] for r in records(tmp_path / "full") if "train/loss" in r] == list(range(1, steps + 1))
-    assert [r["step"] for r in records(tmp_path / "full") if "val/loss" in r] == [2, 4, 6]
+        assert metric_records(tmp_path / run) == metric_records(tmp_path / "full"), run
+    assert [r["step"] for r in metric_records(tmp_path / "full") if "train/loss" in r] == list(range(1, steps + 1))
+    assert [r["step"] for r in metric_records(tmp_path / "full") if "val/loss" in r] == [2, 4, 6]
 
 
 def grpo_args(toy_sft, toy_dir, out, *extra):
@@ -251,12 +246,12 @@ def test_grpo_stopped_or_signalled_then_resumed_equals_uninterrupted(toy_dir, to
     full = torch.load(tmp_path / "full" / "final" / "trainer_state.pt", weights_only=True)
     for run in ("killed", "cut"):
         assert_same_final(tmp_path / "full", tmp_path / run)
-        assert records(tmp_path / run) == records(tmp_path / "full"), run
+        assert metric_records(tmp_path / run) == metric_records(tmp_path / "full"), run
         state = torch.load(tmp_path / run / "final" / "trainer_state.pt", weights_only=True)
         assert state["sampler"] == full["sampler"] and state["vps"] == full["vps"], run
-    lines = [r for r in records(tmp_path / "full") if "train/loss" in r]
+    lines = [r for r in metric_records(tmp_path / "full") if "train/loss" in r]
     assert [r["step"] for r in lines] == [1, 2, 3, 4] and max(r["rollout/sampling_rounds"] for r in lines) > 1
-    assert [r["step"] for r in records(tmp_path / "full") if "val/accuracy" in r] == [0, 2, 4]
+    assert [r["step"] for r in metric_records(tmp_path / "full") if "val/accuracy" in r] == [0, 2, 4]
 
 
 def test_torchrun_two_ranks_resume_from_sharded_checkpoint(toy_dir, tmp_path):

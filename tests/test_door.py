@@ -160,10 +160,6 @@ def test_the_environment_refusals_are_the_same_form(tmp_path, monkeypatch):
     assert cfg.bench_data == f"toy={evaluation.toy.VARIANT_DATA_DIRS['slip'] / 'rl' / 'test.parquet'}"
 
 
-def run(args: list[str]) -> subprocess.CompletedProcess:
-    return launch(args)
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -176,7 +172,7 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
     ],
 )
 def test_each_stage_refuses_in_one_error_line_before_any_work(args, message):
-    proc = run(args)
+    proc = launch(args)
     assert proc.returncode in (1, 2), proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not proc.stdout.strip()  # nothing was done before

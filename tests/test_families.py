@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import launch, run_script
+from conftest import launch, metric_records, run_script
 from data import toy
 from mmr1 import attention, batches, config, dist, families, logprobs, memory, modeling, vllm_engine
 from mmr1.chat import PromptFormat
@@ -282,10 +282,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one(family, toy_dir, tmp_path):
     def weights(run):
         return load_file(str(tmp_path / run / "final" / "model.safetensors"))
 
-    def records(run):  # the clock and throughput keys differ between any two runs
-        lines = config.read_jsonl(tmp_path / run / "metrics.jsonl")
-        return [{k: v for k, v in r.items() if not k.startswith(("time", "perf"))} for r in lines]
-
     full, cut = weights("full"), weights("cut")
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
-    assert records("full") == records("cut") and [r["step"] for r in records("cut")] == [1, 2]
+    full_records, cut_records = metric_records(tmp_path / "full"), metric_records(tmp_path / "cut")
+    assert full_records == cut_records and [r["step"] for r in cut_records] == [1, 2]
